@@ -1,0 +1,123 @@
+"""The library assertions: check_* return a report, assert_* raise on failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from gradcheck.backends import open_session
+from gradcheck.errors import GradientMismatchError, InvalidArgumentError
+from gradcheck.properties import finite_difference, linearity
+from gradcheck.result import CheckReport
+
+__all__ = ["assert_gradients", "assert_linearity", "check_gradients", "check_linearity"]
+
+#: seed=None means this seed (or $GRADCHECK_SEED): checks are deterministic by
+#: default, so a CI failure reproduces locally; pass seed= to vary directions.
+DEFAULT_SEED = 0
+
+#: Callbacks run with every report (the pytest plugin records through this).
+_listeners: list[Callable[[CheckReport], None]] = []
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None:
+        env = os.environ.get("GRADCHECK_SEED")
+        try:
+            return int(env) if env else DEFAULT_SEED
+        except ValueError:
+            raise InvalidArgumentError(
+                f"GRADCHECK_SEED={env!r} is not an integer."
+            ) from None
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidArgumentError(
+            f"seed must be a non-negative int or None; got {seed!r}."
+        )
+    return seed
+
+
+def _inputs(inputs: Any) -> Sequence[Any]:
+    # a lone tensor is the common slip: treat it as a 1-tuple
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _publish(report: CheckReport, label: str | None) -> CheckReport:
+    report.label = label
+    for listener in list(_listeners):
+        listener(report)
+    return report
+
+
+def check_gradients(
+    fn: Callable[..., Any],
+    inputs: Any = (),
+    *,
+    params: Any = None,
+    seed: int | None = None,
+    mode: str = "auto",
+    rtol: float | None = None,
+    step: float | None = None,
+    label: str | None = None,
+) -> CheckReport:
+    """Compare ``fn``'s framework gradients with finite differences.
+
+    ``fn(*inputs)`` returns a scalar, a tensor, or a tuple/list/dict of tensors.
+    Differentiated: floating tensors in ``inputs`` that require grad (torch) / are
+    float (TF), and ``params`` (an ``nn.Module``, ``keras.Model``/layer, or a list/dict
+    of Parameters/Variables that ``fn`` reads).
+
+    ``mode``: "auto" (full Jacobian for <= 64 inputs and outputs, else directional),
+    "directional" or "full". ``rtol`` overrides the expected gradient rounding of the
+    native dtype; ``step`` the relative finite-difference step.
+    """
+    opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
+    with open_session(fn, _inputs(inputs), params) as session:
+        report = finite_difference.run(session, opts)
+    return _publish(report, label)
+
+
+def assert_gradients(
+    fn: Callable[..., Any], inputs: Any = (), **kwargs: Any
+) -> CheckReport:
+    """Like :func:`check_gradients`; raises :class:`GradientMismatchError` on failure."""
+    report = check_gradients(fn, inputs, **kwargs)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    return report
+
+
+def check_linearity(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Any = (),
+    *,
+    params: Any = None,
+    seed: int | None = None,
+    rtol: float | None = None,
+    label: str | None = None,
+) -> CheckReport:
+    """Check grad(total) = sum_i weights[i] * grad(loss_fns[i]) for every tensor.
+
+    Returns a report whose ``flow`` is the gradient-flow matrix (which loss reaches
+    which parameter, by name, and the effective weight it has there)."""
+    s = _seed(seed)
+    linearity.validate(loss_fns, weights)
+    with open_session(total_fn, _inputs(inputs), params) as session:
+        report = linearity.run(session, total_fn, loss_fns, weights, seed=s, rtol=rtol)
+    return _publish(report, label)
+
+
+def assert_linearity(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Any = (),
+    **kwargs: Any,
+) -> CheckReport:
+    """Like :func:`check_linearity`; raises :class:`GradientMismatchError` on failure."""
+    report = check_linearity(total_fn, loss_fns, weights, inputs, **kwargs)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    return report

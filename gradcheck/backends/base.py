@@ -1,0 +1,177 @@
+"""The small interface every framework backend implements.
+
+A backend turns ``(fn, inputs, params)`` into a :class:`Session`: a named list of
+differentiated tensors and four operations, all exchanging NumPy float64 arrays:
+
+* ``analytic()``: run ``fn`` at the user's point in the user's precision, keep the
+  graph, return the outputs;
+* ``vjp(cotangents)``: the framework's gradient of <v, outputs> for each tensor;
+* ``prepare(direction)`` / ``outputs_at(handle, t)``: run ``fn`` at x + t*d in the
+  reference precision (float64 where the function can run in it);
+* ``value_and_grads(fn)``: a scalar callable's value and gradients (linearity).
+
+The session is a context manager: on exit the user's state is restored bit for bit
+(parameter storage, dtypes, .grad, requires_grad, train/eval flags, buffers, RNG
+states, variable values), also when the check failed or raised.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradcheck.errors import NonFiniteError, ShapeChangedError, UnsupportedInputError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    kind: str  # "input" | "parameter"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class Session(ABC):
+    framework: str
+    specs: list[TensorSpec]
+    output_names: list[str]
+    output_shapes: list[tuple[int, ...]]
+    #: dtype the numerical side runs in: "float64" when promotion worked.
+    reference_dtype: str
+    notes: list[str]
+
+    def __init__(self) -> None:
+        self.notes = []
+        self.forward_count = 0
+        self.backward_count = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    @abstractmethod
+    def restore(self) -> None:
+        """Put every piece of user state back exactly as it was."""
+
+    # -- operations ----------------------------------------------------------
+    @abstractmethod
+    def analytic(self) -> list[np.ndarray]:
+        """Outputs at x in native precision (graph kept for ``vjp``)."""
+
+    @abstractmethod
+    def vjp(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[np.ndarray | None]:
+        """Gradient of sum_o <v_o, y_o> per tensor (None: not connected)."""
+
+    @abstractmethod
+    def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
+        """Convert a direction (None = zero for that tensor) to framework tensors."""
+
+    @abstractmethod
+    def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
+        """Outputs at x + t*d in the reference precision."""
+
+    @abstractmethod
+    def value_and_grads(
+        self, fn: Callable[..., Any], label: str
+    ) -> tuple[float, list[np.ndarray | None]]:
+        """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
+
+    # -- shared helpers --------------------------------------------------------
+    @property
+    def device(self) -> str:
+        devices = sorted({s.device for s in self.specs})
+        return ",".join(devices) if devices else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        dtypes = sorted({s.dtype for s in self.specs})
+        return dtypes[0] if len(dtypes) == 1 else "mixed(" + ",".join(dtypes) + ")"
+
+    def check_outputs(self, outputs: list[np.ndarray], where: str) -> None:
+        shapes = [o.shape for o in outputs]
+        if shapes != self.output_shapes:
+            raise ShapeChangedError(
+                f"the function's outputs changed between two calls ({where}): first "
+                f"{_describe(self.output_names, self.output_shapes)}, now "
+                f"{_describe(self.output_names, shapes)}. gradcheck evaluates fn "
+                "several times; make its output structure depend only on its inputs "
+                "(no data-dependent shapes, no random output sizes)."
+            )
+
+    def check_finite_outputs(self, outputs: list[np.ndarray]) -> None:
+        for name, out in zip(self.output_names, outputs, strict=True):
+            bad = ~np.isfinite(out)
+            if bad.any():
+                kinds = sorted(
+                    {"NaN" if math.isnan(v) else str(v) for v in out[bad].ravel()[:64]}
+                )
+                raise NonFiniteError(
+                    f"the function's {name} is {'/'.join(kinds)} at the point to check "
+                    f"({int(bad.sum())} of {out.size} elements). A loss must be finite "
+                    "to have a gradient: look for log(0), 0/0, sqrt of negatives or "
+                    "overflow (float16?) in the forward pass."
+                )
+
+    def check_finite_grads(
+        self, grads: Sequence[np.ndarray | None], what: str = "gradient"
+    ) -> None:
+        for spec, g in zip(self.specs, grads, strict=True):
+            if g is not None and not np.isfinite(g).all():
+                n = int((~np.isfinite(g)).sum())
+                raise NonFiniteError(
+                    f"the framework's {what} for '{spec.name}' has {n} NaN/Inf "
+                    f"elements of {g.size} while the outputs are finite: the backward "
+                    "pass overflows or divides by zero (a custom backward, or "
+                    "sqrt/norm at 0?)."
+                )
+
+
+def _describe(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> str:
+    return (
+        ", ".join(f"{n}{list(s)}" for n, s in zip(names, shapes, strict=False))
+        or "nothing"
+    )
+
+
+def flatten_outputs(
+    obj: Any,
+    is_tensor: Callable[[Any], bool],
+    is_floating: Callable[[Any], bool],
+    prefix: str = "output",
+) -> list[tuple[str, Any]]:
+    """(name, tensor) for every floating tensor in a nested tuple/list/dict output."""
+    out: list[tuple[str, Any]] = []
+    if is_tensor(obj):
+        if is_floating(obj):
+            out.append((prefix, obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.extend(flatten_outputs(v, is_tensor, is_floating, f"{prefix}[{k!r}]"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.extend(flatten_outputs(v, is_tensor, is_floating, f"{prefix}[{i}]"))
+    return out
+
+
+def require_outputs(outputs: list[tuple[str, Any]], raw: Any) -> None:
+    if not outputs:
+        raise UnsupportedInputError(
+            f"fn returned {type(raw).__name__}, which holds no floating-point tensor. "
+            "Return the loss (a scalar tensor), a tensor, or a tuple/list/dict of "
+            "tensors; Python numbers and .item() values carry no gradient."
+        )

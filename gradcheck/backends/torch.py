@@ -1,0 +1,437 @@
+"""PyTorch backend.
+
+What is differentiated: floating tensors in ``inputs`` with ``requires_grad``, and
+``params`` (an ``nn.Module``'s parameters that require grad, or a list/dict of
+tensors). ``fn`` usually closes over the module, so the backend substitutes values
+by swapping ``param.data`` (never writing into the user's storage) and restores
+the original storage objects afterwards.
+
+Reference precision: every evaluation at x + t*d first tries float64 copies of the
+differentiated tensors, the module's other floating parameters and buffers, and the
+floating inputs (Chainer's trick). If ``fn`` cannot run that way (a float32 tensor
+captured in a closure, an explicit ``.float()``), the backend falls back to the
+native precision and says so in the report's notes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradcheck.backends.base import (
+    Session,
+    TensorSpec,
+    flatten_outputs,
+    require_outputs,
+)
+from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
+from gradcheck.numeric.tolerance import canonical_dtype
+
+FRAMEWORK = "torch"
+
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_TO_LOW = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
+
+
+class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
+    """Run every op in float64: low-precision floating tensors an op receives (closure
+    captured data, constants) are cast up, and requests for float32/16 (``.float()``,
+    ``dtype=torch.float32``) become float64. Used only for reference evaluations,
+    whose outputs are then checked to be float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _TO_LOW:
+            return func(*args, **kwargs).to(torch.float64)
+        args = torch.utils._pytree.tree_map(_up, args)
+        kwargs = {
+            k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
+            for k, v in kwargs.items()
+        }
+        if func is torch.Tensor.to:
+            args = tuple(torch.float64 if a in _LOW else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _up(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dtype in _LOW:
+        return x.to(torch.float64)
+    return x
+
+
+def owns(obj: Any) -> bool:
+    return isinstance(obj, (torch.Tensor, torch.nn.Module))
+
+
+def _is_floating(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().copy()
+
+
+class _State:
+    """Everything of the user's that a check could disturb, and how to put it back."""
+
+    def __init__(self, modules: list[torch.nn.Module], params: list[torch.Tensor]):
+        self.rng_cpu = torch.get_rng_state()
+        self.rng_cuda = (
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None
+        )
+        self.rng_np = np.random.get_state()
+        self.rng_py = random.getstate()
+        self.grad_enabled = torch.is_grad_enabled()
+        self.training = [(m, m.training) for root in modules for m in root.modules()]
+        self.buffers = [
+            (m, name, buf)
+            for root in modules
+            for m in root.modules()
+            for name, buf in list(m._buffers.items())
+        ]
+        self.params = [(p, p.data, p.requires_grad, p.grad) for p in params]
+
+    def restore(self) -> None:
+        for p, data, req, grad in self.params:
+            p.data = data
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            if p.grad is not grad:
+                p.grad = grad
+        for m, name, buf in self.buffers:
+            m._buffers[name] = buf
+        for m, flag in self.training:
+            m.training = flag
+        torch.set_grad_enabled(self.grad_enabled)
+        torch.set_rng_state(self.rng_cpu)
+        if self.rng_cuda is not None:
+            torch.cuda.set_rng_state_all(self.rng_cuda)
+        np.random.set_state(self.rng_np)
+        random.setstate(self.rng_py)
+
+
+def _collect_params(
+    params: Any,
+) -> tuple[list[torch.nn.Module], list[tuple[str, torch.Tensor]]]:
+    """(modules, [(name, tensor)]) for every tensor in ``params``."""
+    if params is None:
+        return [], []
+    if isinstance(params, torch.nn.Module):
+        return [params], list(params.named_parameters())
+    if isinstance(params, torch.Tensor):
+        return [], [("params", params)]
+    if isinstance(params, dict):
+        items = list(params.items())
+    elif isinstance(params, (list, tuple)):
+        items = [(f"params[{i}]", p) for i, p in enumerate(params)]
+    else:
+        raise UnsupportedInputError(
+            f"params must be an nn.Module, a tensor, or a list/dict of tensors; got "
+            f"{type(params).__name__}."
+        )
+    modules, named = [], []
+    for name, p in items:
+        if isinstance(p, torch.nn.Module):
+            modules.append(p)
+            named.extend((f"{name}.{n}", q) for n, q in p.named_parameters())
+        elif isinstance(p, torch.Tensor):
+            named.append((str(name), p))
+        else:
+            raise UnsupportedInputError(
+                f"params entry {name!r} is a {type(p).__name__}, not a torch tensor or module."
+            )
+    return modules, named
+
+
+class TorchSession(Session):
+    framework = FRAMEWORK
+
+    def __init__(self, fn: Callable[..., Any], inputs: Sequence[Any], params: Any):
+        super().__init__()
+        self.fn = fn
+        self.inputs = list(inputs)
+        self.modules, named_params = _collect_params(params)
+        all_params = [p for _, p in named_params]
+        for root in self.modules:  # frozen params of the module are not differentiated
+            all_params.extend(
+                p for p in root.parameters() if not any(p is q for q in all_params)
+            )
+        self._state = _State(self.modules, all_params)
+        self._all_params = all_params
+        try:
+            self._setup(named_params)
+        except BaseException:
+            self._state.restore()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, named_params: list[tuple[str, torch.Tensor]]) -> None:
+        specs: list[TensorSpec] = []
+        self.diff: list[
+            tuple[str, int | torch.Tensor]
+        ] = []  # ("input", idx) | ("param", tensor)
+        skipped: list[str] = []
+        for i, x in enumerate(self.inputs):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                if not _is_floating(x):
+                    raise UnsupportedInputError(
+                        f"inputs[{i}] requires grad but is {x.dtype}."
+                    )
+                self.diff.append(("input", i))
+                specs.append(self._spec(f"inputs[{i}]", x, "input"))
+            elif isinstance(x, torch.Tensor) and _is_floating(x):
+                skipped.append(f"inputs[{i}] (requires_grad=False)")
+        seen: set[int] = set()
+        for name, p in named_params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if not _is_floating(p):
+                skipped.append(f"'{name}' ({p.dtype})")
+                continue
+            if not p.requires_grad:
+                skipped.append(f"'{name}' (requires_grad=False)")
+                continue
+            if p.is_complex():
+                raise UnsupportedInputError(
+                    f"'{name}' is complex; gradcheck checks real tensors."
+                )
+            self.diff.append(("param", p))
+            specs.append(self._spec(name, p, "parameter"))
+        if not specs:
+            found = "; skipped: " + ", ".join(skipped) if skipped else ""
+            raise NothingToDifferentiateError(
+                "nothing to differentiate: no floating-point tensor in inputs or params "
+                f"requires a gradient{found}. Pass params=model (its parameters that "
+                "require grad are checked) or inputs with requires_grad=True; integer "
+                "tensors have no gradient."
+            )
+        for spec in specs:
+            if spec.dtype not in ("float64", "float32", "float16", "bfloat16"):
+                raise UnsupportedInputError(
+                    f"'{spec.name}' has dtype {spec.dtype}, which gradcheck does not check."
+                )
+        self.specs = specs
+        # Work on clones: the user's storage is never written, even by an fn that
+        # mutates its tensors in place; buffers (BatchNorm statistics) are cloned too.
+        self._original = {id(p): data for p, data, _, _ in self._state.params}
+        self._native = dict(self._original)
+        for kind, p in self.diff:
+            if kind == "param":
+                self._native[id(p)] = p.data = p.data.clone()
+        self._native_buffers = [
+            (m, name, b.clone() if b is not None else None)
+            for m, name, b in self._state.buffers
+        ]
+        self._install_buffers(self._native_buffers)
+        self.reference_dtype = "float64"
+        self._promoted: bool | None = None  # decided at the first reference evaluation
+        self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @staticmethod
+    def _spec(name: str, t: torch.Tensor, kind: str) -> TensorSpec:
+        return TensorSpec(
+            name, tuple(t.shape), canonical_dtype(t.dtype), str(t.device), kind
+        )
+
+    def _install_buffers(
+        self, buffers: list[tuple[torch.nn.Module, str, torch.Tensor | None]]
+    ) -> None:
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+    def restore(self) -> None:
+        self._graph = None
+        self._state.restore()
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, inputs: list[Any]) -> list[tuple[str, torch.Tensor]]:
+        raw = self.fn(*inputs)
+        outs = flatten_outputs(raw, lambda o: isinstance(o, torch.Tensor), _is_floating)
+        require_outputs(outs, raw)
+        self.forward_count += 1
+        return outs
+
+    def _diff_inputs_native(self) -> list[Any]:
+        inputs = list(self.inputs)
+        for kind, ref in self.diff:
+            if kind == "input":
+                inputs[ref] = self.inputs[ref].detach().clone().requires_grad_(True)
+        return inputs
+
+    def analytic(self) -> list[np.ndarray]:
+        inputs = self._diff_inputs_native()
+        with torch.enable_grad():
+            outs = self._call(inputs)
+        self.output_names = [n for n, _ in outs]
+        self.output_shapes = [tuple(o.shape) for _, o in outs]
+        sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
+        self._graph = ([o for _, o in outs], sources)
+        return [_to_numpy(o) for _, o in outs]
+
+    def vjp(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[np.ndarray | None]:
+        assert self._graph is not None, "analytic() first"
+        outs, sources = self._graph
+        grad_outputs = [
+            torch.as_tensor(v, dtype=o.dtype, device=o.device)
+            for v, o in zip(cotangents, outs, strict=True)
+        ]
+        pairs = [
+            (o, v) for o, v in zip(outs, grad_outputs, strict=True) if o.requires_grad
+        ]
+        if not pairs:
+            return [None] * len(sources)
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            sources,
+            [v for _, v in pairs],
+            retain_graph=retain,
+            allow_unused=True,
+        )
+        self.backward_count += 1
+        if not retain:
+            self._graph = None
+        return [None if g is None else _to_numpy(g) for g in grads]
+
+    def value_and_grads(
+        self, fn: Callable[..., Any], label: str
+    ) -> tuple[float, list[np.ndarray | None]]:
+        inputs = self._diff_inputs_native()
+        with torch.enable_grad():
+            raw = fn(*inputs)
+        self.forward_count += 1
+        if (
+            not isinstance(raw, torch.Tensor)
+            or not _is_floating(raw)
+            or raw.numel() != 1
+        ):
+            shape = (
+                list(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+            )
+            raise UnsupportedInputError(
+                f"{label} must return a scalar floating tensor (a loss); got {shape}. "
+                "Reduce it (mean/sum) as your training code does."
+            )
+        sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
+        if raw.requires_grad:
+            grads = torch.autograd.grad(raw.reshape(()), sources, allow_unused=True)
+            self.backward_count += 1
+        else:
+            grads = (None,) * len(sources)
+        return float(raw.detach().double().cpu()), [
+            None if g is None else _to_numpy(g) for g in grads
+        ]
+
+    # ------------------------------------------------------------------ reference evaluations
+    def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
+        handles = []
+        for (kind, ref), d in zip(self.diff, direction, strict=True):
+            base = self.inputs[ref] if kind == "input" else self._state_data(ref)
+            handles.append(
+                None
+                if d is None
+                else torch.as_tensor(d, dtype=torch.float64).to(base.device)
+            )
+        return handles
+
+    def _state_data(self, p: torch.Tensor) -> torch.Tensor:
+        return self._original[id(p)]
+
+    def abs_values(self) -> list[np.ndarray]:
+        """|x| per differentiated tensor (for the input-rounding term)."""
+        return [
+            np.abs(
+                _to_numpy(
+                    self.inputs[ref] if kind == "input" else self._state_data(ref)
+                )
+            )
+            for kind, ref in self.diff
+        ]
+
+    def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
+        if self._promoted is None:
+            try:
+                outs = self._evaluate(handle, t, promote=True)
+                if all(o.dtype == torch.float64 for _, o in outs):
+                    self._promoted = True
+                    return self._finish(outs)
+                reason = "its outputs stayed " + canonical_dtype(outs[0][1].dtype)
+            except Exception as exc:  # fn cannot run in float64: fall back below
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            self._promoted = False
+            self.reference_dtype = self.dtype
+            self.notes.append(
+                f"the numerical side runs in {self.dtype}, not float64, because fn could "
+                f"not run on float64 copies ({reason}); tolerances are wider and small "
+                "errors may go unseen. Make fn dtype-agnostic (no hard-coded dtypes, "
+                "no non-torch math on tensors) to enable the float64 reference."
+            )
+        return self._finish(self._evaluate(handle, t, promote=self._promoted))
+
+    def _finish(self, outs: list[tuple[str, torch.Tensor]]) -> list[np.ndarray]:
+        arrays = [_to_numpy(o) for _, o in outs]
+        self.check_outputs(arrays, "at a finite-difference point")
+        return arrays
+
+    def _evaluate(
+        self, handle: Any, t: float, promote: bool
+    ) -> list[tuple[str, torch.Tensor]]:
+        def cast(x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float64) if promote and _is_floating(x) else x
+
+        inputs = [cast(x) if isinstance(x, torch.Tensor) else x for x in self.inputs]
+        inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        try:
+            with torch.no_grad():
+                if promote:
+                    for p in self._all_params:
+                        if _is_floating(p):
+                            p.data = self._state_data(p).to(torch.float64)
+                    self._install_buffers(
+                        [
+                            (
+                                m,
+                                n,
+                                b.to(torch.float64)
+                                if b is not None and _is_floating(b)
+                                else b,
+                            )
+                            for m, n, b in self._native_buffers
+                        ]
+                    )
+                else:
+                    self._install_buffers(
+                        [
+                            (m, n, b.clone() if b is not None else None)
+                            for m, n, b in self._native_buffers
+                        ]
+                    )
+                for (kind, ref), d in zip(self.diff, handle, strict=True):
+                    base = cast(
+                        self.inputs[ref] if kind == "input" else self._state_data(ref)
+                    ).detach()
+                    value = (
+                        base
+                        if d is None
+                        else (base.to(torch.float64) + t * d).to(base.dtype)
+                    )
+                    if kind == "input":
+                        inputs[ref] = value
+                    else:
+                        ref.data = value
+                if promote:
+                    with _PromoteToFloat64():
+                        return self._call(inputs)
+                return self._call(inputs)
+        finally:
+            for p in self._all_params:
+                p.data = self._native[id(p)]
+            self._install_buffers(self._native_buffers)

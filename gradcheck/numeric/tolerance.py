@@ -1,0 +1,92 @@
+"""Tolerances in one table keyed by dtype, with one resolver.
+
+``EPS`` is the machine epsilon of each floating dtype. ``GRADIENT_ROUNDING`` is the
+relative (L2) rounding error we expect in a whole gradient tensor computed in that
+dtype by a framework's backward pass. It is the only calibrated constant of the
+tolerance model: the directional check's tolerance is this rounding, propagated
+through the probe direction, plus the finite-difference error *estimated* on the
+spot (Richardson + rounding of the reference evaluations). No fixed atol.
+
+Calibration (see tests/test_calibration.py): float32 backward passes of random
+multi-head MLP/LSTM/LayerNorm models showed relative L2 errors against float64 of
+1e-7..3e-6; 2e-5 leaves ~7x headroom while a 1e-3 relative bug stays ~50x above it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradcheck.errors import InvalidArgumentError
+
+EPS: dict[str, float] = {
+    "float64": float(np.finfo(np.float64).eps),
+    "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps),
+    "bfloat16": 2.0**-7,
+}
+
+GRADIENT_ROUNDING: dict[str, float] = {
+    "float64": 1e-10,
+    "float32": 2e-5,
+    "float16": 1e-2,
+    "bfloat16": 6e-2,
+}
+
+#: The largest finite-difference error, relative to the scale of the directional
+#: derivative, that still lets a check claim "passed". Above it the estimate is not
+#: trustworthy (kinks crossed, nondeterminism, too coarse a reference precision) and
+#: the engine diagnoses instead of passing. Chosen so that the promised detection
+#: limits (1e-5 relative in float64, 1e-3 in float32) stay >= 3x above the FD noise.
+MAX_FD_RELATIVE: dict[str, float] = {
+    "float64": 3e-6,
+    "float32": 3e-4,
+    "float16": 3e-2,
+    "bfloat16": 1e-1,
+}
+
+#: How many standard deviations of rounding noise the analytical side may show.
+ROUNDING_SIGMAS = 4.0
+#: Multiplier on the (estimated, not bounded) finite-difference error.
+FD_SAFETY = 3.0
+#: Accumulated rounding of one forward pass, in units of eps * sum|v_i y_i|.
+FORWARD_ROUNDING_ULPS = 16.0
+
+
+def canonical_dtype(dtype: object) -> str:
+    """'torch.float32', tf.float32, np.float32 ... -> 'float32'."""
+    name = str(getattr(dtype, "name", dtype))
+    name = name.rsplit(".", 1)[-1].strip("<>' ")
+    aliases = {"double": "float64", "float": "float32", "half": "float16"}
+    return aliases.get(name, name)
+
+
+def eps(dtype: object) -> float:
+    key = canonical_dtype(dtype)
+    try:
+        return EPS[key]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"dtype {key!r} is not a floating dtype gradcheck knows; "
+            f"use one of {sorted(EPS)}"
+        ) from None
+
+
+def gradient_rounding(dtype: object, override: float | None = None) -> float:
+    if override is not None:
+        if not (override >= 0):
+            raise InvalidArgumentError(f"rtol must be >= 0, got {override!r}")
+        return float(override)
+    eps(dtype)  # validates
+    return GRADIENT_ROUNDING[canonical_dtype(dtype)]
+
+
+def max_fd_relative(reference_dtype: object) -> float:
+    eps(reference_dtype)
+    return MAX_FD_RELATIVE[canonical_dtype(reference_dtype)]
+
+
+def step_fraction(reference_dtype: object) -> float:
+    """Relative step for central differences: eps^(1/3) balances h^2 truncation
+    against eps/h rounding. Kept small (not the larger Richardson optimum
+    eps^(1/5)) so that ReLU-type kinks are rarely crossed."""
+    return eps(reference_dtype) ** (1.0 / 3.0)

@@ -1,0 +1,1 @@
+"""Properties: each takes a backend session and options and returns a CheckReport."""

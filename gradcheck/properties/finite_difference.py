@@ -1,0 +1,740 @@
+"""The finite-difference property: the framework's gradient equals the derivative
+that finite differences measure.
+
+Directional mode (the default for anything but tiny problems):
+
+1. one forward + backward in the user's precision gives the gradient g_t of
+   phi = sum_o <v_o, y_o> (seeded Gaussian cotangents v; v = 1 for a scalar loss);
+2. a seeded probe direction d (per-tensor normalised, see numeric.directions) gives
+   the analytical directional derivative sum_t <g_t, d_t>;
+3. Richardson-extrapolated central differences of phi(x + t d), in float64 where fn
+   can run in it, give the numerical one with an error estimate (4 forwards);
+4. tolerance = FD_SAFETY * (estimated FD error) + rounding of the analytical side
+   (GRADIENT_ROUNDING[dtype] propagated through d) + rounding of the perturbed point.
+
+Only when that comparison fails (or the FD estimate is untrustworthy) does the
+engine spend more work: it re-evaluates to detect nondeterminism, takes one-sided
+differences to detect kinks, and bisects over tensors and then elements to blame
+the wrong one (O(log n) more directional checks).
+
+Full mode compares every element: a numerical Jacobian column per input element and
+an analytical row per output element (or the cotangent projection when outputs are
+large).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradcheck.backends.base import Session
+from gradcheck.errors import GradcheckError, InvalidArgumentError
+from gradcheck.numeric import differences as fd
+from gradcheck.numeric import directions as dirs
+from gradcheck.numeric import tolerance as tl
+from gradcheck.result import CheckReport, Location, StepEstimate, TensorResult
+
+#: "auto" mode uses the full Jacobian at or below these sizes.
+FULL_MAX_INPUTS = 64
+FULL_MAX_OUTPUTS = 64
+#: Cap on forward evaluations spent locating a failure (blame / kink location).
+BLAME_BUDGET = 400
+
+
+@dataclass
+class Options:
+    seed: int
+    mode: str = "auto"  # "auto" | "directional" | "full"
+    rtol: float | None = None  # override of GRADIENT_ROUNDING for the native dtype
+    step: float | None = None  # override of the relative step (fraction of |x|)
+    blame_budget: int = BLAME_BUDGET
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "directional", "full"):
+            raise InvalidArgumentError(
+                f"mode must be 'auto', 'directional' or 'full', got {self.mode!r}"
+            )
+        if self.step is not None and not (0 < self.step < 1):
+            raise InvalidArgumentError(
+                f"step is a relative step in (0, 1), e.g. 1e-5; got {self.step!r}"
+            )
+        if self.rtol is not None and not (self.rtol >= 0):
+            raise InvalidArgumentError(f"rtol must be >= 0, got {self.rtol!r}")
+
+
+class _Restart(Exception):
+    """The reference precision changed during the first evaluation."""
+
+
+# ---------------------------------------------------------------------------------------
+# The directional problem: a (possibly restricted) direction and everything to judge it.
+# ---------------------------------------------------------------------------------------
+class _Probe:
+    def __init__(self, ctx: _Context, direction: list[np.ndarray | None]):
+        self.ctx = ctx
+        self.direction = direction
+        s = ctx.session
+        self.handle = s.prepare(direction)
+        self.contrib = np.array(
+            [
+                0.0 if d is None else float(np.vdot(g, d))
+                for g, d in zip(ctx.grads, direction, strict=True)
+            ]
+        )
+        self.analytical = float(self.contrib.sum())
+        # rounding of the analytical side: per tensor rho_t * |g_t|_eff / norm_t, for
+        # the random part (ROUNDING_SIGMAS sigmas) and the aligned part (ALIGNED)
+        terms = []
+        for t, d in enumerate(direction):
+            if d is None:
+                continue
+            frac = float(np.linalg.norm(d)) / max(
+                float(np.linalg.norm(ctx.full_direction[t])), 1e-300
+            )
+            terms.append(ctx.rho[t] * ctx.g_eff[t] / ctx.norms[t] * frac)
+        self.analytic_rounding = (
+            tl.ROUNDING_SIGMAS
+            * math.sqrt(1 + dirs.ALIGNED**2)
+            * math.sqrt(sum(x * x for x in terms))
+        )
+        self.scale = max(float(np.linalg.norm(self.contrib)), 1e-300)
+
+    def phi(self, t: float) -> fd.Evaluation:
+        ctx = self.ctx
+        if t == 0.0 and ctx.phi0 is not None:  # the same point whatever the direction
+            return ctx.phi0
+        before = ctx.session.reference_dtype
+        outs = ctx.session.outputs_at(self.handle, t)
+        if ctx.session.reference_dtype != before:
+            raise _Restart
+        val = sum(float(np.vdot(v, y)) for v, y in zip(ctx.cot, outs, strict=True))
+        scale = sum(
+            float(np.abs(v * y).sum()) for v, y in zip(ctx.cot, outs, strict=True)
+        )
+        if t == 0.0:
+            ctx.phi0 = (np.float64(val), np.float64(scale))
+        return np.float64(val), np.float64(scale)
+
+    def input_rounding(self, h: float) -> float:
+        """Error of the central difference from rounding x + t d to the reference
+        dtype: |<g, fl(x+td) - (x+td)>| / h <= eps/2 * sum|g||x| / h per tensor."""
+        ctx = self.ctx
+        total = sum(
+            float(np.vdot(np.abs(g), a))
+            for g, a, d in zip(ctx.grads, ctx.abs_x, self.direction, strict=True)
+            if d is not None
+        )
+        return 0.5 * ctx.eps_ref * total / h
+
+    def estimate(
+        self, budget: float, values: dict | None = None, refinements: int = 3
+    ) -> fd.DerivativeEstimate:
+        ctx = self.ctx
+        return fd.richardson(
+            self.phi,
+            self.step(),
+            ctx.eps_ref,
+            budget,
+            ulps=tl.FORWARD_ROUNDING_ULPS,
+            max_refinements=refinements,
+            values=values,
+        )
+
+    def step(self) -> float:
+        ctx = self.ctx
+        frac = ctx.options.step or tl.step_fraction(ctx.session.reference_dtype)
+        hs = []
+        for t, d in enumerate(self.direction):
+            if d is None or d.size == 0:
+                continue
+            rms_d = float(np.sqrt(np.mean(d * d)))
+            if rms_d > 0:
+                hs.append(frac * ctx.x_scale[t] / rms_d)
+        return min(hs) if hs else frac
+
+    def judge(
+        self, est: fd.DerivativeEstimate
+    ) -> tuple[float, float, dict[str, float]]:
+        terms = {
+            "finite_difference": tl.FD_SAFETY * float(est.error),
+            "analytical_rounding": self.analytic_rounding,
+            "input_rounding": self.input_rounding(est.step),
+        }
+        return abs(float(est.value) - self.analytical), sum(terms.values()), terms
+
+
+class _Context:
+    """State shared by every probe of one check."""
+
+    def __init__(
+        self,
+        session: Session,
+        options: Options,
+        cot: list[np.ndarray],
+        grads: list[np.ndarray],
+    ):
+        self.session = session
+        self.options = options
+        self.cot = cot
+        self.grads = grads
+        self.abs_x = session.abs_values()
+        gn = [float(np.linalg.norm(g)) for g in grads]
+        gmax = max(gn, default=0.0)
+        self.g_eff = [max(g, dirs.FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
+        self.rho = [tl.gradient_rounding(s.dtype, options.rtol) for s in session.specs]
+        rms = [float(np.sqrt(np.mean(a * a))) if a.size else 0.0 for a in self.abs_x]
+        top = max(rms, default=0.0)
+        # the perturbation of tensor t is scaled by its own magnitude, with a floor for
+        # tensors that are (near) zero, e.g. freshly initialised biases
+        self.x_scale = [max(r, 0.1 * top, 1e-3) for r in rms]
+        self.phi0: fd.Evaluation | None = None
+        self.full_direction: list[np.ndarray] = []
+        self.norms: list[float] = []
+
+    @property
+    def eps_ref(self) -> float:
+        return tl.eps(self.session.reference_dtype)
+
+    def fd_limit(self, scale: float) -> float:
+        return tl.max_fd_relative(self.session.reference_dtype) * scale
+
+
+# ---------------------------------------------------------------------------------------
+def run(session: Session, options: Options) -> CheckReport:
+    started = time.perf_counter()
+    outputs = session.analytic()
+    session.check_finite_outputs(outputs)
+    rng = np.random.default_rng(options.seed)
+    cot = dirs.cotangents(session.output_shapes, rng)
+    n_in = sum(s.size for s in session.specs)
+    n_out = sum(int(np.prod(s, dtype=np.int64)) for s in session.output_shapes)
+    mode = options.mode
+    if mode == "auto":
+        mode = (
+            "full"
+            if n_in <= FULL_MAX_INPUTS and n_out <= FULL_MAX_OUTPUTS
+            else "directional"
+        )
+    raw = session.vjp(cot, retain=(mode == "full"))
+    session.check_finite_grads(raw)
+    grads = [
+        np.zeros(s.shape) if g is None else g
+        for s, g in zip(session.specs, raw, strict=True)
+    ]
+    if all(g is None for g in raw):
+        raise GradcheckError(
+            "the outputs do not depend on any differentiated tensor (the framework "
+            "reports no path from "
+            + ", ".join(f"'{s.name}'" for s in session.specs[:5])
+            + " to the outputs). Does fn read the tensors you passed, or copies/detached "
+            "versions of them?"
+        )
+    ctx = _Context(session, options, cot, grads)
+    if mode == "full":
+        report = _run_full(ctx, raw, outputs)
+    else:
+        report = _run_directional(ctx, raw, rng)
+    report.cost = {
+        "forward": session.forward_count,
+        "backward": session.backward_count,
+        "seconds": time.perf_counter() - started,
+    }
+    report.notes = list(session.notes) + report.notes
+    return report
+
+
+def _base_report(
+    ctx: _Context, mode: str, raw: Sequence[np.ndarray | None]
+) -> CheckReport:
+    s = ctx.session
+    tensors = [
+        TensorResult(
+            name=spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            device=spec.device,
+            kind=spec.kind,
+            grad_norm=float(np.linalg.norm(g)),
+            connected=r is not None,
+        )
+        for spec, g, r in zip(s.specs, ctx.grads, raw, strict=True)
+    ]
+    return CheckReport(
+        property="finite_difference",
+        status="passed",
+        framework=s.framework,
+        device=s.device,
+        dtype=s.dtype,
+        seed=ctx.options.seed,
+        mode=mode,
+        error=0.0,
+        tolerance=0.0,
+        tolerance_reason="",
+        reference_dtype=s.reference_dtype,
+        tensors=tensors,
+    )
+
+
+def _reason(terms: dict[str, float], ctx: _Context) -> str:
+    s = ctx.session
+    rho = ", ".join(
+        sorted({f"{sp.dtype} {r:.0e}" for sp, r in zip(s.specs, ctx.rho, strict=True)})
+    )
+    return (
+        f"{tl.FD_SAFETY:g} x estimated finite-difference error {terms['finite_difference'] / tl.FD_SAFETY:.2e} "
+        f"(Richardson, {s.reference_dtype} reference) + analytical rounding "
+        f"{terms['analytical_rounding']:.2e} (gradient rounding {rho}"
+        + (", user rtol" if ctx.options.rtol is not None else "")
+        + f") + input rounding {terms['input_rounding']:.2e}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+def _run_directional(
+    ctx: _Context, raw: Sequence[np.ndarray | None], rng: np.random.Generator
+) -> CheckReport:
+    d, norms = dirs.probe_direction(ctx.grads, rng)
+    ctx.full_direction, ctx.norms = d, norms
+    for _attempt in range(2):
+        probe = _Probe(ctx, list(d))
+        try:
+            budget = (
+                max(probe.analytic_rounding, ctx.fd_limit(probe.scale)) / tl.FD_SAFETY
+            )
+            est = probe.estimate(budget)
+            break
+        except _Restart:
+            continue  # reference precision fell back to native: new steps and limits
+    else:  # pragma: no cover - the precision changes at most once
+        raise AssertionError("reference precision kept changing")
+    report = _base_report(ctx, "directional", raw)
+    for tr, c in zip(report.tensors, probe.contrib, strict=True):
+        tr.analytical = float(c)
+    err, tol, terms = probe.judge(est)
+    report.reference_dtype = ctx.session.reference_dtype
+    report.error, report.tolerance, report.tolerance_terms = err, tol, terms
+    report.tolerance_reason = _reason(terms, ctx)
+    report.steps = _curve(est)
+    trustworthy = terms["finite_difference"] <= ctx.fd_limit(
+        max(probe.scale, abs(float(est.value)))
+    )
+    if err <= tol and trustworthy:
+        return report
+    _diagnose(ctx, probe, est, report, err, trustworthy)
+    return report
+
+
+def _curve(est: fd.DerivativeEstimate) -> list[StepEstimate]:
+    final = float(est.value)
+    return [StepEstimate(h, float(v), abs(float(v) - final)) for h, v in est.curve]
+
+
+def _diagnose(
+    ctx: _Context,
+    probe: _Probe,
+    est: fd.DerivativeEstimate,
+    report: CheckReport,
+    err: float,
+    trustworthy: bool,
+) -> None:
+    s = ctx.session
+    h = est.step
+    # 1. nondeterminism: the same point evaluated twice, the same gradient taken twice
+    again, _ = probe.phi(h)
+    first = est.values[h][0]
+    spread = abs(float(again) - float(first))
+    if spread > 0 and spread / h >= 0.1 * max(err, tl.FD_SAFETY * float(est.error)):
+        report.status = "nondeterministic"
+        report.notes.append(
+            f"fn gave two different values at the same point (difference {spread:.3e}, "
+            f"i.e. {spread / h:.3e} in the directional derivative): dropout or another "
+            "random op in train mode, or nondeterministic kernels. Put the model in "
+            "eval mode, fix the RNG inside fn, or enable deterministic algorithms."
+        )
+        return
+    s.analytic()
+    regrads = s.vjp(ctx.cot)
+    drift = sum(
+        abs(float(np.vdot((g2 if g2 is not None else 0) - g, dd)))
+        for g, g2, dd in zip(ctx.grads, regrads, probe.direction, strict=True)
+        if dd is not None
+    )
+    if drift > 0 and drift >= 0.1 * err:
+        report.status = "nondeterministic"
+        report.notes.append(
+            f"the backward pass is not reentrant: two gradients at the same point differ "
+            f"(by {drift:.3e} along the probe direction): atomics in scatter/index_add or "
+            "nondeterministic kernels."
+        )
+        return
+    # 2. kinks: one-sided derivatives at x disagree
+    kink = _kink(probe, est)
+    if kink is not None:
+        fwd, bwd, jump, noise = kink
+        lo, hi = min(fwd, bwd), max(fwd, bwd)
+        outside = max(lo - probe.analytical, probe.analytical - hi, 0.0)
+        if outside <= report.tolerance:
+            report.status = "nondifferentiable"
+            report.notes.append(
+                f"one-sided derivatives differ at this point: forward {fwd:.6e}, backward "
+                f"{bwd:.6e} (jump {jump:.3e} >> noise {noise:.1e}); the analytical value "
+                f"{probe.analytical:.6e} lies between them (a valid subgradient). A kink "
+                "such as ReLU at 0, max/min ties or |x| at 0."
+            )
+            report.location = _locate(
+                ctx, probe, lambda p: _kink(p, None) is not None, "kink"
+            )
+            return
+        report.notes.append(
+            f"a kink is present (one-sided derivatives {fwd:.6e} / {bwd:.6e}) but the "
+            f"analytical value {probe.analytical:.6e} is outside both: a real mismatch."
+        )
+    if err <= report.tolerance and not trustworthy:
+        report.status = "nondifferentiable"
+        report.notes.append(
+            f"finite differences do not converge: the estimated error "
+            f"{report.tolerance_terms['finite_difference']:.2e} exceeds what a pass may "
+            f"rest on ({ctx.fd_limit(probe.scale):.2e}). The function is not smooth at the "
+            "scale of the step (many kinks crossed) or too coarse in "
+            f"{s.reference_dtype}. Try float64, or a smaller step=."
+        )
+        return
+    report.status = "mismatch"
+    report.location = _locate(ctx, probe, _mismatches, "mismatch")
+
+
+def _kink(
+    probe: _Probe, est: fd.DerivativeEstimate | None
+) -> tuple[float, float, float, float] | None:
+    ctx = probe.ctx
+    if est is None:
+        est = probe.estimate(budget=np.inf, refinements=0)
+    h = est.step
+    fwd, bwd, values = fd.one_sided(probe.phi, h, est.values)
+    est.values.update(values)
+    scale_s = max(float(values[t][1]) for t in values)
+    # noise of the one-sided differences: rounding (8 ulps-weighted terms / 2h) plus
+    # their h^2 truncation, estimated by the central differences' disagreement
+    noise = 8 * tl.FORWARD_ROUNDING_ULPS * ctx.eps_ref * scale_s / h + 10 * float(
+        est.truncation
+    )
+    noise += probe.input_rounding(h) * 4
+    jump = abs(float(fwd) - float(bwd))
+    floor = 1e-8 * max(probe.scale, abs(float(est.value)))
+    if jump > max(noise, floor, probe.analytic_rounding):
+        return float(fwd), float(bwd), jump, noise
+    return None
+
+
+def _mismatches(probe: _Probe) -> bool:
+    budget = (
+        max(probe.analytic_rounding, probe.ctx.fd_limit(probe.scale)) / tl.FD_SAFETY
+    )
+    est = probe.estimate(budget, refinements=1)
+    err, tol, _ = probe.judge(est)
+    return err > tol
+
+
+# ---------------------------------------------------------------------------------------
+# Blame: bisection over tensors, then over the elements of the blamed tensor.
+# ---------------------------------------------------------------------------------------
+def _restricted(
+    ctx: _Context,
+    tensor_ids: Sequence[int],
+    t_elem: int | None = None,
+    lo: int = 0,
+    hi: int = 0,
+) -> _Probe:
+    d: list[np.ndarray | None] = [None] * len(ctx.full_direction)
+    for t in tensor_ids:
+        d[t] = ctx.full_direction[t]
+    if t_elem is not None:
+        full = ctx.full_direction[t_elem]
+        part = np.zeros(full.size)
+        part[lo:hi] = full.reshape(-1)[lo:hi]
+        d[t_elem] = part.reshape(full.shape)
+    return _Probe(ctx, d)
+
+
+def _locate(ctx: _Context, probe: _Probe, bad, kind: str) -> Location | None:
+    s = ctx.session
+    start = s.forward_count
+    budget = ctx.options.blame_budget
+
+    def spent() -> bool:
+        return s.forward_count - start >= budget
+
+    tensors = [t for t, dd in enumerate(probe.direction) if dd is not None]
+    while len(tensors) > 1 and not spent():
+        half = len(tensors) // 2
+        a, b = tensors[:half], tensors[half:]
+        if bad(_restricted(ctx, a)):
+            tensors = a
+        elif bad(_restricted(ctx, b)):
+            tensors = b
+        else:
+            break  # each half passes alone: the error is spread; report the set
+    if len(tensors) != 1:
+        names = ", ".join(s.specs[t].name for t in tensors)
+        return Location(
+            tensor=names,
+            quantity=f"directional derivative ({kind} spread over tensors)",
+            numerical=None,
+            analytical=probe.analytical,
+        )
+    t = tensors[0]
+    lo, hi = 0, s.specs[t].size
+    while hi - lo > 1 and not spent():
+        mid = (lo + hi) // 2
+        if bad(_restricted(ctx, [], t, lo, mid)):
+            hi = mid
+        elif bad(_restricted(ctx, [], t, mid, hi)):
+            lo = mid
+        else:
+            break
+    spec = s.specs[t]
+    if hi - lo == 1:
+        index = (
+            tuple(int(i) for i in np.unravel_index(lo, spec.shape))
+            if spec.shape
+            else ()
+        )
+        p = _restricted(ctx, [], t, lo, hi)
+        dk = float(ctx.full_direction[t].reshape(-1)[lo])
+        est = p.estimate(
+            budget=max(p.analytic_rounding, ctx.fd_limit(p.scale)) / tl.FD_SAFETY,
+            refinements=1,
+        )
+        err, tol, _ = p.judge(est)
+        return Location(
+            tensor=spec.name,
+            index=index,
+            numerical=float(est.value) / dk,
+            analytical=float(ctx.grads[t].reshape(-1)[lo]),
+            error=err / abs(dk),
+            tolerance=tol / abs(dk),
+            quantity=_quantity(ctx),
+        )
+    p = _restricted(ctx, [], t, lo, hi)
+    est = p.estimate(budget=np.inf, refinements=0)
+    err, tol, _ = p.judge(est)
+    rng = (
+        f"elements {lo}..{hi - 1} (flat)"
+        if (lo, hi) != (0, spec.size)
+        else "the whole tensor"
+    )
+    return Location(
+        tensor=spec.name,
+        numerical=float(est.value),
+        analytical=p.analytical,
+        error=err,
+        tolerance=tol,
+        quantity=f"directional derivative over {rng}",
+    )
+
+
+def _quantity(ctx: _Context) -> str:
+    if all(int(np.prod(sh, dtype=np.int64)) == 1 for sh in ctx.session.output_shapes):
+        return "partial derivative"
+    return "partial derivative of <v, outputs> (seeded cotangent v)"
+
+
+# ---------------------------------------------------------------------------------------
+# Full mode: every element of the Jacobian.
+# ---------------------------------------------------------------------------------------
+def _run_full(
+    ctx: _Context, raw: Sequence[np.ndarray | None], outputs: list[np.ndarray]
+) -> CheckReport:
+    s = ctx.session
+    n_out = sum(o.size for o in outputs)
+    full_jacobian = n_out <= FULL_MAX_OUTPUTS
+    # analytical rows: one VJP per output element (or the cotangent projection)
+    if full_jacobian and n_out > 1:
+        rows = []
+        offsets = np.cumsum([0] + [o.size for o in outputs])
+        for i in range(n_out):
+            cot = [np.zeros(o.shape) for o in outputs]
+            o = int(np.searchsorted(offsets, i, side="right") - 1)
+            cot[o].reshape(-1)[i - offsets[o]] = 1.0
+            g = s.vjp(cot, retain=i < n_out - 1)
+            s.check_finite_grads(g)
+            rows.append(
+                np.concatenate(
+                    [
+                        (np.zeros(sp.size) if x is None else x.reshape(-1))
+                        for sp, x in zip(s.specs, g, strict=True)
+                    ]
+                )
+            )
+        analytic = np.stack(rows)  # (n_out, n_in)
+    else:
+        s.vjp(ctx.cot)  # release the retained graph
+        analytic = np.concatenate([g.reshape(-1) for g in ctx.grads])[None, :]
+    n_in = analytic.shape[1]
+    rho = np.concatenate(
+        [np.full(sp.size, r) for sp, r in zip(s.specs, ctx.rho, strict=True)]
+    )
+    x_scale = np.concatenate(
+        [np.full(sp.size, xs) for sp, xs in zip(s.specs, ctx.x_scale, strict=True)]
+    )
+    abs_x = np.concatenate([a.reshape(-1) for a in ctx.abs_x])
+    col_of = np.concatenate([np.full(sp.size, t) for t, sp in enumerate(s.specs)])
+    numeric = np.zeros_like(analytic)
+    fd_err = np.zeros_like(analytic)
+    curves: list[StepEstimate] = []
+    kinks: list[int] = []
+    jfloor = dirs.FLOOR * float(np.max(np.abs(analytic), initial=0.0))
+    tol_an = tl.ROUNDING_SIGMAS * rho[None, :] * (np.abs(analytic) + jfloor)
+
+    zero = s.prepare([None] * len(s.specs))
+    base_outs = s.outputs_at(zero, 0.0)  # resolves the reference precision first
+    f0 = _project(ctx, base_outs, full_jacobian and n_out > 1)
+    offsets = np.cumsum([0] + [sp.size for sp in s.specs])
+    for k in range(n_in):
+        t = int(col_of[k])
+        local = k - int(offsets[t])
+        e: list[np.ndarray | None] = [None] * len(s.specs)
+        unit = np.zeros(s.specs[t].size)
+        unit[local] = 1.0
+        e[t] = unit.reshape(s.specs[t].shape)
+        handle = s.prepare(e)
+
+        def phi(tt: float, handle=handle) -> fd.Evaluation:
+            return _project(ctx, s.outputs_at(handle, tt), full_jacobian and n_out > 1)
+
+        h0 = (ctx.options.step or tl.step_fraction(s.reference_dtype)) * max(
+            abs_x[k], x_scale[k]
+        )
+        est = fd.richardson(
+            phi,
+            h0,
+            ctx.eps_ref,
+            tol_an[:, k] / tl.FD_SAFETY,
+            ulps=tl.FORWARD_ROUNDING_ULPS,
+            values={0.0: f0},
+        )
+        numeric[:, k] = est.value
+        fd_err[:, k] = est.error + 0.5 * ctx.eps_ref * abs_x[k] / est.step * np.abs(
+            analytic[:, k]
+        )
+        if k == 0:
+            curves = [
+                StepEstimate(h, float(np.ravel(v)[0]), None) for h, v in est.curve
+            ]
+        err_k = np.abs(numeric[:, k] - analytic[:, k])
+        if np.any(err_k > tl.FD_SAFETY * fd_err[:, k] + tol_an[:, k]):
+            fwd, bwd, _ = fd.one_sided(phi, est.step, est.values)
+            noise = (
+                8 * tl.FORWARD_ROUNDING_ULPS * ctx.eps_ref * np.abs(f0[1]) / est.step
+            )
+            jump = np.abs(fwd - bwd)
+            if np.any(jump > np.maximum(noise + 10 * est.truncation, tol_an[:, k])):
+                lo, hi = np.minimum(fwd, bwd), np.maximum(fwd, bwd)
+                an = analytic[:, k]
+                if np.all((an >= lo - tol_an[:, k]) & (an <= hi + tol_an[:, k])):
+                    kinks.append(k)
+
+    report = _base_report(
+        ctx, "full" if full_jacobian else "full (cotangent projection)", raw
+    )
+    report.reference_dtype = s.reference_dtype
+    tol = tl.FD_SAFETY * fd_err + tol_an
+    err = np.abs(numeric - analytic)
+    ratio = np.where(
+        tol > 0, err / np.maximum(tol, 1e-300), np.where(err > 0, np.inf, 0.0)
+    )
+    for kk in kinks:
+        ratio[:, kk] = np.minimum(ratio[:, kk], 0.0)  # judged separately below
+    i, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    report.error, report.tolerance = float(err[i, k]), float(tol[i, k])
+    report.tolerance_terms = {
+        "finite_difference": float(tl.FD_SAFETY * fd_err[i, k]),
+        "analytical_rounding": float(tol_an[i, k]),
+        "input_rounding": 0.0,
+    }
+    report.tolerance_reason = (
+        f"per element: {tl.FD_SAFETY:g} x estimated finite-difference error (Richardson, "
+        f"{s.reference_dtype} reference) + {tl.ROUNDING_SIGMAS:g} x gradient rounding "
+        f"({', '.join(sorted({f'{sp.dtype} {r:.0e}' for sp, r in zip(s.specs, ctx.rho, strict=True)}))}) x (|J| + "
+        f"{dirs.FLOOR:g} max|J|); worst element shown"
+    )
+    report.steps = curves
+    for t, tr in enumerate(report.tensors):
+        cols = col_of == t
+        tr.error = float(err[:, cols].max(initial=0.0))
+        tr.tolerance = (
+            float(
+                tol[:, cols][
+                    np.unravel_index(np.argmax(ratio[:, cols]), ratio[:, cols].shape)
+                ]
+            )
+            if cols.any()
+            else 0.0
+        )
+        tr.status = "passed" if ratio[:, cols].max(initial=0.0) <= 1 else "mismatch"
+    t = int(col_of[k])
+    local = int(k - sum(sp.size for sp in s.specs[:t]))
+    spec = s.specs[t]
+    index = (
+        tuple(int(j) for j in np.unravel_index(local, spec.shape)) if spec.shape else ()
+    )
+    out_name = _output_element(s, i) if full_jacobian and n_out > 1 else None
+    quantity = f"Jacobian element d {out_name}" if out_name else _quantity(ctx)
+    if ratio[i, k] > 1:
+        report.status = "mismatch"
+        report.location = Location(
+            spec.name,
+            index,
+            float(numeric[i, k]),
+            float(analytic[i, k]),
+            float(err[i, k]),
+            float(tol[i, k]),
+            quantity,
+        )
+    elif kinks:
+        kk = kinks[0]
+        t = int(col_of[kk])
+        local = int(kk - sum(sp.size for sp in s.specs[:t]))
+        spec = s.specs[t]
+        index = (
+            tuple(int(j) for j in np.unravel_index(local, spec.shape))
+            if spec.shape
+            else ()
+        )
+        report.status = "nondifferentiable"
+        report.location = Location(
+            spec.name,
+            index,
+            float(numeric[0, kk]),
+            float(analytic[0, kk]),
+            quantity="kink",
+        )
+        report.notes.append(
+            f"{len(kinks)} element(s) sit on a kink (one-sided derivatives differ, the "
+            "analytical value is a valid subgradient): ReLU at 0, max ties or |x| at 0."
+        )
+    return report
+
+
+def _project(ctx: _Context, outs: list[np.ndarray], jacobian: bool) -> fd.Evaluation:
+    """All output elements (full Jacobian) or the cotangent projection <v, y>."""
+    if jacobian:
+        y = np.concatenate([o.reshape(-1) for o in outs])
+        return y, np.abs(y)
+    val = sum(float(np.vdot(v, y)) for v, y in zip(ctx.cot, outs, strict=True))
+    sc = sum(float(np.abs(v * y).sum()) for v, y in zip(ctx.cot, outs, strict=True))
+    return np.array([val]), np.array([sc])
+
+
+def _output_element(s: Session, i: int) -> str:
+    for name, shape in zip(s.output_names, s.output_shapes, strict=True):
+        n = int(np.prod(shape, dtype=np.int64))
+        if i < n:
+            idx = np.unravel_index(i, shape) if shape else ()
+            return f"{name}[{', '.join(map(str, idx))}]" if shape else name
+        i -= n
+    return "output"

@@ -1,0 +1,289 @@
+"""The linearity property: grad(total) = sum_i w_i * grad(loss_i), tensor by tensor.
+
+``total_fn`` is the combined loss as the user's (or the framework's) code computes
+it; each ``loss_fns[name]`` is one head's loss computed on its own. Both sides are
+the framework's own gradients in the user's precision, so the tolerance is the
+rounding of that precision only (GRADIENT_ROUNDING[dtype] on the magnitudes
+involved), elementwise.
+
+Besides the verdict the check returns the gradient-flow matrix (which loss reaches
+which tensor, and how strongly) and, where the identity fails, the *effective
+weight* each loss has inside the failing tensor: a least-squares fit of grad(total)
+on the per-loss gradients. That turns "mismatch" into "in 'trunk.0.weight' the total
+carries 'aux' with weight 0 instead of 0.3" (a detached branch) or "with weight 0.09
+instead of 0.3" (a weight applied twice).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from gradcheck.backends.base import Session
+from gradcheck.errors import InvalidArgumentError, NonFiniteError, UnsupportedInputError
+from gradcheck.numeric import tolerance as tl
+from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
+
+#: Elementwise tolerance floor, as a fraction of the largest magnitude in the tensor:
+#: elements whose true gradient is ~0 still carry rounding from their large terms.
+FLOOR = 0.1
+
+
+def validate(loss_fns: Any, weights: Any) -> tuple[list[str], dict[str, float]]:
+    if not isinstance(loss_fns, Mapping) or not loss_fns:
+        raise InvalidArgumentError(
+            "loss_fns must be a non-empty dict {head name: callable returning that "
+            f"head's loss}}; got {type(loss_fns).__name__}."
+        )
+    if not isinstance(weights, Mapping):
+        raise InvalidArgumentError(
+            f"weights must be a dict {{head name: float}}; got {type(weights).__name__}. "
+            "(Lists are ambiguous: Keras matches list weights to outputs in sorted "
+            "key order.)"
+        )
+    missing = [k for k in loss_fns if k not in weights]
+    extra = [k for k in weights if k not in loss_fns]
+    if missing or extra:
+        raise InvalidArgumentError(
+            "loss_fns and weights must name the same heads: "
+            + (f"no weight for {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"weights for unknown heads {extra}" if extra else "")
+            + "."
+        )
+    out: dict[str, float] = {}
+    for k in loss_fns:
+        if not callable(loss_fns[k]):
+            raise InvalidArgumentError(f"loss_fns[{k!r}] is not callable.")
+        try:
+            w = float(weights[k])
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"weights[{k!r}] = {weights[k]!r} is not a number."
+            ) from None
+        if not math.isfinite(w):
+            raise InvalidArgumentError(f"weights[{k!r}] = {w} is not finite.")
+        out[str(k)] = w
+    return [str(k) for k in loss_fns], out
+
+
+def run(
+    session: Session,
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    *,
+    seed: int,
+    rtol: float | None = None,
+) -> CheckReport:
+    started = time.perf_counter()
+    names, w = validate(loss_fns, weights)
+    if not callable(total_fn):
+        raise UnsupportedInputError(
+            f"total_fn must be callable; got {type(total_fn).__name__}."
+        )
+    total_val, g_total = session.value_and_grads(total_fn, "total_fn")
+    _finite(session, "total_fn", total_val, g_total)
+    vals, grads = {}, {}
+    for name in names:
+        vals[name], grads[name] = session.value_and_grads(
+            loss_fns[name], f"loss_fns[{name!r}]"
+        )
+        _finite(session, f"loss '{name}'", vals[name], grads[name])
+
+    specs = session.specs
+    rho = [tl.gradient_rounding(s.dtype, rtol) for s in specs]
+    zeros = [np.zeros(s.shape) for s in specs]
+    gt = [z if g is None else g for z, g in zip(zeros, g_total, strict=True)]
+    gi = {
+        n: [z if g is None else g for z, g in zip(zeros, grads[n], strict=True)]
+        for n in names
+    }
+
+    tensors, worst = [], (-1.0, None)
+    flow_norms, flow_reach, effective = [], [], []
+    for t, spec in enumerate(specs):
+        expected = sum((w[n] * gi[n][t] for n in names), start=np.zeros(spec.shape))
+        magnitude = sum((np.abs(w[n] * gi[n][t]) for n in names), start=np.abs(gt[t]))
+        scale = float(np.max(magnitude, initial=0.0))
+        tol = tl.ROUNDING_SIGMAS * rho[t] * (magnitude + FLOOR * scale)
+        err = np.abs(gt[t] - expected)
+        ratio = np.where(
+            tol > 0, err / np.maximum(tol, 1e-300), np.where(err > 0, np.inf, 0.0)
+        )
+        k = int(np.argmax(ratio)) if ratio.size else 0
+        r = float(ratio.reshape(-1)[k]) if ratio.size else 0.0
+        tr = TensorResult(
+            name=spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            device=spec.device,
+            kind=spec.kind,
+            grad_norm=float(np.linalg.norm(gt[t])),
+            analytical=float(gt[t].reshape(-1)[k]) if ratio.size else None,
+            numerical=float(expected.reshape(-1)[k]) if ratio.size else None,
+            error=float(err.reshape(-1)[k]) if ratio.size else 0.0,
+            tolerance=float(tol.reshape(-1)[k]) if ratio.size else 0.0,
+            status="passed" if r <= 1 else "mismatch",
+            connected=g_total[t] is not None,
+        )
+        tensors.append(tr)
+        if r > worst[0]:
+            worst = (r, (t, k))
+        flow_norms.append([float(np.linalg.norm(w[n] * gi[n][t])) for n in names])
+        flow_reach.append(
+            [grads[n][t] is not None and bool(np.any(gi[n][t] != 0)) for n in names]
+        )
+        effective.append(_effective_weights(gt[t], [gi[n][t] for n in names]))
+
+    flow = FlowMatrix(
+        tensors=[s.name for s in specs],
+        losses=names,
+        weights=[w[n] for n in names],
+        norms=flow_norms,
+        reaches=flow_reach,
+        total_norms=[float(np.linalg.norm(g)) for g in gt],
+        effective_weights=effective,
+    )
+    ratio_max, (t, k) = worst
+    spec = specs[t]
+    tr = tensors[t]
+    report = CheckReport(
+        property="linearity",
+        status="passed" if ratio_max <= 1 else "mismatch",
+        framework=session.framework,
+        device=session.device,
+        dtype=session.dtype,
+        seed=seed,
+        mode="analytic",
+        error=tr.error or 0.0,
+        tolerance=tr.tolerance or 0.0,
+        tolerance_reason=(
+            f"per element: {tl.ROUNDING_SIGMAS:g} x gradient rounding ("
+            + ", ".join(
+                sorted({f"{s.dtype} {r:.0e}" for s, r in zip(specs, rho, strict=True)})
+            )
+            + f") x (|grad total| + sum_i |w_i grad L_i| + {FLOOR:g} x the tensor's largest)"
+        ),
+        tensors=tensors,
+        flow=flow,
+    )
+    value_sum = sum(w[n] * vals[n] for n in names)
+    value_tol = (
+        tl.ROUNDING_SIGMAS
+        * max(rho)
+        * (abs(total_val) + sum(abs(w[n] * vals[n]) for n in names))
+    )
+    if abs(total_val - value_sum) > value_tol:
+        report.notes.append(
+            f"the total's value {total_val:.6e} differs from sum_i w_i * loss_i = "
+            f"{value_sum:.6e} (by {abs(total_val - value_sum):.3e}): the total adds or "
+            "weights something else (a regularizer, a different weight, a missing head)."
+        )
+    if not report.passed:
+        index = (
+            tuple(int(i) for i in np.unravel_index(k, spec.shape)) if spec.shape else ()
+        )
+        culprit = _culprit(names, w, effective[t], flow_reach[t])
+        report.location = Location(
+            tensor=spec.name,
+            index=index,
+            numerical=tr.numerical,
+            analytical=tr.analytical,
+            error=tr.error,
+            tolerance=tr.tolerance,
+            head=culprit,
+            quantity="gradient (numerical = sum_i w_i dL_i, analytical = d total)",
+        )
+        report.notes.append(_explain(spec.name, names, w, effective[t], flow_reach[t]))
+        # nondeterminism: the same total evaluated again
+        again, g_again = session.value_and_grads(total_fn, "total_fn")
+        if again != total_val or any(
+            (a is None) != (b is None) or (a is not None and not np.array_equal(a, b))
+            for a, b in zip(g_total, g_again, strict=True)
+        ):
+            report.status = "nondeterministic"
+            report.notes.insert(
+                0,
+                (
+                    f"total_fn gave different results at the same point ({total_val:.9e} then "
+                    f"{again:.9e}): dropout or another random op in train mode. Use eval mode "
+                    "or fix the RNG inside the loss functions."
+                ),
+            )
+    report.cost = {
+        "forward": session.forward_count,
+        "backward": session.backward_count,
+        "seconds": time.perf_counter() - started,
+    }
+    report.notes = list(session.notes) + report.notes
+    return report
+
+
+def _finite(
+    session: Session, what: str, value: float, grads: list[np.ndarray | None]
+) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"{what} is {value} at the point to check. A loss must be finite to have a "
+            "gradient: look for log(0), 0/0 or overflow in it."
+        )
+    session.check_finite_grads(grads, what=f"gradient of {what}")
+
+
+def _effective_weights(
+    g_total: np.ndarray, per_loss: list[np.ndarray]
+) -> list[float | None]:
+    """Least-squares weights a_i with g_total ~ sum_i a_i g_i (None: loss absent here)."""
+    cols = [i for i, g in enumerate(per_loss) if np.any(g != 0)]
+    out: list[float | None] = [None] * len(per_loss)
+    if not cols:
+        return out
+    a = np.stack([per_loss[i].reshape(-1) for i in cols], axis=1)
+    coef, *_ = np.linalg.lstsq(a, g_total.reshape(-1), rcond=None)
+    for i, c in zip(cols, coef, strict=True):
+        out[i] = float(c)
+    return out
+
+
+def _culprit(
+    names: list[str], w: dict[str, float], eff: list[float | None], reach: list[bool]
+) -> str | None:
+    dev = [
+        (abs((e if e is not None else 0.0) - w[n]), n)
+        for n, e, r in zip(names, eff, reach, strict=True)
+        if r
+    ]
+    return max(dev)[1] if dev else None
+
+
+def _explain(
+    tensor: str,
+    names: list[str],
+    w: dict[str, float],
+    eff: list[float | None],
+    reach: list[bool],
+) -> str:
+    parts = []
+    for n, e, r in zip(names, eff, reach, strict=True):
+        if not r:
+            continue
+        e = 0.0 if e is None else e
+        if abs(e - w[n]) > 1e-3 * max(abs(w[n]), 1e-12):
+            what = (
+                "not at all (detached?)"
+                if abs(e) < 1e-6 * max(abs(w[n]), 1e-12)
+                else f"with weight {e:.6g}"
+            )
+            parts.append(f"'{n}' {what} instead of {w[n]:.6g}")
+    if not parts:
+        return (
+            f"in '{tensor}' the total's gradient is not a weighted sum of the per-loss "
+            "gradients: it contains a term none of the losses has (a regularizer or an "
+            "extra loss inside total_fn?)."
+        )
+    return f"in '{tensor}' the total's gradient carries " + "; ".join(parts) + "."
