@@ -376,61 +376,104 @@ class TorchSession(Session):
             )
         return self._finish(self._evaluate(handle, t, promote=self._promoted))
 
+    def gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[list[np.ndarray | None]]:
+        """Framework gradients of <v, y> at x + t*d, one list per cotangent set,
+        in float64 (``promote``, as the reference evaluations) or native precision."""
+        if handle is None:
+            handle = [None] * len(self.diff)
+
+        def then(outs, sources):
+            result = []
+            for i, cot in enumerate(cotangent_sets):
+                pairs = [
+                    (o, torch.as_tensor(v, dtype=o.dtype, device=o.device))
+                    for (_, o), v in zip(outs, cot, strict=True)
+                    if o.requires_grad
+                ]
+                if not pairs:
+                    result.append([None] * len(sources))
+                    continue
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    sources,
+                    [v for _, v in pairs],
+                    retain_graph=i < len(cotangent_sets) - 1,
+                    allow_unused=True,
+                )
+                self.backward_count += 1
+                result.append([None if g is None else _to_numpy(g) for g in grads])
+            return result
+
+        return self._evaluate(handle, t, promote and self._promoted is not False, then)
+
     def _finish(self, outs: list[tuple[str, torch.Tensor]]) -> list[np.ndarray]:
         arrays = [_to_numpy(o) for _, o in outs]
         self.check_outputs(arrays, "at a finite-difference point")
         return arrays
 
     def _evaluate(
-        self, handle: Any, t: float, promote: bool
-    ) -> list[tuple[str, torch.Tensor]]:
+        self,
+        handle: Any,
+        t: float,
+        promote: bool,
+        then: Callable[[list[tuple[str, torch.Tensor]], list[torch.Tensor]], Any]
+        | None = None,
+    ) -> Any:
+        """Run fn at x + t*d. Without ``then``: under no_grad, return the outputs.
+        With ``then``: record the graph and return ``then(outputs, sources)``,
+        called while the substituted values are still in place."""
+
         def cast(x: torch.Tensor) -> torch.Tensor:
             return x.to(torch.float64) if promote and _is_floating(x) else x
 
+        self._graph = None  # a new graph may replace the leaves' grad accumulators
         inputs = [cast(x) if isinstance(x, torch.Tensor) else x for x in self.inputs]
         inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        grad = then is not None
         try:
-            with torch.no_grad():
-                if promote:
-                    for p in self._all_params:
-                        if _is_floating(p):
-                            p.data = self._state_data(p).to(torch.float64)
-                    self._install_buffers(
-                        [
-                            (
-                                m,
-                                n,
-                                b.to(torch.float64)
-                                if b is not None and _is_floating(b)
-                                else b,
-                            )
-                            for m, n, b in self._native_buffers
-                        ]
-                    )
-                else:
-                    self._install_buffers(
-                        [
-                            (m, n, b.clone() if b is not None else None)
-                            for m, n, b in self._native_buffers
-                        ]
-                    )
-                for (kind, ref), d in zip(self.diff, handle, strict=True):
-                    base = cast(
-                        self.inputs[ref] if kind == "input" else self._state_data(ref)
-                    ).detach()
-                    value = (
-                        base
-                        if d is None
-                        else (base.to(torch.float64) + t * d).to(base.dtype)
-                    )
-                    if kind == "input":
-                        inputs[ref] = value
-                    else:
-                        ref.data = value
+            with torch.set_grad_enabled(grad):
+                with torch.no_grad():
+                    if promote:
+                        for p in self._all_params:
+                            if _is_floating(p):
+                                p.data = self._state_data(p).to(torch.float64)
+                    buffers = [
+                        (m, n, None if b is None else cast(b).clone())
+                        for m, n, b in self._native_buffers
+                    ]
+                    self._install_buffers(buffers)
+                    sources = []
+                    for (kind, ref), d in zip(self.diff, handle, strict=True):
+                        own = (
+                            self.inputs[ref]
+                            if kind == "input"
+                            else self._native[id(ref)]
+                        )
+                        base = cast(own).detach()
+                        value = (
+                            base.clone()
+                            if d is None
+                            else (base.to(torch.float64) + t * d).to(base.dtype)
+                        )
+                        if kind == "input":
+                            inputs[ref] = value.requires_grad_(grad)
+                            sources.append(inputs[ref])
+                        else:
+                            ref.data = value
+                            sources.append(ref)
                 if promote:
                     with _PromoteToFloat64():
-                        return self._call(inputs)
-                return self._call(inputs)
+                        outs = self._call(inputs)
+                else:
+                    outs = self._call(inputs)
+                return outs if then is None else then(outs, sources)
         finally:
             for p in self._all_params:
                 p.data = self._native[id(p)]

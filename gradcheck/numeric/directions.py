@@ -9,8 +9,10 @@ blind spots that this module closes:
   every tensor contributes O(1) to D and is judged at its own scale.
 * unlucky projections: <g, z> ~ N(0, |g|^2) is below 0.1 |g| in 8% of draws, which
   would hide a tensor-wide scaling bug. Each direction gets an extra component
-  ``ALIGNED * s * g/|g|`` (random sign s), so <g_t, d_t> = N(0,1) + 3s and a relative
-  error delta in g_t moves D by about 3*delta.
+  ``ALIGNED * g/|g|``, so <g_t, d_t> = N(0,1) + 3 and a relative error delta in g_t
+  moves D by about 3*delta. The sign is the same for every tensor so that a bug
+  scaling several tensors alike (a wrong factor upstream) adds up instead of
+  cancelling.
 
 A single wrong element k still moves D by e_k * z_k / |g_t| (Gaussian z_k), which is
 why the engine's tolerance is tight and blame bisects down to the element.
@@ -60,8 +62,7 @@ def probe_direction(
     for g, gn in zip(grads, gnorms, strict=True):
         z = rng.standard_normal(g.shape)
         if gn > 0:
-            sign = 1.0 if rng.random() < 0.5 else -1.0
-            z = z + (ALIGNED * sign / gn) * g
+            z = z + (ALIGNED / gn) * g
         norm = max(gn, floor)
         directions.append(z / norm)
         norms.append(norm)

@@ -7,9 +7,11 @@ tolerance model: the directional check's tolerance is this rounding, propagated
 through the probe direction, plus the finite-difference error *estimated* on the
 spot (Richardson + rounding of the reference evaluations). No fixed atol.
 
-Calibration (see tests/test_calibration.py): float32 backward passes of random
-multi-head MLP/LSTM/LayerNorm models showed relative L2 errors against float64 of
-1e-7..3e-6; 2e-5 leaves ~7x headroom while a 1e-3 relative bug stays ~50x above it.
+Calibration (tests/test_calibration.py re-measures it): float32 backward passes of
+MLP (tanh/ReLU), LayerNorm, LSTM, GRU, Conv1d and Embedding models with logit- and
+probability-based cross-entropy and MSE showed relative L2 errors against float64
+of 8e-8..4e-7 (about 3 eps). 4e-6 leaves 10x headroom; a 1e-3 relative bug stays
+~60x above the resulting directional tolerance for a single tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ EPS: dict[str, float] = {
 
 GRADIENT_ROUNDING: dict[str, float] = {
     "float64": 1e-10,
-    "float32": 2e-5,
+    "float32": 4e-6,
     "float16": 1e-2,
     "bfloat16": 6e-2,
 }
@@ -43,6 +45,11 @@ MAX_FD_RELATIVE: dict[str, float] = {
     "float16": 3e-2,
     "bfloat16": 1e-1,
 }
+
+#: A tensor whose gradient is below this fraction of the largest one is assumed to
+#: carry the rounding of that fraction: a (near-)zero gradient is a cancellation of
+#: larger terms (e.g. LayerNorm over one feature) and is noisy in absolute terms.
+ROUNDING_FLOOR = 0.1
 
 #: How many standard deviations of rounding noise the analytical side may show.
 ROUNDING_SIGMAS = 4.0

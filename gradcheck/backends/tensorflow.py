@@ -1,0 +1,573 @@
+"""TensorFlow / Keras backend.
+
+What is differentiated: floating ``tf.Tensor``s and variables (``tf.Variable`` or
+Keras 3 ``keras.Variable``) at the top level of ``inputs``, and ``params`` (a Keras
+``Model``/``Layer`` or a ``tf.Module``: its trainable variables; a variable; or a
+list/dict of them). ``fn`` usually closes over the model, so the backend substitutes
+values by ``assign``-ing into the variables and assigns the original values back
+after every call; the exact original values (NumPy copies taken before anything
+runs) are assigned once more when the session closes. The model's other variables
+(BatchNorm statistics, dropout seed states) are reset after every call too, so every
+evaluation of ``fn`` sees the user's state as it was.
+
+Reference precision: TensorFlow variables cannot change dtype. When only input
+tensors are differentiated, the first evaluation at x + t*d tries float64 copies of
+all floating inputs (Chainer's trick); if ``fn`` cannot run that way (a float32
+tensor or model captured in a closure, an explicit cast), the backend falls back to
+the native precision and says so in the report's notes. When variables are
+differentiated, the numerical side runs in their dtype and a note says so.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradcheck.backends.base import (
+    Session,
+    TensorSpec,
+    flatten_outputs,
+    require_outputs,
+)
+from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
+from gradcheck.numeric.tolerance import canonical_dtype
+
+try:
+    import keras
+except ImportError:  # pragma: no cover - tensorflow without keras
+    keras = None
+
+FRAMEWORK = "tensorflow"
+
+_CHECKED_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _keras_tf() -> bool:
+    """Keras 3 is importable and runs on TensorFlow."""
+    if keras is None:  # pragma: no cover
+        return False
+    if not hasattr(keras, "Variable"):  # Keras 2: layers are tf.Modules
+        return False
+    try:
+        return keras.backend.backend() == "tensorflow"
+    except Exception:  # pragma: no cover - very old or broken keras
+        return False
+
+
+_KERAS_TF = _keras_tf()
+
+
+def _is_keras_variable(obj: Any) -> bool:
+    return _KERAS_TF and isinstance(obj, keras.Variable)
+
+
+def _is_keras_layer(obj: Any) -> bool:
+    return _KERAS_TF and isinstance(obj, keras.layers.Layer)
+
+
+def _is_variable(obj: Any) -> bool:
+    return isinstance(obj, tf.Variable) or _is_keras_variable(obj)
+
+
+def _is_container(obj: Any) -> bool:
+    """A Keras Layer/Model or a tf.Module: something that owns variables."""
+    return _is_keras_layer(obj) or isinstance(obj, tf.Module)
+
+
+def owns(obj: Any) -> bool:
+    return isinstance(obj, (tf.Tensor, tf.Variable, tf.Module)) or (
+        _KERAS_TF and isinstance(obj, (keras.Variable, keras.layers.Layer))
+    )
+
+
+def _tf_var(v: Any) -> tf.Variable:
+    """The tf.Variable holding the state of ``v`` (a Keras Variable wraps one)."""
+    if _is_keras_variable(v):
+        inner = v.value
+        if not isinstance(inner, tf.Variable):
+            raise UnsupportedInputError(
+                f"the Keras variable {getattr(v, 'path', v.name)!r} is not "
+                "initialized. Build the model (call it once on an example batch) "
+                "before checking its gradients."
+            )
+        return inner
+    return v
+
+
+def _dtype(t: Any) -> tf.DType:
+    return tf.as_dtype(_tf_var(t).dtype if _is_variable(t) else t.dtype)
+
+
+def _is_floating(t: Any) -> bool:
+    return _dtype(t).is_floating
+
+
+def _is_float_tensor(t: Any) -> bool:
+    return isinstance(t, tf.Tensor) and t.dtype.is_floating
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if isinstance(t, tf.IndexedSlices):
+        t = tf.convert_to_tensor(t)
+    return np.array(tf.cast(t, tf.float64).numpy(), dtype=np.float64, copy=True)
+
+
+def _device(raw: str) -> str:
+    """'/job:localhost/replica:0/task:0/device:GPU:0' -> 'gpu:0'; CPU -> 'cpu'."""
+    if not raw:
+        return "cpu"
+    last = raw.rsplit("device:", 1)[-1].lower()
+    kind, _, index = last.partition(":")
+    if kind == "cpu":
+        return "cpu"
+    return f"{kind}:{index}" if index else kind
+
+
+def _var_label(v: Any) -> str | None:
+    path = getattr(v, "path", None)
+    if path:
+        return str(path)
+    name = getattr(v, "name", None)
+    return str(name).removesuffix(":0") if name else None
+
+
+class _Var:
+    """A variable of the user's: its tf.Variable, and its value before the check."""
+
+    def __init__(self, var: Any):
+        self.var = var
+        self.tf_var = _tf_var(var)
+        with tf.device(self.tf_var.device or None):
+            self.original = self.tf_var.numpy().copy()  # exact bits, for restore()
+            # The same value as an immutable tensor on the variable's device:
+            # cheap to assign back after every call of fn.
+            self.original_tensor = tf.constant(self.original, dtype=self.tf_var.dtype)
+
+    def reset(self) -> None:
+        self.tf_var.assign(self.original_tensor)
+
+    def restore(self) -> None:
+        self.tf_var.assign(self.original)
+
+
+def _global_generator() -> Any:
+    """TF's global tf.random.Generator if it was created; never creates it."""
+    try:
+        from tensorflow.python.ops import stateful_random_ops
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    return getattr(stateful_random_ops, "global_generator", None)
+
+
+def _keras_seed_generator() -> Any:
+    """Keras's global SeedGenerator (keras.random.* without a seed) if it exists."""
+    if not _KERAS_TF:  # pragma: no cover
+        return None
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    return global_state.get_global_attribute("global_seed_generator")
+
+
+class _State:
+    """Everything of the user's that a check could disturb, and how to put it back."""
+
+    def __init__(self, variables: list[_Var]):
+        self.variables = variables
+        self.rng_np = np.random.get_state()
+        self.rng_py = random.getstate()
+        self.tf_generator = _global_generator()
+        self.tf_generator_state = (
+            None
+            if self.tf_generator is None
+            else self.tf_generator.state.numpy().copy()
+        )
+        seed_gen = _keras_seed_generator()
+        state = getattr(seed_gen, "state", None)
+        self.keras_seed = None if state is None else _Var(state)
+
+    def reset_variables(self) -> None:
+        for v in self.variables:
+            v.reset()
+
+    def restore(self) -> None:
+        errors: list[BaseException] = []
+        for v in self.variables:
+            try:
+                v.restore()
+            except Exception as exc:  # restore the rest, then report
+                errors.append(exc)
+        if self.tf_generator is not None:
+            from tensorflow.python.ops import stateful_random_ops
+
+            if stateful_random_ops.global_generator is not self.tf_generator:
+                tf.random.set_global_generator(self.tf_generator)
+            self.tf_generator.state.assign(self.tf_generator_state)
+        if self.keras_seed is not None:
+            self.keras_seed.restore()
+        np.random.set_state(self.rng_np)
+        random.setstate(self.rng_py)
+        if errors:
+            raise errors[0]
+
+
+def _collect_params(params: Any) -> tuple[list[Any], list[tuple[str, Any]], list[str]]:
+    """(containers, [(name, variable)], skipped) for everything in ``params``."""
+    if params is None:
+        return [], [], []
+    if _is_container(params):
+        return [params], *_container_vars(params, "")
+    if _is_variable(params):
+        return [], [(getattr(params, "path", None) or "params", params)], []
+    if isinstance(params, dict):
+        items = [(str(k), p, False) for k, p in params.items()]
+    elif isinstance(params, (list, tuple)):
+        items = [(f"params[{i}]", p, True) for i, p in enumerate(params)]
+    else:
+        kind = type(params).__name__
+        hint = (
+            " A tensor holds no state fn could close over: pass it in inputs instead."
+            if isinstance(params, tf.Tensor)
+            else ""
+        )
+        raise UnsupportedInputError(
+            "params must be a keras Model/Layer, a tf.Module, a variable, or a "
+            f"list/dict of them; got {kind}.{hint}"
+        )
+    containers: list[Any] = []
+    named: list[tuple[str, Any]] = []
+    skipped: list[str] = []
+    for name, p, positional in items:
+        if _is_container(p):
+            containers.append(p)
+            sub, sub_skipped = _container_vars(p, name + ".")
+            named.extend(sub)
+            skipped.extend(sub_skipped)
+        elif _is_variable(p):
+            path = getattr(p, "path", None) if positional else None
+            named.append((str(path) if path else name, p))
+        else:
+            raise UnsupportedInputError(
+                f"params entry {name!r} is a {type(p).__name__}, not a TensorFlow "
+                "variable, keras Model/Layer or tf.Module."
+                + (
+                    " Tensors are immutable: pass them in inputs instead."
+                    if isinstance(p, tf.Tensor)
+                    else ""
+                )
+            )
+    return containers, named, skipped
+
+
+def _container_vars(
+    container: Any, prefix: str
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    named = [
+        (prefix + (_var_label(v) or f"variable[{i}]"), v)
+        for i, v in enumerate(container.trainable_variables)
+    ]
+    trainable = {id(_tf_var(v)) for _, v in named}
+    skipped = [
+        f"'{prefix}{_var_label(v)}' (trainable=False)"
+        for v in container.variables
+        if id(_tf_var(v)) not in trainable and _is_floating(v)
+    ]
+    return named, skipped
+
+
+class TensorflowSession(Session):
+    framework = FRAMEWORK
+
+    def __init__(self, fn: Callable[..., Any], inputs: Sequence[Any], params: Any):
+        super().__init__()
+        self.fn = fn
+        self.inputs = list(inputs)
+        self._state = _State([])
+        try:
+            self._setup(params)
+        except BaseException:
+            self._state.restore()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, params: Any) -> None:
+        containers, named_params, skipped = _collect_params(params)
+        # Every variable whose value could change: the differentiated ones and the
+        # containers' other variables (statistics, seed states). Keyed by the
+        # underlying tf.Variable: a keras Variable and its .value are one state.
+        state: dict[int, _Var] = {}
+
+        def track(v: Any) -> _Var:
+            key = id(_tf_var(v))
+            if key not in state:
+                state[key] = _Var(v)
+                self._state.variables.append(state[key])
+            return state[key]
+
+        specs: list[TensorSpec] = []
+        # ("input", index, None) | ("variable", index or None, _Var)
+        self.diff: list[tuple[str, int | None, _Var | None]] = []
+        seen: set[int] = set()
+        for i, x in enumerate(self.inputs):
+            if (_is_variable(x) or isinstance(x, tf.Tensor)) and _dtype(x).is_complex:
+                raise UnsupportedInputError(
+                    f"inputs[{i}] is complex; gradcheck checks real tensors."
+                )
+            if _is_variable(x):
+                tracked = track(x)
+                if not _is_floating(x):
+                    skipped.append(f"inputs[{i}] ({canonical_dtype(_dtype(x))})")
+                    continue
+                if id(tracked.tf_var) in seen:
+                    continue
+                seen.add(id(tracked.tf_var))
+                self.diff.append(("variable", i, tracked))
+                specs.append(self._spec(f"inputs[{i}]", tracked.tf_var, "input"))
+            elif isinstance(x, tf.Tensor):
+                if not x.dtype.is_floating:
+                    skipped.append(
+                        f"inputs[{i}] ({canonical_dtype(x.dtype)}: integer and bool "
+                        "tensors have no gradient)"
+                    )
+                    continue
+                self.diff.append(("input", i, None))
+                specs.append(self._spec(f"inputs[{i}]", x, "input"))
+            elif isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+                skipped.append(
+                    f"inputs[{i}] (a NumPy array: pass tf.constant(...) to "
+                    "differentiate it)"
+                )
+        for name, v in named_params:
+            tracked = track(v)
+            if id(tracked.tf_var) in seen:
+                continue
+            seen.add(id(tracked.tf_var))
+            if _dtype(v).is_complex:
+                raise UnsupportedInputError(
+                    f"'{name}' is complex; gradcheck checks real tensors."
+                )
+            if not _is_floating(v):
+                skipped.append(f"'{name}' ({canonical_dtype(_dtype(v))})")
+                continue
+            self.diff.append(("variable", None, tracked))
+            specs.append(self._spec(name, tracked.tf_var, "parameter"))
+        for container in containers:
+            for v in container.variables:
+                track(v)
+        if not specs:
+            found = "; skipped: " + ", ".join(skipped[:12]) if skipped else ""
+            if len(skipped) > 12:
+                found += f" and {len(skipped) - 12} more"
+            raise NothingToDifferentiateError(
+                "nothing to differentiate: no floating-point tensor or variable in "
+                f"inputs or params{found}. Pass params=model (its trainable "
+                "variables are checked; build the model first), a tf.Variable or a "
+                "list/dict of them, or floating tf.Tensor inputs; integer tensors "
+                "have no gradient."
+            )
+        for spec in specs:
+            if spec.dtype.startswith("complex"):
+                raise UnsupportedInputError(
+                    f"'{spec.name}' is complex; gradcheck checks real tensors."
+                )
+            if spec.dtype not in _CHECKED_DTYPES:
+                raise UnsupportedInputError(
+                    f"'{spec.name}' has dtype {spec.dtype}, which gradcheck does not "
+                    "check."
+                )
+        names = [s.name for s in specs]
+        self.specs = [
+            s
+            if names.count(s.name) == 1
+            else TensorSpec(f"{s.name} (#{i})", s.shape, s.dtype, s.device, s.kind)
+            for i, s in enumerate(specs)
+        ]
+        self._has_variables = any(kind == "variable" for kind, _, _ in self.diff)
+        if self._has_variables and self.dtype != "float64":
+            self._promoted: bool | None = False
+            self.reference_dtype = self.dtype
+            self.notes.append(
+                f"the numerical side runs in {self.dtype}, not float64, because "
+                "TensorFlow variables cannot change dtype; tolerances are wider. "
+                "Build the model in float64 (dtype='float64' or "
+                "keras.config.set_floatx('float64')) for a float64 reference."
+            )
+        else:
+            # Decided at the first reference evaluation (float64 variables: no
+            # promotion needed, _evaluate ignores the flag for them).
+            self._promoted = None
+            self.reference_dtype = "float64"
+        self._graph: tuple[tf.GradientTape, list[Any], list[Any]] | None = None
+
+    @staticmethod
+    def _spec(name: str, t: Any, kind: str) -> TensorSpec:
+        return TensorSpec(
+            name,
+            tuple(int(n) for n in t.shape),
+            canonical_dtype(t.dtype),
+            _device(t.device),
+            kind,
+        )
+
+    def restore(self) -> None:
+        self._graph = None
+        self._state.restore()
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, fn: Callable[..., Any], inputs: list[Any]) -> Any:
+        try:
+            return fn(*inputs)
+        finally:
+            self._state.reset_variables()
+
+    def _flatten(self, raw: Any) -> list[tuple[str, tf.Tensor]]:
+        outs = flatten_outputs(raw, lambda o: isinstance(o, tf.Tensor), _is_floating)
+        require_outputs(outs, raw)
+        return outs
+
+    def _taped_call(
+        self, fn: Callable[..., Any]
+    ) -> tuple[tf.GradientTape, Any, list[Any]]:
+        """fn at the user's point under a persistent tape watching every source."""
+        inputs = list(self.inputs)
+        sources: list[Any] = []
+        for kind, ref, var in self.diff:
+            if kind == "input":
+                # A fresh tensor per argument: a closure over the same tensor, or
+                # the same tensor passed twice, is not differentiated through.
+                inputs[ref] = tf.identity(self.inputs[ref])
+                sources.append(inputs[ref])
+            else:
+                sources.append(var.tf_var)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(sources)
+            raw = self._call(fn, inputs)
+        return tape, raw, sources
+
+    def analytic(self) -> list[np.ndarray]:
+        tape, raw, sources = self._taped_call(self.fn)
+        outs = self._flatten(raw)
+        self.forward_count += 1
+        self.output_names = [n for n, _ in outs]
+        self.output_shapes = [tuple(int(n) for n in o.shape) for _, o in outs]
+        self._graph = (tape, [o for _, o in outs], sources)
+        return [_to_numpy(o) for _, o in outs]
+
+    def vjp(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[np.ndarray | None]:
+        assert self._graph is not None, "analytic() first"
+        tape, outs, sources = self._graph
+        grad_outputs = [
+            tf.cast(tf.constant(np.asarray(v, dtype=np.float64)), o.dtype)
+            for v, o in zip(cotangents, outs, strict=True)
+        ]
+        grads = tape.gradient(
+            outs,
+            sources,
+            output_gradients=grad_outputs,
+            unconnected_gradients=tf.UnconnectedGradients.NONE,
+        )
+        self.backward_count += 1
+        if not retain:
+            self._graph = None
+        return [None if g is None else _to_numpy(g) for g in grads]
+
+    def value_and_grads(
+        self, fn: Callable[..., Any], label: str
+    ) -> tuple[float, list[np.ndarray | None]]:
+        tape, raw, sources = self._taped_call(fn)
+        self.forward_count += 1
+        if not _is_float_tensor(raw) or int(tf.size(raw)) != 1:
+            shape = (
+                list(raw.shape) if isinstance(raw, tf.Tensor) else type(raw).__name__
+            )
+            raise UnsupportedInputError(
+                f"{label} must return a scalar floating tensor (a loss); got {shape}. "
+                "Reduce it (tf.reduce_mean/reduce_sum) as your training code does."
+            )
+        grads = tape.gradient(
+            raw, sources, unconnected_gradients=tf.UnconnectedGradients.NONE
+        )
+        self.backward_count += 1
+        value = float(tf.cast(tf.reshape(raw, []), tf.float64).numpy())
+        return value, [None if g is None else _to_numpy(g) for g in grads]
+
+    # ------------------------------------------------------------------ reference
+    def _base(self, kind: str, ref: int | None, var: _Var | None) -> Any:
+        """The original value of a differentiated tensor (an immutable tensor)."""
+        return self.inputs[ref] if kind == "input" else var.original_tensor
+
+    def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
+        handles: list[tf.Tensor | None] = []
+        for (kind, ref, var), d in zip(self.diff, direction, strict=True):
+            if d is None:
+                handles.append(None)
+                continue
+            base = self._base(kind, ref, var)
+            with tf.device(base.device or None):
+                handles.append(tf.constant(np.asarray(d, dtype=np.float64)))
+        return handles
+
+    def abs_values(self) -> list[np.ndarray]:
+        """|x| per differentiated tensor (for the input-rounding term)."""
+        return [np.abs(_to_numpy(self._base(*entry))) for entry in self.diff]
+
+    def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
+        if self._promoted is None:
+            try:
+                outs = self._evaluate(handle, t, promote=True)
+                if all(o.dtype == tf.float64 for _, o in outs):
+                    self._promoted = True
+                    return self._finish(outs)
+                reason = "its outputs stayed " + canonical_dtype(outs[0][1].dtype)
+            except Exception as exc:  # fn cannot run in float64: fall back below
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                reason = f"{type(exc).__name__}: {first}"
+            self._promoted = False
+            self.reference_dtype = self.dtype
+            if self.dtype != "float64":
+                self.notes.append(
+                    f"the numerical side runs in {self.dtype}, not float64, because "
+                    f"fn could not run on float64 copies ({reason}); tolerances are "
+                    "wider. Pass the tensors fn reads as inputs (not closure "
+                    "variables or a float32 model) to enable it."
+                )
+        return self._finish(self._evaluate(handle, t, promote=self._promoted))
+
+    def _finish(self, outs: list[tuple[str, tf.Tensor]]) -> list[np.ndarray]:
+        arrays = [_to_numpy(o) for _, o in outs]
+        self.check_outputs(arrays, "at a finite-difference point")
+        return arrays
+
+    def _evaluate(
+        self, handle: Any, t: float, promote: bool
+    ) -> list[tuple[str, tf.Tensor]]:
+        promote = bool(promote) and not self._has_variables
+
+        def cast(x: Any) -> Any:
+            return tf.cast(x, tf.float64) if promote and _is_float_tensor(x) else x
+
+        inputs = [cast(x) for x in self.inputs]
+        try:
+            for (kind, ref, var), d in zip(self.diff, handle, strict=True):
+                base = cast(self._base(kind, ref, var))
+                if d is None:
+                    value = base
+                else:
+                    value = tf.cast(tf.cast(base, tf.float64) + t * d, base.dtype)
+                if kind == "input":
+                    inputs[ref] = value
+                elif d is not None:
+                    var.tf_var.assign(value)
+            raw = self.fn(*inputs)
+        finally:
+            self._state.reset_variables()
+        outs = self._flatten(raw)
+        self.forward_count += 1
+        return outs

@@ -1,0 +1,411 @@
+"""check_gradients on PyTorch: planted bugs fail, correct code passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+import gradcheck  # noqa: E402
+from tests import torch_models as tm  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+DTYPES = [torch.float64, torch.float32]
+#: the relative error each dtype promises to catch
+DETECT = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
+def leaf(*shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+
+
+# --------------------------------------------------------------------------- smooth
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: (x.sin() * x.exp()).sum(),
+        lambda x: torch.tanh(x @ x.T).mean(),
+        lambda x: torch.logsumexp(x, dim=-1),
+        lambda x: (x.softmax(-1) * x).sum(),
+    ],
+    ids=["sin_exp", "tanh_gram", "logsumexp", "softmax"],
+)
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_correct_functions_pass(dtype, fn, mode):
+    x = leaf(5, 6, dtype=dtype)
+    report = gradcheck.check_gradients(fn, (x,), mode=mode)
+    assert report.passed, report.message()
+    assert report.error <= report.tolerance
+    assert report.reference_dtype == "float64"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_scaled_backward_is_caught_at_promised_precision(dtype, mode):
+    rel = DETECT[dtype]
+    x = leaf(4, 5, dtype=dtype)
+    w = leaf(5, 3, dtype=dtype, seed=1)
+
+    def fn(x, w, rel=rel):
+        return torch.tanh(tm.ScaledBackward.apply(x, rel) @ w).sum()
+
+    assert gradcheck.check_gradients(
+        lambda x, w: fn(x, w, 0.0), (x, w), mode=mode
+    ).passed
+    report = gradcheck.check_gradients(fn, (x, w), mode=mode)
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "inputs[0]"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "bug",
+    ["transposed", "ignores_grad_output", "permuted"],
+)
+def test_structural_backward_bugs_fail(dtype, bug):
+    x = leaf(6, 6, dtype=dtype)
+    w = leaf(6, 6, dtype=dtype, seed=1)
+    c = leaf(6, dtype=dtype, seed=2).detach()
+    fns = {
+        "transposed": lambda x, w: torch.tanh(tm.TransposedBackward.apply(x, w)).sum(),
+        "ignores_grad_output": lambda x, w: (
+            (tm.IgnoresGradOutput.apply(x) ** 2).sum() + (w * 0).sum()
+        ),
+        "permuted": lambda x, w: (tm.PermutedBackward.apply(x, c) * w).sum(),
+    }
+    report = gradcheck.check_gradients(fns[bug], (x, w), mode="directional")
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "inputs[0]"
+    assert report.location.index is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", [0, 4321, 9999])
+def test_single_wrong_element_in_10000_is_found(dtype, index):
+    x = leaf(100, 100, dtype=dtype, seed=3)
+
+    def fn(x):
+        return tm.OneWrongElement.apply(x, index, 1.5).sum()
+
+    report = gradcheck.check_gradients(fn, (x,))
+    assert report.mode == "directional"
+    assert report.status == "mismatch", report.message()
+    assert report.location.index == (index // 100, index % 100)
+    loc = report.location
+    assert loc.numerical == pytest.approx(
+        2 * x.detach().view(-1)[index].item(), rel=1e-3
+    )
+    assert loc.analytical == pytest.approx(
+        3 * x.detach().view(-1)[index].item(), rel=1e-3
+    )
+    # the message names the tensor, the element, both values, dtype and seed
+    msg = report.message()
+    for part in (
+        "inputs[0]",
+        f"[{index // 100}, {index % 100}]",
+        "numerical",
+        "analytical",
+        "seed=0",
+        str(dtype).split(".")[1],
+    ):
+        assert part in msg
+
+
+# --------------------------------------------------------------------------- models
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_buggy_layer_inside_model_is_blamed_by_name(dtype):
+    torch.manual_seed(0)
+    model = tm.MultiHead(
+        6, [8, 8], "tanh", {"main": (1, "mse"), "aux": (3, "ce")}, dtype
+    )
+    x = torch.randn(16, 6, dtype=dtype)
+    targets = tm.make_targets(model, 16, torch.Generator().manual_seed(0))
+
+    def total():
+        h = model.trunk[0](x)
+        h = (
+            tm.ScaledBackward.apply(h, DETECT[dtype]) / 2
+        )  # bug in trunk[0]'s input grad
+        h = model.trunk[1:](h)
+        return tm.head_loss("mse", model.heads["main"](h), targets["main"])
+
+    report = gradcheck.check_gradients(total, params=model)
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor.startswith("trunk.0.")
+    assert report.location.index is not None
+
+
+@given(
+    widths=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    act=st.sampled_from(sorted(tm.ACTIVATIONS)),
+    heads=st.dictionaries(
+        st.sampled_from(["main", "aux", "aux2"]),
+        st.tuples(st.integers(1, 5), st.sampled_from(["mse", "ce", "bce", "huber"])),
+        min_size=1,
+        max_size=3,
+    ),
+    weights=st.lists(
+        st.sampled_from([0.0, 1e-4, 0.3, 1.0, 7.5]), min_size=3, max_size=3
+    ),
+    batch=st.integers(1, 17),
+    dtype=st.sampled_from(DTYPES),
+    norm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_no_false_alarms_on_random_multihead_models(
+    widths, act, heads, weights, batch, dtype, norm, seed
+):
+    torch.manual_seed(seed)
+    model = tm.MultiHead(5, widths, act, heads, dtype, norm=norm)
+    x = torch.randn(batch, 5, dtype=dtype)
+    targets = tm.make_targets(model, batch, torch.Generator().manual_seed(seed))
+    w = dict(zip(model.heads, weights, strict=False))
+    report = gradcheck.check_gradients(
+        tm.total_fn(model, x, targets, w), params=model, seed=seed
+    )
+    # ReLU-type kinks may be called nondifferentiable, never a mismatch
+    assert report.status != "mismatch", report.message()
+    if act not in ("relu",):
+        assert report.status == "passed", report.message()
+
+
+# --------------------------------------------------------------------------- kinks
+TIE = torch.tensor([0.0, 1.0, 5.0, -3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: torch.relu(x).sum(),
+        lambda x: torch.where(x >= 0, x, -x).sum(),  # |x| whose gradient at 0 is +1
+        lambda x: torch.stack([x, TIE]).max(dim=0).values.sum(),  # argmax picks x
+    ],
+    ids=["relu_at_0", "abs_at_0", "max_tie"],
+)
+def test_kinks_are_nondifferentiable_not_mismatch(fn, mode):
+    x = torch.tensor([0.0, 1.5, -2.0, 0.7], dtype=torch.float64, requires_grad=True)
+    report = gradcheck.check_gradients(fn, (x,), mode=mode)
+    assert report.status == "nondifferentiable", report.message()
+    assert report.location is not None and report.location.tensor == "inputs[0]"
+    assert report.location.index == (0,)
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_symmetric_subgradient_at_a_kink_passes(mode):
+    # torch's abs'(0) = 0 and maximum's tie split 0.5/0.5 equal the central difference
+    x = torch.tensor([0.0, 1.5, -2.0, 0.7], dtype=torch.float64, requires_grad=True)
+    c = x.detach().clone()
+    assert gradcheck.check_gradients(lambda x: x.abs().sum(), (x,), mode=mode).passed
+    assert gradcheck.check_gradients(
+        lambda x: torch.maximum(x, c).sum(), (x,), mode=mode
+    ).passed
+
+
+def test_kink_with_a_wrong_gradient_is_still_a_mismatch():
+    class BadRelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (x >= 0) * 3.0  # 3x too large everywhere
+
+    x = torch.tensor([0.0, 1.5, -2.0, 0.7], dtype=torch.float64, requires_grad=True)
+    report = gradcheck.check_gradients(
+        lambda x: BadRelu.apply(x).sum(), (x,), mode="directional"
+    )
+    assert report.status == "mismatch", report.message()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_networks_mostly_pass(dtype):
+    statuses = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = tm.MultiHead(
+            8, [32, 32], "relu", {"main": (1, "mse"), "aux": (4, "ce")}, dtype
+        )
+        x = torch.randn(32, 8, dtype=dtype)
+        targets = tm.make_targets(model, 32, torch.Generator().manual_seed(seed))
+        r = gradcheck.check_gradients(
+            tm.total_fn(model, x, targets, {"main": 1.0, "aux": 0.5}),
+            params=model,
+            seed=seed,
+        )
+        statuses.append(r.status)
+    assert "mismatch" not in statuses
+    assert statuses.count("passed") >= 10, statuses
+
+
+# --------------------------------------------------------------------------- nondeterminism
+def test_dropout_in_train_mode_is_nondeterministic():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)
+    ).double()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    report = gradcheck.check_gradients(lambda: model(x).pow(2).mean(), params=model)
+    assert report.status == "nondeterministic", report.message()
+    model.eval()
+    assert gradcheck.check_gradients(
+        lambda: model(x).pow(2).mean(), params=model
+    ).passed
+
+
+# --------------------------------------------------------------------------- outputs
+def test_multi_output_dict_and_non_floating_outputs():
+    x = leaf(3, 4)
+
+    def fn(x):
+        return {"a": x.sin(), "b": (x**2).sum(dim=0), "idx": x.argmax(), "n": 3}
+
+    report = gradcheck.check_gradients(fn, (x,), mode="directional")
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_jacobian_of_vector_output_catches_one_wrong_entry(dtype):
+    x = leaf(7, dtype=dtype)
+    report = gradcheck.check_gradients(
+        lambda x: tm.OneWrongElement.apply(
+            x, 3, 1.01 if dtype == torch.float64 else 1.05
+        ),
+        (x,),
+    )
+    assert report.mode == "full"
+    assert report.status == "mismatch", report.message()
+    assert report.location.index == (3,)
+    assert "output[3]" in report.location.quantity
+
+
+def test_float16_and_bfloat16_checks_run_without_false_alarms():
+    for dtype in (torch.float16, torch.bfloat16):
+        x = leaf(8, 8, dtype=torch.float32).detach().to(dtype).requires_grad_(True)
+        report = gradcheck.check_gradients(
+            lambda x: torch.tanh(x).sum(), (x,), mode="directional"
+        )
+        assert report.passed, report.message()
+        assert report.reference_dtype == "float64"
+
+
+def test_to_dict_is_json_serialisable_and_complete():
+    import json
+
+    x = leaf(50, 50)
+    report = gradcheck.check_gradients(
+        lambda x: tm.OneWrongElement.apply(x, 7, 2.0).sum(), (x,)
+    )
+    d = json.loads(json.dumps(report.to_dict()))
+    for key in (
+        "status",
+        "passed",
+        "error",
+        "tolerance",
+        "tolerance_reason",
+        "location",
+        "tensors",
+        "seed",
+        "dtype",
+        "device",
+        "message",
+        "steps",
+    ):
+        assert key in d
+    assert d["location"]["index"] == [0, 7]
+    assert d["passed"] is False
+    assert all(math.isfinite(s["step"]) for s in d["steps"])
+
+
+def test_seed_changes_direction_and_is_reported():
+    x = leaf(10, 10)
+    r1 = gradcheck.check_gradients(lambda x: x.sin().sum(), (x,), seed=1)
+    r2 = gradcheck.check_gradients(lambda x: x.sin().sum(), (x,), seed=2)
+    assert r1.seed == 1 and r2.seed == 2
+    assert r1.tensors[0].analytical != r2.tensors[0].analytical
+
+
+def test_assert_gradients_raises_assertion_error_with_report():
+    x = leaf(20, 20)
+    with pytest.raises(gradcheck.GradientMismatchError) as info:
+        gradcheck.assert_gradients(
+            lambda x: tm.OneWrongElement.apply(x, 5, 0.0).sum(), (x,)
+        )
+    assert isinstance(info.value, AssertionError)
+    assert info.value.report.location.index == (0, 5)
+    assert "tensor(" not in str(info.value)  # no tensor dumps
+    assert gradcheck.assert_gradients(lambda x: x.sin().sum(), (x,)).passed
+
+
+def test_grad_rounding_override_is_validated():
+    x = leaf(3)
+    with pytest.raises(gradcheck.InvalidArgumentError):
+        gradcheck.check_gradients(lambda x: x.sum(), (x,), rtol=-1)
+    with pytest.raises(gradcheck.InvalidArgumentError):
+        gradcheck.check_gradients(lambda x: x.sum(), (x,), mode="fast")
+    with pytest.raises(gradcheck.InvalidArgumentError):
+        gradcheck.check_gradients(lambda x: x.sum(), (x,), step=2.0)
+    with pytest.raises(gradcheck.InvalidArgumentError):
+        gradcheck.check_gradients(lambda x: x.sum(), (x,), seed=-3)
+
+
+def test_numerical_side_falls_back_to_native_with_a_note():
+    x = leaf(6, 6, dtype=torch.float32)
+
+    def fn(x):  # a kernel that only takes float32: no float64 reference possible
+        if x.dtype != torch.float32:
+            raise TypeError("this kernel takes float32 only")
+        return x.sin().sum()
+
+    report = gradcheck.check_gradients(fn, (x,), mode="directional")
+    assert report.passed, report.message()
+    assert report.reference_dtype == "float32"
+    assert any("not float64" in n for n in report.notes)
+
+
+class Float32OnlyBug(torch.autograd.Function):
+    """Correct in float64, 1e-3 too large on the float32 path only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        scale = 1.001 if x.dtype == torch.float32 else 1.0
+        return g * x.cos() * scale
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_bug_on_the_float32_path_only_is_a_mismatch(mode):
+    x = leaf(6, 7, dtype=torch.float32) if mode == "directional" else leaf(7, dtype=torch.float32)
+    report = gradcheck.check_gradients(lambda x: Float32OnlyBug.apply(x).sum(), (x,), mode=mode)
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "inputs[0]"
+    x64 = x.detach().double().requires_grad_(True)
+    assert gradcheck.check_gradients(lambda x: Float32OnlyBug.apply(x).sum(), (x64,), mode=mode).passed
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_ill_conditioned_float32_function_is_not_a_false_alarm(mode):
+    # LayerNorm over one feature: x - mean(x) is pure float32 rounding, amplified by
+    # 1/sqrt(eps); the float32 gradient legitimately differs from float64
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 1), torch.nn.LayerNorm(1), torch.nn.GELU(), torch.nn.Linear(1, 1)
+    )
+    x = torch.randn(3, 5)
+    report = gradcheck.check_gradients(lambda: 1e-4 * model(x).pow(2).mean(), params=model, mode=mode)
+    assert report.status == "passed", report.message()
