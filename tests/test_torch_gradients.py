@@ -390,12 +390,20 @@ class Float32OnlyBug(torch.autograd.Function):
 
 @pytest.mark.parametrize("mode", ["directional", "full"])
 def test_bug_on_the_float32_path_only_is_a_mismatch(mode):
-    x = leaf(6, 7, dtype=torch.float32) if mode == "directional" else leaf(7, dtype=torch.float32)
-    report = gradcheck.check_gradients(lambda x: Float32OnlyBug.apply(x).sum(), (x,), mode=mode)
+    x = (
+        leaf(6, 7, dtype=torch.float32)
+        if mode == "directional"
+        else leaf(7, dtype=torch.float32)
+    )
+    report = gradcheck.check_gradients(
+        lambda x: Float32OnlyBug.apply(x).sum(), (x,), mode=mode
+    )
     assert report.status == "mismatch", report.message()
     assert report.location.tensor == "inputs[0]"
     x64 = x.detach().double().requires_grad_(True)
-    assert gradcheck.check_gradients(lambda x: Float32OnlyBug.apply(x).sum(), (x64,), mode=mode).passed
+    assert gradcheck.check_gradients(
+        lambda x: Float32OnlyBug.apply(x).sum(), (x64,), mode=mode
+    ).passed
 
 
 @pytest.mark.parametrize("mode", ["directional", "full"])
@@ -404,8 +412,13 @@ def test_ill_conditioned_float32_function_is_not_a_false_alarm(mode):
     # 1/sqrt(eps); the float32 gradient legitimately differs from float64
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(5, 1), torch.nn.LayerNorm(1), torch.nn.GELU(), torch.nn.Linear(1, 1)
+        torch.nn.Linear(5, 1),
+        torch.nn.LayerNorm(1),
+        torch.nn.GELU(),
+        torch.nn.Linear(1, 1),
     )
     x = torch.randn(3, 5)
-    report = gradcheck.check_gradients(lambda: 1e-4 * model(x).pow(2).mean(), params=model, mode=mode)
+    report = gradcheck.check_gradients(
+        lambda: 1e-4 * model(x).pow(2).mean(), params=model, mode=mode
+    )
     assert report.status == "passed", report.message()

@@ -86,6 +86,13 @@ class Session(ABC):
         """Outputs at x + t*d in the reference precision."""
 
     @abstractmethod
+    def values(self) -> list[np.ndarray]:
+        """The differentiated tensors' values at x, as float64 arrays."""
+
+    def abs_values(self) -> list[np.ndarray]:
+        return [np.abs(v) for v in self.values()]
+
+    @abstractmethod
     def value_and_grads(
         self, fn: Callable[..., Any], label: str
     ) -> tuple[float, list[np.ndarray | None]]:

@@ -345,14 +345,9 @@ class TorchSession(Session):
     def _state_data(self, p: torch.Tensor) -> torch.Tensor:
         return self._original[id(p)]
 
-    def abs_values(self) -> list[np.ndarray]:
-        """|x| per differentiated tensor (for the input-rounding term)."""
+    def values(self) -> list[np.ndarray]:
         return [
-            np.abs(
-                _to_numpy(
-                    self.inputs[ref] if kind == "input" else self._state_data(ref)
-                )
-            )
+            _to_numpy(self.inputs[ref] if kind == "input" else self._state_data(ref))
             for kind, ref in self.diff
         ]
 

@@ -36,7 +36,8 @@ class DerivativeEstimate:
     error: np.ndarray  # estimated absolute error of ``value`` (truncation + rounding)
     truncation: np.ndarray
     rounding: np.ndarray
-    step: float  # the finest step used
+    step: float  # the finer step of the pair used
+    coarse: float = 0.0  # the coarser step of the pair used
     #: (h, D(h)) for every central difference taken: the error-vs-step curve.
     curve: list[tuple[float, np.ndarray]] = field(default_factory=list)
     #: phi at every t evaluated, for one-sided differences and nondeterminism tests.
@@ -82,7 +83,8 @@ def richardson(
     values: dict[float, Evaluation] | None = None,
 ) -> DerivativeEstimate:
     """Estimate phi'(0) to within ``budget`` (elementwise) if possible: 4 evaluations
-    when the first step is good, 2 more per refinement (at most ``max_refinements``)."""
+    when the first step is good, 2 more per refinement (at most ``max_refinements``).
+    """
     memo = _Memo(phi, values)
     budget = np.asarray(budget, dtype=np.float64)
 
@@ -93,7 +95,9 @@ def richardson(
         value = (r2 * df - dc) / (r2 - 1)
         trunc = np.abs(df - dc) / (r2 - 1)
         rnd = ulps * eps * s / h_fine
-        return DerivativeEstimate(value, trunc + rnd, trunc, rnd, h_fine)
+        est = DerivativeEstimate(value, trunc + rnd, trunc, rnd, h_fine)
+        est.coarse = h_coarse
+        return est
 
     def excess(e: DerivativeEstimate) -> float:
         return float(np.max(e.error - budget))
@@ -112,6 +116,42 @@ def richardson(
             best = cand
     steps = sorted({abs(t) for t in memo.values if t != 0 and -t in memo.values})
     best.curve = [(t, memo.central(t)[0]) for t in steps]
+    best.values = memo.values
+    return best
+
+
+def ladder(
+    phi: Phi,
+    h0: float,
+    *,
+    below: int = 2,
+    above: int = 3,
+    ratio: float = 4.0,
+    values: dict[float, Evaluation] | None = None,
+) -> DerivativeEstimate:
+    """Empirical error estimate for low-precision evaluations (numdifftools' way).
+
+    In float32 the noise of a difference phi(h) - phi(-h) is far below the ulp of
+    phi (nearby points round alike), so no a-priori rounding bound is usable. Take
+    central differences at h0 * ratio^k (k = -below..above), extrapolate each
+    adjacent pair, and estimate each extrapolation's error as its disagreement with
+    its neighbours; return the one with the smallest. 2 evaluations per step."""
+    memo = _Memo(phi, values)
+    hs = [h0 * ratio**k for k in range(-below, above + 1)]
+    ds = [memo.central(h)[0] for h in hs]
+    r2 = ratio**2
+    rs = [(r2 * ds[i] - ds[i + 1]) / (r2 - 1) for i in range(len(hs) - 1)]
+    best: DerivativeEstimate | None = None
+    for i, r in enumerate(rs):
+        neighbours = [rs[j] for j in (i - 1, i + 1) if 0 <= j < len(rs)]
+        err = np.max([np.abs(r - n) for n in neighbours], axis=0)
+        cand = DerivativeEstimate(
+            r, err, err, np.zeros_like(err), hs[i], coarse=hs[i + 1]
+        )
+        if best is None or float(np.max(cand.error)) < float(np.max(best.error)):
+            best = cand
+    assert best is not None
+    best.curve = [(h, d) for h, d in zip(hs, ds, strict=True)]
     best.values = memo.values
     return best
 

@@ -70,6 +70,20 @@ class Options:
             raise InvalidArgumentError(f"rtol must be >= 0, got {self.rtol!r}")
 
 
+def _numpy_dtype(name: str):
+    """NumPy's version of a tensor dtype (bfloat16 through ml_dtypes when present)."""
+    if name in ("float64", "float32", "float16"):
+        return np.dtype(name)
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        except ImportError:
+            return None
+    return None
+
+
 class _Restart(Exception):
     """The reference precision changed during the first evaluation."""
 
@@ -116,6 +130,8 @@ class _Probe:
         if ctx.session.reference_dtype != before:
             raise _Restart
         val = sum(float(np.vdot(v, y)) for v, y in zip(ctx.cot, outs, strict=True))
+        if t != 0.0 and ctx.corrects_input_rounding:
+            val -= ctx.input_rounding_correction(self.direction, t)
         scale = sum(
             float(np.abs(v * y).sum()) for v, y in zip(ctx.cot, outs, strict=True)
         )
@@ -125,8 +141,11 @@ class _Probe:
 
     def input_rounding(self, h: float) -> float:
         """Error of the central difference from rounding x + t d to the reference
-        dtype: |<g, fl(x+td) - (x+td)>| / h <= eps/2 * sum|g||x| / h per tensor."""
+        dtype: |<g, fl(x+td) - (x+td)>| / h <= eps/2 * sum|g||x| / h per tensor
+        (zero where phi is corrected for it exactly, see input_rounding_correction)."""
         ctx = self.ctx
+        if ctx.corrects_input_rounding:
+            return 0.0
         total = sum(
             float(np.vdot(np.abs(g), a))
             for g, a, d in zip(ctx.grads, ctx.abs_x, self.direction, strict=True)
@@ -135,16 +154,19 @@ class _Probe:
         return 0.5 * ctx.eps_ref * total / h
 
     def estimate(
-        self, budget: float, values: dict | None = None, refinements: int = 3
+        self, budget: float, values: dict | None = None, refinements: int | None = None
     ) -> fd.DerivativeEstimate:
         ctx = self.ctx
+        if ctx.session.reference_dtype != "float64":
+            # rounding-limited: measure the error on a ladder of steps instead
+            return fd.ladder(self.phi, self.step(), values=values)
         return fd.richardson(
             self.phi,
             self.step(),
             ctx.eps_ref,
             budget,
             ulps=tl.FORWARD_ROUNDING_ULPS,
-            max_refinements=refinements,
+            max_refinements=3 if refinements is None else refinements,
             values=values,
         )
 
@@ -185,7 +207,8 @@ class _Context:
         self.options = options
         self.cot = cot
         self.grads = grads
-        self.abs_x = session.abs_values()
+        self.x = session.values()
+        self.abs_x = [np.abs(v) for v in self.x]
         gn = [float(np.linalg.norm(g)) for g in grads]
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
@@ -198,6 +221,31 @@ class _Context:
         self.phi0: fd.Evaluation | None = None
         self.full_direction: list[np.ndarray] = []
         self.norms: list[float] = []
+
+    @property
+    def corrects_input_rounding(self) -> bool:
+        """Evaluations in a low precision: phi is corrected for the rounding of
+        x + t d to that precision (to first order, exactly computable here)."""
+        ref = self.session.reference_dtype
+        return ref != "float64" and all(
+            _numpy_dtype(sp.dtype) for sp in self.session.specs
+        )
+
+    def input_rounding_correction(
+        self, direction: list[np.ndarray | None], t: float
+    ) -> float:
+        """<g, fl(x + t d) - (x + t d)>: what rounding the perturbed point to the
+        tensors' dtype adds to phi(t), to first order."""
+        total = 0.0
+        for spec, g, x, d in zip(
+            self.session.specs, self.grads, self.x, direction, strict=True
+        ):
+            if d is None or spec.dtype == "float64":
+                continue
+            exact = x + t * d
+            rounded = exact.astype(_numpy_dtype(spec.dtype)).astype(np.float64)
+            total += float(np.vdot(g, rounded - exact))
+        return total
 
     @property
     def eps_ref(self) -> float:

@@ -1,0 +1,148 @@
+"""The audit: does this machine's framework stack compute the gradients that
+total = sum_i w_i * loss_i implies, and does gradcheck see it?
+
+Every case is a seeded multi-head model (a trunk, a main head and an auxiliary
+head with its own loss weight) checked with the engine, paired with a planted bug
+that must be caught. A case passes when its verdict is the expected one: "passed"
+for correct code, anything but "passed" for planted bugs. Frameworks are imported
+only here, and only those installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import gradcheck
+from gradcheck.result import CheckReport
+
+FRAMEWORKS = ("torch", "tensorflow")
+#: what a planted bug's relative size is, per dtype: the promised detection limits
+PLANTED = {"float64": 1e-5, "float32": 1e-3}
+
+
+@dataclass
+class Case:
+    name: str
+    framework: str
+    dtype: str
+    property: str
+    expect_pass: bool
+    run: Callable[[], CheckReport]
+
+
+@dataclass
+class Outcome:
+    case: Case
+    report: CheckReport | None
+    seconds: float
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.report is None:
+            return False
+        return self.report.passed == self.case.expect_pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.case.name,
+            "framework": self.case.framework,
+            "dtype": self.case.dtype,
+            "property": self.case.property,
+            "expected": "passed" if self.case.expect_pass else "caught",
+            "ok": self.ok,
+            "seconds": self.seconds,
+            "error": self.error,
+            "report": None if self.report is None else self.report.to_dict(),
+        }
+
+
+@dataclass
+class AuditResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.outcomes) and all(o.ok for o in self.outcomes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gradcheck_version": gradcheck.__version__,
+            "environment": self.environment,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "summary": {
+                "cases": len(self.outcomes),
+                "ok": sum(o.ok for o in self.outcomes),
+                "failed": [o.case.name for o in self.outcomes if not o.ok],
+                "all_ok": self.ok,
+            },
+            "cases": [o.to_dict() for o in self.outcomes],
+        }
+
+
+def available(framework: str) -> bool:
+    return importlib.util.find_spec(framework) is not None
+
+
+def cases(framework: str, examples: int, seed: int) -> Iterator[Case]:
+    if framework == "torch":
+        from gradcheck import _audit_torch as mod
+    else:
+        from gradcheck import _audit_tensorflow as mod
+    rng = np.random.default_rng(seed)
+    for i in range(examples):
+        for dtype in ("float64", "float32"):
+            yield from mod.cases(i, dtype, int(rng.integers(2**31)), PLANTED[dtype])
+
+
+def run(
+    frameworks: list[str],
+    examples: int,
+    seed: int,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> AuditResult:
+    result = AuditResult(environment=environment(frameworks))
+    started = time.perf_counter()
+    for fw in frameworks:
+        if not available(fw):
+            result.skipped[fw] = (
+                f"{fw} is not installed (pip install 'gradcheck[{fw}]')"
+            )
+            continue
+        for case in cases(fw, examples, seed):
+            t0 = time.perf_counter()
+            try:
+                out = Outcome(case, case.run(), time.perf_counter() - t0)
+            except gradcheck.GradcheckError as exc:
+                out = Outcome(
+                    case, None, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
+                )
+            result.outcomes.append(out)
+            if on_outcome is not None:
+                on_outcome(out)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def environment(frameworks: list[str]) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+    }
+    for fw in frameworks:
+        if available(fw):
+            mod = importlib.import_module(fw)
+            env[fw] = getattr(mod, "__version__", "?")
+    return env
