@@ -16,6 +16,8 @@ of 8e-8..4e-7 (about 3 eps). 4e-6 leaves 10x headroom; a 1e-3 relative bug stays
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from gradcheck.errors import InvalidArgumentError
@@ -61,8 +63,8 @@ FORWARD_ROUNDING_ULPS = 16.0
 
 def canonical_dtype(dtype: object) -> str:
     """'torch.float32', tf.float32, np.float32 ... -> 'float32'."""
-    name = str(getattr(dtype, "name", dtype))
-    name = name.rsplit(".", 1)[-1].strip("<>' ")
+    tokens = re.findall(r"[a-z]+[0-9]*", str(getattr(dtype, "name", dtype)).lower())
+    name = tokens[-1] if tokens else str(dtype)
     aliases = {"double": "float64", "float": "float32", "half": "float16"}
     return aliases.get(name, name)
 
