@@ -11,7 +11,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 #: examples followed directly by a plain block: that block is their exact output
 SHOWN = dict(
-    re.findall(r"```python\n(.*?)```\n\n```\n(.*?)```", README.read_text(), flags=re.S)
+    re.findall(
+        r"```python\n((?:(?!```).)*)```\n\n```\n((?:(?!```).)*)```",
+        README.read_text(),
+        flags=re.S,
+    )
 )
 
 
