@@ -89,8 +89,9 @@ class Session(ABC):
     def values(self) -> list[np.ndarray]:
         """The differentiated tensors' values at x, as float64 arrays."""
 
-    def abs_values(self) -> list[np.ndarray]:
-        return [np.abs(v) for v in self.values()]
+    def norms(self) -> list[float]:
+        """L2 norm of each differentiated tensor (backends compute it in place)."""
+        return [float(np.linalg.norm(v)) for v in self.values()]
 
     @abstractmethod
     def value_and_grads(

@@ -72,7 +72,9 @@ def _is_floating(t: Any) -> bool:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float64).numpy().copy()
+    """A float64 NumPy copy that shares nothing with the tensor (one pass)."""
+    out = t.detach().to("cpu", torch.float64)
+    return out.numpy() if out.data_ptr() != t.data_ptr() else out.numpy().copy()
 
 
 class _State:
@@ -231,6 +233,8 @@ class TorchSession(Session):
         ]
         self._install_buffers(self._native_buffers)
         self.reference_dtype = "float64"
+        self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch_buffers: dict[int, torch.Tensor] = {}
         self._promoted: bool | None = None  # decided at the first reference evaluation
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -371,6 +375,51 @@ class TorchSession(Session):
             )
         return self._finish(self._evaluate(handle, t, promote=self._promoted))
 
+    def _as64(self, x: torch.Tensor) -> torch.Tensor:
+        """A float64 copy of one of the user's tensors, made once per session.
+        Reference evaluations hand these to fn; fn must not modify its parameters in
+        place (the user's own storage is protected either way)."""
+        key = id(x)
+        cached = self._f64.get(key)
+        if cached is None or cached[0] is not x:
+            # copy=True: a float64 tensor would otherwise be aliased, and an fn that
+            # writes in place would reach the user's storage
+            cached = (x, x.detach().to(torch.float64, copy=True))
+            self._f64[key] = cached
+        return cached[1]
+
+    def _scratch(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
+        """A float64 buffer per tensor, reused by every no-grad evaluation: no
+        fresh pages to fault in per evaluation (a graph-recording evaluation gets
+        its own, since its graph may keep it)."""
+        if grad:
+            return torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        buf = self._scratch_buffers.get(id(x))
+        if buf is None:
+            buf = self._scratch_buffers[id(x)] = torch.empty(
+                x.shape, dtype=torch.float64, device=x.device
+            )
+        return buf
+
+    def norms(self) -> list[float]:
+        return [
+            # a scale for the step size: the native precision is plenty
+            float(
+                torch.linalg.vector_norm(
+                    (
+                        self.inputs[ref] if kind == "input" else self._state_data(ref)
+                    ).detach()
+                )
+            )
+            for kind, ref in self.diff
+        ]
+
+    @staticmethod
+    def _buffer_copy(b: torch.Tensor, promote: bool) -> torch.Tensor:
+        # a fresh copy per evaluation: forward passes update buffers in place
+        # (BatchNorm statistics), and every evaluation must start from the same state
+        return b.to(torch.float64) if promote and _is_floating(b) else b.clone()
+
     def gradients_at(
         self,
         cotangent_sets: Sequence[Sequence[np.ndarray]],
@@ -425,12 +474,13 @@ class TorchSession(Session):
         With ``then``: record the graph and return ``then(outputs, sources)``,
         called while the substituted values are still in place."""
 
-        def cast(x: torch.Tensor) -> torch.Tensor:
-            return x.to(torch.float64) if promote and _is_floating(x) else x
-
         self._graph = None  # a new graph may replace the leaves' grad accumulators
-        inputs = [cast(x) if isinstance(x, torch.Tensor) else x for x in self.inputs]
-        inputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        inputs = [
+            (self._as64(x) if promote and _is_floating(x) else x.detach().clone())
+            if isinstance(x, torch.Tensor)
+            else x
+            for x in self.inputs
+        ]
         grad = then is not None
         try:
             with torch.set_grad_enabled(grad):
@@ -438,12 +488,13 @@ class TorchSession(Session):
                     if promote:
                         for p in self._all_params:
                             if _is_floating(p):
-                                p.data = self._state_data(p).to(torch.float64)
-                    buffers = [
-                        (m, n, None if b is None else cast(b).clone())
-                        for m, n, b in self._native_buffers
-                    ]
-                    self._install_buffers(buffers)
+                                p.data = self._as64(self._native[id(p)])
+                    self._install_buffers(
+                        [
+                            (m, n, None if b is None else self._buffer_copy(b, promote))
+                            for m, n, b in self._native_buffers
+                        ]
+                    )
                     sources = []
                     for (kind, ref), d in zip(self.diff, handle, strict=True):
                         own = (
@@ -451,15 +502,24 @@ class TorchSession(Session):
                             if kind == "input"
                             else self._native[id(ref)]
                         )
-                        base = cast(own).detach()
-                        value = (
-                            base.clone()
-                            if d is None
-                            else (base.to(torch.float64) + t * d).to(base.dtype)
-                        )
+                        if d is not None:  # x + t d, formed in float64 in one pass
+                            value = torch.add(
+                                self._as64(own),
+                                d,
+                                alpha=t,
+                                out=self._scratch(own, grad),
+                            )
+                            if not promote:
+                                value = value.to(own.dtype)
+                        elif promote:
+                            value = self._as64(own)
+                        else:
+                            value = own.detach().clone()
                         if kind == "input":
-                            inputs[ref] = value.requires_grad_(grad)
-                            sources.append(inputs[ref])
+                            if grad:  # a fresh leaf of its own
+                                value = value.detach().clone().requires_grad_(True)
+                            inputs[ref] = value
+                            sources.append(value)
                         else:
                             ref.data = value
                             sources.append(ref)

@@ -1,0 +1,373 @@
+"""Cost of a gradient check relative to training, and relative to torch's gradcheck.
+
+One run reports, on this machine's CPU:
+
+* ratio A: ``gradcheck.check_gradients(total, params=model)`` in float32 divided by
+  one float32 training step (zero_grad + forward + backward + SGD step);
+* ratio B: ``gradcheck.check_gradients`` in float64 divided by
+  ``torch.autograd.gradcheck(..., fast_mode=True)`` on the same function of the
+  same float64 parameters (passed as positional inputs through
+  ``torch.func.functional_call``);
+* float64 check / float64 training step, and what every check did.
+
+Every timing is the median of ``--repeats`` calls after one warm-up call. The script
+reports numbers; it asserts nothing about them. Usage::
+
+    PYTHONPATH=. python benchmarks/bench_engine.py [--quick] [--repeats N] [--json P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import gradcheck
+
+#: Goals the ratios are read against (reported, never asserted).
+GOAL_A = 3.0
+GOAL_B = 1.0
+#: torch.autograd.gradcheck's defaults, spelled out so the report can show them.
+TORCH_EPS, TORCH_ATOL, TORCH_RTOL = 1e-6, 1e-5, 1e-3
+AUX_WEIGHT = 0.5
+SEED = 0
+LR = 1e-3
+OPTIMIZER = f"torch.optim.SGD(lr={LR:g})"
+SIZES = {  # (n_in, hidden, trunk_out, batch)
+    "full": (512, 1024, 512, 64),
+    "quick": (32, 64, 32, 8),
+}
+N_CLASSES = 10
+
+
+class TwoHeadMLP(torch.nn.Module):
+    """Trunk Linear-ReLU-Linear-ReLU; a regression head and a 10-class head."""
+
+    def __init__(self, n_in: int, hidden: int, trunk_out: int):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Linear(n_in, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, trunk_out),
+            torch.nn.ReLU(),
+        )
+        self.main = torch.nn.Linear(trunk_out, 1)
+        self.aux = torch.nn.Linear(trunk_out, N_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.main(h), self.aux(h)
+
+
+def build_model(quick: bool) -> tuple[TwoHeadMLP, dict[str, torch.Tensor]]:
+    """The seeded float32 model and its batch (x, regression and class targets)."""
+    n_in, hidden, trunk_out, batch = SIZES["quick" if quick else "full"]
+    torch.manual_seed(SEED)
+    model = TwoHeadMLP(n_in, hidden, trunk_out)
+    g = torch.Generator().manual_seed(SEED + 1)
+    data = {
+        "x": torch.randn(batch, n_in, generator=g),
+        "y_main": torch.randn(batch, 1, generator=g),
+        "y_aux": torch.randint(0, N_CLASSES, (batch,), generator=g),
+    }
+    return model, data
+
+
+def total_loss(outputs: tuple[torch.Tensor, torch.Tensor], data: dict) -> torch.Tensor:
+    main, aux = outputs
+    return F.mse_loss(main, data["y_main"]) + AUX_WEIGHT * F.cross_entropy(
+        aux, data["y_aux"]
+    )
+
+
+def as_dtype(model: torch.nn.Module, data: dict, dtype: torch.dtype):
+    """A copy of the model and the floating data in ``dtype`` (targets kept as-is)."""
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in data.items()}
+    return copy.deepcopy(model).to(dtype), cast
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+    """One warm-up call, then ``repeats`` timed calls: (median s, samples, last).
+    Garbage is collected before each call, outside the timed region."""
+    result = fn()
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples), samples, result
+
+
+def train_step_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
+    """One training step on a private copy (the checked model is left untouched)."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step() -> None:
+        opt.zero_grad()
+        total_loss(model(data["x"]), data).backward()
+        opt.step()
+
+    return step
+
+
+def check_fn(model: torch.nn.Module, data: dict) -> Callable[[], Any]:
+    """gradcheck on the model's parameters, as a user would call it."""
+    return lambda: gradcheck.check_gradients(
+        lambda: total_loss(model(data["x"]), data), params=model
+    )
+
+
+def functional(model: torch.nn.Module, data: dict):
+    """The loss as a function of the parameters passed positionally, the parameters
+    (float64 leaves that require grad) and a call counter."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(
+        p.detach().clone().requires_grad_(True) for _, p in model.named_parameters()
+    )
+    calls = {"n": 0}
+
+    def loss(*ps: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        outs = torch.func.functional_call(
+            model, dict(zip(names, ps, strict=True)), (data["x"],)
+        )
+        return total_loss(outs, data)
+
+    return loss, params, calls
+
+
+def torch_gradcheck_fn(loss, params, calls) -> Callable[[], dict]:
+    def call() -> dict:
+        calls["n"] = 0
+        ok = torch.autograd.gradcheck(
+            loss,
+            params,
+            eps=TORCH_EPS,
+            atol=TORCH_ATOL,
+            rtol=TORCH_RTOL,
+            fast_mode=True,
+            raise_exception=False,
+        )
+        return {"passed": bool(ok), "fn_calls": calls["n"]}
+
+    return call
+
+
+def describe(report: Any) -> dict:
+    return {
+        "status": report.status,
+        "mode": report.mode,
+        "reference_dtype": report.reference_dtype,
+        "forward": int(report.cost.get("forward", 0)),
+        "backward": int(report.cost.get("backward", 0)),
+        "error": report.error,
+        "tolerance": report.tolerance,
+        "message": report.message(),
+    }
+
+
+def timing(median: float, samples: list[float]) -> dict:
+    return {"median_s": median, "samples_s": samples}
+
+
+def run(quick: bool = False, repeats: int = 7) -> dict:
+    """Build the model, time everything, return the numbers (JSON-serialisable)."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model32, data32 = build_model(quick)
+    model64, data64 = as_dtype(model32, data32, torch.float64)
+    loss64, params64, calls = functional(model64, data64)
+
+    t = {}
+    t["train32"] = time_call(train_step_fn(model32, data32), repeats)
+    t["train64"] = time_call(train_step_fn(model64, data64), repeats)
+    t["check32"] = time_call(check_fn(model32, data32), repeats)
+    t["check64"] = time_call(check_fn(model64, data64), repeats)
+    t["check64_fn"] = time_call(
+        lambda: gradcheck.check_gradients(loss64, params64), repeats
+    )
+    t["torch64"] = time_call(torch_gradcheck_fn(loss64, params64, calls), repeats)
+    med = {k: v[0] for k, v in t.items()}
+    n_in, hidden, trunk_out, batch = SIZES["quick" if quick else "full"]
+    return {
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+        "model": {
+            "layers": f"{n_in}->{hidden}->{trunk_out}, heads {trunk_out}->1 (MSE), "
+            f"{trunk_out}->{N_CLASSES} (CE); loss = main + {AUX_WEIGHT:g}*aux",
+            "parameters": sum(p.numel() for p in model32.parameters()),
+            "batch": batch,
+            "seed": SEED,
+            "quick": quick,
+        },
+        "method": {
+            "repeats": repeats,
+            "warmup": 1,
+            "statistic": "median",
+            "clock": "time.perf_counter",
+            "optimizer": OPTIMIZER,
+            "train_step": "zero_grad + forward + backward + optimizer.step()",
+            "torch_gradcheck": {
+                "fast_mode": True,
+                "eps": TORCH_EPS,
+                "atol": TORCH_ATOL,
+                "rtol": TORCH_RTOL,
+            },
+        },
+        "timings": {k: timing(v[0], v[1]) for k, v in t.items()},
+        "ratios": {
+            "A_check32_over_train32": med["check32"] / med["train32"],
+            "B_check64_over_torch_gradcheck64": med["check64_fn"] / med["torch64"],
+            "check64_over_train64": med["check64"] / med["train64"],
+            "check64_params_over_torch_gradcheck64": med["check64"] / med["torch64"],
+        },
+        "goals": {
+            "A_check32_over_train32": GOAL_A,
+            "B_check64_over_torch_gradcheck64": GOAL_B,
+        },
+        "checks": {
+            "check32": describe(t["check32"][2]),
+            "check64": describe(t["check64"][2]),
+            "check64_fn": describe(t["check64_fn"][2]),
+        },
+        "torch_gradcheck": t["torch64"][2],
+    }
+
+
+# ------------------------------------------------------------------------- output
+ROWS = [  # (timing key, label)
+    ("train32", "float32 training step"),
+    ("check32", "gradcheck float32, params=model"),
+    ("train64", "float64 training step"),
+    ("check64", "gradcheck float64, params=model"),
+    ("check64_fn", "gradcheck float64, functional_call"),
+    ("torch64", "torch.autograd.gradcheck fast_mode, functional_call"),
+]
+RATIO_LABELS = {
+    "A_check32_over_train32": "A: check f32 / train step f32",
+    "B_check64_over_torch_gradcheck64": "B: check f64 / torch gradcheck f64 (same fn)",
+    "check64_over_train64": "check f64 / train step f64",
+    "check64_params_over_torch_gradcheck64": "check f64 (params=model) / torch gc f64",
+}
+
+
+def _what(res: dict, key: str) -> str:
+    if key.startswith("train"):
+        return OPTIMIZER
+    if key == "torch64":
+        verdict = "passed" if res["torch_gradcheck"]["passed"] else "FAILED"
+        return f"{verdict}; {res['torch_gradcheck']['fn_calls']} fn calls"
+    c = res["checks"][key]
+    return (
+        f"{c['status']}; {c['forward']} fwd / {c['backward']} bwd, {c['mode']}, "
+        f"ref {c['reference_dtype']}"
+    )
+
+
+def _header(res: dict) -> list[str]:
+    env, m = res["env"], res["model"]
+    return [
+        f"torch {env['torch']}, python {env['python']}, {env['machine']}, "
+        f"cpu_count {env['cpu_count']}, torch.set_num_threads({env['torch_threads']})",
+        f"model {m['layers']}; {m['parameters']:,} parameters, batch {m['batch']}, "
+        f"seed {m['seed']}{' (quick)' if m['quick'] else ''}",
+        f"median of {res['method']['repeats']} after 1 warm-up, time.perf_counter; "
+        f"train step = {res['method']['train_step']} with {OPTIMIZER}",
+    ]
+
+
+def _ratio_rows(res: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for key, label in RATIO_LABELS.items():
+        goal = res["goals"].get(key)
+        value = res["ratios"][key]
+        verdict = "" if goal is None else ("met" if value <= goal else "NOT met")
+        rows.append((label, f"{value:.2f}", f"<= {goal:g} {verdict}" if goal else ""))
+    return rows
+
+
+def _failures(res: dict) -> list[str]:
+    out = [c["message"] for c in res["checks"].values() if c["status"] != "passed"]
+    if not res["torch_gradcheck"]["passed"]:
+        out.append("torch.autograd.gradcheck(fast_mode=True) returned False")
+    return out
+
+
+def print_rich(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped: do not wrap the table at 80 columns
+        console = Console(width=130)
+    for line in _header(res):
+        console.print(line, highlight=False, soft_wrap=True)
+    table = Table(title="Timings (median)")
+    for col, just in (("what", "left"), ("ms", "right"), ("result", "left")):
+        table.add_column(col, justify=just)
+    for key, label in ROWS:
+        ms = res["timings"][key]["median_s"] * 1e3
+        table.add_row(label, f"{ms:.2f}", _what(res, key))
+    console.print(table)
+    ratios = Table(title="Ratios")
+    for col, just in (("ratio", "left"), ("value", "right"), ("goal", "left")):
+        ratios.add_column(col, justify=just)
+    for row in _ratio_rows(res):
+        ratios.add_row(*row)
+    console.print(ratios)
+    for msg in _failures(res):
+        console.print(msg, highlight=False, markup=False)
+
+
+def print_plain(res: dict) -> None:
+    print("\n".join(_header(res)))
+    print(f"\n{'what':<54} {'ms':>10}  result")
+    for key, label in ROWS:
+        ms = res["timings"][key]["median_s"] * 1e3
+        print(f"{label:<54} {ms:>10.2f}  {_what(res, key)}")
+    print(f"\n{'ratio':<54} {'value':>10}  goal")
+    for label, value, goal in _ratio_rows(res):
+        print(f"{label:<54} {value:>10}  {goal}")
+    for msg in _failures(res):
+        print(msg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="default 7 (2)")
+    parser.add_argument("--json", default="reports/bench.json", help="output path")
+    args = parser.parse_args(argv)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
+    res = run(quick=args.quick, repeats=max(1, repeats))
+    try:
+        print_rich(res)
+    except ImportError:
+        print_plain(res)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
