@@ -216,22 +216,41 @@ def test_native_fallback_with_note(kind):
     np.testing.assert_allclose(y, expected)
 
 
-def test_variables_run_native_and_are_restored_after_each_call():
+def test_plain_variables_run_native_and_are_restored_after_each_call():
+    w = tf.Variable(np.full((3, 2), 0.25, dtype=np.float32))
+    x = tf.ones((2, 3))
+    with TensorflowSession(lambda x: tf.matmul(x, w), (x,), {"w": w}) as s:
+        assert s.reference_dtype == "float32"
+        assert any("variables cannot change dtype" in n for n in s.notes)
+        s.analytic()
+        (y,) = s.outputs_at(s.prepare([None, np.full((3, 2), 0.5)]), 0.1)
+        np.testing.assert_array_equal(w.numpy(), np.full((3, 2), 0.25, np.float32))
+    shifted = np.float64(np.float32(0.25 + 0.05))
+    np.testing.assert_allclose(y, np.full((2, 2), 3 * shifted), rtol=1e-7)
+    assert w.dtype == tf.float32
+
+
+def test_keras_variables_get_a_float64_reference_and_are_put_back():
     model = _dense()
     snap = _snapshot(model)
     x = tf.ones((2, 3))
     kernel = model.trainable_variables[0]
+    storage = [v._value for v in model.variables]
+    policies = [layer.dtype_policy.name for layer in model._flatten_layers()]
     with TensorflowSession(lambda x: model(x), (x,), model) as s:
-        assert s.reference_dtype == "float32"
-        assert any("variables cannot change dtype" in n for n in s.notes)
+        assert s.reference_dtype == "float64" and s.notes == []
         s.analytic()
         d = [None, np.full((3, 2), 0.5), None]
         (y,) = s.outputs_at(s.prepare(d), 0.1)
-        _assert_same(model, snap)  # assigned back right after the call
+        assert s.reference_dtype == "float64"
+        _assert_same(model, snap)  # the float32 variables were never written
+        assert [v._value for v in model.variables] == storage
     w, b = (v.astype(np.float64) for _, _, v in snap)
-    shifted = (w + 0.05).astype(np.float32).astype(np.float64)
-    np.testing.assert_allclose(y, np.ones((2, 3)) @ shifted + b, rtol=1e-6)
+    # exact float64 arithmetic on the float32 values: no float32 rounding of w + td
+    np.testing.assert_allclose(y, np.ones((2, 3)) @ (w + 0.05) + b, rtol=1e-14)
     assert kernel.dtype == "float32"
+    assert [layer.dtype_policy.name for layer in model._flatten_layers()] == policies
+    assert float(model(x)[0, 0]).__class__ is float and model(x).dtype == tf.float32
 
 
 def test_float64_variables_need_no_note():
@@ -245,14 +264,15 @@ def test_float64_variables_need_no_note():
     np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
 
 
-def test_abs_values():
+def test_values_and_norms():
     v = tf.Variable([-1.5, 2.0])
     x = tf.constant([-3.0])
     with TensorflowSession(lambda x: x * tf.reduce_sum(v), (x,), {"w": v}) as s:
         assert [sp.name for sp in s.specs] == ["inputs[0]", "w"]
-        ax, av = s.abs_values()
-    np.testing.assert_array_equal(ax, [3.0])
-    np.testing.assert_array_equal(av, [1.5, 2.0])
+        ax, av = s.values()
+        assert s.norms() == pytest.approx([3.0, 2.5])
+    np.testing.assert_array_equal(ax, [-3.0])
+    np.testing.assert_array_equal(av, [-1.5, 2.0])
 
 
 def test_shape_change_is_reported():

@@ -263,6 +263,17 @@ def test_dropout_in_train_mode_is_nondeterministic():
     ).passed
 
 
+def test_dropout_in_a_small_model_is_nondeterministic_in_full_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)
+    ).double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    report = gradcheck.check_gradients(lambda: model(x).pow(2).mean(), params=model)
+    assert report.mode == "full"
+    assert report.status == "nondeterministic", report.message()
+
+
 # --------------------------------------------------------------------------- outputs
 def test_multi_output_dict_and_non_floating_outputs():
     x = leaf(3, 4)

@@ -7,8 +7,16 @@ list/dict of them). ``fn`` usually closes over the model, so the backend substit
 values by ``assign``-ing into the variables and assigns the original values back
 after every call; the exact original values (NumPy copies taken before anything
 runs) are assigned once more when the session closes. The model's other variables
-(BatchNorm statistics, dropout seed states) are reset after every call too, so every
-evaluation of ``fn`` sees the user's state as it was.
+(BatchNorm moving statistics, counters) are reset after every call too, so every
+evaluation of ``fn`` starts from the user's state as it was.
+
+Random-number state is the exception, as in the torch backend: the seed states of
+Keras ``SeedGenerator``s (Dropout, GaussianNoise, ...), ``tf.random.Generator``s
+held by a ``tf.Module``, TF's global generator and Keras's global seed generator
+advance from one evaluation to the next and are put back only when the session
+closes. A ``Dropout`` called with ``training=True`` therefore draws a new mask per
+evaluation and the engine reports the function as nondeterministic, instead of
+checking one frozen mask.
 
 Reference precision: TensorFlow variables cannot change dtype. When only input
 tensors are differentiated, the first evaluation at x + t*d tries float64 copies of
@@ -20,6 +28,7 @@ differentiated, the numerical side runs in their dtype and a note says so.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradcheck.backends import _keras64
 from gradcheck.backends.base import (
     Session,
     TensorSpec,
@@ -136,11 +146,15 @@ def _var_label(v: Any) -> str | None:
 
 
 class _Var:
-    """A variable of the user's: its tf.Variable, and its value before the check."""
+    """A variable of the user's: its tf.Variable, and its value before the check.
 
-    def __init__(self, var: Any):
+    ``rng``: a random-number state (a seed generator's), which evaluations advance
+    freely; it is put back by :meth:`restore` only, never by :meth:`reset`."""
+
+    def __init__(self, var: Any, rng: bool = False):
         self.var = var
         self.tf_var = _tf_var(var)
+        self.rng = rng
         with tf.device(self.tf_var.device or None):
             self.original = self.tf_var.numpy().copy()  # exact bits, for restore()
             # The same value as an immutable tensor on the variable's device:
@@ -174,6 +188,31 @@ def _keras_seed_generator() -> Any:
     return global_state.get_global_attribute("global_seed_generator")
 
 
+def _rng_states(containers: Sequence[Any]) -> list[Any]:
+    """The random-number state variables the containers hold: the state of every
+    Keras SeedGenerator their layers own (Dropout & co.) and of every
+    tf.random.Generator a tf.Module holds (not among its ``variables``)."""
+    found: list[Any] = []
+    for container in containers:
+        if _is_keras_layer(container) and hasattr(container, "_flatten_layers"):
+            for layer in container._flatten_layers(include_self=True, recursive=True):
+                for gen in getattr(layer, "_seed_generators", None) or ():
+                    state = getattr(gen, "state", None)
+                    if state is not None and _is_variable(state):
+                        found.append(state)
+        if isinstance(container, tf.Module):
+            gens = container._flatten(
+                predicate=lambda x: isinstance(x, tf.random.Generator)
+            )
+            found.extend(g.state for g in gens)
+        for v in getattr(container, "variables", ()):
+            # a SeedGenerator the layer tracker missed still has this name
+            label = _var_label(v) or ""
+            if label.rsplit("/", 1)[-1] == "seed_generator_state":
+                found.append(v)
+    return found
+
+
 class _State:
     """Everything of the user's that a check could disturb, and how to put it back."""
 
@@ -192,8 +231,10 @@ class _State:
         self.keras_seed = None if state is None else _Var(state)
 
     def reset_variables(self) -> None:
+        """Undo what a call of fn did to the variables, except advancing RNGs."""
         for v in self.variables:
-            v.reset()
+            if not v.rng:
+                v.reset()
 
     def restore(self) -> None:
         errors: list[BaseException] = []
@@ -359,6 +400,10 @@ class TensorflowSession(Session):
         for container in containers:
             for v in container.variables:
                 track(v)
+        for v in _rng_states(containers):
+            # seed states advance between evaluations (dropout draws new masks)
+            # and are restored when the session closes
+            track(v).rng = True
         if not specs:
             found = "; skipped: " + ", ".join(skipped[:12]) if skipped else ""
             if len(skipped) > 12:
@@ -388,7 +433,16 @@ class TensorflowSession(Session):
             for i, s in enumerate(specs)
         ]
         self._has_variables = any(kind == "variable" for kind, _, _ in self.diff)
-        if self._has_variables and self.dtype != "float64":
+        # Keras 3 variables can be re-pointed at float64 shadows for reference
+        # evaluations (see _keras64); plain tf.Variables cannot change dtype
+        self._keras64 = self._has_variables and all(
+            _keras64.is_keras_variable(var.var)
+            for kind, _, var in self.diff
+            if kind == "variable"
+        )
+        self._layers = _keras64.layers_of(containers) if self._keras64 else []
+        self._shadows = _keras64.Float64Shadows()
+        if self._has_variables and self.dtype != "float64" and not self._keras64:
             self._promoted: bool | None = False
             self.reference_dtype = self.dtype
             self.notes.append(
@@ -514,9 +568,9 @@ class TensorflowSession(Session):
                 handles.append(tf.constant(np.asarray(d, dtype=np.float64)))
         return handles
 
-    def abs_values(self) -> list[np.ndarray]:
-        """|x| per differentiated tensor (for the input-rounding term)."""
-        return [np.abs(_to_numpy(self._base(*entry))) for entry in self.diff]
+    def values(self) -> list[np.ndarray]:
+        """x per differentiated tensor, as float64 arrays."""
+        return [_to_numpy(self._base(*entry)) for entry in self.diff]
 
     def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
         if self._promoted is None:
@@ -545,29 +599,122 @@ class TensorflowSession(Session):
         self.check_outputs(arrays, "at a finite-difference point")
         return arrays
 
+    def gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[list[np.ndarray | None]]:
+        """Framework gradients of sum_o <v_o, y_o> at x + t*d (``handle`` from
+        :meth:`prepare`; None: at x), one list per cotangent set, as float64 arrays
+        (None where a tensor is not connected). ``promote``: run in float64 as the
+        reference evaluations do (inputs only; variables keep their dtype), else
+        in the native precision."""
+        if handle is None:
+            handle = [None] * len(self.diff)
+        promote = (
+            bool(promote)
+            and self._promoted is not False
+            and self.reference_dtype == "float64"
+        )
+        persistent = len(cotangent_sets) > 1
+
+        def then(
+            tape: tf.GradientTape, outs: list[tuple[str, tf.Tensor]], sources: list
+        ) -> list[list[np.ndarray | None]]:
+            result = []
+            for cot in cotangent_sets:
+                grads = tape.gradient(
+                    [o for _, o in outs],
+                    sources,
+                    output_gradients=[
+                        tf.cast(tf.constant(np.asarray(v, dtype=np.float64)), o.dtype)
+                        for (_, o), v in zip(outs, cot, strict=True)
+                    ],
+                    unconnected_gradients=tf.UnconnectedGradients.NONE,
+                )
+                self.backward_count += 1
+                result.append([None if g is None else _to_numpy(g) for g in grads])
+            return result
+
+        return self._evaluate(handle, t, promote, then, persistent=persistent)
+
     def _evaluate(
-        self, handle: Any, t: float, promote: bool
-    ) -> list[tuple[str, tf.Tensor]]:
-        promote = bool(promote) and not self._has_variables
+        self,
+        handle: Any,
+        t: float,
+        promote: bool,
+        then: Callable[[tf.GradientTape, list[tuple[str, tf.Tensor]], list], Any]
+        | None = None,
+        persistent: bool = False,
+    ) -> Any:
+        """Run fn at x + t*d. Without ``then``: return the outputs. With ``then``:
+        record fn on a tape watching every differentiated tensor and return
+        ``then(tape, outputs, sources)``, called before the variables are reset."""
+        promote = bool(promote) and (not self._has_variables or self._keras64)
+        shadowed = promote and self._has_variables  # the Keras float64 path
 
         def cast(x: Any) -> Any:
             return tf.cast(x, tf.float64) if promote and _is_float_tensor(x) else x
 
         inputs = [cast(x) for x in self.inputs]
+        swaps: list[tuple[Any, tf.Variable]] = []
         try:
+            sources: list[Any] = []
             for (kind, ref, var), d in zip(self.diff, handle, strict=True):
                 base = cast(self._base(kind, ref, var))
+                if shadowed and kind == "variable":
+                    base = tf.cast(base, tf.float64)
                 if d is None:
                     value = base
                 else:
                     value = tf.cast(tf.cast(base, tf.float64) + t * d, base.dtype)
                 if kind == "input":
+                    if then is not None:
+                        # a fresh tensor: closures over the same tensor, or the
+                        # same tensor passed twice, are not differentiated through
+                        value = tf.identity(value)
                     inputs[ref] = value
-                elif d is not None:
-                    var.tf_var.assign(value)
-            raw = self.fn(*inputs)
+                    sources.append(value)
+                elif shadowed:
+                    shadow = self._shadows.shadow(var.var, value)
+                    swaps.append((var.var, shadow))
+                    sources.append(shadow)
+                else:
+                    if d is not None:
+                        var.tf_var.assign(value)
+                    sources.append(var.tf_var)
+            if shadowed:  # the containers' other float variables (statistics)
+                done = {id(v) for v, _ in swaps}
+                for other in self._state.variables:
+                    if (
+                        id(other.var) not in done
+                        and not other.rng
+                        and _keras64.is_keras_variable(other.var)
+                        and other.tf_var.dtype.is_floating
+                    ):
+                        swaps.append(
+                            (
+                                other.var,
+                                self._shadows.shadow(other.var, other.original_tensor),
+                            )
+                        )
+            scope = (
+                _keras64.float64(self._layers, swaps)
+                if shadowed
+                else contextlib.nullcontext()
+            )
+            with scope:
+                if then is None:
+                    raw = self.fn(*inputs)
+                else:
+                    with tf.GradientTape(persistent=persistent) as tape:
+                        tape.watch(sources)
+                        raw = self.fn(*inputs)
+            outs = self._flatten(raw)
+            self.forward_count += 1
+            return outs if then is None else then(tape, outs, sources)
         finally:
             self._state.reset_variables()
-        outs = self._flatten(raw)
-        self.forward_count += 1
-        return outs

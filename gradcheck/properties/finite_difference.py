@@ -45,6 +45,9 @@ FULL_MAX_OUTPUTS = 64
 #: moved by JITTER_ULPS ulps, deviation allowed up to JITTER_FACTOR x the spread.
 JITTER_ULPS = 4.0
 JITTER_FACTOR = 10.0
+#: Evaluations at one point differing by more than this many ulps of their scale
+#: are nondeterministic, whatever else is seen.
+NONDET_ULPS = 1e3
 #: Cap on forward evaluations spent locating a failure (blame / kink location).
 BLAME_BUDGET = 400
 
@@ -355,7 +358,8 @@ def _reason(terms: dict[str, float], ctx: _Context) -> str:
     )
     return (
         f"{tl.FD_SAFETY:g} x estimated finite-difference error {terms['finite_difference'] / tl.FD_SAFETY:.2e} "
-        f"(Richardson, {s.reference_dtype} reference) + analytical rounding "
+        f"({'Richardson' if s.reference_dtype == 'float64' else 'step ladder'}, "
+        f"{s.reference_dtype} reference) + analytical rounding "
         f"{terms['analytical_rounding']:.2e} (gradient rounding {rho}"
         + (", user rtol" if ctx.options.rtol is not None else "")
         + f") + input rounding {terms['input_rounding']:.2e}"
@@ -456,9 +460,12 @@ def _diagnose(
     h = est.step
     # 1. nondeterminism: the same point evaluated twice, the same gradient taken twice
     again, _ = probe.phi(h)
-    first = est.values[h][0]
+    first, scale_s = est.values[h]
     spread = abs(float(again) - float(first))
-    if spread > 0 and spread / h >= 0.1 * max(err, tl.FD_SAFETY * float(est.error)):
+    if spread > 0 and (
+        _gross(spread, float(scale_s), ctx.eps_ref)
+        or spread / h >= 0.1 * max(err, tl.FD_SAFETY * float(est.error))
+    ):
         report.status = "nondeterministic"
         report.notes.append(
             f"fn gave two different values at the same point (difference {spread:.3e}, "
@@ -520,6 +527,13 @@ def _diagnose(
         return
     report.status = "mismatch"
     report.location = _locate(ctx, probe, _mismatches, "mismatch")
+
+
+def _gross(spread: float, scale: float, eps: float) -> bool:
+    """Two evaluations at one point differ by far more than rounding could (dropout,
+    random ops): nondeterministic whatever the error it causes. Differences of a few
+    ulps (reduction order, GPU atomics) are judged by their effect instead."""
+    return spread > NONDET_ULPS * eps * max(scale, 1e-300)
 
 
 def _needs_split(ctx: _Context) -> bool:
@@ -906,6 +920,18 @@ def _run_full(
     )
     out_name = _output_element(s, i) if full_jacobian and n_out > 1 else None
     quantity = f"Jacobian element d {out_name}" if out_name else _quantity(ctx)
+    if ratio[i, k] > 1 or kinks:
+        again = _project(ctx, s.outputs_at(zero, 0.0), full_jacobian and n_out > 1)
+        spread = float(np.max(np.abs(again[0] - f0[0])))
+        if _gross(spread, float(np.max(f0[1])), ctx.eps_ref):
+            report.status = "nondeterministic"
+            report.notes.append(
+                f"fn gave two different values at the same point (difference "
+                f"{spread:.3e}): dropout or another random op in train mode, or "
+                "nondeterministic kernels. Put the model in eval mode, fix the RNG "
+                "inside fn, or enable deterministic algorithms."
+            )
+            return report
     if ratio[i, k] > 1 and _needs_split(ctx):
         ratio, i, k, decided = _full_precision_split(
             ctx, report, cot_sets, analytic, numeric, fd_err, tol_an, col_of, ratio
