@@ -25,13 +25,13 @@ def _scaled(rel: float):
     return scaled
 
 
-def _model(seed: int, dtype: str):
+def _model(seed: int, dtype: str, activations: tuple[str, ...]):
     import keras
 
     rng = np.random.default_rng(seed)
     n_in, width = int(rng.integers(3, 12)), int(rng.integers(4, 32))
     n_cls, batch = int(rng.integers(2, 6)), int(rng.integers(4, 33))
-    act = ["tanh", "gelu", "softplus"][int(rng.integers(3))]
+    act = activations[int(rng.integers(len(activations)))]
     keras.utils.set_random_seed(seed)
     inp = keras.Input((n_in,), dtype=dtype)
     h = keras.layers.Dense(width, act, dtype=dtype)(inp)
@@ -48,8 +48,10 @@ def _model(seed: int, dtype: str):
     return trunk, main, aux, x, y, c, weights
 
 
-def cases(i: int, dtype: str, seed: int, rel: float) -> Iterator[Case]:
-    trunk, main, aux, x, y, c, w = _model(seed, dtype)
+def cases(
+    i: int, dtype: str, seed: int, rel: float, activations: tuple[str, ...]
+) -> Iterator[Case]:
+    trunk, main, aux, x, y, c, w = _model(seed, dtype, activations)
     params = {"trunk": trunk, "main": main, "aux": aux}
     bug = _scaled(rel)
 

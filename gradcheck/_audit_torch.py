@@ -27,12 +27,20 @@ class _Scaled(torch.autograd.Function):
         return g * (1 + ctx.rel), None
 
 
-def _model(seed: int, dtype: torch.dtype):
+ACT = {
+    "tanh": torch.nn.Tanh,
+    "gelu": torch.nn.GELU,
+    "softplus": torch.nn.Softplus,
+    "relu": torch.nn.ReLU,
+}
+
+
+def _model(seed: int, dtype: torch.dtype, activations: tuple[str, ...]):
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     n_in, width = int(rng.integers(3, 12)), int(rng.integers(4, 32))
     n_cls, batch = int(rng.integers(2, 6)), int(rng.integers(4, 33))
-    act = [torch.nn.Tanh, torch.nn.GELU, torch.nn.Softplus][int(rng.integers(3))]
+    act = ACT[activations[int(rng.integers(len(activations)))]]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         trunk = torch.nn.Sequential(
@@ -49,9 +57,11 @@ def _model(seed: int, dtype: torch.dtype):
     return model, x, y, c, weights
 
 
-def cases(i: int, dtype_name: str, seed: int, rel: float) -> Iterator[Case]:
+def cases(
+    i: int, dtype_name: str, seed: int, rel: float, activations: tuple[str, ...]
+) -> Iterator[Case]:
     dtype = DTYPES[dtype_name]
-    model, x, y, c, w = _model(seed, dtype)
+    model, x, y, c, w = _model(seed, dtype, activations)
 
     def losses(bug: float = 0.0, detach: bool = False) -> dict[str, torch.Tensor]:
         h = model["trunk"](x)

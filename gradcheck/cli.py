@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "audit":
         parser().print_help()
         return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported
     frameworks = list(audit.FRAMEWORKS) if args.framework == "all" else [args.framework]
     printer = _Printer()
     result = audit.run(frameworks, args.examples, args.seed, on_outcome=printer.outcome)
@@ -98,6 +99,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,8 +7,10 @@ Directional mode (the default for anything but tiny problems):
    phi = sum_o <v_o, y_o> (seeded Gaussian cotangents v; v = 1 for a scalar loss);
 2. a seeded probe direction d (per-tensor normalised, see numeric.directions) gives
    the analytical directional derivative sum_t <g_t, d_t>;
-3. Richardson-extrapolated central differences of phi(x + t d), in float64 where fn
-   can run in it, give the numerical one with an error estimate (4 forwards);
+3. a central difference of phi(x + t d), in float64 where fn can run in it (2
+   forwards), passes when it agrees within the analytical side's rounding; else
+   Richardson extrapolation reuses it and adds an error estimate (2 more), or, for
+   a low-precision reference, a ladder of steps measures the error empirically;
 4. tolerance = FD_SAFETY * (estimated FD error) + rounding of the analytical side
    (GRADIENT_ROUNDING[dtype] propagated through d) + rounding of the perturbed point.
 
