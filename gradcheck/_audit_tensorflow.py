@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import gradcheck  # noqa: E402
-from gradcheck.audit import Case  # noqa: E402
+from gradcheck.audit import Losses  # noqa: E402
 
 
 def _scaled(rel: float):
@@ -48,14 +47,14 @@ def _model(seed: int, dtype: str, activations: tuple[str, ...]):
     return trunk, main, aux, x, y, c, weights
 
 
-def cases(
-    i: int, dtype: str, seed: int, rel: float, activations: tuple[str, ...]
-) -> Iterator[Case]:
+def build(
+    dtype: str, seed: int, rel: float, activations: tuple[str, ...]
+) -> tuple[dict[str, Any], Losses, dict[str, float]]:
+    """A seeded two-head Keras model, its per-head losses and loss weights."""
     trunk, main, aux, x, y, c, w = _model(seed, dtype, activations)
-    params = {"trunk": trunk, "main": main, "aux": aux}
     bug = _scaled(rel)
 
-    def losses(planted: bool = False, detach: bool = False):
+    def losses(planted: bool = False, detach: bool = False) -> dict[str, tf.Tensor]:
         h = trunk(x)
         if planted:
             h = bug(h)
@@ -67,52 +66,4 @@ def cases(
             ),
         }
 
-    def total(**kw):
-        return lambda: sum(w[k] * v for k, v in losses(**kw).items())
-
-    fns = {k: (lambda k=k: losses()[k]) for k in w}
-    w_detect = dict(w, aux=w["aux"] or 0.3)
-    tag = f"tensorflow/{dtype}/model{i}"
-    yield Case(
-        f"{tag}/finite_difference",
-        "tensorflow",
-        dtype,
-        "finite_difference",
-        True,
-        lambda: gradcheck.check_gradients(total(), params=params, seed=seed, label=tag),
-    )
-    yield Case(
-        f"{tag}/finite_difference/planted_scaled_backward_{rel:g}",
-        "tensorflow",
-        dtype,
-        "finite_difference",
-        False,
-        lambda: gradcheck.check_gradients(
-            total(planted=True), params=params, seed=seed, label=tag
-        ),
-    )
-    yield Case(
-        f"{tag}/linearity",
-        "tensorflow",
-        dtype,
-        "linearity",
-        True,
-        lambda: gradcheck.check_linearity(
-            total(), fns, w, params=params, seed=seed, label=tag
-        ),
-    )
-    yield Case(
-        f"{tag}/linearity/planted_detached_aux_branch",
-        "tensorflow",
-        dtype,
-        "linearity",
-        False,
-        lambda: gradcheck.check_linearity(
-            lambda: losses()["main"] + w_detect["aux"] * losses(detach=True)["aux"],
-            fns,
-            w_detect,
-            params=params,
-            seed=seed,
-            label=tag,
-        ),
-    )
+    return {"trunk": trunk, "main": main, "aux": aux}, losses, w

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import gradcheck
-from gradcheck.audit import Case
+from gradcheck.audit import Losses
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -57,16 +54,16 @@ def _model(seed: int, dtype: torch.dtype, activations: tuple[str, ...]):
     return model, x, y, c, weights
 
 
-def cases(
-    i: int, dtype_name: str, seed: int, rel: float, activations: tuple[str, ...]
-) -> Iterator[Case]:
-    dtype = DTYPES[dtype_name]
-    model, x, y, c, w = _model(seed, dtype, activations)
+def build(
+    dtype_name: str, seed: int, rel: float, activations: tuple[str, ...]
+) -> tuple[torch.nn.Module, Losses, dict[str, float]]:
+    """A seeded two-head model, its per-head losses and loss weights."""
+    model, x, y, c, w = _model(seed, DTYPES[dtype_name], activations)
 
-    def losses(bug: float = 0.0, detach: bool = False) -> dict[str, torch.Tensor]:
+    def losses(planted: bool = False, detach: bool = False) -> dict[str, torch.Tensor]:
         h = model["trunk"](x)
-        if bug:
-            h = _Scaled.apply(h, bug)
+        if planted:
+            h = _Scaled.apply(h, rel)
         return {
             "main": F.mse_loss(model["heads"]["main"](h), y),
             "aux": F.cross_entropy(
@@ -74,52 +71,4 @@ def cases(
             ),
         }
 
-    def total(**kw):
-        return lambda: sum(w[k] * v for k, v in losses(**kw).items())
-
-    fns = {k: (lambda k=k: losses()[k]) for k in w}
-    w_detect = dict(w, aux=w["aux"] or 0.3)  # a detached branch needs a weight to miss
-    tag = f"torch/{dtype_name}/model{i}"
-    yield Case(
-        f"{tag}/finite_difference",
-        "torch",
-        dtype_name,
-        "finite_difference",
-        True,
-        lambda: gradcheck.check_gradients(total(), params=model, seed=seed, label=tag),
-    )
-    yield Case(
-        f"{tag}/finite_difference/planted_scaled_backward_{rel:g}",
-        "torch",
-        dtype_name,
-        "finite_difference",
-        False,
-        lambda: gradcheck.check_gradients(
-            total(bug=rel), params=model, seed=seed, label=tag
-        ),
-    )
-    yield Case(
-        f"{tag}/linearity",
-        "torch",
-        dtype_name,
-        "linearity",
-        True,
-        lambda: gradcheck.check_linearity(
-            total(), fns, w, params=model, seed=seed, label=tag
-        ),
-    )
-    yield Case(
-        f"{tag}/linearity/planted_detached_aux_branch",
-        "torch",
-        dtype_name,
-        "linearity",
-        False,
-        lambda: gradcheck.check_linearity(
-            lambda: losses()["main"] + w_detect["aux"] * losses(detach=True)["aux"],
-            fns,
-            w_detect,
-            params=model,
-            seed=seed,
-            label=tag,
-        ),
-    )
+    return model, losses, w

@@ -102,6 +102,11 @@ def available(framework: str) -> bool:
 ACTIVATIONS = ("tanh", "gelu", "softplus")
 
 
+#: losses(planted=..., detach=...) -> {"main": loss, "aux": loss}: the model's
+#: per-head losses, with the planted backward bug and/or the aux branch detached
+Losses = Callable[..., dict[str, Any]]
+
+
 def cases(
     framework: str, examples: int, seed: int, activations: tuple[str, ...] = ACTIVATIONS
 ) -> Iterator[Case]:
@@ -112,9 +117,63 @@ def cases(
     rng = np.random.default_rng(seed)
     for i in range(examples):
         for dtype in ("float64", "float32"):
-            yield from mod.cases(
-                i, dtype, int(rng.integers(2**31)), PLANTED[dtype], activations
-            )
+            s = int(rng.integers(2**31))
+            params, losses, weights = mod.build(dtype, s, PLANTED[dtype], activations)
+            tag = f"{framework}/{dtype}/model{i}"
+            yield from model_cases(tag, framework, dtype, s, params, losses, weights)
+
+
+def model_cases(
+    tag: str,
+    framework: str,
+    dtype: str,
+    seed: int,
+    params: Any,
+    losses: Losses,
+    w: dict[str, float],
+) -> Iterator[Case]:
+    """The four cases of one model: finite differences and linearity, each on the
+    correct total and on a planted bug (a scaled backward; a detached aux branch)."""
+
+    def total(**kw: bool) -> Callable[[], Any]:
+        return lambda: sum(w[k] * v for k, v in losses(**kw).items())
+
+    fns = {k: (lambda k=k: losses()[k]) for k in w}
+    w_detect = dict(w, aux=w["aux"] or 0.3)  # a detached branch needs a weight to miss
+
+    def detached() -> Any:
+        return losses()["main"] + w_detect["aux"] * losses(detach=True)["aux"]
+
+    def fd(fn: Callable[[], Any]) -> Callable[[], CheckReport]:
+        return lambda: gradcheck.check_gradients(
+            fn, params=params, seed=seed, label=tag
+        )
+
+    def lin(
+        fn: Callable[[], Any], weights: dict[str, float]
+    ) -> Callable[[], CheckReport]:
+        return lambda: gradcheck.check_linearity(
+            fn, fns, weights, params=params, seed=seed, label=tag
+        )
+
+    rel = PLANTED[dtype]
+    for name, prop, expect, run in (
+        ("finite_difference", "finite_difference", True, fd(total())),
+        (
+            f"finite_difference/planted_scaled_backward_{rel:g}",
+            "finite_difference",
+            False,
+            fd(total(planted=True)),
+        ),
+        ("linearity", "linearity", True, lin(total(), w)),
+        (
+            "linearity/planted_detached_aux_branch",
+            "linearity",
+            False,
+            lin(detached, w_detect),
+        ),
+    ):
+        yield Case(f"{tag}/{name}", framework, dtype, prop, expect, run)
 
 
 def run(

@@ -18,6 +18,7 @@ states, variable values), also when the check failed or raised.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,16 @@ class Session(ABC):
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
     # -- shared helpers --------------------------------------------------------
+    def finish(self, report: Any, started: float) -> Any:
+        """Stamp a property's report with the work done and the backend's notes."""
+        report.cost = {
+            "forward": self.forward_count,
+            "backward": self.backward_count,
+            "seconds": time.perf_counter() - started,
+        }
+        report.notes = list(self.notes) + report.notes
+        return report
+
     @property
     def device(self) -> str:
         devices = sorted({s.device for s in self.specs})

@@ -312,13 +312,7 @@ def run(session: Session, options: Options) -> CheckReport:
         report = _run_full(ctx, raw, outputs)
     else:
         report = _run_directional(ctx, raw, rng)
-    report.cost = {
-        "forward": session.forward_count,
-        "backward": session.backward_count,
-        "seconds": time.perf_counter() - started,
-    }
-    report.notes = list(session.notes) + report.notes
-    return report
+    return session.finish(report, started)
 
 
 def _base_report(

@@ -215,13 +215,7 @@ def run(
                     "or fix the RNG inside the loss functions."
                 ),
             )
-    report.cost = {
-        "forward": session.forward_count,
-        "backward": session.backward_count,
-        "seconds": time.perf_counter() - started,
-    }
-    report.notes = list(session.notes) + report.notes
-    return report
+    return session.finish(report, started)
 
 
 def _finite(
