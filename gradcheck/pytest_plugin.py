@@ -1,0 +1,477 @@
+"""gradcheck's pytest plugin: record every gradient check a test runs, report them.
+
+Registered as the ``pytest11`` entry point ``gradcheck`` (active once gradcheck is
+installed, e.g. ``pip install -e .``); without installing, ``-p
+gradcheck.pytest_plugin``. Loading it imports neither torch nor TensorFlow.
+
+* Every ``check_*``/``assert_*`` call during a test is recorded under the test's
+  node id (the report's ``label`` becomes the node id unless it has one).
+* ``--gradcheck-json PATH`` / ``--gradcheck-report PATH``: the records as the report
+  document (:mod:`gradcheck.report`) in JSON / self-contained HTML, written
+  atomically at the end of the session; under pytest-xdist by the controller only.
+* ``--gradcheck-seed S``: the default seed of every check (``$GRADCHECK_SEED``);
+  ``--gradcheck-device``: the device the ``gradcheck`` fixture suggests;
+  ``--gradcheck-profile``: a Hypothesis settings profile to load.
+* ``@pytest.mark.gradcheck(rtol=, mode=, seed=, step=)``: defaults for checks run
+  through the ``gradcheck`` fixture.
+
+Each option has an ini twin (``gradcheck_json = reports/gradcheck.json``); the
+command line wins.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradcheck import api
+from gradcheck.result import CheckReport
+
+__all__ = ["GradcheckFixture", "GradcheckSession"]
+
+MARKER_KEYS = ("rtol", "mode", "seed", "step")
+MODES = ("auto", "directional", "full")
+DEVICES = ("auto", "cpu", "cuda")
+PROFILES = ("ci", "thorough")
+MARKER_DOC = (
+    "gradcheck(rtol=None, mode=None, seed=None, step=None): defaults for the "
+    "checks this test runs through the gradcheck fixture"
+)
+
+#: the checks one test ran, as records {"id": node id, "report": report dict}
+_RECORDS = pytest.StashKey[list[dict[str, Any]]]()
+#: the validated @pytest.mark.gradcheck defaults of one test
+_DEFAULTS = pytest.StashKey[dict[str, Any]]()
+_WORKER_KEY = "gradcheck_records"
+_PLUGIN_NAME = "gradcheck-session"
+#: failing checks the terminal summary lists without -v
+_SHOW_FAILED = 20
+
+
+# ------------------------------------------------------------------ options
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gradcheck", "gradcheck: gradient checks")
+    group.addoption(
+        "--gradcheck-report",
+        metavar="PATH",
+        default=None,
+        help="write an HTML report of every gradient check to PATH at the end of "
+        "the session. Default: the gradcheck_report ini value, else none",
+    )
+    group.addoption(
+        "--gradcheck-json",
+        metavar="PATH",
+        default=None,
+        help="write the same report as JSON to PATH. Default: the gradcheck_json "
+        "ini value, else none",
+    )
+    group.addoption(
+        "--gradcheck-seed",
+        metavar="S",
+        default=None,
+        help="default seed (a non-negative integer) of every check whose seed is "
+        "not given; sets $GRADCHECK_SEED for the session. Default: gradcheck_seed "
+        f"ini value, else $GRADCHECK_SEED, else {api.DEFAULT_SEED}",
+    )
+    group.addoption(
+        "--gradcheck-device",
+        choices=DEVICES,
+        default=None,
+        help="the device the gradcheck fixture suggests (gradcheck.device); auto: "
+        "cuda when torch is imported and sees a GPU, else cpu. Default: "
+        "gradcheck_device ini value, else auto",
+    )
+    group.addoption(
+        "--gradcheck-profile",
+        choices=PROFILES,
+        default=None,
+        help="load this Hypothesis settings profile (it must be registered, e.g. "
+        "in conftest.py). Default: gradcheck_profile ini value, else none",
+    )
+    for name, what in (
+        ("report", "path of the HTML report (like --gradcheck-report)"),
+        ("json", "path of the JSON report (like --gradcheck-json)"),
+        ("seed", "default seed of checks (like --gradcheck-seed)"),
+        ("device", f"device the fixture suggests, one of {DEVICES} (auto)"),
+        ("profile", f"Hypothesis profile to load, one of {PROFILES}"),
+    ):
+        parser.addini(f"gradcheck_{name}", help=what, type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_DOC)
+    session = GradcheckSession(config)  # raises UsageError on bad values
+    config.pluginmanager.register(session, _PLUGIN_NAME)
+    session.start()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.pluginmanager.get_plugin(_PLUGIN_NAME)
+    if session is not None:
+        session.stop()
+        config.pluginmanager.unregister(session, _PLUGIN_NAME)
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
+    """The option's value (command line first, then ini) and the folder a relative
+    path in it is relative to."""
+    value = config.getoption(f"gradcheck_{name}")
+    if value is not None:
+        return str(value), config.invocation_params.dir
+    value = str(config.getini(f"gradcheck_{name}")).strip() or None
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return value, base
+
+
+def _path(config: pytest.Config, name: str) -> Path | None:
+    value, base = _setting(config, name)
+    return None if value is None else base / value
+
+
+def _choice(config: pytest.Config, name: str, choices: tuple[str, ...]) -> str | None:
+    value, _ = _setting(config, name)
+    if value is not None and value not in choices:
+        raise pytest.UsageError(
+            f"gradcheck_{name} = {value!r}: expected one of {', '.join(choices)}"
+        )
+    return value
+
+
+def _seed_setting(config: pytest.Config) -> int | None:
+    value, _ = _setting(config, "seed")
+    if value is None:
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise pytest.UsageError(
+            f"--gradcheck-seed / gradcheck_seed: expected a non-negative integer, "
+            f"got {value!r}"
+        )
+    return seed
+
+
+# ------------------------------------------------------------------ session
+class GradcheckSession:
+    """Session state: settings, the records of every test, the report files."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.html_path = _path(config, "report")
+        self.json_path = _path(config, "json")
+        self.seed = _seed_setting(config)
+        self.device = _choice(config, "device", DEVICES) or "auto"
+        self.profile = _choice(config, "profile", PROFILES)
+        self.records: list[dict[str, Any]] = []
+        self.from_workers = False
+        self.failed_tests: set[str] = set()
+        self.written: list[tuple[str, Path]] = []
+        self._saved_env: str | None = None
+        self._saved_profile: str | None = None
+        if self.html_path is not None and importlib.util.find_spec("jinja2") is None:
+            raise pytest.UsageError(
+                '--gradcheck-report needs Jinja2: pip install "gradcheck[report]"'
+            )
+
+    @property
+    def is_worker(self) -> bool:
+        return hasattr(self.config, "workerinput")
+
+    def start(self) -> None:
+        if self.seed is not None:
+            self._saved_env = os.environ.get("GRADCHECK_SEED")
+            os.environ["GRADCHECK_SEED"] = str(self.seed)
+        if self.profile is not None:
+            self._load_profile(self.profile)
+
+    def stop(self) -> None:
+        if self.seed is not None:
+            if self._saved_env is None:
+                os.environ.pop("GRADCHECK_SEED", None)
+            else:
+                os.environ["GRADCHECK_SEED"] = self._saved_env
+            self.seed = None
+        if self._saved_profile is not None:
+            from hypothesis import settings
+
+            settings.load_profile(self._saved_profile)
+            self._saved_profile = None
+
+    def _load_profile(self, name: str) -> None:
+        if importlib.util.find_spec("hypothesis") is None:
+            raise pytest.UsageError(
+                f"--gradcheck-profile {name}: Hypothesis is not installed "
+                "(pip install hypothesis)"
+            )
+        from hypothesis import settings
+
+        try:
+            settings.get_profile(name)
+        except Exception:  # hypothesis.errors.InvalidArgument
+            raise pytest.UsageError(
+                f"--gradcheck-profile {name}: no Hypothesis profile {name!r} is "
+                f"registered; register it first, e.g. in conftest.py: "
+                f"settings.register_profile({name!r}, max_examples=...)"
+            ) from None
+        current = getattr(settings, "get_current_profile_name", None)
+        self._saved_profile = (
+            current() if current else getattr(settings, "_current_profile", "default")
+        )
+        settings.load_profile(name)
+
+    # ---------------------------------------------------------- collection
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(
+        self, collector: pytest.Collector
+    ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+        """A bad ``@pytest.mark.gradcheck`` makes its module (or class) a collection
+        error: reported as such, also by pytest-xdist workers, never a silent pass."""
+        report = yield
+        if not report.passed:
+            return report
+        problems = []
+        for node in report.result:
+            if isinstance(node, pytest.Item):
+                try:
+                    node.stash[_DEFAULTS] = marker_defaults(node)
+                except ValueError as exc:
+                    problems.append(f"{node.nodeid}: {exc}")
+        if problems:
+            report.outcome = "failed"
+            report.longrepr = "invalid @pytest.mark.gradcheck:\n  " + "\n  ".join(
+                problems
+            )
+            report.result = []
+        return report
+
+    # ---------------------------------------------------------- recording
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        records = item.stash.setdefault(_RECORDS, [])
+        worker = getattr(self.config, "workerinput", {}).get("workerid")
+
+        def record(report: CheckReport) -> None:
+            if report.label is None:
+                report.label = item.nodeid
+            rec = {"id": item.nodeid, "report": report.to_dict()}
+            if worker:
+                rec["worker"] = worker
+            records.append(rec)
+
+        api._listeners.append(record)
+        try:
+            return (yield)
+        finally:
+            api._listeners.remove(record)
+            self.records.extend(records)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed:  # under xdist the controller sees every worker's too
+            self.failed_tests.add(report.nodeid)
+
+    # ---------------------------------------------------------- xdist
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        data = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
+        if data:
+            self.records.extend(json.loads(data))
+            self.from_workers = True
+
+    # ---------------------------------------------------------- reports
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.is_worker:  # the controller writes the files
+            self.config.workeroutput[_WORKER_KEY] = json.dumps(self.records)  # type: ignore[attr-defined]
+            return
+        if self.from_workers:  # arrival order is the workers' race: sort by test
+            self.records.sort(key=lambda r: r["id"])
+        if self.json_path is None and self.html_path is None:
+            return
+        from gradcheck.report import build_document, environment
+
+        doc = build_document(
+            self.records,
+            environment(**self.environment()),
+            title=f"gradcheck: {self.config.rootpath.name}",
+        )
+        if self.json_path is not None:
+            from gradcheck.cli import write_json
+
+            write_json(self.json_path, doc)
+            self.written.append(("JSON", self.json_path))
+        if self.html_path is not None:
+            from gradcheck.report import write_html
+
+            write_html(self.html_path, doc)
+            self.written.append(("HTML", self.html_path))
+
+    def environment(self) -> dict[str, Any]:
+        env_seed = os.environ.get("GRADCHECK_SEED")
+        return {
+            "pytest": pytest.__version__,
+            "default seed": env_seed or f"{api.DEFAULT_SEED} (library default)",
+            "device (fixture)": self.device,
+            "hypothesis profile": self.profile or "—",
+        }
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not (self.records or self.written):
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "gradcheck")
+        failed = [r for r in self.records if not r["report"].get("passed")]
+        shown = failed if tr.config.option.verbose > 0 else failed[:_SHOW_FAILED]
+        for rec in shown:
+            # a check can fail inside a test that passes (a planted bug caught)
+            note = "" if rec["id"] in self.failed_tests else "  [test passed]"
+            headline = rec["report"].get("headline", "")
+            tr.line(f"FAILED {rec['id']}: {headline}{note}", red=True)
+        if len(shown) < len(failed):
+            tr.line(f"... and {len(failed) - len(shown)} more failing checks (-v)")
+        statuses: dict[str, int] = {}
+        for rec in self.records:
+            status = str(rec["report"].get("status"))
+            statuses[status] = statuses.get(status, 0) + 1
+        tests = len({r["id"] for r in self.records})
+        detail = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
+        tr.line(
+            f"{len(self.records)} gradient checks in {tests} tests: "
+            f"{len(self.records) - len(failed)} passed, {len(failed)} failed"
+            + (f" ({detail})" if detail else ""),
+            bold=True,
+            red=bool(failed),
+            green=not failed,
+        )
+        for kind, path in self.written:
+            tr.line(f"{kind} report: {path}")
+
+
+# ------------------------------------------------------------------ marker
+def marker_defaults(item: pytest.Item) -> dict[str, Any]:
+    """The ``@pytest.mark.gradcheck`` values for ``item`` (the closest marker wins
+    per keyword); ValueError names a bad one."""
+    defaults: dict[str, Any] = {}
+    for mark in item.iter_markers("gradcheck"):
+        if mark.args:
+            raise ValueError(
+                f"takes keywords only ({', '.join(MARKER_KEYS)}); got positional "
+                f"{mark.args!r}"
+            )
+        unknown = sorted(set(mark.kwargs) - set(MARKER_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown keyword(s) {', '.join(unknown)}; expected "
+                f"{', '.join(MARKER_KEYS)}"
+            )
+        for key, value in mark.kwargs.items():
+            if value is not None:
+                _check_marker_value(key, value)
+                defaults.setdefault(key, value)
+    return defaults
+
+
+def _check_marker_value(key: str, value: Any) -> None:
+    if key == "mode":
+        if value not in MODES:
+            raise ValueError(f"mode={value!r}; expected one of {', '.join(MODES)}")
+    elif key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"seed={value!r}; expected a non-negative int")
+    else:  # rtol, step
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key}={value!r}; expected a positive number")
+
+
+# ------------------------------------------------------------------ fixture
+class GradcheckFixture:
+    """What the ``gradcheck`` fixture gives a test: the library's check functions
+    with the test's ``@pytest.mark.gradcheck`` values and the session seed as
+    defaults (keywords passed here win), and the suggested ``device``."""
+
+    def __init__(
+        self, defaults: Mapping[str, Any], seed: int | None, requested_device: str
+    ):
+        self.defaults = dict(defaults)
+        self.seed = seed
+        self.requested_device = requested_device
+
+    @property
+    def device(self) -> str:
+        """The device to put tensors on: ``--gradcheck-device``, where ``auto`` is
+        cuda when torch is already imported and sees a GPU, else cpu."""
+        if self.requested_device != "auto":
+            return self.requested_device
+        torch = sys.modules.get("torch")  # never import a framework for this
+        if torch is not None and torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+
+    def _kwargs(
+        self, given: dict[str, Any], accepted: tuple[str, ...]
+    ) -> dict[str, Any]:
+        kwargs = {k: v for k, v in self.defaults.items() if k in accepted}
+        if "seed" not in kwargs and self.seed is not None:
+            kwargs["seed"] = self.seed
+        kwargs.update(given)
+        return kwargs
+
+    def _gradients(
+        self, f: Callable[..., CheckReport], fn: Any, inputs: Any, kw: Any
+    ) -> CheckReport:
+        return f(fn, inputs, **self._kwargs(kw, MARKER_KEYS))
+
+    def check_gradients(self, fn: Any, inputs: Any = (), **kwargs: Any) -> CheckReport:
+        """:func:`gradcheck.check_gradients` with this test's defaults."""
+        return self._gradients(api.check_gradients, fn, inputs, kwargs)
+
+    def assert_gradients(self, fn: Any, inputs: Any = (), **kwargs: Any) -> CheckReport:
+        """:func:`gradcheck.assert_gradients` with this test's defaults."""
+        return self._gradients(api.assert_gradients, fn, inputs, kwargs)
+
+    def check_linearity(
+        self,
+        total_fn: Any,
+        loss_fns: Any,
+        weights: Any,
+        inputs: Any = (),
+        **kwargs: Any,
+    ) -> CheckReport:
+        """:func:`gradcheck.check_linearity` with this test's rtol and seed."""
+        kw = self._kwargs(kwargs, ("rtol", "seed"))
+        return api.check_linearity(total_fn, loss_fns, weights, inputs, **kw)
+
+    def assert_linearity(
+        self,
+        total_fn: Any,
+        loss_fns: Any,
+        weights: Any,
+        inputs: Any = (),
+        **kwargs: Any,
+    ) -> CheckReport:
+        """:func:`gradcheck.assert_linearity` with this test's rtol and seed."""
+        kw = self._kwargs(kwargs, ("rtol", "seed"))
+        return api.assert_linearity(total_fn, loss_fns, weights, inputs, **kw)
+
+
+@pytest.fixture(name="gradcheck")
+def gradcheck_fixture(request: pytest.FixtureRequest) -> GradcheckFixture:
+    """Gradient checks with this test's ``@pytest.mark.gradcheck`` defaults, the
+    session's ``--gradcheck-seed``, and ``.device`` (``--gradcheck-device``)."""
+    session: GradcheckSession = request.config.pluginmanager.get_plugin(_PLUGIN_NAME)
+    node = request.node
+    defaults = node.stash.get(_DEFAULTS, None)
+    if defaults is None:  # not collected through the session's hook
+        defaults = marker_defaults(node)
+    return GradcheckFixture(defaults, session.seed, session.device)
