@@ -1,8 +1,9 @@
 """The pytest plugin through pytester: options, recording, reports, marker, xdist.
 
-The plugin is loaded with ``-p gradcheck.pytest_plugin`` (an installed gradcheck
-registers it as a pytest11 entry point). Runs are in-process where possible; xdist
-and the import check need a subprocess.
+An installed gradcheck registers the plugin as a pytest11 entry point, which inner
+sessions load by themselves; a source checkout on PYTHONPATH needs
+``-p gradcheck.pytest_plugin`` (passing both would register it twice). Runs are
+in-process where possible; xdist and the import check need a subprocess.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ except ImportError:  # pragma: no cover - the torch-using runs skip themselves
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = ("-p", "gradcheck.pytest_plugin", "-p", "no:cacheprovider")
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(
+        ep.value == "gradcheck.pytest_plugin" for ep in entry_points(group="pytest11")
+    )
+
+
+PLUGIN = (
+    () if _entry_point_installed() else ("-p", "gradcheck.pytest_plugin")
+) + ("-p", "no:cacheprovider")
 
 TESTS = """
 import pytest
