@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - the torch-using runs skip themselves
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def _entry_point_installed() -> bool:
     from importlib.metadata import entry_points
 
@@ -38,9 +40,10 @@ def _entry_point_installed() -> bool:
     )
 
 
-PLUGIN = (
-    () if _entry_point_installed() else ("-p", "gradcheck.pytest_plugin")
-) + ("-p", "no:cacheprovider")
+PLUGIN = (() if _entry_point_installed() else ("-p", "gradcheck.pytest_plugin")) + (
+    "-p",
+    "no:cacheprovider",
+)
 
 TESTS = """
 import pytest
