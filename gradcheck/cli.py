@@ -9,11 +9,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from gradcheck import audit
+from gradcheck._io import atomic_write_text
+from gradcheck.errors import GradcheckError
 
 
 def _positive(text: str) -> int:
@@ -69,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
         "--seed", type=_seed, default=0, metavar="S", help="Default: %(default)s"
     )
     a.add_argument(
+        "--report",
+        type=Path,
+        default=Path("reports/audit.html"),
+        metavar="PATH",
+        help="where to write the self-contained HTML report. Default: %(default)s",
+    )
+    a.add_argument(
         "--json",
         type=Path,
         default=Path("reports/audit.json"),
@@ -87,23 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = list(audit.FRAMEWORKS) if args.framework == "all" else [args.framework]
     printer = _Printer()
     result = audit.run(frameworks, args.examples, args.seed, on_outcome=printer.outcome)
-    write_json(args.json, result.to_dict())
-    printer.summary(result, args.json)
+    data = result.to_dict()
+    write_json(args.json, data)
+    try:
+        from gradcheck.report import from_audit, write_html
+
+        write_html(args.report, from_audit(data))
+        written = f"{args.report} and {args.json}"
+    except GradcheckError as exc:  # Jinja2 missing: the JSON still stands
+        written = f"{args.json} (no HTML: {exc})"
+    printer.summary(result, written)
     return 0 if result.ok else 1
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write: a reader never sees a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 class _Printer:
@@ -131,7 +138,7 @@ class _Printer:
         if not o.ok and o.report is not None:
             self._print(_escape(o.report.message()))
 
-    def summary(self, result: audit.AuditResult, path: Path) -> None:
+    def summary(self, result: audit.AuditResult, written: str) -> None:
         rows: dict[tuple[str, str, str], list[int]] = {}
         for o in result.outcomes:
             key = (o.case.framework, o.case.dtype, o.case.property)
@@ -151,7 +158,7 @@ class _Printer:
         verdict = "[green]all as expected[/]" if result.ok else "[bold red]FAILED[/]"
         self._print(
             f"{n_ok}/{len(result.outcomes)} cases as expected in {result.seconds:.1f}s: "
-            f"{verdict}; JSON report: {path}"
+            f"{verdict}; reports: {written}"
         )
 
 

@@ -28,10 +28,14 @@ def test_usage_errors_exit_2(capsys):
 def test_audit_torch_writes_json_and_exits_0(tmp_path, capsys):
     pytest.importorskip("torch")
     out = tmp_path / "sub" / "audit.json"
+    html = tmp_path / "sub" / "audit.html"
     code = cli.main(
         ["audit", "--framework", "torch", "--examples", "1", "--json", str(out)]
+        + ["--report", str(html)]
     )
     assert code == 0, capsys.readouterr().out
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "planted_detached_aux_branch" in page
     data = json.loads(out.read_text())
     assert data["summary"]["all_ok"] is True
     assert data["summary"]["cases"] == len(data["cases"]) == 8
@@ -56,7 +60,8 @@ def test_missing_framework_is_skipped_not_a_crash(tmp_path, monkeypatch, capsys)
     real = audit.available
     monkeypatch.setattr(audit, "available", lambda fw: fw != "tensorflow" and real(fw))
     out = tmp_path / "a.json"
-    assert cli.main(["audit", "--examples", "1", "--json", str(out)]) == 0
+    argv = ["audit", "--examples", "1", "--json", str(out)]
+    assert cli.main([*argv, "--report", str(tmp_path / "a.html")]) == 0
     data = json.loads(out.read_text())
     assert "tensorflow" in data["skipped"]
     assert "skipped tensorflow" in capsys.readouterr().out
@@ -82,6 +87,8 @@ def test_failing_case_exits_1(tmp_path, monkeypatch):
                 "1",
                 "--json",
                 str(tmp_path / "a.json"),
+                "--report",
+                str(tmp_path / "a.html"),
             ]
         )
         == 1

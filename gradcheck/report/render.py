@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from gradcheck._io import atomic_write_text
 from gradcheck.errors import FrameworkNotInstalledError
 
 __all__ = ["render_html", "write_html"]
@@ -80,19 +80,8 @@ def render_html(data: dict[str, Any]) -> str:
 def write_html(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Render ``data`` and write it to ``path`` atomically (a temporary file in the
     same folder, then ``os.replace``; mode 0644). Returns the path."""
-    text = render_html(data)  # render first: a template error leaves no file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # render first: a template error leaves no file
+    return atomic_write_text(path, render_html(data))
 
 
 # --------------------------------------------------------------------- views
