@@ -64,9 +64,14 @@ class Float64Shadows:
 
 
 @contextlib.contextmanager
-def float64(layers: list[Any], swaps: list[tuple[Any, tf.Variable]]) -> Iterator[None]:
+def float64(
+    layers: list[Any], swaps: list[tuple[Any, tf.Variable]], promotion: bool = True
+) -> Iterator[None]:
     """Within the block, each Keras variable reads its float64 shadow and the
-    layers compute in float64 (with TF dtype promotion on)."""
+    layers compute in float64; ``promotion`` turns TF's dtype promotion on (for
+    float32 constants in the user's code). Some Keras ops (Conv1D, regularizers)
+    hand the variable object itself to TF, whose promotion logic then fails: the
+    caller retries with ``promotion=False``."""
     import keras
 
     policy = keras.DTypePolicy("float64")
@@ -78,7 +83,8 @@ def float64(layers: list[Any], swaps: list[tuple[Any, tf.Variable]]) -> Iterator
             v._value = shadow
         for layer, _ in saved_policies:
             layer.dtype_policy = policy
-        tf_ops.set_dtype_conversion_mode("all")
+        if promotion:
+            tf_ops.set_dtype_conversion_mode("all")
         yield
     finally:
         tf_ops.set_dtype_conversion_mode(saved_mode.name.lower())

@@ -442,6 +442,7 @@ class TensorflowSession(Session):
         )
         self._layers = _keras64.layers_of(containers) if self._keras64 else []
         self._shadows = _keras64.Float64Shadows()
+        self._tf_promotion = True  # TF dtype promotion during float64 evaluations
         if self._has_variables and self.dtype != "float64" and not self._keras64:
             self._promoted: bool | None = False
             self.reference_dtype = self.dtype
@@ -574,15 +575,20 @@ class TensorflowSession(Session):
 
     def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
         if self._promoted is None:
-            try:
-                outs = self._evaluate(handle, t, promote=True)
-                if all(o.dtype == tf.float64 for _, o in outs):
-                    self._promoted = True
-                    return self._finish(outs)
-                reason = "its outputs stayed " + canonical_dtype(outs[0][1].dtype)
-            except Exception as exc:  # fn cannot run in float64: fall back below
-                first = (str(exc).strip().splitlines() or [""])[0][:160]
-                reason = f"{type(exc).__name__}: {first}"
+            reason = ""
+            # float64 with TF's dtype promotion (float32 constants in fn), then
+            # without it (Keras ops that trip the promotion logic), then native
+            for promotion in (True, False) if self._keras64 else (True,):
+                self._tf_promotion = promotion
+                try:
+                    outs = self._evaluate(handle, t, promote=True)
+                    if all(o.dtype == tf.float64 for _, o in outs):
+                        self._promoted = True
+                        return self._finish(outs)
+                    reason = "its outputs stayed " + canonical_dtype(outs[0][1].dtype)
+                except Exception as exc:  # fn cannot run in float64 this way
+                    first = (str(exc).strip().splitlines() or [""])[0][:160]
+                    reason = f"{type(exc).__name__}: {first}"
             self._promoted = False
             self.reference_dtype = self.dtype
             if self.dtype != "float64":
@@ -702,7 +708,7 @@ class TensorflowSession(Session):
                             )
                         )
             scope = (
-                _keras64.float64(self._layers, swaps)
+                _keras64.float64(self._layers, swaps, self._tf_promotion)
                 if shadowed
                 else contextlib.nullcontext()
             )

@@ -194,7 +194,8 @@ class _Probe:
         self, est: fd.DerivativeEstimate
     ) -> tuple[float, float, dict[str, float]]:
         terms = {
-            "finite_difference": tl.FD_SAFETY * float(est.error),
+            "finite_difference": tl.fd_safety(self.ctx.session.reference_dtype)
+            * float(est.error),
             "analytical_rounding": self.analytic_rounding,
             "input_rounding": self.input_rounding(est.step),
         }
@@ -349,11 +350,12 @@ def _base_report(
 
 def _reason(terms: dict[str, float], ctx: _Context) -> str:
     s = ctx.session
+    safety = tl.fd_safety(s.reference_dtype)
     rho = ", ".join(
         sorted({f"{sp.dtype} {r:.0e}" for sp, r in zip(s.specs, ctx.rho, strict=True)})
     )
     return (
-        f"{tl.FD_SAFETY:g} x estimated finite-difference error {terms['finite_difference'] / tl.FD_SAFETY:.2e} "
+        f"{safety:g} x estimated finite-difference error {terms['finite_difference'] / safety:.2e} "
         f"({'Richardson' if s.reference_dtype == 'float64' else 'step ladder'}, "
         f"{s.reference_dtype} reference) + analytical rounding "
         f"{terms['analytical_rounding']:.2e} (gradient rounding {rho}"

@@ -1,0 +1,235 @@
+"""Build a spec as a functional ``keras.Model`` with the spec's initial weights.
+
+Layout conversions from the neutral weights (:mod:`gradcheck.architectures.weights`):
+Dense/Conv1D kernels are already Keras' (``x @ kernel``, channels last); LSTM
+stacks the gates column-wise in the neutral order (Keras': i, f, c, o) with one
+bias; GRU uses ``reset_after=True`` (torch's formulation), gates column-wise in
+Keras' order z, r, h, and a (2, 3u) bias: input bias, recurrent bias.
+
+Each head's loss is the Keras loss object a user would write
+(``keras.losses.MeanSquaredError()`` ...), made with the dtype of the output it
+receives: Keras losses cast their inputs to their own dtype (float32 unless told),
+which would round a float64 model's outputs. Regularization is ``model.losses``
+after the call: kernel penalties plus activity penalties divided by the batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from gradcheck.architectures import spec as S  # noqa: E402
+from gradcheck.architectures.base import Built, check_dtype  # noqa: E402
+from gradcheck.architectures.spec import (  # noqa: E402
+    HeadSpec,
+    LayerSpec,
+    ModelSpec,
+    Regularizer,
+)
+from gradcheck.architectures.weights import initial_weights  # noqa: E402
+
+__all__ = ["KerasBuilt", "build", "compile_args", "keras_loss"]
+
+#: Keras loss class per spec loss name
+LOSS_CLASSES = {
+    "mse": "MeanSquaredError",
+    "mae": "MeanAbsoluteError",
+    "huber": "Huber",
+    "categorical_crossentropy": "CategoricalCrossentropy",
+    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+    "binary_crossentropy": "BinaryCrossentropy",
+}
+#: Keras' order of the GRU gates (z, r, h) as indices into the neutral order
+GRU_ORDER = [1, 0, 2]
+
+
+def _regularizer(r: Regularizer | None) -> Any:
+    return None if r is None else keras.regularizers.L1L2(l1=r.l1, l2=r.l2)
+
+
+def _layer(name: str, layer: LayerSpec, vocab: int, dtype: str) -> Any:
+    k, u = layer.kind, layer.units
+    common = {"name": name, "dtype": dtype}
+    if k in ("dense", "conv1d"):
+        common.update(
+            activation=layer.activation,
+            kernel_regularizer=_regularizer(layer.kernel_regularizer),
+            activity_regularizer=_regularizer(layer.activity_regularizer),
+        )
+        if k == "dense":
+            return keras.layers.Dense(u, **common)
+        return keras.layers.Conv1D(
+            u, layer.kernel_size, padding=layer.padding, **common
+        )
+    if k == "embedding":
+        return keras.layers.Embedding(vocab, u, **common)
+    if k == "layernorm":
+        return keras.layers.LayerNormalization(epsilon=S.LAYERNORM_EPSILON, **common)
+    if k == "lstm":
+        return keras.layers.LSTM(u, return_sequences=layer.return_sequences, **common)
+    if k == "gru":
+        return keras.layers.GRU(
+            u, return_sequences=layer.return_sequences, reset_after=True, **common
+        )
+    if k == "pool":
+        return keras.layers.GlobalAveragePooling1D(**common)
+    return keras.layers.Concatenate(axis=-1, **common)
+
+
+def keras_weights(kind: str, w: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Neutral weights of one layer -> the list ``layer.set_weights`` takes."""
+    if kind in ("dense", "conv1d"):
+        return [w["kernel"], w["bias"]]
+    if kind == "embedding":
+        return [w["embeddings"]]
+    if kind == "layernorm":
+        return [w["gamma"], w["beta"]]
+    k, r = w["input_kernel"], w["recurrent_kernel"]
+    if kind == "gru":
+        k, r = k[GRU_ORDER], r[GRU_ORDER]
+    g, n_in, u = k.shape
+    kernel = k.transpose(1, 0, 2).reshape(n_in, g * u)
+    recurrent = r.transpose(1, 0, 2).reshape(u, g * u)
+    if kind == "lstm":
+        return [kernel, recurrent, w["bias"].reshape(-1)]
+    bias = np.stack(
+        [
+            w["input_bias"][GRU_ORDER].reshape(-1),
+            w["recurrent_bias"][GRU_ORDER].reshape(-1),
+        ]
+    )
+    return [kernel, recurrent, bias]
+
+
+def keras_loss(head: HeadSpec, dtype: str | None = None) -> Any:
+    """The Keras loss object for a head."""
+    cls = getattr(keras.losses, LOSS_CLASSES[head.loss])
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if head.loss in S.CROSSENTROPIES:
+        kwargs["from_logits"] = head.from_logits
+    if head.loss == "huber":
+        kwargs["delta"] = S.HUBER_DELTA
+    return cls(**kwargs)
+
+
+def compile_args(spec: ModelSpec, dtype: str | None = None) -> dict[str, Any]:
+    """``loss=`` and ``loss_weights=`` for ``model.compile`` written the way the spec
+    says (dict by head name, list in head order, or one value)."""
+    losses = {h.name: keras_loss(h, dtype) for h in spec.heads}
+    weights = spec.weights
+
+    def shaped(values: dict[str, Any], fmt: str) -> Any:
+        if fmt == "dict":
+            return values
+        if fmt == "list":
+            return list(values.values())
+        return next(iter(values.values()))
+
+    return {
+        "loss": shaped(losses, spec.loss_format),
+        "loss_weights": shaped(weights, spec.weights_format),
+    }
+
+
+def _model(spec: ModelSpec, dtype: str) -> Any:
+    tensors: dict[str, Any] = {}
+    for i in spec.inputs:
+        tensors[i.name] = keras.Input(
+            shape=i.shape,
+            name=i.name,
+            dtype="int32" if i.kind == "tokens" else dtype,
+        )
+    vocab = {i.name: i.vocab for i in spec.inputs}
+    for name, layer, srcs in spec.layers():
+        fn = _layer(name, layer, vocab.get(srcs[0], 0), dtype)
+        args = [tensors[s] for s in srcs]
+        tensors[name] = fn(args if layer.kind == "merge" else args[0])
+    inputs = [tensors[i.name] for i in spec.inputs]
+    outputs = [tensors[h.name] for h in spec.heads]
+    if spec.output_structure == "dict":
+        outputs = dict(zip(spec.head_names, outputs, strict=True))
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs)
+
+
+class KerasBuilt(Built):
+    framework = "keras"
+
+    def __init__(self, spec: ModelSpec, model: Any, dtype: str):
+        super().__init__(spec, model, dtype)
+        self._losses: dict[tuple[str, str], Any] = {}
+
+    def _tensor(self, x: Any, dtype: str) -> Any:
+        if isinstance(x, (tf.Tensor, tf.Variable)):
+            return x
+        return tf.constant(np.asarray(x), dtype=dtype)
+
+    def convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        tokens = {i.name for i in self.spec.inputs if i.kind == "tokens"}
+        sparse = {
+            h.name
+            for h in self.spec.heads
+            if h.loss == "sparse_categorical_crossentropy"
+        }
+        d = self.dtype
+        return {
+            "inputs": {
+                k: self._tensor(v, "int32" if k in tokens else d)
+                for k, v in batch["inputs"].items()
+            },
+            "targets": {
+                k: self._tensor(v, "int32" if k in sparse else d)
+                for k, v in batch["targets"].items()
+            },
+            "sample_weights": {
+                k: self._tensor(v, d)
+                for k, v in (batch.get("sample_weights") or {}).items()
+            },
+        }
+
+    def call(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's outputs, as a dict in head order."""
+        xs = [inputs[i.name] for i in self.spec.inputs]
+        out = self.model(xs[0] if len(xs) == 1 else xs)
+        if isinstance(out, Mapping):
+            return {h: out[h] for h in self.spec.head_names}
+        if not isinstance(out, (list, tuple)):
+            out = [out]
+        return dict(zip(self.spec.head_names, out, strict=True))
+
+    def forward(self, inputs: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        outputs = self.call(inputs)
+        penalties = self.model.losses
+        dtype = next(iter(outputs.values())).dtype
+        reg = tf.zeros((), dtype=dtype)
+        for p in penalties:
+            reg = reg + tf.cast(p, dtype)
+        return outputs, reg
+
+    def head_loss(self, head: HeadSpec, output: Any, target: Any, sw: Any) -> Any:
+        dtype = output.dtype.name
+        key = (head.name, dtype)
+        if key not in self._losses:
+            self._losses[key] = keras_loss(head, dtype)
+        return self._losses[key](target, output, sample_weight=sw)
+
+    def compile_args(self) -> dict[str, Any]:
+        return compile_args(self.spec, self.dtype)
+
+
+def build(spec: ModelSpec, dtype: str = "float64") -> KerasBuilt:
+    """The spec as a functional ``keras.Model`` in ``dtype``, with its weights."""
+    check_dtype(dtype)
+    spec.validate()
+    weights = initial_weights(spec)
+    model = _model(spec, dtype)
+    kinds = {name: layer.kind for name, layer, _ in spec.layers()}
+    for name, w in weights.items():
+        model.get_layer(name).set_weights(keras_weights(kinds[name], w))
+    return KerasBuilt(spec, model, dtype)

@@ -1,0 +1,245 @@
+"""Build a spec as a ``torch.nn.Module`` with the spec's initial weights.
+
+Activations flow in Keras' layout, (batch, steps, features); conv1d transposes to
+torch's (batch, channels, steps) around the convolution. Layout conversions from
+the neutral weights (:mod:`gradcheck.architectures.weights`): Linear ``weight =
+kernel.T``; Conv1d ``weight = kernel.transpose(2, 1, 0)``; LSTM/GRU stack the gates
+row-wise in the neutral order (torch's: i, f, g, o and r, z, n); the LSTM's one
+bias goes into ``bias_ih`` and ``bias_hh`` is zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gradcheck.architectures import spec as S
+from gradcheck.architectures.base import Built, check_dtype
+from gradcheck.architectures.spec import HeadSpec, LayerSpec, ModelSpec, Regularizer
+from gradcheck.architectures.weights import initial_weights
+from gradcheck.errors import InvalidArgumentError
+
+__all__ = ["SpecModule", "TorchBuilt", "build"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+ACTIVATIONS = {
+    "linear": lambda x: x,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": F.gelu,
+    "softplus": F.softplus,
+    "elu": F.elu,
+    "relu": F.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, S.LEAKY_SLOPE),
+    "softmax": lambda x: torch.softmax(x, -1),
+}
+
+
+def _module(layer: LayerSpec, fan_in: int, vocab: int) -> torch.nn.Module | None:
+    k, u = layer.kind, layer.units
+    if k == "dense":
+        return torch.nn.Linear(fan_in, u)
+    if k == "conv1d":
+        pad = "same" if layer.padding == "same" else 0
+        return torch.nn.Conv1d(fan_in, u, layer.kernel_size, padding=pad)
+    if k == "embedding":
+        return torch.nn.Embedding(vocab, u)
+    if k == "layernorm":
+        return torch.nn.LayerNorm(fan_in, eps=S.LAYERNORM_EPSILON)
+    if k == "lstm":
+        return torch.nn.LSTM(fan_in, u, batch_first=True)
+    if k == "gru":
+        return torch.nn.GRU(fan_in, u, batch_first=True)
+    return None  # pool, merge
+
+
+def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Neutral weights of one layer -> its torch parameters by attribute name."""
+    if kind == "dense":
+        return {"weight": w["kernel"].T, "bias": w["bias"]}
+    if kind == "conv1d":
+        return {"weight": w["kernel"].transpose(2, 1, 0), "bias": w["bias"]}
+    if kind == "embedding":
+        return {"weight": w["embeddings"]}
+    if kind == "layernorm":
+        return {"weight": w["gamma"], "bias": w["beta"]}
+    g, _, u = w["input_kernel"].shape
+    out = {
+        "weight_ih_l0": w["input_kernel"].transpose(0, 2, 1).reshape(g * u, -1),
+        "weight_hh_l0": w["recurrent_kernel"].transpose(0, 2, 1).reshape(g * u, u),
+    }
+    if kind == "lstm":
+        out["bias_ih_l0"] = w["bias"].reshape(-1)
+        out["bias_hh_l0"] = np.zeros(g * u)
+    else:
+        out["bias_ih_l0"] = w["input_bias"].reshape(-1)
+        out["bias_hh_l0"] = w["recurrent_bias"].reshape(-1)
+    return out
+
+
+def _penalty(r: Regularizer | None, x: torch.Tensor) -> torch.Tensor | None:
+    if r is None:
+        return None
+    out = torch.zeros((), dtype=x.dtype)
+    if r.l1:
+        out = out + r.l1 * x.abs().sum()
+    if r.l2:
+        out = out + r.l2 * x.square().sum()
+    return out
+
+
+class SpecModule(torch.nn.Module):
+    """The spec's model: ``forward(inputs)`` takes a dict of tensors by input name
+    and returns a dict of head outputs in head order. Every layer is a submodule
+    named like its spec node (parameters read ``lstm.weight_ih_l0``)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec.validate()
+        shapes = spec.shapes()
+        vocab = {i.name: i.vocab for i in spec.inputs}
+        for name, layer, srcs in spec.layers():
+            if hasattr(self, name):
+                raise InvalidArgumentError(
+                    f"the layer name {name!r} clashes with the attribute "
+                    f"{type(self).__name__}.{name}; rename the layer"
+                )
+            module = _module(layer, shapes[srcs[0]][-1], vocab.get(srcs[0], 0))
+            if module is not None:
+                self.add_module(name, module)
+
+    def run(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Head outputs and the regularization (kernel + activity penalties)."""
+        values: dict[str, torch.Tensor] = {
+            i.name: inputs[i.name] for i in self.spec.inputs
+        }
+        dtype = next(self.parameters()).dtype
+        reg = torch.zeros((), dtype=dtype)
+        for name, layer, srcs in self.spec.layers():
+            x, penalties = self._call_layer(name, layer, [values[s] for s in srcs])
+            values[name] = x
+            for p in penalties:
+                reg = reg + p
+        return {h.name: values[h.name] for h in self.spec.heads}, reg
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(inputs)[0]
+
+    def _call_layer(
+        self, name: str, layer: LayerSpec, xs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        k = layer.kind
+        if k == "merge":
+            return torch.cat(xs, -1), []
+        (x,) = xs
+        if k == "pool":
+            return x.mean(1), []
+        module = getattr(self, name)
+        if k in ("lstm", "gru"):
+            seq = module(x)[0]
+            return (seq if layer.return_sequences else seq[:, -1]), []
+        if k in ("embedding", "layernorm"):
+            return module(x), []
+        if k == "conv1d":
+            x = module(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = module(x)
+        x = ACTIVATIONS[layer.activation](x)
+        penalties = [
+            _penalty(layer.kernel_regularizer, module.weight),
+            _penalty(layer.activity_regularizer, x),
+        ]
+        if penalties[1] is not None:
+            penalties[1] = penalties[1] / x.shape[0]
+        return x, [p for p in penalties if p is not None]
+
+
+def per_example_loss(head: HeadSpec, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The loss of every example, as Keras computes it (shape (N,))."""
+    loss, eps = head.loss, S.PROBABILITY_EPSILON
+    if loss == "mse":
+        return (y - t).square().mean(-1)
+    if loss == "mae":
+        return (y - t).abs().mean(-1)
+    if loss == "huber":
+        return F.huber_loss(y, t, reduction="none", delta=S.HUBER_DELTA).mean(-1)
+    if loss == "categorical_crossentropy":
+        if head.from_logits:
+            return -(t * torch.log_softmax(y, -1)).sum(-1)
+        p = (y / y.sum(-1, keepdim=True)).clamp(eps, 1 - eps)
+        return -(t * p.log()).sum(-1)
+    if loss == "sparse_categorical_crossentropy":
+        logits = y if head.from_logits else y.clamp(eps, 1 - eps).log()
+        return F.cross_entropy(logits, t, reduction="none")
+    if head.from_logits:  # binary
+        return F.binary_cross_entropy_with_logits(y, t, reduction="none").mean(-1)
+    p = y.clamp(eps, 1 - eps)
+    return -(t * p.log() + (1 - t) * (1 - p).log()).mean(-1)
+
+
+class TorchBuilt(Built):
+    framework = "torch"
+
+    def __init__(self, spec: ModelSpec, model: SpecModule, dtype: str):
+        super().__init__(spec, model, dtype)
+        self.torch_dtype = DTYPES[dtype]
+
+    def _tensor(self, x: Any, integer: bool = False) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x
+        return torch.as_tensor(
+            np.asarray(x), dtype=torch.int64 if integer else self.torch_dtype
+        )
+
+    def convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        tokens = {i.name for i in self.spec.inputs if i.kind == "tokens"}
+        sparse = {
+            h.name
+            for h in self.spec.heads
+            if h.loss == "sparse_categorical_crossentropy"
+        }
+        return {
+            "inputs": {
+                k: self._tensor(v, k in tokens) for k, v in batch["inputs"].items()
+            },
+            "targets": {
+                k: self._tensor(v, k in sparse) for k, v in batch["targets"].items()
+            },
+            "sample_weights": {
+                k: self._tensor(v)
+                for k, v in (batch.get("sample_weights") or {}).items()
+            },
+        }
+
+    def forward(self, inputs: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        return self.model.run(inputs)
+
+    def head_loss(self, head: HeadSpec, output: Any, target: Any, sw: Any) -> Any:
+        v = per_example_loss(head, output, target)
+        if sw is not None:
+            v = v * sw
+        return v.sum() / v.shape[0]
+
+
+def build(spec: ModelSpec, dtype: str = "float64") -> TorchBuilt:
+    """The spec as a :class:`SpecModule` in ``dtype``, with the spec's weights."""
+    check_dtype(dtype)
+    weights = initial_weights(spec)
+    with torch.random.fork_rng(devices=[]):  # construction draws; keep user's RNG
+        model = SpecModule(spec).to(DTYPES[dtype])
+    kinds = {name: layer.kind for name, layer, _ in spec.layers()}
+    with torch.no_grad():
+        for layer, w in weights.items():
+            module = getattr(model, layer)
+            for attr, value in torch_params(kinds[layer], w).items():
+                getattr(module, attr).copy_(
+                    torch.as_tensor(np.ascontiguousarray(value))
+                )
+    return TorchBuilt(spec, model, dtype)
