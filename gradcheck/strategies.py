@@ -41,6 +41,7 @@ from gradcheck.architectures.spec import (
     ModelSpec,
     Node,
     Regularizer,
+    layer_output_shape,
 )
 from gradcheck.errors import InvalidArgumentError
 
@@ -399,7 +400,7 @@ def _architectures(draw: Any, cfg: dict[str, Any]) -> ModelSpec:
             layer = LayerSpec("embedding", raw[2])
         else:
             layer = _read_layer(raw, shape, kinds, acts)
-        prev, cur, shape = cur, f"{layer.kind}{i}", _shape_after(layer, shape)
+        prev, cur, shape = cur, f"{layer.kind}{i}", layer_output_shape(layer, shape)
         trunk.append(Node(cur, (prev,), layer))
         sources.insert(0, (cur, shape))
         if i == merge_at:
@@ -436,7 +437,7 @@ def _architectures(draw: Any, cfg: dict[str, Any]) -> ModelSpec:
         layers: list[LayerSpec] = []
         for raw_layer in present[:-1]:
             layers.append(_read_layer(raw_layer, shape, kinds, acts))
-            shape = _shape_after(layers[-1], shape)
+            shape = layer_output_shape(layers[-1], shape)
         if len(shape) == 2:
             layers.append(LayerSpec("pool"))
         layers.append(_read_output(present[-1], loss, logits, acts))
@@ -458,23 +459,6 @@ def _loss_choice(losses: Sequence[str]) -> st.SearchStrategy[tuple[str, bool]]:
     choices = [(loss, True) for loss in losses]
     choices += [(loss, False) for loss in losses if loss in CROSSENTROPIES]
     return st.sampled_from(choices)
-
-
-def _shape_after(layer: LayerSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-    k = layer.kind
-    if k == "embedding":
-        return shape + (layer.units,)
-    if k == "dense":
-        return shape[:-1] + (layer.units,)
-    if k == "layernorm":
-        return shape
-    if k == "pool":
-        return shape[1:]
-    if k in ("lstm", "gru"):
-        return ((shape[0],) if layer.return_sequences else ()) + (layer.units,)
-    # conv1d
-    steps = shape[0] if layer.padding == "same" else shape[0] - layer.kernel_size + 1
-    return (steps, layer.units)
 
 
 # ---------------------------------------------------------------- batches

@@ -402,6 +402,26 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def layer_output_shape(layer: LayerSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-example output shape of one layer applied to ``shape`` (no validation:
+    :func:`_layer_shape` checks first; the strategies use it on what they build)."""
+    k = layer.kind
+    if k == "embedding":
+        return shape + (layer.units,)
+    if k == "dense":
+        return shape[:-1] + (layer.units,)
+    if k == "layernorm":
+        return shape
+    if k == "pool":
+        return shape[1:]
+    if k in ("lstm", "gru"):
+        return ((shape[0],) if layer.return_sequences else ()) + (layer.units,)
+    if k == "conv1d":
+        same = layer.padding == "same"
+        return (shape[0] if same else shape[0] - layer.kernel_size + 1, layer.units)
+    raise InvalidArgumentError(f"{k!r} layers have no single-input output shape")
+
+
 def _layer_shape(
     where: str, layer: LayerSpec, srcs: list[tuple[str, tuple[int, ...], bool]]
 ) -> tuple[int, ...]:
@@ -446,27 +466,17 @@ def _layer_shape(
         raise _fail(
             f"{where}: {k} needs a sequence (steps, features), got shape {shape}"
         )
-    if k == "dense":
-        return shape[:-1] + (layer.units,)
-    if k == "layernorm":
-        return shape
-    if k == "pool":
-        return shape[1:]
-    if k in ("lstm", "gru"):
-        return ((shape[0],) if layer.return_sequences else ()) + (layer.units,)
     if k == "conv1d":
         if not _positive(layer.kernel_size):
             raise _fail(f"{where}: kernel_size must be >= 1")
         if layer.padding not in ("valid", "same"):
             raise _fail(f"{where}: padding is 'valid' or 'same'")
-        steps = (
-            shape[0] if layer.padding == "same" else shape[0] - layer.kernel_size + 1
-        )
-        if steps < 1:
+        if layer_output_shape(layer, shape)[0] < 1:
             raise _fail(
                 f"{where}: kernel_size {layer.kernel_size} exceeds {shape[0]} steps"
             )
-        return (steps, layer.units)
+    if k in ("dense", "layernorm", "pool", "lstm", "gru", "conv1d"):
+        return layer_output_shape(layer, shape)
     # merge
     ranks = {len(s) for _, s, _ in srcs}
     leading = {s[:-1] for _, s, _ in srcs}
