@@ -15,6 +15,7 @@ does); loss weights do not scale it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,7 @@ def has_regularization(spec: ModelSpec) -> bool:
     )
 
 
-class Built:
+class Built(ABC):
     """A model built from ``spec`` in one framework, with its losses.
 
     ``model`` is the framework's model (``nn.Module`` / ``keras.Model``); pass it as
@@ -65,18 +66,19 @@ class Built:
         self.regularized = has_regularization(spec)
 
     # ------------------------------------------------------------ per framework
+    @abstractmethod
     def convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch as framework tensors of the model's dtype."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, inputs: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         """Head outputs (dict in head order) and the regularization scalar."""
-        raise NotImplementedError
 
+    @abstractmethod
     def head_loss(
         self, head: HeadSpec, output: Any, target: Any, sample_weight: Any
     ) -> Any:
-        raise NotImplementedError
+        """One head's sum_over_batch_size loss."""
 
     # ------------------------------------------------------------ shared
     def evaluate(
