@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from gradcheck.backends.base import Session
+from gradcheck.backends.base import Session, TensorSpec
 from gradcheck.errors import InvalidArgumentError, NonFiniteError, UnsupportedInputError
 from gradcheck.numeric import tolerance as tl
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
@@ -94,8 +94,59 @@ def run(
             loss_fns[name], f"loss_fns[{name!r}]"
         )
         _finite(session, f"loss '{name}'", vals[name], grads[name])
+    report = judge(
+        session.specs,
+        w,
+        total_val,
+        g_total,
+        vals,
+        grads,
+        framework=session.framework,
+        seed=seed,
+        rtol=rtol,
+    )
+    if not report.passed:
+        # nondeterminism: the same total evaluated again
+        again, g_again = session.value_and_grads(total_fn, "total_fn")
+        if again != total_val or any(
+            (a is None) != (b is None) or (a is not None and not np.array_equal(a, b))
+            for a, b in zip(g_total, g_again, strict=True)
+        ):
+            report.status = "nondeterministic"
+            report.notes.insert(
+                0,
+                (
+                    f"total_fn gave different results at the same point ({total_val:.9e} then "
+                    f"{again:.9e}): dropout or another random op in train mode. Use eval mode "
+                    "or fix the RNG inside the loss functions."
+                ),
+            )
+    return session.finish(report, started)
 
-    specs = session.specs
+
+def judge(
+    specs: Sequence[TensorSpec],
+    weights: Mapping[str, float],
+    total_value: float | None,
+    g_total: Sequence[np.ndarray | None],
+    values: Mapping[str, float],
+    grads: Mapping[str, Sequence[np.ndarray | None]],
+    *,
+    framework: str,
+    seed: int,
+    rtol: float | None = None,
+    property: str = "linearity",
+    total_label: str = "the total",
+) -> CheckReport:
+    """Compare a total's gradient with sum_i w_i * grad(L_i), tensor by tensor.
+
+    Session-free, so every property that obtains the two sides some other way (a
+    training step's ``.grad``, Keras' own train step) shares one verdict, one
+    tolerance and one flow matrix. ``None`` gradients mean "does not reach";
+    ``total_value=None`` skips the comparison of loss values."""
+    names = list(weights)
+    w = dict(weights)
+    total_val, vals = total_value, values
     rho = [tl.gradient_rounding(s.dtype, rtol) for s in specs]
     zeros = [np.zeros(s.shape) for s in specs]
     gt = [z if g is None else g for z, g in zip(zeros, g_total, strict=True)]
@@ -103,7 +154,6 @@ def run(
         n: [z if g is None else g for z, g in zip(zeros, grads[n], strict=True)]
         for n in names
     }
-
     tensors, worst = [], (-1.0, None)
     flow_norms, flow_reach, effective = [], [], []
     for t, spec in enumerate(specs):
@@ -153,11 +203,11 @@ def run(
     spec = specs[t]
     tr = tensors[t]
     report = CheckReport(
-        property="linearity",
+        property=property,
         status="passed" if ratio_max <= 1 else "mismatch",
-        framework=session.framework,
-        device=session.device,
-        dtype=session.dtype,
+        framework=framework,
+        device=_joined(s.device for s in specs),
+        dtype=_dtype(specs),
         seed=seed,
         mode="analytic",
         error=tr.error or 0.0,
@@ -175,12 +225,12 @@ def run(
     value_sum = sum(w[n] * vals[n] for n in names)
     value_tol = (
         tl.ROUNDING_SIGMAS
-        * max(rho)
-        * (abs(total_val) + sum(abs(w[n] * vals[n]) for n in names))
+        * max(rho, default=0.0)
+        * (abs(total_val or 0.0) + sum(abs(w[n] * vals[n]) for n in names))
     )
-    if abs(total_val - value_sum) > value_tol:
+    if total_val is not None and abs(total_val - value_sum) > value_tol:
         report.notes.append(
-            f"the total's value {total_val:.6e} differs from sum_i w_i * loss_i = "
+            f"{total_label}'s value {total_val:.6e} differs from sum_i w_i * loss_i = "
             f"{value_sum:.6e} (by {abs(total_val - value_sum):.3e}): the total adds or "
             "weights something else (a regularizer, a different weight, a missing head)."
         )
@@ -200,22 +250,17 @@ def run(
             quantity="gradient (numerical = sum_i w_i dL_i, analytical = d total)",
         )
         report.notes.append(_explain(spec.name, names, w, effective[t], flow_reach[t]))
-        # nondeterminism: the same total evaluated again
-        again, g_again = session.value_and_grads(total_fn, "total_fn")
-        if again != total_val or any(
-            (a is None) != (b is None) or (a is not None and not np.array_equal(a, b))
-            for a, b in zip(g_total, g_again, strict=True)
-        ):
-            report.status = "nondeterministic"
-            report.notes.insert(
-                0,
-                (
-                    f"total_fn gave different results at the same point ({total_val:.9e} then "
-                    f"{again:.9e}): dropout or another random op in train mode. Use eval mode "
-                    "or fix the RNG inside the loss functions."
-                ),
-            )
-    return session.finish(report, started)
+    return report
+
+
+def _joined(devices: Any) -> str:
+    d = sorted(set(devices))
+    return ",".join(d) if d else "cpu"
+
+
+def _dtype(specs: Sequence[TensorSpec]) -> str:
+    dtypes = sorted({s.dtype for s in specs})
+    return dtypes[0] if len(dtypes) == 1 else "mixed(" + ",".join(dtypes) + ")"
 
 
 def _finite(
