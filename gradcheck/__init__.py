@@ -8,8 +8,10 @@ Importing gradcheck imports no framework; a backend loads when its tensors appea
 from gradcheck.api import (
     assert_gradients,
     assert_linearity,
+    assert_locality,
     check_gradients,
     check_linearity,
+    check_locality,
 )
 from gradcheck.errors import (
     FrameworkNotInstalledError,
@@ -43,6 +45,8 @@ __all__ = [
     "__version__",
     "assert_gradients",
     "assert_linearity",
+    "assert_locality",
     "check_gradients",
     "check_linearity",
+    "check_locality",
 ]

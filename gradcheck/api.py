@@ -8,10 +8,17 @@ from typing import Any
 
 from gradcheck.backends import open_session
 from gradcheck.errors import GradientMismatchError, InvalidArgumentError
-from gradcheck.properties import finite_difference, linearity
+from gradcheck.properties import finite_difference, linearity, locality
 from gradcheck.result import CheckReport
 
-__all__ = ["assert_gradients", "assert_linearity", "check_gradients", "check_linearity"]
+__all__ = [
+    "assert_gradients",
+    "assert_linearity",
+    "assert_locality",
+    "check_gradients",
+    "check_linearity",
+    "check_locality",
+]
 
 #: seed=None means this seed (or $GRADCHECK_SEED): checks are deterministic by
 #: default, so a CI failure reproduces locally; pass seed= to vary directions.
@@ -118,6 +125,50 @@ def assert_linearity(
 ) -> CheckReport:
     """Like :func:`check_linearity`; raises :class:`GradientMismatchError` on failure."""
     report = check_linearity(total_fn, loss_fns, weights, inputs, **kwargs)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    return report
+
+
+def check_locality(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Any = (),
+    *,
+    expected: Mapping[str, Any],
+    params: Any = None,
+    seed: int | None = None,
+    rtol: float | None = None,
+    label: str | None = None,
+) -> CheckReport:
+    """Check that each loss reaches exactly the parameters the architecture says.
+
+    ``expected`` maps tensor names, layer names (a dotted or slashed prefix such as
+    ``"heads.aux"``) or globs to the losses that should reach them; every
+    differentiated tensor must be covered. For a model built from a spec,
+    ``built.expected_flow()`` is this dict. Also checks the weights (as
+    :func:`check_linearity`) and that tensors only zero-weight losses reach get
+    exactly zero gradient. The report's ``flow.expected`` holds the expectation
+    next to ``flow.reaches``."""
+    s = _seed(seed)
+    linearity.validate(loss_fns, weights)
+    with open_session(total_fn, _inputs(inputs), params) as session:
+        report = locality.run(
+            session, total_fn, loss_fns, weights, expected, seed=s, rtol=rtol
+        )
+    return _publish(report, label)
+
+
+def assert_locality(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Any = (),
+    **kwargs: Any,
+) -> CheckReport:
+    """Like :func:`check_locality`; raises :class:`GradientMismatchError` on failure."""
+    report = check_locality(total_fn, loss_fns, weights, inputs, **kwargs)
     if not report.passed:
         raise GradientMismatchError(report)
     return report

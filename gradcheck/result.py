@@ -95,6 +95,8 @@ class FlowMatrix:
     reaches: list[list[bool]]
     total_norms: list[float]
     effective_weights: list[list[float | None]] = field(default_factory=list)
+    #: For the locality check: whether the architecture says loss i reaches tensor t.
+    expected: list[list[bool]] = field(default_factory=list)
 
     def reached_by(self, tensor: str) -> list[str]:
         row = self.reaches[self.tensors.index(tensor)]
@@ -154,7 +156,9 @@ class CheckReport:
         loc = self.location
         if loc is not None:
             what = loc.quantity + (f" of loss '{loc.head}'" if loc.head else "")
-            lines.append(f"  {what} w.r.t. {loc.describe()}:")
+            numbers = (loc.numerical, loc.analytical, loc.tolerance)
+            colon = ":" if any(v is not None for v in numbers) else ""
+            lines.append(f"  {what} w.r.t. {loc.describe()}{colon}")
             if loc.numerical is not None:
                 lines.append(f"    numerical  = {_fmt(loc.numerical)}")
             if loc.analytical is not None:

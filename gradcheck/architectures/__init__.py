@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gradcheck.architectures.data import random_batch
+from gradcheck.architectures.flow import expected_flow
 from gradcheck.architectures.spec import (
     ACTIVATIONS,
     KINKED_ACTIVATIONS,
@@ -51,6 +52,7 @@ __all__ = [
     "Regularizer",
     "build_keras",
     "build_torch",
+    "expected_flow",
     "initial_weights",
     "random_batch",
     "to_code",

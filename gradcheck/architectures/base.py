@@ -58,6 +58,8 @@ class Built(ABC):
     ``params=`` to the checks. Methods take a batch (see the module docstring)."""
 
     framework = ""
+    #: how the framework names a layer's kernel tensor ("{}.weight" in torch)
+    kernel_format = "{}/kernel"
 
     def __init__(self, spec: ModelSpec, model: Any, dtype: str):
         self.spec = spec
@@ -137,3 +139,11 @@ class Built(ABC):
         if self.regularized:
             w[REGULARIZATION] = 1.0
         return w
+
+    def expected_flow(self) -> dict[str, list[str]]:
+        """What the architecture implies: ``{layer or kernel tensor: losses that
+        reach it}``, the ``expected=`` of :func:`gradcheck.check_locality`, with the
+        loss names of :meth:`loss_fns`."""
+        from gradcheck.architectures.flow import expected_flow
+
+        return expected_flow(self.spec, self.kernel_format.format)

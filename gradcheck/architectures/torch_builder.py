@@ -186,6 +186,7 @@ def per_example_loss(head: HeadSpec, y: torch.Tensor, t: torch.Tensor) -> torch.
 
 class TorchBuilt(Built):
     framework = "torch"
+    kernel_format = "{}.weight"
 
     def __init__(self, spec: ModelSpec, model: SpecModule, dtype: str):
         super().__init__(spec, model, dtype)
