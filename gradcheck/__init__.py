@@ -6,9 +6,11 @@ Importing gradcheck imports no framework; a backend loads when its tensors appea
 """
 
 from gradcheck.api import (
+    assert_cross_framework,
     assert_gradients,
     assert_linearity,
     assert_locality,
+    check_cross_framework,
     check_gradients,
     check_linearity,
     check_locality,
@@ -43,9 +45,11 @@ __all__ = [
     "TensorResult",
     "UnsupportedInputError",
     "__version__",
+    "assert_cross_framework",
     "assert_gradients",
     "assert_linearity",
     "assert_locality",
+    "check_cross_framework",
     "check_gradients",
     "check_linearity",
     "check_locality",

@@ -8,13 +8,15 @@ from typing import Any
 
 from gradcheck.backends import open_session
 from gradcheck.errors import GradientMismatchError, InvalidArgumentError
-from gradcheck.properties import finite_difference, linearity, locality
+from gradcheck.properties import cross_framework, finite_difference, linearity, locality
 from gradcheck.result import CheckReport
 
 __all__ = [
+    "assert_cross_framework",
     "assert_gradients",
     "assert_linearity",
     "assert_locality",
+    "check_cross_framework",
     "check_gradients",
     "check_linearity",
     "check_locality",
@@ -169,6 +171,39 @@ def assert_locality(
 ) -> CheckReport:
     """Like :func:`check_locality`; raises :class:`GradientMismatchError` on failure."""
     report = check_locality(total_fn, loss_fns, weights, inputs, **kwargs)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    return report
+
+
+def check_cross_framework(
+    spec: Any,
+    batch: Mapping[str, Any] | None = None,
+    *,
+    dtype: str = "float64",
+    seed: int | None = None,
+    rtol: float | None = None,
+    label: str | None = None,
+) -> CheckReport:
+    """Build ``spec`` (a :class:`gradcheck.architectures.ModelSpec`) in PyTorch and in
+    Keras with the same weights and check that every loss and its gradient with
+    respect to every weight agree, elementwise, within ``dtype``'s rounding.
+
+    ``batch`` defaults to ``random_batch(spec, 8, seed)``. Needs torch and Keras on
+    the TensorFlow backend. Gradients are compared in the spec's neutral layout, so
+    the report names parameters as ``"layer/kernel"``."""
+    from gradcheck.architectures.base import check_dtype
+
+    s = _seed(seed)
+    report = cross_framework.run(
+        spec, batch, dtype=check_dtype(dtype), seed=s, rtol=rtol
+    )
+    return _publish(report, label)
+
+
+def assert_cross_framework(spec: Any, batch: Any = None, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_cross_framework`; raises :class:`GradientMismatchError`."""
+    report = check_cross_framework(spec, batch, **kwargs)
     if not report.passed:
         raise GradientMismatchError(report)
     return report

@@ -38,7 +38,8 @@ class Location:
     tolerance: float | None = None
     #: What the numbers are: "partial derivative", "directional derivative", ...
     quantity: str = "partial derivative"
-    #: For linearity checks: the loss/head this location concerns, if one.
+    #: For linearity checks: the loss/head this location concerns, if one. When
+    #: ``tensor == head`` the location is that loss's value itself.
     head: str | None = None
 
     def describe(self) -> str:
@@ -158,7 +159,9 @@ class CheckReport:
             what = loc.quantity + (f" of loss '{loc.head}'" if loc.head else "")
             numbers = (loc.numerical, loc.analytical, loc.tolerance)
             colon = ":" if any(v is not None for v in numbers) else ""
-            lines.append(f"  {what} w.r.t. {loc.describe()}{colon}")
+            # tensor == head: the location is the loss's value, not a gradient
+            wrt = "" if loc.tensor == loc.head else f" w.r.t. {loc.describe()}"
+            lines.append(f"  {what}{wrt}{colon}")
             if loc.numerical is not None:
                 lines.append(f"    numerical  = {_fmt(loc.numerical)}")
             if loc.analytical is not None:
