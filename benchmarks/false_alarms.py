@@ -1,15 +1,19 @@
-"""False alarms and misses over many seeded multi-head models, ReLU included.
+"""False alarms, misses and examples per second of the audit's property suite.
 
-Runs the audit's cases (gradcheck/audit.py: a trunk, a main head and an auxiliary
-head with a random loss weight; correct and planted-bug variants) for N models per
-framework and dtype, with smooth and ReLU activations, and counts every verdict:
+Runs every audit job (gradcheck/audit.py: one property x framework x dtype, on
+generated multi-head models, correct or with a planted bug) with N generated models
+each and counts verdicts:
 
-* correct models: "passed" is right; "nondifferentiable" is allowed for ReLU
-  (a kink crossed); "mismatch" is a false alarm;
-* planted bugs (backward off by 1e-5 in float64, 1e-3 in float32; a detached
-  auxiliary branch): anything but "passed" is a catch.
+* correct models: every report must be "passed"; anything else is a false alarm;
+* planted bugs: anything but "passed" is a catch; "passed" is a miss.
 
-Usage: PYTHONPATH=. python benchmarks/false_alarms.py [--examples N] [--json P]
+A job that finds a counterexample stops there and shrinks it (that is the audit's
+job); this script prints it and counts the examples run up to it.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/false_alarms.py --examples 250 \
+        [--dtype float32] [--framework torch] [--json reports/false_alarms.json]
 """
 
 from __future__ import annotations
@@ -26,70 +30,86 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from gradcheck import audit  # noqa: E402
 
 
-def run(examples: int, seed: int, frameworks: list[str]) -> dict:
-    acts = ("tanh", "gelu", "softplus", "relu")
-    counts: Counter = Counter()
-    seconds: Counter = Counter()
-    for fw in frameworks:
-        if not audit.available(fw):
+def run(examples: int, seed: int, frameworks: list[str], dtypes: list[str]) -> dict:
+    present = [fw for fw in frameworks if audit.available(fw)]
+    rows = []
+    for i, job in enumerate(audit.jobs(present, seed)):
+        if job.dtype not in dtypes or job.skip is not None:
             continue
-        for case in audit.cases(fw, examples, seed, activations=acts):
-            t0 = time.perf_counter()
-            status = case.run().status
-            seconds[fw] += time.perf_counter() - t0
-            kind = "correct" if case.expect_pass else "planted"
-            counts[(fw, case.dtype, case.property, kind, status)] += 1
-    rows = [
-        {
-            "framework": k[0],
-            "dtype": k[1],
-            "property": k[2],
-            "model": k[3],
-            "status": k[4],
-            "count": n,
+        out = audit.run_job(job, examples, seed + i)
+        statuses = Counter(out.statuses)
+        n = out.examples
+        if job.expect_pass:
+            wrong = n - statuses.get("passed", 0)
+        else:
+            wrong = statuses.get("passed", 0)
+        row = {
+            "job": job.name,
+            "framework": job.framework,
+            "dtype": job.dtype,
+            "property": job.property,
+            "kind": "correct" if job.expect_pass else "planted",
+            "examples": n,
+            "statuses": dict(statuses),
+            "false_alarms" if job.expect_pass else "misses": wrong,
+            "seconds": round(out.seconds, 2),
+            "examples_per_second": round(n / out.seconds, 2) if out.seconds else None,
+            "verdict": out.verdict,
+            "error": out.error,
+            "counterexample": out.code,
         }
-        for k, n in sorted(counts.items())
-    ]
-    false_alarms = sum(
-        r["count"]
-        for r in rows
-        if r["model"] == "correct" and r["status"] == "mismatch"
-    )
-    misses = sum(
-        r["count"] for r in rows if r["model"] == "planted" and r["status"] == "passed"
-    )
-    return {
-        "examples_per_framework_and_dtype": examples,
-        "seed": seed,
-        "activations": acts,
-        "rows": rows,
-        "false_alarms": false_alarms,
-        "misses": misses,
-        "seconds": dict(seconds),
-    }
+        rows.append(row)
+        print(
+            f"{job.name:<78} n={n:<5} {dict(statuses)} {out.seconds:7.1f}s "
+            f"{row['examples_per_second']}/s {out.verdict}",
+            flush=True,
+        )
+        if out.code:
+            print(out.report.message() if out.report else out.error)
+            print(out.code)
+    totals: dict = {}
+    for fw in {r["framework"] for r in rows}:
+        mine = [r for r in rows if r["framework"] == fw]
+        totals[fw] = {
+            "correct_examples": sum(
+                r["examples"] for r in mine if r["kind"] == "correct"
+            ),
+            "false_alarms": sum(r.get("false_alarms", 0) for r in mine),
+            "planted_examples": sum(
+                r["examples"] for r in mine if r["kind"] == "planted"
+            ),
+            "misses": sum(r.get("misses", 0) for r in mine),
+            "seconds": round(sum(r["seconds"] for r in mine), 1),
+        }
+        t = totals[fw]
+        t["examples_per_second"] = round(
+            (t["correct_examples"] + t["planted_examples"]) / t["seconds"], 2
+        )
+    return {"examples_per_job": examples, "seed": seed, "totals": totals, "jobs": rows}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--examples", type=int, default=100)
-    p.add_argument("--seed", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--framework", choices=[*audit.FRAMEWORKS, "all"], default="all")
-    p.add_argument("--json", type=Path, default=Path("reports/false_alarms.json"))
+    p.add_argument("--dtype", choices=[*audit.DTYPES, "all"], default="all")
+    p.add_argument("--json", type=Path)
     args = p.parse_args()
     fws = list(audit.FRAMEWORKS) if args.framework == "all" else [args.framework]
-    result = run(args.examples, args.seed, fws)
-    for r in result["rows"]:
+    dtypes = list(audit.DTYPES) if args.dtype == "all" else [args.dtype]
+    started = time.perf_counter()
+    res = run(args.examples, args.seed, fws, dtypes)
+    res["wall_seconds"] = round(time.perf_counter() - started, 1)
+    for fw, t in res["totals"].items():
         print(
-            f"{r['framework']:<11} {r['dtype']:<8} {r['property']:<18} "
-            f"{r['model']:<8} {r['status']:<18} {r['count']:>5}"
+            f"{fw}: {t['correct_examples']} correct models, false alarms "
+            f"{t['false_alarms']}; {t['planted_examples']} planted, misses "
+            f"{t['misses']}; {t['seconds']}s, {t['examples_per_second']} examples/s"
         )
-    print(
-        f"false alarms (mismatch on a correct model): {result['false_alarms']}; "
-        f"misses (planted bug passed): {result['misses']}; "
-        f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in result['seconds'].items())}"
-    )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

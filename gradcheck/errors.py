@@ -24,6 +24,11 @@ __all__ = [
     "MixedFrameworksError",
     "ShapeChangedError",
     "FrameworkNotInstalledError",
+    "DeviceUnavailableError",
+    "NoGradientError",
+    "NotCompiledError",
+    "ClassWeightError",
+    "KerasStepError",
     "GradientMismatchError",
 ]
 
@@ -60,9 +65,32 @@ class FrameworkNotInstalledError(GradcheckError, ImportError):
     """A backend's framework is not importable."""
 
 
+class NoGradientError(GradcheckError):
+    """A training step left no ``.grad`` on any parameter although the losses have a
+    gradient: backward() never ran, or a zero_grad() after it cleared the result."""
+
+
+class DeviceUnavailableError(GradcheckError):
+    """A requested device (a GPU, ``"cuda:1"``, ``"/GPU:0"``) does not exist here."""
+
+
 class GradientMismatchError(AssertionError):
     """A gradient check failed. ``.report`` holds the full :class:`CheckReport`."""
 
     def __init__(self, report: CheckReport):
         self.report = report
         super().__init__(report.message())
+
+
+class NotCompiledError(GradcheckError):
+    """A Keras model was not compiled (or compiled without ``loss=``), so there is
+    no train step, or no loss configuration, to check."""
+
+
+class ClassWeightError(InvalidArgumentError):
+    """``class_weight`` was given for a model with several outputs: Keras maps one
+    class table onto one target only."""
+
+
+class KerasStepError(GradcheckError):
+    """Keras' own train step (``train_on_batch``) raised on the given data."""

@@ -11,6 +11,21 @@ differentiated tensors, the module's other floating parameters and buffers, and 
 floating inputs (Chainer's trick). If ``fn`` cannot run that way (a float32 tensor
 captured in a closure, an explicit ``.float()``), the backend falls back to the
 native precision and says so in the report's notes.
+
+Placement: everything runs where the user's tensors live. The float64 copies, the
+perturbation x + t*d and the scratch buffers are made on each tensor's own device,
+and only results (outputs, gradients) travel to the host, as float64 NumPy arrays.
+The reference therefore runs on the same GPU as the model, not on a float64 CPU
+copy. Accuracy is the same: CUDA float64 arithmetic is IEEE binary64 as on the CPU
+(library functions such as exp/tanh may differ by an ulp, ~1e-16, far below any
+tolerance here); TF32 never touches float64. Cost decides: a CPU copy would move
+every parameter, buffer and input to the host for each of the dozens of reference
+evaluations and run them at CPU speed, and a function that builds tensors on
+``x.device`` (or a model with hard-wired ``.cuda()`` calls) might not run there at
+all. float64 throughput is 1/2 of float32 on data-centre GPUs (A100/H100) and
+1/32-1/64 on consumer cards, which for a model of any size is still no slower than
+the CPU. The analytical side runs in the user's dtype on the same device; where
+TF32 is in play there (float32 on Ampere or newer), a note says so.
 """
 
 from __future__ import annotations
@@ -82,6 +97,7 @@ class _State:
 
     def __init__(self, modules: list[torch.nn.Module], params: list[torch.Tensor]):
         self.rng_cpu = torch.get_rng_state()
+        # reading the CUDA states would initialise CUDA: only when it already is
         self.rng_cuda = (
             torch.cuda.get_rng_state_all()
             if torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -114,6 +130,12 @@ class _State:
         torch.set_rng_state(self.rng_cpu)
         if self.rng_cuda is not None:
             torch.cuda.set_rng_state_all(self.rng_cuda)
+        elif torch.cuda.is_available() and torch.cuda.is_initialized():
+            # fn started CUDA during the check: return every generator to the
+            # state it was initialised in (its initial seed, offset 0), which is
+            # what the user's first CUDA draw would have seen
+            for gen in torch.cuda.default_generators:
+                gen.manual_seed(gen.initial_seed())
         np.random.set_state(self.rng_np)
         random.setstate(self.rng_py)
 
@@ -220,6 +242,7 @@ class TorchSession(Session):
                     f"'{spec.name}' has dtype {spec.dtype}, which gradcheck does not check."
                 )
         self.specs = specs
+        self._note_tf32(specs)
         # Work on clones: the user's storage is never written, even by an fn that
         # mutates its tensors in place; buffers (BatchNorm statistics) are cloned too.
         self._original = {id(p): data for p, data, _, _ in self._state.params}
@@ -237,6 +260,17 @@ class TorchSession(Session):
         self._scratch_buffers: dict[int, torch.Tensor] = {}
         self._promoted: bool | None = None  # decided at the first reference evaluation
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _note_tf32(self, specs: list[TensorSpec]) -> None:
+        """Say so when float32 tensors live on a GPU where TF32 is in play: the
+        analytical gradients then carry TF32's rounding, not float32's."""
+        from gradcheck.devices import tf32_note
+
+        for device in sorted({s.device for s in specs if s.device.startswith("cuda")}):
+            dtypes = [s.dtype for s in specs if s.device == device]
+            note = tf32_note(FRAMEWORK, device, dtypes)
+            if note:
+                self.notes.append(note)
 
     @staticmethod
     def _spec(name: str, t: torch.Tensor, kind: str) -> TensorSpec:
@@ -342,7 +376,7 @@ class TorchSession(Session):
             handles.append(
                 None
                 if d is None
-                else torch.as_tensor(d, dtype=torch.float64).to(base.device)
+                else torch.as_tensor(d, dtype=torch.float64, device=base.device)
             )
         return handles
 
