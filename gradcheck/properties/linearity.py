@@ -137,13 +137,17 @@ def judge(
     rtol: float | None = None,
     property: str = "linearity",
     total_label: str = "the total",
+    floor_scale: float | None = None,
 ) -> CheckReport:
     """Compare a total's gradient with sum_i w_i * grad(L_i), tensor by tensor.
 
     Session-free, so every property that obtains the two sides some other way (a
     training step's ``.grad``, Keras' own train step) shares one verdict, one
     tolerance and one flow matrix. ``None`` gradients mean "does not reach";
-    ``total_value=None`` skips the comparison of loss values."""
+    ``total_value=None`` skips the comparison of loss values. ``floor_scale``: a
+    gradient magnitude (e.g. the largest element over all tensors) that every
+    tensor's rounding floor is at least FLOOR x, for gradients that are ~0 by
+    cancellation of larger terms elsewhere (a bias before BatchNorm)."""
     names = list(weights)
     w = dict(weights)
     total_val, vals = total_value, values
@@ -159,7 +163,7 @@ def judge(
     for t, spec in enumerate(specs):
         expected = sum((w[n] * gi[n][t] for n in names), start=np.zeros(spec.shape))
         magnitude = sum((np.abs(w[n] * gi[n][t]) for n in names), start=np.abs(gt[t]))
-        scale = float(np.max(magnitude, initial=0.0))
+        scale = max(float(np.max(magnitude, initial=0.0)), floor_scale or 0.0)
         tol = tl.ROUNDING_SIGMAS * rho[t] * (magnitude + FLOOR * scale)
         err = np.abs(gt[t] - expected)
         ratio = np.where(
@@ -249,7 +253,9 @@ def judge(
             head=culprit,
             quantity="gradient (numerical = sum_i w_i dL_i, analytical = d total)",
         )
-        report.notes.append(_explain(spec.name, names, w, effective[t], flow_reach[t]))
+        report.notes.append(
+            _explain(spec.name, names, w, effective[t], flow_reach[t], total_label)
+        )
     return report
 
 
@@ -306,6 +312,7 @@ def _explain(
     w: dict[str, float],
     eff: list[float | None],
     reach: list[bool],
+    total_label: str = "the total",
 ) -> str:
     parts = []
     for n, e, r in zip(names, eff, reach, strict=True):
@@ -320,9 +327,10 @@ def _explain(
             )
             parts.append(f"'{n}' {what} instead of {w[n]:.6g}")
     if not parts:
+        inside = "total_fn" if total_label == "the total" else total_label
         return (
-            f"in '{tensor}' the total's gradient is not a weighted sum of the per-loss "
-            "gradients: it contains a term none of the losses has (a regularizer or an "
-            "extra loss inside total_fn?)."
+            f"in '{tensor}' {total_label}'s gradient is not a weighted sum of the "
+            "per-loss gradients: it contains a term none of the losses has (a "
+            f"regularizer or an extra loss inside {inside}?)."
         )
-    return f"in '{tensor}' the total's gradient carries " + "; ".join(parts) + "."
+    return f"in '{tensor}' {total_label}'s gradient carries " + "; ".join(parts) + "."
