@@ -16,22 +16,27 @@ from gradcheck.api import (
     check_locality,
 )
 from gradcheck.errors import (
+    DeviceUnavailableError,
     FrameworkNotInstalledError,
     GradcheckError,
     GradientMismatchError,
     InvalidArgumentError,
     MixedFrameworksError,
+    NoGradientError,
     NonFiniteError,
     NothingToDifferentiateError,
     ShapeChangedError,
     UnsupportedInputError,
 )
+from gradcheck.properties.devices import assert_devices, check_devices
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
+from gradcheck.training_api import assert_training_step, check_training_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckReport",
+    "DeviceUnavailableError",
     "FlowMatrix",
     "FrameworkNotInstalledError",
     "GradcheckError",
@@ -39,6 +44,7 @@ __all__ = [
     "InvalidArgumentError",
     "Location",
     "MixedFrameworksError",
+    "NoGradientError",
     "NonFiniteError",
     "NothingToDifferentiateError",
     "ShapeChangedError",
@@ -46,11 +52,15 @@ __all__ = [
     "UnsupportedInputError",
     "__version__",
     "assert_cross_framework",
+    "assert_devices",
     "assert_gradients",
     "assert_linearity",
     "assert_locality",
+    "assert_training_step",
     "check_cross_framework",
+    "check_devices",
     "check_gradients",
     "check_linearity",
     "check_locality",
+    "check_training_step",
 ]

@@ -1,69 +1,84 @@
-"""Audit cases for TensorFlow/Keras (imported only when TF is installed and audited)."""
+"""The audit's planted bugs for TensorFlow/Keras (imported only when TF is audited)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from gradcheck.audit import Losses  # noqa: E402
 
+def scaled_backward(fn: Callable[[], Any], rel: float) -> Callable[[], Any]:
+    """``fn`` with a backward ``1 + rel`` times too large."""
 
-def _scaled(rel: float):
     @tf.custom_gradient
-    def scaled(x):
-        def grad(g):
-            return g * (1 + rel)
+    def scaled(x: Any) -> Any:
+        return tf.identity(x), lambda g: g * (1 + rel)
 
-        return tf.identity(x), grad
-
-    return scaled
+    return lambda: scaled(fn())
 
 
-def _model(seed: int, dtype: str, activations: tuple[str, ...]):
-    import keras
+@contextlib.contextmanager
+def cut_head(built: Any, head: str) -> Iterator[None]:
+    """``tf.stop_gradient`` on the input of ``head``'s first layer with weights,
+    for the duration of the block."""
+    for name in built.spec.head(head).layer_names():
+        layer = built.model.get_layer(name)
+        if layer.weights:
+            break
+    original = layer.call
 
-    rng = np.random.default_rng(seed)
-    n_in, width = int(rng.integers(3, 12)), int(rng.integers(4, 32))
-    n_cls, batch = int(rng.integers(2, 6)), int(rng.integers(4, 33))
-    act = activations[int(rng.integers(len(activations)))]
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((n_in,), dtype=dtype)
-    h = keras.layers.Dense(width, act, dtype=dtype)(inp)
-    h = keras.layers.Dense(width, act, dtype=dtype)(h)
-    trunk = keras.Model(inp, h)
-    main = keras.layers.Dense(1, dtype=dtype)
-    aux = keras.layers.Dense(n_cls, dtype=dtype)
-    main.build((None, width))
-    aux.build((None, width))
-    x = tf.constant(rng.standard_normal((batch, n_in)), dtype=dtype)
-    y = tf.constant(rng.standard_normal((batch, 1)), dtype=dtype)
-    c = tf.constant(rng.integers(0, n_cls, batch))
-    weights = {"main": 1.0, "aux": float(rng.choice([0.0, 1e-3, 0.3, 2.5]))}
-    return trunk, main, aux, x, y, c, weights
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(tf.stop_gradient(inputs), *args, **kwargs)
+
+    layer.call = call
+    try:
+        yield
+    finally:
+        layer.call = original
 
 
-def build(
-    dtype: str, seed: int, rel: float, activations: tuple[str, ...]
-) -> tuple[dict[str, Any], Losses, dict[str, float]]:
-    """A seeded two-head Keras model, its per-head losses and loss weights."""
-    trunk, main, aux, x, y, c, w = _model(seed, dtype, activations)
-    bug = _scaled(rel)
+def perturbed_builders(rel: float) -> tuple[Any, Any]:
+    """(build_torch, a build_keras whose last head's loss is ``1 + rel`` times too
+    large): two builds of one spec that are not the same model."""
+    from gradcheck.architectures import build_keras, build_torch
 
-    def losses(planted: bool = False, detach: bool = False) -> dict[str, tf.Tensor]:
-        h = trunk(x)
-        if planted:
-            h = bug(h)
-        logits = aux(tf.stop_gradient(h) if detach else h)
-        return {
-            "main": tf.reduce_mean(tf.square(main(h) - y)),
-            "aux": tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=c, logits=logits)
-            ),
-        }
+    def build(spec: Any, dtype: str) -> Any:
+        built = build_keras(spec, dtype)
+        last = spec.heads[-1].name
+        head_loss = built.head_loss
 
-    return {"trunk": trunk, "main": main, "aux": aux}, losses, w
+        def wrong(head: Any, output: Any, target: Any, sw: Any) -> Any:
+            loss = head_loss(head, output, target, sw)
+            return loss * (1 + rel) if head.name == last else loss
+
+        built.head_loss = wrong
+        return built
+
+    return build_torch, build
+
+
+def on_device(check: Callable[..., Any], device: str) -> Callable[..., Any]:
+    """``check`` run under ``tf.device(device)``: the model's ops go there."""
+
+    def run(*args: Any) -> Any:
+        with tf.device(device):
+            return check(*args)
+
+    return run
+
+
+def device_loss(built: Any, rel: float | None) -> Callable[[Any, Any], Any]:
+    """``loss_fn(model, batch)`` for gradcheck.check_devices (which runs it under
+    each ``tf.device``). ``rel``: plant a backward off by ``rel`` on GPUs only."""
+    def loss(model: Any, batch: Any) -> Any:
+        total = built.total(batch)
+        if rel is not None and "GPU" in total.device.upper():
+            return scaled_backward(lambda: total, rel)()
+        return total
+
+    return loss

@@ -1,74 +1,110 @@
-"""Audit cases for PyTorch (imported only when torch is installed and audited)."""
+"""The audit's planted bugs for PyTorch (imported only when torch is audited)."""
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
-import torch.nn.functional as F
-
-from gradcheck.audit import Losses
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class _Scaled(torch.autograd.Function):
     """Identity whose backward is off by a relative ``rel``: the planted bug."""
 
     @staticmethod
-    def forward(ctx, x, rel):
+    def forward(ctx: Any, x: torch.Tensor, rel: float) -> torch.Tensor:
         ctx.rel = rel
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         return g * (1 + ctx.rel), None
 
 
-ACT = {
-    "tanh": torch.nn.Tanh,
-    "gelu": torch.nn.GELU,
-    "softplus": torch.nn.Softplus,
-    "relu": torch.nn.ReLU,
-}
+def scaled_backward(fn: Callable[[], Any], rel: float) -> Callable[[], Any]:
+    """``fn`` with a backward ``1 + rel`` times too large."""
+    return lambda: _Scaled.apply(fn(), rel)
 
 
-def _model(seed: int, dtype: torch.dtype, activations: tuple[str, ...]):
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    n_in, width = int(rng.integers(3, 12)), int(rng.integers(4, 32))
-    n_cls, batch = int(rng.integers(2, 6)), int(rng.integers(4, 33))
-    act = ACT[activations[int(rng.integers(len(activations)))]]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        trunk = torch.nn.Sequential(
-            torch.nn.Linear(n_in, width), act(), torch.nn.Linear(width, width), act()
+@contextlib.contextmanager
+def cut_head(built: Any, head: str) -> Iterator[None]:
+    """Detach the input of ``head``'s first layer with parameters (the classic
+    ``features.detach()`` slip), for the duration of the block."""
+    spec = built.spec.head(head)
+    for name in spec.layer_names():
+        module = getattr(built.model, name, None)
+        if module is not None:
+            break
+    handle = module.register_forward_pre_hook(
+        lambda _m, args: tuple(a.detach() for a in args)
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- training step
+TRAINING_PROPERTY = "training_step"
+TRAINING_BUG = "micro-batch losses not scaled by their share of the batch"
+TRAINING_SPECS: dict[str, Any] = {}
+
+
+def _micro(batch: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    return {
+        key: {k: v[lo:hi] for k, v in (part or {}).items()}
+        for key, part in batch.items()
+    }
+
+
+def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
+    """A user's training step on a spec model: the batch in two micro-batches, each
+    micro-batch's total (sum_i w_i L_i + regularization) scaled by its share n_k/N
+    and back-propagated, then an SGD step (which the check undoes). With that
+    scaling the accumulated .grad is exactly the full batch's gradient whatever
+    the split; the planted bug forgets the scaling (a classic: .grad about 2x)."""
+    import gradcheck
+    from gradcheck.architectures import build_torch
+
+    def check(spec: Any, batch: dict[str, Any], seed: int) -> Any:
+        built = build_torch(spec, "float32")
+        n = len(next(iter(batch["inputs"].values())))
+        parts = [(0, n // 2), (n // 2, n)]
+        optimizer = torch.optim.SGD(built.model.parameters(), lr=0.1)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            for lo, hi in parts:
+                share = 1.0 if planted else (hi - lo) / n
+                (built.total(_micro(batch, lo, hi)) * share).backward()
+            optimizer.step()
+
+        return gradcheck.check_training_step(
+            step,
+            built.model,
+            built.loss_fns(batch),
+            built.loss_weights(),
+            seed=seed,
         )
-        heads = torch.nn.ModuleDict(
-            {"main": torch.nn.Linear(width, 1), "aux": torch.nn.Linear(width, n_cls)}
-        )
-    model = torch.nn.ModuleDict({"trunk": trunk, "heads": heads}).to(dtype)
-    x = torch.randn(batch, n_in, generator=g, dtype=dtype)
-    y = torch.randn(batch, 1, generator=g, dtype=dtype)
-    c = torch.randint(0, n_cls, (batch,), generator=g)
-    weights = {"main": 1.0, "aux": float(rng.choice([0.0, 1e-3, 0.3, 2.5]))}
-    return model, x, y, c, weights
+
+    return check
 
 
-def build(
-    dtype_name: str, seed: int, rel: float, activations: tuple[str, ...]
-) -> tuple[torch.nn.Module, Losses, dict[str, float]]:
-    """A seeded two-head model, its per-head losses and loss weights."""
-    model, x, y, c, w = _model(seed, DTYPES[dtype_name], activations)
+# ---------------------------------------------------------------- devices
+def device_loss(built: Any, rel: float | None) -> Callable[[Any, Any], Any]:
+    """``loss_fn(model, batch)`` for gradcheck.check_devices: the spec's total for
+    the model copy it is handed (on its device). ``rel``: plant a backward off by
+    ``rel`` that only happens on a GPU."""
+    import copy
 
-    def losses(planted: bool = False, detach: bool = False) -> dict[str, torch.Tensor]:
-        h = model["trunk"](x)
-        if planted:
-            h = _Scaled.apply(h, rel)
-        return {
-            "main": F.mse_loss(model["heads"]["main"](h), y),
-            "aux": F.cross_entropy(
-                model["heads"]["aux"](h.detach() if detach else h), c
-            ),
-        }
+    def loss(model: Any, batch: Any) -> Any:
+        on = copy.copy(built)
+        on.model = model
+        on.device = next(model.parameters()).device
+        total = on.total(batch)
+        if rel is not None and total.device.type == "cuda":
+            total = _Scaled.apply(total, rel)
+        return total
 
-    return model, losses, w
+    return loss

@@ -1,11 +1,20 @@
-"""The audit: does this machine's framework stack compute the gradients that
-total = sum_i w_i * loss_i implies, and does gradcheck see it?
+"""The audit: do this machine's frameworks compute the gradients that
+total = sum_i w_i * loss_i implies, and does gradcheck see it when they don't?
 
-Every case is a seeded multi-head model (a trunk, a main head and an auxiliary
-head with its own loss weight) checked with the engine, paired with a planted bug
-that must be caught. A case passes when its verdict is the expected one: "passed"
-for correct code, anything but "passed" for planted bugs. Frameworks are imported
-only here, and only those installed.
+The audit is a set of *jobs*. Each job is one property (finite differences,
+linearity, locality, the training paths, cross-framework agreement) in one
+framework and dtype, with an expectation:
+
+* ``correct``: on correct generated multi-head models the property holds;
+* ``planted``: with a bug planted in those models, the property catches it.
+
+A job is a hypothesis search for a counterexample to its expectation over generated
+specs (:func:`gradcheck.strategies.architectures`) and batches. When one is found,
+hypothesis shrinks it to a minimal model, and the outcome carries that model as code
+(``spec.to_code``) with the failing report: a reproducer, not a seed to chase.
+
+Frameworks are imported only when audited, and only those installed; a missing one
+is reported as skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,44 +34,111 @@ import gradcheck
 from gradcheck.result import CheckReport
 
 FRAMEWORKS = ("torch", "tensorflow")
-DISTRIBUTIONS = {"torch": ("torch",), "tensorflow": ("tensorflow", "tensorflow-cpu")}
-#: what a planted bug's relative size is, per dtype: the promised detection limits
+DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "keras": ("keras",),
+}
+DTYPES = ("float64", "float32")
+#: examples per job for each hypothesis profile (``--examples`` overrides)
+PROFILES = {"ci": 4, "thorough": 60}
+#: relative size of the planted scaled-backward bug: the promised detection limits
 PLANTED = {"float64": 1e-5, "float32": 1e-3}
+#: the finite-difference jobs draw smooth models: a correct model must pass
+#: outright (kinks are judged "nondifferentiable", measured in benchmarks/)
+SMOOTH_ACTIVATIONS = ("linear", "tanh", "sigmoid", "gelu", "softplus", "elu")
+SMOOTH_LOSSES = (
+    "mse",
+    "categorical_crossentropy",
+    "sparse_categorical_crossentropy",
+    "binary_crossentropy",
+)
+
+
+class _Counterexample(Exception):
+    """Raised inside the hypothesis search when an example defies the expectation."""
 
 
 @dataclass
-class Case:
-    name: str
+class Job:
+    """One property, framework and dtype, and what it is expected to do."""
+
     framework: str
-    dtype: str
     property: str
-    expect_pass: bool
-    run: Callable[[], CheckReport]
+    dtype: str
+    planted: str | None  # the bug planted, or None for correct models
+    check: Callable[[Any, dict[str, Any], int], CheckReport]
+    strategy: Callable[[], Any]
+    skip: str | None = None
+    min_batch: int = 1
+    device: str = "cpu"
+
+    @property
+    def batch_options(self) -> dict[str, Any]:
+        # a planted bug must be observable: per-head sample weights that are all
+        # zero would silence a head, and a missed bug there is no miss at all
+        return {
+            "min_size": self.min_batch,
+            "max_size": 6,
+            "sample_weights": self.planted is None,
+        }
+
+    @property
+    def expect_pass(self) -> bool:
+        return self.planted is None
+
+    @property
+    def name(self) -> str:
+        what = f"planted {self.planted}" if self.planted else "correct models"
+        where = "" if self.device in ("cpu", "/CPU:0") else f"/{self.device}"
+        return f"{self.framework}{where}/{self.dtype}/{self.property}: {what}"
 
 
 @dataclass
 class Outcome:
-    case: Case
-    report: CheckReport | None
+    job: Job
+    examples: int
+    statuses: dict[str, int]
     seconds: float
+    report: CheckReport | None = None
+    #: the shrunk counterexample: the spec's JSON and its code
+    spec: dict[str, Any] | None = None
+    code: str | None = None
     error: str | None = None
+    shrink_steps: int = 0
 
     @property
     def ok(self) -> bool:
-        if self.report is None:
-            return False
-        return self.report.passed == self.case.expect_pass
+        return self.job.skip is not None or (self.error is None and self.spec is None)
+
+    @property
+    def verdict(self) -> str:
+        if self.job.skip is not None:
+            return "skipped"
+        if self.error is not None and self.spec is None:
+            return "error"
+        if self.spec is not None:
+            return "counterexample"
+        return "holds" if self.job.expect_pass else "caught"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.case.name,
-            "framework": self.case.framework,
-            "dtype": self.case.dtype,
-            "property": self.case.property,
-            "expected": "passed" if self.case.expect_pass else "caught",
+            "name": self.job.name,
+            "framework": self.job.framework,
+            "dtype": self.job.dtype,
+            "property": self.job.property,
+            "planted": self.job.planted,
+            "expected": "passed" if self.job.expect_pass else "caught",
+            "verdict": self.verdict,
             "ok": self.ok,
+            "examples": self.examples,
+            "statuses": self.statuses,
+            "shrink_steps": self.shrink_steps,
             "seconds": self.seconds,
+            "skip": self.job.skip,
             "error": self.error,
+            "spec": self.spec,
+            "code": self.code,
             "report": None if self.report is None else self.report.to_dict(),
         }
 
@@ -75,18 +152,21 @@ class AuditResult:
 
     @property
     def ok(self) -> bool:
-        return bool(self.outcomes) and all(o.ok for o in self.outcomes)
+        ran = [o for o in self.outcomes if o.job.skip is None]
+        return bool(ran) and all(o.ok for o in ran)
 
     def to_dict(self) -> dict[str, Any]:
+        ran = [o for o in self.outcomes if o.job.skip is None]
         return {
             "gradcheck_version": gradcheck.__version__,
             "environment": self.environment,
             "skipped": self.skipped,
             "seconds": self.seconds,
             "summary": {
-                "cases": len(self.outcomes),
-                "ok": sum(o.ok for o in self.outcomes),
-                "failed": [o.case.name for o in self.outcomes if not o.ok],
+                "jobs": len(ran),
+                "ok": sum(o.ok for o in ran),
+                "examples": sum(o.examples for o in ran),
+                "failed": [o.job.name for o in ran if not o.ok],
                 "all_ok": self.ok,
             },
             "cases": [o.to_dict() for o in self.outcomes],
@@ -97,110 +177,359 @@ def available(framework: str) -> bool:
     return importlib.util.find_spec(framework) is not None
 
 
-#: smooth activations: a correct model must pass outright; ReLU models may be
-#: called nondifferentiable now and then (kinks), measured by benchmarks/false_alarms.py
-ACTIVATIONS = ("tanh", "gelu", "softplus")
-
-
-#: losses(planted=..., detach=...) -> {"main": loss, "aux": loss}: the model's
-#: per-head losses, with the planted backward bug and/or the aux branch detached
-Losses = Callable[..., dict[str, Any]]
-
-
-def cases(
-    framework: str, examples: int, seed: int, activations: tuple[str, ...] = ACTIVATIONS
-) -> Iterator[Case]:
+# ---------------------------------------------------------------- the jobs
+def _fw(framework: str) -> Any:
+    """The framework-specific planting helpers (imports the framework)."""
     if framework == "torch":
         from gradcheck import _audit_torch as mod
     else:
         from gradcheck import _audit_tensorflow as mod
-    rng = np.random.default_rng(seed)
-    for i in range(examples):
-        for dtype in ("float64", "float32"):
-            s = int(rng.integers(2**31))
-            params, losses, weights = mod.build(dtype, s, PLANTED[dtype], activations)
-            tag = f"{framework}/{dtype}/model{i}"
-            yield from model_cases(tag, framework, dtype, s, params, losses, weights)
+    return mod
 
 
-def model_cases(
-    tag: str,
-    framework: str,
-    dtype: str,
-    seed: int,
-    params: Any,
-    losses: Losses,
-    w: dict[str, float],
-) -> Iterator[Case]:
-    """The four cases of one model: finite differences and linearity, each on the
-    correct total and on a planted bug (a scaled backward; a detached aux branch)."""
+def _build(framework: str, spec: Any, dtype: str, device: str = "cpu") -> Any:
+    """The spec built in ``framework``; torch models live on ``device``. (Keras
+    models run where the enclosing ``tf.device`` scope puts them.)"""
+    from gradcheck.architectures import build_keras, build_torch
 
-    def total(**kw: bool) -> Callable[[], Any]:
-        return lambda: sum(w[k] * v for k, v in losses(**kw).items())
+    if framework == "torch":
+        return build_torch(spec, dtype, device)
+    return build_keras(spec, dtype)
 
-    fns = {k: (lambda k=k: losses()[k]) for k in w}
-    w_detect = dict(w, aux=w["aux"] or 0.3)  # a detached branch needs a weight to miss
 
-    def detached() -> Any:
-        return losses()["main"] + w_detect["aux"] * losses(detach=True)["aux"]
+def _specs(**kw: Any) -> Callable[[], Any]:
+    def strategy() -> Any:
+        from gradcheck.strategies import architectures
 
-    def fd(fn: Callable[[], Any]) -> Callable[[], CheckReport]:
-        return lambda: gradcheck.check_gradients(
-            fn, params=params, seed=seed, label=tag
-        )
+        kw.setdefault("max_heads", 3)
+        kw.setdefault("max_layers", 2)
+        kw.setdefault("max_units", 6)
+        return architectures(**kw)
 
-    def lin(
-        fn: Callable[[], Any], weights: dict[str, float]
-    ) -> Callable[[], CheckReport]:
-        return lambda: gradcheck.check_linearity(
-            fn, fns, weights, params=params, seed=seed, label=tag
-        )
+    return strategy
 
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "all")
+
+
+def jobs(frameworks: list[str], seed: int, device: str = "auto") -> Iterator[Job]:
+    """Every job for the audited frameworks and devices, in the order they run.
+
+    ``device``: "auto" (every available device), "cpu", "cuda" or "all" (CPU and
+    every GPU; a GPU must exist). Engine properties run on each device; the
+    CPU-vs-GPU property runs where there is a GPU and is a skipped job where not."""
+    from gradcheck.devices import is_gpu, resolve
+
+    for fw in frameworks:
+        found = resolve(fw, device)  # DeviceUnavailableError: asked for a GPU
+        for dev in found:
+            for dtype in DTYPES:
+                for job in _engine_jobs(fw, dtype, seed, dev):
+                    job.device = dev
+                    if fw == "tensorflow":
+                        job.check = _fw(fw).on_device(job.check, dev)
+                    yield job
+        yield from _training_jobs(fw, seed)
+        gpus = [d for d in resolve(fw, "auto") if is_gpu(d)]
+        for dtype in DTYPES:
+            yield from _device_jobs(fw, dtype, gpus, device)
+    if "torch" in frameworks and "tensorflow" in frameworks:
+        for dtype in DTYPES:
+            yield from _cross_jobs(dtype, seed)
+
+
+def _engine_jobs(fw: str, dtype: str, seed: int, device: str) -> Iterator[Job]:
+    smooth = dict(
+        activations=SMOOTH_ACTIVATIONS, losses=SMOOTH_LOSSES, allow_regularizers=False
+    )
     rel = PLANTED[dtype]
-    for name, prop, expect, run in (
-        ("finite_difference", "finite_difference", True, fd(total())),
-        (
-            f"finite_difference/planted_scaled_backward_{rel:g}",
-            "finite_difference",
-            False,
-            fd(total(planted=True)),
-        ),
-        ("linearity", "linearity", True, lin(total(), w)),
-        (
-            "linearity/planted_detached_aux_branch",
-            "linearity",
-            False,
-            lin(detached, w_detect),
-        ),
-    ):
-        yield Case(f"{tag}/{name}", framework, dtype, prop, expect, run)
+
+    def fd(planted: bool) -> Callable[[Any, dict[str, Any], int], CheckReport]:
+        def check(spec: Any, batch: dict[str, Any], s: int) -> CheckReport:
+            built = _build(fw, spec, dtype, device)
+            fn = built.total_fn(batch)
+            if planted:
+                fn = _fw(fw).scaled_backward(fn, rel)
+            return gradcheck.check_gradients(fn, params=built.model, seed=s)
+
+        return check
+
+    yield Job(fw, "finite_difference", dtype, None, fd(False), _specs(**smooth))
+    yield Job(
+        fw,
+        "finite_difference",
+        dtype,
+        f"backward scaled by 1+{rel:g}",
+        fd(True),
+        # a zero-weight model has a zero gradient, and a scaled zero is no bug
+        _specs(**smooth, min_weight=0.01),
+    )
+
+    def lin(planted: bool) -> Callable[[Any, dict[str, Any], int], CheckReport]:
+        def check(spec: Any, batch: dict[str, Any], s: int) -> CheckReport:
+            built = _build(fw, spec, dtype, device)
+            w = built.loss_weights()
+            if planted:  # the total forgets the last head
+                last = spec.heads[-1].name
+                total = built.total_fn(batch, dict(spec.weights, **{last: 0.0}))
+            else:
+                total = built.total_fn(batch)
+            return gradcheck.check_linearity(
+                total, built.loss_fns(batch), w, params=built.model, seed=s
+            )
+
+        return check
+
+    yield Job(fw, "linearity", dtype, None, lin(False), _specs())
+    yield Job(
+        fw,
+        "linearity",
+        dtype,
+        "the total forgets the last head's loss",
+        lin(True),
+        _specs(min_heads=2, min_weight=0.01),
+    )
+
+    def loc(planted: bool) -> Callable[[Any, dict[str, Any], int], CheckReport]:
+        def check(spec: Any, batch: dict[str, Any], s: int) -> CheckReport:
+            built = _build(fw, spec, dtype, device)
+            if planted:
+                head = _cut_candidate(spec)
+                with _fw(fw).cut_head(built, head):
+                    return _locality(built, batch, s)
+            return _locality(built, batch, s)
+
+        return check
+
+    yield Job(fw, "locality", dtype, None, loc(False), _specs())
+    yield Job(
+        fw,
+        "locality",
+        dtype,
+        "a head's input detached",
+        loc(True),
+        _specs(min_heads=2, min_weight=0.01),
+    )
+
+
+def _locality(built: Any, batch: dict[str, Any], s: int) -> CheckReport:
+    return gradcheck.check_locality(
+        built.total_fn(batch),
+        built.loss_fns(batch),
+        built.loss_weights(),
+        expected=built.expected_flow(),
+        params=built.model,
+        seed=s,
+    )
+
+
+def _cut_candidate(spec: Any) -> str:
+    """The last head that branches from a trunk node with parameters above it
+    (cutting a head that reads an input directly changes nothing to detect)."""
+    from hypothesis import assume
+
+    from gradcheck.architectures.flow import layer_ancestors
+
+    anc = layer_ancestors(spec)
+    params = {n for n, layer, _ in spec.layers() if layer.kind not in ("pool", "merge")}
+    for h in reversed(spec.heads):
+        if anc.get(h.source, frozenset()) & params:
+            return h.name
+    assume(False)
+    raise AssertionError("unreachable")  # assume(False) raises
+
+
+def _training_jobs(fw: str, seed: int) -> Iterator[Job]:
+    """The frameworks' own training paths: gradcheck.check_training_step (torch)
+    and gradcheck.check_keras_model (Keras), in float32 as users train."""
+    mod = _fw(fw)
+    for planted in (None, mod.TRAINING_BUG):
+        yield Job(
+            fw,
+            mod.TRAINING_PROPERTY,
+            "float32",
+            planted,
+            mod.training_check(planted is not None),
+            _specs(**mod.TRAINING_SPECS, min_weight=0.01 if planted else 0.0),
+            min_batch=2,
+        )
+
+
+def _device_jobs(fw: str, dtype: str, gpus: list[str], request: str) -> Iterator[Job]:
+    """CPU vs every GPU on generated models: correct, and with a backward bug that
+    only exists on the GPU (a kernel that is wrong on one device)."""
+    from gradcheck.devices import available_devices
+
+    cpu = available_devices(fw)[0]
+    skip = None
+    if not gpus:
+        skip = f"no GPU visible to {fw} on this machine"
+    elif request == "cpu":
+        skip = "--device cpu"
+    rel = PLANTED[dtype]
+    mod = _fw(fw)
+
+    def check(planted: bool) -> Callable[[Any, dict[str, Any], int], CheckReport]:
+        def run(spec: Any, batch: dict[str, Any], s: int) -> CheckReport:
+            built = _build(fw, spec, dtype)
+            return gradcheck.check_devices(
+                mod.device_loss(built, rel if planted else None),
+                built.model,
+                batch,
+                devices=[cpu, *gpus],
+                seed=s,
+            )
+
+        return run
+
+    for planted in (None, f"a GPU-only backward off by {rel:g}"):
+        yield Job(
+            fw,
+            "devices",
+            dtype,
+            planted,
+            check(planted is not None),
+            _specs(min_weight=0.01 if planted else 0.0),
+            skip=skip,
+            device=",".join([cpu, *gpus]) if gpus else "cpu",
+        )
+
+
+def _cross_jobs(dtype: str, seed: int) -> Iterator[Job]:
+    def check(planted: bool) -> Callable[[Any, dict[str, Any], int], CheckReport]:
+        def run(spec: Any, batch: dict[str, Any], s: int) -> CheckReport:
+            if planted:
+                from gradcheck.properties import cross_framework
+
+                return cross_framework.run(
+                    spec,
+                    batch,
+                    dtype=dtype,
+                    seed=s,
+                    builders=_fw("tensorflow").perturbed_builders(PLANTED[dtype]),
+                )
+            return gradcheck.check_cross_framework(spec, batch, dtype=dtype, seed=s)
+
+        return run
+
+    fw = "torch+tensorflow"
+    yield Job(fw, "cross_framework", dtype, None, check(False), _specs())
+    yield Job(
+        fw,
+        "cross_framework",
+        dtype,
+        f"one Keras weight off by {PLANTED[dtype]:g}",
+        check(True),
+        _specs(),
+    )
+
+
+# ---------------------------------------------------------------- running
+def run_job(
+    job: Job,
+    examples: int,
+    seed: int,
+    on_example: Callable[[Job], None] | None = None,
+) -> Outcome:
+    """Search for a counterexample to ``job``'s expectation; shrink it if found."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as hseed
+    from hypothesis import strategies as st
+
+    from gradcheck.strategies import batches
+
+    started = time.perf_counter()
+    if job.skip is not None:
+        return Outcome(job, 0, {}, 0.0)
+    statuses: Counter[str] = Counter()
+    state: dict[str, Any] = {"examples": 0, "shrinks": 0}
+
+    @hseed(seed)
+    @settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        phases=(Phase.generate, Phase.shrink),
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )
+    @given(data=st.data())
+    def search(data: Any) -> None:
+        spec = data.draw(job.strategy(), label="spec")
+        batch = data.draw(batches(spec, **job.batch_options), label="batch")
+        found = "spec" in state
+        if found:
+            state["shrinks"] += 1
+        else:
+            state["examples"] += 1
+            if on_example is not None:
+                on_example(job)
+        try:
+            report = job.check(spec, batch, seed)
+        except gradcheck.GradcheckError as exc:
+            state.update(spec=spec, report=None, error=f"{type(exc).__name__}: {exc}")
+            raise _Counterexample from None
+        if not found:
+            statuses[report.status] += 1
+        state["last"] = report
+        if report.passed != job.expect_pass:
+            state.update(spec=spec, report=report, error=None)
+            raise _Counterexample
+
+    outcome = Outcome(job, 0, {}, 0.0)
+    try:
+        search()
+    except _Counterexample:
+        spec = state["spec"]
+        outcome.spec = spec.to_dict()
+        code_fw = "keras" if job.framework == "tensorflow" else "torch"
+        outcome.code = spec.to_code(code_fw, job.dtype)
+        outcome.report = state.get("report")
+        outcome.error = state.get("error")
+    except Exception as exc:  # a crash outside gradcheck's checks: report it
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    else:
+        outcome.report = state.get("last")
+    outcome.examples = state["examples"]
+    outcome.shrink_steps = state["shrinks"]
+    outcome.statuses = dict(statuses)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
 
 
 def run(
     frameworks: list[str],
     examples: int,
     seed: int,
+    on_start: Callable[[Job, int], None] | None = None,
+    on_example: Callable[[Job], None] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    device: str = "auto",
 ) -> AuditResult:
+    """Run every job; raises DeviceUnavailableError (before any work) when
+    ``device`` asks for a GPU that is not there."""
     result = AuditResult(environment=environment(frameworks))
     started = time.perf_counter()
+    present = []
     for fw in frameworks:
-        if not available(fw):
+        if available(fw):
+            present.append(fw)
+        else:
             result.skipped[fw] = (
                 f"{fw} is not installed (pip install 'gradcheck[{fw}]')"
             )
-            continue
-        for case in cases(fw, examples, seed):
-            t0 = time.perf_counter()
-            try:
-                out = Outcome(case, case.run(), time.perf_counter() - t0)
-            except gradcheck.GradcheckError as exc:
-                out = Outcome(
-                    case, None, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}"
-                )
-            result.outcomes.append(out)
-            if on_outcome is not None:
-                on_outcome(out)
+    planned = list(jobs(present, seed, device))
+    result.environment.update(_device_environment(present))
+    for i, job in enumerate(planned):
+        if on_start is not None:
+            on_start(job, examples)
+        out = run_job(job, examples, seed + i, on_example)
+        result.outcomes.append(out)
+        if on_outcome is not None:
+            on_outcome(out)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -211,11 +540,34 @@ def environment(frameworks: list[str]) -> dict[str, Any]:
         "platform": platform.platform(),
         "numpy": np.__version__,
     }
-    for fw in frameworks:
-        for dist in DISTRIBUTIONS[fw]:  # versions without importing the framework
+    for name in [*frameworks, "keras"] if "tensorflow" in frameworks else frameworks:
+        for dist in DISTRIBUTIONS[name]:  # versions without importing the framework
             try:
-                env[fw] = importlib.metadata.version(dist)
+                env[name] = importlib.metadata.version(dist)
                 break
             except importlib.metadata.PackageNotFoundError:
                 continue
+    return env
+
+
+def _device_environment(frameworks: list[str]) -> dict[str, Any]:
+    """Devices and TF32 state of the audited frameworks (imported by now), flat."""
+    from gradcheck.devices import environment as device_environment
+
+    try:
+        info = device_environment(frameworks).get("frameworks", {})
+    except gradcheck.GradcheckError as exc:  # a framework that cannot list devices
+        return {"devices": f"unknown ({exc})"}
+    env: dict[str, Any] = {}
+    for fw, facts in info.items():
+        env[f"{fw} devices"] = ", ".join(facts.get("devices") or []) or "none"
+        tf32 = facts.get("tf32") or {}
+        env[f"{fw} TF32"] = (
+            "; ".join(
+                f"{dev}: {'in play' if st.get('in_play') else 'not in play'}"
+                + (f" ({st['reason']})" if st.get("reason") else "")
+                for dev, st in tf32.items()
+            )
+            or "unknown"
+        )
     return env

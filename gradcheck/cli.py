@@ -1,14 +1,17 @@
 """``gradcheck audit``: the project's main job, from the command line.
 
-Exit codes: 0 every case as expected, 1 a case failed, 2 usage error.
+Exit codes: 0 every job as expected, 1 a job failed (a property does not hold or a
+planted bug went unseen), 2 usage error (including a device that is not there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +49,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     a = sub.add_parser(
         "audit",
-        help="check this machine's frameworks on seeded multi-head models",
+        help="check this machine's frameworks on generated multi-head models",
         description=(
             "Check that the installed frameworks compute the gradients a weighted "
-            "multi-head loss implies (finite differences, linearity), on seeded "
-            "models with and without planted bugs, in float32 and float64."
+            "multi-head loss implies: finite differences, linearity, locality, the "
+            "training paths (PyTorch step, Keras compile/fit), torch vs Keras and "
+            "CPU vs GPU, on generated models, correct and with planted bugs. A "
+            "counterexample is shrunk to a minimal model and printed as code."
         ),
     )
     a.add_argument(
@@ -60,11 +65,27 @@ def parser() -> argparse.ArgumentParser:
         help="framework to audit. Default: %(default)s (those installed)",
     )
     a.add_argument(
+        "--device",
+        choices=list(audit.DEVICE_CHOICES),
+        default="auto",
+        help="devices to audit: auto = every available one (CPU and any GPU). "
+        "Default: %(default)s",
+    )
+    a.add_argument(
         "--examples",
         type=_positive,
-        default=3,
+        default=None,
         metavar="N",
-        help="seeded models per framework and dtype. Default: %(default)s",
+        help="generated models per job (property x framework x dtype x correct/"
+        f"planted). Default: the profile's (ci: {audit.PROFILES['ci']}, thorough: "
+        f"{audit.PROFILES['thorough']})",
+    )
+    a.add_argument(
+        "--profile",
+        choices=list(audit.PROFILES),
+        default="ci",
+        help="how hard to search: ci (about 2 minutes on 2 cores) or thorough. "
+        "Default: %(default)s",
     )
     a.add_argument(
         "--seed", type=_seed, default=0, metavar="S", help="Default: %(default)s"
@@ -87,15 +108,37 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.command != "audit":
-        parser().print_help()
+        p.print_help()
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported
     frameworks = list(audit.FRAMEWORKS) if args.framework == "all" else [args.framework]
+    examples = args.examples or audit.PROFILES[args.profile]
     printer = _Printer()
-    result = audit.run(frameworks, args.examples, args.seed, on_outcome=printer.outcome)
+    try:
+        with printer.progress() as progress:
+            result = audit.run(
+                frameworks,
+                examples,
+                args.seed,
+                on_start=progress.start,
+                on_example=progress.advance,
+                on_outcome=progress.done,
+                device=args.device,
+            )
+    except GradcheckError as exc:  # e.g. --device cuda without a GPU
+        printer.error(str(exc))
+        return 2
     data = result.to_dict()
+    data["command"] = {
+        "framework": args.framework,
+        "device": args.device,
+        "examples": examples,
+        "profile": args.profile,
+        "seed": args.seed,
+    }
     write_json(args.json, data)
     try:
         from gradcheck.report import from_audit, write_html
@@ -120,7 +163,7 @@ class _Printer:
         try:
             from rich.console import Console
 
-            # soft_wrap: one line per case, also in CI logs 80 columns wide
+            # soft_wrap: one line per job, also in CI logs 80 columns wide
             self.console: Any = Console(highlight=False, soft_wrap=True)
         except ImportError:  # pragma: no cover - rich is in the report/dev extras
             self.console = None
@@ -131,35 +174,112 @@ class _Printer:
         else:  # pragma: no cover
             print(_strip_markup(text))
 
+    def error(self, text: str) -> None:
+        self._print(f"[bold red]gradcheck audit: error:[/] {_escape(text)}")
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[_Progress]:
+        if self.console is None:  # pragma: no cover
+            yield _Progress(None, self)
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        with bars:
+            yield _Progress(bars, self)
+
     def outcome(self, o: audit.Outcome) -> None:
-        mark = "[green]  ok[/]" if o.ok else "[bold red]FAIL[/]"
-        verdict = o.report.status if o.report is not None else f"error: {o.error}"
-        self._print(f"{mark} {o.case.name:<66} {verdict:<17} {o.seconds:5.2f}s")
-        if not o.ok and o.report is not None:
+        if o.job.skip is not None:
+            self._print(f"[yellow]skip[/] {_escape(o.job.name)}: {_escape(o.job.skip)}")
+            return
+        if o.ok:
+            return
+        self._print(f"[bold red]FAIL[/] {_escape(o.job.name)}: {o.verdict}")
+        if o.report is not None:
             self._print(_escape(o.report.message()))
+        if o.error is not None:
+            self._print(_escape(o.error))
+        if o.code is not None:
+            self._print(
+                f"shrunk counterexample after {o.shrink_steps} shrink steps; "
+                "this code reproduces it:"
+            )
+            self._print(_escape(o.code))
 
     def summary(self, result: audit.AuditResult, written: str) -> None:
-        rows: dict[tuple[str, str, str], list[int]] = {}
-        for o in result.outcomes:
-            key = (o.case.framework, o.case.dtype, o.case.property)
-            rows.setdefault(key, [0, 0])[0 if o.ok else 1] += 1
-        if self.console is not None:
+        ran = [o for o in result.outcomes if o.job.skip is None]
+        if self.console is not None and ran:
             from rich.table import Table
 
             table = Table(title="gradcheck audit")
-            for col in ("framework", "dtype", "property", "as expected", "not"):
+            for col in ("framework", "dtype", "property", "models", "verdict", "s"):
                 table.add_column(col)
-            for (fw, dt, prop), (ok, bad) in sorted(rows.items()):
-                table.add_row(fw, dt, prop, str(ok), f"[red]{bad}[/]" if bad else "0")
+            for o in ran:
+                want = "correct" if o.job.planted is None else "planted bug"
+                colour = "green" if o.ok else "bold red"
+                table.add_row(
+                    o.job.framework,
+                    o.job.dtype,
+                    f"{o.job.property} ({want})",
+                    str(o.examples),
+                    f"[{colour}]{o.verdict}[/]",
+                    f"{o.seconds:.1f}",
+                )
             self.console.print(table)
+        for o in result.outcomes:
+            if o.job.skip is not None:
+                self._print(f"skipped {_escape(o.job.name)}: {_escape(o.job.skip)}")
         for fw, why in result.skipped.items():
             self._print(f"skipped {fw}: {why}")
-        n_ok = sum(o.ok for o in result.outcomes)
-        verdict = "[green]all as expected[/]" if result.ok else "[bold red]FAILED[/]"
-        self._print(
-            f"{n_ok}/{len(result.outcomes)} cases as expected in {result.seconds:.1f}s: "
-            f"{verdict}; reports: {written}"
+        n_ok = sum(o.ok for o in ran)
+        models = sum(o.examples for o in ran)
+        verdict = (
+            "[green]every property holds[/]" if result.ok else "[bold red]FAILED[/]"
         )
+        self._print(
+            f"{n_ok}/{len(ran)} jobs as expected ({models} generated models) in "
+            f"{result.seconds:.1f}s: {verdict}; reports: {written}"
+        )
+
+
+class _Progress:
+    """One progress bar per job (property x framework x dtype x correct/planted)."""
+
+    def __init__(self, bars: Any, printer: _Printer) -> None:
+        self.bars, self.printer = bars, printer
+        self.task: Any = None
+
+    def start(self, job: audit.Job, examples: int) -> None:
+        if self.bars is not None:
+            self.task = self.bars.add_task(_escape(job.name), total=examples)
+
+    def advance(self, job: audit.Job) -> None:
+        if self.bars is not None and self.task is not None:
+            self.bars.advance(self.task)
+
+    def done(self, o: audit.Outcome) -> None:
+        if self.bars is not None and self.task is not None:
+            mark = "[green]ok[/]" if o.ok else "[bold red]FAIL[/]"
+            self.bars.update(
+                self.task,
+                description=f"{mark} {_escape(o.job.name)} ({o.verdict})",
+                completed=o.examples,
+                total=max(o.examples, 1),
+            )
+        self.printer.outcome(o)
 
 
 def _escape(text: str) -> str:

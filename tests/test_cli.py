@@ -1,4 +1,5 @@
-"""`gradcheck audit`: exit codes, JSON report, skipped frameworks, usage errors."""
+"""`gradcheck audit`: exit codes, JSON report, skipped frameworks, usage errors,
+shrunk counterexamples printed as code."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def test_usage_errors_exit_2(capsys):
     for argv in (
         ["audit", "--examples", "0"],
         ["audit", "--framework", "jax"],
+        ["audit", "--device", "tpu"],
+        ["audit", "--profile", "quick"],
         ["audit", "--seed", "x"],
         ["bogus"],
     ):
@@ -25,74 +28,103 @@ def test_usage_errors_exit_2(capsys):
     assert cli.main([]) == 2  # no command: help, usage error
 
 
-def test_audit_torch_writes_json_and_exits_0(tmp_path, capsys):
+def run_audit(tmp_path, *extra):
+    out, html = tmp_path / "sub" / "audit.json", tmp_path / "sub" / "audit.html"
+    code = cli.main(["audit", *extra, "--json", str(out), "--report", str(html)])
+    return code, out, html
+
+
+def test_audit_torch_writes_json_and_html_and_exits_0(tmp_path, capsys):
     pytest.importorskip("torch")
-    out = tmp_path / "sub" / "audit.json"
-    html = tmp_path / "sub" / "audit.html"
-    code = cli.main(
-        ["audit", "--framework", "torch", "--examples", "1", "--json", str(out)]
-        + ["--report", str(html)]
-    )
-    assert code == 0, capsys.readouterr().out
+    code, out, html = run_audit(tmp_path, "--framework", "torch", "--examples", "1")
+    printed = capsys.readouterr().out
+    assert code == 0, printed
     page = html.read_text()
-    assert page.startswith("<!DOCTYPE html>") and "planted_detached_aux_branch" in page
+    assert page.startswith("<!DOCTYPE html>")
+    assert "torch/float32/locality: planted a head&#39;s input detached" in page
     data = json.loads(out.read_text())
     assert data["summary"]["all_ok"] is True
-    assert data["summary"]["cases"] == len(data["cases"]) == 8
-    names = {c["name"] for c in data["cases"]}
-    assert any("planted" in n for n in names)
-    for case in data["cases"]:
+    assert data["command"] == {
+        "framework": "torch",
+        "device": "auto",
+        "examples": 1,
+        "profile": "ci",
+        "seed": 0,
+    }
+    cases = [c for c in data["cases"] if c["skip"] is None]
+    props = {c["property"] for c in cases}
+    assert {"finite_difference", "linearity", "locality"} <= props
+    for case in cases:
         assert case["ok"] is True
+        assert case["examples"] == 1
+        assert case["verdict"] == ("holds" if case["planted"] is None else "caught")
         assert case["report"]["status"] in (
-            "passed",
-            "mismatch",
-            "nondifferentiable",
-            "nondeterministic",
+            ("passed",)
+            if case["planted"] is None
+            else ("mismatch", "nondifferentiable")
         )
-        assert case["expected"] in ("passed", "caught")
+    assert any(c["planted"] for c in cases) and any(not c["planted"] for c in cases)
     assert data["environment"]["torch"]
     assert not list(out.parent.glob(".audit.json.*"))  # no temp file left behind
-    assert "cases as expected" in capsys.readouterr().out
+    assert "jobs as expected" in printed and "every property holds" in printed
 
 
 def test_missing_framework_is_skipped_not_a_crash(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     real = audit.available
     monkeypatch.setattr(audit, "available", lambda fw: fw != "tensorflow" and real(fw))
-    out = tmp_path / "a.json"
-    argv = ["audit", "--examples", "1", "--json", str(out)]
-    assert cli.main([*argv, "--report", str(tmp_path / "a.html")]) == 0
+    monkeypatch.setattr(audit, "jobs", lambda fws, seed, device="auto": _few(fws, seed))
+    code, out, _ = run_audit(tmp_path, "--examples", "1")
+    assert code == 0
     data = json.loads(out.read_text())
     assert "tensorflow" in data["skipped"]
     assert "skipped tensorflow" in capsys.readouterr().out
 
 
-def test_failing_case_exits_1(tmp_path, monkeypatch):
+REAL_JOBS = audit.jobs
+
+
+def _few(frameworks, seed, device="auto"):
+    """The float64 linearity jobs only: fast."""
+    for job in REAL_JOBS(frameworks, seed, device):
+        if job.property == "linearity" and job.dtype == "float64":
+            yield job
+
+
+def test_a_counterexample_exits_1_and_is_shrunk_to_code(tmp_path, monkeypatch, capsys):
+    """A planted bug that goes unseen: the audit fails, shrinks the model and prints
+    code that rebuilds it."""
     pytest.importorskip("torch")
-    original = audit.cases
 
-    def inverted(fw, examples, seed):  # expect the opposite of the truth
-        for case in original(fw, examples, seed):
-            case.expect_pass = not case.expect_pass
-            yield case
+    def unseen(frameworks, seed, device="auto"):
+        correct = None
+        for job in _few(frameworks, seed, device):
+            if job.planted is None:
+                correct = job.check
+            else:  # "plant" nothing: the correct total, expected to be caught
+                job.planted, job.check = "nothing at all", correct
+            yield job
 
-    monkeypatch.setattr(audit, "cases", inverted)
-    assert (
-        cli.main(
-            [
-                "audit",
-                "--framework",
-                "torch",
-                "--examples",
-                "1",
-                "--json",
-                str(tmp_path / "a.json"),
-                "--report",
-                str(tmp_path / "a.html"),
-            ]
-        )
-        == 1
-    )
+    monkeypatch.setattr(audit, "jobs", unseen)
+    code, out, html = run_audit(tmp_path, "--framework", "torch", "--examples", "3")
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "counterexample" in printed and "this code reproduces it" in printed
+    data = json.loads(out.read_text())
+    bad = [c for c in data["cases"] if not c["ok"]]
+    assert len(bad) == 1 and bad[0]["verdict"] == "counterexample"
+    source = bad[0]["code"]
+    compile(source, "<counterexample>", "exec")
+    # shrunk: a minimal model has the fewest heads the job allows (2) and tiny layers
+    spec = audit_spec(bad[0]["spec"])
+    assert len(spec.heads) == 2
+    assert "Shrunk counterexample" in html.read_text()
+
+
+def audit_spec(data):
+    from gradcheck.architectures import ModelSpec
+
+    return ModelSpec.from_dict(data)
 
 
 def test_console_script_entry_point():
@@ -102,4 +134,35 @@ def test_console_script_entry_point():
         text=True,
     )
     assert out.returncode == 0
-    assert "--examples" in out.stdout and "Default: 3" in out.stdout
+    assert "--examples" in out.stdout and "--device" in out.stdout
+    assert "--profile" in out.stdout and "thorough" in out.stdout
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_usage_error(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, out, _ = run_audit(tmp_path, "--framework", "torch", "--device", "cuda")
+    assert code == 2
+    assert "GPU" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_without_a_gpu_the_cpu_vs_gpu_jobs_are_skipped_with_the_reason():
+    pytest.importorskip("torch")
+    import torch
+
+    listed = list(audit.jobs(["torch"], 0))
+    devices = [j for j in listed if j.property == "devices"]
+    assert len(devices) == 4  # 2 dtypes x correct/planted
+    if not torch.cuda.is_available():
+        assert all("no GPU" in j.skip for j in devices)
+
+
+def test_the_cpu_vs_gpu_job_runs_its_pipeline(monkeypatch):
+    """The job's check itself, pointed at (cpu, cpu): what a GPU machine runs."""
+    pytest.importorskip("torch")
+    job = next(audit._device_jobs("torch", "float32", ["cpu"], "auto"))
+    out = audit.run_job(job, 2, 0)
+    assert out.verdict == "holds", out.report.message() if out.report else out.error
+    assert out.report.property == "devices"

@@ -59,11 +59,14 @@ __all__ = [
 ]
 
 
-def build_torch(spec: ModelSpec, dtype: str = "float64") -> TorchBuilt:
-    """The spec as a ``torch.nn.Module`` with its losses (imports torch)."""
+def build_torch(
+    spec: ModelSpec, dtype: str = "float64", device: str = "cpu"
+) -> TorchBuilt:
+    """The spec as a ``torch.nn.Module`` on ``device`` with its losses (imports
+    torch)."""
     from gradcheck.architectures import torch_builder
 
-    return torch_builder.build(spec, dtype)
+    return torch_builder.build(spec, dtype, device)
 
 
 def build_keras(spec: ModelSpec, dtype: str = "float64") -> KerasBuilt:

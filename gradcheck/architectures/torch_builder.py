@@ -85,7 +85,7 @@ def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 def _penalty(r: Regularizer | None, x: torch.Tensor) -> torch.Tensor | None:
     if r is None:
         return None
-    out = torch.zeros((), dtype=x.dtype)
+    out = torch.zeros((), dtype=x.dtype, device=x.device)
     if r.l1:
         out = out + r.l1 * x.abs().sum()
     if r.l2:
@@ -120,8 +120,8 @@ class SpecModule(torch.nn.Module):
         values: dict[str, torch.Tensor] = {
             i.name: inputs[i.name] for i in self.spec.inputs
         }
-        dtype = next(self.parameters()).dtype
-        reg = torch.zeros((), dtype=dtype)
+        first = next(self.parameters())
+        reg = torch.zeros((), dtype=first.dtype, device=first.device)
         for name, layer, srcs in self.spec.layers():
             x, penalties = self._call_layer(name, layer, [values[s] for s in srcs])
             values[name] = x
@@ -188,15 +188,20 @@ class TorchBuilt(Built):
     framework = "torch"
     kernel_format = "{}.weight"
 
-    def __init__(self, spec: ModelSpec, model: SpecModule, dtype: str):
+    def __init__(
+        self, spec: ModelSpec, model: SpecModule, dtype: str, device: str = "cpu"
+    ):
         super().__init__(spec, model, dtype)
         self.torch_dtype = DTYPES[dtype]
+        self.device = torch.device(device)
 
     def _tensor(self, x: Any, integer: bool = False) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
-            return x
+            return x.to(self.device)
         return torch.as_tensor(
-            np.asarray(x), dtype=torch.int64 if integer else self.torch_dtype
+            np.asarray(x),
+            dtype=torch.int64 if integer else self.torch_dtype,
+            device=self.device,
         )
 
     def convert(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -229,8 +234,9 @@ class TorchBuilt(Built):
         return v.sum() / v.shape[0]
 
 
-def build(spec: ModelSpec, dtype: str = "float64") -> TorchBuilt:
-    """The spec as a :class:`SpecModule` in ``dtype``, with the spec's weights."""
+def build(spec: ModelSpec, dtype: str = "float64", device: str = "cpu") -> TorchBuilt:
+    """The spec as a :class:`SpecModule` in ``dtype`` on ``device``, with the spec's
+    weights (set on the CPU, then moved: the same values on every device)."""
     check_dtype(dtype)
     weights = initial_weights(spec)
     with torch.random.fork_rng(devices=[]):  # construction draws; keep user's RNG
@@ -243,4 +249,4 @@ def build(spec: ModelSpec, dtype: str = "float64") -> TorchBuilt:
                 getattr(module, attr).copy_(
                     torch.as_tensor(np.ascontiguousarray(value))
                 )
-    return TorchBuilt(spec, model, dtype)
+    return TorchBuilt(spec, model.to(device), dtype, device)

@@ -20,11 +20,11 @@ The check has three parts, all on the framework's own gradients:
    from the total (bitwise, not within a tolerance: ``0 * g`` is exactly 0, so any
    non-zero value means the total contains that loss through another path).
 
-Reach is judged bitwise too: a gradient is either structurally zero (the graph does
-not connect) or, for the smooth models this is meant for, non-zero. The one honest
-exception is a loss whose gradient vanishes at this point (every ReLU unit on the
-path dead, an embedding whose rows are not in the batch); the report says so when it
-flags a cut, so the reader can tell.
+Reach is structural: whether the loss's graph connects to the tensor at all (the
+backends return no gradient for an unconnected tensor). So a detach or
+``stop_gradient`` is a cut, while a connected path whose gradient vanishes at this
+point (every ReLU on it dead, an L1 penalty on a softmax output, whose sum is always
+1) is not.
 """
 
 from __future__ import annotations
@@ -151,12 +151,25 @@ def run(
     flow = report.flow
     assert flow is not None  # judge always builds one
     flow.expected = [[n in want[t] for n in names] for t in range(len(specs))]
+    # reach is structural here: whether the loss's graph connects to the tensor at
+    # all (the backends return None for an unconnected tensor). A connected path
+    # whose gradient happens to vanish (dead ReLUs, an L1 penalty on a softmax,
+    # whose sum is always 1) is no cut; a detach or stop_gradient is.
+    flow.reaches = [[grads[n][t] is not None for n in names] for t in range(len(specs))]
 
+    # a loss connected to no tensor at all (a constant) says nothing about the
+    # graph: its cuts are not judged, and the report says so
+    silent = {n for i, n in enumerate(names) if not any(r[i] for r in flow.reaches)}
+    if silent:
+        report.notes.append(
+            f"{_list(silent)} is connected to no differentiated tensor (a constant "
+            "loss?): where it should reach was not judged."
+        )
     violations: list[tuple[float, Location, str]] = []
     for t, spec in enumerate(specs):
         for i, n in enumerate(names):
             reached, should = flow.reaches[t][i], n in want[t]
-            if reached == should:
+            if reached == should or n in silent:
                 continue
             norm = float(np.linalg.norm(grads[n][t])) if reached else 0.0
             if reached:
@@ -168,9 +181,8 @@ def run(
             else:
                 text = (
                     f"loss '{n}' does not reach '{spec.name}' although the architecture "
-                    f"says it should: a cut (detach/stop_gradient, a frozen or "
-                    "re-created layer); or every unit on the path is inactive at this "
-                    "point (dead ReLUs, unused embedding rows)."
+                    "says it should: its graph is cut on the way (detach, "
+                    "stop_gradient, no_grad, a layer re-created or called on a copy)."
                 )
             loc = Location(
                 tensor=spec.name,

@@ -14,6 +14,8 @@
          "report": CheckReport.to_dict() | None,
          "error": str,                         # optional: why there is no report
          "expected": "passed" | "caught",      # optional: audits
+         "examples": str,                      # optional: audits, models searched
+         "code": str,                          # optional: a shrunk counterexample
          "worker": str},                       # optional: the xdist worker
         ...
       ],
@@ -103,17 +105,35 @@ def from_audit(
         env["audit seconds"] = round(float(audit["seconds"]), 2)
     for fw, why in (audit.get("skipped") or {}).items():
         env[f"skipped {fw}"] = why
+    for key, value in (audit.get("command") or {}).items():
+        env[f"audit {key}"] = value
     records = [
         {
             "id": case.get("name", f"case {i + 1}"),
             "outcome": "ok" if case.get("ok") else "failed",
             "report": case.get("report"),
-            "error": case.get("error"),
+            "error": case.get("error") or case.get("skip"),
             "expected": case.get("expected"),
+            "examples": _examples(case),
+            "code": case.get("code"),
         }
         for i, case in enumerate(audit.get("cases") or [])
     ]
     return build_document(records, env, title)
+
+
+def _examples(case: Mapping[str, Any]) -> str | None:
+    """ "12 generated models: 11 passed, 1 mismatch (shrunk in 30 steps)"."""
+    if case.get("examples") is None:
+        return None
+    if case.get("skip"):
+        return f"skipped: {case['skip']}"
+    statuses = case.get("statuses") or {}
+    parts = ", ".join(f"{n} {s}" for s, n in statuses.items())
+    text = f"{case['examples']} generated models" + (f": {parts}" if parts else "")
+    if case.get("code"):
+        text += f"; counterexample shrunk in {case.get('shrink_steps', 0)} steps"
+    return text
 
 
 def _check(i: int, rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,7 +154,7 @@ def _check(i: int, rec: Mapping[str, Any]) -> dict[str, Any]:
         )
     ident = rec.get("id") or (report or {}).get("label") or f"check {i + 1}"
     check: dict[str, Any] = {"id": str(ident), "outcome": outcome, "report": report}
-    for key in ("error", "expected", "worker"):
+    for key in ("error", "expected", "worker", "examples", "code"):
         if rec.get(key) is not None:
             check[key] = str(rec[key])
     return check

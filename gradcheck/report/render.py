@@ -109,6 +109,8 @@ def _check_view(i: int, check: dict[str, Any], total: int) -> dict[str, Any]:
         "expected": check.get("expected"),
         "worker": check.get("worker"),
         "error_text": check.get("error"),
+        "code": check.get("code"),
+        "examples": check.get("examples"),
         "status": status,
         "r": r,
         "ratio": ratio,
@@ -173,6 +175,7 @@ def _flow_figure(r: dict[str, Any], uid: str) -> dict[str, Any] | None:
     tensors, losses = flow["tensors"], flow["losses"]
     weights = flow.get("weights") or [None] * len(losses)
     eff = flow.get("effective_weights") or [[None] * len(losses) for _ in tensors]
+    expected = flow.get("expected") or None  # the locality check's architecture
     totals = flow.get("total_norms") or [None] * len(tensors)
     cols = [f"{loss} (w={fmt(w)})" for loss, w in zip(losses, weights, strict=True)]
     cols.append("total")
@@ -185,6 +188,8 @@ def _flow_figure(r: dict[str, Any], uid: str) -> dict[str, Any] | None:
             wrong = bool(
                 reach and e is not None and w is not None and abs(e - w) > 1e-3 * abs(w)
             )
+            off_plan = expected is not None and bool(expected[t][i]) != bool(reach)
+            wrong = wrong or off_plan
             v_row.append(norm)
             a_row.append(not reach)
             f_row.append(wrong)
@@ -192,7 +197,13 @@ def _flow_figure(r: dict[str, Any], uid: str) -> dict[str, Any] | None:
             t_row.append("" if not reach else f"eff. w {shown}")
             tip = f"{name} / {loss}: ‖w·∇{loss}‖ = {fmt(norm, 4)}"
             tip += f", effective weight {fmt(e, 4)}" if reach else ", not reached"
-            if wrong:
+            if off_plan:
+                tip += (
+                    "; the architecture says it should NOT reach it (a leak)"
+                    if reach
+                    else "; the architecture says it SHOULD reach it (a cut)"
+                )
+            elif wrong:
                 tip += f" instead of {fmt(w)}"
             tip_row.append(tip)
         v_row.append(totals[t])
@@ -210,7 +221,8 @@ def _flow_figure(r: dict[str, Any], uid: str) -> dict[str, Any] | None:
         "title": "Gradient-flow matrix",
         "caption": "Each cell: ‖wᵢ·∂lossᵢ/∂tensor‖ and the effective weight the loss "
         "has in ∇total for that tensor (equal to wᵢ when the total is right). "
-        "Hatched: the loss does not reach the tensor. Red outline: wrong weight.",
+        "Hatched: the loss does not reach the tensor. Red outline: wrong weight, or "
+        "(locality checks) reach that differs from the architecture.",
         "svg": svg_heatmap(
             tensors,
             cols,
