@@ -28,6 +28,7 @@ from gradcheck.errors import (
     ShapeChangedError,
     UnsupportedInputError,
 )
+from gradcheck.keras_api import assert_keras_model, check_keras_model
 from gradcheck.properties.devices import assert_devices, check_devices
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
 from gradcheck.training_api import assert_training_step, check_training_step
@@ -54,12 +55,14 @@ __all__ = [
     "assert_cross_framework",
     "assert_devices",
     "assert_gradients",
+    "assert_keras_model",
     "assert_linearity",
     "assert_locality",
     "assert_training_step",
     "check_cross_framework",
     "check_devices",
     "check_gradients",
+    "check_keras_model",
     "check_linearity",
     "check_locality",
     "check_training_step",

@@ -137,7 +137,7 @@ def judge(
     rtol: float | None = None,
     property: str = "linearity",
     total_label: str = "the total",
-    floor_scale: float | None = None,
+    floor_scale: float | Sequence[float] | None = None,
 ) -> CheckReport:
     """Compare a total's gradient with sum_i w_i * grad(L_i), tensor by tensor.
 
@@ -145,9 +145,9 @@ def judge(
     training step's ``.grad``, Keras' own train step) shares one verdict, one
     tolerance and one flow matrix. ``None`` gradients mean "does not reach";
     ``total_value=None`` skips the comparison of loss values. ``floor_scale``: a
-    gradient magnitude (e.g. the largest element over all tensors) that every
-    tensor's rounding floor is at least FLOOR x, for gradients that are ~0 by
-    cancellation of larger terms elsewhere (a bias before BatchNorm)."""
+    gradient magnitude (one for all tensors, or one per tensor) that a tensor's
+    rounding floor is at least FLOOR x, for gradients that are ~0 by cancellation
+    of larger terms elsewhere (a bias before BatchNorm)."""
     names = list(weights)
     w = dict(weights)
     total_val, vals = total_value, values
@@ -163,7 +163,8 @@ def judge(
     for t, spec in enumerate(specs):
         expected = sum((w[n] * gi[n][t] for n in names), start=np.zeros(spec.shape))
         magnitude = sum((np.abs(w[n] * gi[n][t]) for n in names), start=np.abs(gt[t]))
-        scale = max(float(np.max(magnitude, initial=0.0)), floor_scale or 0.0)
+        floor = floor_scale[t] if isinstance(floor_scale, Sequence) else floor_scale
+        scale = max(float(np.max(magnitude, initial=0.0)), floor or 0.0)
         tol = tl.ROUNDING_SIGMAS * rho[t] * (magnitude + FLOOR * scale)
         err = np.abs(gt[t] - expected)
         ratio = np.where(

@@ -1,0 +1,70 @@
+"""The Keras training assertions: check Keras' own train step of a compiled model.
+
+Kept apart from :mod:`gradcheck.api` because it is about a framework's trainer, not
+a function: it takes a compiled ``keras.Model`` and its data the way ``fit`` does.
+Importing this module imports neither Keras nor a backend; the check imports Keras
+when it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gradcheck.api import _publish, _seed
+from gradcheck.errors import GradientMismatchError
+from gradcheck.result import CheckReport
+
+__all__ = ["assert_keras_model", "check_keras_model"]
+
+
+def check_keras_model(
+    model: Any,
+    x: Any,
+    y: Any,
+    *,
+    sample_weight: Any = None,
+    class_weight: Mapping[int, float] | None = None,
+    seed: int | None = None,
+    rtol: float | None = None,
+    label: str | None = None,
+) -> CheckReport:
+    """Check the gradient Keras' compiled train step computes for one batch.
+
+    Runs ``model.train_on_batch(x, y, sample_weight=...)`` (the step ``fit`` runs,
+    compiled or eager as the model was compiled) with a recording optimizer in
+    place of the user's, and compares the gradient it hands to the optimizer with
+    ``sum_i w_i * grad(loss_i) + grad(sum(model.losses))`` computed independently
+    from ``compile(loss=..., loss_weights=...)``, pairing losses, weights, targets
+    and sample weights with outputs **by output name** (lists: in the order the
+    model defines its outputs). Keras' reported ``loss`` and ``<output>_loss``
+    values are compared too. The model, its weights, its optimizer (variables and
+    ``iterations``) and its metrics are left exactly as they were.
+
+    ``x``/``y``/``sample_weight``/``class_weight``: as for ``train_on_batch``
+    (y a dict keyed by output name, or a list in output order). ``rtol`` overrides
+    the expected gradient rounding. Returns a :class:`CheckReport` with
+    ``property="keras_training"``; raises a :class:`~gradcheck.errors.GradcheckError`
+    (e.g. :class:`~gradcheck.errors.NotCompiledError`) when the model cannot be
+    checked."""
+    from gradcheck.properties import keras_training
+
+    report = keras_training.check(
+        model,
+        x,
+        y,
+        sample_weight=sample_weight,
+        class_weight=class_weight,
+        seed=_seed(seed),
+        rtol=rtol,
+    )
+    return _publish(report, label)
+
+
+def assert_keras_model(model: Any, x: Any, y: Any, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_keras_model`; raises :class:`GradientMismatchError` on
+    failure."""
+    report = check_keras_model(model, x, y, **kwargs)
+    if not report.passed:
+        raise GradientMismatchError(report)
+    return report

@@ -1,0 +1,1634 @@
+"""The keras_training property: Keras' own train step against the compile config.
+
+``check(model, x, y, ...)`` runs the training step ``fit`` would run on a compiled
+Keras 3 model (the same ``train_on_batch`` / ``make_train_function`` path: a
+``tf.function``, XLA when ``jit_compile`` says so, or the torch backend's step) and
+compares the gradient that step hands to the optimizer with
+
+    sum_i w_i * grad(loss_i) + grad(sum(model.losses))
+
+computed independently from the compile configuration: every output's loss is
+paired with its output **by name**, using the user's ``loss=``/``loss_weights=`` as
+written in ``compile`` (never ``CompileLoss``, whose pairing is what is being
+checked). Keras' reported ``loss`` and per-output ``<name>_loss`` metrics are
+compared with the independent values too. The verdict, tolerance and flow matrix
+come from :func:`gradcheck.properties.linearity.judge`.
+
+Why a recording optimizer. The gradient a train step computes never leaves it: it
+goes straight into ``optimizer.apply``. Swapping ``model.optimizer`` for the
+duration of one step for an optimizer whose ``apply`` *records* the incoming
+gradient (and changes no weight) reads exactly what the user's optimizer would
+receive, whatever the train step looks like (an overridden ``train_step`` or
+``compute_loss`` included), without touching the user's optimizer: its variables,
+slots and ``iterations`` are never read or written. A fresh train function is traced
+for the recorder (the user's traced function calls the user's optimizer); it is
+cached for the last few models checked, so checking a model again costs ~0.04 s
+instead of ~0.5 s of tracing (measured on generated specs, 2 CPU cores).
+
+Tolerance. Both sides are the framework's own gradients in the model's precision,
+summed in different orders (a compiled graph, or XLA, against eager per-loss
+gradients), so ``judge``'s elementwise rounding model applies unchanged (4 sigma x
+4e-6 relative in float32) with one addition: every tensor's floor is FLOOR x the
+*model's* largest gradient element, not only its own. A bias feeding BatchNorm
+has an exactly-zero true gradient whose rounding (8e-8) comes from order-1 terms;
+judged on its own scale it was a false alarm at 5e4 x the tolerance. Measured
+with that floor: 125 generated specs (dense, LayerNorm, conv, GRU/LSTM,
+embeddings, regularizers, sample weights with zeros) and hand-made LSTM, 8-layer
+GELU, BatchNorm and dropout models with graph, eager and XLA steps stay below 0.1
+x the tolerance; a planted 1% gradient scaling is ~300 x above it. Mixed precision
+and float32 losses on a float64 model use the rounding of the coarsest dtype the
+layers or losses compute in.
+
+Pairing rules (what "right" means). A dict is matched by output name. A list (for
+``loss``, ``loss_weights``, ``y`` or ``sample_weight``) is matched with the outputs
+in the order the model *defines* them: the list order of a list-output model, the
+key order of the dict a dict-output model returns (``keras.Model(inputs, {"main":
+..., "aux": ...})`` defines main, then aux). Keras 3 flattens dicts in sorted key
+order (``model.output_names`` is sorted for dict outputs), so it pairs a list with a
+dict-output model alphabetically (keras-team/keras#20596, #20346); when that order
+differs from the definition order gradcheck reports the mismatch and names the head
+instead of guessing what the user meant. A single loss applies to every output; a
+single (1-D) ``sample_weight`` applies to every output; no weight means 1.
+Regularization (``model.losses``: kernel and activity penalties, ``add_loss``) is
+one pseudo-loss named ``"regularization"`` with weight 1: loss weights do not scale
+it.
+
+State. Everything a train step and the independent forward pass can change is
+restored bit for bit before returning (also when the check fails or raises): every
+model variable (trainable, non-trainable such as BatchNorm statistics, seed-generator
+states), every metric variable (train_on_batch resets and updates them),
+``model.optimizer``, ``model.train_function`` and the other step functions,
+``stop_training``, Keras' global seed generator, NumPy/Python RNG states, and on the
+torch backend the parameters' ``.grad`` and torch's RNG state.
+
+Randomness. Dropout & co. draw their masks from SeedGenerator states, which are
+model variables: the independent forward pass starts from the same states as
+Keras' step, so it draws the same masks. If a mismatch remains and Keras' own step
+gives a different gradient when replayed from the same state, the report says
+``nondeterministic``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import math
+import random
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradcheck.backends.base import TensorSpec
+from gradcheck.errors import (
+    ClassWeightError,
+    FrameworkNotInstalledError,
+    InvalidArgumentError,
+    KerasStepError,
+    NonFiniteError,
+    NotCompiledError,
+    NothingToDifferentiateError,
+    UnsupportedInputError,
+)
+from gradcheck.numeric import tolerance as tl
+from gradcheck.properties import linearity
+from gradcheck.result import CheckReport, Location
+
+__all__ = [
+    "BACKENDS",
+    "PROPERTY",
+    "REGULARIZATION",
+    "check",
+    "compile_built",
+    "keras_data",
+]
+
+PROPERTY = "keras_training"
+#: the pseudo-loss holding sum(model.losses) (weight 1)
+REGULARIZATION = "regularization"
+#: Keras backends whose train step gradcheck can read
+BACKENDS = ("tensorflow", "torch")
+#: how close (relative) a reported value must be to a candidate explanation
+_EXPLAIN_RTOL = 1e-5
+
+
+# --------------------------------------------------------------------- entry point
+def check(
+    model: Any,
+    x: Any,
+    y: Any,
+    *,
+    sample_weight: Any = None,
+    class_weight: Mapping[int, float] | None = None,
+    seed: int,
+    rtol: float | None = None,
+) -> CheckReport:
+    """Run Keras' train step once and judge it (see the module docstring).
+
+    Raises a :class:`~gradcheck.errors.GradcheckError` when the model cannot be
+    checked: not a Keras model, not compiled (or compiled without ``loss=``),
+    class_weight with several outputs, x/y/sample_weight that do not fit the
+    model's inputs and outputs, or Keras' own step raising."""
+    started = time.perf_counter()
+    keras = _import_keras()
+    _check_model(keras, model)
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise UnsupportedInputError(
+            f"check_keras_model supports the Keras backends {BACKENDS}; this Keras "
+            f"runs on {backend!r} (KERAS_BACKEND is fixed when keras is imported)."
+        )
+    ops = _TensorFlowOps() if backend == "tensorflow" else _TorchOps()
+    replicas = getattr(
+        getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1
+    )
+    if replicas > 1:
+        raise UnsupportedInputError(
+            f"the model trains under a tf.distribute strategy with {replicas} "
+            "replicas: check_keras_model reads one replica's step; check it outside "
+            "the strategy scope."
+        )
+    config = _compile_config(model)
+    if not model.built:
+        raise UnsupportedInputError(
+            f"model {model.name!r} is not built: its variables do not exist until "
+            "its first call, and a check cannot create them and then leave the "
+            "model as it was. Call it once first (model(x) or "
+            "model.build(input_shape)), as fit would."
+        )
+    variables = list(model.trainable_variables)
+    if not variables:
+        raise NothingToDifferentiateError(
+            "the model has no trainable variables: a train step changes nothing."
+        )
+    _check_batch(x, y, sample_weight)
+    if class_weight is not None and sample_weight is not None:
+        raise InvalidArgumentError(
+            "pass sample_weight or class_weight, not both (Keras refuses both too)."
+        )
+    scale, scale_note = _loss_scale(model.optimizer)
+    snapshot = _Snapshot(model, ops)
+    try:
+        side = _independent(
+            keras,
+            ops,
+            model,
+            x,
+            y,
+            sample_weight,
+            class_weight,
+            config,
+            variables,
+            scale,
+        )
+        snapshot.reset_values()
+        captured = _capture(model, x, y, sample_weight, class_weight, variables, scale)
+        replay = None
+        report = _verdict(
+            keras, backend, model, side, captured, variables, seed, rtol, scale_note
+        )
+        if not report.passed:
+            snapshot.reset_values()
+            replay = _capture(
+                model, x, y, sample_weight, class_weight, variables, scale
+            )
+            _flag_nondeterminism(report, captured, replay)
+    except KerasStepError:
+        # Keras raised mid-step, possibly while building its CompileLoss
+        snapshot.restore(unbuild=True)
+        raise
+    except BaseException:
+        snapshot.restore()
+        raise
+    snapshot.restore()
+    report.cost = {
+        "forward": 1.0,
+        "backward": float(len(side.values)),
+        "train_steps": 1.0 if replay is None else 2.0,
+        "seconds": time.perf_counter() - started,
+    }
+    return report
+
+
+# --------------------------------------------------------------------- validation
+def _import_keras() -> Any:
+    try:
+        import keras
+    except ImportError as exc:  # pragma: no cover - keras is a test dependency
+        raise FrameworkNotInstalledError(
+            "check_keras_model needs Keras 3 (pip install keras and a backend)."
+        ) from exc
+    if not hasattr(keras, "Variable"):  # pragma: no cover - Keras 2 / tf.keras
+        raise FrameworkNotInstalledError(
+            f"check_keras_model needs Keras 3; found keras {keras.__version__}."
+        )
+    return keras
+
+
+def _check_model(keras: Any, model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise UnsupportedInputError(
+            "check_keras_model takes a compiled keras.Model; got "
+            f"{type(model).__module__}.{type(model).__name__}. For a loss function "
+            "or a torch module use check_gradients/check_linearity."
+        )
+    if not getattr(model, "compiled", False):
+        raise NotCompiledError(
+            f"model {model.name!r} is not compiled: the train step it would run "
+            "does not exist yet. Call model.compile(optimizer=..., loss=..., "
+            "loss_weights=...) first, as before fit()."
+        )
+    if getattr(model, "_compile_loss", None) is None:
+        raise NotCompiledError(
+            f"model {model.name!r} was compiled without loss=: gradcheck checks the "
+            "train step against the losses given to compile(), and there are none "
+            "(a model that only uses add_loss or its own compute_loss has no "
+            "independent definition to compare with)."
+        )
+
+
+def _batch_size(value: Any) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    return int(shape[0]) if shape and shape[0] is not None else None
+
+
+def _leaves(value: Any, path: str) -> list[tuple[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{path}[{k!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [
+            leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{path}[{i}]")
+        ]
+    return [(path, value)]
+
+
+def _check_batch(x: Any, y: Any, sample_weight: Any) -> None:
+    """Every array must have the same leading (batch) dimension."""
+    if y is None:
+        raise InvalidArgumentError(
+            "y is required: the compiled losses compare the outputs with targets."
+        )
+    sizes = [
+        (path, n)
+        for what, value in (("x", x), ("y", y), ("sample_weight", sample_weight))
+        for path, leaf in _leaves(value, what)
+        if (n := _batch_size(leaf)) is not None
+    ]
+    if sizes and len({n for _, n in sizes}) > 1:
+        listed = ", ".join(f"{p}: {n}" for p, n in sizes)
+        raise InvalidArgumentError(
+            f"x, y and sample_weight must share the batch size; got {listed}."
+        )
+
+
+@dataclass
+class _Config:
+    loss: Any
+    loss_weights: Any
+
+
+def _compile_config(model: Any) -> _Config:
+    """The user's ``loss``/``loss_weights`` as given to compile(): Keras keeps them
+    in ``_compile_config`` (used by ``get_compile_config``); ``model.loss`` and
+    ``CompileLoss._user_loss_weights`` hold the same objects."""
+    stored = getattr(getattr(model, "_compile_config", None), "config", None)
+    if isinstance(stored, Mapping) and "loss" in stored:
+        return _Config(stored["loss"], stored.get("loss_weights"))
+    compile_loss = model._compile_loss
+    return _Config(
+        getattr(compile_loss, "_user_loss", model.loss),
+        getattr(compile_loss, "_user_loss_weights", None),
+    )
+
+
+def _loss_scale(optimizer: Any) -> tuple[float, str | None]:
+    """The factor the user's optimizer multiplies the loss by in ``scale_loss`` (and
+    divides the gradient by in ``apply``): the dynamic scale of a
+    LossScaleOptimizer (mixed precision), else ``loss_scale_factor``. Both sides
+    scale and unscale by it, so float16 gradients underflow alike."""
+    if optimizer is None:
+        return 1.0, None
+    from keras.optimizers import LossScaleOptimizer
+
+    if isinstance(optimizer, LossScaleOptimizer):
+        value = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+        scale = float(np.asarray(_numpy(value)))
+        return scale, (
+            f"the optimizer is a LossScaleOptimizer: both sides scale the loss by its "
+            f"current dynamic scale {scale:g} and unscale the gradients."
+        )
+    factor = getattr(optimizer, "loss_scale_factor", None)
+    if factor:
+        return float(
+            factor
+        ), f"both sides scale the loss by loss_scale_factor={factor}."
+    return 1.0, None
+
+
+def _numpy(value: Any) -> np.ndarray:
+    from keras import ops
+
+    return np.array(ops.convert_to_numpy(value), copy=True)
+
+
+# --------------------------------------------------------------------- backends
+class _TensorFlowOps:
+    """Eager forward pass under a persistent GradientTape, one gradient per loss."""
+
+    name = "tensorflow"
+
+    def value_and_grads(
+        self,
+        compute: Callable[[], dict[str, Any]],
+        variables: Sequence[Any],
+        scale: float,
+    ) -> tuple[dict[str, Any], dict[str, list[np.ndarray | None]]]:
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            losses = compute()
+            scaled = {k: v * scale for k, v in losses.items()}
+        grads = {}
+        for name, value in scaled.items():
+            gs = tape.gradient(value, list(variables), unconnected_gradients="none")
+            grads[name] = [
+                None if g is None else _numpy(tf.convert_to_tensor(g)) / scale
+                for g in gs
+            ]
+        del tape
+        return losses, grads
+
+    def grad_state(self, variables: Sequence[Any]) -> list[Any]:
+        return []
+
+    def restore_grad_state(self, saved: list[Any]) -> None:
+        return None
+
+    def rng_state(self) -> Any:
+        return None
+
+    def restore_rng(self, saved: Any) -> None:
+        return None
+
+
+class _TorchOps:
+    """Eager forward pass, ``torch.autograd.grad`` per loss (graph retained)."""
+
+    name = "torch"
+
+    def value_and_grads(
+        self,
+        compute: Callable[[], dict[str, Any]],
+        variables: Sequence[Any],
+        scale: float,
+    ) -> tuple[dict[str, Any], dict[str, list[np.ndarray | None]]]:
+        import torch
+
+        params = [v.value for v in variables]
+        with torch.enable_grad():
+            losses = compute()
+            grads = {}
+            for name, value in losses.items():
+                if not getattr(value, "requires_grad", False):
+                    grads[name] = [None] * len(params)
+                    continue
+                gs = torch.autograd.grad(
+                    value * scale, params, retain_graph=True, allow_unused=True
+                )
+                grads[name] = [
+                    None if g is None else g.detach().cpu().double().numpy() / scale
+                    for g in gs
+                ]
+        return losses, grads
+
+    def grad_state(self, variables: Sequence[Any]) -> list[Any]:
+        out = []
+        for v in variables:
+            p = getattr(v, "value", None)
+            if p is not None and hasattr(p, "grad"):
+                g = p.grad
+                out.append((p, None if g is None else g.detach().clone()))
+        return out
+
+    def restore_grad_state(self, saved: list[Any]) -> None:
+        for p, g in saved:
+            p.grad = g
+
+    def rng_state(self) -> Any:
+        """torch's global generators: Keras' torch backend draws an unseeded
+        Dropout's mask from them (torch.nn.functional.dropout)."""
+        import torch
+
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return torch.random.get_rng_state(), cuda
+
+    def restore_rng(self, saved: Any) -> None:
+        import torch
+
+        cpu, cuda = saved
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------- state
+def _global_seed_state() -> Any:
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    gen = global_state.get_global_attribute("global_seed_generator")
+    return getattr(gen, "state", None)
+
+
+class _Snapshot:
+    """Everything of the user's a train step and a forward pass can change."""
+
+    _ATTRS = (
+        "optimizer",
+        "train_function",
+        "test_function",
+        "predict_function",
+        "stop_training",
+    )
+
+    def __init__(self, model: Any, ops: Any):
+        self.model = model
+        self.ops = ops
+        found: dict[int, Any] = {}
+        candidates = list(model.variables) + list(model.metrics_variables)
+        seed_state = _global_seed_state()
+        if seed_state is not None:
+            candidates.append(seed_state)
+        for v in candidates:
+            found.setdefault(id(v), v)
+        self.values = [(v, _numpy(v)) for v in found.values()]
+        self.metrics = {id(m) for m in model.metrics}
+        self.attrs = {a: getattr(model, a, None) for a in self._ATTRS}
+        compile_loss = model._compile_loss
+        compile_metrics = getattr(model, "_compile_metrics", None)
+        self.unbuilt = [
+            c
+            for c in (compile_loss, compile_metrics)
+            if c is not None and not getattr(c, "built", True)
+        ]
+        self.grads = ops.grad_state(model.variables)
+        self.rng = (np.random.get_state(), random.getstate(), ops.rng_state())
+
+    def reset_values(self) -> None:
+        """Variables and RNG states as they were: the next pass (Keras' step or
+        the independent one) starts from the same point and draws the same
+        dropout masks."""
+        for v, value in self.values:
+            v.assign(value)
+        np_state, py_state, framework_state = self.rng
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        if framework_state is not None:
+            self.ops.restore_rng(framework_state)
+
+    def restore(self, unbuild: bool = False) -> None:
+        model = self.model
+        errors: list[BaseException] = []
+        for a, value in self.attrs.items():
+            try:
+                setattr(model, a, value)
+            except Exception as exc:  # pragma: no cover - restore the rest first
+                errors.append(exc)
+        if unbuild:
+            # a step that raised while Keras built its CompileLoss/CompileMetrics
+            # leaves them half built (later steps then log nothing): unbuild them
+            for c in self.unbuilt:
+                _unbuild(c)
+        try:
+            self.reset_values()
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+        for m in model.metrics:
+            if id(m) not in self.metrics:  # built by the step: as fresh as it was
+                m.reset_state()
+        self.ops.restore_grad_state(self.grads)
+        if errors:  # pragma: no cover
+            raise errors[0]
+
+
+def _unbuild(compile_obj: Any) -> None:
+    compile_obj.built = False
+    if hasattr(compile_obj, "_flat_losses"):
+        compile_obj._flat_losses = None
+        compile_obj._y_pred_build_structure = None
+        compile_obj._y_true_build_structure = None
+    metrics = getattr(compile_obj, "_metrics", None)
+    if isinstance(metrics, list):
+        metrics.clear()
+
+
+# --------------------------------------------------------------------- pairing
+@dataclass
+class _Head:
+    name: str
+    loss: Any  # a keras.losses.Loss
+    label: str  # how the user named the loss
+    weight: float
+    target: Any
+    sample_weight: Any
+
+
+@dataclass
+class _Side:
+    """The independent side: per-loss values and gradients, by name."""
+
+    heads: list[_Head]
+    kind: str  # "dict", "list" or "single": the model's output structure
+    names: list[str]  # outputs in definition order
+    predictions: dict[str, np.ndarray]
+    values: dict[str, float]
+    grads: dict[str, list[np.ndarray | None]]
+    weights: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
+def _outputs(model: Any, y_pred: Any) -> tuple[str, dict[str, Any]]:
+    """The model's outputs by name, in definition order."""
+    keras_names = list(getattr(model, "output_names", None) or [])
+    if isinstance(y_pred, Mapping):
+        # a functional model keeps the dict it was built with (insertion order);
+        # what it returns is sorted on the torch backend
+        defined = getattr(model, "_outputs_struct", None)
+        order = list(y_pred)
+        if isinstance(defined, Mapping) and set(defined) == set(order):
+            order = list(defined)
+        kind, named = "dict", {str(k): y_pred[k] for k in order}
+    elif isinstance(y_pred, (list, tuple)):
+        names = (
+            keras_names
+            if len(keras_names) == len(y_pred)
+            else [f"output_{i}" for i in range(len(y_pred))]
+        )
+        kind, named = "list", dict(zip(names, y_pred, strict=True))
+    else:
+        name = keras_names[0] if len(keras_names) == 1 else "output"
+        kind, named = "single", {name: y_pred}
+    for name, value in named.items():
+        if isinstance(value, (Mapping, list, tuple)):
+            raise UnsupportedInputError(
+                f"output {name!r} is itself a {type(value).__name__}: "
+                "check_keras_model supports one level of dict/list outputs."
+            )
+    return kind, named
+
+
+def _by_name(
+    value: Any, kind: str, names: list[str], what: str, broadcast: bool = False
+) -> tuple[dict[str, Any], bool]:
+    """``value`` (dict by name, list in definition order, or one array) per output.
+    Returns the mapping and whether a list was paired with a dict-output model."""
+    if value is None:
+        return dict.fromkeys(names), False
+    if isinstance(value, Mapping):
+        keys = [str(k) for k in value]
+        extra = [k for k in keys if k not in names]
+        if extra:
+            raise InvalidArgumentError(
+                f"{what} names {extra}, which the model does not output; its outputs "
+                f"are {names}."
+            )
+        return {n: value.get(n) for n in names}, False
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and len(names) == 1:
+            return {names[0]: value[0]}, False
+        if len(value) != len(names):
+            raise InvalidArgumentError(
+                f"{what} is a {type(value).__name__} of {len(value)} but the model has "
+                f"{len(names)} outputs {names}."
+            )
+        return dict(zip(names, value, strict=True)), kind == "dict"
+    if len(names) == 1 or broadcast:
+        return dict.fromkeys(names, value), False
+    raise InvalidArgumentError(
+        f"{what} is one array but the model has {len(names)} outputs {names}: pass a "
+        "dict keyed by output name."
+    )
+
+
+def _resolve_loss(
+    keras: Any, identifier: Any, target: Any, pred: Any
+) -> tuple[Any, str]:
+    """A ``keras.losses.Loss`` for what the user passed (string, function, Loss)."""
+    losses = keras.losses
+    if isinstance(identifier, losses.Loss):
+        return identifier, identifier.name
+    if isinstance(identifier, str):
+        label = identifier
+        if identifier.lower() in ("crossentropy", "ce"):
+            # Keras picks by shapes (documented for compile's "crossentropy")
+            t_shape, p_shape = tuple(np.shape(target)), tuple(pred.shape)
+            if p_shape[-1] == 1:
+                fn = losses.binary_crossentropy
+            elif len(t_shape) < len(p_shape) or (t_shape[-1] == 1 and p_shape[-1] > 1):
+                fn = losses.sparse_categorical_crossentropy
+            else:
+                fn = losses.categorical_crossentropy
+        else:
+            fn = losses.get(identifier)
+    else:
+        fn = losses.get(identifier)
+        label = getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+    if isinstance(fn, losses.Loss):
+        return fn, label
+    if not callable(fn):
+        raise InvalidArgumentError(f"compile(loss=...) has {identifier!r}: not a loss.")
+    return _wrap(keras, fn, label), label
+
+
+def _wrap(keras: Any, fn: Callable[..., Any], name: str) -> Any:
+    """A loss function as a ``Loss`` (sum_over_batch_size, sample weights, masks):
+    Keras' own wrapper, which also aligns the ranks of y_true and y_pred."""
+    try:
+        from keras.src.losses.losses import LossFunctionWrapper
+    except ImportError:  # pragma: no cover - private module moved
+
+        class LossFunctionWrapper(keras.losses.Loss):
+            def __init__(self, fn: Callable[..., Any], name: str):
+                super().__init__(name=name)
+                self.fn = fn
+
+            def call(self, y_true: Any, y_pred: Any) -> Any:
+                return self.fn(y_true, y_pred)
+
+    return LossFunctionWrapper(fn, name=name)
+
+
+def _resolve_weights(
+    loss_weights: Any, kind: str, names: list[str], with_loss: list[str]
+) -> tuple[dict[str, float], bool]:
+    if loss_weights is None:
+        return dict.fromkeys(with_loss, 1.0), False
+    if isinstance(loss_weights, (int, float)) and not isinstance(loss_weights, bool):
+        return dict.fromkeys(with_loss, float(loss_weights)), False
+    if isinstance(loss_weights, Mapping):
+        extra = [k for k in loss_weights if k not in names]
+        if extra:
+            raise InvalidArgumentError(
+                f"compile(loss_weights=...) names {extra}, which the model does not "
+                f"output; its outputs are {names}."
+            )
+        return {n: float(loss_weights.get(n, 1.0)) for n in with_loss}, False
+    if isinstance(loss_weights, (list, tuple)):
+        values = [float(w) for w in loss_weights]
+        if len(values) == len(names):
+            by_name = dict(zip(names, values, strict=True))
+        elif len(values) == len(with_loss):
+            by_name = dict(zip(with_loss, values, strict=True))
+        else:
+            raise InvalidArgumentError(
+                f"compile(loss_weights=...) lists {len(values)} weights for "
+                f"{len(names)} outputs {names}."
+            )
+        return {n: by_name[n] for n in with_loss}, kind == "dict"
+    raise InvalidArgumentError(
+        f"compile(loss_weights=...) is a {type(loss_weights).__name__}; expected a "
+        "float, a list or a dict."
+    )
+
+
+def _class_sample_weight(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
+    """Keras' documented conversion: one-hot targets -> argmax, (N, 1) -> squeeze,
+    rounded to int; each example gets its class's weight (1 if absent)."""
+    labels = np.asarray(_numpy(y) if not isinstance(y, np.ndarray) else y)
+    if labels.ndim > 1:
+        labels = labels.argmax(-1) if labels.shape[-1] != 1 else labels[..., 0]
+    labels = np.round(labels).astype(np.int64)
+    return np.array([float(class_weight.get(int(c), 1.0)) for c in labels], "float32")
+
+
+def _independent(
+    keras: Any,
+    ops: Any,
+    model: Any,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    class_weight: Any,
+    config: _Config,
+    variables: list[Any],
+    scale: float,
+) -> _Side:
+    state: dict[str, Any] = {}
+
+    def compute() -> dict[str, Any]:
+        try:
+            y_pred = model(x, training=True)
+        except Exception as exc:
+            raise InvalidArgumentError(
+                f"model(x, training=True) raised {type(exc).__name__}: {exc}"
+                + _input_hint(model, x)
+            ) from exc
+        kind, outputs = _outputs(model, y_pred)
+        names = list(outputs)
+        if class_weight is not None and len(names) > 1:
+            raise ClassWeightError(
+                "class_weight works for single-output models only; this one has "
+                f"{len(names)} outputs {names}. Keras' fit refuses it too "
+                "(`class_weight` is only supported for Models with a single output) "
+                "and train_on_batch cannot turn a dict of targets into weights. "
+                "Pass a per-output sample_weight dict instead."
+            )
+        targets, y_list = _by_name(y, kind, names, "y")
+        sws, sw_list = _by_name(sample_weight, kind, names, "sample_weight", True)
+        if class_weight is not None:
+            sws = {names[0]: _class_sample_weight(targets[names[0]], class_weight)}
+        loss_cfg, loss_list = _by_name(
+            config.loss, kind, names, "compile(loss=...)", True
+        )
+        with_loss = [n for n in names if loss_cfg[n] is not None]
+        if not with_loss:
+            raise NotCompiledError(
+                "compile(loss=...) gives none of the outputs a loss."
+            )
+        missing = [n for n in with_loss if targets[n] is None]
+        if missing:
+            raise InvalidArgumentError(
+                f"y has no target for the output(s) {missing} (outputs {names})."
+            )
+        weights, w_list = _resolve_weights(config.loss_weights, kind, names, with_loss)
+        heads = []
+        values: dict[str, Any] = {}
+        for n in with_loss:
+            loss, label = _resolve_loss(keras, loss_cfg[n], targets[n], outputs[n])
+            heads.append(_Head(n, loss, label, weights[n], targets[n], sws[n]))
+            try:
+                values[n] = loss(targets[n], outputs[n], sample_weight=sws[n])
+            except Exception as exc:
+                raise InvalidArgumentError(
+                    f"the '{n}' loss ({label}) raised {type(exc).__name__} on y[{n!r}] "
+                    f"and the output '{n}': {exc}"
+                ) from exc
+        penalties = list(model.losses)
+        if penalties:
+            reg = None
+            for p in penalties:
+                p = keras.ops.sum(keras.ops.cast(p, keras.config.floatx()))
+                reg = p if reg is None else reg + p
+            values[_reg_name(names)] = reg
+        state.update(
+            kind=kind,
+            names=names,
+            heads=heads,
+            weights=weights,
+            predictions={n: _numpy(outputs[n]) for n in names},
+            lists=[
+                w
+                for w, flag in (
+                    ("y", y_list),
+                    ("sample_weight", sw_list),
+                    ("loss", loss_list),
+                    ("loss_weights", w_list),
+                )
+                if flag
+            ],
+        )
+        return values
+
+    values, grads = ops.value_and_grads(compute, variables, scale)
+    floats = {
+        k: float(np.asarray(_numpy(v), dtype=np.float64)) for k, v in values.items()
+    }
+    for k, v in floats.items():
+        if not math.isfinite(v):
+            raise NonFiniteError(
+                f"the '{k}' loss is {v} at this batch: a loss must be finite to have "
+                "a gradient (log(0), 0/0 or overflow in it?)."
+            )
+    weights = dict(state["weights"])
+    reg = _reg_name(state["names"])
+    if reg in floats:
+        weights[reg] = 1.0
+    side = _Side(
+        heads=state["heads"],
+        kind=state["kind"],
+        names=state["names"],
+        predictions=state["predictions"],
+        values=floats,
+        grads=grads,
+        weights=weights,
+    )
+    sorted_names = sorted(side.names)
+    if state["lists"] and sorted_names != side.names:
+        side.notes.append(
+            f"{', '.join(state['lists'])} given as a list for a dict-output model: "
+            f"gradcheck pairs it with the outputs in the order the model defines "
+            f"them {side.names}; Keras {keras.__version__} pairs lists with dict "
+            f"outputs in sorted key order {sorted_names} (keras#20596, #20346). "
+            "Pass a dict keyed by output name to make the pairing unambiguous."
+        )
+    return side
+
+
+def _reg_name(names: Sequence[str]) -> str:
+    return REGULARIZATION if REGULARIZATION not in names else "model.losses"
+
+
+def _input_hint(model: Any, x: Any) -> str:
+    inputs = getattr(model, "inputs", None) or []
+    names = [getattr(t, "name", "?") for t in inputs]
+    if not names:
+        return ""
+    given = (
+        f"a dict with keys {list(x)}"
+        if isinstance(x, Mapping)
+        else f"a {type(x).__name__} of {len(x)}"
+        if isinstance(x, (list, tuple))
+        else "one array"
+    )
+    return f" (the model's inputs are {names}; x is {given})."
+
+
+# --------------------------------------------------------------------- capture
+@functools.cache
+def _recorder_class() -> type:
+    """A ``keras.optimizers.Optimizer`` that records, and never applies, gradients.
+
+    Built lazily (Keras is imported only when a Keras model is checked). ``apply``
+    is overridden as a whole: the base class would also apply variable constraints
+    and weight decay to the *model's* weights."""
+    import keras
+
+    class GradientRecorder(keras.optimizers.Optimizer):
+        def __init__(self, variables: Sequence[Any]):
+            super().__init__(learning_rate=0.0, name="gradcheck_recorder")
+            self.build(list(variables))
+
+        def build(self, variables: list[Any]) -> None:
+            if self.built:
+                return
+            super().build(variables)
+            self._gradients = [
+                self.add_variable_from_reference(v, name="gradient") for v in variables
+            ]
+            self._calls = [
+                self.add_variable(
+                    (), dtype="float32", initializer="zeros", name="calls"
+                )
+                for _ in variables
+            ]
+            self._scale = self.add_variable(
+                (), dtype="float32", initializer="ones", name="scale"
+            )
+            self.built = True
+
+        def scale_loss(self, loss: Any) -> Any:
+            return loss * keras.ops.cast(self._scale, loss.dtype)
+
+        def apply(self, grads: Any, trainable_variables: Any = None) -> None:
+            grads = list(grads)
+            if trainable_variables is None:
+                trainable_variables = self._trainable_variables
+            for g, v in zip(grads, trainable_variables, strict=True):
+                if g is not None:
+                    self.update_step(g, v, None)
+            self._iterations.assign_add(1)
+
+        def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+            key = self._var_key(variable)
+            if key not in self._trainable_variables_indices:
+                return  # not one of the model's trainable variables
+            i = self._trainable_variables_indices[key]
+            if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+                import tensorflow as tf  # IndexedSlices (Embedding) exist on TF only
+
+                gradient = tf.convert_to_tensor(gradient)
+            target = self._gradients[i]
+            g = keras.ops.cast(gradient, target.dtype)
+            target.assign_add(g / keras.ops.cast(self._scale, target.dtype))
+            self._calls[i].assign_add(1.0)
+
+        def reset(self, scale: float) -> None:
+            for v in self._gradients:
+                v.assign(keras.ops.zeros(v.shape, v.dtype))
+            for c in self._calls:
+                c.assign(0.0)
+            self._scale.assign(scale)
+
+        def read(self) -> tuple[list[np.ndarray], list[int]]:
+            return (
+                [_numpy(v).astype(np.float64) for v in self._gradients],
+                [int(_numpy(c)) for c in self._calls],
+            )
+
+    return GradientRecorder
+
+
+@dataclass
+class _Cached:
+    """The recorder and the train function traced with it, for one model.
+
+    Valid while the model's own cached train function is the one seen when the
+    entry was made: Keras drops it on compile() and make_train_function(force=True),
+    which is when it would retrace too (Python state a train_step reads at trace
+    time is then read again, as in fit)."""
+
+    model: weakref.ref[Any]
+    key: tuple[Any, ...]
+    compile_loss: Any
+    user_function: Any
+    recorder: Any
+    train_function: Any = None
+
+
+#: The last few models' entries, by id (checked against ``model``). Bounded, not a
+#: WeakKeyDictionary: the traced train function refers to its model, so an entry
+#: keeps its model alive; a small LRU bounds that instead of leaking every model an
+#: audit builds, and the user's model object is never given an attribute.
+_CACHE: collections.OrderedDict[int, _Cached] = collections.OrderedDict()
+_CACHE_SIZE = 4
+
+
+def _cache_key(model: Any, variables: Sequence[Any]) -> tuple[Any, ...]:
+    """What a traced step depends on besides the data; train_step/compute_loss by
+    their function, so an override set on the instance counts too."""
+    return (
+        getattr(model.train_step, "__func__", model.train_step),
+        getattr(model.compute_loss, "__func__", model.compute_loss),
+        id(getattr(model, "_compile_metrics", None)),
+        tuple(id(v) for v in variables),
+        bool(model.run_eagerly),
+        bool(model.jit_compile),
+        int(getattr(model, "steps_per_execution", 1) or 1),
+    )
+
+
+def _recorder_for(model: Any, variables: Sequence[Any]) -> _Cached:
+    key = _cache_key(model, variables)
+    entry = _CACHE.get(id(model))
+    if (
+        entry is None
+        or entry.model() is not model
+        or entry.key != key
+        or entry.compile_loss is not model._compile_loss
+        or entry.user_function is not model.train_function
+    ):
+        entry = _Cached(
+            weakref.ref(model),
+            key,
+            model._compile_loss,
+            model.train_function,
+            _recorder_class()(variables),
+        )
+    _CACHE[id(model)] = entry
+    _CACHE.move_to_end(id(model))
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return entry
+
+
+@dataclass
+class _Captured:
+    grads: list[np.ndarray]
+    calls: list[int]
+    logs: dict[str, float]
+    how: str
+    #: log keys whose Mean tracker the step never updated (a custom train_step
+    #: that skips compute_loss or the loss tracker reports their initial 0)
+    stale: set[str] = field(default_factory=set)
+
+
+def _capture(
+    model: Any,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    class_weight: Any,
+    variables: Sequence[Any],
+    scale: float,
+) -> _Captured:
+    """One ``train_on_batch`` with the recorder as the optimizer; the caller's
+    snapshot puts the optimizer, functions, variables and metrics back."""
+    entry = _recorder_for(model, variables)
+    entry.recorder.reset(scale)
+    user_optimizer, user_function = model.optimizer, model.train_function
+    model.optimizer = entry.recorder
+    model.train_function = entry.train_function
+    try:
+        logs = model.train_on_batch(
+            x,
+            y,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            return_dict=True,
+        )
+        entry.train_function = model.train_function
+        stale = _stale_trackers(model)
+    except Exception as exc:
+        entry.train_function = None
+        raise KerasStepError(
+            f"Keras' own train step (model.train_on_batch, as fit runs it) raised "
+            f"{type(exc).__name__}: {exc}" + _step_hint(exc, x, y, sample_weight)
+        ) from exc
+    finally:
+        model.optimizer, model.train_function = user_optimizer, user_function
+    grads, calls = entry.recorder.read()
+    floats = _floats(logs)
+    # a tracker the step never updated reports its initial 0
+    stale = {k for k in stale if floats.get(k) == 0.0}
+    return _Captured(grads, calls, floats, _how(model), stale)
+
+
+def _how(model: Any) -> str:
+    """How the train step ran, in words, for the report."""
+    import keras
+
+    if model.run_eagerly:
+        return "run eagerly (run_eagerly=True)"
+    if keras.backend.backend() == "torch":
+        if model.jit_compile:
+            return "compiled with torch.compile (jit_compile=True)"
+        return "run by the torch backend (eager: jit_compile=False)"
+    xla = " with XLA" if model.jit_compile else ""
+    return f"compiled as a tf.function{xla} (jit_compile={model.jit_compile})"
+
+
+def _floats(logs: Any) -> dict[str, float]:
+    floats = {}
+    for k, v in (logs or {}).items():
+        try:
+            floats[str(k)] = float(np.asarray(v))
+        except (TypeError, ValueError):
+            continue
+    return floats
+
+
+def _stale_trackers(model: Any) -> set[str]:
+    trackers = [getattr(model, "_loss_tracker", None)]
+    trackers += list(getattr(model._compile_loss, "metrics", None) or [])
+    stale = set()
+    for m in trackers:
+        count = getattr(m, "count", None)
+        if count is not None and float(np.asarray(_numpy(count))) == 0.0:
+            stale.add(m.name)
+    return stale
+
+
+def _step_hint(exc: BaseException, x: Any, y: Any, sample_weight: Any) -> str:
+    if isinstance(sample_weight, Mapping) and isinstance(exc, KeyError):
+        return (
+            ". (Keras 3 resolves a sample_weight dict by the loss's path: for a "
+            "model with list outputs that is an index, so pass a list in output "
+            "order.)"
+        )
+    if isinstance(sample_weight, (list, tuple)) and isinstance(exc, TypeError):
+        return (
+            ". (For a model with dict outputs Keras 3 needs sample_weight as a dict "
+            "keyed by output name.)"
+        )
+    return ""
+
+
+# --------------------------------------------------------------------- verdict
+def _specs(variables: Sequence[Any]) -> list[TensorSpec]:
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for v in variables:
+        name = str(getattr(v, "path", None) or getattr(v, "name", "variable"))
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return [
+        TensorSpec(
+            name=n,
+            shape=tuple(int(d) for d in v.shape),
+            dtype=tl.canonical_dtype(v.dtype),
+            device=_device(v),
+            kind="parameter",
+        )
+        for n, v in zip(names, variables, strict=True)
+    ]
+
+
+def _device(v: Any) -> str:
+    raw = str(getattr(getattr(v, "value", v), "device", "") or "cpu").lower()
+    if "gpu" in raw or "cuda" in raw:
+        return "gpu"
+    return "cpu"
+
+
+def _compute_rounding(
+    model: Any, side: _Side, specs: Sequence[TensorSpec], rtol: float | None
+) -> tuple[float | None, str | None]:
+    """The rounding (and dtype) of the coarsest precision the gradients pass
+    through, when it is coarser than the variables': mixed precision computes in
+    float16/bfloat16 with float32 variables, and Keras losses compute in their own
+    dtype (floatx, float32 by default) even for a float64 model."""
+    if rtol is not None:
+        return rtol, None
+    import keras
+
+    policies = [getattr(layer, "dtype_policy", None) for layer in _layers(model)]
+    dtypes = {
+        tl.canonical_dtype(getattr(p, "compute_dtype", None) or "float32")
+        for p in policies
+        if p is not None
+    }
+    dtypes.add(tl.canonical_dtype(keras.config.floatx()))
+    dtypes |= {tl.canonical_dtype(h.loss.dtype) for h in side.heads if h.loss.dtype}
+    known = [(tl.GRADIENT_ROUNDING[d], d) for d in dtypes if d in tl.GRADIENT_ROUNDING]
+    coarsest, dtype = max(known, default=(0.0, None))
+    own = max((tl.gradient_rounding(s.dtype) for s in specs), default=0.0)
+    return (coarsest, dtype) if coarsest > own else (None, None)
+
+
+def _floor_scales(
+    specs: Sequence[TensorSpec], g_total: Sequence[np.ndarray | None], side: _Side
+) -> list[float]:
+    """Per tensor: the largest |w_i grad L_i| element, anywhere in the model, of the
+    losses that reach the tensor (and of Keras' gradient there).
+
+    A gradient that is ~0 by cancellation (a bias feeding BatchNorm: exactly 0 in
+    exact arithmetic) carries the rounding of the terms that cancel, which are as
+    large as those losses' gradients elsewhere; measured 8e-8 on such a bias whose
+    own largest element was 1e-7, next to kernels of order 1 (a false alarm at
+    5e4 x a tolerance taken from the tensor alone). Only the losses that reach the
+    tensor count, so a head with a tiny weight keeps a floor of its own size and a
+    detached tiny head is still seen on its own layers."""
+    largest = {
+        n: max(
+            (
+                float(np.max(np.abs(side.weights[n] * g), initial=0.0))
+                for g in side.grads[n]
+                if g is not None
+            ),
+            default=0.0,
+        )
+        for n in side.weights
+    }
+    floors = []
+    for t, g in enumerate(g_total):
+        own = float(np.max(np.abs(g), initial=0.0)) if g is not None else 0.0
+        reaching = [
+            largest[n]
+            for n in side.weights
+            if side.grads[n][t] is not None and np.any(side.grads[n][t])
+        ]
+        floors.append(max([own, *reaching]))
+    return floors
+
+
+def _layers(model: Any) -> list[Any]:
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten(include_self=True, recursive=True)) if flatten else [model]
+
+
+def _verdict(
+    keras: Any,
+    backend: str,
+    model: Any,
+    side: _Side,
+    captured: _Captured,
+    variables: Sequence[Any],
+    seed: int,
+    rtol: float | None,
+    scale_note: str | None,
+) -> CheckReport:
+    specs = _specs(variables)
+    g_total: list[np.ndarray | None] = [
+        g if calls > 0 else None
+        for g, calls in zip(captured.grads, captured.calls, strict=True)
+    ]
+    for g in g_total:
+        if g is not None and not np.all(np.isfinite(g)):
+            raise NonFiniteError(
+                "Keras' train step produced a NaN/Inf gradient at this batch"
+                + (
+                    " (a LossScaleOptimizer would skip this step and lower its scale)."
+                    if scale_note
+                    else "."
+                )
+            )
+    effective_rtol, coarse_dtype = _compute_rounding(model, side, specs, rtol)
+    report = linearity.judge(
+        specs,
+        side.weights,
+        None,
+        g_total,
+        side.values,
+        side.grads,
+        framework=f"keras/{backend}",
+        seed=seed,
+        rtol=effective_rtol,
+        property=PROPERTY,
+        total_label="Keras' train step",
+        floor_scale=_floor_scales(specs, g_total, side),
+    )
+    report.tolerance_reason = report.tolerance_reason.replace(
+        "the tensor's largest",
+        "the largest gradient element of the losses reaching the tensor",
+    )
+    if coarse_dtype is not None:
+        report.tolerance_reason += (
+            f"; the rounding is {coarse_dtype}'s, the coarsest dtype the model's "
+            "layers or losses compute in"
+        )
+    notes: list[str] = []
+    _no_gradient_notes(notes, specs, side, captured)
+    rho = max(
+        effective_rtol or 0.0,
+        tl.gradient_rounding("float32"),
+        *(tl.gradient_rounding(s.dtype) for s in specs),
+    )
+    value_location = _compare_values(report, notes, side, captured, rho)
+    if report.passed and value_location is not None:
+        report.status = "mismatch"
+        report.location = value_location
+        report.error = float(value_location.error or 0.0)
+        report.tolerance = float(value_location.tolerance or 0.0)
+        report.tolerance_reason = (
+            f"loss values: {tl.ROUNDING_SIGMAS:g} x rounding ({rho:.0e}) x (|Keras' "
+            "value| + sum of the |terms| compared); gradients, "
+            + report.tolerance_reason
+        )
+    notes.extend(side.notes)
+    opt = model.optimizer
+    notes.append(
+        f"Keras {keras.__version__}, {backend} backend; train step "
+        f"{captured.how} with a recording optimizer in place of the user's "
+        f"{type(opt).__name__}, which was not touched; compared with the gradients "
+        f"of {', '.join(repr(h.name) + ' (' + h.label + ')' for h in side.heads)}"
+        + (
+            f" and {_reg_name(side.names)!r} (sum of model.losses)"
+            if _reg_name(side.names) in side.values
+            else ""
+        )
+        + ", by output name."
+    )
+    if scale_note:
+        notes.append(scale_note)
+    if any(getattr(opt, a, None) for a in ("clipnorm", "clipvalue", "global_clipnorm")):
+        notes.append(
+            "the optimizer clips gradients after the train step hands them over: "
+            "clipping is not part of what is compared."
+        )
+    if getattr(opt, "weight_decay", None):
+        notes.append(
+            "the optimizer applies weight decay itself (not through the gradient): "
+            "not part of what is compared."
+        )
+    report.notes = notes + report.notes
+    return report
+
+
+def _no_gradient_notes(
+    notes: list[str], specs: Sequence[TensorSpec], side: _Side, captured: _Captured
+) -> None:
+    reached = [
+        any(
+            side.grads[n][t] is not None and np.any(side.grads[n][t])
+            for n in side.grads
+        )
+        for t in range(len(specs))
+    ]
+    missing = [
+        s.name
+        for s, calls, r in zip(specs, captured.calls, reached, strict=True)
+        if calls == 0 and r
+    ]
+    if missing and len(missing) == sum(reached):
+        notes.append(
+            f"Keras' train step applied no gradient to any of the {len(missing)} "
+            "trainable variables the losses reach: it never called optimizer.apply()"
+            " / apply_gradients() with them (an overridden train_step?)."
+        )
+    elif missing:
+        shown = ", ".join(repr(m) for m in missing[:6])
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        notes.append(
+            f"Keras' train step applied no gradient to {shown}{more}, which the "
+            "losses reach (a gradient stopped or filtered in train_step?)."
+        )
+    repeated = [s.name for s, c in zip(specs, captured.calls, strict=True) if c > 1]
+    if repeated:
+        notes.append(
+            f"Keras' train step applied gradients {max(captured.calls)} times to "
+            f"{repeated[0]!r}{' and others' if len(repeated) > 1 else ''} in one step: "
+            "compared is their sum, the total update direction."
+        )
+
+
+def _value_tolerance(rho: float, *terms: float) -> float:
+    return tl.ROUNDING_SIGMAS * rho * sum(abs(t) for t in terms)
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _EXPLAIN_RTOL * max(abs(a), abs(b), 1e-12)
+
+
+def _compare_values(
+    report: CheckReport,
+    notes: list[str],
+    side: _Side,
+    captured: _Captured,
+    rho: float,
+) -> Location | None:
+    """Keras' reported loss and ``<output>_loss`` metrics against the independent
+    values, within ``rho`` relative rounding (at least float32's: CompileLoss casts
+    every value to floatx). Returns the location of the worst disagreement (None:
+    all agree)."""
+    logs = {k: v for k, v in captured.logs.items() if k not in captured.stale}
+    if captured.stale & set(captured.logs):
+        notes.append(
+            f"the train step never updated Keras' {sorted(captured.stale)} "
+            "tracker(s) (a custom train_step that does not call compute_loss or the "
+            "loss tracker?): their reported values are not compared."
+        )
+    worst: tuple[float, Location | None] = (1.0, None)
+    reg_name = _reg_name(side.names)
+    reg = side.values.get(reg_name, 0.0)
+    per_head = {h.name: side.values[h.name] for h in side.heads}
+    if len(side.heads) > 1:
+        absent = []
+        # Keras names a metric after the output, or after the loss when the model
+        # has no output names (a subclassed model returning a list)
+        labels = [h.label for h in side.heads]
+        for h in side.heads:
+            key = f"{h.name}_loss"
+            by_label = f"{h.label}_loss"
+            if key not in logs and labels.count(h.label) == 1 and by_label in logs:
+                key = by_label
+            if key not in logs:
+                absent.append(key)
+                continue
+            reported, ours = logs[key], per_head[h.name]
+            tol = _value_tolerance(rho, reported, ours)
+            ratio = abs(reported - ours) / tol if tol > 0 else math.inf
+            if ratio > 1:
+                notes.append(
+                    f"Keras reported {key} = {reported:.7g} but the '{h.name}' loss "
+                    f"({h.label} on y[{h.name!r}] and the output '{h.name}') is "
+                    f"{ours:.7g}" + _explain_metric(side, h.name, reported)
+                )
+                if ratio > worst[0]:
+                    worst = (ratio, _value_location(key, h.name, ours, reported, tol))
+        if absent and len(absent) < len(side.heads):
+            notes.append(
+                f"Keras did not report {absent} (keras#18993): only the other "
+                "per-output losses were compared."
+            )
+        elif absent:
+            notes.append(
+                "Keras reported no per-output losses (an overridden train_step with "
+                "its own logs?): only the gradient and the total were compared."
+            )
+    total = sum(side.weights[h.name] * per_head[h.name] for h in side.heads) + reg
+    if "loss" in logs:
+        reported = logs["loss"]
+        tol = _value_tolerance(
+            rho,
+            reported,
+            reg,
+            *(side.weights[h.name] * per_head[h.name] for h in side.heads),
+        )
+        ratio = abs(reported - total) / tol if tol > 0 else math.inf
+        if ratio > 1:
+            notes.append(
+                f"Keras reported loss = {reported:.7g} but sum_i w_i * loss_i"
+                + (" + regularization" if reg_name in side.values else "")
+                + f" = {total:.7g}"
+                + _explain_total(side, per_head, reg, reported, logs)
+            )
+            if ratio > worst[0]:
+                culprit = _culprit(report)
+                worst = (ratio, _value_location("loss", culprit, total, reported, tol))
+    elif "loss" not in captured.logs:
+        notes.append(
+            "Keras' train step reported no 'loss': the total was not compared."
+        )
+    return worst[1]
+
+
+def _culprit(report: CheckReport) -> str | None:
+    return report.location.head if report.location is not None else None
+
+
+def _value_location(
+    key: str, head: str | None, ours: float, reported: float, tol: float
+) -> Location:
+    return Location(
+        tensor=key,
+        index=None,
+        numerical=ours,
+        analytical=reported,
+        error=abs(reported - ours),
+        tolerance=tol,
+        quantity="loss value (numerical = independent, analytical = Keras' report)",
+        head=head,
+    )
+
+
+def _loss_value(head: _Head, target: Any, pred: np.ndarray, sw: Any) -> float | None:
+    try:
+        return float(np.asarray(_numpy(head.loss(target, pred, sample_weight=sw))))
+    except Exception:
+        return None
+
+
+def _explain_metric(side: _Side, name: str, reported: float) -> str:
+    """Which pairing of loss function, target and output gives what Keras reported."""
+    by_name = {h.name: h for h in side.heads}
+    for other, value in side.values.items():
+        if other != name and other in by_name and _close(value, reported):
+            return (
+                f"; it equals the '{other}' loss: Keras' per-output metrics are "
+                "paired with the outputs out of order."
+            )
+    pred = side.predictions[name]
+    own = by_name[name]
+    for fn_head, t_head in itertools.product(side.heads, side.heads):
+        if fn_head.name == name and t_head.name == name:
+            continue
+        for sw in (t_head.sample_weight, own.sample_weight):
+            value = _loss_value(fn_head, t_head.target, pred, sw)
+            if value is not None and _close(value, reported):
+                what = []
+                if fn_head.name != name:
+                    what.append(f"the '{fn_head.name}' loss function ({fn_head.label})")
+                else:
+                    what.append(f"its own loss function ({own.label})")
+                what.append(
+                    f"on y[{t_head.name!r}]" if t_head.name != name else "on its own y"
+                )
+                return (
+                    f"; Keras' value is {' '.join(what)} applied to the output "
+                    f"'{name}': Keras paired "
+                    + (
+                        "losses"
+                        if fn_head.name != name and t_head.name == name
+                        else "targets"
+                        if fn_head.name == name
+                        else "losses and targets"
+                    )
+                    + " with outputs out of order."
+                )
+    return "."
+
+
+def _explain_total(
+    side: _Side,
+    per_head: dict[str, float],
+    reg: float,
+    reported: float,
+    logs: Mapping[str, float],
+) -> str:
+    heads = [h.name for h in side.heads]
+    w = [side.weights[n] for n in heads]
+    v = [per_head[n] for n in heads]
+    for perm in itertools.permutations(range(len(heads))):
+        if list(perm) == list(range(len(heads))):
+            continue
+        if _close(
+            sum(w[p] * vi for p, vi in zip(perm, v, strict=True)) + reg, reported
+        ):
+            paired = ", ".join(
+                f"{n}: {w[p]:g}" for n, p in zip(heads, perm, strict=True)
+            )
+            return (
+                f"; it equals the total with the loss weights paired as {{{paired}}}:"
+                " loss_weights were matched to outputs out of order."
+            )
+    reported_heads = [logs.get(f"{n}_loss") for n in heads]
+    if len(heads) > 1 and all(r is not None for r in reported_heads):
+        keras_total = sum(wi * r for wi, r in zip(w, reported_heads, strict=True)) + reg
+        if _close(keras_total, reported):
+            return (
+                "; it is consistent with Keras' own per-output values, so the "
+                "per-output pairing (above) is what differs."
+            )
+    if reg and _close(_weighted(w, v), reported):
+        return "; it equals the total without the regularization (model.losses)."
+    if _close(sum(v) + reg, reported):
+        return "; it equals the total with every loss weight 1: loss_weights ignored."
+    return "."
+
+
+def _weighted(w: Sequence[float], v: Sequence[float]) -> float:
+    return sum(wi * vi for wi, vi in zip(w, v, strict=True))
+
+
+def _flag_nondeterminism(
+    report: CheckReport, first: _Captured, again: _Captured
+) -> None:
+    differs = any(
+        not np.array_equal(a, b) for a, b in zip(first.grads, again.grads, strict=True)
+    )
+    if differs:
+        report.status = "nondeterministic"
+        report.notes.insert(
+            0,
+            "Keras' train step gave a different gradient when replayed from the same "
+            "weights and seed states: a random op not driven by Keras' SeedGenerators "
+            "(or a nondeterministic kernel). The comparison is not meaningful.",
+        )
+
+
+# --------------------------------------------------------------------- architectures
+def compile_built(
+    built: Any,
+    *,
+    loss_style: str | None = None,
+    weights_style: str | None = None,
+    optimizer: Any = "adam",
+    **compile_kwargs: Any,
+) -> Any:
+    """Compile a :class:`~gradcheck.architectures.keras_builder.KerasBuilt` model the
+    way a user would, and return the model.
+
+    ``loss_style``/``weights_style``: "dict" (keyed by head name), "list" (in the
+    spec's head order, which is the model's definition order) or "single" (one
+    loss for every head / one weight); default: the spec's ``loss_format`` /
+    ``weights_format``. "single" losses need every head to have the same loss and
+    "single" weights need equal weights: otherwise the request is refused rather
+    than silently compiling a different model."""
+    from gradcheck.architectures import keras_builder
+
+    spec = built.spec
+    styles = ("dict", "list", "single")
+    loss_style = loss_style or spec.loss_format
+    weights_style = weights_style or spec.weights_format
+    for what, style in (("loss_style", loss_style), ("weights_style", weights_style)):
+        if style not in styles:
+            raise InvalidArgumentError(f"{what} is one of {styles}, got {style!r}.")
+    losses = {h.name: keras_builder.keras_loss(h, None) for h in spec.heads}
+    weights = spec.weights
+
+    def shaped(values: dict[str, Any], style: str, what: str, same: bool) -> Any:
+        if style == "dict":
+            return values
+        if style == "list":
+            return list(values.values())
+        if not same:
+            raise InvalidArgumentError(
+                f"{what} style 'single' needs one value for every head; the spec "
+                f"has {values}."
+            )
+        return next(iter(values.values()))
+
+    loss_same = len({(h.loss, h.from_logits) for h in spec.heads}) == 1
+    built.model.compile(
+        optimizer=optimizer,
+        loss=shaped(losses, loss_style, "loss", loss_same),
+        loss_weights=shaped(
+            dict(weights),
+            weights_style,
+            "loss_weights",
+            len(set(weights.values())) == 1,
+        ),
+        **compile_kwargs,
+    )
+    return built.model
+
+
+def keras_data(
+    built: Any, batch: Mapping[str, Any], *, y_style: str = "dict"
+) -> tuple[Any, Any, Any]:
+    """``(x, y, sample_weight)`` for ``check_keras_model`` from an architectures
+    batch: x in the spec's input order (one array for one input); y keyed by head
+    name ("dict") or in head order ("list").
+
+    sample_weight takes the form Keras 3.15 can read, whatever ``y_style``: a dict
+    by head name for dict outputs, a list in head order for list outputs (Keras
+    looks a sample_weight up by the loss's path, an index for list outputs, so a
+    dict fails there). Heads without sample weights get ones (the same loss as
+    none), because Keras needs a weight for every output once one has one."""
+    if y_style not in ("dict", "list"):
+        raise InvalidArgumentError(f"y_style is 'dict' or 'list', got {y_style!r}.")
+    spec = built.spec
+    b = built.convert(batch)
+    xs = [b["inputs"][i.name] for i in spec.inputs]
+    x = xs[0] if len(xs) == 1 else xs
+    names = list(spec.head_names)
+    targets = b["targets"]
+    sws = b.get("sample_weights") or {}
+    sample_weight: Any = None
+    if sws:
+        n = _batch_size(next(iter(targets.values())))
+        ones = np.ones(n, dtype=built.dtype)
+        by_head = {h: sws.get(h, ones) for h in names}
+        if len(names) == 1:
+            sample_weight = by_head[names[0]]
+        elif spec.output_structure == "dict":
+            sample_weight = by_head
+        else:
+            sample_weight = [by_head[h] for h in names]
+    if len(names) == 1:
+        y: Any = targets[names[0]]
+    elif y_style == "list":
+        y = [targets[h] for h in names]
+    else:
+        y = {h: targets[h] for h in names}
+    return x, y, sample_weight
