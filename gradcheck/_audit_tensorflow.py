@@ -75,6 +75,7 @@ def on_device(check: Callable[..., Any], device: str) -> Callable[..., Any]:
 def device_loss(built: Any, rel: float | None) -> Callable[[Any, Any], Any]:
     """``loss_fn(model, batch)`` for gradcheck.check_devices (which runs it under
     each ``tf.device``). ``rel``: plant a backward off by ``rel`` on GPUs only."""
+
     def loss(model: Any, batch: Any) -> Any:
         total = built.total(batch)
         if rel is not None and "GPU" in total.device.upper():
@@ -82,3 +83,118 @@ def device_loss(built: Any, rel: float | None) -> Callable[[Any, Any], Any]:
         return total
 
     return loss
+
+
+# ---------------------------------------------------------------- Keras training
+TRAINING_PROPERTY = "keras_training"
+TRAINING_BUG = "a compute_loss override that detaches the last head's output"
+
+
+def keras_pairing(spec: Any) -> dict[str, tuple[Any, float]]:
+    """Which head's loss and which weight Keras 3.15's CompileLoss gives each output
+    of a spec model compiled as the spec says (measured in
+    tests/test_keras_regressions.py, read from keras/src/trainers/compile_utils.py):
+    Keras flattens dict outputs in sorted key order, pairs a *list* with that
+    flattened order, and packs a dict ``loss_weights`` next to a list ``loss`` (or a
+    list ``loss_weights`` next to a dict ``loss``) by sorted key position."""
+    heads = {h.name: h for h in spec.heads}
+    defined = [h.name for h in spec.heads]
+    ordered = sorted(defined) if spec.output_structure == "dict" else defined
+    w = spec.weights
+    if spec.loss_format == "list":
+        loss_of = dict(zip(ordered, defined, strict=True))
+    else:  # dict: by name; single: one loss for all
+        loss_of = {n: n for n in defined}
+    if spec.loss_format == "list" and spec.weights_format == "dict":
+        weight_of = dict(zip(ordered, sorted(defined), strict=True))
+    elif spec.weights_format == "list" and (
+        spec.loss_format == "list" or spec.output_structure == "dict"
+    ):
+        weight_of = dict(zip(ordered, defined, strict=True))
+    else:
+        weight_of = {n: n for n in defined}
+    return {n: (heads[loss_of[n]], w[weight_of[n]]) for n in defined}
+
+
+def _mispaired(spec: Any) -> list[tuple[Any, Any, float]]:
+    """(head, head whose loss Keras applies, weight Keras applies) for every output
+    Keras pairs visibly differently from the spec."""
+    out = []
+    for h in spec.heads:
+        given, weight = keras_pairing(spec)[h.name]
+        if (given.loss, given.from_logits) != (h.loss, h.from_logits) or (
+            weight != h.weight
+        ):
+            out.append((h, given, weight))
+    return out
+
+
+def trainable(spec: Any) -> bool:
+    """Specs Keras trains as written (see KNOWN_FRAMEWORK_BUGS for the rest)."""
+    return not _mispaired(spec)
+
+
+def _shows_pairing_bug(spec: Any) -> bool:
+    """Keras visibly mis-pairs a loss or a weight, and a mis-paired loss goes to an
+    output of the same width (so the step runs and the bug shows in the numbers)."""
+    wrong = _mispaired(spec)
+    return bool(wrong) and all(given.units == h.units for h, given, _ in wrong)
+
+
+#: Keras 3.15 pairs lists (and dict loss_weights next to a list loss) with outputs
+#: in sorted name order, not the order the model defines them (keras#20596,
+#: #20346; ../shared/ANCHORS.md): gradcheck must flag every model that shows it
+KNOWN_FRAMEWORK_BUGS = [
+    (
+        "Keras' own sorted-name pairing of list losses/weights (keras#20596)",
+        _shows_pairing_bug,
+    )
+]
+
+
+def _detach_last(y_pred: Any, last: str) -> Any:
+    if isinstance(y_pred, dict):
+        return {k: tf.stop_gradient(v) if k == last else v for k, v in y_pred.items()}
+    if isinstance(y_pred, (list, tuple)):
+        return [*y_pred[:-1], tf.stop_gradient(y_pred[-1])]
+    return tf.stop_gradient(y_pred)
+
+
+def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
+    """Keras' own compiled train step on a spec model, compiled the way the spec
+    says a user writes it (dict/list/single losses and weights, dict or list
+    outputs), with Adam. The planted bug is the classic custom ``compute_loss``
+    slip: the last head's prediction detached, so its loss trains nothing."""
+    import gradcheck
+    from gradcheck.architectures import build_keras
+    from gradcheck.properties.keras_training import compile_built, keras_data
+
+    def check(spec: Any, batch: dict[str, Any], seed: int) -> Any:
+        built = build_keras(spec, "float32")
+        model = compile_built(built, optimizer="adam")
+        if planted:
+            original = model.compute_loss
+            last = spec.heads[-1].name
+
+            def compute_loss(
+                x: Any = None,
+                y: Any = None,
+                y_pred: Any = None,
+                sample_weight: Any = None,
+                training: bool = True,
+            ) -> Any:
+                return original(
+                    x=x,
+                    y=y,
+                    y_pred=_detach_last(y_pred, last),
+                    sample_weight=sample_weight,
+                    training=training,
+                )
+
+            model.compute_loss = compute_loss
+        x, y, sample_weight = keras_data(built, batch)
+        return gradcheck.check_keras_model(
+            model, x, y, sample_weight=sample_weight, seed=seed
+        )
+
+    return check

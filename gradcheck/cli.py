@@ -225,15 +225,18 @@ class _Printer:
             from rich.table import Table
 
             table = Table(title="gradcheck audit")
-            for col in ("framework", "dtype", "property", "models", "verdict", "s"):
+            for col in ("framework", "dtype", "property", "on", "models"):
                 table.add_column(col)
+            table.add_column("verdict")
+            table.add_column("s", justify="right")
             for o in ran:
-                want = "correct" if o.job.planted is None else "planted bug"
+                on = "correct models" if o.job.planted is None else o.job.planted
                 colour = "green" if o.ok else "bold red"
                 table.add_row(
                     o.job.framework,
                     o.job.dtype,
-                    f"{o.job.property} ({want})",
+                    o.job.property,
+                    _escape(on),
                     str(o.examples),
                     f"[{colour}]{o.verdict}[/]",
                     f"{o.seconds:.1f}",

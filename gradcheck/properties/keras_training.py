@@ -1325,6 +1325,14 @@ def _value_tolerance(rho: float, *terms: float) -> float:
     return tl.ROUNDING_SIGMAS * rho * sum(abs(t) for t in terms)
 
 
+def _ratio(diff: float, tol: float) -> float:
+    """error / tolerance; an exact agreement is 0 even when the tolerance is 0 (a
+    zero-weight model whose loss and total are exactly 0)."""
+    if diff == 0:
+        return 0.0
+    return diff / tol if tol > 0 else math.inf
+
+
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= _EXPLAIN_RTOL * max(abs(a), abs(b), 1e-12)
 
@@ -1366,7 +1374,7 @@ def _compare_values(
                 continue
             reported, ours = logs[key], per_head[h.name]
             tol = _value_tolerance(rho, reported, ours)
-            ratio = abs(reported - ours) / tol if tol > 0 else math.inf
+            ratio = _ratio(abs(reported - ours), tol)
             if ratio > 1:
                 notes.append(
                     f"Keras reported {key} = {reported:.7g} but the '{h.name}' loss "
@@ -1394,7 +1402,7 @@ def _compare_values(
             reg,
             *(side.weights[h.name] * per_head[h.name] for h in side.heads),
         )
-        ratio = abs(reported - total) / tol if tol > 0 else math.inf
+        ratio = _ratio(abs(reported - total), tol)
         if ratio > 1:
             notes.append(
                 f"Keras reported loss = {reported:.7g} but sum_i w_i * loss_i"
