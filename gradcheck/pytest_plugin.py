@@ -10,8 +10,10 @@ gradcheck.pytest_plugin``. Loading it imports neither torch nor TensorFlow.
   document (:mod:`gradcheck.report`) in JSON / self-contained HTML, written
   atomically at the end of the session; under pytest-xdist by the controller only.
 * ``--gradcheck-seed S``: the default seed of every check (``$GRADCHECK_SEED``);
-  ``--gradcheck-device``: the device the ``gradcheck`` fixture suggests;
-  ``--gradcheck-profile``: a Hypothesis settings profile to load.
+  ``--gradcheck-device auto|cpu|cuda|all``: the devices the ``gradcheck`` fixture
+  selects (``.device``, ``.devices()``, ``.check_devices``);
+  ``--gradcheck-profile ci|thorough``: a Hypothesis settings profile to load (the
+  project's own under that name, else gradcheck's).
 * ``@pytest.mark.gradcheck(rtol=, mode=, seed=, step=)``: defaults for checks run
   through the ``gradcheck`` fixture.
 
@@ -39,8 +41,16 @@ __all__ = ["GradcheckFixture", "GradcheckSession"]
 
 MARKER_KEYS = ("rtol", "mode", "seed", "step")
 MODES = ("auto", "directional", "full")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "all")
 PROFILES = ("ci", "thorough")
+#: the Hypothesis profiles --gradcheck-profile loads when no profile is registered
+#: under that name (the project's conftest, or Hypothesis' built-in "ci", which is
+#: derandomized with no deadline, come first): ci small and reproducible (no
+#: deadline: a framework's first call traces or compiles), thorough large
+DEFAULT_PROFILES: dict[str, dict[str, Any]] = {
+    "ci": {"max_examples": 10, "deadline": None, "derandomize": True},
+    "thorough": {"max_examples": 200, "deadline": None},
+}
 MARKER_DOC = (
     "gradcheck(rtol=None, mode=None, seed=None, step=None): defaults for the "
     "checks this test runs through the gradcheck fixture"
@@ -85,22 +95,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--gradcheck-device",
         choices=DEVICES,
         default=None,
-        help="the device the gradcheck fixture suggests (gradcheck.device); auto: "
-        "cuda when torch is imported and sees a GPU, else cpu. Default: "
+        help="the devices the gradcheck fixture selects (gradcheck.device, "
+        "gradcheck.devices(), gradcheck.check_devices): auto = every available "
+        "one (a GPU when there is one, else the CPU), cpu, cuda (a GPU must "
+        "exist), all (CPU and every GPU; a GPU must exist). Default: "
         "gradcheck_device ini value, else auto",
     )
     group.addoption(
         "--gradcheck-profile",
         choices=PROFILES,
         default=None,
-        help="load this Hypothesis settings profile (it must be registered, e.g. "
-        "in conftest.py). Default: gradcheck_profile ini value, else none",
+        help="load this Hypothesis settings profile: the one registered under "
+        "that name (your conftest.py's; Hypothesis ships a 'ci' profile), else "
+        "gradcheck's (ci: 10 examples, derandomized; thorough: 200, no deadline). "
+        "Default: gradcheck_profile ini value, else none",
     )
     for name, what in (
         ("report", "path of the HTML report (like --gradcheck-report)"),
         ("json", "path of the JSON report (like --gradcheck-json)"),
         ("seed", "default seed of checks (like --gradcheck-seed)"),
-        ("device", f"device the fixture suggests, one of {DEVICES} (auto)"),
+        ("device", f"devices the fixture selects, one of {DEVICES} (auto)"),
         ("profile", f"Hypothesis profile to load, one of {PROFILES}"),
     ):
         parser.addini(f"gradcheck_{name}", help=what, type="string", default="")
@@ -178,6 +192,7 @@ class GradcheckSession:
         self.written: list[tuple[str, Path]] = []
         self._saved_env: str | None = None
         self._saved_profile: str | None = None
+        self.profile_source = "already registered: the project's or Hypothesis' own"
         if self.html_path is not None and importlib.util.find_spec("jinja2") is None:
             raise pytest.UsageError(
                 '--gradcheck-report needs Jinja2: pip install "gradcheck[report]"'
@@ -217,12 +232,11 @@ class GradcheckSession:
 
         try:
             settings.get_profile(name)
-        except Exception:  # hypothesis.errors.InvalidArgument
-            raise pytest.UsageError(
-                f"--gradcheck-profile {name}: no Hypothesis profile {name!r} is "
-                f"registered; register it first, e.g. in conftest.py: "
-                f"settings.register_profile({name!r}, max_examples=...)"
-            ) from None
+        except Exception:  # hypothesis.errors.InvalidArgument: not registered
+            # the project did not define it: gradcheck's own (a team's conftest
+            # registration wins, as it is already there)
+            settings.register_profile(name, **DEFAULT_PROFILES[name])
+            self.profile_source = "gradcheck's default"
         current = getattr(settings, "get_current_profile_name", None)
         self._saved_profile = (
             current() if current else getattr(settings, "_current_profile", "default")
@@ -322,7 +336,9 @@ class GradcheckSession:
             "pytest": pytest.__version__,
             "default seed": env_seed or f"{api.DEFAULT_SEED} (library default)",
             "device (fixture)": self.device,
-            "hypothesis profile": self.profile or "—",
+            "hypothesis profile": (
+                f"{self.profile} ({self.profile_source})" if self.profile else "—"
+            ),
         }
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -409,14 +425,52 @@ class GradcheckFixture:
 
     @property
     def device(self) -> str:
-        """The device to put tensors on: ``--gradcheck-device``, where ``auto`` is
-        cuda when torch is already imported and sees a GPU, else cpu."""
-        if self.requested_device != "auto":
-            return self.requested_device
-        torch = sys.modules.get("torch")  # never import a framework for this
-        if torch is not None and torch.cuda.is_available():
-            return "cuda"
-        return "cpu"
+        """The one device to put a test's tensors on (torch spelling): a GPU when
+        ``--gradcheck-device`` is cuda or all, or auto and a GPU is visible; else
+        cpu. ``auto`` never imports torch: without torch imported it is cpu. cuda
+        or all without a GPU raise DeviceUnavailableError (the test errors with
+        that message instead of running on the CPU unnoticed)."""
+        request = self.requested_device
+        if request == "cpu":
+            return "cpu"
+        if request == "auto" and "torch" not in sys.modules:
+            return "cpu"
+        found = self.devices("torch")
+        gpus = [d for d in found if d != "cpu"]
+        return gpus[0] if gpus else "cpu"
+
+    def devices(self, framework: str = "torch") -> list[str]:
+        """Every device ``--gradcheck-device`` selects for ``framework`` ("torch" or
+        "tensorflow"), CPU first, as :func:`gradcheck.devices.resolve` reads it
+        (auto: every available device)."""
+        from gradcheck.devices import resolve
+
+        return resolve(framework, self.requested_device)
+
+    def check_devices(
+        self, loss_fn: Any, model: Any, batch: Any, **kwargs: Any
+    ) -> CheckReport:
+        """:func:`gradcheck.check_devices` over the session's devices (unless
+        ``devices=`` is given), with this test's rtol and seed. Under
+        ``--gradcheck-device auto`` on a machine with one device the test is
+        *skipped* (a suite runs on CPU-only CI unchanged); an explicit cuda/all
+        without a GPU is DeviceUnavailableError."""
+        from gradcheck.devices import available_devices
+        from gradcheck.properties.devices import check_devices
+
+        kw = self._kwargs(kwargs, ("rtol", "seed"))
+        if "devices" not in kw:
+            kw["devices"] = self.requested_device
+            if self.requested_device == "auto":
+                torch = sys.modules.get("torch")
+                is_torch = torch is not None and isinstance(model, torch.nn.Module)
+                found = available_devices("torch" if is_torch else "tensorflow")
+                if len(found) < 2:
+                    pytest.skip(
+                        f"check_devices: only {found} here (--gradcheck-device "
+                        "auto); it compares CPU and GPU"
+                    )
+        return check_devices(loss_fn, model, batch, **kw)
 
     def _kwargs(
         self, given: dict[str, Any], accepted: tuple[str, ...]

@@ -137,7 +137,7 @@ def _json(path: Path) -> dict:
         "--gradcheck-report=PATH",
         "--gradcheck-json=PATH",
         "--gradcheck-seed=S",
-        "--gradcheck-device={auto,cpu,cuda}",
+        "--gradcheck-device={auto,cpu,cuda,all}",
         "--gradcheck-profile={ci,thorough}",
         "gradcheck_report",
         "gradcheck_seed",
@@ -292,12 +292,63 @@ def test_profile_option_loads_and_restores_hypothesis_profile(pytester):
     assert settings.get_current_profile_name() == before
 
 
-def test_unregistered_profile_is_a_usage_error(pytester, monkeypatch):
+def test_unregistered_profile_loads_gradcheck_default(pytester, monkeypatch):
     # a fresh process: this session registered "thorough" in its conftest
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    result = pytester.runpytest_subprocess(*PLUGIN, "--gradcheck-profile", "thorough")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "no Hypothesis profile 'thorough' is registered" in result.stderr.str()
+    pytester.makepyfile(
+        "from hypothesis import settings\n\n"
+        "def test_profile():\n"
+        "    assert settings.get_current_profile_name() == 'thorough'\n"
+        "    assert settings().max_examples == 200 and settings().deadline is None\n"
+    )
+    result = pytester.runpytest_subprocess(
+        *PLUGIN, "--gradcheck-profile", "thorough", "--gradcheck-json", "out.json"
+    )
+    result.assert_outcomes(passed=1)
+    doc = _json(pytester.path / "out.json")
+    profile = doc["environment"]["hypothesis profile"]
+    assert profile == "thorough (gradcheck's default)"
+
+
+DEVICE_TESTS = """
+import pytest
+from gradcheck.errors import DeviceUnavailableError
+torch = pytest.importorskip("torch")
+
+
+def test_devices(gradcheck):
+    assert gradcheck.devices("torch")[0] == "cpu"
+    if not torch.cuda.is_available():
+        assert gradcheck.device == "cpu"
+
+
+def test_check_devices(gradcheck):
+    model = torch.nn.Linear(3, 2).double()
+    batch = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)
+    loss = lambda m, b: m(b).square().sum()
+    report = gradcheck.check_devices(loss, model, batch, devices=("cpu", "cpu"))
+    assert report.property == "devices" and report.passed
+    # auto on a CPU-only machine: skipped, not an error
+    gradcheck.check_devices(loss, model, batch)
+    assert torch.cuda.is_available()
+
+
+def test_device_that_is_not_there(gradcheck):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    with pytest.raises(DeviceUnavailableError, match="GPU"):
+        gradcheck.device
+"""
+
+
+@pytest.mark.torch
+def test_device_option_selects_devices(pytester):
+    pytester.makepyfile(DEVICE_TESTS)
+    result = _run(pytester, "--gradcheck-device", "cuda", "-k", "not_there")
+    result.assert_outcomes(passed=1)
+    result = _run(pytester, "--gradcheck-device", "auto", "-k", "not not_there")
+    gpu = torch.cuda.is_available()
+    result.assert_outcomes(passed=1 + gpu, skipped=1 - gpu)
 
 
 def test_xdist_controller_writes_one_json_with_both_workers(pytester, monkeypatch):
