@@ -65,7 +65,7 @@ def run(examples: int, seed: int, frameworks: list[str], dtypes: list[str]) -> d
             flush=True,
         )
         if out.code:
-            print(out.report.message() if out.report else out.error)
+            print(out.report.message() if out.report is not None else out.error)
             print(out.code)
     totals: dict = {}
     for fw in {r["framework"] for r in rows}:

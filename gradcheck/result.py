@@ -159,8 +159,9 @@ class CheckReport:
             what = loc.quantity + (f" of loss '{loc.head}'" if loc.head else "")
             numbers = (loc.numerical, loc.analytical, loc.tolerance)
             colon = ":" if any(v is not None for v in numbers) else ""
-            # tensor == head: the location is the loss's value, not a gradient
-            wrt = "" if loc.tensor == loc.head else f" w.r.t. {loc.describe()}"
+            # tensor == head or a "loss value" quantity: a value, not a gradient
+            value = loc.tensor == loc.head or loc.quantity.startswith("loss value")
+            wrt = "" if value else f" w.r.t. {loc.describe()}"
             lines.append(f"  {what}{wrt}{colon}")
             if loc.numerical is not None:
                 lines.append(f"    numerical  = {_fmt(loc.numerical)}")

@@ -1149,36 +1149,9 @@ def _floor_scales(
     specs: Sequence[TensorSpec], g_total: Sequence[np.ndarray | None], side: _Side
 ) -> list[float]:
     """Per tensor: the largest |w_i grad L_i| element, anywhere in the model, of the
-    losses that reach the tensor (and of Keras' gradient there).
-
-    A gradient that is ~0 by cancellation (a bias feeding BatchNorm: exactly 0 in
-    exact arithmetic) carries the rounding of the terms that cancel, which are as
-    large as those losses' gradients elsewhere; measured 8e-8 on such a bias whose
-    own largest element was 1e-7, next to kernels of order 1 (a false alarm at
-    5e4 x a tolerance taken from the tensor alone). Only the losses that reach the
-    tensor count, so a head with a tiny weight keeps a floor of its own size and a
-    detached tiny head is still seen on its own layers."""
-    largest = {
-        n: max(
-            (
-                float(np.max(np.abs(side.weights[n] * g), initial=0.0))
-                for g in side.grads[n]
-                if g is not None
-            ),
-            default=0.0,
-        )
-        for n in side.weights
-    }
-    floors = []
-    for t, g in enumerate(g_total):
-        own = float(np.max(np.abs(g), initial=0.0)) if g is not None else 0.0
-        reaching = [
-            largest[n]
-            for n in side.weights
-            if side.grads[n][t] is not None and np.any(side.grads[n][t])
-        ]
-        floors.append(max([own, *reaching]))
-    return floors
+    losses that reach the tensor (and of Keras' gradient there); see
+    :func:`gradcheck.properties.linearity.reaching_floors`."""
+    return linearity.reaching_floors(side.weights, side.grads, g_total)
 
 
 def _layers(model: Any) -> list[Any]:

@@ -151,6 +151,8 @@ def judge(
     names = list(weights)
     w = dict(weights)
     total_val, vals = total_value, values
+    if floor_scale is None:
+        floor_scale = reaching_floors(w, grads, g_total)
     rho = [tl.gradient_rounding(s.dtype, rtol) for s in specs]
     zeros = [np.zeros(s.shape) for s in specs]
     gt = [z if g is None else g for z, g in zip(zeros, g_total, strict=True)]
@@ -222,7 +224,8 @@ def judge(
             + ", ".join(
                 sorted({f"{s.dtype} {r:.0e}" for s, r in zip(specs, rho, strict=True)})
             )
-            + f") x (|grad total| + sum_i |w_i grad L_i| + {FLOOR:g} x the tensor's largest)"
+            + f") x (|grad total| + sum_i |w_i grad L_i| + {FLOOR:g} x the largest "
+            "gradient element of the losses reaching the tensor)"
         ),
         tensors=tensors,
         flow=flow,
@@ -233,12 +236,44 @@ def judge(
         * max(rho, default=0.0)
         * (abs(total_val or 0.0) + sum(abs(w[n] * vals[n]) for n in names))
     )
-    if total_val is not None and abs(total_val - value_sum) > value_tol:
+    value_off = total_val is not None and abs(total_val - value_sum) > value_tol
+    if value_off:
+        assert total_val is not None
+        head, why = _value_culprit(names, w, vals, total_val, value_sum, value_tol)
         report.notes.append(
             f"{total_label}'s value {total_val:.6e} differs from sum_i w_i * loss_i = "
-            f"{value_sum:.6e} (by {abs(total_val - value_sum):.3e}): the total adds or "
-            "weights something else (a regularizer, a different weight, a missing head)."
+            f"{value_sum:.6e} (by {abs(total_val - value_sum):.3e}): {why}"
         )
+        if report.passed:
+            # the gradients agree at this point (a head whose gradient is 0 here: a
+            # dead ReLU, saturated sigmoid) but total != sum_i w_i L_i as functions:
+            # the claim fails, and elsewhere the gradients would differ too
+            report.status = "mismatch"
+            report.error = abs(total_val - value_sum)
+            report.tolerance = value_tol
+            report.tolerance_reason = (
+                f"loss values: {tl.ROUNDING_SIGMAS:g} x rounding "
+                f"({max(rho, default=0.0):.0e}) x (|total| + sum_i |w_i L_i|); "
+                + report.tolerance_reason.replace(
+                    "per element", "gradients, per element"
+                )
+            )
+            report.location = Location(
+                tensor="total",
+                index=None,
+                numerical=value_sum,
+                analytical=total_val,
+                error=abs(total_val - value_sum),
+                tolerance=value_tol,
+                head=head,
+                quantity="loss value (numerical = sum_i w_i L_i, analytical = total)",
+            )
+            report.notes.append(
+                "the gradients agree at this point, so the value is what shows it: "
+                "a head whose gradient vanishes here (dead ReLU, saturated output) "
+                "can still be missing from the total."
+            )
+            return report
     if not report.passed:
         index = (
             tuple(int(i) for i in np.unravel_index(k, spec.shape)) if spec.shape else ()
@@ -279,6 +314,74 @@ def _finite(
             "gradient: look for log(0), 0/0 or overflow in it."
         )
     session.check_finite_grads(grads, what=f"gradient of {what}")
+
+
+def reaching_floors(
+    weights: Mapping[str, float],
+    grads: Mapping[str, Sequence[np.ndarray | None]],
+    g_total: Sequence[np.ndarray | None],
+) -> list[float]:
+    """Per tensor: the largest |w_i grad L_i| element, anywhere in the model, of the
+    losses that reach the tensor (and the total's own largest element there): the
+    scale of the tensor's rounding floor (``judge``'s ``floor_scale``).
+
+    A gradient that is ~0 by cancellation carries the rounding of the terms that
+    cancel, which are as large as those losses' gradients elsewhere: a bias feeding
+    BatchNorm (exactly 0 in exact arithmetic; measured 8e-8 next to kernels of
+    order 1, a false alarm at 5e4 x a tolerance taken from the tensor alone), an L1
+    activity penalty on a softmax (its sum is always 1, its gradient ~1e-9 of
+    rounding; found by benchmarks/false_alarms.py in float32 at 9 x the old
+    tolerance). Only the losses connected to the tensor count, so a head with a tiny
+    weight keeps a floor of its own size and a detached tiny head is still seen on
+    its own layers."""
+    largest = {
+        n: max(
+            (
+                float(np.max(np.abs(weights[n] * g), initial=0.0))
+                for g in grads[n]
+                if g is not None
+            ),
+            default=0.0,
+        )
+        for n in weights
+    }
+    floors = []
+    for t, g in enumerate(g_total):
+        own = float(np.max(np.abs(g), initial=0.0)) if g is not None else 0.0
+        # connected, even where this point's gradient happens to be exactly 0
+        # (the softmax penalty's rounding is 0 on one evaluation, 1e-10 on another)
+        reaching = [largest[n] for n in weights if grads[n][t] is not None]
+        floors.append(max([own, *reaching]))
+    return floors
+
+
+def _value_culprit(
+    names: list[str],
+    w: dict[str, float],
+    vals: Mapping[str, float],
+    total: float,
+    value_sum: float,
+    tol: float,
+) -> tuple[str | None, str]:
+    """The head whose term explains total != sum_i w_i L_i, and the explanation."""
+    for n in names:
+        if w[n] != 0 and abs(total - (value_sum - w[n] * vals[n])) <= tol:
+            return (
+                n,
+                f"it equals the sum without '{n}' (weight {w[n]:g}): a missing head.",
+            )
+        if vals[n] != 0 and w[n] != 0:
+            factor = 1 + (total - value_sum) / (w[n] * vals[n])
+            k = round(factor)
+            if k not in (0, 1) and abs(factor - k) * abs(w[n] * vals[n]) <= tol:
+                return n, (
+                    f"it equals the sum with '{n}' weighted {k * w[n]:g} instead of "
+                    f"{w[n]:g}."
+                )
+    return None, (
+        "the total adds or weights something else (a regularizer, a different "
+        "weight, a missing head)."
+    )
 
 
 def _effective_weights(
