@@ -234,17 +234,29 @@ def test_from_audit_makes_the_same_document():
                 "report": None,
                 "error": "NonFiniteError: NaN",
             },
+            {
+                "name": "torch/float32/devices: correct models",
+                "ok": True,
+                "expected": "passed",
+                "report": None,
+                "error": None,
+                "skip": "no GPU visible to torch on this machine",
+            },
         ],
     }
     doc = gc_report.from_audit(audit)
     assert doc["title"] == "gradcheck audit"
-    assert [c["outcome"] for c in doc["checks"]] == ["ok", "failed"]
+    assert [c["outcome"] for c in doc["checks"]] == ["ok", "failed", "skipped"]
+    assert (doc["summary"]["ok"], doc["summary"]["failed"]) == (1, 1)
+    assert doc["summary"]["skipped"] == 1
+    assert doc["summary"]["by_status"]["skipped"] == 1
     assert doc["checks"][0]["expected"] == "caught"
     assert doc["checks"][1]["error"] == "NonFiniteError: NaN"
     assert doc["summary"]["by_status"]["error"] == 1
     assert doc["environment"]["skipped tensorflow"]
     html = gc_report.render_html(doc)
     assert "NonFiniteError: NaN" in html and "expected: caught" in html
+    assert "Skipped: <span" in html and "1 skipped" in html
 
 
 def test_bad_records_are_rejected():

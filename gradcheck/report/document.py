@@ -40,7 +40,7 @@ from gradcheck.result import STATUSES
 __all__ = ["OUTCOMES", "SCHEMA", "build_document", "environment", "from_audit"]
 
 SCHEMA = "gradcheck-report/1"
-OUTCOMES = ("ok", "failed")
+OUTCOMES = ("ok", "failed", "skipped")
 #: distributions whose versions an environment lists, found without importing them
 _DISTRIBUTIONS = {
     "numpy": ("numpy",),
@@ -110,7 +110,11 @@ def from_audit(
     records = [
         {
             "id": case.get("name", f"case {i + 1}"),
-            "outcome": "ok" if case.get("ok") else "failed",
+            "outcome": (
+                "skipped"
+                if case.get("skip")
+                else ("ok" if case.get("ok") else "failed")
+            ),
             "report": case.get("report"),
             "error": case.get("error") or case.get("skip"),
             "expected": case.get("expected"),
@@ -168,7 +172,8 @@ def _summary(checks: list[dict[str, Any]]) -> dict[str, Any]:
     for c in checks:
         r = c["report"]
         if r is None:
-            by_status["error"] = by_status.get("error", 0) + 1
+            key = "skipped" if c["outcome"] == "skipped" else "error"
+            by_status[key] = by_status.get(key, 0) + 1
             continue
         status = str(r.get("status"))
         by_status[status] = by_status.get(status, 0) + 1
@@ -180,10 +185,12 @@ def _summary(checks: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(r.get("seed"), int):
             seeds.add(r["seed"])
     ok = sum(c["outcome"] == "ok" for c in checks)
+    skipped = sum(c["outcome"] == "skipped" for c in checks)
     return {
         "checks": len(checks),
         "ok": ok,
-        "failed": len(checks) - ok,
+        "skipped": skipped,
+        "failed": len(checks) - ok - skipped,
         "by_status": by_status,
         "by_property": by_property,
         "frameworks": sorted(seen["framework"]),

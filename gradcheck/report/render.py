@@ -93,7 +93,10 @@ def _num(x: Any) -> float | None:
 
 def _check_view(i: int, check: dict[str, Any], total: int) -> dict[str, Any]:
     r = check.get("report") or None
-    status = r.get("status", "unknown") if r else "error"
+    if r:
+        status = r.get("status", "unknown")
+    else:
+        status = "skipped" if check["outcome"] == "skipped" else "error"
     err, tol = (_num(r.get("error")), _num(r.get("tolerance"))) if r else (None, None)
     ratio = err / tol if err is not None and tol else None
     loc = (r or {}).get("location")
@@ -101,7 +104,9 @@ def _check_view(i: int, check: dict[str, Any], total: int) -> dict[str, Any]:
         loc = {**loc, "where": "[" + ", ".join(map(str, loc["index"])) + "]"}
     elif loc:
         loc = {**loc, "where": ""}
-    open_ = check["outcome"] == "failed" or status != "passed" or total <= _UNFOLD_ALL
+    open_ = check["outcome"] == "failed" or (
+        status not in ("passed", "skipped") or total <= _UNFOLD_ALL
+    )
     return {
         "anchor": f"check-{i + 1}",
         "id": check["id"],
