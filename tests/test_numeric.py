@@ -48,6 +48,15 @@ def test_richardson_works_on_vectors():
     np.testing.assert_allclose(est.value, [1.0, 0.0, 0.0], atol=1e-9)
 
 
+def test_richardson_error_is_honest_where_the_function_is_c1_but_not_c2():
+    # x|x| (as in i1e at 0): the central difference's error is O(h), not O(h^2),
+    # and the h^2 truncation estimate alone under-states it; the disagreement of
+    # nested extrapolations covers it
+    f = phi_of(lambda t: 0.5 * t - 0.5 * t * abs(t))
+    est = fd.richardson(f, 1e-5, EPS64, 1e-14, ulps=16)
+    assert abs(float(est.value) - 0.5) <= 3 * float(est.error)
+
+
 def test_ladder_measures_float32_noise_and_finds_the_derivative():
     def f(t):
         v = np.float32(np.sin(np.float32(1.3) + np.float32(t)))

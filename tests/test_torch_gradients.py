@@ -433,3 +433,194 @@ def test_ill_conditioned_float32_function_is_not_a_false_alarm(mode):
         lambda: 1e-4 * model(x).pow(2).mean(), params=model, mode=mode
     )
     assert report.status == "passed", report.message()
+
+
+# --------------------------------------------------------------------------- edge cases
+# (the OpInfo sweep, benchmarks/opinfo_sweep.py, found each of these)
+def f64(*shape, seed=0):
+    return leaf(*shape, dtype=torch.float64, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "fn, shapes, what",
+    [
+        (torch.cos, [(1, 0, 3)], "every differentiated tensor is empty"),
+        (lambda a: a.flip(0), [(5, 0, 10)], "every differentiated tensor is empty"),
+        (lambda a, b: a * b, [(0, 3), (3,)], "every output is empty"),
+    ],
+    ids=["cos", "flip", "broadcast_to_empty"],
+)
+def test_empty_tensors_pass_with_a_note_saying_nothing_was_compared(fn, shapes, what):
+    args = tuple(f64(*s, seed=i) for i, s in enumerate(shapes))
+    report = gradcheck.check_gradients(fn, args)
+    assert report.passed, report.message()
+    assert any(what in n and "nothing was compared" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_partly_empty_checks_the_non_empty_part(mode):
+    empty, x = f64(0, 4), f64(6, 7, seed=1)
+    ok = gradcheck.check_gradients(lambda a, b: (a * 2, b.sin()), (empty, x), mode=mode)
+    assert ok.passed, ok.message()
+    assert any("inputs[0] [0, 4]" in n and "output[0] [0, 4]" in n for n in ok.notes)
+    report = gradcheck.check_gradients(
+        lambda a, b: (a * 2, tm.OneWrongElement.apply(b, 3, 1.5)), (empty, x), mode=mode
+    )
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "inputs[1]" and report.location.index == (0, 3)
+
+
+def test_sparse_inputs_are_refused_by_name_with_the_fix():
+    dense = f64(5, 5)
+    sparse = dense.detach().to_sparse_csr().requires_grad_(True)
+    with pytest.raises(gradcheck.UnsupportedInputError, match=r"inputs\[0\].*to_dense"):
+        gradcheck.check_gradients(
+            lambda a: (a @ torch.eye(5).double()).sum(), (sparse,)
+        )
+    with pytest.raises(gradcheck.UnsupportedInputError, match=r"output.*to_dense"):
+        gradcheck.check_gradients(lambda a: (2 * a).to_sparse(), (dense,))
+    # the suggested fix: a dense tensor, converted inside fn
+    assert gradcheck.check_gradients(
+        lambda a: torch.sparse.mm(a.to_sparse(), torch.ones(5, 2).double()), (dense,)
+    ).passed
+
+
+def test_sparse_gradients_are_read_as_dense():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True).double()
+    idx = torch.tensor([1, 2, 2, 5])
+    report = gradcheck.check_gradients(lambda: emb(idx).pow(2).sum(), params=emb)
+    assert report.passed, report.message()
+
+
+def test_zero_tensor_gradient_is_read_as_zeros():
+    x = torch.tensor([0.5, -1.5, 2.0, -0.3], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.sgn(x).sum(), x)
+    assert g._is_zerotensor()  # what the backend receives
+    report = gradcheck.check_gradients(lambda a: torch.sgn(a) + 0 * a, (x,))
+    assert report.passed, report.message()
+    assert gradcheck.check_gradients(torch.sgn, (f64(20, 20),)).passed
+
+
+class SavedStat(torch.autograd.Function):
+    """(x * scale, mean(x)) with the mean marked non-differentiable, as
+    native_batch_norm marks its saved statistics."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        mean = x.mean()
+        ctx.mark_non_differentiable(mean)
+        ctx.scale = scale
+        return x * 2, mean
+
+    @staticmethod
+    def backward(ctx, g, _gmean):
+        return g * 2 * ctx.scale, None
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_outputs_torch_declares_non_differentiable_are_not_compared(mode):
+    x = f64(4, 5)
+    report = gradcheck.check_gradients(
+        lambda a: SavedStat.apply(a, 1.0), (x,), mode=mode
+    )
+    assert report.passed, report.message()
+    assert any(
+        "output[1] is not differentiable per torch" in n and "not compared" in n
+        for n in report.notes
+    ), report.notes
+    assert report.mode.startswith(mode)
+    # the differentiable output is still checked
+    bad = gradcheck.check_gradients(
+        lambda a: SavedStat.apply(a, 1.001), (x,), mode=mode
+    )
+    assert bad.status == "mismatch", bad.message()
+    # batch_norm's saved mean/rstd, as OpInfo's native_layer_norm returns them
+    w, b = f64(5, seed=1), f64(5, seed=2)
+    ln = gradcheck.check_gradients(
+        lambda a, w, b: torch.native_layer_norm(a, (5,), w, b, 1e-5), (x, w, b)
+    )
+    assert ln.passed, ln.message()
+
+
+def test_a_lone_output_that_does_not_require_grad_is_still_an_error():
+    x = f64(3)
+    with pytest.raises(gradcheck.GradcheckError, match="do not depend"):
+        gradcheck.check_gradients(lambda a: a.detach() * 2, (x,))
+    with pytest.raises(gradcheck.GradcheckError, match="do not depend"):
+        gradcheck.check_gradients(lambda a: (a.detach() * 2, a.detach().sin()), (x,))
+
+
+class WrongImag(torch.autograd.Function):
+    """exp(i x) whose backward drops the imaginary part's contribution."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.polar(torch.ones_like(x), x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return -g.real * torch.sin(x)  # misses + g.imag * cos(x)
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_complex_outputs_are_checked_in_both_parts_on_a_float64_reference(mode):
+    x = f64(6)
+    ok = gradcheck.check_gradients(
+        lambda a: torch.polar(torch.ones_like(a), a), (x,), mode=mode
+    )
+    assert ok.passed and ok.reference_dtype == "float64", ok.message()
+    bad = gradcheck.check_gradients(WrongImag.apply, (x,), mode=mode)
+    assert bad.status == "mismatch", bad.message()
+    # complex128 outputs of a float32 function keep the float64 reference
+    x32 = leaf(5, 5, dtype=torch.float32)
+    eig = gradcheck.check_gradients(lambda a: torch.linalg.eigvals(a), (x32,))
+    assert eig.passed and eig.reference_dtype == "float64", eig.message()
+
+
+class ZeroBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1e-3
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+def test_piecewise_constant_functions_pass_where_no_jump_is_crossed():
+    # the analytical gradient is exactly zero: the finite difference is trusted
+    # relative to the function's own scale, not to a derivative of size zero
+    x = f64(20, 20)
+    for fn in (
+        torch.floor,
+        torch.sign,
+        lambda a: torch.div(a, 0.3, rounding_mode="trunc"),
+    ):
+        report = gradcheck.check_gradients(fn, (x,))
+        assert report.passed, report.message()
+    # ... a jump at the point is still seen, and a missing gradient still fails
+    y = torch.tensor([1.0, 0.3], dtype=torch.float64, requires_grad=True)
+    assert gradcheck.check_gradients(torch.floor, (y,)).status == "nondifferentiable"
+    bad = gradcheck.check_gradients(lambda a: ZeroBackward.apply(a), (x,))
+    assert bad.status == "mismatch", bad.message()
+
+
+def test_a_zero_gradient_tensor_does_not_force_an_untrustworthy_step():
+    # the unused input's direction is large (normalised by the floor), so the
+    # first step is tiny and its rounding too large to trust: Richardson coarsens
+    a, b = f64(20, 20, 20), f64(20, 20, 20, seed=1)
+    report = gradcheck.check_gradients(lambda a, b: b.clone(), (a, b))
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_c1_but_not_c2_point_is_not_a_mismatch(mode):
+    # x|x| at 0 (i1e's shape there): O(h) central-difference error
+    x = torch.tensor([0.0, 0.4, -1.1, 2.0, 0.7], dtype=torch.float64)
+    report = gradcheck.check_gradients(
+        lambda a: torch.special.i1e(a), (x.requires_grad_(True),), mode=mode
+    )
+    assert report.passed, report.message()

@@ -12,6 +12,13 @@ floating inputs (Chainer's trick). If ``fn`` cannot run that way (a float32 tens
 captured in a closure, an explicit ``.float()``), the backend falls back to the
 native precision and says so in the report's notes.
 
+Outputs: every floating tensor in fn's (nested) result, complex ones as their
+real and imaginary parts. An output that autograd declares constant (it does not
+require grad while another output does: batch_norm's saved statistics, outputs
+marked non-differentiable) is left out with a note, as torch.autograd.gradcheck
+leaves it out. Sparse tensors are refused (inputs, parameters, outputs) with the
+fix; sparse and ZeroTensor gradients are read as their dense values.
+
 Placement: everything runs where the user's tensors live. The float64 copies, the
 perturbation x + t*d and the scratch buffers are made on each tensor's own device,
 and only results (outputs, gradients) travel to the host, as float64 NumPy arrays.
@@ -87,9 +94,44 @@ def _is_floating(t: Any) -> bool:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A float64 NumPy copy that shares nothing with the tensor (one pass)."""
+    """A float64 NumPy copy that shares nothing with the tensor (one pass).
+
+    Gradients come in forms NumPy cannot read directly: a ZeroTensor (autograd's
+    "known to be zero", e.g. sgn's gradient on real inputs) is read as zeros, a
+    sparse gradient (Embedding(sparse=True)) as its dense value."""
+    if t._is_zerotensor():
+        return np.zeros(tuple(t.shape), dtype=np.float64)
+    if t.layout != torch.strided:
+        t = t.to_dense()
     out = t.detach().to("cpu", torch.float64)
     return out.numpy() if out.data_ptr() != t.data_ptr() else out.numpy().copy()
+
+
+def _require_dense(t: torch.Tensor, name: str, where: str) -> None:
+    """Sparse (COO/CSR/...) tensors are refused early, by name, with the fix."""
+    if t.layout == torch.strided:
+        return
+    if where == "output":
+        fix = f"return {name}.to_dense() from fn"
+    else:
+        fix = (
+            "pass a dense tensor (x.to_dense()) and convert it inside fn, e.g. "
+            f"fn(x) = op(x.to_sparse{'_csr' if t.layout == torch.sparse_csr else ''}()"
+            ", ...): the same gradient, on a strided tensor gradcheck can perturb"
+        )
+    raise UnsupportedInputError(
+        f"{name} is a sparse tensor (layout {t.layout}); gradcheck perturbs and "
+        f"compares dense (strided) tensors only: {fix}."
+    )
+
+
+def _real_view(o: torch.Tensor) -> torch.Tensor:
+    """A complex output as its real and imaginary parts (a trailing dimension of
+    2, differentiable): both are compared, and a complex128 output is a float64
+    one for the reference precision."""
+    if not o.is_complex():
+        return o
+    return torch.view_as_real(o.resolve_conj() if o.is_conj() else o)
 
 
 class _State:
@@ -207,6 +249,7 @@ class TorchSession(Session):
                     raise UnsupportedInputError(
                         f"inputs[{i}] requires grad but is {x.dtype}."
                     )
+                _require_dense(x, f"inputs[{i}]", "input")
                 self.diff.append(("input", i))
                 specs.append(self._spec(f"inputs[{i}]", x, "input"))
             elif isinstance(x, torch.Tensor) and _is_floating(x):
@@ -226,6 +269,7 @@ class TorchSession(Session):
                 raise UnsupportedInputError(
                     f"'{name}' is complex; gradcheck checks real tensors."
                 )
+            _require_dense(p, f"'{name}'", "parameter")
             self.diff.append(("param", p))
             specs.append(self._spec(name, p, "parameter"))
         if not specs:
@@ -260,6 +304,10 @@ class TorchSession(Session):
         self._scratch_buffers: dict[int, torch.Tensor] = {}
         self._promoted: bool | None = None  # decided at the first reference evaluation
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        #: Indices (in flatten_outputs' order) of the outputs compared, and how many
+        #: floating outputs fn returns: decided by the first analytic() call.
+        self._keep: list[int] | None = None
+        self._n_outputs = 0
 
     def _note_tf32(self, specs: list[TensorSpec]) -> None:
         """Say so when float32 tensors live on a GPU where TF32 is in play: the
@@ -290,11 +338,44 @@ class TorchSession(Session):
 
     # ------------------------------------------------------------------ calls
     def _call(self, inputs: list[Any]) -> list[tuple[str, torch.Tensor]]:
+        """fn's floating outputs, flattened: those compared (see _choose_outputs),
+        complex ones as their real and imaginary parts (_real_view)."""
         raw = self.fn(*inputs)
         outs = flatten_outputs(raw, lambda o: isinstance(o, torch.Tensor), _is_floating)
         require_outputs(outs, raw)
         self.forward_count += 1
-        return outs
+        for name, o in outs:
+            _require_dense(o, name, "output")
+        if self._keep is not None and len(outs) == self._n_outputs:
+            # (a changed structure is left whole for check_outputs to report)
+            outs = [outs[i] for i in self._keep]
+        return [
+            (f"view_as_real({n})" if o.is_complex() else n, _real_view(o))
+            for n, o in outs
+        ]
+
+    def _choose_outputs(self, outs: list[tuple[str, torch.Tensor]]) -> list[int]:
+        """The outputs to compare, decided once from the first graph-recording call.
+
+        An output that does not require grad although every differentiated tensor
+        does is one the framework declares constant: the op marks it
+        non-differentiable (batch_norm's saved mean and rstd), or it is detached
+        or built without the inputs. Its gradient is undefined, so it is left out,
+        as torch.autograd.gradcheck leaves it out, and a note names it. When no
+        output requires grad nothing is left to compare: all are kept, and the
+        check reports that the outputs do not depend on the inputs."""
+        keep = [i for i, (_, o) in enumerate(outs) if o.requires_grad]
+        if not keep or len(keep) == len(outs):
+            return list(range(len(outs)))
+        dropped = [n for i, (n, _) in enumerate(outs) if i not in keep]
+        kept = ", ".join(outs[i][0] for i in keep)
+        self.notes.append(
+            f"{', '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} not "
+            "differentiable per torch (requires_grad=False though the differentiated "
+            "tensors require grad: marked non-differentiable by the op, detached, or "
+            f"constant): not compared; compared: {kept}."
+        )
+        return keep
 
     def _diff_inputs_native(self) -> list[Any]:
         inputs = list(self.inputs)
@@ -307,6 +388,10 @@ class TorchSession(Session):
         inputs = self._diff_inputs_native()
         with torch.enable_grad():
             outs = self._call(inputs)
+        if self._keep is None:
+            self._n_outputs = len(outs)
+            self._keep = self._choose_outputs(outs)
+            outs = [outs[i] for i in self._keep]
         self.output_names = [n for n, _ in outs]
         self.output_shapes = [tuple(o.shape) for _, o in outs]
         sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
@@ -396,7 +481,8 @@ class TorchSession(Session):
                 if all(o.dtype == torch.float64 for _, o in outs):
                     self._promoted = True
                     return self._finish(outs)
-                reason = "its outputs stayed " + canonical_dtype(outs[0][1].dtype)
+                stayed = next(o for _, o in outs if o.dtype != torch.float64)
+                reason = "its outputs stayed " + canonical_dtype(stayed.dtype)
             except Exception as exc:  # fn cannot run in float64: fall back below
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             self._promoted = False

@@ -19,6 +19,10 @@ engine spend more work: it re-evaluates to detect nondeterminism, takes one-side
 differences to detect kinks, and bisects over tensors and then elements to blame
 the wrong one (O(log n) more directional checks).
 
+Empty tensors have nothing to compare: a check whose differentiated tensors, or
+whose outputs, are all empty passes with a note saying so; otherwise the empty
+ones are named in a note and the rest is checked as usual.
+
 Full mode compares every element: a numerical Jacobian column per input element and
 an analytical row per output element (or the cotangent projection when outputs are
 large).
@@ -287,6 +291,8 @@ def run(session: Session, options: Options) -> CheckReport:
     cot = dirs.cotangents(session.output_shapes, rng)
     n_in = sum(s.size for s in session.specs)
     n_out = sum(int(np.prod(s, dtype=np.int64)) for s in session.output_shapes)
+    if n_in == 0 or n_out == 0:
+        return session.finish(_nothing_to_compare(session, options, n_in), started)
     mode = options.mode
     if mode == "auto":
         mode = (
@@ -314,6 +320,72 @@ def run(session: Session, options: Options) -> CheckReport:
     else:
         report = _run_directional(ctx, raw, rng)
     return session.finish(report, started)
+
+
+def _nothing_to_compare(session: Session, options: Options, n_in: int) -> CheckReport:
+    """Every differentiated tensor, or every output, has zero elements: the
+    Jacobian is empty, so there is nothing to compare and nothing can be wrong
+    (torch.autograd.gradcheck passes these too). The report says so."""
+    if n_in == 0:
+        what, items = (
+            "every differentiated tensor",
+            [(sp.name, sp.shape) for sp in session.specs],
+        )
+    else:
+        what, items = (
+            "every output",
+            list(zip(session.output_names, session.output_shapes, strict=True)),
+        )
+    listed = ", ".join(f"{n} {list(sh)}" for n, sh in items[:5])
+    listed += ", ..." if len(items) > 5 else ""
+    why = (
+        f"{what} is empty ({listed}): the Jacobian has no elements, nothing was "
+        "compared"
+    )
+    tensors = [
+        TensorResult(
+            name=sp.name,
+            shape=sp.shape,
+            dtype=sp.dtype,
+            device=sp.device,
+            kind=sp.kind,
+            grad_norm=0.0,  # d(empty)/dx, or the gradient of an empty tensor
+            status="passed",
+        )
+        for sp in session.specs
+    ]
+    return CheckReport(
+        property="finite_difference",
+        status="passed",
+        framework=session.framework,
+        device=session.device,
+        dtype=session.dtype,
+        seed=options.seed,
+        mode="full",
+        error=0.0,
+        tolerance=0.0,
+        tolerance_reason=f"none needed: {why}",
+        reference_dtype=None,
+        tensors=tensors,
+        notes=[why + "."],
+    )
+
+
+def _empty_notes(session: Session) -> list[str]:
+    """Notes naming the empty tensors and outputs of a check that still compares
+    the others."""
+    empty = [f"{sp.name} {list(sp.shape)}" for sp in session.specs if sp.size == 0]
+    empty += [
+        f"{n} {list(sh)}"
+        for n, sh in zip(session.output_names, session.output_shapes, strict=True)
+        if int(np.prod(sh, dtype=np.int64)) == 0
+    ]
+    if not empty:
+        return []
+    return [
+        f"empty (no elements, nothing to compare): {', '.join(empty)}; the other "
+        "tensors and outputs were checked."
+    ]
 
 
 def _base_report(
@@ -345,6 +417,7 @@ def _base_report(
         tolerance_reason="",
         reference_dtype=s.reference_dtype,
         tensors=tensors,
+        notes=_empty_notes(s),
     )
 
 
@@ -371,8 +444,10 @@ def _run_directional(
     d, norms = dirs.probe_direction(ctx.grads, rng)
     ctx.full_direction, ctx.norms = d, norms
     ctx.full_direction_norms = [float(np.linalg.norm(x)) for x in d]
+    # an empty tensor has nothing to perturb: no direction (and no blame) for it
+    active = [None if x.size == 0 else x for x in d]
     for _attempt in range(2):
-        probe = _Probe(ctx, list(d))
+        probe = _Probe(ctx, list(active))
         try:
             quick = _single_difference(probe)
             if quick is not None:
@@ -400,9 +475,7 @@ def _run_directional(
             "one central difference agreed within the analytical side's rounding, "
             "so no truncation allowance was needed: " + report.tolerance_reason
         )
-    trustworthy = terms["finite_difference"] <= ctx.fd_limit(
-        max(probe.scale, abs(float(est.value)))
-    )
+    trustworthy = terms["finite_difference"] <= ctx.fd_limit(_trust_scale(probe, est))
     if err <= tol and trustworthy:
         return report
     _diagnose(ctx, probe, est, report, err, trustworthy)
@@ -437,8 +510,29 @@ def _single_difference(probe: _Probe) -> fd.DerivativeEstimate | None:
         curve=[(h, np.float64(value))],
         values=dict(probe.memo),
     )
-    err, tol, _ = probe.judge(est)
-    return est if err <= tol else None
+    err, tol, terms = probe.judge(est)
+    # a pass may rest on it only if its rounding is small enough to trust (as for
+    # any estimate); otherwise Richardson takes over and may coarsen the step
+    trusted = terms["finite_difference"] <= ctx.fd_limit(_trust_scale(probe, est))
+    return est if err <= tol and trusted else None
+
+
+def _trust_scale(probe: _Probe, est: fd.DerivativeEstimate) -> float:
+    """What the finite-difference error is judged against (MAX_FD_RELATIVE x
+    this): the size of the directional derivative. Where every analytical
+    gradient is exactly zero (floor, sign: piecewise constant) that size is 0 and
+    any estimate, however exact, would look untrustworthy; the scale is then the
+    derivative phi would have if it changed by its own magnitude S when x moves by
+    its own magnitude, S * step_fraction / h (h: the probe's base step, the input
+    scale over the direction's size). A nonzero finite difference is still judged
+    against the (zero) analytical value by the tolerance."""
+    scale = max(probe.scale, abs(float(est.value)))
+    ctx = probe.ctx
+    if max(ctx.g_norms, default=0.0) == 0.0 and est.values:
+        s = max(float(v[1]) for v in est.values.values())
+        frac = ctx.options.step or tl.step_fraction(ctx.session.reference_dtype)
+        scale = max(scale, s * frac / probe.step())
+    return scale
 
 
 def _curve(est: fd.DerivativeEstimate) -> list[StepEstimate]:
@@ -518,7 +612,8 @@ def _diagnose(
         report.notes.append(
             f"finite differences do not converge: the estimated error "
             f"{report.tolerance_terms['finite_difference']:.2e} exceeds what a pass may "
-            f"rest on ({ctx.fd_limit(probe.scale):.2e}). The function is not smooth at the "
+            f"rest on ({ctx.fd_limit(_trust_scale(probe, est)):.2e}). The function is not "
+            "smooth at the "
             "scale of the step (many kinks crossed) or too coarse in "
             f"{s.reference_dtype}. Try float64, or a smaller step=."
         )
