@@ -509,3 +509,45 @@ def test_model_bit_identical_after_failing_linearity_check():
     )
     assert report.status == "mismatch", report.message()
     assert [v.numpy().tobytes() for v in model.variables] == before
+
+
+def test_float32_keras_layers_run_their_reference_in_float64():
+    """LayerNormalization (no input autocast), Conv1D, GRU and kernel/activity
+    regularizers re-run in float64 for the reference (the audit found LayerNorm
+    falling back to a float32 reference, whose noisy differences then raised a
+    false alarm); Keras' floatx, the variables' dtypes and Variable.__eq__ are as
+    before afterwards, and a 1e-3 bug is still caught."""
+    from keras.src.backend.common.variables import Variable
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 3))
+    h = keras.layers.Conv1D(
+        4,
+        3,
+        activation="tanh",
+        kernel_regularizer=keras.regularizers.L2(0.01),
+        activity_regularizer=keras.regularizers.L1(0.01),
+    )(inp)
+    h = keras.layers.GRU(3)(h)
+    h = keras.layers.LayerNormalization()(h)
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    x = tf.constant(np.random.default_rng(0).standard_normal((4, 6, 3)), tf.float32)
+    y = tf.constant(np.random.default_rng(1).standard_normal((4, 2)), tf.float32)
+    eq, dtypes = Variable.__eq__, [v.dtype for v in model.variables]
+
+    def loss(scale=1.0):
+        def fn():
+            out = model(x)
+            if scale != 1.0:
+                out = out * scale + tf.stop_gradient(out * (1 - scale))
+            return tf.reduce_mean(tf.square(out - y)) + tf.add_n(model.losses)
+
+        return fn
+
+    report = gradcheck.check_gradients(loss(), params=model)
+    assert report.passed, report.message()
+    assert report.reference_dtype == "float64" and report.notes == []
+    assert keras.config.floatx() == "float32" and Variable.__eq__ is eq
+    assert [v.dtype for v in model.variables] == dtypes
+    planted = gradcheck.check_gradients(loss(1.001), params=model)
+    assert planted.status == "mismatch"
