@@ -624,3 +624,73 @@ def test_c1_but_not_c2_point_is_not_a_mismatch(mode):
         lambda a: torch.special.i1e(a), (x.requires_grad_(True),), mode=mode
     )
     assert report.passed, report.message()
+
+
+# ---------------------------------------------------------------------------------
+# float32 ill-conditioning judged by the backward's measured rounding noise
+# (cotangent rescaling + ulp moves, each draw against float64 at the same point)
+# ---------------------------------------------------------------------------------
+def _with_bug(f, bug):
+    """f with its backward replaced by bug(true gradient)."""
+
+    class Buggy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return f(x)
+
+        @staticmethod
+        def backward(ctx, v):
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(f(xx), xx, v)
+            return bug(g, v)
+
+    return Buggy.apply
+
+
+def _scaled(factor):
+    return lambda g, v: g * factor
+
+
+_F32_CASES = {
+    # true Jacobian 0 (p=0.5 over a dim of size 1): O(1) terms cancel
+    "normalize": (
+        lambda x: torch.nn.functional.normalize(x, p=0.5, dim=0),
+        lambda: torch.randn(1, 2, 4, 5, generator=torch.Generator().manual_seed(2)),
+        lambda g, v: g + 1e-3 * v,
+    ),
+    # 2 elements normalised: Jacobian entries ~1e-6 from cancelling O(1/std) terms (std >> eps)
+    "layer_norm": (
+        lambda x: torch.nn.functional.layer_norm(x, (2,)),
+        lambda: torch.tensor([[0.5, -2.0]]),
+        lambda g, v: g + 1e-3 * v.abs().sum() * torch.tensor([[1.0, 0.0]]),
+    ),
+    "group_norm": (
+        lambda x: torch.nn.functional.group_norm(x, 1),
+        lambda: torch.tensor([[0.5, -2.0]]),
+        lambda g, v: g + 1e-3 * v.abs().sum() * torch.tensor([[1.0, 0.0]]),
+    ),
+    # x = 1e4: the backward rounds an intermediate ~1e4 to its ulp (~6e-4 relative)
+    "logcumsumexp": (
+        lambda x: torch.logcumsumexp(x, 0),
+        lambda: torch.cat(
+            [
+                torch.full((1, 5, 5), 1e4),
+                torch.randn(4, 5, 5, generator=torch.Generator().manual_seed(0)),
+            ]
+        ),
+        _scaled(1 + 1e-2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_F32_CASES))
+def test_float32_ill_conditioned_passes_and_planted_bug_fails(name):
+    f, make, bug = _F32_CASES[name]
+    x = make().float().requires_grad_(True)
+    ok = gradcheck.check_gradients(f, (x,), seed=0)
+    assert ok.passed, ok.message()
+    bad = gradcheck.check_gradients(_with_bug(f, bug), (x,), seed=0)
+    assert not bad.passed and bad.status == "mismatch", bad.message()

@@ -51,6 +51,10 @@ FULL_MAX_OUTPUTS = 64
 #: moved by JITTER_ULPS ulps, deviation allowed up to JITTER_FACTOR x the spread.
 JITTER_ULPS = 4.0
 JITTER_FACTOR = 10.0
+#: Rounding-noise draws of low-precision gradients (see _rounding_draws).
+NOISE_DRAWS = 8
+NOISE_ULPS = 4
+NOISE_SIGMAS = 4.0
 #: Evaluations at one point differing by more than this many ulps of their scale
 #: are nondeterministic, whatever else is seen.
 NONDET_ULPS = 1e3
@@ -655,6 +659,79 @@ def _zeros_for_none(
     ]
 
 
+_NOISE_NOTE = (
+    f"the low-precision backward's own rounding noise ({NOISE_DRAWS} draws at points "
+    f"up to {NOISE_ULPS} ulps away with cotangents moved by a few ulps, each against "
+    "the float64 gradient at the same point, plus that gradient's change)"
+)
+
+
+def _rounding_draws(
+    ctx: _Context, cot_sets: Sequence[Sequence[np.ndarray]]
+) -> np.ndarray | None:
+    """Errors of the native gradient against the float64 one at NOISE_DRAWS nearby
+    points: every element moved by a random whole number of its own ulps (<=
+    NOISE_ULPS, so the point stays exactly representable in its dtype) and the
+    cotangent scaled by a random factor in [0.5, 2] (and each element by 1 + a few
+    eps; rounded to the native dtype). A VJP is linear in the cotangent, so the
+    scaling changes nothing exactly but re-rounds every intermediate the backward
+    forms from it (cancelled O(1) terms, exponents ~1e4). Both
+    gradients are taken at the same point with the same cotangent, so the true
+    gradient's change cancels and what remains is the native backward's own
+    rounding: cancelled terms, rounded intermediates, re-rounded at each draw.
+    Returns the per-element noise: NOISE_SIGMAS x (the draws' standard deviation +
+    the RMS change of the float64 gradient itself), shape (rows, n_in); None where a
+    dtype has no NumPy version. The second term is backward stability: a stable
+    backward returns the exact gradient of a point a few ulps away, so its error
+    may reach the float64 gradient's sensitivity to such moves. (logcumsumexp at
+    x = 1e4 is admitted by the first term: the rescaled cotangent re-rounds its
+    ~1e4 intermediates, which moving x alone did not.) No cap: a backward computing
+    internally in a lower precision than its dtype spreads like rounding and passes
+    this test; a systematic error (a scaled backward, a wrong element) gives the
+    same error at every draw and adds nothing to the spread."""
+    s = ctx.session
+    dts = [_numpy_dtype(sp.dtype) for sp in s.specs]
+    # torch only for now: on TensorFlow this path (float64 evaluations at moved
+    # points with rescaled cotangents) is not yet tested; a failed promoted
+    # evaluation there would switch the session's reference precision mid-check
+    if s.framework != "torch" or any(dt is None for dt in dts):
+        return None
+    eps = max(tl.eps(sp.dtype) for sp in s.specs)
+    low = np.float32 if eps >= tl.eps("float32") else np.float64
+    rng = np.random.default_rng(ctx.options.seed + 2)
+    base = _stack(ctx, s.gradients_at(cot_sets, promote=True))
+    errs, moves = [], []
+    for _ in range(NOISE_DRAWS):
+        d = [
+            rng.integers(-NOISE_ULPS, NOISE_ULPS + 1, size=x.shape)
+            * np.spacing(np.abs(x).astype(dt)).astype(np.float64)
+            * (x != 0)
+            for x, dt in zip(ctx.x, dts, strict=True)
+        ]
+        scale = rng.uniform(0.5, 2.0)
+        cots = [
+            [
+                (
+                    c
+                    * scale
+                    * (1 + NOISE_ULPS * eps * rng.uniform(-1, 1, size=np.shape(c)))
+                )
+                .astype(low)
+                .astype(np.float64)
+                for c in cs
+            ]
+            for cs in cot_sets
+        ]
+        handle = s.prepare(d)
+        g32 = _stack(ctx, s.gradients_at(cots, promote=False, handle=handle, t=1.0))
+        g64 = _stack(ctx, s.gradients_at(cots, promote=True, handle=handle, t=1.0))
+        errs.append((g32 - g64) / scale)
+        moves.append(g64 / scale - base)
+    spread = np.std(np.stack(errs), axis=0, ddof=1)
+    move = np.sqrt(np.mean(np.square(np.stack(moves)), axis=0))
+    return NOISE_SIGMAS * (spread + move)
+
+
 def _precision_split(
     ctx: _Context, probe: _Probe, est: fd.DerivativeEstimate, report: CheckReport
 ) -> bool:
@@ -694,16 +771,30 @@ def _precision_split(
     gj = _zeros_for_none(
         ctx, s.gradients_at([ctx.cot], promote=False, handle=handle, t=eta)[0]
     )
-    worst, worst_ratio = (0, 0.0, 0.0), -1.0
-    for t, (g, g6, gjt) in enumerate(zip(ctx.grads, g64, gj, strict=True)):
-        dev = float(np.linalg.norm(g - g6))
-        allowed = JITTER_FACTOR * float(np.linalg.norm(gjt - g)) + (
-            tl.ROUNDING_SIGMAS * ctx.rho[t] * ctx.g_eff[t]
-        )
-        ratio = dev / allowed if allowed > 0 else (np.inf if dev > 0 else 0.0)
-        if ratio > worst_ratio:
-            worst, worst_ratio = (t, dev, allowed), ratio
-    t, dev, allowed = worst
+
+    def judge(noise: np.ndarray | None) -> tuple[tuple[int, float, float], float]:
+        worst, worst_ratio = (0, 0.0, 0.0), -1.0
+        offset = 0
+        for t, (g, g6, gjt) in enumerate(zip(ctx.grads, g64, gj, strict=True)):
+            dev = float(np.linalg.norm(g - g6))
+            allowed = JITTER_FACTOR * float(np.linalg.norm(gjt - g)) + (
+                tl.ROUNDING_SIGMAS * ctx.rho[t] * ctx.g_eff[t]
+            )
+            if noise is not None:
+                allowed += float(np.linalg.norm(noise[0, offset : offset + g.size]))
+            offset += g.size
+            ratio = dev / allowed if allowed > 0 else (np.inf if dev > 0 else 0.0)
+            if ratio > worst_ratio:
+                worst, worst_ratio = (t, dev, allowed), ratio
+        return worst, worst_ratio
+
+    (t, dev, allowed), worst_ratio = judge(None)
+    measured = f"the spread of {s.specs[t].dtype} gradients at points {JITTER_ULPS:g} ulps away"
+    if worst_ratio > 1:
+        noise = _rounding_draws(ctx, [ctx.cot])
+        if noise is not None:
+            (t, dev, allowed), worst_ratio = judge(noise)
+            measured = _NOISE_NOTE
     spec = s.specs[t]
     if worst_ratio <= 1:
         report.status = "passed"
@@ -717,9 +808,8 @@ def _precision_split(
         report.notes.append(
             f"the {spec.dtype} gradient differs from float64 by more than typical "
             f"rounding (worst '{spec.name}': {dev:.3e}, allowed {allowed:.3e} from "
-            f"the spread of {spec.dtype} gradients at points {JITTER_ULPS:g} ulps "
-            "away): the function is ill-conditioned in low precision; its float64 "
-            "gradient matches finite differences."
+            f"{measured}): the function is ill-conditioned in low precision; its "
+            "float64 gradient matches finite differences."
         )
         return True
     diff = np.abs(ctx.grads[t] - g64[t]).reshape(-1)
@@ -1129,9 +1219,23 @@ def _full_precision_split(
             )
     allowed += tol_an
     dev = np.abs(analytic - j64)
-    ratio = np.where(
-        allowed > 0, dev / np.maximum(allowed, 1e-300), np.where(dev > 0, np.inf, 0.0)
-    )
+
+    def judge() -> np.ndarray:
+        return np.where(
+            allowed > 0,
+            dev / np.maximum(allowed, 1e-300),
+            np.where(dev > 0, np.inf, 0.0),
+        )
+
+    ratio = judge()
+    if np.max(ratio, initial=0.0) > 1:
+        noise = _rounding_draws(ctx, cot_sets)
+        if noise is not None:
+            allowed += noise
+            ratio = judge()
+            report.notes.append(
+                _NOISE_NOTE[0].upper() + _NOISE_NOTE[1:] + " was measured."
+            )
     i, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
     if ratio[i, k] <= 1:
         report.status = "passed"
