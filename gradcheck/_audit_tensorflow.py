@@ -122,9 +122,9 @@ def _mispaired(spec: Any) -> list[tuple[Any, Any, float]]:
     out = []
     for h in spec.heads:
         given, weight = keras_pairing(spec)[h.name]
-        if (given.loss, given.from_logits) != (h.loss, h.from_logits) or (
-            weight != h.weight
-        ):
+        # a weight off by rounding (0.01 vs 0.010000000000000005) is no swap
+        off = abs(weight - h.weight) > 1e-2 * max(abs(weight), abs(h.weight))
+        if (given.loss, given.from_logits) != (h.loss, h.from_logits) or off:
             out.append((h, given, weight))
     return out
 
@@ -136,9 +136,18 @@ def trainable(spec: Any) -> bool:
 
 def _shows_pairing_bug(spec: Any) -> bool:
     """Keras visibly mis-pairs a loss or a weight, and a mis-paired loss goes to an
-    output of the same width (so the step runs and the bug shows in the numbers)."""
+    output of the same width and target kind (so the step runs and the bug shows
+    in the numbers, not as Keras' own shape error)."""
     wrong = _mispaired(spec)
-    return bool(wrong) and all(given.units == h.units for h, given, _ in wrong)
+    return bool(wrong) and all(
+        given.units == h.units and _sparse(given) == _sparse(h) for h, given, _ in wrong
+    )
+
+
+def _sparse(head: Any) -> bool:
+    """Sparse cross-entropy takes integer labels, the others one column per unit:
+    a sparse loss paired with a dense target makes Keras raise a shape error."""
+    return str(head.loss).startswith("sparse")
 
 
 #: Keras 3.15 pairs lists (and dict loss_weights next to a list loss) with outputs
