@@ -478,17 +478,22 @@ def run_job(
         spec = data.draw(job.strategy(), label="spec")
         batch = data.draw(batches(spec, **job.batch_options), label="batch")
         found = "spec" in state
-        if found:
-            state["shrinks"] += 1
-        else:
-            state["examples"] += 1
-            if on_example is not None:
-                on_example(job)
+
+        def count() -> None:  # an example rejected by assume() is not counted
+            if found:
+                state["shrinks"] += 1
+            else:
+                state["examples"] += 1
+                if on_example is not None:
+                    on_example(job)
+
         try:
             report = job.check(spec, batch, seed)
         except gradcheck.GradcheckError as exc:
+            count()
             state.update(spec=spec, report=None, error=f"{type(exc).__name__}: {exc}")
             raise _Counterexample from None
+        count()
         if not found:
             statuses[report.status] += 1
         state["last"] = report
