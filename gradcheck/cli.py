@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         "--profile",
         choices=list(audit.PROFILES),
         default="ci",
-        help="how hard to search: ci (about 2 minutes on 2 cores) or thorough. "
+        help="how hard to search: ci (about 80 s on 2 cores) or thorough. "
         "Default: %(default)s",
     )
     a.add_argument(

@@ -321,3 +321,20 @@ def test_chromium_renders_a_nontrivial_png(tmp_path, document):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 50_000  # a blank page is a few kB
+
+
+def test_heatmap_flags_wrong_weights_only_where_the_check_failed_and_fit():
+    """Effective weights are a least-squares fit: a passing check's deviations are
+    within tolerance, and a tensor with fewer elements than reaching losses has no
+    determined fit; neither is outlined as a wrong weight."""
+    from gradcheck.report.render import _flow_figure
+
+    failed = linearity_report().to_dict()
+    assert "instead of 0.3" in _flow_figure(failed, "a")["svg"]
+    passed = dict(failed, passed=True, status="passed")
+    assert "instead of" not in _flow_figure(passed, "b")["svg"]
+    scalar = linearity_report().to_dict()
+    for tr in scalar["tensors"]:
+        tr["shape"] = [1]  # one element, two losses reach the trunk tensors
+    svg = _flow_figure(scalar, "c")["svg"]
+    assert "instead of" not in svg and "eff. w n/a" in svg
