@@ -94,32 +94,9 @@ def run(
             loss_fns[name], f"loss_fns[{name!r}]"
         )
         _finite(session, f"loss '{name}'", vals[name], grads[name])
-    report = judge(
-        session.specs,
-        w,
-        total_val,
-        g_total,
-        vals,
-        grads,
-        framework=session.framework,
-        seed=seed,
-        rtol=rtol,
+    report = judge_session(
+        session, total_fn, loss_fns, w, (total_val, g_total), (vals, grads), seed, rtol
     )
-    if not report.passed and report.location and report.location.tensor != "total":
-        noise = rounding_noise(session, total_fn, loss_fns, w)
-        report = judge(
-            session.specs,
-            w,
-            total_val,
-            g_total,
-            vals,
-            grads,
-            framework=session.framework,
-            seed=seed,
-            rtol=rtol,
-            noise=noise,
-        )
-        report.notes.append(NOISE_NOTE)
     if not report.passed:
         # nondeterminism: the same total evaluated again
         again, g_again = session.value_and_grads(total_fn, "total_fn")
@@ -137,6 +114,30 @@ def run(
                 ),
             )
     return session.finish(report, started)
+
+
+def judge_session(
+    session: Session,
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    w: Mapping[str, float],
+    total: tuple[float, list[np.ndarray | None]],
+    per_loss: tuple[dict[str, float], dict[str, list[np.ndarray | None]]],
+    seed: int,
+    rtol: float | None,
+    property: str = "linearity",
+) -> CheckReport:
+    """:func:`judge` on a session's gradients; a gradient comparison that fails is
+    judged again with the backward passes' measured rounding (:func:`rounding_noise`)
+    before it is reported (a wrong value is not rounding: no second look)."""
+    args = (session.specs, w, total[0], total[1], per_loss[0], per_loss[1])
+    kw = dict(framework=session.framework, seed=seed, rtol=rtol, property=property)
+    report = judge(*args, **kw)
+    if not report.passed and report.location and report.location.tensor != "total":
+        noise = rounding_noise(session, total_fn, loss_fns, w)
+        report = judge(*args, **kw, noise=noise)
+        report.notes.append(NOISE_NOTE)
+    return report
 
 
 def judge(

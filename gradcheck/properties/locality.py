@@ -136,33 +136,17 @@ def run(
     for n in names:
         vals[n], grads[n] = session.value_and_grads(loss_fns[n], f"loss_fns[{n!r}]")
         linearity._finite(session, f"loss '{n}'", vals[n], grads[n])
-    report = linearity.judge(
-        specs,
+    report = linearity.judge_session(
+        session,
+        total_fn,
+        loss_fns,
         w,
-        total_val,
-        g_total,
-        vals,
-        grads,
-        framework=session.framework,
-        seed=seed,
-        rtol=rtol,
+        (total_val, g_total),
+        (vals, grads),
+        seed,
+        rtol,
         property="locality",
     )
-    if not report.passed and report.location and report.location.tensor != "total":
-        report = linearity.judge(
-            specs,
-            w,
-            total_val,
-            g_total,
-            vals,
-            grads,
-            framework=session.framework,
-            seed=seed,
-            rtol=rtol,
-            property="locality",
-            noise=linearity.rounding_noise(session, total_fn, loss_fns, w),
-        )
-        report.notes.append(linearity.NOISE_NOTE)
     flow = report.flow
     assert flow is not None  # judge always builds one
     flow.expected = [[n in want[t] for n in names] for t in range(len(specs))]
