@@ -136,7 +136,7 @@ def judge_session(
     if not report.passed and report.location and report.location.tensor != "total":
         noise = rounding_noise(session, total_fn, loss_fns, w)
         report = judge(*args, **kw, noise=noise)
-        report.notes.append(NOISE_NOTE)
+        report.tolerance_reason += f"; + {tl.ROUNDING_SIGMAS:g} x {NOISE_TOLERANCE}"
     return report
 
 
@@ -340,10 +340,10 @@ def _finite(
 #: loss scales whose backward passes re-round every intermediate (not powers of 2,
 #: which would scale exactly)
 NOISE_SCALES = (0.6, 0.7, 0.9, 1.1, 1.3, 1.45)
-NOISE_NOTE = (
-    "the tolerance includes the measured rounding of the backward passes: each "
-    f"gradient taken again for the loss scaled by {', '.join(map(str, NOISE_SCALES))} "
-    "(exactly linear; rounding differs), the largest spread in each tensor."
+NOISE_TOLERANCE = (
+    "the measured rounding of the backward passes (each gradient taken again for "
+    f"the loss scaled by {', '.join(map(str, NOISE_SCALES))}: exactly linear, "
+    "rounded differently; the largest spread in each tensor)"
 )
 
 
