@@ -1,18 +1,20 @@
 """The tolerance table's one calibrated constant, re-measured.
 
-GRADIENT_ROUNDING["float32"] claims >= 10x headroom over the relative L2 rounding
-of float32 gradients (against float64) of common layer kinds. If a framework update
-made backward passes noisier, this test says so before users see false alarms.
+GRADIENT_ROUNDING["float32"] is a prior, not a verdict: the rounding of float32
+gradients differs between CPUs (Intel vs AMD, BLAS kernels) and GPUs, so a failed
+comparison is re-judged with rounding measured at check time (the precision split).
+These tests assert what users need on whatever machine runs them: float32 checks of
+common layer kinds pass, and the same checks catch a 1e-3 backward. The prior's
+headroom over the rounding measured here is reported, not asserted.
 """
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import gradcheck  # noqa: E402
 from gradcheck.numeric import tolerance as tl  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -52,13 +54,25 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("loss", ["ce_logits", "ce_probs", "mse"])
-def test_float32_gradient_rounding_has_10x_headroom(name, loss):
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward is off by a relative 1e-3: a planted bug."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-3)
+
+
+LOSSES = ["ce_logits", "ce_probs", "mse"]
+
+
+def _setup(name, loss, planted=False):
     torch.manual_seed(0)
     make_model, make_x = MODELS[name]
-    m32 = make_model()
-    m64 = copy.deepcopy(m32).double()
+    model = make_model()
     x = make_x()
     y = torch.randint(0, 5, (x.shape[0],))
     losses = {
@@ -66,13 +80,59 @@ def test_float32_gradient_rounding_has_10x_headroom(name, loss):
         "ce_probs": lambda o: torch.nn.functional.nll_loss(torch.log(o.softmax(-1)), y),
         "mse": lambda o: o.pow(2).mean(),
     }
-    x64 = x.double() if x.is_floating_point() else x
-    g32 = torch.autograd.grad(losses[loss](m32(x)), list(m32.parameters()))
-    g64 = torch.autograd.grad(losses[loss](m64(x64)), list(m64.parameters()))
+
+    def fn():
+        out = model(x)
+        return losses[loss](_ScaleGrad.apply(out) if planted else out)
+
+    return model, x, fn
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_float32_checks_pass_on_correct_models_on_this_machine(
+    name, loss, record_property
+):
+    """What users need from the rounding allowance: no false alarm on common layer
+    kinds, on whatever CPU runs the suite (CI machines differ: Intel vs AMD rounding
+    differs by ~40%). The headroom of the table's prior over the rounding measured
+    here is reported (junit property / -rA output), not asserted: a constant
+    calibrated on one CPU does not transfer to another."""
+    model, _, fn = _setup(name, loss)
+    report = gradcheck.check_gradients(fn, params=model)
+    assert report.passed, report.message()
+    rel = _float32_vs_float64_rounding(name, loss)
+    headroom = tl.GRADIENT_ROUNDING["float32"] / rel if rel > 0 else float("inf")
+    record_property("float32_rounding", rel)
+    record_property("table_headroom", headroom)
+    print(
+        f"{name}/{loss}: measured float32 rounding {rel:.2e}, table prior headroom {headroom:.1f}x"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("loss", LOSSES)
+def test_float32_checks_catch_a_1e3_backward_on_the_same_models(name, loss):
+    """The same checks must fail when the backward is off by 1e-3 (the test above
+    could otherwise pass with any allowance, however loose)."""
+    model, _, fn = _setup(name, loss, planted=True)
+    report = gradcheck.check_gradients(fn, params=model)
+    assert report.status == "mismatch", report.message()
+
+
+def _float32_vs_float64_rounding(name, loss) -> float:
+    model, x, fn = _setup(name, loss)
+    g32 = torch.autograd.grad(fn(), list(model.parameters()))
+    model.double()
+    if x.is_floating_point():
+        x.data = x.data.double()
+    g64 = torch.autograd.grad(fn(), list(model.parameters()))
     gmax = max(float(b.norm()) for b in g64)
+    worst = 0.0
     for a, b in zip(g32, g64, strict=True):
         # the same floor the engine applies to (near-)zero gradients
         rel = float((a.double() - b).norm()) / max(
             float(b.norm()), tl.ROUNDING_FLOOR * gmax
         )
-        assert rel * 10 <= tl.GRADIENT_ROUNDING["float32"], (name, loss, rel)
+        worst = max(worst, rel)
+    return worst
