@@ -31,6 +31,7 @@ from gradcheck.errors import (
 )
 from gradcheck.properties import devices as pdv
 from gradcheck.properties.devices import DeviceRun, compare, judge
+from tests._state import assert_same_rng, rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -360,6 +361,9 @@ def _torch_setup(dtype_name="float32"):
     }
 
     def loss_fn(m, b):
+        np.random.rand()  # user code that draws from every global RNG: the
+        random.random()  # check must put each generator back
+        torch.rand(1)
         outs = m(b["x"])
         return sum(tm.head_loss(m.losses[n], outs[n], b["t"][n]) for n in outs)
 
@@ -372,9 +376,7 @@ def _snapshot(torch, model):
             (n, p.detach().clone(), p.data_ptr(), p.device, p.grad)
             for n, p in model.named_parameters()
         ],
-        "rng": torch.get_rng_state().clone(),
-        "np": np.random.get_state()[1].copy(),
-        "py": random.getstate(),
+        "rng": rng_state(),
         "grad": torch.is_grad_enabled(),
         "det": (
             torch.are_deterministic_algorithms_enabled(),
@@ -391,9 +393,7 @@ def _assert_same(torch, before, model):
     ):
         assert n == n2 and ptr == ptr2 and dev == dev2 and g is g2
         assert torch.equal(v, v2)
-    assert torch.equal(before["rng"], after["rng"])
-    assert np.array_equal(before["np"], after["np"])
-    assert before["py"] == after["py"]
+    assert_same_rng(before["rng"], after["rng"])
     assert (before["grad"], before["det"]) == (after["grad"], after["det"])
     assert before["tf32"] == after["tf32"]
 

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 import gradcheck  # noqa: E402
 from tests import torch_models as tm  # noqa: E402
+from tests._state import assert_same_rng, rng_state  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -42,9 +43,7 @@ def snapshot(model):
         },
         "buffers": {n: (b.clone(), b.data_ptr()) for n, b in model.named_buffers()},
         "training": [m.training for m in model.modules()],
-        "torch_rng": torch.get_rng_state().clone(),
-        "np_rng": np.random.get_state()[1].copy(),
-        "py_rng": random.getstate(),
+        "rng": rng_state(),
         "grad_enabled": torch.is_grad_enabled(),
     }
 
@@ -65,17 +64,20 @@ def assert_same(before, model):
             torch.equal(b, after["buffers"][n][0]) and ptr == after["buffers"][n][1]
         ), n
     assert before["training"] == after["training"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert np.array_equal(before["np_rng"], after["np_rng"])
-    assert before["py_rng"] == after["py_rng"]
+    assert_same_rng(before["rng"], after["rng"])
     assert before["grad_enabled"] == after["grad_enabled"]
+
+
+def consume_rngs():
+    """User code that draws from every global RNG (a check must undo it)."""
+    np.random.rand()
+    random.random()
+    torch.rand(1)
 
 
 def loss_of(model, x):
     def loss():
-        np.random.rand()  # user code that consumes global RNGs
-        random.random()
-        torch.rand(1)
+        consume_rngs()
         model.train()  # ... and flips modes
         return model(x).pow(2).mean()
 
@@ -97,6 +99,7 @@ def test_state_restored_after_a_failing_check():
     x = torch.randn(10, 6)
 
     def buggy():
+        consume_rngs()
         return tm.ScaledBackward.apply(model(x), 0.5).pow(2).mean()
 
     before = snapshot(model)
@@ -111,6 +114,7 @@ def test_state_restored_after_a_raising_check():
     calls = []
 
     def flaky():
+        consume_rngs()
         calls.append(1)
         if len(calls) == 3:
             raise ValueError("boom inside the user's fn")
@@ -147,9 +151,27 @@ def test_input_tensors_are_not_touched():
     saved, ptr = x.detach().clone(), x.data_ptr()
 
     def fn(x):
+        consume_rngs()
         x.data.mul_(3)  # in-place abuse of the argument
         return x.sin().sum()
 
+    rng = rng_state()
     gradcheck.check_gradients(fn, (x,))
+    assert_same_rng(rng)
     assert torch.equal(x.detach(), saved) and x.data_ptr() == ptr
     assert torch.equal(x.grad, torch.ones_like(x)) and x.requires_grad
+
+
+def test_the_rng_comparison_sees_a_single_draw_of_each_generator():
+    """A check that forgot one generator is caught even when the draw leaves
+    NumPy's key array alone (it changes once every 624 draws)."""
+    np.random.seed(0)
+    np.random.rand()  # mid-block: the next draw moves only the position
+    for draw in (np.random.rand, np.random.randn, random.random, lambda: torch.rand(1)):
+        before = rng_state()
+        keys = np.random.get_state()[1].copy()
+        draw()
+        if draw is np.random.rand:
+            assert np.array_equal(keys, np.random.get_state()[1])  # the old blind spot
+        with pytest.raises(AssertionError):
+            assert_same_rng(before)

@@ -26,6 +26,7 @@ from gradcheck.training_api import (  # noqa: E402
     check_training_step,
 )
 from tests import torch_models as tm  # noqa: E402
+from tests._state import assert_same_rng, rng_state  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -383,9 +384,7 @@ def snapshot(model, optimizer, scaler):
         "scaler": copy.deepcopy(scaler.state_dict()),
         "scaler_scale": (scaler._scale, scaler._scale.clone()),
         "scaler_stages": dict(scaler._per_optimizer_states),
-        "torch_rng": torch.get_rng_state().clone(),
-        "np_rng": np.random.get_state()[1].copy(),
-        "py_rng": random.getstate(),
+        "rng": rng_state(),
         "grad_enabled": torch.is_grad_enabled(),
     }
 
@@ -414,9 +413,7 @@ def assert_same(before, model, optimizer, scaler):
     assert after["scaler_scale"][0] is before["scaler_scale"][0]
     assert torch.equal(after["scaler_scale"][0], before["scaler_scale"][1])
     assert before["scaler_stages"] == after["scaler_stages"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert np.array_equal(before["np_rng"], after["np_rng"])
-    assert before["py_rng"] == after["py_rng"]
+    assert_same_rng(before["rng"], after["rng"])
     assert before["grad_enabled"] == after["grad_enabled"]
 
 
@@ -479,6 +476,7 @@ def test_state_is_bit_identical_after_a_raising_step():
         model, x, targets, WEIGHTS, scaler=scaler, optimizer=optimizer, then_step=True
     )
 
+    @consuming
     def step():
         inner()
         model.train()
