@@ -5,7 +5,9 @@ generated multi-head models, correct or with a planted bug) with N generated mod
 each and counts verdicts:
 
 * correct models: every report must be "passed"; anything else is a false alarm;
-* planted bugs: anything but "passed" is a catch; "passed" is a miss.
+* planted bugs: only "mismatch" is a catch; anything else is a miss ("passed",
+  and also "nondifferentiable" or "nondeterministic": the check did not judge
+  the planted gradient wrong).
 
 A job that finds a counterexample stops there and shrinks it (that is the audit's
 job); this script prints it and counts the examples run up to it.
@@ -42,7 +44,7 @@ def run(examples: int, seed: int, frameworks: list[str], dtypes: list[str]) -> d
         if job.expect_pass:
             wrong = n - statuses.get("passed", 0)
         else:
-            wrong = statuses.get("passed", 0)
+            wrong = n - statuses.get("mismatch", 0)
         row = {
             "job": job.name,
             "framework": job.framework,

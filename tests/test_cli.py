@@ -58,11 +58,10 @@ def test_audit_torch_writes_json_and_html_and_exits_0(tmp_path, capsys):
         assert case["ok"] is True
         assert case["examples"] == 1
         assert case["verdict"] == ("holds" if case["planted"] is None else "caught")
-        assert case["report"]["status"] in (
-            ("passed",)
-            if case["planted"] is None
-            else ("mismatch", "nondifferentiable")
-        )
+        # a planted bug is caught by "mismatch" alone: every example, not just one
+        expected = "passed" if case["planted"] is None else "mismatch"
+        assert case["report"]["status"] == expected, case["name"]
+        assert case["statuses"] == {expected: case["examples"]}, case["name"]
     assert any(c["planted"] for c in cases) and any(not c["planted"] for c in cases)
     assert data["environment"]["torch"]
     assert not list(out.parent.glob(".audit.json.*"))  # no temp file left behind
@@ -119,6 +118,55 @@ def test_a_counterexample_exits_1_and_is_shrunk_to_code(tmp_path, monkeypatch, c
     spec = audit_spec(bad[0]["spec"])
     assert len(spec.heads) == 2
     assert "Shrunk counterexample" in html.read_text()
+
+
+@pytest.mark.parametrize("status", ["nondifferentiable", "nondeterministic"])
+def test_a_planted_bug_judged_anything_but_mismatch_is_not_caught(
+    tmp_path, monkeypatch, capsys, status
+):
+    """A verdict that is not "mismatch" on a planted bug says the check could not
+    judge the gradient: the audit reports a counterexample and exits 1."""
+    pytest.importorskip("torch")
+
+    def unjudged(frameworks, seed, device="auto"):
+        for job in _few(frameworks, seed, device):
+            if job.planted is not None:
+                real = job.check
+
+                def check(spec, batch, seed, real=real):
+                    report = real(spec, batch, seed)
+                    assert report.status == "mismatch"  # the real verdict
+                    report.status = status  # ... replaced by a non-catch
+                    return report
+
+                job.check = check
+            yield job
+
+    monkeypatch.setattr(audit, "jobs", unjudged)
+    code, out, _ = run_audit(tmp_path, "--framework", "torch", "--examples", "2")
+    assert code == 1, capsys.readouterr().out
+    data = json.loads(out.read_text())
+    verdicts = {c["planted"] is None: c["verdict"] for c in data["cases"]}
+    assert verdicts == {True: "holds", False: "counterexample"}
+
+
+def test_job_expectations():
+    """Correct models must pass; a planted bug counts as caught only by mismatch."""
+    from gradcheck.result import CheckReport
+
+    correct, planted = None, None
+    for job in REAL_JOBS(["torch"], 0):
+        if job.property == "linearity" and job.dtype == "float64":
+            if job.planted is None:
+                correct = job
+            else:
+                planted = job
+    for status in ("passed", "mismatch", "nondifferentiable", "nondeterministic"):
+        report = CheckReport(
+            "linearity", status, "torch", "cpu", "float64", 0, "analytic", 0, 1, ""
+        )
+        assert correct.as_expected(report) is (status == "passed"), status
+        assert planted.as_expected(report) is (status == "mismatch"), status
 
 
 def audit_spec(data):
