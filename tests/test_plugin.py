@@ -318,8 +318,8 @@ torch = pytest.importorskip("torch")
 
 def test_devices(gradcheck):
     assert gradcheck.devices("torch")[0] == "cpu"
-    if not torch.cuda.is_available():
-        assert gradcheck.device == "cpu"
+    # auto: the first GPU where there is one, else the CPU
+    assert gradcheck.device == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def test_check_devices(gradcheck):
@@ -328,26 +328,32 @@ def test_check_devices(gradcheck):
     loss = lambda m, b: m(b).square().sum()
     report = gradcheck.check_devices(loss, model, batch, devices=("cpu", "cpu"))
     assert report.property == "devices" and report.passed
-    # auto on a CPU-only machine: skipped, not an error
-    gradcheck.check_devices(loss, model, batch)
+    # auto: CPU vs GPU where there is one; on a CPU-only machine, skipped here
+    report = gradcheck.check_devices(loss, model, batch)
     assert torch.cuda.is_available()
+    assert report.passed and report.device.startswith("cpu vs cuda:0"), report.message()
 
 
-def test_device_that_is_not_there(gradcheck):
+def test_cuda_requested(gradcheck):
+    # --gradcheck-device cuda: the GPU where there is one, else a clear error
     if torch.cuda.is_available():
-        pytest.skip("a GPU is there")
-    with pytest.raises(DeviceUnavailableError, match="GPU"):
-        gradcheck.device
+        gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        assert gradcheck.device == "cuda:0" and gradcheck.devices("torch") == gpus
+    else:
+        with pytest.raises(DeviceUnavailableError, match="GPU"):
+            gradcheck.device
 """
 
 
 @pytest.mark.torch
 def test_device_option_selects_devices(pytester):
+    """Right with and without a GPU: no outcome depends on skipping a GPU test."""
     pytester.makepyfile(DEVICE_TESTS)
-    result = _run(pytester, "--gradcheck-device", "cuda", "-k", "not_there")
+    result = _run(pytester, "--gradcheck-device", "cuda", "-k", "cuda_requested")
     result.assert_outcomes(passed=1)
-    result = _run(pytester, "--gradcheck-device", "auto", "-k", "not not_there")
+    result = _run(pytester, "--gradcheck-device", "auto", "-k", "not cuda_requested")
     gpu = torch.cuda.is_available()
+    # without a GPU, check_devices under auto skips its test (by design)
     result.assert_outcomes(passed=1 + gpu, skipped=1 - gpu)
 
 
