@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from gradcheck.backends import open_session
-from gradcheck.errors import GradientMismatchError, InvalidArgumentError
+from gradcheck.backends import Session, open_session
+from gradcheck.errors import (
+    FrameworkError,
+    GradcheckError,
+    GradientMismatchError,
+    InvalidArgumentError,
+    wrap_exception,
+)
 from gradcheck.properties import cross_framework, finite_difference, linearity, locality
 from gradcheck.result import CheckReport
 
@@ -51,6 +59,38 @@ def _inputs(inputs: Any) -> Sequence[Any]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+@contextlib.contextmanager
+def no_raw_exceptions(check: str) -> Iterator[None]:
+    """Let no framework exception escape a public check raw.
+
+    Exceptions of the checked function and of the backward through it are
+    already GradcheckErrors (FunctionRaisedError and subclasses, which keep the
+    original type where Python allows, and the original as ``__cause__``). What
+    is left here was raised in gradcheck's own work on the user's tensors; it
+    becomes a FrameworkError naming the check and the original error."""
+    try:
+        yield
+    except GradcheckError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        first = f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+        raise wrap_exception(
+            FrameworkError,
+            exc,
+            f"{check} could not finish: {first}, raised in gradcheck's own work "
+            "on your tensors, not in fn or its backward. This is a case gradcheck "
+            "does not handle yet: please report it with this traceback (the "
+            "original exception is the __cause__). Meanwhile, check the tensors "
+            "one group at a time, or a float64 copy of the model.",
+        ) from exc
+
+
+def _rtol(session: Session, rtol: float | None) -> float | None:
+    """The user's rtol, else the rounding of an autocast the check runs under."""
+    return rtol if rtol is not None else session.rounding_override()
+
+
 def _publish(report: CheckReport, label: str | None) -> CheckReport:
     report.label = label
     for listener in list(_listeners):
@@ -81,8 +121,10 @@ def check_gradients(
     native dtype; ``step`` the relative finite-difference step.
     """
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
-    with open_session(fn, _inputs(inputs), params) as session:
-        report = finite_difference.run(session, opts)
+    with no_raw_exceptions("check_gradients"):
+        with open_session(fn, _inputs(inputs), params) as session:
+            opts = dataclasses.replace(opts, rtol=_rtol(session, rtol))
+            report = finite_difference.run(session, opts)
     return _publish(report, label)
 
 
@@ -113,8 +155,16 @@ def check_linearity(
     which parameter, by name, and the effective weight it has there)."""
     s = _seed(seed)
     linearity.validate(loss_fns, weights)
-    with open_session(total_fn, _inputs(inputs), params) as session:
-        report = linearity.run(session, total_fn, loss_fns, weights, seed=s, rtol=rtol)
+    with no_raw_exceptions("check_linearity"):
+        with open_session(total_fn, _inputs(inputs), params) as session:
+            report = linearity.run(
+                session,
+                total_fn,
+                loss_fns,
+                weights,
+                seed=s,
+                rtol=_rtol(session, rtol),
+            )
     return _publish(report, label)
 
 
@@ -155,10 +205,17 @@ def check_locality(
     next to ``flow.reaches``."""
     s = _seed(seed)
     linearity.validate(loss_fns, weights)
-    with open_session(total_fn, _inputs(inputs), params) as session:
-        report = locality.run(
-            session, total_fn, loss_fns, weights, expected, seed=s, rtol=rtol
-        )
+    with no_raw_exceptions("check_locality"):
+        with open_session(total_fn, _inputs(inputs), params) as session:
+            report = locality.run(
+                session,
+                total_fn,
+                loss_fns,
+                weights,
+                expected,
+                seed=s,
+                rtol=_rtol(session, rtol),
+            )
     return _publish(report, label)
 
 
@@ -195,9 +252,10 @@ def check_cross_framework(
     from gradcheck.architectures.base import check_dtype
 
     s = _seed(seed)
-    report = cross_framework.run(
-        spec, batch, dtype=check_dtype(dtype), seed=s, rtol=rtol
-    )
+    with no_raw_exceptions("check_cross_framework"):
+        report = cross_framework.run(
+            spec, batch, dtype=check_dtype(dtype), seed=s, rtol=rtol
+        )
     return _publish(report, label)
 
 

@@ -94,3 +94,61 @@ class ClassWeightError(InvalidArgumentError):
 
 class KerasStepError(GradcheckError):
     """Keras' own train step (``train_on_batch``) raised on the given data."""
+
+
+class FunctionRaisedError(GradcheckError):
+    """The checked function (``fn``, a ``loss_fns`` entry, ``total_fn``) raised.
+
+    Raised by :func:`wrap_exception`, whose instances are also of the original
+    exception's type where Python allows it (``except ValueError`` in user code
+    still catches a ``ValueError`` from ``fn``); the original is ``__cause__``."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError and friends would repr() the message
+        return self.message
+
+
+class BackwardError(FunctionRaisedError):
+    """The framework's backward pass through the checked function raised (a custom
+    backward, a hook, a tensor modified in place after autograd saved it)."""
+
+
+class ReferencePrecisionError(FunctionRaisedError):
+    """The function ran on float64 copies but its backward could not: gradcheck
+    needs that float64 gradient to tell low-precision rounding from a bug."""
+
+
+class FrameworkError(FunctionRaisedError):
+    """The framework raised inside gradcheck's own work on a valid-looking input;
+    the message says what gradcheck was doing."""
+
+
+_COMBINED: dict[tuple[type, type], type] = {}
+
+
+def wrap_exception(
+    cls: type[FunctionRaisedError], exc: BaseException, message: str
+) -> FunctionRaisedError:
+    """An instance of ``cls`` carrying ``message`` that is also an instance of
+    ``type(exc)`` when the two classes can be combined (``exc``'s attributes are
+    copied over), else a plain ``cls``. Raise it ``from exc``."""
+    key = (cls, type(exc))
+    combined = _COMBINED.get(key)
+    if combined is None and not isinstance(exc, GradcheckError):
+        try:
+            combined = type(
+                cls.__name__, (cls, type(exc)), {"__module__": cls.__module__}
+            )
+        except TypeError:  # incompatible layouts (or a final class): plain cls
+            combined = cls
+        _COMBINED[key] = combined
+    try:
+        err = (combined or cls)(message)
+        if combined not in (None, cls):
+            err.__dict__.update({k: v for k, v in vars(exc).items() if k != "message"})
+    except Exception:  # the original type's constructor refused: plain cls
+        err = cls(message)
+    return err

@@ -100,6 +100,20 @@ class Session(ABC):
     ) -> tuple[float, list[np.ndarray | None]]:
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
+    def rounding_override(self) -> float | None:
+        """The relative gradient rounding to judge at when the analytical side runs
+        in a lower precision than the tensors' dtype (torch.autocast), with a note
+        saying so; None otherwise. Used where the caller gave no ``rtol``."""
+        return None
+
+    def known_causes(self, location: Any) -> list[str]:
+        """Notes naming deliberate gradient changes that explain a mismatch at
+        ``location`` (a :class:`gradcheck.result.Location` or None): an Embedding's
+        padding_idx row, hooks that rewrite gradients, straight-through tricks. The
+        verdict stays a mismatch; these say why and what to do. Empty when none
+        applies."""
+        return []
+
     # -- shared helpers --------------------------------------------------------
     def finish(self, report: Any, started: float) -> Any:
         """Stamp a property's report with the work done and the backend's notes."""

@@ -37,6 +37,7 @@ TF32 is in play there (float32 on Ampere or newer), a note says so.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,8 +51,16 @@ from gradcheck.backends.base import (
     flatten_outputs,
     require_outputs,
 )
-from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
-from gradcheck.numeric.tolerance import canonical_dtype
+from gradcheck.errors import (
+    BackwardError,
+    FunctionRaisedError,
+    GradcheckError,
+    NothingToDifferentiateError,
+    ReferencePrecisionError,
+    UnsupportedInputError,
+    wrap_exception,
+)
+from gradcheck.numeric.tolerance import canonical_dtype, gradient_rounding
 
 FRAMEWORK = "torch"
 
@@ -68,7 +77,10 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _TO_LOW:
-            return func(*args, **kwargs).to(torch.float64)
+            # x.float() on a float64 reference tensor: x itself, as x.float() is x
+            # on a float32 one (rounding through float32 would cost the reference
+            # its precision)
+            return _up(args[0]) if args[0].dtype != torch.float64 else args[0]
         args = torch.utils._pytree.tree_map(_up, args)
         kwargs = {
             k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
@@ -83,6 +95,126 @@ def _up(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and x.dtype in _LOW:
         return x.to(torch.float64)
     return x
+
+
+def _autograd_grad(
+    outputs: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    *,
+    retain: bool,
+    promote: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """torch.autograd.grad(outputs, sources, grad_outputs, allow_unused=True); with
+    ``promote`` the backward runs under :class:`_PromoteToFloat64` too.
+
+    A custom ``autograd.Function.backward`` (or a hook) may use float32 tensors it
+    captured (``g @ X`` with a closure's X): on a float64 reference its gradient
+    input is float64, and without the mode the op raises "expected m1 and m2 to
+    have the same dtype". ``torch.autograd.grad`` cannot simply be called inside
+    the mode: it hands itself to the active mode, which runs it with the mode
+    popped, so the engine is called directly, with the mode on the stack (the
+    engine runs Python backward functions with the caller's mode stack)."""
+    if not promote:
+        return torch.autograd.grad(
+            list(outputs),
+            list(sources),
+            list(grad_outputs),
+            retain_graph=retain,
+            allow_unused=True,
+        )
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:  # pragma: no cover - torch < 2.3
+        run = torch.autograd.Variable._execution_engine.run_backward
+    with _PromoteToFloat64():
+        return run(
+            tuple(outputs),
+            tuple(grad_outputs),
+            retain,
+            False,
+            tuple(sources),
+            True,
+            accumulate_grad=False,
+        )
+
+
+def _active_autocast(devices: Sequence[str]) -> tuple[str, torch.dtype] | None:
+    """(device type, dtype) of a torch.autocast context active for these devices."""
+    for kind in sorted({torch.device(d).type for d in devices}):
+        try:
+            if torch.is_autocast_enabled(kind):
+                return kind, torch.get_autocast_dtype(kind)
+        except (
+            RuntimeError,
+            TypeError,
+            AttributeError,
+        ):  # device type without autocast
+            continue
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+#: Fixes for framework errors seen inside a checked function (message fragment ->
+#: what it means and what to do).
+_HINTS = (
+    (
+        "does not require grad and does not have a grad_fn",
+        "fn differentiates something that has no graph here: torch.autograd.grad or "
+        ".backward() inside fn needs its inputs to require grad and grad mode on; "
+        "do not wrap that part in torch.no_grad() or detach it",
+    ),
+    (
+        "modified by an inplace operation",
+        "fn changes a tensor in place after autograd saved it for the backward "
+        "pass; clone it before the in-place op or use the out-of-place version",
+    ),
+    (
+        "leaf Variable that requires grad",
+        "fn writes in place into a parameter (or a view of one) that requires "
+        "grad; autograd forbids it: do the update outside fn under torch.no_grad(), "
+        "or compute out of place",
+    ),
+    (
+        "backward through the graph a second time",
+        "fn reuses a graph built by an earlier call (a tensor computed outside fn "
+        "or cached between calls); compute everything the loss needs inside fn",
+    ),
+    (
+        "same dtype",
+        "fn mixes dtypes in one op; make it dtype-agnostic (use x.dtype, no "
+        "hard-coded float32 constants)",
+    ),
+    (
+        "meta tensor",
+        "a tensor on the 'meta' device has no data; materialise the model "
+        "(model.to_empty(device='cpu') and initialise, or load weights)",
+    ),
+)
+
+
+def _hint(exc: BaseException) -> str:
+    text = str(exc)
+    for fragment, fix in _HINTS:
+        if fragment in text:
+            return fix + "."
+    return ""
+
+
+def _fn_raised(
+    exc: BaseException, label: str, where: str, cls: type = FunctionRaisedError
+) -> FunctionRaisedError:
+    hint = _hint(exc)
+    return wrap_exception(
+        cls,
+        exc,
+        f"{label} raised {_first_line(exc)} ({where}). "
+        + (hint + " " if hint else "")
+        + "The original exception is the __cause__ of this one.",
+    )
 
 
 def owns(obj: Any) -> bool:
@@ -285,8 +417,23 @@ class TorchSession(Session):
                 raise UnsupportedInputError(
                     f"'{spec.name}' has dtype {spec.dtype}, which gradcheck does not check."
                 )
+        meta = [s.name for s in specs if s.device == "meta"]
+        if meta:
+            raise UnsupportedInputError(
+                f"{', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} "
+                f"{'is' if len(meta) == 1 else 'are'} on the 'meta' device: shapes "
+                "without data, so there are no values to perturb or gradients to "
+                "read. Materialise the model first (model.to_empty(device='cpu') "
+                "and initialise it, or load its weights)."
+            )
         self.specs = specs
         self._note_tf32(specs)
+        #: (device type, dtype) of a torch.autocast context the check runs in: the
+        #: native side runs under it, the float64 reference outside it
+        self.autocast = _active_autocast([s.device for s in specs])
+        #: whether reference evaluations record a graph: fn differentiates inside
+        #: (gradient penalties); decided by the first reference evaluation
+        self._ref_grad: bool | None = None
         # Work on clones: the user's storage is never written, even by an fn that
         # mutates its tensors in place; buffers (BatchNorm statistics) are cloned too.
         self._original = {id(p): data for p, data, _, _ in self._state.params}
@@ -334,13 +481,55 @@ class TorchSession(Session):
 
     def restore(self) -> None:
         self._graph = None
+        self._clear_autocast_cache()
         self._state.restore()
 
+    def kink_census(self) -> list[tuple[str, int, int]]:
+        """(module, units exactly on a kink, units) at x, from one forward pass in
+        the user's precision (see _torch_kinks)."""
+        from gradcheck.backends._torch_kinks import KinkCensus, module_names
+
+        with KinkCensus(module_names(self.modules)) as census:
+            self._evaluate([None] * len(self.diff), 0.0, promote=False)
+        return census.rows()
+
+    def _clear_autocast_cache(self) -> None:
+        """Autocast caches its low-precision copies of parameters per parameter
+        object, not per value: after a .data swap it would hand back the copy of
+        another point (two gradients at one point then differ, and the user's next
+        forward in the same autocast context would see gradcheck's perturbed
+        weights). Cleared before each native evaluation and on restore."""
+        if getattr(self, "autocast", None) is not None:
+            torch.clear_autocast_cache()
+
+    def rounding_override(self) -> float | None:
+        if self.autocast is None:
+            return None
+        kind, dtype = self.autocast
+        low = canonical_dtype(dtype)
+        rho = gradient_rounding(low)
+        native = max((gradient_rounding(s.dtype) for s in self.specs), default=0.0)
+        if rho <= native:
+            return None
+        self.notes.append(
+            f"torch.autocast('{kind}', dtype=torch.{low}) is active: the analytical "
+            f"side ran under it, so its gradients carry {low} rounding; the float64 "
+            f"reference ran outside autocast; judged at {low}'s gradient rounding "
+            f"({rho:.0e}) instead of {self.dtype}'s (pass rtol= to override)."
+        )
+        return rho
+
     # ------------------------------------------------------------------ calls
-    def _call(self, inputs: list[Any]) -> list[tuple[str, torch.Tensor]]:
+    def _call(self, inputs: list[Any], where: str) -> list[tuple[str, torch.Tensor]]:
         """fn's floating outputs, flattened: those compared (see _choose_outputs),
-        complex ones as their real and imaginary parts (_real_view)."""
-        raw = self.fn(*inputs)
+        complex ones as their real and imaginary parts (_real_view). An exception
+        from fn becomes a FunctionRaisedError saying ``where`` it happened."""
+        try:
+            raw = self.fn(*inputs)
+        except GradcheckError:
+            raise
+        except Exception as exc:
+            raise _fn_raised(exc, "fn", where) from exc
         outs = flatten_outputs(raw, lambda o: isinstance(o, torch.Tensor), _is_floating)
         require_outputs(outs, raw)
         self.forward_count += 1
@@ -386,8 +575,15 @@ class TorchSession(Session):
 
     def analytic(self) -> list[np.ndarray]:
         inputs = self._diff_inputs_native()
+        where = (
+            "at the point you gave, in its own precision, before gradcheck changed "
+            "anything: fn's own error; call it once yourself to see it"
+            if self.forward_count == 0
+            else "at the point you gave, called again by gradcheck"
+        )
+        self._clear_autocast_cache()
         with torch.enable_grad():
-            outs = self._call(inputs)
+            outs = self._call(inputs, where)
         if self._keep is None:
             self._n_outputs = len(outs)
             self._keep = self._choose_outputs(outs)
@@ -412,13 +608,25 @@ class TorchSession(Session):
         ]
         if not pairs:
             return [None] * len(sources)
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            sources,
-            [v for _, v in pairs],
-            retain_graph=retain,
-            allow_unused=True,
-        )
+        try:
+            grads = _autograd_grad(
+                [o for o, _ in pairs],
+                sources,
+                [v for _, v in pairs],
+                retain=retain,
+                promote=False,
+            )
+        except GradcheckError:
+            raise
+        except Exception as exc:
+            raise _fn_raised(
+                exc,
+                "the backward pass through fn",
+                "at the point you gave, in its own precision; the forward ran: a "
+                "custom autograd.Function.backward or a hook raised, or the graph "
+                "fn built cannot be differentiated",
+                BackwardError,
+            ) from exc
         self.backward_count += 1
         if not retain:
             self._graph = None
@@ -428,8 +636,16 @@ class TorchSession(Session):
         self, fn: Callable[..., Any], label: str
     ) -> tuple[float, list[np.ndarray | None]]:
         inputs = self._diff_inputs_native()
-        with torch.enable_grad():
-            raw = fn(*inputs)
+        self._clear_autocast_cache()
+        try:
+            with torch.enable_grad():
+                raw = fn(*inputs)
+        except GradcheckError:
+            raise
+        except Exception as exc:
+            raise _fn_raised(
+                exc, label, "at the point you gave, in its own precision"
+            ) from exc
         self.forward_count += 1
         if (
             not isinstance(raw, torch.Tensor)
@@ -445,13 +661,151 @@ class TorchSession(Session):
             )
         sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
         if raw.requires_grad:
-            grads = torch.autograd.grad(raw.reshape(()), sources, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(raw.reshape(()), sources, allow_unused=True)
+            except Exception as exc:
+                raise _fn_raised(
+                    exc,
+                    f"the backward pass through {label}",
+                    "at the point you gave; the forward ran",
+                    BackwardError,
+                ) from exc
             self.backward_count += 1
         else:
             grads = (None,) * len(sources)
         return float(raw.detach().double().cpu()), [
             None if g is None else _to_numpy(g) for g in grads
         ]
+
+    # ------------------------------------------------------------------ diagnosis
+    def known_causes(self, location: Any) -> list[str]:
+        """Deliberate gradient changes that explain a mismatch at ``location``.
+
+        Looks at the graph of one more forward pass at the user's point (nodes
+        are read, nothing is run backward) and at the modules passed: an
+        Embedding's padding_idx row (EmbeddingBackward0 saves padding_idx, also
+        for F.embedding), Embedding(max_norm=...) (renormalises rows in place,
+        outside autograd: no trace in the graph), module backward hooks
+        (BackwardHookFunction nodes, the modules' and the global hook dicts),
+        tensor hooks on the blamed tensor (register_hook). Then the numbers at
+        the blamed element: a flat function with a nonzero torch gradient is a
+        straight-through estimator; a zero torch gradient where the function
+        changes is a cut path (detach, no_grad, .data)."""
+        if location is None:
+            return []
+        names = [s.name for s in self.specs]
+        if location.tensor not in names:
+            return []
+        i = names.index(location.tensor)
+        kind, ref = self.diff[i]
+        target = self.inputs[ref] if kind == "input" else ref
+        name = location.tensor
+        notes: list[str] = []
+        try:
+            nodes = self._graph_nodes()
+        except Exception:  # fn raised this time: judge from the modules alone
+            nodes = []
+        row = location.index[0] if location.index else None
+        for node in nodes:
+            if node.name() != "EmbeddingBackward0":
+                continue
+            pad = int(getattr(node, "_saved_padding_idx", -1))
+            weight = node.next_functions[0][0] if node.next_functions else None
+            if pad >= 0 and row == pad and getattr(weight, "variable", None) is target:
+                notes.append(
+                    f"'{name}' row {pad} is nn.Embedding's padding_idx: torch zeroes "
+                    "its gradient by design; keep padding ids out of the positions "
+                    "your loss sees, or exclude this row."
+                )
+                break
+        modules = [m for root in self.modules for m in root.modules()]
+        for m in modules:
+            if (
+                isinstance(m, torch.nn.Embedding)
+                and m.weight is target
+                and m.max_norm is not None
+            ):
+                notes.append(
+                    f"'{name}' is the weight of nn.Embedding(max_norm={m.max_norm:g}): "
+                    "each forward renormalises the rows it looks up in place, outside "
+                    "autograd, so torch's gradient ignores a dependence that finite "
+                    "differences see; check with max_norm=None, or renormalise the "
+                    "weights outside the loss."
+                )
+                break
+        hooks = len(getattr(target, "_backward_hooks", None) or {})
+        if hooks:
+            notes.append(
+                f"'{name}' has {hooks} gradient hook{'s' if hooks > 1 else ''} "
+                "(tensor.register_hook): a hook that returns a changed gradient "
+                "(clipping, scaling, zeroing) changes what torch reports, by design; "
+                "check without it (remove the handle) or expect its change."
+            )
+        hooked = [
+            n
+            for root in self.modules
+            for n, m in root.named_modules()
+            if m._backward_hooks or m._backward_pre_hooks
+        ]
+        global_hooks = (
+            torch.nn.modules.module._global_backward_hooks
+            or torch.nn.modules.module._global_backward_pre_hooks
+        )
+        if (
+            hooked
+            or global_hooks
+            or any(n.name() == "BackwardHookFunctionBackward" for n in nodes)
+        ):
+            where = (
+                "on "
+                + ", ".join(
+                    f"'{n or type(self.modules[0]).__name__}'" for n in hooked[:3]
+                )
+                if hooked
+                else "on the path (global or on a module not passed as params)"
+            )
+            notes.append(
+                f"module backward hooks are registered {where} "
+                "(register_full_backward_hook / register_full_backward_pre_hook): one "
+                "that returns changed gradients changes what torch reports, by "
+                "design; check without it (remove the handle)."
+            )
+        if notes or location.numerical is None or location.analytical is None:
+            return notes
+        num, ana = float(location.numerical), float(location.analytical)
+        if ana != 0.0 and abs(num) <= 1e-3 * abs(ana):
+            notes.append(
+                f"the function does not change with {location.describe()} (numerical "
+                f"{num:.3e}) but torch's gradient is {ana:.3e}: a straight-through "
+                "estimator (x + (q(x) - x).detach(), a custom backward passing the "
+                "gradient through round/sign/argmax) gives such a gradient on "
+                "purpose; if so, the mismatch is by design: check the function "
+                "without that trick."
+            )
+        elif ana == 0.0 and num != 0.0:
+            notes.append(
+                f"torch's gradient for {location.describe()} is exactly 0 while the "
+                f"function changes with it (numerical {num:.3e}): the path is cut: "
+                ".detach(), torch.no_grad(), .data, a custom backward or a hook "
+                "returning zeros; by design or by mistake."
+            )
+        return notes
+
+    def _graph_nodes(self, limit: int = 200_000) -> list[Any]:
+        """The autograd nodes of fn's graph at the user's point (one forward)."""
+        self.analytic()
+        assert self._graph is not None
+        outs = self._graph[0]
+        self._graph = None
+        stack = [o.grad_fn for o in outs if o.grad_fn is not None]
+        seen: dict[int, Any] = {}
+        while stack and len(seen) < limit:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        return list(seen.values())
 
     # ------------------------------------------------------------------ reference evaluations
     def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
@@ -477,14 +831,16 @@ class TorchSession(Session):
     def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:
         if self._promoted is None:
             try:
-                outs = self._evaluate(handle, t, promote=True)
-                if all(o.dtype == torch.float64 for _, o in outs):
+                outs = self._reference(handle, t, promote=True)
+            except Exception as exc:  # fn cannot run in float64: fall back below
+                cause = exc.__cause__ if isinstance(exc, FunctionRaisedError) else None
+                reason = _first_line(cause or exc)[:200]
+            else:
+                stayed = next((o for _, o in outs if o.dtype != torch.float64), None)
+                if stayed is None:
                     self._promoted = True
                     return self._finish(outs)
-                stayed = next(o for _, o in outs if o.dtype != torch.float64)
                 reason = "its outputs stayed " + canonical_dtype(stayed.dtype)
-            except Exception as exc:  # fn cannot run in float64: fall back below
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             self._promoted = False
             self.reference_dtype = self.dtype
             self.notes.append(
@@ -493,7 +849,36 @@ class TorchSession(Session):
                 "errors may go unseen. Make fn dtype-agnostic (no hard-coded dtypes, "
                 "no non-torch math on tensors) to enable the float64 reference."
             )
-        return self._finish(self._evaluate(handle, t, promote=self._promoted))
+        return self._finish(self._reference(handle, t, promote=self._promoted))
+
+    def _reference(
+        self, handle: Any, t: float, promote: bool
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Outputs at x + t*d, under no_grad unless fn needs grad mode.
+
+        A function that differentiates inside (torch.autograd.grad(...,
+        create_graph=True) for a gradient penalty, .backward() on an inner loss)
+        raises under no_grad. The first reference evaluation finds out: if it
+        raises under no_grad and runs with grad enabled, every later one records
+        the graph (its outputs are detached), and a note says so."""
+        if self._ref_grad is not None:
+            return self._evaluate(handle, t, promote, record=self._ref_grad)
+        try:
+            outs = self._evaluate(handle, t, promote)
+        except Exception as first:
+            try:
+                outs = self._evaluate(handle, t, promote, record=True)
+            except Exception:
+                raise first from first.__cause__
+            self._ref_grad = True
+            self.notes.append(
+                "fn needs grad mode to run (it differentiates inside: "
+                "torch.autograd.grad or .backward(), e.g. a gradient penalty); its "
+                "reference evaluations ran with grad enabled, their outputs detached."
+            )
+            return outs
+        self._ref_grad = False
+        return outs
 
     def _as64(self, x: torch.Tensor) -> torch.Tensor:
         """A float64 copy of one of the user's tensors, made once per session.
@@ -552,6 +937,7 @@ class TorchSession(Session):
         in float64 (``promote``, as the reference evaluations) or native precision."""
         if handle is None:
             handle = [None] * len(self.diff)
+        promote = promote and self._promoted is not False
 
         def then(outs, sources):
             result = []
@@ -564,18 +950,40 @@ class TorchSession(Session):
                 if not pairs:
                     result.append([None] * len(sources))
                     continue
-                grads = torch.autograd.grad(
+                grads = _autograd_grad(
                     [o for o, _ in pairs],
                     sources,
                     [v for _, v in pairs],
-                    retain_graph=i < len(cotangent_sets) - 1,
-                    allow_unused=True,
+                    retain=i < len(cotangent_sets) - 1,
+                    promote=promote,
                 )
                 self.backward_count += 1
                 result.append([None if g is None else _to_numpy(g) for g in grads])
             return result
 
-        return self._evaluate(handle, t, promote and self._promoted is not False, then)
+        try:
+            return self._evaluate(handle, t, promote, then)
+        except GradcheckError:
+            raise
+        except Exception as exc:
+            if promote:
+                raise _fn_raised(
+                    exc,
+                    "the backward pass through fn",
+                    "on float64 copies, where fn's forward ran: a custom "
+                    "autograd.Function.backward or hook that builds float32 tensors "
+                    "(hard-coded dtypes, NumPy). gradcheck needs this float64 "
+                    "gradient to tell float32 rounding from a bug; make the backward "
+                    "dtype-agnostic (use grad_output.dtype and saved tensors), or "
+                    "check a float64 copy of the model (model.double())",
+                    ReferencePrecisionError,
+                ) from exc
+            raise _fn_raised(
+                exc,
+                "the backward pass through fn",
+                "at a point near the one you gave, in its own precision",
+                BackwardError,
+            ) from exc
 
     def _finish(self, outs: list[tuple[str, torch.Tensor]]) -> list[np.ndarray]:
         arrays = [_to_numpy(o) for _, o in outs]
@@ -589,10 +997,14 @@ class TorchSession(Session):
         promote: bool,
         then: Callable[[list[tuple[str, torch.Tensor]], list[torch.Tensor]], Any]
         | None = None,
+        *,
+        record: bool = False,
     ) -> Any:
-        """Run fn at x + t*d. Without ``then``: under no_grad, return the outputs.
-        With ``then``: record the graph and return ``then(outputs, sources)``,
-        called while the substituted values are still in place."""
+        """Run fn at x + t*d. Without ``then``: under no_grad (with grad enabled if
+        ``record``; outputs detached), return the outputs. With ``then``: record
+        the graph and return ``then(outputs, sources)``, called while the
+        substituted values are still in place (and, when ``promote``, with
+        autocast off, as the whole reference evaluation)."""
 
         self._graph = None  # a new graph may replace the leaves' grad accumulators
         inputs = [
@@ -601,9 +1013,22 @@ class TorchSession(Session):
             else x
             for x in self.inputs
         ]
-        grad = then is not None
+        grad = then is not None or record
+        where = (
+            "at a point gradcheck evaluates near the one you gave (x + t*d"
+            + (", on float64 copies" if promote else "")
+            + (", grad enabled" if grad else ", under no_grad")
+            + "); fn ran at your point, so something in it depends on the values, "
+            "the precision or grad mode (an assert, a data-dependent shape or index, "
+            "a hard-coded dtype)"
+        )
         try:
-            with torch.set_grad_enabled(grad):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.set_grad_enabled(grad))
+                if promote and self.autocast is not None:
+                    stack.enter_context(torch.autocast(self.autocast[0], enabled=False))
+                elif not promote:
+                    self._clear_autocast_cache()
                 with torch.no_grad():
                     if promote:
                         for p in self._all_params:
@@ -645,10 +1070,12 @@ class TorchSession(Session):
                             sources.append(ref)
                 if promote:
                     with _PromoteToFloat64():
-                        outs = self._call(inputs)
+                        outs = self._call(inputs, where)
                 else:
-                    outs = self._call(inputs)
-                return outs if then is None else then(outs, sources)
+                    outs = self._call(inputs, where)
+                if then is not None:
+                    return then(outs, sources)
+                return [(n, o.detach()) for n, o in outs] if grad else outs
         finally:
             for p in self._all_params:
                 p.data = self._native[id(p)]
