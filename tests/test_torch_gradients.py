@@ -694,3 +694,264 @@ def test_float32_ill_conditioned_passes_and_planted_bug_fails(name):
     assert ok.passed, ok.message()
     bad = gradcheck.check_gradients(_with_bug(f, bug), (x,), seed=0)
     assert not bad.passed and bad.status == "mismatch", bad.message()
+
+
+# --------------------------------------------------------------------------- issue 10, items 5-8
+class ClosureMatmul(torch.autograd.Function):
+    """x @ w.T where x is a float32 batch the module captured (not an argument):
+    forward and backward both read it. ``factor`` plants a backward bug."""
+
+    factor = 1.0
+
+    @staticmethod
+    def forward(ctx, w, x):
+        ctx.x = x  # kept as is: float32, also on the float64 reference
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.t() @ ctx.x) * ClosureMatmul.factor, None
+
+
+class ClosureModel(torch.nn.Module):
+    def __init__(self, x):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(12, 10))
+        self.head = torch.nn.Linear(12, 1)
+        self.x = x
+
+    def forward(self):
+        return self.head(torch.tanh(ClosureMatmul.apply(self.w, self.x))).pow(2).mean()
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "passed"), (1.001, "mismatch")])
+@pytest.mark.parametrize("mode", ["directional", "full"])
+def test_custom_function_reading_captured_float32_runs_on_the_float64_reference(
+    factor, status, mode, monkeypatch
+):
+    """Item 5: a planted bug makes the check take the float64 gradient, whose
+    backward multiplies float64 by the captured float32 batch: it ran under the
+    promotion (it raised 'expected m1 and m2 to have the same dtype' before)."""
+    monkeypatch.setattr(ClosureMatmul, "factor", factor)
+    torch.manual_seed(0)
+    model = ClosureModel(torch.randn(16, 10))
+    report = gradcheck.check_gradients(model, params=model, mode=mode)
+    assert report.status == status, report.message()
+    assert report.reference_dtype == "float64"
+    assert not any("not run on float64" in n for n in report.notes)
+    if status == "mismatch":
+        assert report.location is not None and report.location.tensor == "w"
+        assert any("float64 gradient misses" in n for n in report.notes)
+
+
+class Float32OnlyBackward(torch.autograd.Function):
+    """A backward that refuses anything but float32 (and is 1% off)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.dtype != torch.float32:
+            raise TypeError("this kernel takes float32 only")
+        return g * 1.01
+
+
+def test_a_backward_that_cannot_run_in_float64_is_a_clear_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Tanh())
+    x = torch.randn(16, 10)
+
+    def loss():
+        return Float32OnlyBackward.apply(model(x)).pow(2).mean()
+
+    with pytest.raises(gradcheck.GradcheckError, match="float64") as info:
+        gradcheck.check_gradients(loss, params=model, mode="directional")
+    err = info.value
+    assert isinstance(err, gradcheck.errors.ReferencePrecisionError)
+    assert isinstance(err, TypeError)  # the original type is kept ...
+    assert isinstance(err.__cause__, TypeError)  # ... and the original is the cause
+    assert "dtype-agnostic" in str(err)
+
+
+class WrongTanh(torch.autograd.Function):
+    """tanh with a differentiable backward (create_graph works), ``factor`` off."""
+
+    factor = 1.0
+
+    @staticmethod
+    def forward(ctx, h):
+        y = torch.tanh(h)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y) * WrongTanh.factor
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "passed"), (1.01, "mismatch")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_penalty_differentiating_inside_fn(factor, status, dtype, monkeypatch):
+    """Item 6: fn calls torch.autograd.grad(..., create_graph=True) (a WGAN-GP
+    style penalty). The reference evaluations need grad mode (they raised 'element
+    0 of tensors does not require grad' under no_grad); a wrong backward inside
+    the penalty's graph is a mismatch."""
+    monkeypatch.setattr(WrongTanh, "factor", factor)
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(6, 16).to(dtype), torch.nn.Linear(16, 1).to(dtype)
+    model = torch.nn.ModuleDict({"l1": lin1, "l2": lin2})
+    x = torch.randn(8, 6, dtype=dtype)
+
+    def loss():
+        xi = x.clone().requires_grad_(True)
+        out = lin2(WrongTanh.apply(lin1(xi)))
+        (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        return out.pow(2).mean() + 0.5 * (g.norm(dim=1) - 1).pow(2).mean()
+
+    report = gradcheck.check_gradients(loss, params=model, mode="directional")
+    assert report.status == status, report.message()
+    assert report.reference_dtype == "float64"
+    assert any("differentiates inside" in n for n in report.notes)
+
+
+def _autocast_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict(
+        {"l1": torch.nn.Linear(16, 32), "l2": torch.nn.Linear(32, 4)}
+    )
+
+
+@pytest.mark.parametrize("factor, status", [(1.0, "passed"), (1.5, "mismatch")])
+def test_check_inside_autocast_judges_at_its_precision(factor, status, monkeypatch):
+    """Item 7: under torch.autocast(bfloat16) the analytical side runs in
+    bfloat16, the reference in float64 outside autocast, the tolerance is
+    bfloat16's, and a note says so (it said 'nondeterministic' before: autocast's
+    weight cache served stale casts after gradcheck swapped the weights)."""
+    monkeypatch.setattr(WrongTanh, "factor", factor)
+    model = _autocast_model()
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+
+    def loss():
+        h = WrongTanh.apply(model["l1"](x))
+        return torch.nn.functional.mse_loss(model["l2"](h).float(), y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model["l2"](torch.tanh(model["l1"](x)))
+        report = gradcheck.check_gradients(loss, params=model)
+        after = model["l2"](torch.tanh(model["l1"](x)))
+    assert report.status == status, report.message()
+    assert report.reference_dtype == "float64"
+    assert any("torch.autocast('cpu', dtype=torch.bfloat16)" in n for n in report.notes)
+    assert "6e-02" in report.message()  # bfloat16's gradient rounding is the one used
+    # the user's autocast context goes on with their own weights, not gradcheck's
+    assert torch.equal(before, after)
+
+
+def test_autocast_with_an_explicit_rtol_keeps_the_users_rtol():
+    model = _autocast_model()
+    x = torch.randn(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = gradcheck.check_gradients(
+            lambda: model["l2"](torch.tanh(model["l1"](x))).float().pow(2).mean(),
+            params=model,
+            rtol=0.1,
+        )
+    assert report.passed, report.message()
+    assert not any("torch.autocast" in n for n in report.notes)
+
+
+class PaddedTagger(torch.nn.Module):
+    def __init__(self, **emb):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8, **emb)
+        self.head = torch.nn.Linear(8, 1)
+        with torch.no_grad():  # loaded weights: the padding row is not zero
+            self.emb.weight.normal_()
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids))).pow(2).mean()
+
+
+def test_padding_idx_in_the_loss_is_a_mismatch_that_names_padding_idx():
+    """Item 8: torch zeroes the padding row's gradient by design; the mismatch is
+    right, and the message says why and what to do."""
+    torch.manual_seed(0)
+    model = PaddedTagger(padding_idx=0)
+    with_pad = torch.tensor([[3, 0, 5, 7], [0, 2, 9, 1]])
+    report = gradcheck.check_gradients(lambda: model(with_pad), params=model)
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "emb.weight" and report.location.index[0] == 0
+    assert "'emb.weight' row 0 is nn.Embedding's padding_idx" in report.message()
+    assert "keep padding ids out" in report.message()
+    no_pad = torch.tensor([[3, 4, 5, 7], [6, 2, 9, 1]])
+    assert gradcheck.check_gradients(lambda: model(no_pad), params=model).passed
+
+
+def test_padding_idx_is_not_blamed_for_a_real_bug_elsewhere():
+    torch.manual_seed(0)
+    model = PaddedTagger(padding_idx=0)
+    ids = torch.tensor([[3, 4, 5, 7], [6, 2, 9, 1]])
+
+    def loss():
+        return tm.ScaledBackward.apply(model.emb(ids), 1.01).tanh().sum()
+
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "mismatch", report.message()
+    assert "padding_idx" not in report.message()
+
+
+def test_embedding_max_norm_is_named():
+    """Rows above max_norm are renormalised in place, outside autograd: not the
+    function torch differentiates. Whatever the verdict, the message names it."""
+    torch.manual_seed(0)
+    model = PaddedTagger(max_norm=1.0)
+    ids = torch.tensor([[3, 4, 5, 7], [6, 2, 9, 1]])
+    report = gradcheck.check_gradients(lambda: model(ids), params=model)
+    assert report.status in ("mismatch", "nondifferentiable"), report.message()
+    assert "nn.Embedding(max_norm=1) and 20 of its rows" in report.message()
+    model = PaddedTagger(max_norm=100.0)  # no row reaches it: nothing to say
+    report = gradcheck.check_gradients(lambda: model(ids), params=model)
+    assert report.passed and "max_norm" not in report.message(), report.message()
+
+
+@pytest.mark.parametrize("kind", ["tensor", "module"])
+def test_gradient_hooks_are_named(kind):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)
+    )
+    x = torch.randn(16, 10)
+    if kind == "tensor":
+        handle = model[0].weight.register_hook(lambda g: g * 0.5)
+    else:  # halves what flows back into the first layer
+        handle = model[2].register_full_backward_hook(
+            lambda m, gin, gout: (gin[0] * 0.5,)
+        )
+    try:
+        report = gradcheck.check_gradients(lambda: model(x).pow(2).mean(), params=model)
+        assert report.status == "mismatch", report.message()
+        expected = "gradient hook" if kind == "tensor" else "module backward hooks"
+        assert expected in report.message()
+    finally:
+        handle.remove()
+    report = gradcheck.check_gradients(lambda: model(x).pow(2).mean(), params=model)
+    assert report.passed and "hook" not in report.message()
+
+
+def test_straight_through_estimator_is_named():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 12))
+    x = torch.randn(16, 10)
+
+    def loss():  # quantise the weights, straight-through
+        w = model[0].weight
+        q = w + (torch.round(w * 4) / 4 - w).detach()
+        return torch.tanh(x @ q.t() + model[0].bias).pow(2).mean()
+
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor == "0.weight"
+    assert "straight-through" in report.message()

@@ -428,6 +428,7 @@ class TorchSession(Session):
             )
         self.specs = specs
         self._note_tf32(specs)
+        self._note_max_norm()
         #: (device type, dtype) of a torch.autocast context the check runs in: the
         #: native side runs under it, the float64 reference outside it
         self.autocast = _active_autocast([s.device for s in specs])
@@ -466,6 +467,38 @@ class TorchSession(Session):
             note = tf32_note(FRAMEWORK, device, dtypes)
             if note:
                 self.notes.append(note)
+
+    def _note_max_norm(self) -> None:
+        """nn.Embedding(max_norm=...) renormalises the rows it looks up in place,
+        outside autograd: the function gradcheck differentiates numerically is not
+        the one torch differentiates (whatever the verdict, mismatch or
+        nondifferentiable). Named up front when a differentiated weight has rows
+        above max_norm."""
+        names = {
+            id(ref): s.name
+            for (kind, ref), s in zip(self.diff, self.specs, strict=True)
+            if kind == "param"
+        }
+        for root in self.modules:
+            for m in root.modules():
+                if not isinstance(m, torch.nn.Embedding) or m.max_norm is None:
+                    continue
+                name = names.get(id(m.weight))
+                if name is None:
+                    continue
+                norms = torch.linalg.vector_norm(
+                    m.weight.detach().double(), ord=m.norm_type, dim=1
+                )
+                over = int((norms > m.max_norm).sum())
+                if over:
+                    self.notes.append(
+                        f"'{name}' is the weight of nn.Embedding(max_norm={m.max_norm:g})"
+                        f" and {over} of its rows are longer than that: each forward "
+                        "renormalises the rows it looks up in place, outside autograd, "
+                        "so torch's gradient ignores a dependence that finite "
+                        "differences see (and the weights change between calls); check "
+                        "with max_norm=None, or renormalise outside the loss."
+                    )
 
     @staticmethod
     def _spec(name: str, t: torch.Tensor, kind: str) -> TensorSpec:
@@ -716,21 +749,6 @@ class TorchSession(Session):
                     f"'{name}' row {pad} is nn.Embedding's padding_idx: torch zeroes "
                     "its gradient by design; keep padding ids out of the positions "
                     "your loss sees, or exclude this row."
-                )
-                break
-        modules = [m for root in self.modules for m in root.modules()]
-        for m in modules:
-            if (
-                isinstance(m, torch.nn.Embedding)
-                and m.weight is target
-                and m.max_norm is not None
-            ):
-                notes.append(
-                    f"'{name}' is the weight of nn.Embedding(max_norm={m.max_norm:g}): "
-                    "each forward renormalises the rows it looks up in place, outside "
-                    "autograd, so torch's gradient ignores a dependence that finite "
-                    "differences see; check with max_norm=None, or renormalise the "
-                    "weights outside the loss."
                 )
                 break
         hooks = len(getattr(target, "_backward_hooks", None) or {})
