@@ -142,12 +142,36 @@ def test_dict_outputs_out_of_sorted_order_pass(dict_model):
     assert any("recording optimizer" in n and "Adam" in n for n in report.notes)
 
 
-def test_same_model_again_reuses_the_traced_step(dict_model):
+class CountsTraces(keras.Model):
+    """train_step's Python body runs when the step is traced, not when the traced
+    step is called: the counter counts traces."""
+
+    traces = 0
+
+    def train_step(self, data):
+        type(self).traces += 1
+        return super().train_step(data)
+
+
+def test_same_model_again_reuses_the_traced_step():
+    m = compiled("dict", CountsTraces)
+    user_function = m.train_function
     x, y, sw = data(seed=1)
-    check_keras_model(dict_model, x, y, sample_weight=sw)
-    report = check_keras_model(dict_model, x, y, sample_weight=sw)
-    assert report.passed, report.message()
-    assert report.cost["seconds"] < 2.0
+    first = check_keras_model(m, x, y, sample_weight=sw)
+    assert first.passed, first.message()
+    # TensorFlow traces a function that creates variables on its first call twice
+    traced = CountsTraces.traces
+    assert traced >= 1
+    for seed in (1, 2):  # other values, same shapes: no retrace
+        x, y, sw = data(seed=seed)
+        report = check_keras_model(m, x, y, sample_weight=sw)
+        assert report.passed, report.message()
+        assert report.cost["train_steps"] == 1.0
+    assert CountsTraces.traces == traced
+    assert m.train_function is user_function  # the user's step was not replaced
+    m.compile(optimizer="adam", loss=dict(LOSSES), loss_weights=dict(WEIGHTS))
+    assert check_keras_model(m, x, y, sample_weight=sw).passed
+    assert CountsTraces.traces > traced  # compile() drops traced steps: traced again
 
 
 def test_list_outputs_with_list_config_pass():
@@ -210,6 +234,40 @@ def test_dropout_and_batchnorm_replay_the_same_step():
     report = check_keras_model(m, x, y, sample_weight=sw)
     assert report.passed, report.message()
     assert same(before, state(m))  # BatchNorm statistics and seed states too
+
+
+class UnseededNoise(keras.layers.Layer):
+    """Training-mode noise from TensorFlow's global generator, not a SeedGenerator:
+    every run of the step draws anew."""
+
+    def call(self, x, training=False):
+        if training:
+            return x + 0.1 * tf.random.normal(tf.shape(x))
+        return x
+
+
+def test_a_step_that_draws_anew_is_nondeterministic_not_passed():
+    """Its replay differs, so the measured rounding (which would include the
+    draws) is not used to pass it."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,), name="x")
+    h = UnseededNoise()(keras.layers.Dense(8, activation="tanh", name="trunk")(inp))
+    m = keras.Model(
+        inp,
+        {
+            "main": keras.layers.Dense(1, name="main")(h),
+            "aux": keras.layers.Dense(1, activation="sigmoid", name="aux")(h),
+        },
+    )
+    m.compile(
+        optimizer="adam",
+        loss={"main": "mse", "aux": "binary_crossentropy"},
+        loss_weights={"main": 1.0, "aux": 0.3},
+    )
+    x, y, _ = data()
+    report = check_keras_model(m, x, {"main": y["main"], "aux": y["aux"]})
+    assert report.status == "nondeterministic", report.message()
+    assert "measured spread" not in report.tolerance_reason
 
 
 def test_stacked_lstm_has_no_false_alarm():
@@ -375,6 +433,10 @@ def test_planted_bug_names_head_parameter_and_property(cls, head, says):
     assert f"of loss '{loc.head}'" in message
     variables = {v.path for v in m.trainable_variables}
     assert loc.tensor in variables and f"'{loc.tensor}'" in message
+    # caught with this model's rounding measured (the bug is in both runs of the
+    # user's step, so it does not widen the tolerance)
+    assert "measured spread between equivalent computations" in message
+    assert not m.run_eagerly
     with pytest.raises(GradientMismatchError) as info:
         assert_keras_model(m, x, y, sample_weight=sw)
     assert info.value.report.location.tensor == loc.tensor
@@ -477,9 +539,11 @@ def test_user_state_is_bit_identical_after_pass_fail_and_raise(optimizer):
     assert good.optimizer is user_opt and good.train_function is user_fn
     assert not good.stop_training
 
-    bad_before = state(bad)
+    bad_before, bad_fn = state(bad), bad.train_function
     assert not check_keras_model(bad, x, y, sample_weight=sw).passed
     assert same(bad_before, state(bad))
+    # the failing check also ran the step eagerly to measure its rounding
+    assert bad.train_function is bad_fn and not bad.run_eagerly
 
     # the next real step is exactly the step of a twin that was never checked
     good.fit(x, y, batch_size=N, epochs=1, verbose=0)
