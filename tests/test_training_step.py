@@ -181,14 +181,75 @@ def test_bfloat16_autocast_step_passes_with_autocast_option():
 
 
 # ---------------------------------------------------------------- planted bugs fail
-def expect_failure(report, *, tensor_prefix, head, fragments):
+def torch_truth(model, x, targets, weights, step):
+    """What the report must say, computed by torch alone: each head's weighted
+    gradient w_h * dL_h (torch.autograd.grad on the whole batch; None where the
+    head does not reach a parameter) and the .grad one run of ``step`` leaves,
+    started from no .grad (the model's own .grad put back afterwards)."""
+    params = dict(model.named_parameters())
+    losses = head_losses(model, x, targets)
+    per_head = {}
+    for h, loss in losses.items():
+        grads = torch.autograd.grad(
+            loss, list(params.values()), retain_graph=True, allow_unused=True
+        )
+        per_head[h] = {
+            n: None if g is None else weights[h] * g
+            for n, g in zip(params, grads, strict=True)
+        }
+    saved = {n: p.grad for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    try:
+        step()
+        left = {
+            n: None if p.grad is None else p.grad.clone() for n, p in params.items()
+        }
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
+    expected = {
+        n: sum(per_head[h][n] for h in per_head if per_head[h][n] is not None)
+        for n in params
+    }
+    return per_head, expected, left
+
+
+def common_factor(expected, left):
+    """The step's .grad over the expected gradient, where it is one number for
+    all parameters together up to float32 rounding (else None)."""
+    a = torch.cat([expected[n].reshape(-1).double() for n in expected])
+    b = torch.cat([left[n].reshape(-1).double() for n in expected])
+    factor = (a @ b / (a @ a)).item()
+    return factor if (b - factor * a).norm() <= 1e-5 * b.norm() else None
+
+
+def expect_failure(report, *, tensor_prefix, head, fragments, truth=None):
+    """A mismatch that names the property, a parameter and a head. ``head=None``:
+    any head that reaches the blamed parameter (by ``truth``, torch's own
+    gradients), for bugs that wrong every head alike. With ``truth``, the
+    reported numbers are torch's: the expected gradient and the step's .grad at
+    the blamed element."""
     assert report.status == "mismatch", report.message()
     message = report.message()
+    loc = report.location
     assert PROPERTY in message
-    assert report.location.tensor.startswith(tensor_prefix), message
-    assert f"'{report.location.tensor}'" in message
-    assert report.location.head == head, message
-    assert f"of loss '{head}'" in message
+    assert loc.tensor.startswith(tensor_prefix), message
+    assert f"'{loc.tensor}'" in message
+    if head is not None:
+        assert loc.head == head, message
+    if truth is not None:
+        per_head, expected, left = truth
+        assert per_head[loc.head][loc.tensor] is not None, (
+            f"'{loc.head}' does not reach '{loc.tensor}' (torch says): {message}"
+        )
+        assert loc.numerical == pytest.approx(
+            expected[loc.tensor][loc.index].item(), rel=1e-5, abs=1e-7
+        ), message
+        assert loc.analytical == pytest.approx(
+            left[loc.tensor][loc.index].item(), rel=1e-5, abs=1e-7
+        ), message
+    assert f"of loss '{loc.head}'" in message
     for fragment in fragments:
         assert fragment in message, message
     with pytest.raises(gradcheck.GradientMismatchError, match=PROPERTY):
@@ -204,35 +265,43 @@ def test_detached_aux_branch_fails_naming_aux_and_the_trunk():
         tensor_prefix="trunk.",
         head="aux",
         fragments=["the step's gradient carries 'aux' not at all (detached?)"],
+        truth=torch_truth(model, x, targets, WEIGHTS, step),
     )
 
 
 def test_weight_applied_twice_fails_with_the_effective_weight():
     model, x, targets = setup()
     twice = {"main": 1.0, "aux": 0.3 * 0.3}
-    report = check(model, x, targets, make_step(model, x, targets, twice))
+    step = make_step(model, x, targets, twice)
+    report = check(model, x, targets, step)
     expect_failure(
         report,
         tensor_prefix="heads.aux",
         head="aux",
         fragments=["'aux' with weight 0.09 instead of 0.3"],
+        truth=torch_truth(model, x, targets, WEIGHTS, step),
     )
 
 
-@pytest.mark.parametrize(("divide_by", "factor"), [(1, "4x"), (16, "1/4 = 0.25x")])
-def test_accumulation_divided_by_the_wrong_count_is_named(divide_by, factor):
+@pytest.mark.parametrize(
+    ("divide_by", "factor", "named"), [(1, 4.0, "4x"), (16, 0.25, "1/4 = 0.25x")]
+)
+def test_accumulation_divided_by_the_wrong_count_is_named(divide_by, factor, named):
     model, x, targets = setup()
     step = make_step(model, x, targets, WEIGHTS, micro=4, divide_by=divide_by)
+    truth = torch_truth(model, x, targets, WEIGHTS, step)
+    # the bug as torch sees it: every .grad is the expected one times `factor`
+    assert common_factor(truth[1], truth[2]) == pytest.approx(factor, rel=1e-4)
     report = check(model, x, targets, step)
-    assert report.location.head in ("main", "aux")
     expect_failure(
         report,
         tensor_prefix="",
-        head=report.location.head,
+        head=None,  # every head is off by the same factor
         fragments=[
             "accumulation divided by the wrong count",
-            f".grad is {factor} the expected",
+            f".grad is {named} the expected",
         ],
+        truth=truth,
     )
 
 
@@ -243,16 +312,20 @@ def test_scaler_not_unscaled_names_the_scale():
     step = make_step(
         model, x, targets, WEIGHTS, scaler=scaler, optimizer=optimizer, unscale=False
     )
+    truth = torch_truth(model, x, targets, WEIGHTS, step)
+    scale = scaler.get_scale()
+    assert common_factor(truth[1], truth[2]) == pytest.approx(scale, rel=1e-4)
     report = check(model, x, targets, step, scaler=scaler)
     expect_failure(
         report,
         tensor_prefix="",
-        head=report.location.head,
+        head=None,  # every head is off by the same factor
         fragments=[
-            "times 65536",
-            "the GradScaler's scale (65536)",
+            f"times {scale:.0f}",
+            f"the GradScaler's scale ({scale:.0f})",
             "call scaler.unscale_(optimizer)",
         ],
+        truth=truth,
     )
     # without scaler= the power of two is still recognised
     report = check(model, x, targets, step)
