@@ -20,6 +20,7 @@ is reported as skipped.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import platform
@@ -41,9 +42,13 @@ DISTRIBUTIONS = {
     "keras": ("keras",),
 }
 DTYPES = ("float64", "float32")
-#: examples per job for each profile (``--examples`` overrides); ci: ~80 s for both
-#: frameworks on 2 cores (78 s measured), leaving room to shrink a counterexample
+#: examples per job for each profile (``--examples`` overrides); ci: see the README
+#: for its seconds (``make audit``, with the CPU it was measured on)
 PROFILES = {"ci": 10, "thorough": 60}
+#: intra-op threads per framework during the audit: its models are tiny, and
+#: torch's thread pool costs more than it gives there (4x the CPU time of one
+#: thread on a finite-difference job, 2 cores; README)
+DEFAULT_THREADS = 1
 #: relative size of the planted scaled-backward bug: the promised detection limits
 PLANTED = {"float64": 1e-5, "float32": 1e-3}
 #: the finite-difference jobs draw smooth models: a correct model must pass
@@ -112,6 +117,8 @@ class Outcome:
     statuses: dict[str, int]
     seconds: float
     report: CheckReport | None = None
+    #: CPU time of the job's process (a shared machine inflates ``seconds``)
+    cpu_seconds: float = 0.0
     #: the shrunk counterexample: the spec's JSON and its code
     spec: dict[str, Any] | None = None
     code: str | None = None
@@ -146,6 +153,7 @@ class Outcome:
             "statuses": self.statuses,
             "shrink_steps": self.shrink_steps,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "skip": self.job.skip,
             "error": self.error,
             "spec": self.spec,
@@ -160,6 +168,7 @@ class AuditResult:
     skipped: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -173,6 +182,7 @@ class AuditResult:
             "environment": self.environment,
             "skipped": self.skipped,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "summary": {
                 "jobs": len(ran),
                 "ok": sum(o.ok for o in ran),
@@ -463,9 +473,10 @@ def run_job(
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
+    from gradcheck._quiet import quiet
     from gradcheck.strategies import batches
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if job.skip is not None:
         return Outcome(job, 0, {}, 0.0)
     statuses: Counter[str] = Counter()
@@ -513,7 +524,9 @@ def run_job(
 
     outcome = Outcome(job, 0, {}, 0.0)
     try:
-        search()
+        # the generated models are gradcheck's: so is their framework noise
+        with quiet():
+            search()
     except _Counterexample:
         spec = state["spec"]
         outcome.spec = spec.to_dict()
@@ -529,6 +542,7 @@ def run_job(
     outcome.shrink_steps = state["shrinks"]
     outcome.statuses = dict(statuses)
     outcome.seconds = time.perf_counter() - started
+    outcome.cpu_seconds = time.process_time() - cpu_started
     return outcome
 
 
@@ -540,11 +554,13 @@ def run(
     on_example: Callable[[Job], None] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
     device: str = "auto",
+    threads: int | None = DEFAULT_THREADS,
 ) -> AuditResult:
     """Run every job; raises DeviceUnavailableError (before any work) when
-    ``device`` asks for a GPU that is not there."""
+    ``device`` asks for a GPU that is not there. ``threads``: intra-op threads of
+    the audited frameworks for the duration (None: leave them as they are)."""
     result = AuditResult(environment=environment(frameworks))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     present = []
     for fw in frameworks:
         if available(fw):
@@ -555,15 +571,37 @@ def run(
             )
     planned = list(jobs(present, seed, device))
     result.environment.update(_device_environment(present))
-    for i, job in enumerate(planned):
-        if on_start is not None:
-            on_start(job, examples)
-        out = run_job(job, examples, seed + i, on_example)
-        result.outcomes.append(out)
-        if on_outcome is not None:
-            on_outcome(out)
+    with _intra_op_threads(present, threads) as used:
+        if used:
+            result.environment["intra-op threads"] = used
+        for i, job in enumerate(planned):
+            if on_start is not None:
+                on_start(job, examples)
+            out = run_job(job, examples, seed + i, on_example)
+            result.outcomes.append(out)
+            if on_outcome is not None:
+                on_outcome(out)
     result.seconds = time.perf_counter() - started
+    result.cpu_seconds = time.process_time() - cpu_started
     return result
+
+
+@contextlib.contextmanager
+def _intra_op_threads(frameworks: list[str], n: int | None) -> Iterator[str]:
+    """torch's intra-op thread count set to ``n`` for the block, then restored.
+    (TensorFlow's cannot change once its runtime is up, and its small ops showed
+    no difference: it is left alone.) Yields what was set, for the environment."""
+    if n is None or "torch" not in frameworks:
+        yield ""
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield f"torch {n} (was {before})"
+    finally:
+        torch.set_num_threads(before)
 
 
 def environment(frameworks: list[str]) -> dict[str, Any]:

@@ -1,7 +1,14 @@
-"""``gradcheck audit``: the project's main job, from the command line.
+"""``gradcheck audit``: the project's main job, from the command line
+(``gradcheck`` console script, ``python -m gradcheck``).
 
 Exit codes: 0 every job as expected, 1 a job failed (a property does not hold or a
 planted bug went unseen), 2 usage error (including a device that is not there).
+
+Output: rich progress bars in a terminal; without one (CI logs, a pipe), one line
+per finished job with its time. Then a summary table (seconds per job) and the
+reports. The noise gradcheck itself causes in the frameworks (TensorFlow's dtype
+promotion and retracing messages, its import banner) is dropped; see
+:mod:`gradcheck._quiet`.
 """
 
 from __future__ import annotations
@@ -15,9 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gradcheck
 from gradcheck import audit
 from gradcheck._io import atomic_write_text
+from gradcheck._quiet import import_quietly
 from gradcheck.errors import GradcheckError
+
+PROGRESS_CHOICES = ("auto", "bars", "lines")
 
 
 def _positive(text: str) -> int:
@@ -45,6 +56,12 @@ def _seed(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradcheck", description="Are your gradients right? Checks and audits."
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"gradcheck {gradcheck.__version__}",
+        help="print gradcheck's version and exit",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     a = sub.add_parser(
@@ -84,11 +101,16 @@ def parser() -> argparse.ArgumentParser:
         "--profile",
         choices=list(audit.PROFILES),
         default="ci",
-        help="how hard to search: ci (about 80 s on 2 cores) or thorough. "
-        "Default: %(default)s",
+        help=f"how hard to search: ci ({audit.PROFILES['ci']} models per job) or "
+        f"thorough ({audit.PROFILES['thorough']}). Default: %(default)s",
     )
     a.add_argument(
-        "--seed", type=_seed, default=0, metavar="S", help="Default: %(default)s"
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help="seed of the searches and checks (job i uses S+i); the same seed "
+        "draws the same models. Default: %(default)s",
     )
     a.add_argument(
         "--report",
@@ -104,6 +126,23 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where to write the JSON report. Default: %(default)s",
     )
+    a.add_argument(
+        "--threads",
+        type=_positive,
+        default=audit.DEFAULT_THREADS,
+        metavar="N",
+        help="torch's intra-op threads during the audit, restored afterwards (the "
+        "generated models are tiny: more threads cost more CPU than they save). "
+        "Default: %(default)s",
+    )
+    a.add_argument(
+        "--progress",
+        choices=PROGRESS_CHOICES,
+        default="auto",
+        help="bars: rich progress bars; lines: one line per finished job with its "
+        "time; auto: bars in a terminal, lines otherwise (CI logs). "
+        "Default: %(default)s",
+    )
     return p
 
 
@@ -116,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF is imported
     frameworks = list(audit.FRAMEWORKS) if args.framework == "all" else [args.framework]
     examples = args.examples or audit.PROFILES[args.profile]
-    printer = _Printer()
+    printer = _Printer(args.progress)
+    for fw in frameworks:
+        if audit.available(fw):  # its import banner, before the audit's clock starts
+            import_quietly(fw)
     try:
         with printer.progress() as progress:
             result = audit.run(
@@ -127,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 on_example=progress.advance,
                 on_outcome=progress.done,
                 device=args.device,
+                threads=args.threads,
             )
     except GradcheckError as exc:  # e.g. --device cuda without a GPU
         printer.error(str(exc))
@@ -157,29 +200,28 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class _Printer:
-    """Terminal output through rich when installed, plain text otherwise."""
+    """Terminal output through rich: bars in a terminal, lines in logs."""
 
-    def __init__(self) -> None:
-        try:
-            from rich.console import Console
+    def __init__(self, progress: str = "auto") -> None:
+        from rich.console import Console
 
-            # soft_wrap: one line per job, also in CI logs 80 columns wide
-            self.console: Any = Console(highlight=False, soft_wrap=True)
-        except ImportError:  # pragma: no cover - rich is in the report/dev extras
-            self.console = None
+        # soft_wrap: a long line stays one line (CI logs, grep)
+        self.console = Console(highlight=False, soft_wrap=True)
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            self.console.width = 160  # a log is no 80-column terminal: keep rows whole
+        if progress == "auto":
+            progress = "bars" if self.console.is_terminal else "lines"
+        self.mode = progress
 
     def _print(self, text: str) -> None:
-        if self.console is not None:
-            self.console.print(text)
-        else:  # pragma: no cover
-            print(_strip_markup(text))
+        self.console.print(text)
 
     def error(self, text: str) -> None:
         self._print(f"[bold red]gradcheck audit: error:[/] {_escape(text)}")
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[_Progress]:
-        if self.console is None:  # pragma: no cover
+        if self.mode == "lines":
             yield _Progress(None, self)
             return
         from rich.progress import (
@@ -219,9 +261,19 @@ class _Printer:
             )
             self._print(_escape(o.code))
 
+    def finished(self, o: audit.Outcome, done: int) -> None:
+        """Lines mode: one line per finished job, with its time."""
+        if o.job.skip is not None:
+            return  # said by outcome()
+        mark = "[green]ok[/]  " if o.ok else "[bold red]FAIL[/]"
+        self._print(
+            f"{mark} \\[{done}] {_escape(o.job.name)}: {o.verdict}, "
+            f"{o.examples} models, {o.seconds:.1f} s"
+        )
+
     def summary(self, result: audit.AuditResult, written: str) -> None:
         ran = [o for o in result.outcomes if o.job.skip is None]
-        if self.console is not None and ran:
+        if ran:
             from rich.table import Table
 
             table = Table(title="gradcheck audit")
@@ -254,16 +306,19 @@ class _Printer:
         )
         self._print(
             f"{n_ok}/{len(ran)} jobs as expected ({models} generated models) in "
-            f"{result.seconds:.1f}s: {verdict}; reports: {written}"
+            f"{result.seconds:.1f}s ({result.cpu_seconds:.1f}s CPU): {verdict}; "
+            f"reports: {written}"
         )
 
 
 class _Progress:
-    """One progress bar per job (property x framework x dtype x correct/planted)."""
+    """One progress bar per job (property x framework x dtype x correct/planted),
+    or one line per finished job."""
 
     def __init__(self, bars: Any, printer: _Printer) -> None:
         self.bars, self.printer = bars, printer
         self.task: Any = None
+        self.done_count = 0
 
     def start(self, job: audit.Job, examples: int) -> None:
         if self.bars is not None:
@@ -274,25 +329,23 @@ class _Progress:
             self.bars.advance(self.task)
 
     def done(self, o: audit.Outcome) -> None:
+        self.done_count += 1
         if self.bars is not None and self.task is not None:
             mark = "[green]ok[/]" if o.ok else "[bold red]FAIL[/]"
             self.bars.update(
                 self.task,
-                description=f"{mark} {_escape(o.job.name)} ({o.verdict})",
+                description=f"{mark} {_escape(o.job.name)} ({o.verdict}, "
+                f"{o.seconds:.1f} s)",
                 completed=o.examples,
                 total=max(o.examples, 1),
             )
+        elif self.bars is None:
+            self.printer.finished(o, self.done_count)
         self.printer.outcome(o)
 
 
 def _escape(text: str) -> str:
     return text.replace("[", "\\[")
-
-
-def _strip_markup(text: str) -> str:  # pragma: no cover
-    import re
-
-    return re.sub(r"\[/?[a-z ]*\]", "", text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,8 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 
+from gradcheck._quiet import promotion_quiet
+
 
 def is_keras_variable(v: Any) -> bool:
     return isinstance(getattr(v, "_value", None), tf.Variable) and hasattr(v, "path")
@@ -106,7 +108,8 @@ def float64(
             # TF's promotion asks `x == bool` of every operand; a Keras variable
             # handed to an op answers with an elementwise comparison that fails
             variable_class.__eq__ = _eq_types_false(saved_eq)
-        yield
+        with promotion_quiet():  # TF logs each op the promotion skips: our noise
+            yield
     finally:
         tf_ops.set_dtype_conversion_mode(saved_mode.name.lower())
         variable_class.__eq__ = saved_eq

@@ -3,7 +3,7 @@
 :func:`build_document` (and :func:`from_audit` for ``gradcheck audit`` output)
 define the document shared by the pytest plugin and the CLI; :func:`render_html` /
 :func:`write_html` turn it into HTML with inline CSS and SVG charts. Only the HTML
-needs Jinja2 (``pip install "gradcheck[report]"``); importing this package does not.
+needs Jinja2 (a core dependency); importing this package does not import it.
 """
 
 from gradcheck.report.document import (
