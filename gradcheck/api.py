@@ -11,6 +11,7 @@ from typing import Any
 from gradcheck.backends import Session, open_session
 from gradcheck.errors import (
     FrameworkError,
+    FunctionRaisedError,
     GradcheckError,
     GradientMismatchError,
     InvalidArgumentError,
@@ -59,15 +60,30 @@ def _inputs(inputs: Any) -> Sequence[Any]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+def _code_of(fn: Any) -> Any:
+    """The code object a call of ``fn`` runs (functions, bound methods, modules'
+    forward, objects with __call__, functools.partial)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    code = getattr(fn, "__code__", None)
+    for attr in ("forward", "__call__"):  # an nn.Module, a callable object
+        for klass in type(fn).__mro__:
+            if code is None and attr in vars(klass):
+                code = getattr(vars(klass)[attr], "__code__", None)
+    return code
+
+
 @contextlib.contextmanager
-def no_raw_exceptions(check: str) -> Iterator[None]:
+def no_raw_exceptions(check: str, **user_fns: Any) -> Iterator[None]:
     """Let no framework exception escape a public check raw.
 
-    Exceptions of the checked function and of the backward through it are
-    already GradcheckErrors (FunctionRaisedError and subclasses, which keep the
-    original type where Python allows, and the original as ``__cause__``). What
-    is left here was raised in gradcheck's own work on the user's tensors; it
-    becomes a FrameworkError naming the check and the original error."""
+    ``user_fns``: {label: callable} the check calls (fn, total_fn, loss_fns[...],
+    step_fn). A backend may already have turned their exceptions into
+    GradcheckErrors (the torch backend does); those pass unchanged. Any other
+    exception becomes a GradcheckError that keeps the original type where
+    Python allows (``except ValueError`` still works) and the original as
+    ``__cause__``: a FunctionRaisedError naming the callable when its frame is in
+    the traceback (the user's own error), else a FrameworkError (gradcheck's own
+    work on the user's tensors raised)."""
     try:
         yield
     except GradcheckError:
@@ -75,15 +91,35 @@ def no_raw_exceptions(check: str) -> Iterator[None]:
     except Exception as exc:
         text = str(exc).strip().splitlines()
         first = f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+        codes = {_code_of(f): label for label, f in user_fns.items()}
+        codes.pop(None, None)
+        tb, label = exc.__traceback__, None
+        while tb is not None and label is None:
+            label = codes.get(tb.tb_frame.f_code)
+            tb = tb.tb_next
+        if label is not None:
+            raise wrap_exception(
+                FunctionRaisedError,
+                exc,
+                f"{label} raised {first} when {check} called it: the error is in "
+                f"{label} (or in what it calls), not in gradcheck; call it once "
+                "yourself to see it. The original exception is the __cause__ of "
+                "this one.",
+            ) from exc
         raise wrap_exception(
             FrameworkError,
             exc,
             f"{check} could not finish: {first}, raised in gradcheck's own work "
-            "on your tensors, not in fn or its backward. This is a case gradcheck "
-            "does not handle yet: please report it with this traceback (the "
-            "original exception is the __cause__). Meanwhile, check the tensors "
-            "one group at a time, or a float64 copy of the model.",
+            "on your tensors, not in the functions you passed. This is a case "
+            "gradcheck does not handle yet: please report it with this traceback "
+            "(the original exception is the __cause__). Meanwhile, check the "
+            "tensors one group at a time, or a float64 copy of the model.",
         ) from exc
+
+
+def _loss_labels(loss_fns: Any) -> dict[str, Any]:
+    items = loss_fns.items() if isinstance(loss_fns, Mapping) else ()
+    return {f"loss_fns[{k!r}]": f for k, f in items}
 
 
 def _rtol(session: Session, rtol: float | None) -> float | None:
@@ -121,7 +157,7 @@ def check_gradients(
     native dtype; ``step`` the relative finite-difference step.
     """
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
-    with no_raw_exceptions("check_gradients"):
+    with no_raw_exceptions("check_gradients", fn=fn):
         with open_session(fn, _inputs(inputs), params) as session:
             opts = dataclasses.replace(opts, rtol=_rtol(session, rtol))
             report = finite_difference.run(session, opts)
@@ -155,7 +191,9 @@ def check_linearity(
     which parameter, by name, and the effective weight it has there)."""
     s = _seed(seed)
     linearity.validate(loss_fns, weights)
-    with no_raw_exceptions("check_linearity"):
+    with no_raw_exceptions(
+        "check_linearity", total_fn=total_fn, **_loss_labels(loss_fns)
+    ):
         with open_session(total_fn, _inputs(inputs), params) as session:
             report = linearity.run(
                 session,
@@ -205,7 +243,9 @@ def check_locality(
     next to ``flow.reaches``."""
     s = _seed(seed)
     linearity.validate(loss_fns, weights)
-    with no_raw_exceptions("check_locality"):
+    with no_raw_exceptions(
+        "check_locality", total_fn=total_fn, **_loss_labels(loss_fns)
+    ):
         with open_session(total_fn, _inputs(inputs), params) as session:
             report = locality.run(
                 session,

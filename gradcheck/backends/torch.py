@@ -180,8 +180,10 @@ _HINTS = (
     ),
     (
         "backward through the graph a second time",
-        "fn reuses a graph built by an earlier call (a tensor computed outside fn "
-        "or cached between calls); compute everything the loss needs inside fn",
+        "the graph of fn's output was already used: fn called .backward() or "
+        "autograd.grad on it itself (pass retain_graph=True there), or returns a "
+        "tensor computed outside fn or cached between calls (compute everything "
+        "the loss needs inside fn)",
     ),
     (
         "same dtype",
@@ -362,6 +364,11 @@ class TorchSession(Session):
             )
         self._state = _State(self.modules, all_params)
         self._all_params = all_params
+        # .grad is set aside (restored by identity): an fn that calls .backward()
+        # inside would otherwise accumulate into the user's .grad tensors in place
+        for p in all_params:
+            if p.grad is not None:
+                p.grad = None
         try:
             self._setup(named_params)
         except BaseException:
@@ -688,9 +695,15 @@ class TorchSession(Session):
             shape = (
                 list(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
             )
+            fix = (
+                "return the tensor itself: a Python number (.item(), float()) "
+                "carries no gradient"
+                if isinstance(raw, (int, float))
+                else "reduce it (mean/sum) as your training code does"
+            )
             raise UnsupportedInputError(
-                f"{label} must return a scalar floating tensor (a loss); got {shape}. "
-                "Reduce it (mean/sum) as your training code does."
+                f"{label} must return a scalar floating tensor (a loss); got {shape}; "
+                f"{fix}."
             )
         sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
         if raw.requires_grad:
