@@ -60,6 +60,15 @@ NOISE_SIGMAS = 4.0
 NONDET_ULPS = 1e3
 #: Cap on forward evaluations spent locating a failure (blame / kink location).
 BLAME_BUDGET = 400
+#: A check that meets kinks (or finite differences that do not converge) at x is
+#: re-run at a nearby point: every tensor moved by this fraction of its scale (a
+#: seeded Gaussian draw, rounded to the tensor's dtype). Large next to the reference
+#: step (float64: eps^(1/3) ~ 6e-6 of the scale, so units pushed off a kink stay
+#: ~100 steps away from it), small enough to stay in the same regime of the model.
+NEARBY_SHIFT = 1e-3
+#: Forward evaluations spent locating one kink when a census already names where
+#: the kinks are (a model-sized search is not worth a full BLAME_BUDGET then).
+CENSUS_BLAME_BUDGET = 60
 
 
 @dataclass
@@ -241,6 +250,8 @@ class _Context:
         self.phi0: fd.Evaluation | None = None
         self.full_direction: list[np.ndarray] = []
         self.norms: list[float] = []
+        #: True for the re-run at a nearby point (see _nearby): no second move.
+        self.nearby = False
 
     @property
     def x(self) -> list[np.ndarray]:
@@ -589,19 +600,36 @@ def _diagnose(
     #    and is the native one within its own (measured) rounding of it?
     if _precision_split(ctx, probe, est, report):
         return
-    # 3. kinks: one-sided derivatives at x disagree
+    # 3. kinks: one-sided derivatives at x disagree, or finite differences do not
+    #    converge (steps cross kinks). With many units on kinks at once (a fresh
+    #    init whose activations vanish: ReLU6 at BatchNorm's zero bias) the
+    #    framework's subgradient need not lie between the one-sided derivatives
+    #    along the probe direction, so neither "between" nor "outside" decides.
+    #    The check is re-run at a nearby point where the function is smooth at the
+    #    step's scale: its verdict there decides (a wrong backward stays a
+    #    mismatch), and the report says so.
     kink = _kink(probe, est)
+    if kink is not None:  # the float64 gradient missed FD because of the kink
+        report.notes = [n for n in report.notes if not n.endswith(_NOT_PRECISION)]
+    if (kink is not None or not trustworthy) and not ctx.nearby:
+        if _nearby(ctx, probe, est, report, kink, trustworthy):
+            return
     if kink is not None:
         fwd, bwd, jump, noise = kink
         lo, hi = min(fwd, bwd), max(fwd, bwd)
         outside = max(lo - probe.analytical, probe.analytical - hi, 0.0)
-        if outside <= report.tolerance:
+        if outside <= report.tolerance or ctx.nearby:
             report.status = "nondifferentiable"
             report.notes.append(
                 f"one-sided derivatives differ at this point: forward {fwd:.6e}, backward "
                 f"{bwd:.6e} (jump {jump:.3e} >> noise {noise:.1e}); the analytical value "
-                f"{probe.analytical:.6e} lies between them (a valid subgradient). A kink "
-                "such as ReLU at 0, max/min ties or |x| at 0."
+                f"{probe.analytical:.6e} "
+                + (
+                    "lies between them (a valid subgradient). "
+                    if outside <= report.tolerance
+                    else "lies outside them, which many kinks at once allow. "
+                )
+                + "A kink such as ReLU at 0, max/min ties or |x| at 0."
             )
             report.location = _locate(
                 ctx, probe, lambda p: _kink(p, None) is not None, "kink"
@@ -611,7 +639,7 @@ def _diagnose(
             f"a kink is present (one-sided derivatives {fwd:.6e} / {bwd:.6e}) but the "
             f"analytical value {probe.analytical:.6e} is outside both: a real mismatch."
         )
-    if err <= report.tolerance and not trustworthy:
+    if not trustworthy and (err <= report.tolerance or ctx.nearby):
         report.status = "nondifferentiable"
         report.notes.append(
             f"finite differences do not converge: the estimated error "
@@ -624,6 +652,203 @@ def _diagnose(
         return
     report.status = "mismatch"
     report.location = _locate(ctx, probe, _mismatches, "mismatch")
+    report.notes.extend(s.known_causes(report.location))
+
+
+class _Shifted(Session):
+    """The same function seen from x + shift: every evaluation and gradient the
+    check asks for is the inner session's at x + shift + t*d. Framework-free: it
+    only combines directions, so any backend's session can be shifted."""
+
+    def __init__(self, inner: Session, shift: list[np.ndarray]):
+        super().__init__()
+        self.inner = inner
+        self.shift = shift
+        self.framework = inner.framework
+        self.specs = inner.specs
+        self.output_names = inner.output_names
+        self.output_shapes = inner.output_shapes
+
+    @property
+    def reference_dtype(self) -> str:  # type: ignore[override]
+        return self.inner.reference_dtype
+
+    @property
+    def forward_count(self) -> int:  # type: ignore[override]
+        return self.inner.forward_count
+
+    @forward_count.setter
+    def forward_count(self, value: int) -> None:
+        pass  # counted by the inner session
+
+    @property
+    def backward_count(self) -> int:  # type: ignore[override]
+        return self.inner.backward_count
+
+    @backward_count.setter
+    def backward_count(self, value: int) -> None:
+        pass
+
+    def _moved(self, direction: Sequence[np.ndarray | None] | None, t: float):
+        if direction is None or t == 0.0:
+            return self.inner.prepare(self.shift)
+        return self.inner.prepare(
+            [
+                s if d is None else s + t * d
+                for s, d in zip(self.shift, direction, strict=True)
+            ]
+        )
+
+    def restore(self) -> None:  # the inner session owns the user's state
+        pass
+
+    def analytic(self) -> list[np.ndarray]:
+        return []  # vjp() below evaluates afresh at the shifted point
+
+    def vjp(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[np.ndarray | None]:
+        return self.gradients_at([cotangents], promote=False)[0]
+
+    def gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[np.ndarray | None]]:
+        return self.inner.gradients_at(  # type: ignore[attr-defined]
+            cotangent_sets, promote=promote, handle=self._moved(handle, t), t=1.0
+        )
+
+    def prepare(self, direction: Sequence[np.ndarray | None]) -> object:
+        return list(direction)
+
+    def outputs_at(self, handle: object, t: float) -> list[np.ndarray]:
+        return self.inner.outputs_at(self._moved(handle, t), 1.0)  # type: ignore[arg-type]
+
+    def values(self) -> list[np.ndarray]:
+        return [x + s for x, s in zip(self.inner.values(), self.shift, strict=True)]
+
+    def norms(self) -> list[float]:
+        return self.inner.norms()
+
+    def value_and_grads(self, fn, label):  # pragma: no cover - not used by FD
+        raise NotImplementedError("value_and_grads at a shifted point")
+
+
+def _nearby(
+    ctx: _Context,
+    probe: _Probe,
+    est: fd.DerivativeEstimate,
+    report: CheckReport,
+    kink: tuple[float, float, float, float] | None,
+    trustworthy: bool,
+) -> bool:
+    """Re-run the directional check at x + shift (NEARBY_SHIFT of each tensor's
+    scale, seeded; rounded so the point is exact in each tensor's dtype) and decide
+    the report with it. True when decided: "mismatch" if the gradient is wrong
+    where the function is smooth, else "nondifferentiable" (the disagreement at x
+    comes from kinks), with the kink census at x where the backend can take one.
+    False when the nearby point cannot be evaluated (outside fn's domain)."""
+    s = ctx.session
+    rng = np.random.default_rng(ctx.options.seed + 3)
+    shift = []
+    for x, spec, xs in zip(ctx.x, s.specs, ctx.x_scale, strict=True):
+        move = NEARBY_SHIFT * xs * rng.standard_normal(x.shape)
+        dt = _numpy_dtype(spec.dtype) or np.dtype(np.float64)
+        shift.append((x + move).astype(dt).astype(np.float64) - x)
+    shifted = _Shifted(s, shift)
+    try:
+        raw = shifted.vjp(ctx.cot)
+        shifted.check_finite_grads(raw)
+        grads = [
+            np.zeros(sp.shape) if g is None else g
+            for sp, g in zip(s.specs, raw, strict=True)
+        ]
+        sub_ctx = _Context(shifted, ctx.options, ctx.cot, grads)
+        sub_ctx.nearby = True
+        sub = _run_directional(sub_ctx, raw, np.random.default_rng(ctx.options.seed))
+    except GradcheckError as exc:
+        report.notes.append(
+            f"a nearby point (each tensor moved by {NEARBY_SHIFT:g} of its scale) "
+            f"could not be checked: {str(exc).splitlines()[0]}"
+        )
+        return False
+    census = _census_note(s)
+    why = (
+        f"one-sided derivatives differ at x (forward {kink[0]:.6e}, backward "
+        f"{kink[1]:.6e}, analytical {probe.analytical:.6e})"
+        if kink is not None
+        else "finite differences do not converge at x (estimated error "
+        f"{report.tolerance_terms['finite_difference']:.2e}: the steps cross kinks)"
+    )
+    where = (
+        f"checked again at a nearby point: every tensor moved by {NEARBY_SHIFT:g} of "
+        f"its scale (seed {ctx.options.seed + 3})"
+    )
+    if sub.status == "mismatch":
+        report.status = "mismatch"
+        report.location = sub.location
+        report.error, report.tolerance = sub.error, sub.tolerance
+        report.tolerance_terms = sub.tolerance_terms
+        report.tolerance_reason = f"at the nearby point: {sub.tolerance_reason}"
+        report.steps = sub.steps
+        report.tensors = sub.tensors
+        report.notes.append(
+            f"{why}; {where}, where the function is smooth at the step's scale, the "
+            "gradient is wrong: a real mismatch (shown at the nearby point)."
+            + (f" {census}" if census else "")
+        )
+        report.notes.extend(sub.notes)
+        return True
+    report.status = "nondifferentiable"
+    if sub.status == "passed":
+        report.notes.append(
+            f"{why}: the function is not differentiable at x. {where.capitalize()}, "
+            f"the gradient matches finite differences (error {sub.error:.3e} <= "
+            f"tolerance {sub.tolerance:.3e}): the framework's gradient is right where "
+            "the function is differentiable."
+            + (f" {census}" if census else "")
+            + " To check at x itself, move it off the kinks (e.g. train a few steps "
+            "or initialise biases away from 0)."
+        )
+        if kink is not None:  # a census names the places: a cheaper search
+            report.location = _locate(
+                ctx,
+                probe,
+                lambda p: _kink(p, None) is not None,
+                "kink",
+                budget=CENSUS_BLAME_BUDGET if census else None,
+            )
+    else:
+        report.notes.append(
+            f"{why}; {where}, the verdict is {sub.status} too: the function is not "
+            "smooth at the scale of the step around x."
+            + (f" {census}" if census else "")
+        )
+        report.notes.extend(sub.notes)
+        report.location = sub.location
+    return True
+
+
+def _census_note(s: Session) -> str:
+    """Where the backend can count them: how many units sit exactly on a kink at x."""
+    census = getattr(s, "kink_census", None)
+    if census is None:
+        return ""
+    try:
+        rows = census()
+    except Exception:  # a diagnostic only: never let it hide the verdict
+        return ""
+    if not rows:
+        return ""
+    total = sum(n for _, n, _ in rows)
+    rows = sorted(rows, key=lambda r: -r[1])
+    listed = ", ".join(f"{where} {n}/{size}" for where, n, size in rows[:5])
+    more = f" and {len(rows) - 5} more places" if len(rows) > 5 else ""
+    return f"At x, {total} unit(s) sit exactly on a kink: {listed}{more}."
 
 
 def _gross(spread: float, scale: float, eps: float) -> bool:
@@ -732,6 +957,9 @@ def _rounding_draws(
     return NOISE_SIGMAS * (spread + move)
 
 
+_NOT_PRECISION = ": the error is not about precision."
+
+
 def _precision_split(
     ctx: _Context, probe: _Probe, est: fd.DerivativeEstimate, report: CheckReport
 ) -> bool:
@@ -764,7 +992,7 @@ def _precision_split(
     if err64 > tol64:
         report.notes.append(
             f"the framework's float64 gradient misses the finite differences too "
-            f"(error {err64:.3e} > {tol64:.3e}): the error is not about precision."
+            f"(error {err64:.3e} > {tol64:.3e})" + _NOT_PRECISION
         )
         return False
     handle, eta = _jitter_handle(ctx)
@@ -889,10 +1117,12 @@ def _restricted(
     return _Probe(ctx, d)
 
 
-def _locate(ctx: _Context, probe: _Probe, bad, kind: str) -> Location | None:
+def _locate(
+    ctx: _Context, probe: _Probe, bad, kind: str, budget: int | None = None
+) -> Location | None:
     s = ctx.session
     start = s.forward_count
-    budget = ctx.options.blame_budget
+    budget = ctx.options.blame_budget if budget is None else budget
 
     def spent() -> bool:
         return s.forward_count - start >= budget

@@ -1,0 +1,124 @@
+"""Kink census for PyTorch: how many units sit exactly on a kink at the point.
+
+A piecewise-linear activation (ReLU, ReLU6/hardtanh, clamp, hardswish, leaky ReLU,
+threshold, abs, maximum/minimum ties) is not differentiable where its input equals
+a breakpoint. One such unit makes the one-sided derivatives differ; many at once
+(a fresh init whose activations vanish, BatchNorm's zero bias feeding ReLU6) make
+any finite-difference verdict at that point meaningless. The census runs one
+forward pass in the user's precision with a TorchFunctionMode that counts, per
+module, the inputs exactly at a breakpoint, so a verdict can say how many and where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[i] if len(args) > i else default
+
+
+def _breakpoints(func: Callable, args: tuple, kwargs: dict) -> list[Any] | None:
+    """The breakpoints of ``func`` applied to its first argument, or None."""
+    if func in (F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_):
+        return [0.0]
+    if func in (F.leaky_relu, torch.abs, torch.Tensor.abs):
+        return [0.0]
+    if func is F.relu6:
+        return [0.0, 6.0]
+    if func is F.hardtanh:
+        return [
+            _arg(args, kwargs, 1, "min_val", -1.0),
+            _arg(args, kwargs, 2, "max_val", 1.0),
+        ]
+    if func in (F.hardswish, F.hardsigmoid):
+        return [-3.0, 3.0]
+    if func is F.threshold:
+        return [_arg(args, kwargs, 1, "threshold", 0.0)]
+    if func in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip):
+        bounds = [
+            _arg(args, kwargs, 1, "min", None),
+            _arg(args, kwargs, 2, "max", None),
+        ]
+        return [b for b in bounds if b is not None]
+    return None
+
+
+class KinkCensus(torch.overrides.TorchFunctionMode):
+    """Counts inputs exactly at a breakpoint, keyed by the innermost module."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.stack: list[str] = []
+        self.counts: dict[str, list[int]] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> KinkCensus:
+        def pre(module, _inputs):
+            self.stack.append(self.names.get(id(module), type(module).__name__))
+
+        def post(_module, _inputs, _output):
+            if self.stack:
+                self.stack.pop()
+
+        reg = torch.nn.modules.module
+        self._hooks = [
+            reg.register_module_forward_pre_hook(pre),
+            reg.register_module_forward_hook(post),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        points = _breakpoints(func, args, kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if points and isinstance(x, torch.Tensor) and x.is_floating_point():
+            self._count(x, points)
+        elif func in (torch.maximum, torch.minimum, torch.max, torch.min) and (
+            len(args) == 2
+            and all(isinstance(a, torch.Tensor) for a in args)
+            and args[0].is_floating_point()
+        ):
+            try:
+                self._add(int((args[0] == args[1]).sum()), max(a.numel() for a in args))
+            except RuntimeError:
+                pass  # shapes that do not broadcast: the op itself will say so
+        return func(*args, **kwargs)
+
+    def _count(self, x: torch.Tensor, points: Iterable[Any]) -> None:
+        with torch.no_grad():
+            on = torch.zeros((), dtype=torch.int64, device=x.device)
+            for p in points:
+                on = on + (x == p).sum()
+        self._add(int(on), x.numel())
+
+    def _add(self, n: int, size: int) -> None:
+        if n == 0:
+            return
+        where = self.stack[-1] if self.stack else "fn"
+        row = self.counts.setdefault(where, [0, 0])
+        row[0] += n
+        row[1] += size
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        return [(w, n, size) for w, (n, size) in self.counts.items()]
+
+
+def module_names(roots: Iterable[torch.nn.Module]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for root in roots:
+        for name, m in root.named_modules():
+            names.setdefault(id(m), name or type(m).__name__)
+    return names

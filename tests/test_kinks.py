@@ -1,0 +1,112 @@
+"""Many units exactly on kinks at once (issue 10, item 2).
+
+At a fresh initialisation whose activations vanish (BatchNorm's zero bias after an
+all-zero input feeding ReLU6, as in transformers' MobileNetV2), many units sit
+exactly on a kink. The framework's subgradient then need not lie between the
+one-sided derivatives along the probe direction, so neither "between" nor
+"outside" decides. The check re-runs at a nearby point where the function is
+smooth: a correct backward gives `nondifferentiable` (with the census of kinks and
+the nearby verdict), a wrong one stays a `mismatch`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradcheck  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+class _Scale(torch.autograd.Function):
+    """Identity whose backward is off by a relative 1e-3 (a planted bug)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-3)
+
+
+class Kinked(torch.nn.Module):
+    """A conv-BN-ReLU6 block on an input with all-zero channels: with BatchNorm's
+    fresh statistics and zero bias every unit fed by them sits exactly on ReLU6's
+    kink at 0; a head on top carries the loss."""
+
+    def __init__(self, planted: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.act = torch.nn.ReLU6()
+        self.mix = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Linear(16, 4)
+        self.planted = planted
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv(x)))
+        h = torch.tanh(self.mix(h))
+        if self.planted:
+            h = _Scale.apply(h)
+        return self.head(h.mean((2, 3)))
+
+
+def _case(dtype, planted=False, seed=0):
+    torch.manual_seed(seed)
+    model = Kinked(planted).to(dtype).eval()
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+    x[:, :, :3] = 0.0  # half of every image is zero: those units sit on the kink
+    y = torch.randn(4, 4, dtype=dtype)
+
+    def loss():
+        out = model(x)
+        return torch.nn.functional.mse_loss(out, y) + 0.3 * out.pow(2).mean()
+
+    return model, loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_exact_kinks_with_a_correct_backward_are_nondifferentiable(dtype):
+    model, loss = _case(dtype)
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "nondifferentiable", report.message()
+    text = " ".join(report.notes)
+    assert "nearby point" in text and "matches finite differences" in text, text
+    # the census names the place and the count (torch backend)
+    assert "sit exactly on a kink" in text and "act" in text, text
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_wrong_backward_at_many_kinks_is_still_a_mismatch(dtype):
+    model, loss = _case(dtype, planted=True)
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "mismatch", report.message()
+    assert "nearby point" in " ".join(report.notes)
+    assert report.location is not None
+    assert report.location.tensor.startswith(("conv", "bn", "mix")), report.message()
+
+
+def test_the_census_counts_units_exactly_on_a_kink():
+    from gradcheck.backends._torch_kinks import KinkCensus, module_names
+
+    model, _ = _case(torch.float64)
+    x = torch.zeros(2, 3, 6, 6, dtype=torch.float64)
+    with KinkCensus(module_names([model])) as census, torch.no_grad():
+        model(x)
+    rows = {where: (n, size) for where, n, size in census.rows()}
+    # all-zero input, fresh BatchNorm (mean 0, bias 0): every ReLU6 input is 0
+    assert rows == {"act": (2 * 16 * 6 * 6, 2 * 16 * 6 * 6)}
+
+
+def test_checks_leave_the_model_untouched_on_the_nearby_path():
+    model, loss = _case(torch.float32, planted=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad for p in model.parameters()]
+    gradcheck.check_gradients(loss, params=model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.grad for p in model.parameters()] == grads
+    assert not model.training
