@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any
 
 from gradcheck.backends import Session, open_session
@@ -127,6 +127,21 @@ def _rtol(session: Session, rtol: float | None) -> float | None:
     return rtol if rtol is not None else session.rounding_override()
 
 
+def _params(params: Any) -> Any:
+    """``params=model.parameters()`` / ``model.named_parameters()`` (generators)
+    and dict views are read once into a list / dict, as a list or dict of
+    tensors would be given."""
+    if isinstance(params, (Iterator, ValuesView)):
+        items = list(params)
+        if items and all(
+            isinstance(i, tuple) and len(i) == 2 and isinstance(i[0], str)
+            for i in items
+        ):
+            return dict(items)  # named_parameters(): keep the names
+        return items
+    return params
+
+
 def _publish(report: CheckReport, label: str | None) -> CheckReport:
     report.label = label
     for listener in list(_listeners):
@@ -158,7 +173,7 @@ def check_gradients(
     """
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
     with no_raw_exceptions("check_gradients", fn=fn):
-        with open_session(fn, _inputs(inputs), params) as session:
+        with open_session(fn, _inputs(inputs), _params(params)) as session:
             opts = dataclasses.replace(opts, rtol=_rtol(session, rtol))
             report = finite_difference.run(session, opts)
     return _publish(report, label)
@@ -194,7 +209,7 @@ def check_linearity(
     with no_raw_exceptions(
         "check_linearity", total_fn=total_fn, **_loss_labels(loss_fns)
     ):
-        with open_session(total_fn, _inputs(inputs), params) as session:
+        with open_session(total_fn, _inputs(inputs), _params(params)) as session:
             report = linearity.run(
                 session,
                 total_fn,
@@ -246,7 +261,7 @@ def check_locality(
     with no_raw_exceptions(
         "check_locality", total_fn=total_fn, **_loss_labels(loss_fns)
     ):
-        with open_session(total_fn, _inputs(inputs), params) as session:
+        with open_session(total_fn, _inputs(inputs), _params(params)) as session:
             report = locality.run(
                 session,
                 total_fn,

@@ -100,6 +100,11 @@ class Case:
     context: Callable[[], Any] = contextlib.nullcontext
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def params(self) -> Any:
+        """What params= gets: the model, or e.g. a fresh model.parameters()."""
+        make = self.extra.get("params")
+        return self.model if make is None else make()
+
 
 def judge(case: Case, result: CheckReport | GradcheckError) -> None:
     if isinstance(case.expect, str):
@@ -214,6 +219,11 @@ def inplace_after_save(model):
         return model[2](h)
 
     return fn
+
+
+def bug_in_first_layer(model):
+    h = ClosureMatmul.apply(model[0].weight, X, 1.01) + model[0].bias
+    return model[2](torch.tanh(h))
 
 
 def frozen(model, which="all"):
@@ -400,6 +410,24 @@ def _patterns() -> dict[str, Callable[[], Case]]:
         m = mlp()
         return Case(m, lambda: m(X).sum() * float("nan"), NonFiniteError)
 
+    @add("params_as_a_generator")
+    def _():
+        m = mlp()
+        return Case(
+            m, lambda: m(X).pow(2).mean(), "passed", extra={"params": m.parameters}
+        )
+
+    @add("params_as_named_parameters")
+    def _():
+        m = mlp()
+        return Case(
+            m,
+            lambda: bug_in_first_layer(m),
+            "mismatch",
+            match="'0.weight'",
+            extra={"params": m.named_parameters},
+        )
+
     @add("flips_train_eval_inside")
     def _():
         m = mlp()
@@ -422,7 +450,9 @@ def test_check_gradients_on_user_patterns(name):
     before = snapshot(case.model)
     with case.context():
         result = outcome(
-            lambda: gradcheck.check_gradients(case.fn, case.inputs, params=case.model)
+            lambda: gradcheck.check_gradients(
+                case.fn, case.inputs, params=case.params()
+            )
         )
     judge(case, result)
     assert_same(before, case.model)
@@ -460,6 +490,7 @@ def heads(case: Case) -> tuple[Callable, dict[str, Callable], dict[str, float]]:
 #: shared by the total and the losses is consistent, hence "passed".
 MULTI_HEAD = {
     "custom_function_closure_bug": "passed",
+    "params_as_named_parameters": "passed",
     "autocast_bfloat16_bug": "passed",
     "padding_idx_in_loss": "passed",
     "dropout_train_mode": "nondeterministic",
@@ -505,22 +536,15 @@ KNOWN_WRONG = {
 )
 def test_linearity_and_locality_on_user_patterns(check, name):
     case = PATTERNS[name]()
-    case.expect = MULTI_HEAD.get(name, case.expect)
-    if name in (
-        "padding_idx_in_loss",
-        "autocast_bfloat16",
-        "custom_function_closure_bug",
-    ):
-        case.match = None  # check_gradients' wording
-    if name == "no_grad_inside":
-        case.match = None
+    if name in MULTI_HEAD:  # check_gradients' wording does not apply
+        case.expect, case.match = MULTI_HEAD[name], None
     total, losses, weights = heads(case)
     before = snapshot(case.model)
     with case.context():
         if check == "linearity":
             result = outcome(
                 lambda: gradcheck.check_linearity(
-                    total, losses, weights, case.inputs, params=case.model
+                    total, losses, weights, case.inputs, params=case.params()
                 )
             )
         else:
@@ -531,7 +555,7 @@ def test_linearity_and_locality_on_user_patterns(check, name):
                     weights,
                     case.inputs,
                     expected={"*": ["main", "aux"]},
-                    params=case.model,
+                    params=case.params(),
                 )
             )
     judge(case, result)
