@@ -179,11 +179,100 @@ SINGLE = ModelSpec(
     weights_format="single",
 )
 
+#: images: strided conv2d with padding "same", batchnorm with trained statistics
+#: (eval) and in training mode, depthwise and separable convolutions, a residual
+#: block, max and average pooling, global average pooling, dropout (eval), the
+#: activations real vision models use
+IMAGES = ModelSpec(
+    inputs=(InputSpec("image", shape=(6, 6, 2)),),
+    trunk=(
+        Node(
+            "conv",
+            ("image",),
+            LayerSpec(
+                "conv2d",
+                4,
+                "relu6",
+                kernel_size=3,
+                strides=2,
+                padding="same",
+                kernel_regularizer=R,
+            ),
+        ),
+        Node("bn", ("conv",), LayerSpec("batchnorm", trained_statistics=True)),
+        Node(
+            "dw",
+            ("bn",),
+            LayerSpec(
+                "depthwise_conv2d", 2, "hard_swish", kernel_size=2, padding="same"
+            ),
+        ),
+        Node("sep", ("dw",), LayerSpec("separable_conv2d", 4, "silu", kernel_size=2)),
+        Node("inner", ("sep",), LayerSpec("conv2d", 4, "tanh", padding="same")),
+        Node("res", ("sep", "inner"), LayerSpec("add")),
+        Node("mp", ("res",), LayerSpec("maxpool2d", kernel_size=2, strides=1)),
+        Node("bn_train", ("mp",), LayerSpec("batchnorm", training=True)),
+        Node("drop", ("bn_train",), LayerSpec("dropout", rate=0.3)),
+    ),
+    heads=(
+        HeadSpec("main", "drop", (LayerSpec("pool"), dense(2))),
+        HeadSpec(
+            "aux",
+            "res",
+            (
+                LayerSpec("avgpool2d", kernel_size=2, strides=2),
+                LayerSpec("pool"),
+                dense(3),
+            ),
+            loss="sparse_categorical_crossentropy",
+            weight=0.5,
+        ),
+    ),
+    seed=5,
+)
+
+#: a small transformer block: token embedding, causal self-attention with a key
+#: padding mask, a residual add, layer norm; a head with its own (unmasked,
+#: non-causal) attention and a vector batchnorm in training mode
+ATTENTION = ModelSpec(
+    inputs=(
+        InputSpec("text", "tokens", (5,), vocab=9),
+        InputSpec("pad_mask", "mask", (5,)),
+    ),
+    trunk=(
+        Node("embed", ("text",), LayerSpec("embedding", 4)),
+        Node(
+            "att",
+            ("embed", "pad_mask"),
+            LayerSpec("attention", 3, num_heads=2, causal=True),
+        ),
+        Node("res", ("embed", "att"), LayerSpec("add")),
+        Node("norm", ("res",), LayerSpec("layernorm")),
+    ),
+    heads=(
+        HeadSpec("main", "norm", (LayerSpec("pool"), dense(2, "gelu"))),
+        HeadSpec(
+            "aux",
+            "embed",
+            (
+                LayerSpec("attention", 2, num_heads=1),
+                LayerSpec("pool"),
+                LayerSpec("batchnorm", training=True),
+                dense(1),
+            ),
+            weight=0.3,
+        ),
+    ),
+    seed=9,
+)
+
 SPECS = {
     "classic": CLASSIC,
     "sequences": SEQUENCES,
     "vectors": VECTORS,
     "single": SINGLE,
+    "images": IMAGES,
+    "attention": ATTENTION,
 }
 
 
@@ -310,11 +399,45 @@ BAD_SPECS = [
     (_node(CLASSIC, 3, layer=dense(3, "softmax")), "softmax belongs"),
     (
         _node(CLASSIC, 1, layer=LayerSpec("lstm", 5, kernel_regularizer=R)),
-        "dense and conv1d",
+        "dense, conv1d and conv2d",
     ),
     (_node(CLASSIC, 3, layer=dense(3, kernel_regularizer=Regularizer(-1.0))), "l1"),
     (_node(CLASSIC, 1, layer=LayerSpec("conv1d", 3, kernel_size=9)), "exceeds 6"),
-    (_node(CLASSIC, 3, layer=dense(3, kernel_size=2)), "conv1d only"),
+    (_node(CLASSIC, 3, layer=dense(3, kernel_size=2)), "convolutions and pooling"),
+    (_node(IMAGES, 0, layer=LayerSpec("conv2d", 2, kernel_size=7)), "exceeds"),
+    (_node(IMAGES, 0, layer=LayerSpec("conv2d", 2, strides=0)), "strides"),
+    (_node(IMAGES, 0, layer=LayerSpec("conv1d", 2)), "needs a sequence"),
+    (_node(CLASSIC, 3, layer=LayerSpec("conv2d", 2)), "needs an image"),
+    (
+        _node(IMAGES, 6, layer=LayerSpec("maxpool2d", kernel_size=2, padding="same")),
+        "pooling is 'valid' only",
+    ),
+    (_node(IMAGES, 1, layer=LayerSpec("batchnorm", causal=True)), "attention only"),
+    (_node(IMAGES, 1, layer=LayerSpec("layernorm", training=True)), "training is"),
+    (_node(IMAGES, 1, layer=LayerSpec("dropout")), "0 < rate < 1"),
+    (_node(IMAGES, 1, layer=LayerSpec("dropout", rate=1.0)), "0 < rate < 1"),
+    (_node(IMAGES, 1, layer=dense(4, trained_statistics=True)), "batchnorm only"),
+    (
+        _node(IMAGES, 3, layer=LayerSpec("separable_conv2d", 4, kernel_regularizer=R)),
+        "dense, conv1d and conv2d",
+    ),
+    (_node(IMAGES, 5, inputs=("sep", "conv")), "add needs tensors of one shape"),
+    (_node(IMAGES, 5, inputs=("sep",)), "two or more"),
+    (_node(ATTENTION, 1, layer=LayerSpec("attention", 3)), "num_heads >= 1"),
+    (_node(ATTENTION, 1, inputs=("pad_mask", "embed")), "first input is a sequence"),
+    (_node(ATTENTION, 1, inputs=("embed", "embed")), "second input must be a mask"),
+    (_node(ATTENTION, 3, inputs=("pad_mask",)), "padding mask; only attention"),
+    (_head(ATTENTION, 0, source="pad_mask"), "branches from the padding mask"),
+    (_node(ATTENTION, 0, layer=LayerSpec("embedding", 4, padding_idx=9)), r"\[0, 9\)"),
+    (_node(CLASSIC, 3, layer=dense(3, padding_idx=0)), "embedding only"),
+    (
+        _mutate(
+            ATTENTION,
+            inputs=(ATTENTION.inputs[0], InputSpec("pad_mask", "mask", (4,))),
+        ),
+        "mask 'pad_mask' has shape",
+    ),
+    (_mutate(IMAGES, inputs=(InputSpec("image", shape=(2, 6, 6, 2)),)), "channels"),
     (_node(CLASSIC, 3, layer=LayerSpec("pool", 3)), "has no units"),
     (
         _mutate(CLASSIC, trunk=CLASSIC.trunk + (Node("dead", ("lstm",), dense(2)),)),

@@ -36,7 +36,7 @@ def units(spec: ModelSpec) -> list[int]:
 
 
 def trunk_layers(spec: ModelSpec) -> int:
-    return sum(node.layer.kind != "merge" for node in spec.trunk)
+    return sum(node.layer.kind not in ("merge", "add") for node in spec.trunk)
 
 
 # --------------------------------------------------------------------------- specs
@@ -64,6 +64,7 @@ def test_drawn_specs_are_valid_and_within_default_bounds(spec):
         losses=("mse", "binary_crossentropy"),
         allow_extra_inputs=False,
         allow_regularizers=False,
+        allow_residual=False,
         output_structures=("dict",),
         formats=("list",),
         min_weight=0.5,
@@ -253,7 +254,9 @@ BAD = [
     (lambda: architectures(max_layers=2.5), "max_layers must be an int"),
     (lambda: architectures(min_heads=True), "min_heads must be an int"),
     (lambda: architectures(max_head_layers=0), "max_head_layers"),
-    (lambda: architectures(layer_kinds=("dense", "attention")), "attention"),
+    (lambda: architectures(layer_kinds=("dense", "transformer")), "transformer"),
+    (lambda: architectures(max_image=0), "max_image must be >= 1"),
+    (lambda: architectures(max_channels=0), "max_channels must be >= 1"),
     (lambda: architectures(layer_kinds=()), "must not be empty"),
     (lambda: architectures(layer_kinds=("lstm", "gru")), "needs 'dense' or"),
     (lambda: architectures(activations=("softmax",)), "softmax"),

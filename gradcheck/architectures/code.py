@@ -79,7 +79,8 @@ def _params_by_layer(spec: ModelSpec) -> dict[str, list[Param]]:
 
 def _init(p: Param) -> str:
     shift = f", {p.shift!r}" if p.shift else ""
-    return f'init("{p.key}", {p.shape}, {p.scale!r}{shift})'
+    value = f'init("{p.key}", {p.shape}, {p.scale!r}{shift})'
+    return f"np.exp({value})" if p.exp else value
 
 
 def _penalty(r: Regularizer, x: str) -> list[str]:
@@ -102,7 +103,33 @@ _TORCH_ACT = {
     "relu": "F.relu({})",
     "leaky_relu": "F.leaky_relu({}, " + repr(S.LEAKY_SLOPE) + ")",
     "softmax": "torch.softmax({}, -1)",
+    "silu": "F.silu({})",
+    "relu6": "F.relu6({})",
+    "hard_swish": "F.hardswish({})",
 }
+
+_TORCH_ATTENTION = f'''
+
+def attention(x, m, heads, mask, causal):
+    """Keras' MultiHeadAttention (self-attention): scores q.k times Keras'
+    1/sqrt(key_dim) rounded to float32; masked scores {S.ATTENTION_MASK_VALUE!r}."""
+    n, t, _ = x.shape
+
+    def split(h):
+        return h.reshape(n, t, heads, -1).transpose(1, 2)
+
+    q, k, v = split(m["query"](x)), split(m["key"](x)), split(m["value"](x))
+    scale = float(np.float32(1.0 / np.sqrt(q.shape[-1])))
+    scores = (q @ k.transpose(-1, -2)) * scale
+    keep = torch.ones(t, t, dtype=torch.bool)
+    if causal:
+        keep = torch.tril(keep)
+    keep = keep.expand(n, 1, t, t)
+    if mask is not None:
+        keep = keep & (mask > 0.5)[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~keep, {S.ATTENTION_MASK_VALUE!r}), -1)
+    return m["output"]((probs @ v).transpose(1, 2).reshape(n, t, -1))
+'''
 
 _TORCH_LOSS = {
     "mse": "(y - t).square().mean(-1)",
@@ -131,13 +158,40 @@ _TORCH_LOSS = {
 def _torch_module(spec: ModelSpec, name: str, layer: LayerSpec, src: str) -> str | None:
     shapes = spec.shapes()
     k, u, fan_in = layer.kind, layer.units, shapes[src][-1]
+    ks, st = layer.kernel_size, layer.strides
     if k == "dense":
         return f"torch.nn.Linear({fan_in}, {u})"
     if k == "conv1d":
         pad = '"same"' if layer.padding == "same" else "0"
         return f"torch.nn.Conv1d({fan_in}, {u}, {layer.kernel_size}, padding={pad})"
+    if k == "conv2d":
+        return f"torch.nn.Conv2d({fan_in}, {u}, {ks}, {st})"
+    if k == "depthwise_conv2d":
+        return f"torch.nn.Conv2d({fan_in}, {fan_in * u}, {ks}, {st}, groups={fan_in})"
+    if k == "separable_conv2d":
+        return (
+            "torch.nn.ModuleDict({"
+            f'"depthwise": torch.nn.Conv2d({fan_in}, {fan_in}, {ks}, {st}, '
+            f"groups={fan_in}, bias=False), "
+            f'"pointwise": torch.nn.Conv2d({fan_in}, {u}, 1)}})'
+        )
+    if k == "batchnorm":
+        return (
+            f"torch.nn.BatchNorm1d({fan_in}, eps={S.BATCHNORM_EPSILON!r}, "
+            f"momentum={S.TORCH_BATCHNORM_MOMENTUM!r})"
+        )
+    if k == "attention":
+        hk = layer.num_heads * u
+        parts = ", ".join(
+            f'"{p}": torch.nn.Linear({fan_in}, {hk})' for p in ("query", "key", "value")
+        )
+        return (
+            f'torch.nn.ModuleDict({{{parts}, "output": torch.nn.Linear({hk}, '
+            f"{fan_in})}})"
+        )
     if k == "embedding":
-        return f"torch.nn.Embedding({spec.input(src).vocab}, {u})"
+        pad = "" if layer.padding_idx is None else f", padding_idx={layer.padding_idx}"
+        return f"torch.nn.Embedding({spec.input(src).vocab}, {u}{pad})"
     if k == "layernorm":
         return f"torch.nn.LayerNorm({fan_in}, eps={S.LAYERNORM_EPSILON!r})"
     if k in ("lstm", "gru"):
@@ -145,19 +199,67 @@ def _torch_module(spec: ModelSpec, name: str, layer: LayerSpec, src: str) -> str
     return None
 
 
-def _torch_forward(name: str, layer: LayerSpec, srcs: tuple[str, ...]) -> list[str]:
+def _torch_forward(
+    spec: ModelSpec, name: str, layer: LayerSpec, srcs: tuple[str, ...]
+) -> list[str]:
     k, x = layer.kind, srcs[0]
     if k == "merge":
         return [f"{name} = torch.cat([{', '.join(srcs)}], -1)"]
+    if k == "add":
+        return [f"{name} = {' + '.join(srcs)}  # residual"]
     if k == "pool":
-        return [f"{name} = {x}.mean(1)  # average over steps"]
+        rank = len(spec.shapes()[x])
+        if rank == 2:
+            return [f"{name} = {x}.mean(1)  # average over steps"]
+        return [f"{name} = {x}.mean((1, 2))  # global average over pixels"]
     if k in ("lstm", "gru"):
         last = "" if layer.return_sequences else "[:, -1]"
         return [f"{name} = self.{name}({x})[0]{last}"]
     if k in ("embedding", "layernorm"):
         return [f"{name} = self.{name}({x})"]
+    if k == "dropout":
+        return [f"{name} = F.dropout({x}, {layer.rate!r}, training={layer.training})"]
+    if k in ("maxpool2d", "avgpool2d"):
+        fn = "F.max_pool2d" if k == "maxpool2d" else "F.avg_pool2d"
+        return [
+            f"{name} = {fn}({x}.permute(0, 3, 1, 2), {layer.kernel_size}, "
+            f"{layer.strides}).permute(0, 2, 3, 1)"
+        ]
+    if k == "batchnorm":
+        mode = "batch statistics" if layer.training else "moving statistics"
+        return [
+            f"{name} = F.batch_norm(  # {mode}, over the channels (last) axis",
+            f"    {x}.movedim(-1, 1),",
+            f"    self.{name}.running_mean,",
+            f"    self.{name}.running_var,",
+            f"    self.{name}.weight,",
+            f"    self.{name}.bias,",
+            f"    training={layer.training},",
+            f"    momentum={S.TORCH_BATCHNORM_MOMENTUM!r},",
+            f"    eps={S.BATCHNORM_EPSILON!r},",
+            ").movedim(1, -1)",
+        ]
+    if k == "attention":
+        mask = srcs[1] if len(srcs) > 1 else "None"
+        return [
+            f"{name} = attention({x}, self.{name}, {layer.num_heads}, {mask}, "
+            f"causal={layer.causal})"
+        ]
     if k == "conv1d":
         pre = f"self.{name}({x}.transpose(1, 2)).transpose(1, 2)"
+    elif k in ("conv2d", "depthwise_conv2d", "separable_conv2d"):
+        img = f"{x}.permute(0, 3, 1, 2)"
+        if layer.padding == "same":
+            h, w = spec.shapes()[x][:2]
+            (t, b), (left, r) = (
+                S.same_padding(d, layer.kernel_size, layer.strides) for d in (h, w)
+            )
+            img = f"F.pad({x}.permute(0, 3, 1, 2), ({left}, {r}, {t}, {b}))"
+        if k == "separable_conv2d":
+            call = f'self.{name}["pointwise"](self.{name}["depthwise"]({img}))'
+        else:
+            call = f"self.{name}({img})"
+        pre = f"{call}.permute(0, 2, 3, 1)"
     else:
         pre = f"self.{name}({x})"
     lines = [f"{name} = {_TORCH_ACT[layer.activation].format(pre)}"]
@@ -191,6 +293,49 @@ def _torch_weights(kind: str, name: str, ps: list[Param]) -> list[str]:
             f"{m}.weight.copy_(tensor({v['gamma']}))",
             f"{m}.bias.copy_(tensor({v['beta']}))",
         ]
+    if kind == "batchnorm":
+        return [
+            f"{m}.weight.copy_(tensor({v['gamma']}))",
+            f"{m}.bias.copy_(tensor({v['beta']}))",
+            f"{m}.running_mean.copy_(tensor({v['moving_mean']}))",
+            f"{m}.running_var.copy_(tensor({v['moving_variance']}))",
+        ]
+    if kind == "conv2d":
+        return [
+            f"w = {v['kernel']}  # (k, k, in, out)",
+            f"{m}.weight.copy_(tensor(w.transpose(3, 2, 0, 1)))",
+            f"{m}.bias.copy_(tensor({v['bias']}))",
+        ]
+    if kind == "depthwise_conv2d":
+        k, _, c, mult = ps[0].shape
+        return [
+            f"w = {v['depthwise_kernel']}  # (k, k, in, multiplier)",
+            f"w = w.transpose(2, 3, 0, 1).reshape({c * mult}, 1, {k}, {k})",
+            f"{m}.weight.copy_(tensor(w))",
+            f"{m}.bias.copy_(tensor({v['bias']}))",
+        ]
+    if kind == "separable_conv2d":
+        k, _, c, _ = ps[0].shape
+        return [
+            f"w = {v['depthwise_kernel']}  # (k, k, in, 1)",
+            f'{m}["depthwise"].weight.copy_(',
+            f"    tensor(w.transpose(2, 3, 0, 1).reshape({c}, 1, {k}, {k}))",
+            ")",
+            f"w = {v['pointwise_kernel']}  # (1, 1, in, out)",
+            f'{m}["pointwise"].weight.copy_(tensor(w.transpose(3, 2, 0, 1)))',
+            f'{m}["pointwise"].bias.copy_(tensor({v["bias"]}))',
+        ]
+    if kind == "attention":
+        lines = ["# attention: kernels (in, heads, key_dim) / (heads, key_dim, in)"]
+        for part in ("query", "key", "value", "output"):
+            lines += [
+                f"w = {v[part + '_kernel']}",
+                f'{m}["{part}"].weight.copy_(',
+                f"    tensor(w.reshape({'-1, w.shape[-1]' if part == 'output' else 'w.shape[0], -1'}).T)",
+                ")",
+                f'{m}["{part}"].bias.copy_(tensor({v[part + "_bias"]}.reshape(-1)))',
+            ]
+        return lines
     g, _, u = ps[0].shape
     gates = "i, f, g, o" if kind == "lstm" else "r, z, n"
     lines = [
@@ -232,6 +377,8 @@ def _torch(spec: ModelSpec, dtype: str) -> list[str]:
     ]
     out += _INIT.splitlines()
     layers = list(spec.layers())
+    if any(layer.kind == "attention" for _, layer, _ in layers):
+        out += _TORCH_ATTENTION.splitlines()
     activity = any(layer.activity_regularizer for _, layer, _ in layers)
     out += ["", "", "class Model(torch.nn.Module):", "    def __init__(self):"]
     out += ["        super().__init__()"]
@@ -244,7 +391,7 @@ def _torch(spec: ModelSpec, dtype: str) -> list[str]:
     if activity:
         out.append("        activity = torch.zeros((), dtype=DTYPE)")
     for name, layer, srcs in layers:
-        out += ["        " + line for line in _torch_forward(name, layer, srcs)]
+        out += ["        " + line for line in _torch_forward(spec, name, layer, srcs)]
     outputs = ", ".join(f'"{h}": {h}' for h in spec.head_names)
     ret = f"{{{outputs}}}"
     out.append(
@@ -352,22 +499,86 @@ def _keras_reg(r: Regularizer | None) -> str | None:
     return f"keras.regularizers.L1L2(l1={r.l1!r}, l2={r.l2!r})"
 
 
+_KERAS_PINNED = '''
+
+class PinnedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization in one mode, whatever training= the model gets."""
+
+    def __init__(self, *args, pinned_training=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pinned_training = pinned_training
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=self.pinned_training, mask=mask)
+
+
+class PinnedDropout(keras.layers.Dropout):
+    """Dropout in one mode, whatever training= the model gets."""
+
+    def __init__(self, *args, pinned_training=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pinned_training = pinned_training
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=self.pinned_training)
+'''
+
+_KERAS_MASK = '''
+
+def attention_mask(mask):
+    """A key padding mask (batch, steps), 1 = a real step -> (batch, steps, steps)."""
+    keep = keras.ops.greater(mask, 0.5)
+    return keras.ops.repeat(keras.ops.expand_dims(keep, 1), mask.shape[1], axis=1)
+'''
+
+_KERAS_CLASSES = {
+    "dense": "Dense",
+    "conv1d": "Conv1D",
+    "conv2d": "Conv2D",
+    "depthwise_conv2d": "DepthwiseConv2D",
+    "separable_conv2d": "SeparableConv2D",
+    "maxpool2d": "MaxPooling2D",
+    "avgpool2d": "AveragePooling2D",
+}
+
+
 def _keras_layer(spec: ModelSpec, name: str, layer: LayerSpec, src: str) -> str:
     k, u = layer.kind, layer.units
     args: list[str] = []
-    if k in ("dense", "conv1d"):
-        args.append(str(u))
-        if k == "conv1d":
+    prefix = "keras.layers."
+    if k in _KERAS_CLASSES:
+        if k not in ("depthwise_conv2d", "maxpool2d", "avgpool2d"):
+            args.append(str(u))
+        if k != "dense":
             args.append(str(layer.kernel_size))
-            if layer.padding != "valid":
-                args.append(f'padding="{layer.padding}"')
+        if layer.strides != 1 or k in ("maxpool2d", "avgpool2d"):
+            args.append(f"strides={layer.strides}")  # a pool's default: its size
+        if layer.padding != "valid":
+            args.append(f'padding="{layer.padding}"')
+        if k == "depthwise_conv2d":
+            args.append(f"depth_multiplier={u}")
         if layer.activation != "linear":
             args.append(f'activation="{layer.activation}"')
         for attr in ("kernel_regularizer", "activity_regularizer"):
             r = _keras_reg(getattr(layer, attr))
             if r:
                 args.append(f"{attr}={r}")
-        cls = "Dense" if k == "dense" else "Conv1D"
+        cls = _KERAS_CLASSES[k]
+    elif k == "batchnorm":
+        args += [
+            f"momentum={S.BATCHNORM_MOMENTUM!r}",
+            f"epsilon={S.BATCHNORM_EPSILON!r}",
+            f"pinned_training={layer.training}",
+        ]
+        prefix, cls = "", "PinnedBatchNormalization"
+    elif k == "dropout":
+        args += [repr(layer.rate), f"pinned_training={layer.training}"]
+        prefix, cls = "", "PinnedDropout"
+    elif k == "attention":
+        args += [str(layer.num_heads), str(u)]
+        cls = "MultiHeadAttention"
+    elif k == "add":
+        cls = "Add"
     elif k == "embedding":
         args += [str(spec.input(src).vocab), str(u)]
         cls = "Embedding"
@@ -382,18 +593,35 @@ def _keras_layer(spec: ModelSpec, name: str, layer: LayerSpec, src: str) -> str:
             args.append("reset_after=True")
         cls = k.upper()
     elif k == "pool":
-        cls = "GlobalAveragePooling1D"
+        rank = len(spec.shapes()[src])
+        cls = "GlobalAveragePooling2D" if rank == 3 else "GlobalAveragePooling1D"
     else:
         cls = "Concatenate"
     args += [f'name="{name}"', "dtype=DTYPE"]
-    return _call(f"keras.layers.{cls}", args)
+    return _call(f"{prefix}{cls}", args)
 
 
 def _keras_weights(kind: str, name: str, ps: list[Param]) -> list[str]:
     v = {p.name: _init(p) for p in ps}
     layer = f'model.get_layer("{name}")'
-    if kind in ("dense", "conv1d"):
+    if kind in ("dense", "conv1d", "conv2d"):
         return _set_weights(layer, [v["kernel"], v["bias"]])
+    if kind == "depthwise_conv2d":
+        return _set_weights(layer, [v["depthwise_kernel"], v["bias"]])
+    if kind == "separable_conv2d":
+        return _set_weights(
+            layer, [v["depthwise_kernel"], v["pointwise_kernel"], v["bias"]]
+        )
+    if kind == "batchnorm":
+        names = ("gamma", "beta", "moving_mean", "moving_variance")
+        return _set_weights(layer, [v[n] for n in names])
+    if kind == "attention":
+        names = [
+            f"{part}_{what}"
+            for part in ("query", "key", "value", "output")
+            for what in ("kernel", "bias")
+        ]
+        return _set_weights(layer, [v[n] for n in names])
     if kind == "embedding":
         return _set_weights(layer, [v["embeddings"]])
     if kind == "layernorm":
@@ -467,6 +695,11 @@ def _keras(spec: ModelSpec, dtype: str) -> list[str]:
         f"WEIGHTS = {spec.weights!r}",
     ]
     out += _INIT.splitlines()
+    layers = list(spec.layers())
+    if any(layer.kind in ("batchnorm", "dropout") for _, layer, _ in layers):
+        out += _KERAS_PINNED.splitlines()
+    if any(layer.kind == "attention" and len(srcs) > 1 for _, layer, srcs in layers):
+        out += _KERAS_MASK.splitlines()
     out += ["", ""]
     for i in spec.inputs:
         dt = '"int32"' if i.kind == "tokens" else "DTYPE"
@@ -474,9 +707,17 @@ def _keras(spec: ModelSpec, dtype: str) -> list[str]:
             f'{i.name} = keras.Input(shape={tuple(i.shape)}, name="{i.name}", '
             f"dtype={dt})"
         )
-    layers = list(spec.layers())
     for name, layer, srcs in layers:
-        arg = f"[{', '.join(srcs)}]" if layer.kind == "merge" else srcs[0]
+        if layer.kind in ("merge", "add"):
+            arg = f"[{', '.join(srcs)}]"
+        elif layer.kind == "attention":
+            arg = f"{srcs[0]}, {srcs[0]}"
+            if len(srcs) > 1:
+                arg += f", attention_mask=attention_mask({srcs[1]})"
+            if layer.causal:
+                arg += ", use_causal_mask=True"
+        else:
+            arg = srcs[0]
         out.append(f"{name} = {_keras_layer(spec, name, layer, srcs[0])}({arg})")
     ins = [i.name for i in spec.inputs]
     ins_s = ins[0] if len(ins) == 1 else f"[{', '.join(ins)}]"

@@ -1,7 +1,9 @@
 """Random batches for a spec, as NumPy arrays (no framework, no Hypothesis).
 
 A batch is ``{"inputs": ..., "targets": ..., "sample_weights": ...}`` (see
-:mod:`gradcheck.architectures.base`). Targets follow each head's loss: normal
+:mod:`gradcheck.architectures.base`). A padding mask input is right-padded, as
+tokenizers pad: each example keeps its first ``length`` steps (1) and pads the rest
+(0), with ``length`` from 1 to all steps (a key every query may attend to). Targets follow each head's loss: normal
 values for regression, one-hot rows for categorical cross-entropy, class ids for
 the sparse one, 0/1 for binary cross-entropy.
 """
@@ -33,6 +35,11 @@ def random_batch(
     spec.validate()
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError(f"size must be an int >= 1, got {size!r}")
+    if size < spec.min_batch_size():
+        raise InvalidArgumentError(
+            f"size must be >= {spec.min_batch_size()} for this spec: a batchnorm "
+            "in training mode normalizes a vector over the batch"
+        )
     sample_weights = dict(sample_weights or {})
     for head, kind in sample_weights.items():
         if head not in spec.head_names:
@@ -47,6 +54,10 @@ def random_batch(
     for i in spec.inputs:
         if i.kind == "tokens":
             inputs[i.name] = rng.integers(0, i.vocab, (n, *i.shape))
+        elif i.kind == "mask":
+            steps = i.shape[0]
+            lengths = rng.integers(1, steps + 1, n)
+            inputs[i.name] = (np.arange(steps) < lengths[:, None]).astype(np.float64)
         else:
             inputs[i.name] = rng.standard_normal((n, *i.shape))
     targets = {}

@@ -6,6 +6,16 @@ stacks the gates column-wise in the neutral order (Keras': i, f, c, o) with one
 bias; GRU uses ``reset_after=True`` (torch's formulation), gates column-wise in
 Keras' order z, r, h, and a (2, 3u) bias: input bias, recurrent bias.
 
+Conv2D/DepthwiseConv2D/SeparableConv2D kernels are the neutral ones; attention is
+``keras.layers.MultiHeadAttention`` (self-attention, its EinsumDense layouts are the
+neutral ones), the key padding mask an input turned into a (batch, steps, steps)
+``attention_mask``, the causal mask ``use_causal_mask``. BatchNormalization and
+Dropout run in the mode the spec fixes, whatever ``training=`` the model is called
+with (:class:`PinnedBatchNormalization`, :class:`PinnedDropout`); BatchNorm keeps
+Keras' momentum (torch gets 1 - it) and epsilon. An embedding with ``padding_idx``
+is refused: Keras' Embedding has no such row (``mask_zero`` masks the steps for the
+layers downstream, which is another thing).
+
 Each head's loss is the Keras loss object a user would write
 (``keras.losses.MeanSquaredError()`` ...), made with the dtype of the output it
 receives: Keras losses cast their inputs to their own dtype (float32 unless told),
@@ -34,8 +44,16 @@ from gradcheck.architectures.spec import (  # noqa: E402
     Regularizer,
 )
 from gradcheck.architectures.weights import initial_weights  # noqa: E402
+from gradcheck.errors import InvalidArgumentError  # noqa: E402
 
-__all__ = ["KerasBuilt", "build", "compile_args", "keras_loss"]
+__all__ = [
+    "KerasBuilt",
+    "PinnedBatchNormalization",
+    "PinnedDropout",
+    "build",
+    "compile_args",
+    "keras_loss",
+]
 
 #: Keras loss class per spec loss name
 LOSS_CLASSES = {
@@ -50,14 +68,38 @@ LOSS_CLASSES = {
 GRU_ORDER = [1, 0, 2]
 
 
+class PinnedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization in one mode: batch statistics when ``pinned_training``,
+    moving ones otherwise, whatever ``training=`` the model is called with."""
+
+    def __init__(self, *args: Any, pinned_training: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pinned_training = pinned_training
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        return super().call(inputs, training=self.pinned_training, mask=mask)
+
+
+class PinnedDropout(keras.layers.Dropout):
+    """Dropout that drops when ``pinned_training`` (and never otherwise)."""
+
+    def __init__(self, *args: Any, pinned_training: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pinned_training = pinned_training
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        return super().call(inputs, training=self.pinned_training)
+
+
 def _regularizer(r: Regularizer | None) -> Any:
     return None if r is None else keras.regularizers.L1L2(l1=r.l1, l2=r.l2)
 
 
-def _layer(name: str, layer: LayerSpec, vocab: int, dtype: str) -> Any:
+def _layer(name: str, layer: LayerSpec, vocab: int, dtype: str, rank: int) -> Any:
+    """The Keras layer; ``rank``: of its (first) input, per example."""
     k, u = layer.kind, layer.units
     common = {"name": name, "dtype": dtype}
-    if k in ("dense", "conv1d"):
+    if k in ("dense", "conv1d", "conv2d"):
         common.update(
             activation=layer.activation,
             kernel_regularizer=_regularizer(layer.kernel_regularizer),
@@ -65,10 +107,53 @@ def _layer(name: str, layer: LayerSpec, vocab: int, dtype: str) -> Any:
         )
         if k == "dense":
             return keras.layers.Dense(u, **common)
+        if k == "conv2d":
+            return keras.layers.Conv2D(
+                u, layer.kernel_size, layer.strides, padding=layer.padding, **common
+            )
         return keras.layers.Conv1D(
             u, layer.kernel_size, padding=layer.padding, **common
         )
+    window = {"strides": layer.strides, "padding": layer.padding}
+    if k == "depthwise_conv2d":
+        return keras.layers.DepthwiseConv2D(
+            layer.kernel_size,
+            depth_multiplier=u,
+            activation=layer.activation,
+            **window,
+            **common,
+        )
+    if k == "separable_conv2d":
+        return keras.layers.SeparableConv2D(
+            u, layer.kernel_size, activation=layer.activation, **window, **common
+        )
+    if k in ("maxpool2d", "avgpool2d"):
+        cls = (
+            keras.layers.MaxPooling2D
+            if k == "maxpool2d"
+            else keras.layers.AveragePooling2D
+        )
+        return cls(layer.kernel_size, **window, **common)
+    if k == "batchnorm":
+        return PinnedBatchNormalization(
+            momentum=S.BATCHNORM_MOMENTUM,
+            epsilon=S.BATCHNORM_EPSILON,
+            pinned_training=layer.training,
+            **common,
+        )
+    if k == "dropout":
+        return PinnedDropout(layer.rate, pinned_training=layer.training, **common)
+    if k == "attention":
+        return keras.layers.MultiHeadAttention(layer.num_heads, u, **common)
+    if k == "add":
+        return keras.layers.Add(**common)
     if k == "embedding":
+        if layer.padding_idx is not None:
+            raise InvalidArgumentError(
+                f"layer {name!r}: padding_idx is torch-only. Keras' Embedding has "
+                "no row without a gradient (mask_zero masks the steps downstream "
+                "instead); build this spec with build_torch"
+            )
         return keras.layers.Embedding(vocab, u, **common)
     if k == "layernorm":
         return keras.layers.LayerNormalization(epsilon=S.LAYERNORM_EPSILON, **common)
@@ -79,14 +164,28 @@ def _layer(name: str, layer: LayerSpec, vocab: int, dtype: str) -> Any:
             u, return_sequences=layer.return_sequences, reset_after=True, **common
         )
     if k == "pool":
+        if rank == 3:
+            return keras.layers.GlobalAveragePooling2D(**common)
         return keras.layers.GlobalAveragePooling1D(**common)
     return keras.layers.Concatenate(axis=-1, **common)
 
 
 def keras_weights(kind: str, w: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Neutral weights of one layer -> the list ``layer.set_weights`` takes."""
-    if kind in ("dense", "conv1d"):
+    if kind in ("dense", "conv1d", "conv2d"):
         return [w["kernel"], w["bias"]]
+    if kind == "depthwise_conv2d":
+        return [w["depthwise_kernel"], w["bias"]]
+    if kind == "separable_conv2d":
+        return [w["depthwise_kernel"], w["pointwise_kernel"], w["bias"]]
+    if kind == "batchnorm":
+        return [w["gamma"], w["beta"], w["moving_mean"], w["moving_variance"]]
+    if kind == "attention":
+        return [
+            w[f"{part}_{what}"]
+            for part in ("query", "key", "value", "output")
+            for what in ("kernel", "bias")
+        ]
     if kind == "embedding":
         return [w["embeddings"]]
     if kind == "layernorm":
@@ -138,6 +237,14 @@ def compile_args(spec: ModelSpec, dtype: str | None = None) -> dict[str, Any]:
     }
 
 
+def attention_mask(mask: Any) -> Any:
+    """A key padding mask (batch, steps), 1 = a real step, as the (batch, steps,
+    steps) boolean ``attention_mask`` MultiHeadAttention takes."""
+    keep = keras.ops.greater(mask, 0.5)
+    steps = mask.shape[1]
+    return keras.ops.repeat(keras.ops.expand_dims(keep, 1), steps, axis=1)
+
+
 def _model(spec: ModelSpec, dtype: str) -> Any:
     tensors: dict[str, Any] = {}
     for i in spec.inputs:
@@ -147,10 +254,22 @@ def _model(spec: ModelSpec, dtype: str) -> Any:
             dtype="int32" if i.kind == "tokens" else dtype,
         )
     vocab = {i.name: i.vocab for i in spec.inputs}
+    shapes = spec.shapes()
     for name, layer, srcs in spec.layers():
-        fn = _layer(name, layer, vocab.get(srcs[0], 0), dtype)
+        rank = len(shapes[srcs[0]])
+        fn = _layer(name, layer, vocab.get(srcs[0], 0), dtype, rank)
         args = [tensors[s] for s in srcs]
-        tensors[name] = fn(args if layer.kind == "merge" else args[0])
+        if layer.kind in ("merge", "add"):
+            tensors[name] = fn(args)
+        elif layer.kind == "attention":
+            tensors[name] = fn(
+                args[0],
+                args[0],
+                attention_mask=attention_mask(args[1]) if len(args) > 1 else None,
+                use_causal_mask=layer.causal,
+            )
+        else:
+            tensors[name] = fn(args[0])
     inputs = [tensors[i.name] for i in spec.inputs]
     outputs = [tensors[h.name] for h in spec.heads]
     if spec.output_structure == "dict":

@@ -23,8 +23,10 @@ its own loss and loss weight. Keras' classic functional-API example reads::
         ),
     )
 
-Shapes are per example (no batch axis): ``(features,)`` or ``(steps, features)`` for
-float tensors, ``(steps,)`` for token ids. Heads keep their definition order
+Shapes are per example (no batch axis): ``(features,)``, ``(steps, features)`` or
+``(height, width, channels)`` (images, channels last as in Keras; the torch builder
+permutes around its convolutions) for float tensors, ``(steps,)`` for token ids and
+for padding masks (1 = a real step, 0 = padding; read by attention layers). Heads keep their definition order
 everywhere (outputs, losses, JSON); nothing is sorted.
 
 Nothing here imports a framework; builders live in ``torch_builder`` and
@@ -42,6 +44,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from gradcheck.errors import InvalidArgumentError
 
 __all__ = [
@@ -58,8 +62,10 @@ __all__ = [
     "Regularizer",
 ]
 
-INPUT_KINDS = ("float", "tokens")
-#: layer kinds; "pool" averages over steps, "merge" concatenates on the last axis
+INPUT_KINDS = ("float", "tokens", "mask")
+#: layer kinds; "pool" averages over every axis but the last (steps, or height and
+#: width: global average pooling), "merge" concatenates on the last axis, "add" sums
+#: tensors of one shape (a residual connection)
 LAYER_KINDS = (
     "dense",
     "layernorm",
@@ -69,6 +75,15 @@ LAYER_KINDS = (
     "embedding",
     "pool",
     "merge",
+    "conv2d",
+    "depthwise_conv2d",
+    "separable_conv2d",
+    "maxpool2d",
+    "avgpool2d",
+    "batchnorm",
+    "dropout",
+    "attention",
+    "add",
 )
 #: activations of dense/conv1d layers; "softmax" only on a probability head's output
 ACTIVATIONS = (
@@ -81,13 +96,37 @@ ACTIVATIONS = (
     "relu",
     "leaky_relu",
     "softmax",
+    "silu",
+    "relu6",
+    "hard_swish",
 )
-#: activations whose derivative jumps (elu with alpha=1 is C1: not listed)
-KINKED_ACTIVATIONS = ("relu", "leaky_relu")
+#: activations whose derivative jumps (elu with alpha=1 is C1: not listed);
+#: relu6 at 0 and 6, hard_swish (x * relu6(x + 3) / 6) at -3 and 3
+KINKED_ACTIVATIONS = ("relu", "leaky_relu", "relu6", "hard_swish")
 #: leaky_relu's negative slope: Keras' default (torch's default is 0.01)
 LEAKY_SLOPE = 0.2
 #: LayerNormalization's epsilon: Keras' default (torch's default is 1e-5)
 LAYERNORM_EPSILON = 1e-3
+#: BatchNormalization's epsilon: Keras' default (torch's default is 1e-5)
+BATCHNORM_EPSILON = 1e-3
+#: BatchNormalization's momentum as Keras counts it (the moving statistics keep
+#: 0.99 of their value); torch's momentum is the share of the new batch, 1 - 0.99
+BATCHNORM_MOMENTUM = 0.99
+#: torch's momentum for the same update (written out: 1 - 0.99 is 0.010000000000000009)
+TORCH_BATCHNORM_MOMENTUM = 0.01
+#: the value both builders put into masked attention scores before the softmax
+#: (Keras' own; any key a mask leaves is exp(-1e9) = 0 behind the unmasked ones)
+ATTENTION_MASK_VALUE = -1e9
+
+
+def attention_scale(key_dim: int) -> float:
+    """The factor attention scores get: ``1/sqrt(key_dim)`` rounded to float32, as
+    Keras 3's TensorFlow backend applies it even to a float64 model
+    (``tf.cast(python_float, "float64")`` goes through a float32 constant); torch
+    uses the same number, so both frameworks build the same model."""
+    return float(np.float32(1.0 / math.sqrt(key_dim)))
+
+
 #: Huber's delta: Keras' default
 HUBER_DELTA = 1.0
 #: Keras' backend.epsilon(): probabilities are clipped to [EPS, 1 - EPS]
@@ -144,9 +183,26 @@ RESERVED_NAMES = frozenset(
         "zlib",
     }
 )
-_WITH_UNITS = ("dense", "conv1d", "lstm", "gru", "embedding")
-_WITH_ACTIVATION = ("dense", "conv1d")
-_SEQUENCE_ONLY = ("conv1d", "lstm", "gru", "pool")
+_WITH_UNITS = (
+    "dense",
+    "conv1d",
+    "lstm",
+    "gru",
+    "embedding",
+    "conv2d",
+    "depthwise_conv2d",
+    "separable_conv2d",
+    "attention",
+)
+_CONV2D = ("conv2d", "depthwise_conv2d", "separable_conv2d")
+_POOL2D = ("maxpool2d", "avgpool2d")
+_IMAGE_ONLY = _CONV2D + _POOL2D
+_WITH_ACTIVATION = ("dense", "conv1d") + _CONV2D
+_WITH_REGULARIZER = ("dense", "conv1d", "conv2d")
+_WITH_KERNEL = ("conv1d",) + _IMAGE_ONLY
+_SEQUENCE_ONLY = ("conv1d", "lstm", "gru", "attention")
+#: layers that read several tensors
+_MULTI_INPUT = ("merge", "add")
 
 
 def _fail(msg: str) -> InvalidArgumentError:
@@ -175,8 +231,21 @@ class InputSpec:
 @dataclass(frozen=True)
 class LayerSpec:
     """One layer. ``units``: output features (dense, lstm/gru units, embedding
-    dimension, conv1d filters); lstm/gru return the last step unless
-    ``return_sequences``; regularizers apply to dense and conv1d only."""
+    dimension, conv1d/conv2d/separable_conv2d filters), the depth multiplier of a
+    depthwise_conv2d (``channels * units`` outputs), the key dimension per head of
+    an attention layer; lstm/gru return the last step unless ``return_sequences``;
+    regularizers apply to dense, conv1d and conv2d only.
+
+    ``kernel_size``/``strides``/``padding``: square 2-D kernels and pooling windows
+    (pools are "valid" only); ``strides`` also for conv1d (1 only).
+    ``training``: a batchnorm normalizes with the batch's statistics (else with its
+    moving ones), a dropout drops (else it is the identity): fixed per layer,
+    whatever mode the framework's model is in. ``trained_statistics``: a
+    batchnorm's moving mean and variance are drawn (nonzero mean, variance not 1)
+    instead of a fresh layer's 0 and 1. ``rate``: dropout's drop probability.
+    ``num_heads``/``causal``: self-attention heads and a causal mask; an attention
+    node may read a ``mask`` input second (key padding mask). ``padding_idx``: an
+    embedding whose row of that id gets no gradient (torch only)."""
 
     kind: str
     units: int = 0
@@ -186,6 +255,13 @@ class LayerSpec:
     return_sequences: bool = False
     kernel_regularizer: Regularizer | None = None
     activity_regularizer: Regularizer | None = None
+    strides: int = 1
+    training: bool = False
+    trained_statistics: bool = False
+    rate: float = 0.0
+    num_heads: int = 0
+    causal: bool = False
+    padding_idx: int | None = None
 
 
 @dataclass(frozen=True)
@@ -313,6 +389,27 @@ class ModelSpec:
             self.validate()
         return dict(self._cache["shapes"])
 
+    @property
+    def stochastic(self) -> bool:
+        """A dropout layer drops in training mode: every forward pass draws anew,
+        and a gradient check can only say ``nondeterministic``."""
+        return any(
+            layer.kind == "dropout" and layer.training for _, layer, _ in self.layers()
+        )
+
+    def min_batch_size(self) -> int:
+        """The smallest batch the model runs on: a batchnorm in training mode
+        normalizes each channel over the batch and the other axes, and one value
+        per channel (one example of a vector) leaves nothing to normalize (torch
+        refuses it)."""
+        shapes = self.shapes()
+        least = 1
+        for _, layer, srcs in self.layers():
+            if layer.kind == "batchnorm" and layer.training:
+                if math.prod(shapes[srcs[0]][:-1]) == 1:
+                    least = 2
+        return least
+
     def with_weights(self, weights: Mapping[str, float]) -> ModelSpec:
         """A copy with other loss weights (by head name)."""
         unknown = set(weights) - set(self.head_names)
@@ -402,6 +499,23 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def spatial_size(size: int, kernel: int, strides: int, padding: str) -> int:
+    """Output length of one axis of a convolution or pooling window (Keras' rule:
+    "valid" keeps whole windows, "same" keeps ``ceil(size / strides)``)."""
+    if padding == "same":
+        return -(-size // strides)
+    return (size - kernel) // strides + 1
+
+
+def same_padding(size: int, kernel: int, strides: int) -> tuple[int, int]:
+    """(before, after) zeros TensorFlow adds on one axis for padding "same" (the
+    extra one goes after): what the torch builder pads explicitly."""
+    total = max(
+        (spatial_size(size, kernel, strides, "same") - 1) * strides + kernel - size, 0
+    )
+    return total // 2, total - total // 2
+
+
 def layer_output_shape(layer: LayerSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Per-example output shape of one layer applied to ``shape`` (no validation:
     :func:`_layer_shape` checks first; the strategies use it on what they build)."""
@@ -410,23 +524,33 @@ def layer_output_shape(layer: LayerSpec, shape: tuple[int, ...]) -> tuple[int, .
         return shape + (layer.units,)
     if k == "dense":
         return shape[:-1] + (layer.units,)
-    if k == "layernorm":
+    if k in ("layernorm", "batchnorm", "dropout", "attention", "add"):
         return shape
     if k == "pool":
-        return shape[1:]
+        return shape[-1:]
     if k in ("lstm", "gru"):
         return ((shape[0],) if layer.return_sequences else ()) + (layer.units,)
     if k == "conv1d":
         same = layer.padding == "same"
         return (shape[0] if same else shape[0] - layer.kernel_size + 1, layer.units)
+    if k in _IMAGE_ONLY:
+        h, w = (
+            spatial_size(d, layer.kernel_size, layer.strides, layer.padding)
+            for d in shape[:2]
+        )
+        if k == "depthwise_conv2d":
+            return (h, w, shape[2] * layer.units)
+        if k in _POOL2D:
+            return (h, w, shape[2])
+        return (h, w, layer.units)
     raise InvalidArgumentError(f"{k!r} layers have no single-input output shape")
 
 
 def _layer_shape(
-    where: str, layer: LayerSpec, srcs: list[tuple[str, tuple[int, ...], bool]]
+    where: str, layer: LayerSpec, srcs: list[tuple[str, tuple[int, ...], str]]
 ) -> tuple[int, ...]:
-    """Check one layer against its inputs ``(name, shape, is_tokens)``; return the
-    per-example output shape."""
+    """Check one layer against its inputs ``(name, shape, input kind)`` (kind
+    "float" for every layer's output); return the per-example output shape."""
     k = layer.kind
     if k not in LAYER_KINDS:
         raise _fail(f"{where}: unknown layer kind {k!r}; one of {LAYER_KINDS}")
@@ -438,21 +562,49 @@ def _layer_shape(
         raise _fail(f"{where}: unknown activation {layer.activation!r}")
     if k not in _WITH_ACTIVATION and layer.activation != "linear":
         raise _fail(f"{where}: a {k} layer takes no activation")
-    if k != "conv1d" and (layer.kernel_size != 1 or layer.padding != "valid"):
-        raise _fail(f"{where}: kernel_size and padding are for conv1d only")
+    if k not in _WITH_KERNEL and (
+        layer.kernel_size != 1 or layer.padding != "valid" or layer.strides != 1
+    ):
+        raise _fail(
+            f"{where}: kernel_size, strides and padding are for convolutions "
+            "and pooling only"
+        )
     if k not in ("lstm", "gru") and layer.return_sequences:
         raise _fail(f"{where}: return_sequences is for lstm/gru only")
+    if k not in ("batchnorm", "dropout") and layer.training:
+        raise _fail(f"{where}: training is for batchnorm and dropout only")
+    if k != "batchnorm" and layer.trained_statistics:
+        raise _fail(f"{where}: trained_statistics is for batchnorm only")
+    if k != "attention" and (layer.num_heads != 0 or layer.causal):
+        raise _fail(f"{where}: num_heads and causal are for attention only")
+    if k != "embedding" and layer.padding_idx is not None:
+        raise _fail(f"{where}: padding_idx is for embedding only")
+    rate = layer.rate
+    if k == "dropout":
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, (int, float))
+            or not 0 < rate < 1
+        ):
+            raise _fail(f"{where}: dropout needs 0 < rate < 1, got {rate!r}")
+    elif rate != 0.0:
+        raise _fail(f"{where}: rate is for dropout only")
     for attr in ("kernel_regularizer", "activity_regularizer"):
         r = getattr(layer, attr)
-        if r is not None and k not in _WITH_ACTIVATION:
-            raise _fail(f"{where}: {attr} is for dense and conv1d layers only")
+        if r is not None and k not in _WITH_REGULARIZER:
+            raise _fail(f"{where}: {attr} is for dense, conv1d and conv2d only")
         _check_regularizer(r, f"{where}: {attr}")
-    if k == "merge":
+    masks = [name for name, _, kind in srcs if kind == "mask"]
+    if k == "attention":
+        return _attention_shape(where, layer, srcs)
+    if masks:
+        raise _fail(f"{where}: {masks[0]!r} is a padding mask; only attention reads it")
+    if k in _MULTI_INPUT:
         if len(srcs) < 2:
-            raise _fail(f"{where}: merge concatenates two or more tensors")
+            raise _fail(f"{where}: {k} combines two or more tensors")
     elif len(srcs) != 1:
         raise _fail(f"{where}: a {k} layer takes one input, got {len(srcs)}")
-    tokens = [name for name, _, is_tok in srcs if is_tok]
+    tokens = [name for name, _, kind in srcs if kind == "tokens"]
     if k == "embedding":
         if not tokens:
             raise _fail(f"{where}: embedding reads a tokens input")
@@ -462,21 +614,25 @@ def _layer_shape(
             f"{where}: {tokens[0]!r} holds token ids; only an embedding reads it"
         )
     shape = srcs[0][1]
-    if k in _SEQUENCE_ONLY and len(shape) != 2:
+    if k in ("conv1d", "lstm", "gru") and len(shape) != 2:
         raise _fail(
             f"{where}: {k} needs a sequence (steps, features), got shape {shape}"
         )
-    if k == "conv1d":
-        if not _positive(layer.kernel_size):
-            raise _fail(f"{where}: kernel_size must be >= 1")
-        if layer.padding not in ("valid", "same"):
-            raise _fail(f"{where}: padding is 'valid' or 'same'")
-        if layer_output_shape(layer, shape)[0] < 1:
-            raise _fail(
-                f"{where}: kernel_size {layer.kernel_size} exceeds {shape[0]} steps"
-            )
-    if k in ("dense", "layernorm", "pool", "lstm", "gru", "conv1d"):
+    if k == "pool" and len(shape) < 2:
+        raise _fail(f"{where}: pool averages over steps or pixels; got shape {shape}")
+    if k in _IMAGE_ONLY and len(shape) != 3:
+        raise _fail(
+            f"{where}: {k} needs an image (height, width, channels), got shape {shape}"
+        )
+    if k in _WITH_KERNEL:
+        _check_window(where, layer, shape)
+    if k not in _MULTI_INPUT:
         return layer_output_shape(layer, shape)
+    if k == "add":
+        if len({s for _, s, _ in srcs}) != 1:
+            got = ", ".join(f"{n} {s}" for n, s, _ in srcs)
+            raise _fail(f"{where}: add needs tensors of one shape ({got})")
+        return shape
     # merge
     ranks = {len(s) for _, s, _ in srcs}
     leading = {s[:-1] for _, s, _ in srcs}
@@ -484,6 +640,54 @@ def _layer_shape(
         got = ", ".join(f"{n} {s}" for n, s, _ in srcs)
         raise _fail(f"{where}: merge needs equal shapes but the last axis ({got})")
     return shape[:-1] + (sum(s[-1] for _, s, _ in srcs),)
+
+
+def _check_window(where: str, layer: LayerSpec, shape: tuple[int, ...]) -> None:
+    k = layer.kind
+    if not _positive(layer.kernel_size):
+        raise _fail(f"{where}: kernel_size must be >= 1")
+    if not _positive(layer.strides):
+        raise _fail(f"{where}: strides must be >= 1, got {layer.strides!r}")
+    if layer.padding not in ("valid", "same"):
+        raise _fail(f"{where}: padding is 'valid' or 'same'")
+    if k == "conv1d" and layer.strides != 1:
+        raise _fail(f"{where}: conv1d has strides 1 only")
+    if k in _POOL2D and layer.padding != "valid":
+        raise _fail(
+            f"{where}: pooling is 'valid' only (Keras and torch count a 'same' "
+            "average's padding differently)"
+        )
+    axes = shape[:1] if k == "conv1d" else shape[:2]
+    if layer.padding == "valid" and layer.kernel_size > min(axes):
+        what = "steps" if k == "conv1d" else "pixels (height or width)"
+        raise _fail(
+            f"{where}: kernel_size {layer.kernel_size} exceeds {min(axes)} {what}"
+        )
+
+
+def _attention_shape(
+    where: str, layer: LayerSpec, srcs: list[tuple[str, tuple[int, ...], str]]
+) -> tuple[int, ...]:
+    if not _positive(layer.num_heads):
+        raise _fail(f"{where}: attention needs num_heads >= 1")
+    if not 1 <= len(srcs) <= 2:
+        raise _fail(f"{where}: attention reads a sequence and optionally a mask")
+    (name, shape, kind), *rest = srcs
+    if kind != "float" or len(shape) != 2:
+        raise _fail(
+            f"{where}: attention's first input is a sequence (steps, features), "
+            f"got {name!r} {shape}"
+        )
+    if rest:
+        mname, mshape, mkind = rest[0]
+        if mkind != "mask":
+            raise _fail(f"{where}: attention's second input must be a mask input")
+        if mshape != shape[:1]:
+            raise _fail(
+                f"{where}: mask {mname!r} has shape {mshape}, the sequence "
+                f"{shape[:1]} steps"
+            )
+    return shape
 
 
 def _validate(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -511,7 +715,7 @@ def _validate(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         seen[name] = what
 
     shapes: dict[str, tuple[int, ...]] = {}
-    token_inputs: set[str] = set()
+    input_kinds: dict[str, str] = {}
     for i in spec.inputs:
         claim(i.name, "input")
         shape = tuple(i.shape)
@@ -520,16 +724,19 @@ def _validate(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if not shape or not all(_positive(d) for d in shape):
             raise _fail(f"input {i.name!r}: shape needs sizes >= 1, got {i.shape!r}")
         if i.kind == "float":
-            if len(shape) > 2:
-                raise _fail(f"input {i.name!r}: (features,) or (steps, features)")
-            if i.vocab:
-                raise _fail(f"input {i.name!r}: vocab is for tokens inputs only")
-        else:
-            if len(shape) != 1:
-                raise _fail(f"input {i.name!r}: tokens have shape (steps,)")
+            if len(shape) > 3:
+                raise _fail(
+                    f"input {i.name!r}: (features,), (steps, features) or "
+                    "(height, width, channels)"
+                )
+        elif len(shape) != 1:
+            raise _fail(f"input {i.name!r}: {i.kind} inputs have shape (steps,)")
+        if i.kind == "tokens":
             if not _positive(i.vocab):
                 raise _fail(f"input {i.name!r}: tokens need vocab >= 1")
-            token_inputs.add(i.name)
+        elif i.vocab:
+            raise _fail(f"input {i.name!r}: vocab is for tokens inputs only")
+        input_kinds[i.name] = i.kind
         shapes[i.name] = shape
     for n in spec.trunk:
         claim(n.name, "trunk node")
@@ -542,14 +749,22 @@ def _validate(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             claim(name, f"hidden layer of head {h.name!r}")
 
     for n in spec.ordered_trunk():
-        srcs = [(s, shapes[s], s in token_inputs) for s in n.inputs]
+        srcs = [(s, shapes[s], input_kinds.get(s, "float")) for s in n.inputs]
         if n.layer.activation == "softmax":
             raise _fail(f"node {n.name!r}: softmax belongs on a head's output")
         shapes[n.name] = _layer_shape(f"node {n.name!r}", n.layer, srcs)
+        p = n.layer.padding_idx
+        if p is not None:
+            vocab = spec.input(n.inputs[0]).vocab
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < vocab:
+                raise _fail(
+                    f"node {n.name!r}: padding_idx must be an id in [0, {vocab}), "
+                    f"got {p!r}"
+                )
 
     trunk_names = {n.name for n in spec.trunk} | set(shapes)
     for h in spec.heads:
-        _validate_head(h, trunk_names, shapes, token_inputs)
+        _validate_head(h, trunk_names, shapes, input_kinds)
 
     _check_reachable(spec)
     _check_formats(spec)
@@ -560,11 +775,13 @@ def _validate_head(
     h: HeadSpec,
     known: set[str],
     shapes: dict[str, tuple[int, ...]],
-    token_inputs: set[str],
+    input_kinds: dict[str, str],
 ) -> None:
     where = f"head {h.name!r}"
     if h.source not in known:
         raise _fail(f"{where} branches from unknown {h.source!r}")
+    if input_kinds.get(h.source) == "mask":
+        raise _fail(f"{where} branches from the padding mask {h.source!r}")
     if not h.layers:
         raise _fail(f"{where} needs at least its dense output layer")
     if h.loss not in LOSSES:
@@ -577,12 +794,12 @@ def _validate_head(
     prev = h.source
     for name, layer in zip(h.layer_names(), h.layers, strict=True):
         lw = f"{where}, layer {name!r}"
-        if layer.kind in ("merge", "embedding"):
+        if layer.kind in ("merge", "add", "embedding"):
             raise _fail(f"{lw}: a head's layers cannot be {layer.kind}")
         if layer.activation == "softmax" and name != h.name:
             raise _fail(f"{lw}: softmax belongs on the head's output layer")
         shapes[name] = _layer_shape(
-            lw, layer, [(prev, shapes[prev], prev in token_inputs)]
+            lw, layer, [(prev, shapes[prev], input_kinds.get(prev, "float"))]
         )
         prev = name
     out = h.layers[-1]
@@ -591,7 +808,7 @@ def _validate_head(
     if len(shapes[h.name]) != 1:
         raise _fail(
             f"{where}: the output must be (units,) per example, got "
-            f"{shapes[h.name]}; reduce the steps first (pool, lstm or gru)"
+            f"{shapes[h.name]}; reduce the steps or pixels first (pool, lstm or gru)"
         )
     if h.loss not in CROSSENTROPIES:
         if h.from_logits is not True:

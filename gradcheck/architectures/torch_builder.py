@@ -1,11 +1,19 @@
 """Build a spec as a ``torch.nn.Module`` with the spec's initial weights.
 
-Activations flow in Keras' layout, (batch, steps, features); conv1d transposes to
-torch's (batch, channels, steps) around the convolution. Layout conversions from
-the neutral weights (:mod:`gradcheck.architectures.weights`): Linear ``weight =
-kernel.T``; Conv1d ``weight = kernel.transpose(2, 1, 0)``; LSTM/GRU stack the gates
-row-wise in the neutral order (torch's: i, f, g, o and r, z, n); the LSTM's one
-bias goes into ``bias_ih`` and ``bias_hh`` is zero.
+Activations flow in Keras' layout, (batch, steps, features) and (batch, height,
+width, channels); conv1d, conv2d and the 2-D pools move the channels to axis 1 and
+back around the torch op, padding "same" is TensorFlow's (explicit zeros, the odd
+one after). Layout conversions from the neutral weights
+(:mod:`gradcheck.architectures.weights`): Linear ``weight = kernel.T``; Conv1d
+``weight = kernel.transpose(2, 1, 0)``; Conv2d ``weight = kernel.transpose(3, 2, 0,
+1)``, a depthwise one has ``groups=in`` and ``weight[c * u + j, 0] =
+kernel[:, :, c, j]``; LSTM/GRU stack the gates row-wise in the neutral order
+(torch's: i, f, g, o and r, z, n); the LSTM's one bias goes into ``bias_ih`` and
+``bias_hh`` is zero. Attention is written from four Linear layers (query, key, value,
+output) with Keras' MultiHeadAttention arithmetic. BatchNorm and dropout run in the
+mode the spec fixes (``F.batch_norm``/``F.dropout`` with ``training=``), whatever
+``model.train()``/``eval()`` says; BatchNorm's momentum is 1 - Keras' and its
+epsilon Keras'.
 """
 
 from __future__ import annotations
@@ -37,7 +45,84 @@ ACTIVATIONS = {
     "relu": F.relu,
     "leaky_relu": lambda x: F.leaky_relu(x, S.LEAKY_SLOPE),
     "softmax": lambda x: torch.softmax(x, -1),
+    "silu": F.silu,
+    "relu6": F.relu6,
+    "hard_swish": F.hardswish,
 }
+
+
+class Separable(torch.nn.Module):
+    """Keras' SeparableConv2D: a depthwise convolution (no bias), then a 1x1 one."""
+
+    def __init__(self, channels: int, filters: int, kernel_size: int, strides: int):
+        super().__init__()
+        self.depthwise = torch.nn.Conv2d(
+            channels, channels, kernel_size, strides, groups=channels, bias=False
+        )
+        self.pointwise = torch.nn.Conv2d(channels, filters, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class Attention(torch.nn.Module):
+    """Keras' MultiHeadAttention (self-attention, output back to the input width)
+    from four Linear layers: ``heads`` heads of ``key_dim``, scores ``q . k`` scaled
+    by Keras' ``1/sqrt(key_dim)`` (rounded to float32, see
+    :func:`~gradcheck.architectures.spec.attention_scale`), masked scores -1e9."""
+
+    def __init__(self, features: int, heads: int, key_dim: int):
+        super().__init__()
+        self.heads, self.key_dim = heads, key_dim
+        for part in ("query", "key", "value"):
+            self.add_module(part, torch.nn.Linear(features, heads * key_dim))
+        self.output = torch.nn.Linear(heads * key_dim, features)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        return attention(
+            x, self.query, self.key, self.value, self.output, self.heads, mask, causal
+        )
+
+
+def attention(
+    x: torch.Tensor,
+    query: torch.nn.Module,
+    key: torch.nn.Module,
+    value: torch.nn.Module,
+    output: torch.nn.Module,
+    heads: int,
+    mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """Self-attention as Keras computes it; ``mask`` (batch, steps): 1 = a real key."""
+    n, t, _ = x.shape
+
+    def split(h: torch.Tensor) -> torch.Tensor:  # (n, heads, t, key_dim)
+        return h.reshape(n, t, heads, -1).transpose(1, 2)
+
+    q, k, v = split(query(x)), split(key(x)), split(value(x))
+    scores = (q @ k.transpose(-1, -2)) * S.attention_scale(q.shape[-1])
+    keep = torch.ones(t, t, dtype=torch.bool, device=x.device)
+    if causal:
+        keep = torch.tril(keep)
+    keep = keep.expand(n, 1, t, t)
+    if mask is not None:
+        keep = keep & (mask > 0.5)[:, None, None, :]
+    scores = scores.masked_fill(~keep, S.ATTENTION_MASK_VALUE)
+    probs = torch.softmax(scores, -1)
+    return output((probs @ v).transpose(1, 2).reshape(n, t, -1))
+
+
+def pad_same(x: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
+    """TensorFlow's "same" zeros on the last two axes of a (batch, C, H, W) tensor."""
+    if layer.padding != "same":
+        return x
+    (top, bottom), (left, right) = (
+        S.same_padding(d, layer.kernel_size, layer.strides) for d in x.shape[2:]
+    )
+    return F.pad(x, (left, right, top, bottom))
 
 
 def _module(layer: LayerSpec, fan_in: int, vocab: int) -> torch.nn.Module | None:
@@ -47,15 +132,28 @@ def _module(layer: LayerSpec, fan_in: int, vocab: int) -> torch.nn.Module | None
     if k == "conv1d":
         pad = "same" if layer.padding == "same" else 0
         return torch.nn.Conv1d(fan_in, u, layer.kernel_size, padding=pad)
-    if k == "embedding":
-        return torch.nn.Embedding(vocab, u)
     if k == "layernorm":
         return torch.nn.LayerNorm(fan_in, eps=S.LAYERNORM_EPSILON)
     if k == "lstm":
         return torch.nn.LSTM(fan_in, u, batch_first=True)
     if k == "gru":
         return torch.nn.GRU(fan_in, u, batch_first=True)
-    return None  # pool, merge
+    ks, st = layer.kernel_size, layer.strides
+    if k == "conv2d":
+        return torch.nn.Conv2d(fan_in, u, ks, st)
+    if k == "depthwise_conv2d":
+        return torch.nn.Conv2d(fan_in, fan_in * u, ks, st, groups=fan_in)
+    if k == "separable_conv2d":
+        return Separable(fan_in, u, ks, st)
+    if k == "batchnorm":
+        return torch.nn.BatchNorm1d(
+            fan_in, S.BATCHNORM_EPSILON, S.TORCH_BATCHNORM_MOMENTUM
+        )
+    if k == "embedding":
+        return torch.nn.Embedding(vocab, u, padding_idx=layer.padding_idx)
+    if k == "attention":
+        return Attention(fan_in, layer.num_heads, u)
+    return None  # pools, merge, add, dropout
 
 
 def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,6 +166,37 @@ def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
         return {"weight": w["embeddings"]}
     if kind == "layernorm":
         return {"weight": w["gamma"], "bias": w["beta"]}
+    if kind == "conv2d":
+        return {"weight": w["kernel"].transpose(3, 2, 0, 1), "bias": w["bias"]}
+    if kind == "depthwise_conv2d":
+        k, _, c, m = w["depthwise_kernel"].shape
+        weight = w["depthwise_kernel"].transpose(2, 3, 0, 1).reshape(c * m, 1, k, k)
+        return {"weight": weight, "bias": w["bias"]}
+    if kind == "separable_conv2d":
+        k, _, c, _ = w["depthwise_kernel"].shape
+        depthwise = w["depthwise_kernel"].transpose(2, 3, 0, 1).reshape(c, 1, k, k)
+        return {
+            "depthwise.weight": depthwise,
+            "pointwise.weight": w["pointwise_kernel"].transpose(3, 2, 0, 1),
+            "pointwise.bias": w["bias"],
+        }
+    if kind == "batchnorm":
+        return {
+            "weight": w["gamma"],
+            "bias": w["beta"],
+            "running_mean": w["moving_mean"],
+            "running_var": w["moving_variance"],
+        }
+    if kind == "attention":
+        out = {}
+        for part in ("query", "key", "value"):
+            kernel = w[f"{part}_kernel"]
+            out[f"{part}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+            out[f"{part}.bias"] = w[f"{part}_bias"].reshape(-1)
+        kernel = w["output_kernel"]
+        out["output.weight"] = kernel.reshape(-1, kernel.shape[-1]).T
+        out["output.bias"] = w["output_bias"]
+        return out
     g, _, u = w["input_kernel"].shape
     out = {
         "weight_ih_l0": w["input_kernel"].transpose(0, 2, 1).reshape(g * u, -1),
@@ -82,8 +211,8 @@ def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def _penalty(r: Regularizer | None, x: torch.Tensor) -> torch.Tensor | None:
-    if r is None:
+def _penalty(r: Regularizer | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    if r is None or x is None:
         return None
     out = torch.zeros((), dtype=x.dtype, device=x.device)
     if r.l1:
@@ -138,27 +267,62 @@ class SpecModule(torch.nn.Module):
         k = layer.kind
         if k == "merge":
             return torch.cat(xs, -1), []
+        if k == "add":
+            out = xs[0]
+            for x in xs[1:]:
+                out = out + x
+            return out, []
+        if k == "attention":
+            mask = xs[1] if len(xs) > 1 else None
+            return getattr(self, name)(xs[0], mask, layer.causal), []
         (x,) = xs
         if k == "pool":
-            return x.mean(1), []
+            return x.mean(tuple(range(1, x.dim() - 1))), []
+        if k == "dropout":
+            return F.dropout(x, layer.rate, training=layer.training), []
+        if k in ("maxpool2d", "avgpool2d"):
+            pool = F.max_pool2d if k == "maxpool2d" else F.avg_pool2d
+            y = pool(x.permute(0, 3, 1, 2), layer.kernel_size, layer.strides)
+            return y.permute(0, 2, 3, 1), []
         module = getattr(self, name)
         if k in ("lstm", "gru"):
             seq = module(x)[0]
             return (seq if layer.return_sequences else seq[:, -1]), []
         if k in ("embedding", "layernorm"):
             return module(x), []
+        if k == "batchnorm":
+            return batch_norm(x, module, layer.training), []
         if k == "conv1d":
             x = module(x.transpose(1, 2)).transpose(1, 2)
+        elif k in S._CONV2D:
+            x = module(pad_same(x.permute(0, 3, 1, 2), layer)).permute(0, 2, 3, 1)
         else:
             x = module(x)
         x = ACTIVATIONS[layer.activation](x)
         penalties = [
-            _penalty(layer.kernel_regularizer, module.weight),
+            _penalty(layer.kernel_regularizer, getattr(module, "weight", None)),
             _penalty(layer.activity_regularizer, x),
         ]
         if penalties[1] is not None:
             penalties[1] = penalties[1] / x.shape[0]
         return x, [p for p in penalties if p is not None]
+
+
+def batch_norm(
+    x: torch.Tensor, module: torch.nn.Module, training: bool
+) -> torch.Tensor:
+    """BatchNorm over the last (channels) axis of ``x`` in the fixed mode."""
+    y = F.batch_norm(
+        x.movedim(-1, 1),
+        module.running_mean,
+        module.running_var,
+        module.weight,
+        module.bias,
+        training=training,
+        momentum=S.TORCH_BATCHNORM_MOMENTUM,
+        eps=S.BATCHNORM_EPSILON,
+    )
+    return y.movedim(1, -1)
 
 
 def per_example_loss(head: HeadSpec, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -234,6 +398,13 @@ class TorchBuilt(Built):
         return v.sum() / v.shape[0]
 
 
+def _tensor_at(module: torch.nn.Module, path: str) -> torch.Tensor:
+    """The parameter or buffer at a dotted path ("pointwise.weight")."""
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module  # type: ignore[return-value]
+
+
 def build(spec: ModelSpec, dtype: str = "float64", device: str = "cpu") -> TorchBuilt:
     """The spec as a :class:`SpecModule` in ``dtype`` on ``device``, with the spec's
     weights (set on the CPU, then moved: the same values on every device)."""
@@ -246,7 +417,7 @@ def build(spec: ModelSpec, dtype: str = "float64", device: str = "cpu") -> Torch
         for layer, w in weights.items():
             module = getattr(model, layer)
             for attr, value in torch_params(kinds[layer], w).items():
-                getattr(module, attr).copy_(
+                _tensor_at(module, attr).copy_(
                     torch.as_tensor(np.ascontiguousarray(value))
                 )
     return TorchBuilt(spec, model.to(device), dtype, device)
