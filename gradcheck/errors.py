@@ -110,6 +110,14 @@ class FunctionRaisedError(GradcheckError):
     def __str__(self) -> str:  # KeyError and friends would repr() the message
         return self.message
 
+    def __reduce__(self):  # combined classes are made at run time: rebuild them
+        base = next(b for b in type(self).__mro__ if b in _WRAPPERS)
+        original = next(
+            (b for b in type(self).__bases__ if not issubclass(b, GradcheckError)),
+            None,
+        )
+        return (_rebuild, (base, original, self.message, dict(vars(self))))
+
 
 class BackwardError(FunctionRaisedError):
     """The framework's backward pass through the checked function raised (a custom
@@ -126,7 +134,46 @@ class FrameworkError(FunctionRaisedError):
     the message says what gradcheck was doing."""
 
 
+_WRAPPERS = (
+    FunctionRaisedError,
+    BackwardError,
+    ReferencePrecisionError,
+    FrameworkError,
+)
 _COMBINED: dict[tuple[type, type], type] = {}
+
+
+def _combined(cls: type, original: type) -> type:
+    """``cls`` combined with ``original`` (made once per pair), or ``cls`` where
+    Python cannot combine them (incompatible layouts, a final class)."""
+    combined = _COMBINED.get((cls, original))
+    if combined is None:
+        combined = cls
+        if not issubclass(original, GradcheckError):
+            try:
+                combined = type(
+                    cls.__name__, (cls, original), {"__module__": cls.__module__}
+                )
+            except TypeError:
+                pass
+        _COMBINED[cls, original] = combined
+    return combined
+
+
+def _make(combined: type, cls: type, message: str, state: dict) -> FunctionRaisedError:
+    try:
+        err = combined(message)
+        err.__dict__.update({k: v for k, v in state.items() if k != "message"})
+    except Exception:  # the original type's constructor refused: plain cls
+        err = cls(message)
+    return err
+
+
+def _rebuild(
+    cls: type, original: type | None, message: str, state: dict
+) -> FunctionRaisedError:
+    combined = cls if original is None else _combined(cls, original)
+    return _make(combined, cls, message, state)
 
 
 def wrap_exception(
@@ -134,21 +181,8 @@ def wrap_exception(
 ) -> FunctionRaisedError:
     """An instance of ``cls`` carrying ``message`` that is also an instance of
     ``type(exc)`` when the two classes can be combined (``exc``'s attributes are
-    copied over), else a plain ``cls``. Raise it ``from exc``."""
-    key = (cls, type(exc))
-    combined = _COMBINED.get(key)
-    if combined is None and not isinstance(exc, GradcheckError):
-        try:
-            combined = type(
-                cls.__name__, (cls, type(exc)), {"__module__": cls.__module__}
-            )
-        except TypeError:  # incompatible layouts (or a final class): plain cls
-            combined = cls
-        _COMBINED[key] = combined
-    try:
-        err = (combined or cls)(message)
-        if combined not in (None, cls):
-            err.__dict__.update({k: v for k, v in vars(exc).items() if k != "message"})
-    except Exception:  # the original type's constructor refused: plain cls
-        err = cls(message)
-    return err
+    copied over), else a plain ``cls``. Raise it ``from exc``. Picklable: the
+    combined class is rebuilt on unpickling."""
+    combined = _combined(cls, type(exc))
+    state = dict(vars(exc)) if combined is not cls else {}
+    return _make(combined, cls, message, state)

@@ -428,6 +428,17 @@ def _patterns() -> dict[str, Callable[[], Case]]:
             extra={"params": m.named_parameters},
         )
 
+    @add("arguments_not_passed_as_inputs")
+    def _():
+        m = mlp()
+        return Case(
+            m,
+            lambda x: m(x).sum(),
+            FunctionRaisedError,
+            match="inputs=(",
+            also=TypeError,
+        )
+
     @add("flips_train_eval_inside")
     def _():
         m = mlp()
@@ -778,3 +789,15 @@ def test_the_guard_names_the_users_function_and_keeps_the_type():
             random.choice([])
     assert isinstance(info.value, IndexError)
     assert isinstance(info.value.__cause__, IndexError)
+
+
+def test_wrapped_errors_survive_pickling():
+    """Errors cross process boundaries (multiprocessing, pytest-xdist workers):
+    the class combining a GradcheckError with the original type is rebuilt."""
+    import pickle
+
+    m = mlp()
+    err = outcome(lambda: gradcheck.check_gradients(raise_own, params=m))
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, FunctionRaisedError) and isinstance(back, ValueError)
+    assert str(back) == str(err) and "boom" in str(back)

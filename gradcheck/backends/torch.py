@@ -191,6 +191,11 @@ _HINTS = (
         "hard-coded float32 constants)",
     ),
     (
+        "required positional argument",
+        "gradcheck calls fn(*inputs): pass fn's arguments as inputs=(...), or "
+        "close over them and take none",
+    ),
+    (
         "meta tensor",
         "a tensor on the 'meta' device has no data; materialise the model "
         "(model.to_empty(device='cpu') and initialise, or load weights)",
