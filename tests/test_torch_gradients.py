@@ -955,3 +955,26 @@ def test_straight_through_estimator_is_named():
     assert report.status == "mismatch", report.message()
     assert report.location.tensor == "0.weight"
     assert "straight-through" in report.message()
+
+
+def test_gradient_penalty_at_a_kink_is_nondifferentiable_with_the_census():
+    """The kink census runs fn once more: with grad enabled when fn
+    differentiates inside, so the units on ReLU's kink are still counted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)
+    ).double()
+    with torch.no_grad():
+        model[0].bias.zero_()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[:3] = 0  # 3 rows x 16 units exactly at ReLU's kink
+
+    def loss():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        return out.pow(2).mean() + 0.5 * (g.norm(dim=1) - 1).pow(2).mean()
+
+    report = gradcheck.check_gradients(loss, params=model, mode="directional")
+    assert report.status == "nondifferentiable", report.message()
+    assert "48 unit(s) sit exactly on a kink" in report.message()

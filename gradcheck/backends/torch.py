@@ -535,7 +535,12 @@ class TorchSession(Session):
         from gradcheck.backends._torch_kinks import KinkCensus, module_names
 
         with KinkCensus(module_names(self.modules)) as census:
-            self._evaluate([None] * len(self.diff), 0.0, promote=False)
+            self._evaluate(
+                [None] * len(self.diff),
+                0.0,
+                promote=False,
+                record=bool(self._ref_grad),  # fn differentiates inside
+            )
         return census.rows()
 
     def _clear_autocast_cache(self) -> None:
