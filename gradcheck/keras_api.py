@@ -43,7 +43,12 @@ def check_keras_model(
 
     ``x``/``y``/``sample_weight``/``class_weight``: as for ``train_on_batch``
     (y a dict keyed by output name, or a list in output order). ``rtol`` overrides
-    the expected gradient rounding. Returns a :class:`CheckReport` with
+    the expected gradient rounding (a prior: a failing gradient comparison is
+    judged again with this model's rounding measured at check time, from one
+    backward pass of the weighted total against the per-loss passes and from
+    Keras' compiled step against the same step run eagerly; deep BatchNorm
+    networks such as keras.applications.MobileNetV3Small need it). Returns a
+    :class:`CheckReport` with
     ``property="keras_training"``; raises a :class:`~gradcheck.errors.GradcheckError`
     (e.g. :class:`~gradcheck.errors.NotCompiledError`) when the model cannot be
     checked."""
