@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "NOT_RUN",
     "STATUSES",
     "CheckReport",
     "FlowMatrix",
@@ -23,7 +24,19 @@ __all__ = [
 ]
 
 #: Every status a report can have, best first.
-STATUSES = ("passed", "mismatch", "nondifferentiable", "nondeterministic")
+STATUSES = (
+    "passed",
+    "mismatch",
+    "nondifferentiable",
+    "nondeterministic",
+    "unbuildable",
+    "timeout",
+    "error",
+)
+#: Statuses of a check that reached no verdict (gradcheck.check_model): the model
+#: could not be built, the check ran past its time limit, or it raised a
+#: GradcheckError. The first note says why; error and tolerance are NaN.
+NOT_RUN = ("unbuildable", "timeout", "error")
 
 
 @dataclass
@@ -148,12 +161,17 @@ class CheckReport:
     def headline(self) -> str:
         prop = self.property.replace("_", "-")
         verdict = "passed" if self.passed else f"FAILED ({self.status})"
+        if self.status in NOT_RUN:
+            verdict = f"not run ({self.status})"
         where = f" at {self.location.describe()}" if self.location else ""
         return f"gradcheck: {prop} check {verdict}{where}"
 
     def message(self) -> str:
         """A failure message a person can act on. No tensor dumps."""
         lines = [self.headline()]
+        if self.status in NOT_RUN:  # no numbers to show: the reason
+            lines.extend(f"  {n}" for n in self.notes)
+            return "\n".join(lines)
         loc = self.location
         if loc is not None:
             what = loc.quantity + (f" of loss '{loc.head}'" if loc.head else "")

@@ -1,0 +1,412 @@
+"""transformers models by model type (``hf:<model_type>``): a shrunk config, random
+weights, inferred inputs. Nothing is downloaded.
+
+Used by :mod:`gradcheck.models`; imports transformers and torch only when called.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from gradcheck.errors import InvalidArgumentError
+
+__all__ = ["build", "expand_all", "load_config", "shrink_config"]
+
+#: the shrink: every config (nested text/vision/audio configs too) gets at most
+LAYERS = 2
+HIDDEN = 32
+HEADS = 2
+FFN = 64
+VOCAB = 1024
+IMAGE = 64
+EXPERTS = 4
+TOP_K = 2
+
+_LAYER_KEYS = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_blocks",
+)
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+_HEAD_KEYS = (
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_heads",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
+_KV_KEYS = ("num_key_value_heads", "num_kv_heads")
+_FFN_KEYS = (
+    "intermediate_size",
+    "d_ff",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "n_inner",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk")
+#: inputs the model may take, by kind
+TEXT, IMAGE_INPUT, AUDIO = (
+    "input_ids",
+    "pixel_values",
+    ("input_values", "input_features"),
+)
+INPUT_KINDS = (TEXT, IMAGE_INPUT, *AUDIO)
+
+
+def _is_config(obj: Any) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(obj, PretrainedConfig)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_config(model_type: str) -> Any:
+    """``AutoConfig.for_model(model_type)``; a ValueError (unknown type) as is."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type)
+
+
+def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
+    """Shrink ``cfg`` in place (and every nested config): layers, width, heads,
+    vocabulary, image size, experts; every dropout 0; no cache. Returns it."""
+    seen = _seen if _seen is not None else set()
+    if id(cfg) in seen:
+        return cfg
+    seen.add(id(cfg))
+    attrs = dict(vars(cfg))
+    for key, value in attrs.items():
+        if _is_config(value):
+            shrink_config(value, seen)
+        elif isinstance(value, Mapping) and key.endswith("_config"):
+            continue  # a dict config is rebuilt by its parent; leave it
+    old_layers: set[int] = set()
+
+    def cap(keys: tuple[str, ...], limit: int) -> None:
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if _int(value) and value > limit:
+                if keys is _LAYER_KEYS:
+                    old_layers.add(value)
+                _set(cfg, key, limit)
+
+    cap(_LAYER_KEYS, LAYERS)
+    for key in _HIDDEN_KEYS:
+        if _int(getattr(cfg, key, None)) and getattr(cfg, key) > HIDDEN:
+            _set(cfg, key, HIDDEN)
+    cap(_HEAD_KEYS, HEADS)
+    cap(_KV_KEYS, HEADS)
+    cap(_FFN_KEYS, FFN)
+    cap(("vocab_size",), VOCAB)
+    cap(_EXPERT_KEYS, EXPERTS)
+    experts = min(
+        [getattr(cfg, k) for k in _EXPERT_KEYS if _int(getattr(cfg, k, None))]
+        or [EXPERTS]
+    )
+    cap(_TOPK_KEYS, min(TOP_K, experts))
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
+        _set(cfg, "head_dim", max(hidden // heads, 4))
+    size = getattr(cfg, "image_size", None)
+    if _int(size) and size > IMAGE:
+        _set(cfg, "image_size", IMAGE)
+    elif isinstance(size, (list, tuple)) and all(_int(s) for s in size):
+        _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
+    for key, value in list(vars(cfg).items()):
+        lowered = key.lower()
+        if (
+            "dropout" in lowered or "drop_path" in lowered or "layerdrop" in lowered
+        ) and (isinstance(value, float) or (_int(value) and value == 0)):
+            _set(cfg, key, 0.0)
+        elif (
+            lowered.endswith("_prob") and "drop" in lowered and isinstance(value, float)
+        ):
+            _set(cfg, key, 0.0)
+        elif (
+            isinstance(value, list)
+            and old_layers
+            and len(value) in old_layers
+            and key not in ("architectures",)
+        ):
+            _set(cfg, key, value[:LAYERS])  # per-layer lists: layer_types, ...
+    vocab = getattr(cfg, "vocab_size", None)
+    if _int(vocab):
+        for key, value in list(vars(cfg).items()):
+            if key.endswith("_token_id") and _int(value) and value >= vocab:
+                _set(cfg, key, value % vocab)
+    if hasattr(cfg, "use_cache"):
+        _set(cfg, "use_cache", False)
+    return cfg
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    try:
+        setattr(cfg, key, value)
+    except (AttributeError, TypeError, ValueError):
+        pass  # a read-only property: the model derives it
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, str], spec: str) -> None:
+    """Set ``key=value`` pairs (``text_config.hidden_size`` for nested configs),
+    each parsed as the type the config's attribute has. InvalidArgumentError names
+    a key the config does not have (with the valid ones) or a value of the wrong
+    type."""
+    for key, text in overrides.items():
+        target, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            nested = getattr(target, part, None)
+            if not _is_config(nested):
+                raise InvalidArgumentError(
+                    f"{spec}: override {key!r}: {part!r} is not a nested config of "
+                    f"{type(target).__name__}; nested configs: {_nested(target)}."
+                )
+            target = nested
+        name = parts[-1]
+        valid = sorted(k for k in target.to_dict() if not k.startswith("_"))
+        if name.startswith("_") or name not in valid:
+            raise InvalidArgumentError(
+                f"{spec}: unknown override {key!r}: {type(target).__name__} has no "
+                f"attribute {name!r}. Valid keys: {', '.join(valid)}."
+            )
+        current = getattr(target, name)
+        setattr(target, name, _parse_value(text, current, key, spec))
+
+
+def _nested(cfg: Any) -> list[str]:
+    return sorted(k for k, v in vars(cfg).items() if _is_config(v)) or ["none"]
+
+
+def _parse_value(text: str, current: Any, key: str, spec: str) -> Any:
+    def bad(kind: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"{spec}: override {key}={text!r} is not {kind} (the config's {key} is "
+            f"{current!r}, a {type(current).__name__}); write e.g. {key}={_example(current)}."
+        )
+
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise bad("a boolean (true/false)")
+    if _int(current):
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a number") from None
+    if isinstance(current, str):
+        return text
+    try:  # None, lists, dicts: a JSON literal, else the string itself
+        value = json.loads(text)
+    except ValueError:
+        if isinstance(current, (list, tuple, dict)):
+            raise bad(f"a JSON {type(current).__name__}") from None
+        return text
+    if isinstance(current, (list, tuple, dict)) and not isinstance(value, (list, dict)):
+        raise bad(f"a JSON {type(current).__name__}")
+    return value
+
+
+def _example(current: Any) -> str:
+    if isinstance(current, bool):
+        return "true"
+    if _int(current):
+        return "2"
+    if isinstance(current, float):
+        return "0.5"
+    if isinstance(current, (list, tuple)):
+        return "[1,2]"
+    return "text"
+
+
+def count_parameters_meta(cfg: Any) -> int | None:
+    """Parameters of ``AutoModel.from_config(cfg)`` built on the meta device (no
+    memory); None when that does not work for this model."""
+    import torch
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(cfg)
+    except Exception:
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg: Any) -> Any:
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(cfg, attn_implementation="eager")
+    except (ValueError, TypeError) as exc:
+        if "attn_implementation" not in str(exc) and "eager" not in str(exc):
+            raise
+        return AutoModel.from_config(cfg)
+
+
+def _sub(cfg: Any, *names: str) -> Any:
+    for name in names:
+        sub = getattr(cfg, name, None)
+        if _is_config(sub):
+            return sub
+    return cfg
+
+
+def _ids(torch: Any, gen: Any, cfg: Any, batch: int, seq: int) -> Any:
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
+    if not _int(vocab) or vocab < 2:
+        raise ValueError(f"cannot draw token ids: vocab_size is {vocab!r}")
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    pad = getattr(text, "pad_token_id", None)
+    if _int(pad) and 0 <= pad < vocab:  # token ids that avoid the padding id
+        ids[ids == pad] = (pad + 1) % vocab
+    return ids
+
+
+def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
+    """Inputs for ``model.forward`` from its main input name and signature:
+    token ids avoiding the padding id, an all-ones attention mask, decoder ids for
+    encoder-decoders, pixel values, audio values or features. ``extra``: also fill
+    every other known input the signature takes (multimodal models)."""
+    import torch
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    sig = inspect.signature(model.forward).parameters
+    main = getattr(model, "main_input_name", "input_ids")
+    if main not in INPUT_KINDS:
+        found = [k for k in INPUT_KINDS if k in sig]
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} takes {main!r}, not token ids, pixel values "
+                "or audio values; pass inputs= yourself"
+            )
+        main = found[0]
+    wanted = [main] + (
+        [k for k in INPUT_KINDS if k in sig and k != main] if extra else []
+    )
+    batch, seq = 2, 8
+    inputs: dict[str, Any] = {}
+    for name in wanted:
+        if name == TEXT:
+            inputs[name] = _ids(torch, gen, cfg, batch, seq)
+        elif name == IMAGE_INPUT:
+            vis = _sub(cfg, "vision_config", "backbone_config")
+            channels = getattr(vis, "num_channels", None) or 3
+            size = getattr(vis, "image_size", None) or IMAGE
+            h, w = (size, size) if _int(size) else tuple(size)[:2]
+            inputs[name] = torch.randn(batch, channels, h, w, generator=gen)
+        elif name == "input_values":
+            inputs[name] = torch.randn(batch, 4000, generator=gen)
+        elif name == "input_features":
+            aud = _sub(cfg, "audio_config", "encoder_config")
+            mels = (
+                getattr(aud, "num_mel_bins", None)
+                or getattr(aud, "feature_size", None)
+                or getattr(aud, "input_feat_per_channel", None)
+                or 80
+            )
+            frames = getattr(aud, "max_source_positions", None)
+            frames = 2 * frames if _int(frames) else 64
+            inputs[name] = torch.randn(batch, mels, frames, generator=gen)
+    if "attention_mask" in sig and TEXT in inputs:
+        inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
+        inputs["decoder_input_ids"] = _ids(torch, gen, cfg, batch, seq)
+    return inputs
+
+
+def build(
+    model_type: str,
+    overrides: Mapping[str, str],
+    spec: str,
+    seed: int,
+    max_parameters: int,
+) -> tuple[Any, dict[str, Any], int]:
+    """(model in eval mode, inputs, parameter count). InvalidArgumentError for a bad
+    override; any other exception means the model cannot be built (its reason)."""
+    import torch
+
+    cfg = load_config(model_type)
+    shrink_config(cfg)
+    apply_overrides(cfg, overrides, spec)
+    counted = count_parameters_meta(cfg)
+    if counted is not None and counted > max_parameters:
+        raise MemoryError(_too_big(spec, counted, max_parameters))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    model.eval()
+    n = sum(p.numel() for p in model.parameters())
+    if n > max_parameters:
+        raise MemoryError(_too_big(spec, n, max_parameters))
+    inputs = infer_inputs(model, seed)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:
+        more = infer_inputs(model, seed, extra=True)
+        if set(more) == set(inputs):
+            raise
+        with torch.no_grad():
+            model(**more)
+        inputs = more
+    return model, inputs, n
+
+
+def _too_big(spec: str, n: int, limit: int) -> str:
+    return (
+        f"{spec} has {n:,} parameters after shrinking, over the limit of {limit:,}: "
+        "checking it could exhaust memory. Shrink it further with overrides "
+        "(e.g. ?vocab_size=512&num_hidden_layers=1) or raise max_parameters."
+    )
+
+
+def expand_all() -> list[str]:
+    """Every model type in transformers' CONFIG_MAPPING that AutoModel knows and
+    whose model takes token ids, pixel values or audio values (read from the model
+    class's ``main_input_name`` and forward signature; nothing is built)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    found = []
+    for model_type in CONFIG_MAPPING_NAMES:
+        names = MODEL_MAPPING_NAMES.get(model_type)
+        if not names:
+            continue
+        name = names[0] if isinstance(names, (list, tuple)) else names
+        try:
+            cls = getattr(transformers, name)
+            main = getattr(cls, "main_input_name", None)
+            sig = inspect.signature(cls.forward).parameters
+        except Exception:  # an optional dependency is missing: not buildable here
+            continue
+        if main in INPUT_KINDS or any(k in sig for k in INPUT_KINDS):
+            found.append(model_type)
+    return found

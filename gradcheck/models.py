@@ -1,0 +1,931 @@
+"""Any model by name: ``check_model("hf:bert")`` checks a real architecture with no
+test code.
+
+A *spec* names a model:
+
+* ``hf:<model_type>``: transformers ``AutoConfig.for_model(model_type)``, shrunk
+  (layers <= 2, hidden 32, 2 heads, vocabulary <= 1024, images <= 64, experts <= 4,
+  every dropout 0, nested configs too), ``AutoModel.from_config``, random weights,
+  nothing downloaded. Overrides: ``hf:llama?num_hidden_layers=1&hidden_size=64``
+  (typed as the config's attribute; ``text_config.hidden_size`` for nested ones).
+  ``hf:*``: every model type that takes token ids, pixel values or audio values.
+* ``keras:<Application>``: ``keras.applications``, ``weights=None``, 10 classes, the
+  smallest input it accepts (32x32 where allowed).
+* ``package.module:callable``: called with no arguments, returns a model or
+  ``(model, inputs)`` (inputs: a dict of keyword arguments, a tuple of positional
+  ones, or one tensor).
+
+The loss has two heads on the model's first floating output: ``main``, a seeded
+random projection, and ``aux``, its mean square, with asymmetric weights drawn by
+Hypothesis from the seed. The properties map to the library's checks: ``fd`` ->
+:func:`gradcheck.check_gradients`, ``linearity`` -> :func:`gradcheck.check_linearity`,
+``locality`` -> :func:`gradcheck.check_locality` (both heads must reach every
+parameter the first output depends on, and nothing else).
+
+A model that cannot be built gives reports with status ``unbuildable`` and the
+framework's reason; a check past ``timeout`` seconds (run in a spawned worker
+process, killed at the deadline) gives ``timeout``; a check that raises a
+:class:`~gradcheck.GradcheckError` gives ``error`` with its message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import math
+import multiprocessing
+import pickle
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from gradcheck.errors import GradcheckError, InvalidArgumentError
+from gradcheck.result import NOT_RUN, CheckReport
+
+__all__ = [
+    "DTYPES",
+    "MAX_PARAMETERS",
+    "PROPERTIES",
+    "Checker",
+    "ModelReports",
+    "Spec",
+    "UnbuildableError",
+    "check_model",
+    "draw_weights",
+    "expand_specs",
+    "parse_spec",
+]
+
+PROPERTIES = ("fd", "linearity", "locality")
+#: the report's ``property`` for each short name
+PROPERTY_NAMES = {
+    "fd": "finite_difference",
+    "linearity": "linearity",
+    "locality": "locality",
+}
+DTYPES = ("float32", "float64")
+#: configs still larger than this after shrinking are refused, not run
+MAX_PARAMETERS = 20_000_000
+HEADS = ("main", "aux")
+
+
+class UnbuildableError(GradcheckError):
+    """The spec names a model that cannot be built here (the framework's reason)."""
+
+
+# --------------------------------------------------------------------- specs
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A parsed spec: ``kind`` is "hf", "keras" or "callable"."""
+
+    text: str
+    kind: str
+    name: str
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse a spec's syntax; InvalidArgumentError says what a spec looks like."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgumentError(
+            f"a model spec is a non-empty string such as 'hf:bert', "
+            f"'keras:MobileNetV3Small' or 'package.module:callable'; got {text!r}."
+        )
+    text = text.strip()
+    prefix, sep, rest = text.partition(":")
+    if not sep or not prefix or not rest:
+        raise InvalidArgumentError(
+            f"model spec {text!r}: expected 'hf:<model_type>', 'keras:<Application>' "
+            "or 'package.module:callable'."
+        )
+    if prefix == "hf":
+        name, _, query = rest.partition("?")
+        if not name:
+            raise InvalidArgumentError(
+                f"model spec {text!r}: no model type after 'hf:'."
+            )
+        try:
+            pairs = urllib.parse.parse_qsl(query, strict_parsing=True) if query else []
+        except ValueError:
+            raise InvalidArgumentError(
+                f"model spec {text!r}: overrides are key=value pairs joined by '&', "
+                "e.g. hf:llama?num_hidden_layers=1&hidden_size=64."
+            ) from None
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise InvalidArgumentError(f"model spec {text!r}: {dup} given twice.")
+        if name == "*" and pairs:
+            raise InvalidArgumentError(
+                f"model spec {text!r}: 'hf:*' takes no overrides."
+            )
+        return Spec(text, "hf", name, tuple(pairs))
+    if prefix == "keras":
+        if "?" in rest:
+            raise InvalidArgumentError(
+                f"model spec {text!r}: keras applications take no overrides."
+            )
+        return Spec(text, "keras", rest)
+    module = prefix
+    if not all(part.isidentifier() for part in module.split(".")) or not all(
+        part.isidentifier() for part in rest.split(".")
+    ):
+        raise InvalidArgumentError(
+            f"model spec {text!r}: expected 'hf:<model_type>', 'keras:<Application>' "
+            "or 'package.module:callable' (a module path and a function name)."
+        )
+    return Spec(text, "callable", f"{module}:{rest}")
+
+
+def expand_specs(specs: Iterable[str]) -> list[Spec]:
+    """Parse every spec and expand ``hf:*`` to the model types that take token ids,
+    pixel values or audio values. Also validates hf overrides (InvalidArgumentError
+    before anything runs); a model type that does not exist is left for the run to
+    report as unbuildable."""
+    out: list[Spec] = []
+    for text in specs:
+        spec = parse_spec(text)
+        if spec.kind == "hf" and spec.name == "*":
+            from gradcheck.backends import _hf
+
+            out.extend(parse_spec(f"hf:{t}") for t in _hf.expand_all())
+            continue
+        if spec.kind == "hf" and spec.overrides:
+            _validate_overrides(spec)
+        out.append(spec)
+    return out
+
+
+def _validate_overrides(spec: Spec) -> None:
+    from gradcheck.backends import _hf
+
+    try:
+        cfg = _hf.load_config(spec.name)
+    except Exception:  # unknown model type: reported as unbuildable when run
+        return
+    _hf.shrink_config(cfg)
+    _hf.apply_overrides(cfg, dict(spec.overrides), spec.text)
+
+
+# --------------------------------------------------------------------- weights
+def draw_weights(seed: int) -> dict[str, float]:
+    """The two heads' loss weights, drawn by Hypothesis from ``seed`` (the same
+    seed, the same weights): positive, at least 2x apart, rounded to 3 digits, so
+    a swapped or dropped head changes the total."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+    from hypothesis import strategies as st
+
+    weight = st.floats(0.05, 4.0).map(lambda w: float(f"{w:.3g}"))
+    pair = st.tuples(weight, weight).filter(lambda w: max(w) >= 2 * min(w))
+    drawn: list[tuple[float, float]] = []
+
+    @hseed(seed)
+    @settings(
+        max_examples=1,
+        database=None,
+        phases=[Phase.generate],
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(pair)
+    def draw(w: tuple[float, float]) -> None:
+        drawn.append(w)
+
+    draw()
+    return dict(zip(HEADS, drawn[-1], strict=True))
+
+
+# --------------------------------------------------------------------- results
+class ModelReports(list):
+    """The reports of one :func:`check_model` call (a list of
+    :class:`~gradcheck.CheckReport`, one per property x dtype), with the rows the
+    CLI and the reports show."""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self)
+
+    @property
+    def mismatches(self) -> list[CheckReport]:
+        return [r for r in self if r.status == "mismatch"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [row(r) for r in self]
+
+
+def row(report: CheckReport) -> dict[str, Any]:
+    """``model, property, dtype, status, seconds, parameters, message`` of a report
+    that :func:`check_model` made."""
+    meta = _meta(report)
+    message = report.notes[0] if report.status in NOT_RUN else report.message()
+    return {
+        "model": meta.get("model", report.label),
+        "property": meta.get("property", report.property),
+        "dtype": report.dtype,
+        "status": report.status,
+        "seconds": round(float(report.cost.get("seconds", 0.0)), 3),
+        "parameters": int(report.cost.get("parameters", 0)),
+        "message": message,
+    }
+
+
+def _label(model: str, prop: str, dtype: str) -> str:
+    return f"{model} {prop} {dtype}"
+
+
+def _meta(report: CheckReport) -> dict[str, str]:
+    parts = (report.label or "").rsplit(" ", 2)
+    if len(parts) == 3 and parts[1] in PROPERTIES:
+        return {"model": parts[0], "property": parts[1]}
+    return {}
+
+
+def not_run_report(
+    status: str,
+    model: str,
+    prop: str,
+    dtype: str,
+    reason: str,
+    *,
+    seed: int = 0,
+    framework: str = "unknown",
+    parameters: int = 0,
+    seconds: float = 0.0,
+) -> CheckReport:
+    """A report for a check that reached no verdict (``unbuildable``, ``timeout``,
+    ``error``): the reason is its first note."""
+    report = CheckReport(
+        property=PROPERTY_NAMES[prop],
+        status=status,
+        framework=framework,
+        device="cpu",
+        dtype=dtype,
+        seed=seed,
+        mode="none",
+        error=math.nan,
+        tolerance=math.nan,
+        tolerance_reason="not run",
+        notes=[reason],
+        cost={"seconds": seconds, "parameters": parameters},
+    )
+    report.label = _label(model, prop, dtype)
+    return report
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, GradcheckError):
+        return text or type(exc).__name__
+    first = text.splitlines()[0] if text else ""
+    if len(first) > 400:  # transformers lists every model type it knows
+        first = first[:400].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {first}"
+
+
+# --------------------------------------------------------------------- targets
+class Checker:
+    """One model, built once (lazily), checked per property and dtype.
+
+    ``model``: a spec string / :class:`Spec`, or a model object (torch
+    ``nn.Module`` or Keras model) with ``inputs``."""
+
+    def __init__(
+        self,
+        model: Any,
+        inputs: Any = None,
+        *,
+        seed: int = 0,
+        max_parameters: int = MAX_PARAMETERS,
+    ) -> None:
+        self.seed = seed
+        self.max_parameters = max_parameters
+        if isinstance(model, str):
+            model = parse_spec(model)
+        self.spec = model if isinstance(model, Spec) else None
+        self.object = None if self.spec is not None else model
+        self.name = self.spec.text if self.spec else _object_name(model)
+        self.user_inputs = inputs
+        self.parameters = 0
+        self.framework = "unknown"
+        self.build_seconds = 0.0
+        self._built: tuple[Any, Any] | None = None
+        self._failure: str | None = None
+        self._weights: dict[str, float] | None = None
+
+    # ---------------------------------------------------------------- build
+    def build(self) -> None:
+        """Build the model and its inputs; UnbuildableError with the reason.
+        InvalidArgumentError (a bad override) passes through."""
+        if self._built is not None:
+            return
+        if self._failure is not None:
+            raise UnbuildableError(self._failure)
+        started = time.perf_counter()
+        try:
+            model, inputs = self._make()
+        except InvalidArgumentError:
+            raise
+        except GradcheckError as exc:
+            self._failure = str(exc)
+            raise UnbuildableError(self._failure) from exc
+        except Exception as exc:  # the framework's reason, never a traceback
+            self._failure = _reason(exc)
+            raise UnbuildableError(self._failure) from exc
+        finally:
+            self.build_seconds = time.perf_counter() - started
+        if self.user_inputs is not None:
+            inputs = self.user_inputs
+        self.framework = _framework(model)
+        if self.framework == "unknown":
+            self._failure = (
+                f"{self.name} gave a {type(model).__name__}, not a torch nn.Module "
+                "or a Keras model"
+            )
+            raise UnbuildableError(self._failure)
+        self.parameters = _count(model, self.framework)
+        self._built = (model, inputs)
+
+    def _make(self) -> tuple[Any, Any]:
+        if self.spec is None:
+            if self.user_inputs is None:
+                inputs = _infer_object_inputs(self.object, self.seed)
+            else:
+                inputs = self.user_inputs
+            return self.object, inputs
+        spec = self.spec
+        if spec.kind == "hf":
+            from gradcheck.backends import _hf
+
+            model, inputs, _ = _hf.build(
+                spec.name,
+                dict(spec.overrides),
+                spec.text,
+                self.seed,
+                self.max_parameters,
+            )
+            return model, inputs
+        if spec.kind == "keras":
+            from gradcheck.backends import _keras_apps
+
+            model, x, _ = _keras_apps.build(spec.name, self.seed, self.max_parameters)
+            return model, x
+        module_name, _, attr = spec.name.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UnbuildableError(
+                f"{spec.text}: cannot import {module_name!r} ({exc}); is it on "
+                "sys.path / PYTHONPATH?"
+            ) from exc
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise UnbuildableError(f"{spec.text}: {module_name} has no {attr!r}.")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise UnbuildableError(f"{spec.text}: {attr!r} is not callable.")
+        made = obj()
+        if isinstance(made, tuple) and len(made) == 2:
+            return made
+        inputs = (
+            None
+            if self.user_inputs is not None
+            else _infer_object_inputs(made, self.seed)
+        )
+        return made, inputs
+
+    # ---------------------------------------------------------------- checks
+    @property
+    def weights(self) -> dict[str, float]:
+        if self._weights is None:
+            self._weights = draw_weights(self.seed)
+        return self._weights
+
+    def run(self, prop: str, dtype: str) -> CheckReport:
+        """One property in one dtype: a report, never an exception (except
+        InvalidArgumentError for a bad override)."""
+        _check_choice("property", prop, PROPERTIES)
+        _check_choice("dtype", dtype, DTYPES)
+        label = _label(self.name, prop, dtype)
+        started = time.perf_counter()
+        try:
+            self.build()
+        except UnbuildableError as exc:
+            return _publish(
+                not_run_report(
+                    "unbuildable",
+                    self.name,
+                    prop,
+                    dtype,
+                    str(exc),
+                    seed=self.seed,
+                    seconds=self.build_seconds,
+                )
+            )
+        assert self._built is not None
+        try:
+            report = self._run(prop, dtype, label)
+        except GradcheckError as exc:
+            return _publish(
+                not_run_report(
+                    "error",
+                    self.name,
+                    prop,
+                    dtype,
+                    _reason(exc),
+                    seed=self.seed,
+                    framework=self.framework,
+                    parameters=self.parameters,
+                    seconds=time.perf_counter() - started,
+                )
+            )
+        report.cost["seconds"] = time.perf_counter() - started
+        report.cost["parameters"] = self.parameters
+        return report
+
+    def _run(self, prop: str, dtype: str, label: str) -> CheckReport:
+        import gradcheck
+
+        model, inputs = self._built  # type: ignore[misc]
+        with _prepared(model, inputs, dtype, self.framework, self.seed) as (m, heads):
+            total, losses, expected = heads(self.weights, prop == "locality")
+            if prop == "fd":
+                return gradcheck.check_gradients(
+                    total, params=m, seed=self.seed, label=label
+                )
+            if prop == "linearity":
+                return gradcheck.check_linearity(
+                    total, losses, self.weights, params=m, seed=self.seed, label=label
+                )
+            return gradcheck.check_locality(
+                total,
+                losses,
+                self.weights,
+                expected=expected,
+                params=m,
+                seed=self.seed,
+                label=label,
+            )
+
+
+def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise InvalidArgumentError(
+            f"unknown {what} {value!r}; expected one of {', '.join(choices)}."
+        )
+
+
+def _publish(report: CheckReport) -> CheckReport:
+    from gradcheck import api
+
+    return api._publish(report, report.label)
+
+
+def _object_name(model: Any) -> str:
+    return f"<{type(model).__module__}.{type(model).__qualname__}>"
+
+
+def _framework(model: Any) -> str:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return "torch"
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return "tensorflow"
+    return "unknown"
+
+
+def _count(model: Any, framework: str) -> int:
+    if framework == "torch":
+        return sum(p.numel() for p in model.parameters())
+    return int(sum(math.prod(w.shape) for w in model.weights))
+
+
+def _infer_object_inputs(model: Any, seed: int) -> Any:
+    """Inputs for a model object: a transformers model's from its config; else
+    the user must pass them."""
+    if hasattr(model, "config") and hasattr(model, "main_input_name"):
+        from gradcheck.backends import _hf
+
+        return _hf.infer_inputs(model, seed)
+    keras_shape = getattr(model, "input_shape", None)
+    if isinstance(keras_shape, tuple) and all(
+        isinstance(d, int) for d in keras_shape[1:]
+    ):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((2, *keras_shape[1:])).astype("float32")
+    raise UnbuildableError(
+        f"cannot infer the inputs of a {type(model).__name__} (not a transformers "
+        "model, no fixed Keras input shape): pass inputs= (a dict of keyword "
+        "arguments, a tuple of positional ones, or one tensor), or return "
+        "(model, inputs) from your callable."
+    )
+
+
+@contextlib.contextmanager
+def _prepared(
+    model: Any, inputs: Any, dtype: str, framework: str, seed: int
+) -> Iterator[tuple[Any, Any]]:
+    """The model in eval mode and ``dtype`` (a copy when it must be converted;
+    train flags restored afterwards) and a factory of the two-head losses."""
+    if framework == "torch":
+        with _torch_prepared(model, inputs, dtype, seed) as got:
+            yield got
+    else:
+        yield _keras_prepared(model, inputs, dtype, seed)
+
+
+@contextlib.contextmanager
+def _torch_prepared(
+    model: Any, inputs: Any, dtype: str, seed: int
+) -> Iterator[tuple[Any, Any]]:
+    import torch
+
+    want = getattr(torch, dtype)
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.dtype != want for p in floating):
+        model = copy.deepcopy(model).to(want)
+    inputs = _convert(inputs, lambda t: t.to(want) if t.is_floating_point() else t)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+
+        def call() -> Any:
+            out = _call(model, inputs)
+            first = _first_float(out, torch.is_tensor)
+            if first is None:
+                raise UnbuildableError(
+                    f"{type(model).__name__} returned no floating tensor"
+                )
+            return first
+
+        with torch.no_grad():
+            shape = call().shape
+        gen = torch.Generator().manual_seed(seed)
+        n = max(math.prod(shape), 1)
+        proj = torch.randn(shape, generator=gen, dtype=torch.float64).to(want) / (
+            math.sqrt(n)
+        )
+
+        def heads(weights: Mapping[str, float], locality: bool) -> tuple[Any, ...]:
+            wm, wa = weights["main"], weights["aux"]
+
+            def main() -> Any:
+                return (call() * proj).sum()
+
+            def aux() -> Any:
+                return call().pow(2).mean()
+
+            def total() -> Any:
+                o = call()
+                return wm * (o * proj).sum() + wa * o.pow(2).mean()
+
+            expected = None
+            if locality:
+                named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+                out = call()
+                grads = torch.autograd.grad(
+                    out.sum(), [p for _, p in named], allow_unused=True
+                )
+                expected = {
+                    k: (list(HEADS) if g is not None else [])
+                    for (k, _), g in zip(named, grads, strict=True)
+                }
+            return total, {"main": main, "aux": aux}, expected
+
+        yield model, heads
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _keras_prepared(model: Any, x: Any, dtype: str, seed: int) -> tuple[Any, Any]:
+    import numpy as np
+    import tensorflow as tf
+
+    weights_dtype = {
+        str(getattr(w, "dtype", "float32")) for w in model.trainable_weights
+    }
+    if weights_dtype and weights_dtype != {dtype}:
+        raise InvalidArgumentError(
+            f"this Keras model's weights are {sorted(weights_dtype)}, not {dtype}; "
+            f"build it in {dtype} (keras.config.set_dtype_policy('{dtype}')) to check "
+            f"{dtype}."
+        )
+    x = _convert(x, lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, tf)
+
+    def call() -> Any:
+        out = model(x, training=False) if not isinstance(x, Mapping) else model(x)
+        first = _first_float(out, lambda t: tf.is_tensor(t))
+        if first is None:
+            raise UnbuildableError(
+                f"{type(model).__name__} returned no floating tensor"
+            )
+        return first
+
+    shape = tuple(call().shape)
+    rng = np.random.default_rng(seed)
+    n = max(math.prod(shape), 1)
+    proj = tf.constant(rng.standard_normal(shape) / math.sqrt(n), dtype=dtype)
+
+    def heads(weights: Mapping[str, float], locality: bool) -> tuple[Any, ...]:
+        wm, wa = weights["main"], weights["aux"]
+
+        def main() -> Any:
+            return tf.reduce_sum(call() * proj)
+
+        def aux() -> Any:
+            return tf.reduce_mean(tf.square(call()))
+
+        def total() -> Any:
+            o = call()
+            return wm * tf.reduce_sum(o * proj) + wa * tf.reduce_mean(tf.square(o))
+
+        expected = None
+        if locality:
+            from gradcheck.backends.tensorflow import _var_label
+
+            variables = list(model.trainable_variables)
+            with tf.GradientTape() as tape:
+                out = call()
+                s = tf.reduce_sum(out)
+            grads = tape.gradient(s, variables)
+            if all(g is not None for g in grads):
+                expected = {"*": list(HEADS)}
+            else:
+                expected = {
+                    _var_label(v) or f"variable[{i}]": (
+                        list(HEADS) if g is not None else []
+                    )
+                    for i, (v, g) in enumerate(zip(variables, grads, strict=True))
+                }
+        return total, {"main": main, "aux": aux}, expected
+
+    return model, heads
+
+
+def _convert(inputs: Any, fn: Any, tf: Any = None) -> Any:
+    def leaf(v: Any) -> Any:
+        if tf is None:
+            import torch
+
+            return fn(v) if torch.is_tensor(v) else v
+        if hasattr(v, "dtype") and hasattr(v, "shape"):
+            return fn(tf.convert_to_tensor(v))
+        return v
+
+    if isinstance(inputs, Mapping):
+        return {k: leaf(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(leaf(v) for v in inputs)
+    return leaf(inputs)
+
+
+def _call(model: Any, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _first_float(out: Any, is_tensor: Any) -> Any:
+    if is_tensor(out):
+        dt = out.dtype
+        floating = getattr(dt, "is_floating_point", None)
+        if floating is None:  # a TF DType
+            floating = getattr(dt, "is_floating", False)
+        return out if floating else None
+    if isinstance(out, Mapping):  # transformers' ModelOutput, Keras dict outputs
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            found = _first_float(item, is_tensor)
+            if found is not None:
+                return found
+    return None
+
+
+# --------------------------------------------------------------------- front door
+def _as_tuple(value: Any, what: str, choices: Sequence[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip()]
+    if not items:
+        raise InvalidArgumentError(f"no {what} given; expected some of {choices}.")
+    for item in items:
+        _check_choice(what, item, choices)
+    return tuple(dict.fromkeys(items))
+
+
+def check_model(
+    spec_or_model: Any,
+    *,
+    inputs: Any = None,
+    dtype: str | Sequence[str] = "float32",
+    properties: str | Sequence[str] = PROPERTIES,
+    seed: int = 0,
+    timeout: float | None = None,
+    max_parameters: int = MAX_PARAMETERS,
+) -> ModelReports:
+    """Check a model by name (``"hf:bert"``, ``"keras:MobileNetV3Small"``,
+    ``"package.module:callable"``) or a model object (torch ``nn.Module``, Keras
+    model; ``inputs=`` unless they can be inferred from a transformers config).
+
+    ``dtype``: "float32", "float64", or several ("float32,float64" or a list);
+    ``properties``: some of "fd", "linearity", "locality". Returns a
+    :class:`ModelReports`: one :class:`~gradcheck.CheckReport` per property x
+    dtype, labelled ``"<spec> <property> <dtype>"``, with ``cost["seconds"]`` and
+    ``cost["parameters"]``. A model that cannot be built gives ``unbuildable``
+    reports with the framework's reason. ``timeout`` (seconds): each check runs in
+    a spawned worker process and past the limit is ``timeout``; a model object
+    must then be picklable. A bad spec or override is an InvalidArgumentError.
+    The model object's parameters, buffers and train/eval flags are unchanged."""
+    from gradcheck.api import _seed
+
+    seed = _seed(seed)
+    dtypes = _as_tuple(dtype, "dtype", DTYPES)
+    props = _as_tuple(properties, "property", PROPERTIES)
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not timeout > 0
+    ):
+        raise InvalidArgumentError(
+            f"timeout must be a positive number of seconds or None; got {timeout!r}."
+        )
+    if isinstance(spec_or_model, (str, Spec)):
+        specs = (
+            expand_specs([spec_or_model])
+            if isinstance(spec_or_model, str)
+            else [spec_or_model]
+        )
+        if len(specs) != 1:
+            raise InvalidArgumentError(
+                "check_model checks one model; for 'hf:*' iterate over "
+                "gradcheck.models.expand_specs(['hf:*']) or use the CLI."
+            )
+        target: Any = specs[0]
+    else:
+        target = spec_or_model
+    jobs = [(p, d) for d in dtypes for p in props]
+    if timeout is None:
+        checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
+        return ModelReports(checker.run(p, d) for p, d in jobs)
+    return ModelReports(
+        _run_with_timeout(target, inputs, jobs, seed, float(timeout), max_parameters)
+    )
+
+
+# --------------------------------------------------------------------- timeouts
+def _worker(conn: Any, payload: bytes) -> None:
+    """Spawned: build once, run the jobs in order, send each report."""
+    target, inputs, jobs, seed, max_parameters = pickle.loads(payload)
+    _import_framework(target)  # start-up, before the clock: not the check's time
+    conn.send(("ready",))
+    checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
+    try:
+        checker.build()
+        conn.send(("built", checker.parameters, checker.framework))
+    except UnbuildableError:
+        conn.send(("built", 0, "unknown"))  # each job reports unbuildable
+    except BaseException as exc:  # InvalidArgumentError: the parent re-raises
+        conn.send(("raise", exc))
+        return
+    for i, (prop, dtype) in jobs:
+        conn.send(("start", i))
+        conn.send(("report", i, checker.run(prop, dtype)))
+    conn.send(("done",))
+
+
+def _import_framework(target: Any) -> None:
+    with contextlib.suppress(Exception):  # building reports what is missing
+        if isinstance(target, Spec) and target.kind == "keras":
+            import keras  # noqa: F401
+        elif isinstance(target, Spec) and target.kind == "hf":
+            import transformers  # noqa: F401
+        elif isinstance(target, Spec):
+            importlib.import_module(target.name.partition(":")[0])
+
+
+#: how long a worker may take to start (import its framework) before its clock
+STARTUP_SECONDS = 300.0
+
+
+def _run_with_timeout(
+    target: Any,
+    inputs: Any,
+    jobs: list[tuple[str, str]],
+    seed: int,
+    timeout: float,
+    max_parameters: int,
+) -> list[CheckReport]:
+    name = target.text if isinstance(target, Spec) else _object_name(target)
+    results: dict[int, CheckReport] = {}
+    pending = list(enumerate(jobs))
+    ctx = multiprocessing.get_context("spawn")
+    parameters, framework = 0, "unknown"
+    while pending:
+        try:
+            payload = pickle.dumps((target, inputs, pending, seed, max_parameters))
+        except Exception as exc:
+            raise InvalidArgumentError(
+                f"timeout= runs the checks in a worker process, and this model or "
+                f"its inputs cannot be pickled ({type(exc).__name__}: {exc}). Pass a "
+                "spec such as 'package.module:callable' that builds it, or "
+                "timeout=None."
+            ) from exc
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(child, payload), daemon=True)
+        proc.start()
+        child.close()
+        current: int | None = None
+        ready = False
+        deadline = time.monotonic() + STARTUP_SECONDS
+        started = time.perf_counter()
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not parent.poll(left):
+                    _stop(proc)
+                    i = current if current is not None else pending[0][0]
+                    prop, dtype = jobs[i]
+                    what = "the check" if current is not None else "building the model"
+                    limit = timeout if ready else STARTUP_SECONDS
+                    if not ready:
+                        what = "starting the worker process (importing the framework)"
+                    results[i] = _publish(
+                        not_run_report(
+                            "timeout",
+                            name,
+                            prop,
+                            dtype,
+                            f"{what} took more than {limit:g} s; stopped (the "
+                            "worker process was killed). Raise --timeout / timeout= "
+                            "or shrink the model with overrides.",
+                            seed=seed,
+                            framework=framework,
+                            parameters=parameters,
+                            seconds=time.perf_counter() - started,
+                        )
+                    )
+                    pending = [(j, job) for j, job in pending if j != i]
+                    break
+                try:
+                    msg = parent.recv()
+                except EOFError:
+                    _stop(proc)
+                    i = current if current is not None else pending[0][0]
+                    prop, dtype = jobs[i]
+                    results[i] = _publish(
+                        not_run_report(
+                            "error",
+                            name,
+                            prop,
+                            dtype,
+                            f"the worker process died (exit code {proc.exitcode}): "
+                            "out of memory, or a crash in the framework.",
+                            seed=seed,
+                            framework=framework,
+                            parameters=parameters,
+                        )
+                    )
+                    pending = [(j, job) for j, job in pending if j != i]
+                    break
+                if msg[0] == "raise":
+                    _stop(proc)
+                    raise msg[1]
+                if msg[0] == "ready":  # building gets timeout seconds
+                    ready = True
+                    deadline = time.monotonic() + timeout
+                    started = time.perf_counter()
+                elif msg[0] == "built":
+                    parameters, framework = msg[1], msg[2]
+                elif msg[0] == "start":
+                    current = msg[1]
+                    deadline = time.monotonic() + timeout
+                    started = time.perf_counter()
+                elif msg[0] == "report":
+                    results[msg[1]] = _publish(msg[2])
+                    pending = [(j, job) for j, job in pending if j != msg[1]]
+                    current = None
+                elif msg[0] == "done":
+                    proc.join(5)
+                    break
+        finally:
+            parent.close()
+            _stop(proc)
+    return [results[i] for i in range(len(jobs))]
+
+
+def _stop(proc: Any) -> None:
+    if proc.is_alive():
+        proc.kill()
+    proc.join(5)
