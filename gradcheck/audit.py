@@ -555,10 +555,13 @@ def run(
     on_outcome: Callable[[Outcome], None] | None = None,
     device: str = "auto",
     threads: int | None = DEFAULT_THREADS,
+    workers: int = 1,
 ) -> AuditResult:
     """Run every job; raises DeviceUnavailableError (before any work) when
     ``device`` asks for a GPU that is not there. ``threads``: intra-op threads of
-    the audited frameworks for the duration (None: leave them as they are)."""
+    the audited frameworks for the duration (None: leave them as they are).
+    ``workers``: processes running jobs side by side (this one and ``workers - 1``
+    helpers, see :func:`_run_parallel`); the outcomes are the same as with one."""
     result = AuditResult(environment=environment(frameworks))
     started, cpu_started = time.perf_counter(), time.process_time()
     present = []
@@ -574,16 +577,220 @@ def run(
     with _intra_op_threads(present, threads) as used:
         if used:
             result.environment["intra-op threads"] = used
-        for i, job in enumerate(planned):
-            if on_start is not None:
-                on_start(job, examples)
-            out = run_job(job, examples, seed + i, on_example)
-            result.outcomes.append(out)
-            if on_outcome is not None:
-                on_outcome(out)
+        if (
+            workers > 1
+            and jobs is _PLANNER
+            and sum(j.skip is None for j in planned) > 1
+        ):
+            result.environment["worker processes"] = workers
+            calls = _Serialized(on_start, on_example, on_outcome)
+            helpers = _Helpers(present, examples, seed, device, threads, planned)
+            result.outcomes = _run_parallel(
+                planned, examples, seed, workers, calls, helpers
+            )
+            result.cpu_seconds += helpers.cpu_seconds
+        else:
+            for i, job in enumerate(planned):
+                if on_start is not None:
+                    on_start(job, examples)
+                out = run_job(job, examples, seed + i, on_example)
+                result.outcomes.append(out)
+                if on_outcome is not None:
+                    on_outcome(out)
     result.seconds = time.perf_counter() - started
-    result.cpu_seconds = time.process_time() - cpu_started
+    result.cpu_seconds += time.process_time() - cpu_started
     return result
+
+
+# ---------------------------------------------------------------- side by side
+# Jobs are independent and seeded by their place in the plan (seed + i), so any
+# process can run any of them with the same outcome. Helpers are fresh (spawned)
+# processes: each imports the frameworks itself (forking a process that runs
+# TensorFlow is unsafe) and rebuilds the plan with jobs(); a helper whose plan
+# differs (names compared) runs nothing. Each process takes the next job index
+# from a shared counter; the helpers report progress and outcomes over a queue,
+# which a thread of this process turns into the callbacks. A job a helper took
+# but never finished (it died) is run here at the end.
+
+
+class _Serialized:
+    """The progress callbacks, one at a time (this thread and the queue reader)."""
+
+    def __init__(self, on_start: Any, on_example: Any, on_outcome: Any) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.calls = {"start": on_start, "example": on_example, "outcome": on_outcome}
+
+    def __call__(self, kind: str, *args: Any) -> None:
+        fn = self.calls[kind]
+        if fn is not None:
+            with self.lock:
+                fn(*args)
+
+
+class _Helpers:
+    """What a helper process needs to rebuild the plan, and the CPU it used."""
+
+    def __init__(
+        self,
+        frameworks: list[str],
+        examples: int,
+        seed: int,
+        device: str,
+        threads: int | None,
+        planned: list[Job],
+    ) -> None:
+        self.args = (frameworks, examples, seed, device, threads)
+        self.names = [j.name for j in planned]
+        self.cpu_seconds = 0.0
+        self.declined: list[str] = []
+
+
+def _run_parallel(
+    planned: list[Job],
+    examples: int,
+    seed: int,
+    workers: int,
+    call: _Serialized,
+    helpers: _Helpers,
+) -> list[Outcome]:
+    import multiprocessing
+    import queue as queue_module
+    import threading
+
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    events = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_helper_main,
+            args=(*helpers.args, helpers.names, counter, events),
+            daemon=True,
+        )
+        for _ in range(workers - 1)
+    ]
+    for proc in procs:
+        proc.start()
+    done: dict[int, Outcome] = {}
+
+    def read() -> None:
+        exited = 0
+        while exited < len(procs):
+            try:
+                kind, *rest = events.get(timeout=1.0)
+            except queue_module.Empty:
+                if not any(p.is_alive() for p in procs) and events.empty():
+                    return  # a helper died without saying goodbye
+                continue
+            if kind == "exit":
+                exited += 1
+                helpers.cpu_seconds += rest[0]
+            elif kind == "declined":
+                helpers.declined.append(rest[0])
+            elif kind == "start":
+                call("start", planned[rest[0]], examples)
+            elif kind == "example":
+                call("example", planned[rest[0]])
+            elif kind == "done":
+                i, fields = rest
+                out = Outcome(planned[i], 0, {}, 0.0)
+                for key, value in fields.items():
+                    setattr(out, key, value)
+                done[i] = out
+                call("outcome", out)
+
+    reader = threading.Thread(target=read, name="gradcheck-audit-helpers", daemon=True)
+    reader.start()
+
+    def run_here(i: int) -> None:
+        call("start", planned[i], examples)
+        out = run_job(planned[i], examples, seed + i, lambda job: call("example", job))
+        done[i] = out
+        call("outcome", out)
+
+    while (i := _take(counter, len(planned))) is not None:
+        run_here(i)
+    reader.join()
+    for proc in procs:
+        proc.join(timeout=10)
+    for i in range(len(planned)):  # taken by a helper that died: run it here
+        if i not in done:
+            run_here(i)
+    return [done[i] for i in range(len(planned))]
+
+
+def _take(counter: Any, n: int) -> int | None:
+    with counter.get_lock():
+        i = counter.value
+        if i >= n:
+            return None
+        counter.value = i + 1
+        return i
+
+
+#: what a helper sends back of an Outcome (its Job stays in the parent)
+_OUTCOME_FIELDS = (
+    "examples",
+    "statuses",
+    "seconds",
+    "cpu_seconds",
+    "report",
+    "spec",
+    "code",
+    "error",
+    "shrink_steps",
+)
+
+
+def _helper_main(
+    frameworks: list[str],
+    examples: int,
+    seed: int,
+    device: str,
+    threads: int | None,
+    names: list[str],
+    counter: Any,
+    events: Any,
+) -> None:
+    """A helper process: rebuild the plan, then run jobs until none is left."""
+    import multiprocessing
+    import os
+    import pickle
+
+    cpu = time.process_time()
+    try:
+        from gradcheck._quiet import import_quietly
+
+        for fw in frameworks:
+            import_quietly(fw)
+        planned = list(jobs(frameworks, seed, device))
+        if [j.name for j in planned] != names:
+            events.put(("declined", "the plan differs in a fresh process"))
+            return
+        parent = multiprocessing.parent_process()
+
+        def example(i: int) -> None:
+            if parent is not None and not parent.is_alive():
+                os._exit(1)  # the audit is gone (killed): stop, do not linger
+            events.put(("example", i))
+
+        with _intra_op_threads(frameworks, threads):
+            while (i := _take(counter, len(planned))) is not None:
+                events.put(("start", i))
+                out = run_job(
+                    planned[i], examples, seed + i, lambda _job, i=i: example(i)
+                )
+                fields = {k: getattr(out, k) for k in _OUTCOME_FIELDS}
+                try:
+                    pickle.dumps(fields)
+                except Exception:  # not sendable: the parent runs job i again
+                    continue
+                events.put(("done", i, fields))
+    except Exception as exc:  # the parent runs what is left
+        events.put(("declined", f"{type(exc).__name__}: {exc}"))
+    finally:
+        events.put(("exit", time.process_time() - cpu))
 
 
 @contextlib.contextmanager
@@ -641,3 +848,8 @@ def _device_environment(frameworks: list[str]) -> dict[str, Any]:
             or "unknown"
         )
     return env
+
+
+#: the planner helpers rebuild the plan with (a replaced ``jobs``, as in tests,
+#: cannot be rebuilt in a fresh process: such a plan runs here, one job at a time)
+_PLANNER = jobs

@@ -53,6 +53,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return min(MAX_AUTO_WORKERS, os.cpu_count() or 1)
+    return _positive(text)
+
+
+#: ``--workers auto``: one process per CPU core, at most this many (each imports
+#: the frameworks: about a gigabyte of memory and a few seconds)
+MAX_AUTO_WORKERS = 4
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradcheck", description="Are your gradients right? Checks and audits."
@@ -136,6 +147,15 @@ def parser() -> argparse.ArgumentParser:
         "Default: %(default)s",
     )
     a.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        metavar="N|auto",
+        help="processes running jobs side by side; the outcomes do not depend on it. "
+        f"auto: one per CPU core, at most {MAX_AUTO_WORKERS} (here "
+        f"{_workers('auto')}). Default: %(default)s",
+    )
+    a.add_argument(
         "--progress",
         choices=PROGRESS_CHOICES,
         default="auto",
@@ -143,12 +163,15 @@ def parser() -> argparse.ArgumentParser:
         "time; auto: bars in a terminal, lines otherwise (CI logs). "
         "Default: %(default)s",
     )
+    _check_model_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.command == "check-model":
+        return _check_model_main(args)
     if args.command != "audit":
         p.print_help()
         return 2
@@ -170,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 on_outcome=progress.done,
                 device=args.device,
                 threads=args.threads,
+                workers=args.workers,
             )
     except GradcheckError as exc:  # e.g. --device cuda without a GPU
         printer.error(str(exc))
@@ -317,23 +341,24 @@ class _Progress:
 
     def __init__(self, bars: Any, printer: _Printer) -> None:
         self.bars, self.printer = bars, printer
-        self.task: Any = None
+        self.tasks: dict[int, Any] = {}  # id(job): its bar (jobs run side by side)
         self.done_count = 0
 
     def start(self, job: audit.Job, examples: int) -> None:
         if self.bars is not None:
-            self.task = self.bars.add_task(_escape(job.name), total=examples)
+            self.tasks[id(job)] = self.bars.add_task(_escape(job.name), total=examples)
 
     def advance(self, job: audit.Job) -> None:
-        if self.bars is not None and self.task is not None:
-            self.bars.advance(self.task)
+        if self.bars is not None and id(job) in self.tasks:
+            self.bars.advance(self.tasks[id(job)])
 
     def done(self, o: audit.Outcome) -> None:
         self.done_count += 1
-        if self.bars is not None and self.task is not None:
+        task = self.tasks.get(id(o.job))
+        if self.bars is not None and task is not None:
             mark = "[green]ok[/]" if o.ok else "[bold red]FAIL[/]"
             self.bars.update(
-                self.task,
+                task,
                 description=f"{mark} {_escape(o.job.name)} ({o.verdict}, "
                 f"{o.seconds:.1f} s)",
                 completed=o.examples,
@@ -346,6 +371,147 @@ class _Progress:
 
 def _escape(text: str) -> str:
     return text.replace("[", "\\[")
+
+
+# ------------------------------------------------------------------ check-model
+def _choices(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {', '.join(choices)}; got {text!r}"
+            )
+        return tuple(dict.fromkeys(items))
+
+    return parse
+
+
+def _timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value or None
+
+
+def _check_model_parser(sub: Any) -> None:
+    from gradcheck import models
+
+    m = sub.add_parser(
+        "check-model",
+        help="check real architectures by name (hf:bert, keras:MobileNetV3Small, "
+        "package.module:callable)",
+        description=(
+            "Build each model (transformers configs shrunk, random weights, nothing "
+            "downloaded), put a two-head loss on its first output and run the "
+            "finite-difference, linearity and locality checks. One line per model x "
+            "property x dtype. Exit 0: no mismatch; 1: a mismatch; 2: usage error."
+        ),
+    )
+    m.add_argument(
+        "specs",
+        nargs="+",
+        metavar="SPEC",
+        help="hf:<model_type>[?key=value&...] (hf:* = every model type taking token "
+        "ids, pixel values or audio), keras:<Application>, package.module:callable",
+    )
+    m.add_argument(
+        "--dtype",
+        type=_choices(models.DTYPES),
+        default=("float32",),
+        metavar="float32,float64",
+        help="dtypes to check, comma-separated. Default: float32",
+    )
+    m.add_argument(
+        "--properties",
+        type=_choices(models.PROPERTIES),
+        default=models.PROPERTIES,
+        metavar="fd,linearity,locality",
+        help="properties to check, comma-separated. Default: all three",
+    )
+    m.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=300.0,
+        metavar="S",
+        help="seconds per check (each model runs in a worker process, killed at the "
+        "limit: status timeout); 0: no limit, in this process. Default: 300",
+    )
+    m.add_argument("--seed", type=_seed, default=0, metavar="S", help="Default: 0")
+    m.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/check-model.html (self-contained)",
+    )
+    m.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="write the rows as JSON"
+    )
+
+
+def _check_model_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gradcheck import models
+
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        specs = models.expand_specs(args.specs)
+    except GradcheckError as exc:
+        console.print(f"[bold red]gradcheck check-model: error:[/] {_escape(str(exc))}")
+        return 2
+    reports: list[Any] = []
+    for n, spec in enumerate(specs, 1):
+        try:
+            got = models.check_model(
+                spec,
+                dtype=args.dtype,
+                properties=args.properties,
+                seed=args.seed,
+                timeout=args.timeout,
+            )
+        except GradcheckError as exc:
+            console.print(
+                f"[bold red]gradcheck check-model: error:[/] {_escape(str(exc))}"
+            )
+            return 2
+        for report in got:
+            r = models.row(report)
+            colour = {"passed": "green", "mismatch": "bold red"}.get(
+                r["status"], "yellow"
+            )
+            first = (r["message"].splitlines() or [""])[0]
+            console.print(
+                f"[{colour}]{r['status']:<17}[/] {_escape(r['model'])} {r['property']} "
+                f"{r['dtype']}  {r['seconds']:.1f} s  {r['parameters']:,} params  "
+                f"{_escape(first)}"
+                + (f"  \\[{n}/{len(specs)}]" if len(specs) > 1 else "")
+            )
+        reports.extend(got)
+    rows = [models.row(r) for r in reports]
+    if args.json is not None:
+        write_json(args.json, {"command": "check-model", "rows": rows})
+    if args.report is not None:
+        from gradcheck.report import build_document, environment, write_html
+
+        doc = build_document(
+            [{"id": r.label, "report": r} for r in reports],
+            environment(seed=args.seed),
+            title="gradcheck check-model",
+        )
+        doc["models"] = rows
+        write_html(args.report / "check-model.html", doc)
+    mismatches = sum(r["status"] == "mismatch" for r in rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    detail = ", ".join(f"{n} {s}" for s, n in counts.items())
+    console.print(f"{len(rows)} checks on {len(specs)} models: {detail}")
+    return 1 if mismatches else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

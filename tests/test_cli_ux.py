@@ -268,3 +268,55 @@ def test_a_users_install_gets_what_every_front_door_needs():
     assert not core & {"torch", "tensorflow", "keras"}
     assert "torch" in meta["optional-dependencies"]
     assert "tensorflow" in meta["optional-dependencies"]
+
+
+# ------------------------------------------------------------------ side by side
+def _verdicts(result):
+    return [
+        (o.job.name, o.verdict, o.examples, o.statuses, o.shrink_steps)
+        for o in result.outcomes
+    ]
+
+
+def test_jobs_side_by_side_have_the_outcomes_of_one_process():
+    """Two processes (this one and a spawned helper that rebuilds the plan) give
+    every job the outcome one process gives it, in plan order, with each job's
+    callbacks."""
+    pytest.importorskip("torch")
+    alone = audit.run(["torch"], 1, 0, workers=1)
+    seen: dict[str, list[str]] = {}
+    both = audit.run(
+        ["torch"],
+        1,
+        0,
+        workers=2,
+        on_start=lambda job, n: seen.setdefault(job.name, []).append("start"),
+        on_example=lambda job: seen[job.name].append("example"),
+        on_outcome=lambda o: seen[o.job.name].append(o.verdict),
+    )
+    assert both.environment["worker processes"] == 2
+    assert "worker processes" not in alone.environment
+    assert _verdicts(both) == _verdicts(alone)
+    assert both.ok and len(both.outcomes) == len(alone.outcomes) >= 14
+    for o in both.outcomes:
+        expected = ["start"] + ["example"] * o.examples + [o.verdict]
+        assert seen[o.job.name] == expected, o.job.name
+    assert both.cpu_seconds > 0
+
+
+def test_a_replaced_planner_runs_in_this_process(monkeypatch):
+    """A plan a fresh process cannot rebuild (a replaced jobs(), as tests do) runs
+    here, one job at a time, whatever workers says."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(audit, "jobs", _linearity_float64_of(audit.jobs))
+    result = audit.run(["torch"], 1, 0, workers=2)
+    assert "worker processes" not in result.environment
+    assert [o.verdict for o in result.outcomes] == ["holds", "caught"]
+
+
+def test_workers_option(capsys):
+    assert cli.parser().parse_args(["audit", "--workers", "3"]).workers == 3
+    auto = cli.parser().parse_args(["audit"]).workers
+    assert 1 <= auto <= cli.MAX_AUTO_WORKERS
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["audit", "--workers", "0"])
