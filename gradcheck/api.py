@@ -124,7 +124,7 @@ def _loss_labels(loss_fns: Any) -> dict[str, Any]:
 
 def _rtol(session: Session, rtol: float | None) -> float | None:
     """The user's rtol, else the rounding of an autocast the check runs under."""
-    return rtol if rtol is not None else session.rounding_override()
+    return session.rounding_override(rtol)
 
 
 def _params(params: Any) -> Any:

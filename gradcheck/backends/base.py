@@ -100,11 +100,12 @@ class Session(ABC):
     ) -> tuple[float, list[np.ndarray | None]]:
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
-    def rounding_override(self) -> float | None:
-        """The relative gradient rounding to judge at when the analytical side runs
-        in a lower precision than the tensors' dtype (torch.autocast), with a note
-        saying so; None otherwise. Used where the caller gave no ``rtol``."""
-        return None
+    def rounding_override(self, rtol: float | None = None) -> float | None:
+        """The relative gradient rounding to judge at: the user's ``rtol`` if given,
+        else, when the analytical side runs in a lower precision than the tensors'
+        dtype (torch.autocast), that precision's, with a note saying so; None
+        (the tensors' own dtype) otherwise."""
+        return rtol
 
     def known_causes(self, location: Any) -> list[str]:
         """Notes naming deliberate gradient changes that explain a mismatch at

@@ -552,22 +552,28 @@ class TorchSession(Session):
         if getattr(self, "autocast", None) is not None:
             torch.clear_autocast_cache()
 
-    def rounding_override(self) -> float | None:
+    def rounding_override(self, rtol: float | None = None) -> float | None:
         if self.autocast is None:
-            return None
+            return rtol
         kind, dtype = self.autocast
         low = canonical_dtype(dtype)
         rho = gradient_rounding(low)
         native = max((gradient_rounding(s.dtype) for s in self.specs), default=0.0)
-        if rho <= native:
-            return None
+        if rtol is not None:
+            judged = f"judged at your rtol={rtol:g}"
+        elif rho > native:
+            judged = (
+                f"judged at {low}'s gradient rounding ({rho:.0e}) instead of "
+                f"{self.dtype}'s (pass rtol= to override)"
+            )
+        else:
+            judged, rho = f"judged at {self.dtype}'s gradient rounding", None
         self.notes.append(
             f"torch.autocast('{kind}', dtype=torch.{low}) is active: the analytical "
             f"side ran under it, so its gradients carry {low} rounding; the float64 "
-            f"reference ran outside autocast; judged at {low}'s gradient rounding "
-            f"({rho:.0e}) instead of {self.dtype}'s (pass rtol= to override)."
+            f"reference ran outside autocast; {judged}."
         )
-        return rho
+        return rtol if rtol is not None else rho
 
     # ------------------------------------------------------------------ calls
     def _call(self, inputs: list[Any], where: str) -> list[tuple[str, torch.Tensor]]:
