@@ -439,6 +439,30 @@ def _patterns() -> dict[str, Callable[[], Case]]:
             also=TypeError,
         )
 
+    @add("params_a_computed_tensor")
+    def _():
+        m = mlp()
+        return Case(
+            m,
+            lambda: m(X).sum(),
+            UnsupportedInputError,
+            match="leaf tensors",
+            extra={"params": lambda: [m[0].weight[0]]},
+        )
+
+    @add("differentiated_tensors_nested_in_an_input")
+    def _():
+        m = mlp()
+        xs = [X.clone().requires_grad_(True)]
+        return Case(
+            m,
+            lambda t: m(t[0]).sum(),
+            NothingToDifferentiateError,
+            match="separate inputs",
+            inputs=(xs,),
+            extra={"params": lambda: None},
+        )
+
     @add("flips_train_eval_inside")
     def _():
         m = mlp()

@@ -324,7 +324,32 @@ class _State:
 def _collect_params(
     params: Any,
 ) -> tuple[list[torch.nn.Module], list[tuple[str, torch.Tensor]]]:
-    """(modules, [(name, tensor)]) for every tensor in ``params``."""
+    """(modules, [(name, tensor)]) for every tensor in ``params``; computed
+    (non-leaf) tensors are refused, see _require_leaf."""
+    modules, named = _collect_params_unchecked(params)
+    for name, p in named:
+        _require_leaf(p, name)
+    return modules, named
+
+
+def _require_leaf(p: torch.Tensor, name: str) -> None:
+    """gradcheck substitutes values into the tensors passed as params (their
+    .data); a tensor computed from others (a view, w * 2) is not what fn reads,
+    so its substitution would change nothing."""
+    if p.grad_fn is None:
+        return
+    raise UnsupportedInputError(
+        f"params entry '{name}' was computed from other tensors ({p.grad_fn.name()}),"
+        " so it is not what fn reads: gradcheck substitutes values into the tensors "
+        "you pass. Pass the leaf tensors themselves (the Parameters, e.g. "
+        "params=[model.fc.weight]), or make the computed tensor an input of fn "
+        "(inputs=(t,) with fn(t))."
+    )
+
+
+def _collect_params_unchecked(
+    params: Any,
+) -> tuple[list[torch.nn.Module], list[tuple[str, torch.Tensor]]]:
     if params is None:
         return [], []
     if isinstance(params, torch.nn.Module):
@@ -417,6 +442,21 @@ class TorchSession(Session):
             self.diff.append(("param", p))
             specs.append(self._spec(name, p, "parameter"))
         if not specs:
+            nested = [
+                f"inputs[{i}]"
+                for i, x in enumerate(self.inputs)
+                if isinstance(x, (list, tuple, dict))
+                and any(
+                    isinstance(t, torch.Tensor) and t.requires_grad
+                    for t in torch.utils._pytree.tree_leaves(x)
+                )
+            ]
+            if nested:
+                skipped.append(
+                    f"{', '.join(nested)} (a list/tuple/dict: tensors nested in an "
+                    "input are passed to fn as they are, not differentiated; pass "
+                    "them as separate inputs)"
+                )
             found = "; skipped: " + ", ".join(skipped) if skipped else ""
             raise NothingToDifferentiateError(
                 "nothing to differentiate: no floating-point tensor in inputs or params "
