@@ -110,3 +110,51 @@ def test_checks_leave_the_model_untouched_on_the_nearby_path():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [p.grad for p in model.parameters()] == grads
     assert not model.training
+
+
+class NearKinks(torch.nn.Module):
+    """Units a hair (~3e-7 of their scale) away from ReLU's kink: the usual
+    finite-difference step (~6e-6 of the scale in float64) crosses them, so the
+    differences do not converge at x although the function is differentiable
+    there (issue 10 item 3: deep ReLU stacks)."""
+
+    def __init__(self, planted: bool = False):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 64)
+        self.out = torch.nn.Linear(64, 3)
+        self.planted = planted
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        if self.planted:
+            h = _Scale.apply(h)
+        return self.out(h)
+
+
+def _near_case(dtype, planted=False):
+    torch.manual_seed(0)
+    model = NearKinks(planted).to(dtype).eval()
+    x = torch.randn(16, 8, dtype=dtype)
+    with torch.no_grad():  # put every first-row unit 3e-7 off its kink
+        pre = x[0] @ model.lin.weight.T
+        offset = 3e-7 * torch.sign(torch.randn(64, dtype=dtype))
+        model.lin.bias.copy_(-pre + offset)
+    y = torch.randn(16, 3, dtype=dtype)
+
+    def loss():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    return model, loss
+
+
+def test_differences_that_cross_near_kinks_converge_at_smaller_steps():
+    model, loss = _near_case(torch.float64)
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "passed", report.message()
+    assert any("smaller steps" in n or "nearby point" in n for n in report.notes)
+
+
+def test_a_wrong_backward_near_kinks_is_a_mismatch():
+    model, loss = _near_case(torch.float64, planted=True)
+    report = gradcheck.check_gradients(loss, params=model)
+    assert report.status == "mismatch", report.message()

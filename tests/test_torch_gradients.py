@@ -913,7 +913,11 @@ def test_embedding_max_norm_is_named():
     model = PaddedTagger(max_norm=1.0)
     ids = torch.tensor([[3, 4, 5, 7], [6, 2, 9, 1]])
     report = gradcheck.check_gradients(lambda: model(ids), params=model)
-    assert report.status in ("mismatch", "nondifferentiable"), report.message()
+    # the first forward renormalises the rows to just below max_norm: at steps
+    # small enough not to push them back over it, the function is a plain lookup
+    # and torch's gradient is right there (a smaller-step pass); at the usual step
+    # the renormalisation kicks in. The verdict may be either; the note is not.
+    assert report.status in ("mismatch", "nondifferentiable", "passed")
     assert "nn.Embedding(max_norm=1) and 20 of its rows" in report.message()
     model = PaddedTagger(max_norm=100.0)  # no row reaches it: nothing to say
     report = gradcheck.check_gradients(lambda: model(ids), params=model)
