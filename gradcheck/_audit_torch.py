@@ -53,8 +53,12 @@ KNOWN_FRAMEWORK_BUGS: list[tuple[str, Callable[[Any], bool]]] = []
 
 
 def trainable(spec: Any) -> bool:
-    """Every generated spec trains correctly in torch."""
-    return True
+    """Specs whose loss over the batch is the share-weighted sum of its losses
+    over micro-batches (what this step relies on): not those with a batchnorm in
+    training mode, which normalizes each micro-batch by its own statistics."""
+    return not any(
+        layer.kind == "batchnorm" and layer.training for _, layer, _ in spec.layers()
+    )
 
 
 def _micro(batch: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:

@@ -662,7 +662,9 @@ def run_code(source):
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
-@pytest.mark.parametrize("name", ["classic", "sequences", "vectors"])
+@pytest.mark.parametrize(
+    "name", ["classic", "sequences", "vectors", "images", "attention"]
+)
 def test_printed_code_rebuilds_the_model(framework, name):
     needs(framework)
     spec = SPECS[name]
@@ -735,3 +737,213 @@ def test_the_engine_passes_models_built_from_specs(framework, dtype, name):
     )
     assert report.passed, report.message()
     assert report.flow is not None
+
+
+# --------------------------------------------------------------------------- new layers
+def _torch_and_keras_tensors(spec):
+    """Every torch parameter/buffer and Keras weight of the builds, by layer."""
+    t = built("torch", spec, "float64").model
+    k = built("keras", spec, "float64").model
+    torch_state = {n: v.detach().numpy() for n, v in t.state_dict().items()}
+    keras_state = {
+        name: [np.asarray(v) for v in k.get_layer(name).weights]
+        for name, layer, _ in spec.layers()
+        if k.get_layer(name).weights
+    }
+    return torch_state, keras_state
+
+
+@pytest.mark.torch
+@pytest.mark.tensorflow
+@pytest.mark.parametrize("name", ["images", "attention"])
+def test_new_layers_get_identical_weights_in_both_frameworks(name):
+    """Each framework holds the neutral weights in its own layout: Keras' are the
+    neutral arrays themselves; torch's are the same numbers permuted (a conv2d's
+    (out, in, k, k), a depthwise kernel's c * multiplier + j rows, attention's
+    transposed (in, heads * key_dim) kernels), statistics included."""
+    needs("torch", "keras")
+    spec = SPECS[name]
+    w = initial_weights(spec)
+    torch_state, keras_state = _torch_and_keras_tensors(spec)
+    kinds = {n: layer.kind for n, layer, _ in spec.layers()}
+    for layer, params in w.items():
+        for value in keras_state[layer]:
+            # every Keras weight is one neutral array, exactly
+            assert any(
+                v.shape == value.shape and np.array_equal(v, value)
+                for v in params.values()
+            ), (layer, value.shape)
+        assert len(keras_state[layer]) == len(params)
+        for key, value in torch_state.items():
+            if key.startswith(layer + ".") and not key.endswith("num_batches_tracked"):
+                # the same multiset of numbers, only moved around
+                flat = np.sort(np.concatenate([v.ravel() for v in params.values()]))
+                assert np.isin(value.ravel(), flat).all(), key
+    if name == "images":
+        bn = w["bn"]
+        assert np.abs(bn["moving_mean"]).min() > 0  # trained statistics
+        assert (
+            not np.allclose(bn["moving_variance"], 1)
+            and bn["moving_variance"].min() > 0
+        )
+        np.testing.assert_array_equal(
+            torch_state["bn.running_var"], bn["moving_variance"]
+        )
+        np.testing.assert_array_equal(w["bn_train"]["moving_mean"], 0.0)
+        np.testing.assert_array_equal(w["bn_train"]["moving_variance"], 1.0)
+        kernel = w["dw"]["depthwise_kernel"]  # (2, 2, 4, 2): channel c, multiplier j
+        np.testing.assert_array_equal(
+            torch_state["dw.weight"][2 * 3 + 1, 0], kernel[:, :, 3, 1]
+        )
+        assert kinds["sep"] == "separable_conv2d"
+        assert set(k for k in torch_state if k.startswith("sep.")) == {
+            "sep.depthwise.weight",
+            "sep.pointwise.weight",
+            "sep.pointwise.bias",
+        }
+
+
+def _image_batch(seed=0, size=3):
+    return batch_for(IMAGES, size, seed)
+
+
+@pytest.mark.torch
+@pytest.mark.tensorflow
+def test_batchnorm_modes_are_fixed_by_the_spec_not_by_the_framework_mode():
+    """Eval mode uses the (trained) moving statistics, training mode the batch's,
+    whichever mode torch's model or Keras' call is in; one training-mode forward
+    moves the moving mean alike in both (torch's momentum is 1 - Keras')."""
+    needs("torch", "keras")
+    import torch
+
+    spec = ModelSpec(
+        inputs=(InputSpec("image", shape=(3, 3, 2)),),
+        trunk=(
+            Node("frozen", ("image",), LayerSpec("batchnorm", trained_statistics=True)),
+            Node(
+                "live",
+                ("frozen",),
+                LayerSpec("batchnorm", training=True, trained_statistics=True),
+            ),
+        ),
+        heads=(HeadSpec("main", "live", (LayerSpec("pool"), dense(1))),),
+    )
+    from gradcheck.architectures import build_keras, build_torch
+
+    batch = random_batch(spec, 4, 3)
+    x = batch["inputs"]["image"]
+    w = initial_weights(spec)
+    t = build_torch(spec, "float64")
+    k = build_keras(spec, "float64")
+    f, live = w["frozen"], w["live"]
+    eps = 1e-3
+    frozen = (x - f["moving_mean"]) / np.sqrt(f["moving_variance"] + eps) * f["gamma"]
+    frozen = frozen + f["beta"]
+    mean, var = frozen.mean((0, 1, 2)), frozen.var((0, 1, 2))
+    want = (frozen - mean) / np.sqrt(var + eps) * live["gamma"] + live["beta"]
+    want = (want.mean((1, 2)) @ w["main"]["kernel"]) + w["main"]["bias"]
+    for mode in ("train", "eval"):
+        getattr(t.model, mode)()
+        got = t.outputs(batch)["main"].detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for training in (True, False, None):
+        got = np.asarray(k.model(x, training=training))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # after one training-mode forward each (torch has run 2 above, Keras 3)
+    t = build_torch(spec, "float64")
+    k = build_keras(spec, "float64")
+    t.outputs(batch)
+    k.model(x)
+    moved = 0.99 * live["moving_mean"] + 0.01 * mean
+    keras_live = k.model.get_layer("live")
+    np.testing.assert_allclose(np.asarray(keras_live.moving_mean), moved, rtol=1e-12)
+    np.testing.assert_allclose(t.model.live.running_mean.numpy(), moved, rtol=1e-12)
+    n = x.size // x.shape[-1]  # torch keeps the unbiased variance, Keras the biased
+    np.testing.assert_allclose(
+        t.model.live.running_var.numpy(),
+        0.99 * live["moving_variance"] + 0.01 * var * n / (n - 1),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        np.asarray(keras_live.moving_variance),
+        0.99 * live["moving_variance"] + 0.01 * var,
+        rtol=1e-12,
+    )
+    # the eval-mode layer never moves
+    np.testing.assert_array_equal(t.model.frozen.running_mean.numpy(), f["moving_mean"])
+    assert torch.is_grad_enabled()
+
+
+def _dropout_spec(training):
+    return ModelSpec(
+        inputs=(InputSpec("x", shape=(4,)),),
+        trunk=(
+            Node("h", ("x",), dense(5, "tanh")),
+            Node("drop", ("h",), LayerSpec("dropout", rate=0.5, training=training)),
+        ),
+        heads=(HeadSpec("main", "drop", (dense(1),)),),
+    )
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_dropout_in_training_mode_is_nondeterministic_and_identity_otherwise(
+    framework,
+):
+    needs(framework)
+    from gradcheck.architectures import build_keras, build_torch
+
+    build = build_torch if framework == "torch" else build_keras
+    batch = random_batch(_dropout_spec(True), 8, 0)
+    drops = build(_dropout_spec(True), "float64")
+    assert _dropout_spec(True).stochastic and not _dropout_spec(False).stochastic
+    report = gradcheck.check_gradients(drops.total_fn(batch), params=drops.model)
+    assert report.status == "nondeterministic", report.message()
+    keeps = build(_dropout_spec(False), "float64")
+    report = gradcheck.check_gradients(keeps.total_fn(batch), params=keeps.model)
+    assert report.passed, report.message()
+    plain = dataclasses.replace(
+        _dropout_spec(False),
+        trunk=_dropout_spec(False).trunk[:1],
+        heads=(HeadSpec("main", "h", (dense(1),)),),
+    )
+    np.testing.assert_array_equal(
+        numpy(keeps.outputs(batch)["main"]),
+        numpy(build(plain, "float64").outputs(batch)["main"]),
+    )
+
+
+def _padded_spec():
+    return ModelSpec(
+        inputs=(InputSpec("text", "tokens", (4,), vocab=5),),
+        trunk=(Node("embed", ("text",), LayerSpec("embedding", 3, padding_idx=0)),),
+        heads=(HeadSpec("main", "embed", (LayerSpec("pool"), dense(1))),),
+    )
+
+
+def test_padding_idx_is_torchs_and_keras_refuses_it_clearly():
+    """torch leaves the padding row's gradient at zero although the row's values
+    reach the loss (by design: finite differences disagree, so the strategies draw
+    padding_idx only when asked); gradients of the total are still linear in the
+    losses. Keras has no such row: its builder says so."""
+    needs("torch")
+    from gradcheck.architectures import build_torch
+
+    spec = _padded_spec()
+    batch = random_batch(spec, 4, 0)
+    batch["inputs"]["text"][:, 0] = 0  # every example has a padding token
+    b = build_torch(spec, "float64")
+    table = b.model.embed.weight
+    assert table[0].abs().sum() > 0  # the spec's weights, not torch's zero row
+    b.total(batch).backward()
+    assert table.grad[0].abs().max() == 0
+    assert table.grad[1:].abs().max() > 0
+    report = gradcheck.check_linearity(
+        b.total_fn(batch), b.loss_fns(batch), b.loss_weights(), params=b.model
+    )
+    assert report.passed, report.message()
+    assert "padding_idx=0" in spec.to_code("torch")
+    if HAS_KERAS:
+        from gradcheck.architectures import build_keras
+
+        with pytest.raises(gradcheck.InvalidArgumentError, match="torch-only"):
+            build_keras(spec)

@@ -130,3 +130,21 @@ def test_drawn_specs_agree_in_both_dtypes(data, spec):
     for dtype in ("float64", "float32"):
         report = gradcheck.check_cross_framework(spec, batch, dtype=dtype)
         assert report.passed, spec.to_code("torch") + "\n" + report.message()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["images", "attention"])
+def test_new_layers_agree_in_gradients(name, dtype):
+    """Conv2D/depthwise/separable, pools, batchnorm in both modes, residual adds,
+    ReLU6/hard-swish/SiLU, masked causal attention: same losses and per-loss
+    gradients in the neutral layout (statistics get no gradient in either)."""
+    from tests.test_architectures import SPECS, batch_for
+
+    spec = SPECS[name]
+    report = gradcheck.check_cross_framework(spec, batch_for(spec), dtype=dtype)
+    assert report.passed, report.message()
+    names = {t.name for t in report.tensors}
+    if name == "images":
+        assert {"sep/pointwise_kernel", "dw/depthwise_kernel", "bn/gamma"} <= names
+    else:
+        assert {"att/query_kernel", "att/output_bias", "aux_1/value_kernel"} <= names

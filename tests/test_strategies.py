@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 import gradcheck
 from gradcheck.architectures import ModelSpec
 from gradcheck.architectures.spec import CROSSENTROPIES
 from gradcheck.strategies import (
+    TRUNK_KINDS,
     architectures,
     batches,
     loss_weights,
@@ -127,10 +129,54 @@ FEATURES = {
         layer.activation in ("relu", "leaky_relu") for _, layer, _ in s.layers()
     ),
 }
-for kind in ("dense", "layernorm", "conv1d", "gru", "lstm", "embedding", "pool"):
-    FEATURES[f"{kind} layer"] = lambda s, kind=kind: any(
-        layer.kind == kind for _, layer, _ in s.layers()
+
+
+def _layers(s, **want):
+    return any(
+        all(getattr(layer, k) == v for k, v in want.items())
+        for _, layer, _ in s.layers()
     )
+
+
+for kind in TRUNK_KINDS:
+    FEATURES[f"{kind} layer"] = lambda s, kind=kind: _layers(s, kind=kind)
+for act in ("relu6", "hard_swish", "silu", "gelu"):
+    FEATURES[f"{act} activation"] = lambda s, act=act: _layers(s, activation=act)
+FEATURES.update(
+    {
+        "image input": lambda s: len(s.inputs[0].shape) == 3,
+        "residual add": lambda s: _layers(s, kind="add"),
+        "residual conv2d block": lambda s: any(
+            n.layer.kind == "add" and n.inputs[1].startswith("conv2d") for n in s.trunk
+        ),
+        "strided conv2d, padding same": lambda s: _layers(
+            s, kind="conv2d", strides=2, padding="same"
+        ),
+        "strided depthwise conv2d": lambda s: _layers(
+            s, kind="depthwise_conv2d", strides=2
+        ),
+        "separable conv2d, padding same": lambda s: _layers(
+            s, kind="separable_conv2d", padding="same"
+        ),
+        "overlapping max pool": lambda s: _layers(s, kind="maxpool2d", strides=1),
+        "global pool of an image": lambda s: any(
+            layer.kind == "pool" and len(s.shapes()[srcs[0]]) == 3
+            for _, layer, srcs in s.layers()
+        ),
+        "batchnorm, training mode": lambda s: _layers(
+            s, kind="batchnorm", training=True
+        ),
+        "batchnorm, eval mode, trained statistics": lambda s: _layers(
+            s, kind="batchnorm", training=False, trained_statistics=True
+        ),
+        "attention with a padding mask": lambda s: any(
+            n.layer.kind == "attention" and len(n.inputs) == 2 for n in s.trunk
+        ),
+        "causal attention": lambda s: _layers(s, kind="attention", causal=True),
+        "two attention heads": lambda s: _layers(s, kind="attention", num_heads=2),
+        "dropout, eval mode": lambda s: _layers(s, kind="dropout", training=False),
+    }
+)
 for loss in ("mse", "mae", "huber", *CROSSENTROPIES):
     for logits in (True, False) if loss in CROSSENTROPIES else (True,):
         FEATURES[f"{loss} logits={logits}"] = lambda s, x=(loss, logits): any(
@@ -143,6 +189,69 @@ del FEATURES["every layer kind"]
 def test_every_structure_a_user_writes_is_drawn(feature):
     spec = find(architectures(), FEATURES[feature], settings=REACH)
     assert spec.validate() is spec
+
+
+def test_what_a_property_cannot_judge_is_drawn_only_when_asked():
+    """Dropout in training mode (nondeterministic by design) and padding_idx
+    (torch zeroes that row's gradient by design) need their flags; max pooling (a
+    kink) is left out when no kinked activation is allowed."""
+    for allowed, expected in ((False, False), (True, True)):
+        drops = architectures(allow_dropout=allowed, layer_kinds=("dense", "dropout"))
+        found = _reaches(drops, lambda s: _layers(s, kind="dropout", training=True))
+        assert found is expected and (
+            not expected or find(drops, lambda s: s.stochastic, settings=REACH)
+        )
+        padded = architectures(
+            allow_padding_idx=allowed, layer_kinds=("dense", "embedding")
+        )
+        found = _reaches(
+            padded,
+            lambda s: any(layer.padding_idx is not None for _, layer, _ in s.layers()),
+        )
+        assert found is expected
+    smooth = architectures(
+        activations=("tanh", "gelu"), layer_kinds=("dense", "maxpool2d", "avgpool2d")
+    )
+    assert not _reaches(smooth, lambda s: _layers(s, kind="maxpool2d"))
+    assert _reaches(smooth, lambda s: _layers(s, kind="avgpool2d"))
+    kinked = architectures(
+        activations=("tanh", "relu6"), layer_kinds=("dense", "maxpool2d")
+    )
+    assert _reaches(kinked, lambda s: _layers(s, kind="maxpool2d"))
+
+
+def _reaches(strategy, condition):
+    try:
+        find(strategy, condition, settings=REACH)
+    except NoSuchExample:
+        return False
+    return True
+
+
+def test_new_features_shrink_toward_absent():
+    """A failure that needs an image shrinks to one plain conv2d: stride 1, padding
+    valid, linear, no residual, no batchnorm/pool/attention around it."""
+    spec = find(architectures(), lambda s: _layers(s, kind="conv2d"), settings=FIND)
+    kinds = [layer.kind for _, layer, _ in spec.layers()]
+    assert kinds.count("conv2d") == 1 and set(kinds) <= {"dense", "conv2d", "pool"}
+    (conv,) = [layer for _, layer, _ in spec.layers() if layer.kind == "conv2d"]
+    assert (conv.strides, conv.padding, conv.activation) == (1, "valid", "linear")
+    assert conv.kernel_regularizer is None and conv.units == 1
+    assert spec.inputs[0].shape == (1, 1, 1) and len(spec.heads) == 1
+    bn = find(architectures(), lambda s: _layers(s, kind="batchnorm"), settings=FIND)
+    (layer,) = [x for _, x, _ in bn.layers() if x.kind == "batchnorm"]
+    assert not layer.training and not layer.trained_statistics
+    assert {x.kind for _, x, _ in bn.layers()} <= {"dense", "batchnorm"}
+
+
+def test_batches_for_batchnorm_in_training_mode_have_two_examples():
+    spec = find(
+        architectures(),
+        lambda s: _layers(s, kind="batchnorm", training=True),
+        settings=REACH,
+    )
+    smallest = find(batches(spec, max_size=1), lambda b: True, settings=FIND)
+    assert len(next(iter(smallest["targets"].values()))) == 2
 
 
 # --------------------------------------------------------------------------- shrinking
