@@ -29,6 +29,7 @@ from gradcheck.errors import (
     UnsupportedInputError,
 )
 from gradcheck.keras_api import assert_keras_model, check_keras_model
+from gradcheck.models import check_model
 from gradcheck.properties.devices import assert_devices, check_devices
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
 from gradcheck.training_api import assert_training_step, check_training_step
@@ -65,5 +66,6 @@ __all__ = [
     "check_keras_model",
     "check_linearity",
     "check_locality",
+    "check_model",
     "check_training_step",
 ]

@@ -110,7 +110,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "gradcheck's (ci: 10 examples, derandomized; thorough: 200, no deadline). "
         "Default: gradcheck_profile ini value, else none",
     )
+    group.addoption(
+        "--gradcheck-model",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="check a model by name, no test file needed: one test per model x "
+        "property x dtype (hf:bert, hf:*, keras:MobileNetV3Small, "
+        "package.module:callable). Repeatable. Default: gradcheck_models ini value",
+    )
+    group.addoption(
+        "--gradcheck-model-dtype",
+        metavar="DTYPES",
+        default=None,
+        help="dtypes of the --gradcheck-model tests, comma-separated. Default: "
+        "gradcheck_model_dtype ini value, else float32,float64",
+    )
+    group.addoption(
+        "--gradcheck-model-properties",
+        metavar="PROPS",
+        default=None,
+        help="properties of the --gradcheck-model tests (fd, linearity, locality), "
+        "comma-separated. Default: gradcheck_model_properties ini value, else all",
+    )
+    parser.addini(
+        "gradcheck_models",
+        help="model specs to check, one per line or space-separated "
+        "(like --gradcheck-model)",
+        type="linelist",
+        default=[],
+    )
     for name, what in (
+        ("model_dtype", "dtypes of the model tests (like --gradcheck-model-dtype)"),
+        (
+            "model_properties",
+            "properties of the model tests (like --gradcheck-model-properties)",
+        ),
         ("report", "path of the HTML report (like --gradcheck-report)"),
         ("json", "path of the JSON report (like --gradcheck-json)"),
         ("seed", "default seed of checks (like --gradcheck-seed)"),
@@ -268,6 +303,56 @@ class GradcheckSession:
             report.result = []
         return report
 
+    # ---------------------------------------------------------- model tests
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[Any]
+    ) -> None:
+        """``--gradcheck-model`` / ``gradcheck_models``: one test per model x
+        property x dtype, appended to the collected tests (before -k/-m select)."""
+        texts = list(config.getoption("gradcheck_model") or [])
+        if not texts:
+            for line in config.getini("gradcheck_models"):
+                texts.extend(str(line).split())
+        if not texts:
+            return
+        from gradcheck import models
+
+        try:
+            dtypes = models._as_tuple(
+                self._model_setting("dtype") or "float32,float64",
+                "dtype",
+                models.DTYPES,
+            )
+            props = models._as_tuple(
+                self._model_setting("properties") or ",".join(models.PROPERTIES),
+                "property",
+                models.PROPERTIES,
+            )
+            specs = models.expand_specs(texts)
+        except models.GradcheckError as exc:
+            raise pytest.UsageError(f"--gradcheck-model: {exc}") from None
+        node = ModelChecks.from_parent(session, name="gradcheck-models")
+        for spec in dict.fromkeys(specs):
+            for dtype in dtypes:
+                for prop in props:
+                    items.append(
+                        ModelCheckItem.from_parent(
+                            node,
+                            name=f"{spec.text}[{prop}-{dtype}]",
+                            spec=spec,
+                            prop=prop,
+                            dtype=dtype,
+                        )
+                    )
+                    node.remaining[spec] = node.remaining.get(spec, 0) + 1
+
+    def _model_setting(self, name: str) -> str | None:
+        value = self.config.getoption(f"gradcheck_model_{name}")
+        if value is None:
+            value = str(self.config.getini(f"gradcheck_model_{name}")).strip() or None
+        return value
+
     # ---------------------------------------------------------- recording
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(
@@ -371,6 +456,67 @@ class GradcheckSession:
         )
         for kind, path in self.written:
             tr.line(f"{kind} report: {path}")
+
+
+# ------------------------------------------------------------------ model tests
+class ModelChecks(pytest.Collector):
+    """The parent of the ``--gradcheck-model`` tests (no file behind them). Builds
+    each model once, when its first test runs, and drops it after its last."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkers: dict[Any, Any] = {}
+        self.remaining: dict[Any, int] = {}
+
+    def collect(self) -> list[Any]:  # its items are made by the session hook
+        return []
+
+    def checker(self, spec: Any) -> Any:
+        if spec not in self.checkers:
+            from gradcheck import models
+
+            seed = self.config.pluginmanager.get_plugin(_PLUGIN_NAME).seed
+            self.checkers[spec] = models.Checker(spec, seed=seed or 0)
+        return self.checkers[spec]
+
+    def done(self, spec: Any) -> None:
+        self.remaining[spec] = self.remaining.get(spec, 1) - 1
+        if self.remaining[spec] <= 0:
+            self.checkers.pop(spec, None)
+
+
+class ModelCheckItem(pytest.Item):
+    """One model x property x dtype: passes on ``passed``, fails on ``mismatch``
+    (the report's message, no traceback), is skipped with the reason on any other
+    status (unbuildable, timeout, error, nondifferentiable, nondeterministic)."""
+
+    def __init__(self, *, spec: Any, prop: str, dtype: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec, self.prop, self.dtype = spec, prop, dtype
+
+    def runtest(self) -> None:
+        from gradcheck.errors import GradientMismatchError
+
+        parent: ModelChecks = self.parent  # type: ignore[assignment]
+        try:
+            report = parent.checker(self.spec).run(self.prop, self.dtype)
+        finally:
+            parent.done(self.spec)
+        if report.status == "mismatch":
+            raise GradientMismatchError(report)
+        if not report.passed:
+            reason = report.notes[0] if report.notes else ""
+            pytest.skip(f"{report.headline()}: {reason}".splitlines()[0])
+
+    def repr_failure(self, excinfo: Any, style: Any = None) -> Any:
+        from gradcheck.errors import GradientMismatchError
+
+        if isinstance(excinfo.value, GradientMismatchError):
+            return excinfo.value.report.message()
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.config.rootpath, None, f"gradcheck model {self.name}"
 
 
 # ------------------------------------------------------------------ marker

@@ -10,6 +10,8 @@ import random
 import re
 from typing import Any
 
+from gradcheck.errors import GradcheckError
+
 __all__ = ["SIZES", "applications", "build"]
 
 #: square input sizes tried, smallest first; an application's own error message
@@ -37,15 +39,20 @@ def applications() -> dict[str, Any]:
 def build(
     name: str, seed: int, max_parameters: int, dtype: str = "float32"
 ) -> tuple[Any, Any, int]:
-    """(model, input batch of 2, parameter count). KeyError-like LookupError for an
-    unknown name (with the known ones); the last ValueError when no size fits."""
+    """(model, input batch of 2, parameter count). GradcheckError for an unknown
+    name (with the known ones); the last ValueError when no size fits."""
     import keras
     import numpy as np
 
     apps = applications()
     if name not in apps:
-        raise LookupError(
-            f"keras.applications has no {name!r}; known: {', '.join(sorted(apps))}"
+        import difflib
+
+        close = difflib.get_close_matches(name, apps, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise GradcheckError(
+            f"keras.applications has no {name!r}.{hint} Known: "
+            f"{', '.join(sorted(apps))}."
         )
     ctor = apps[name]
     saved = random.getstate(), np.random.get_state()

@@ -22,6 +22,8 @@
       ],
       "summary": {"checks", "ok", "failed", "by_status", "by_property",
                   "frameworks", "dtypes", "devices", "seeds", "failed_ids"},
+      "models": [{"model", "property", "dtype", "status", "seconds",
+                  "parameters", "message"}],   # optional: gradcheck check-model
     }
 
 :func:`build_document` makes one from records (the pytest plugin, the CLI);

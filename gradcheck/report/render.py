@@ -74,6 +74,7 @@ def render_html(data: dict[str, Any]) -> str:
         summary=summary,
         statuses={k: v for k, v in (summary.get("by_status") or {}).items() if v},
         checks=checks,
+        models=data.get("models") or [],
     )
 
 

@@ -1,0 +1,395 @@
+"""gradcheck.check_model, `gradcheck check-model` and `pytest --gradcheck-model`:
+real architectures by name, a planted bug through each front door, unbuildable
+specs, bad overrides, timeouts, the user's model left as it was.
+
+The ``tests.test_check_model:<name>`` specs below are the module:callable form.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import gradcheck
+import gradcheck.cli  # noqa: F401 - imported once (pytester runs in-process)
+import gradcheck.pytest_plugin  # noqa: F401
+from gradcheck import models
+from gradcheck.cli import main
+from gradcheck.report import build_document
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(
+        ep.value == "gradcheck.pytest_plugin" for ep in entry_points(group="pytest11")
+    )
+
+
+PLUGIN = (() if _entry_point_installed() else ("-p", "gradcheck.pytest_plugin")) + (
+    "-p",
+    "no:cacheprovider",
+)
+HERE = "tests.test_check_model"
+
+
+# ---------------------------------------------------------------- models by callable
+class ScaledIdentity(torch.autograd.Function):
+    """The identity whose backward scales the gradient by 1 + 1e-3: a planted bug."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-3)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, planted: bool = False):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 12)
+        self.hidden = torch.nn.Linear(12, 12)
+        self.out = torch.nn.Linear(12, 3)
+        self.planted = planted
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = self.hidden(h)
+        if self.planted:
+            h = ScaledIdentity.apply(h)  # on a hidden layer
+        return self.out(torch.tanh(h))
+
+
+def _mlp(planted: bool):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MLP(planted), torch.randn(5, 6)
+
+
+def correct_mlp():
+    return _mlp(False)
+
+
+def planted_mlp():
+    return _mlp(True)
+
+
+def planted_bert():
+    """Shrunk BERT with the planted identity on the first block's feed-forward
+    output (a forward hook on encoder.layer.0.intermediate.dense)."""
+    from gradcheck.backends import _hf
+
+    model, inputs, _ = _hf.build("bert", {}, "hf:bert", 0, models.MAX_PARAMETERS)
+    dense = model.encoder.layer[0].intermediate.dense
+    dense.register_forward_hook(lambda mod, args, out: ScaledIdentity.apply(out))
+    return model, inputs
+
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        time.sleep(1.0)
+        return self.lin(x)
+
+
+def slow_model():
+    return Slow(), torch.ones(2, 3)
+
+
+def not_a_model():
+    return "a string"
+
+
+# ---------------------------------------------------------------- library
+@pytest.mark.parametrize("spec", ["hf:bert", "hf:vit"])
+def test_hf_models_pass_fd_in_float32_and_float64(spec):
+    reports = models.check_model(spec, dtype="float32,float64", properties="fd")
+    assert isinstance(reports, models.ModelReports) and len(reports) == 2
+    for report, dtype in zip(reports, ("float32", "float64"), strict=True):
+        assert report.status == "passed", report.message()
+        assert report.property == "finite_difference" and report.dtype == dtype
+        assert report.framework == "torch"
+        assert report.label == f"{spec} fd {dtype}"
+        row = models.row(report)
+        assert row["model"] == spec and row["property"] == "fd"
+        assert 10_000 < row["parameters"] < 200_000  # shrunk: hidden 32, 2 layers
+    assert reports.passed and not reports.mismatches
+
+
+def test_llama_linearity_and_locality_with_overrides():
+    spec = "hf:llama?num_hidden_layers=1&hidden_size=64"
+    checker = models.Checker(spec)
+    checker.build()
+    model, inputs = checker._built
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 64
+    assert len(model.layers) == 1
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    reports = models.check_model(spec, properties="linearity,locality")
+    assert [r.status for r in reports] == ["passed", "passed"], reports[1].message()
+    flow = reports[1].flow
+    weights = models.draw_weights(0)
+    assert flow.losses == ["main", "aux"] and flow.weights == [
+        weights["main"],
+        weights["aux"],
+    ]
+    assert flow.reached_by("layers.0.mlp.down_proj.weight") == ["main", "aux"]
+
+
+@pytest.mark.slow  # blame by bisection: ~30 s on 2 shared cores
+def test_planted_bug_in_bert_is_a_mismatch():
+    (fd,) = models.check_model(f"{HERE}:planted_bert", properties="fd")
+    assert fd.status == "mismatch", fd.message()
+    assert fd.location is not None
+
+
+def test_planted_bug_in_a_callable_model_is_a_mismatch():
+    reports = models.check_model(f"{HERE}:planted_mlp", properties="fd,linearity")
+    assert reports[0].status == "mismatch", reports[0].message()
+    assert reports[0].location.tensor in (
+        "inp.weight",
+        "inp.bias",
+        "hidden.weight",
+        "hidden.bias",
+    )
+    # the wrong backward scales both heads alike: the total is still their sum
+    assert reports[1].status == "passed", reports[1].message()
+    assert models.check_model(f"{HERE}:correct_mlp", properties="fd").passed
+
+
+def test_unbuildable_specs_are_reports_not_exceptions():
+    reports = models.check_model("hf:not_a_model", dtype="float32,float64")
+    assert len(reports) == 6
+    assert {r.status for r in reports} == {"unbuildable"}
+    assert "not_a_model" in reports[0].notes[0]
+    assert len(reports[0].notes[0]) < 600  # the reason, not transformers' list of types
+    assert (
+        reports[0].headline()
+        == "gradcheck: finite-difference check not run (unbuildable)"
+    )
+    assert "Traceback" not in reports[0].message()
+    (bad,) = models.check_model(f"{HERE}:not_a_model", properties="fd")
+    assert bad.status == "unbuildable" and "str" in bad.notes[0]
+    (missing,) = models.check_model("no_such_module_h7:build", properties="fd")
+    assert missing.status == "unbuildable" and "no_such_module_h7" in missing.notes[0]
+    doc = build_document([{"id": r.label, "report": r} for r in reports])
+    assert doc["summary"]["by_status"]["unbuildable"] == 6
+    json.dumps(reports[0].to_dict())  # NaN error/tolerance are JSON-safe
+
+
+def test_parameter_limit_refuses_before_running():
+    (report,) = models.check_model("hf:bert", properties="fd", max_parameters=10_000)
+    assert report.status == "unbuildable"
+    assert "over the limit of 10,000" in report.notes[0]
+
+
+def test_bad_overrides_and_options_are_errors():
+    with pytest.raises(
+        gradcheck.InvalidArgumentError,
+        match="num_hidden_layer'.*Valid keys:.*num_hidden_layers",
+    ):
+        models.check_model("hf:llama?num_hidden_layer=1")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="not an integer"):
+        models.check_model("hf:llama?hidden_size=big")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="key=value"):
+        models.parse_spec("hf:llama?hidden_size")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="unknown property"):
+        models.check_model("hf:bert", properties="fd,speed")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="unknown dtype"):
+        models.check_model("hf:bert", dtype="float16")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="spec"):
+        models.parse_spec("bert")
+
+
+def test_shrink_reaches_nested_configs():
+    from gradcheck.backends import _hf
+
+    cfg = _hf.shrink_config(_hf.load_config("clip"))
+    for sub in (cfg.text_config, cfg.vision_config):
+        assert sub.hidden_size == 32 and sub.num_hidden_layers == 2
+        assert sub.num_attention_heads == 2 and sub.attention_dropout == 0.0
+    assert cfg.text_config.vocab_size <= 1024
+    assert cfg.vision_config.image_size <= 64
+    moe = _hf.shrink_config(_hf.load_config("mixtral"))
+    assert moe.num_local_experts <= 4 and moe.num_experts_per_tok <= 2
+
+
+def test_user_model_object_is_unchanged():
+    model, x = correct_mlp()
+    model.train()
+    model.inp.training = False  # mixed flags come back as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    reports = models.check_model(model, inputs=x, dtype="float32,float64")
+    assert [r.status for r in reports] == ["passed"] * 6, [r.message() for r in reports]
+    assert all(r.label.startswith("<tests.test_check_model.MLP>") for r in reports)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_model_object_without_inputs_is_unbuildable_with_advice():
+    model, _ = correct_mlp()
+    (report,) = models.check_model(model, properties="fd")
+    assert report.status == "unbuildable" and "pass inputs=" in report.notes[0]
+
+
+def test_weights_are_drawn_by_hypothesis_from_the_seed():
+    w0 = models.draw_weights(0)
+    assert w0 == models.draw_weights(0)
+    for seed in range(4):
+        w = models.draw_weights(seed)
+        assert min(w.values()) > 0 and max(w.values()) >= 2 * min(w.values())
+    assert len({tuple(models.draw_weights(s).values()) for s in range(4)}) > 1
+
+
+def test_timeout_stops_a_check_and_reports_it():
+    (report,) = models.check_model(f"{HERE}:slow_model", properties="fd", timeout=3)
+    assert report.status == "timeout"
+    assert "took more than 3 s" in report.notes[0]
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_planted_bug_exits_1_and_writes_rows(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = main(
+        [
+            "check-model",
+            f"{HERE}:planted_mlp",
+            "hf:not_a_model",
+            f"{HERE}:correct_mlp",
+            "--properties",
+            "fd",
+            "--dtype",
+            "float32,float64",
+            "--timeout",
+            "0",
+            "--json",
+            str(out),
+            "--report",
+            str(tmp_path / "html"),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 1, text
+    lines = [line for line in text.splitlines() if " fd float" in line]
+    assert len(lines) == 6  # one per model x property x dtype: the run went on
+    assert lines[0].startswith("mismatch") and "params" in lines[0]
+    assert "unbuildable" in lines[2] and "not_a_model" in lines[2]
+    assert lines[4].startswith("passed")
+    rows = json.loads(out.read_text())["rows"]
+    assert [set(r) for r in rows] == [
+        {"model", "property", "dtype", "status", "seconds", "parameters", "message"}
+    ] * 6
+    assert [r["status"] for r in rows] == ["mismatch"] * 2 + ["unbuildable"] * 2 + [
+        "passed"
+    ] * 2
+    assert rows[4]["parameters"] == 6 * 12 + 12 + 12 * 12 + 12 + 12 * 3 + 3
+    html = (tmp_path / "html" / "check-model.html").read_text()
+    assert "<h2>Models</h2>" in html and 'class="badge s-unbuildable"' in html
+
+
+def test_cli_unbuildable_alone_exits_0(capsys):
+    code = main(
+        ["check-model", "hf:not_a_model", "--properties", "fd", "--timeout", "0"]
+    )
+    assert code == 0
+    assert "unbuildable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["hf:llama?num_hidden_layer=1"], "Valid keys"),
+        (["hf:bert", "--dtype", "float16"], "float32, float64"),
+        (["hf:bert", "--properties", "speed"], "fd, linearity, locality"),
+        (["nonsense"], "hf:<model_type>"),
+    ],
+)
+def test_cli_usage_errors_exit_2(argv, needle, capsys):
+    try:
+        code = main(["check-model", *argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2
+    assert needle in captured.out + captured.err
+
+
+# ---------------------------------------------------------------- pytest plugin
+def test_plugin_generates_one_test_per_model_property_dtype(pytester):
+    pytester.syspathinsert(ROOT)
+    result = pytester.runpytest_inprocess(
+        *PLUGIN,
+        "--gradcheck-model",
+        f"{HERE}:planted_mlp",
+        "--gradcheck-model",
+        f"{HERE}:correct_mlp",
+        "--gradcheck-model",
+        "hf:not_a_model",
+        "--gradcheck-model-properties",
+        "fd",
+        "--gradcheck-model-dtype",
+        "float64",
+        "-rs",
+    )
+    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    out = result.stdout.str()
+    assert "gradcheck-models::tests.test_check_model:planted_mlp[fd-float64]" in out
+    assert "finite-difference check FAILED (mismatch)" in out
+    assert "Traceback" not in out
+    assert "not run (unbuildable)" in out
+
+
+def test_plugin_ini_and_bad_override(pytester):
+    pytester.syspathinsert(ROOT)
+    pytester.makeini(
+        f"""
+        [pytest]
+        gradcheck_models = {HERE}:correct_mlp
+        gradcheck_model_properties = fd,linearity
+        gradcheck_model_dtype = float32
+        """
+    )
+    result = pytester.runpytest_inprocess(*PLUGIN, "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*correct_mlp?linearity-float32? PASSED*"])
+    bad = pytester.runpytest_inprocess(*PLUGIN, "--gradcheck-model", "hf:bert?hidden=1")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "unknown override 'hidden'" in bad.stderr.str()
+
+
+# ---------------------------------------------------------------- keras
+def test_keras_application_builds_at_32x32():
+    pytest.importorskip("keras")
+    checker = models.Checker("keras:MobileNetV3Small")
+    checker.build()
+    model, x = checker._built
+    assert checker.framework == "tensorflow"
+    assert x.shape == (2, 32, 32, 3)
+    assert 100_000 < checker.parameters < 5_000_000
+    (bad,) = models.check_model("keras:NoSuchNet", properties="fd")
+    assert bad.status == "unbuildable" and "MobileNetV3Small" in bad.notes[0]
+
+
+@pytest.mark.slow
+def test_keras_application_fd():
+    pytest.importorskip("keras")
+    (report,) = models.check_model("keras:MobileNetV3Small", properties="fd")
+    assert report.status in ("passed", "nondifferentiable"), report.message()
