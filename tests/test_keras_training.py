@@ -455,6 +455,35 @@ class LogsLossWithoutPenalties(keras.Model):
         return self.compute_metrics(x, y, y_pred, sw)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"jit_compile": True}, {"run_eagerly": True}],
+    ids=["graph", "xla", "eager"],
+)
+def test_measured_rounding_alone_judges_the_step(options):
+    """With the prior switched off (rtol=1e-12: the per-element rounding model
+    allows almost nothing), the tolerance is the rounding measured at check time
+    on equivalent computations: a correct model (BatchNorm in training mode,
+    regularizers, sample weights) passes, and a head counted twice is still a
+    mismatch far beyond it (the bug is in both runs of the user's step)."""
+    x, y, sw = data()
+    for cls, passes in ((None, True), (AuxTwice, False)):
+        m = model("dict", cls, batchnorm=True)
+        m.compile(
+            optimizer="adam", loss=dict(LOSSES), loss_weights=dict(WEIGHTS), **options
+        )
+        report = check_keras_model(m, x, y, sample_weight=sw, rtol=1e-12)
+        assert "measured spread between equivalent computations" in (
+            report.tolerance_reason
+        )
+        if passes:
+            assert report.passed, report.message()
+        else:
+            assert report.status == "mismatch", report.message()
+            assert report.location.head == "aux", report.message()
+            assert report.error > 100 * report.tolerance
+
+
 def test_a_wrong_reported_loss_alone_is_a_mismatch():
     m = compiled("dict", LogsLossWithoutPenalties)
     x, y, sw = data()
