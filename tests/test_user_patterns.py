@@ -869,3 +869,22 @@ def test_wrapped_errors_survive_pickling():
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, FunctionRaisedError) and isinstance(back, ValueError)
     assert str(back) == str(err) and "boom" in str(back)
+
+
+def test_float_call_on_a_captured_float64_tensor_leaves_it_alone():
+    """On the float64 reference .float() keeps float64 but still copies a float64
+    tensor, as it does natively: an in-place op on the result must not reach a
+    tensor of the user's."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 3)
+    c = X.double()  # captured, float64
+    saved = c.clone()
+
+    def fn():
+        y = c.float()
+        y.mul_(2.0)  # on .float()'s copy
+        return m(y).pow(2).mean()
+
+    report = gradcheck.check_gradients(fn, params=m)
+    assert report.passed and report.reference_dtype == "float64", report.message()
+    assert torch.equal(c, saved)

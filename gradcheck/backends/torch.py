@@ -77,10 +77,12 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _TO_LOW:
-            # x.float() on a float64 reference tensor: x itself, as x.float() is x
-            # on a float32 one (rounding through float32 would cost the reference
-            # its precision)
-            return _up(args[0]) if args[0].dtype != torch.float64 else args[0]
+            # x.float() on a float64 reference tensor stays float64 (rounding
+            # through float32 would cost the reference its precision); a copy, as
+            # .float() copies a float64 tensor, so an in-place op on the result
+            # cannot reach a float64 tensor of the user's
+            x = args[0]
+            return x.clone() if x.dtype == torch.float64 else x.to(torch.float64)
         args = torch.utils._pytree.tree_map(_up, args)
         kwargs = {
             k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
