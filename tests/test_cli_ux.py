@@ -302,6 +302,8 @@ def test_jobs_side_by_side_have_the_outcomes_of_one_process():
         expected = ["start"] + ["example"] * o.examples + [o.verdict]
         assert seen[o.job.name] == expected, o.job.name
     assert both.cpu_seconds > 0
+    per_process = both.environment["CPU seconds per process"].split(", ")
+    assert len(per_process) == 2 and all(float(c) > 0 for c in per_process)
 
 
 def test_a_replaced_planner_runs_in_this_process(monkeypatch):
