@@ -883,7 +883,11 @@ def test_float_call_on_a_captured_float64_tensor_leaves_it_alone():
     def fn():
         y = c.float()
         y.mul_(2.0)  # on .float()'s copy
-        return m(y).pow(2).mean()
+        z = c.to(torch.float32)
+        z.add_(1.0)  # and on .to()'s
+        w = c.to(dtype=torch.float32)
+        w.add_(1.0)
+        return m(y + z + w).pow(2).mean()
 
     report = gradcheck.check_gradients(fn, params=m)
     assert report.passed and report.reference_dtype == "float64", report.message()

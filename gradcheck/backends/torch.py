@@ -84,12 +84,16 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
             x = args[0]
             return x.clone() if x.dtype == torch.float64 else x.to(torch.float64)
         args = torch.utils._pytree.tree_map(_up, args)
+        asked_low = kwargs.get("dtype") in _LOW
         kwargs = {
             k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
             for k, v in kwargs.items()
         }
         if func is torch.Tensor.to:
+            asked_low = asked_low or any(a in _LOW for a in args[1:])
             args = tuple(torch.float64 if a in _LOW else a for a in args)
+            if asked_low:  # x.to(float32) copies a float64 x: so does this
+                kwargs["copy"] = True
         return func(*args, **kwargs)
 
 
