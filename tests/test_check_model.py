@@ -175,7 +175,9 @@ def test_unbuildable_specs_are_reports_not_exceptions():
     reports = models.check_model("hf:not_a_model", dtype="float32,float64")
     assert len(reports) == 6
     assert {r.status for r in reports} == {"unbuildable"}
-    assert "not_a_model" in reports[0].notes[0]
+    assert "has no model type 'not_a_model'" in reports[0].notes[0]
+    (typo,) = models.check_model("hf:berd", properties="fd")
+    assert "close: bert" in typo.notes[0]
     assert len(reports[0].notes[0]) < 600  # the reason, not transformers' list of types
     assert (
         reports[0].headline()

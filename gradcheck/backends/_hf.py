@@ -78,9 +78,21 @@ def _int(value: Any) -> bool:
 
 
 def load_config(model_type: str) -> Any:
-    """``AutoConfig.for_model(model_type)``; a ValueError (unknown type) as is."""
-    from transformers import AutoConfig
+    """``AutoConfig.for_model(model_type)``; an unknown type is a ValueError that
+    names the closest known ones (not transformers' list of all of them)."""
+    import difflib
 
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, CONFIG_MAPPING_NAMES, n=4)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ValueError(
+            f"transformers {transformers.__version__} has no model type "
+            f"{model_type!r} ({len(CONFIG_MAPPING_NAMES)} known{hint})"
+        )
     return AutoConfig.for_model(model_type)
 
 
