@@ -447,10 +447,33 @@ class Checker:
         report.cost["parameters"] = self.parameters
         return report
 
+    def _keras_in(self, dtype: str) -> tuple[Any, Any]:
+        """A Keras spec in another dtype: the application rebuilt under that
+        dtype policy (same seed, same initial weights up to rounding), cached."""
+        cache = self.__dict__.setdefault("_by_dtype", {})
+        if dtype not in cache:
+            assert self.spec is not None
+            if self.spec.kind == "keras":
+                from gradcheck.backends import _keras_apps
+
+                model, x, _ = _keras_apps.build(
+                    self.spec.name, self.seed, self.max_parameters, dtype
+                )
+                cache[dtype] = (model, x)
+            else:
+                cache[dtype] = self._built
+        return cache[dtype]
+
     def _run(self, prop: str, dtype: str, label: str) -> CheckReport:
         import gradcheck
 
         model, inputs = self._built  # type: ignore[misc]
+        if (
+            self.framework == "tensorflow"
+            and self.spec is not None
+            and dtype != "float32"
+        ):
+            model, inputs = self._keras_in(dtype)
         with _prepared(model, inputs, dtype, self.framework, self.seed) as (m, heads):
             total, losses, expected = heads(self.weights, prop == "locality")
             if prop == "fd":

@@ -386,6 +386,12 @@ def test_keras_application_builds_at_32x32():
     assert checker.framework == "tensorflow"
     assert x.shape == (2, 32, 32, 3)
     assert 100_000 < checker.parameters < 5_000_000
+    import keras
+
+    policy = keras.config.dtype_policy().name
+    model64, x64 = checker._keras_in("float64")  # rebuilt under a float64 policy
+    assert {str(w.dtype) for w in model64.trainable_weights} == {"float64"}
+    assert x64.dtype == "float64" and keras.config.dtype_policy().name == policy
     (bad,) = models.check_model("keras:NoSuchNet", properties="fd")
     assert bad.status == "unbuildable" and "MobileNetV3Small" in bad.notes[0]
 
