@@ -476,12 +476,16 @@ def test_measured_rounding_alone_judges_the_step(options):
         assert "measured spread between equivalent computations" in (
             report.tolerance_reason
         )
+        said = report.notes[0]
+        assert said.startswith("the per-element rounding model allowed"), said
         if passes:
             assert report.passed, report.message()
+            assert said.endswith("the gradients agree."), said
         else:
             assert report.status == "mismatch", report.message()
             assert report.location.head == "aux", report.message()
             assert report.error > 100 * report.tolerance
+            assert said.endswith("they still differ."), said
 
 
 def test_a_wrong_reported_loss_alone_is_a_mismatch():

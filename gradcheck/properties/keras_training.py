@@ -231,7 +231,20 @@ def check(
                     captured,
                     snapshot,
                 )
+                prior = report
                 report = verdict(scale_note, noise=spread.noise, noise_how=spread.how)
+                where = prior.location.tensor if prior.location else "?"
+                report.notes.insert(
+                    0,
+                    f"the per-element rounding model allowed {prior.tolerance:.3e} at "
+                    f"{where!r} (error {prior.error:.3e}); judged with this model's "
+                    "rounding measured at check time on equivalent computations"
+                    + (
+                        ", they still differ."
+                        if any(t.status == "mismatch" for t in report.tensors)
+                        else ", the gradients agree."
+                    ),
+                )
                 forwards, backwards = forwards + 1, backwards + 1
                 steps += spread.steps
             if not report.passed:
