@@ -459,6 +459,8 @@ def _check_model_main(args: argparse.Namespace) -> int:
     from gradcheck import models
 
     console = Console(highlight=False, soft_wrap=True)
+    if any(s.split("?")[0] == "hf:*" for s in args.specs):
+        console.print("expanding hf:* (reading every transformers model class) ...")
     try:
         specs = models.expand_specs(args.specs)
     except GradcheckError as exc:

@@ -427,6 +427,7 @@ class Checker:
                 )
             )
         assert self._built is not None
+        started = time.perf_counter()  # the check's own time, not the build's
         try:
             report = self._run(prop, dtype, label)
         except GradcheckError as exc:
