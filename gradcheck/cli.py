@@ -458,6 +458,7 @@ def _check_model_main(args: argparse.Namespace) -> int:
 
     from gradcheck import models
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as audit: before TF loads
     console = Console(highlight=False, soft_wrap=True)
     if any(s.split("?")[0] == "hf:*" for s in args.specs):
         console.print("expanding hf:* (reading every transformers model class) ...")

@@ -832,6 +832,9 @@ def _worker(conn: Any, payload: bytes) -> None:
 def _import_framework(target: Any) -> None:
     with contextlib.suppress(Exception):  # building reports what is missing
         if isinstance(target, Spec) and target.kind == "keras":
+            from gradcheck._quiet import import_quietly
+
+            import_quietly("tensorflow")  # TF's import banner, not the user's noise
             import keras  # noqa: F401
         elif isinstance(target, Spec) and target.kind == "hf":
             import transformers  # noqa: F401
