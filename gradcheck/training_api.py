@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gradcheck.api import _publish, _seed
+from gradcheck.api import _loss_labels, _publish, _seed, no_raw_exceptions
 from gradcheck.errors import GradientMismatchError
 from gradcheck.properties import training_step
 from gradcheck.result import CheckReport
@@ -62,23 +62,29 @@ def check_training_step(
     optimizer stepped inside ``step_fn`` (found through a step pre-hook), and the
     scaler passed. Other state ``step_fn`` changes (learning-rate schedulers, EMA
     weights, counters) is not undone: keep it out of ``step_fn``. Exceptions from
-    ``step_fn`` or the loss_fns propagate unchanged, after restoring.
+    ``step_fn`` or the loss_fns propagate after restoring, as a
+    :class:`gradcheck.errors.FunctionRaisedError` that is also an instance of the
+    original type (``except ValueError`` still catches it); any other framework
+    error becomes a ``GradcheckError`` naming the problem.
 
     The report (``property="training_step"``) carries the flow matrix and the
     effective weight of each loss in each parameter's ``.grad``; its notes name a
     parameter no gradient reached and a factor common to every loss and parameter
     (an unscaled GradScaler, an accumulation divided by the wrong count)."""
     s = _seed(seed)
-    report = training_step.run(
-        step_fn,
-        model,
-        loss_fns,
-        weights,
-        scaler=scaler,
-        autocast=autocast,
-        seed=s,
-        rtol=rtol,
-    )
+    with no_raw_exceptions(
+        "check_training_step", step_fn=step_fn, **_loss_labels(loss_fns)
+    ):
+        report = training_step.run(
+            step_fn,
+            model,
+            loss_fns,
+            weights,
+            scaler=scaler,
+            autocast=autocast,
+            seed=s,
+            rtol=rtol,
+        )
     return _publish(report, label)
 
 

@@ -687,12 +687,7 @@ def step_case(name: str):
 #: wrap nothing yet. api.no_raw_exceptions("check_training_step", step_fn=...,
 #: **loss labels) around training_step.run fixes them; strict xfail, so the
 #: test fails once they are fixed and this list must shrink.
-TRAINING_STEP_RAW = {
-    "raises_its_own_exception",
-    "inplace_on_param",
-    "loss_fn_raises",
-    "meta_device",
-}
+TRAINING_STEP_RAW: set[str] = set()
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,14 @@ def run(
             f"model must be a torch.nn.Module (the module whose parameters step_fn "
             f"trains); got {type(model).__name__}."
         )
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise UnsupportedInputError(
+            f"{', '.join(meta[:3])}{' ...' if len(meta) > 3 else ''} "
+            "live on the 'meta' device, which has no data: nothing to train or "
+            "check. Materialise the model first (model.to_empty(device='cpu') and "
+            "load or initialise its weights)."
+        )
     if not callable(step_fn):
         raise UnsupportedInputError(
             f"step_fn must be a callable taking no arguments that runs forward and "
