@@ -537,22 +537,7 @@ MULTI_HEAD = {
 
 #: Wrong verdicts found here in files this test's author does not own, left to
 #: their owners; strict xfail: the test fails once fixed, and the entry goes.
-KNOWN_WRONG = {
-    ("linearity", "no_grad_inside"): (
-        "check_linearity (properties/linearity.py) passes when no loss and not the "
-        "total reach any differentiated tensor (all computed under no_grad), with "
-        "no note; check_gradients raises 'the outputs do not depend on any "
-        "differentiated tensor'"
-    ),
-    ("locality", "no_grad_inside"): (
-        "check_locality passes when no loss reaches any tensor (a note says 'not "
-        "judged'): nothing was checked, which should be an error"
-    ),
-    ("locality", "dropout_train_mode"): (
-        "check_locality (properties/locality.py) does not re-run total_fn to see "
-        "randomness as check_linearity does: dropout is a 'mismatch' of the value"
-    ),
-}
+KNOWN_WRONG: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.parametrize(

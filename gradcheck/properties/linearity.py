@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 
 from gradcheck.backends.base import Session, TensorSpec
-from gradcheck.errors import InvalidArgumentError, NonFiniteError, UnsupportedInputError
+from gradcheck.errors import (
+    GradcheckError,
+    InvalidArgumentError,
+    NonFiniteError,
+    UnsupportedInputError,
+)
 from gradcheck.numeric import tolerance as tl
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
 
@@ -94,26 +99,58 @@ def run(
             loss_fns[name], f"loss_fns[{name!r}]"
         )
         _finite(session, f"loss '{name}'", vals[name], grads[name])
+    require_connected(session, g_total, grads)
     report = judge_session(
         session, total_fn, loss_fns, w, (total_val, g_total), (vals, grads), seed, rtol
     )
     if not report.passed:
-        # nondeterminism: the same total evaluated again
-        again, g_again = session.value_and_grads(total_fn, "total_fn")
-        if again != total_val or any(
-            (a is None) != (b is None) or (a is not None and not np.array_equal(a, b))
-            for a, b in zip(g_total, g_again, strict=True)
-        ):
-            report.status = "nondeterministic"
-            report.notes.insert(
-                0,
-                (
-                    f"total_fn gave different results at the same point ({total_val:.9e} then "
-                    f"{again:.9e}): dropout or another random op in train mode. Use eval mode "
-                    "or fix the RNG inside the loss functions."
-                ),
-            )
+        check_nondeterminism(session, total_fn, total_val, g_total, report)
     return session.finish(report, started)
+
+
+def require_connected(
+    session: Session,
+    g_total: Sequence[np.ndarray | None],
+    grads: Mapping[str, Sequence[np.ndarray | None]],
+) -> None:
+    """Neither the total nor any loss reaches a differentiated tensor: nothing
+    can be compared, and a pass would say nothing. A clear error instead."""
+    if any(g is not None for g in g_total) or any(
+        g is not None for gs in grads.values() for g in gs
+    ):
+        return
+    raise GradcheckError(
+        "neither total_fn nor any loss depends on a differentiated tensor (the "
+        "framework reports no path from "
+        + ", ".join(f"'{s.name}'" for s in session.specs[:5])
+        + "): nothing to compare. Are the losses computed under no_grad / "
+        "stop_gradient, or from copies of the parameters you passed?"
+    )
+
+
+def check_nondeterminism(
+    session: Session,
+    total_fn: Callable[..., Any],
+    total_val: float,
+    g_total: Sequence[np.ndarray | None],
+    report: CheckReport,
+) -> None:
+    """A failed comparison whose total differs when evaluated again at the same
+    point is nondeterministic (dropout in train mode), not a mismatch."""
+    again, g_again = session.value_and_grads(total_fn, "total_fn")
+    if again != total_val or any(
+        (a is None) != (b is None) or (a is not None and not np.array_equal(a, b))
+        for a, b in zip(g_total, g_again, strict=True)
+    ):
+        report.status = "nondeterministic"
+        report.notes.insert(
+            0,
+            (
+                f"total_fn gave different results at the same point ({total_val:.9e} "
+                f"then {again:.9e}): dropout or another random op in train mode. Use "
+                "eval mode or fix the RNG inside the loss functions."
+            ),
+        )
 
 
 def judge_session(

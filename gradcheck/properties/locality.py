@@ -136,6 +136,7 @@ def run(
     for n in names:
         vals[n], grads[n] = session.value_and_grads(loss_fns[n], f"loss_fns[{n!r}]")
         linearity._finite(session, f"loss '{n}'", vals[n], grads[n])
+    linearity.require_connected(session, g_total, grads)
     report = linearity.judge_session(
         session,
         total_fn,
@@ -233,6 +234,8 @@ def run(
         "zero where the architecture says non-zero or the reverse; "
         + report.tolerance_reason.replace("per element", "the weights, per element")
     )
+    if not report.passed:
+        linearity.check_nondeterminism(session, total_fn, total_val, g_total, report)
     return session.finish(report, started)
 
 
