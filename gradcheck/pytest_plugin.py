@@ -133,6 +133,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="properties of the --gradcheck-model tests (fd, linearity, locality), "
         "comma-separated. Default: gradcheck_model_properties ini value, else all",
     )
+    group.addoption(
+        "--gradcheck-model-timeout",
+        metavar="S",
+        default=None,
+        help="seconds per --gradcheck-model test: each then runs in a worker "
+        "process, killed at the limit (the test is skipped as a timeout). Default: "
+        "gradcheck_model_timeout ini value, else no limit (in this process)",
+    )
     parser.addini(
         "gradcheck_models",
         help="model specs to check, one per line or space-separated "
@@ -142,6 +150,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     for name, what in (
         ("model_dtype", "dtypes of the model tests (like --gradcheck-model-dtype)"),
+        ("model_timeout", "seconds per model test (like --gradcheck-model-timeout)"),
         (
             "model_properties",
             "properties of the model tests (like --gradcheck-model-properties)",
@@ -332,7 +341,17 @@ class GradcheckSession:
             specs = models.expand_specs(texts)
         except models.GradcheckError as exc:
             raise pytest.UsageError(f"--gradcheck-model: {exc}") from None
+        timeout = self._model_setting("timeout")
+        try:
+            seconds = float(timeout) if timeout is not None else None
+        except ValueError:
+            seconds = -1.0
+        if seconds is not None and not seconds > 0:
+            raise pytest.UsageError(
+                f"--gradcheck-model-timeout: expected positive seconds, got {timeout!r}"
+            )
         node = ModelChecks.from_parent(session, name="gradcheck-models")
+        node.timeout = seconds
         for spec in dict.fromkeys(specs):
             for dtype in dtypes:
                 for prop in props:
@@ -467,17 +486,25 @@ class ModelChecks(pytest.Collector):
         super().__init__(**kwargs)
         self.checkers: dict[Any, Any] = {}
         self.remaining: dict[Any, int] = {}
+        self.timeout: float | None = None
 
     def collect(self) -> list[Any]:  # its items are made by the session hook
         return []
 
-    def checker(self, spec: Any) -> Any:
-        if spec not in self.checkers:
-            from gradcheck import models
+    def run(self, spec: Any, prop: str, dtype: str) -> Any:
+        """The report of one check: with a timeout in a worker process, else on
+        the model built once for all its tests."""
+        from gradcheck import models
 
-            seed = self.config.pluginmanager.get_plugin(_PLUGIN_NAME).seed
-            self.checkers[spec] = models.Checker(spec, seed=seed or 0)
-        return self.checkers[spec]
+        seed = self.config.pluginmanager.get_plugin(_PLUGIN_NAME).seed or 0
+        if self.timeout is not None:
+            (report,) = models.check_model(
+                spec, dtype=dtype, properties=prop, seed=seed, timeout=self.timeout
+            )
+            return report
+        if spec not in self.checkers:
+            self.checkers[spec] = models.Checker(spec, seed=seed)
+        return self.checkers[spec].run(prop, dtype)
 
     def done(self, spec: Any) -> None:
         self.remaining[spec] = self.remaining.get(spec, 1) - 1
@@ -499,7 +526,7 @@ class ModelCheckItem(pytest.Item):
 
         parent: ModelChecks = self.parent  # type: ignore[assignment]
         try:
-            report = parent.checker(self.spec).run(self.prop, self.dtype)
+            report = parent.run(self.spec, self.prop, self.dtype)
         finally:
             parent.done(self.spec)
         if report.status == "mismatch":

@@ -401,3 +401,34 @@ def test_keras_application_fd():
     pytest.importorskip("keras")
     (report,) = models.check_model("keras:MobileNetV3Small", properties="fd")
     assert report.status in ("passed", "nondifferentiable"), report.message()
+
+
+def test_plugin_timeout_skips_the_test_with_the_reason(pytester):
+    pytester.syspathinsert(ROOT)
+    result = pytester.runpytest_inprocess(
+        *PLUGIN,
+        "--gradcheck-model",
+        f"{HERE}:slow_model",
+        "--gradcheck-model-properties",
+        "fd",
+        "--gradcheck-model-dtype",
+        "float32",
+        "--gradcheck-model-timeout",
+        "3",
+        "-rs",
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*not run (timeout)*took more than 3 s*"])
+    bad = pytester.runpytest_inprocess(
+        *PLUGIN, "--gradcheck-model", "hf:bert", "--gradcheck-model-timeout", "-1"
+    )
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+
+
+@pytest.mark.slow  # reads every transformers model class: about a minute
+def test_hf_star_expands_to_model_types_taking_ids_pixels_or_audio():
+    specs = models.expand_specs(["hf:*"])
+    names = {s.name for s in specs}
+    assert {"bert", "llama", "t5", "vit", "wav2vec2", "whisper", "clip"} <= names
+    assert all(s.kind == "hf" and s.text == f"hf:{s.name}" for s in specs)
+    assert len(names) == len(specs) > 200
