@@ -551,3 +551,23 @@ def test_float32_keras_layers_run_their_reference_in_float64():
     assert [v.dtype for v in model.variables] == dtypes
     planted = gradcheck.check_gradients(loss(1.001), params=model)
     assert planted.status == "mismatch"
+
+
+def test_a_loss_object_made_before_the_check_gets_the_float64_reference():
+    """`loss_fn = keras.losses.MeanSquaredError()` at the top of a training script
+    fixes the Loss's dtype to float32; within the float64 reference it computes in
+    float64 (it used to force the whole check onto a float32 reference), and its
+    dtype is float32 again afterwards."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,))
+    model = keras.Model(
+        inp, keras.layers.Dense(1)(keras.layers.Dense(8, activation="tanh")(inp))
+    )
+    x, y = tf.random.normal((16, 5), seed=1), tf.random.normal((16, 1), seed=2)
+    loss_fn = keras.losses.MeanSquaredError()
+    report = gradcheck.check_gradients(lambda: loss_fn(y, model(x)), params=model)
+    assert report.passed, report.message()
+    assert report.reference_dtype == "float64", report.notes
+    assert loss_fn.dtype == "float32"

@@ -94,7 +94,14 @@ def float64(
     from keras.src.backend.common.variables import Variable as variable_class
 
     saved_eq = variable_class.__dict__["__eq__"]
+    # a keras.losses.Loss made before the check (the `loss_fn = MeanSquaredError()`
+    # of any training script) fixed its dtype to floatx then and casts y_pred down
+    # to it: within the block a low-precision Loss computes in float64
+    from keras.src.losses.loss import Loss as loss_class
+
+    saved_loss_dtype = loss_class.__dict__["dtype"]
     try:
+        loss_class.dtype = property(_float64_loss_dtype(saved_loss_dtype))
         keras.config.set_floatx("float64")
         for v, shadow in swaps:
             v._value = shadow
@@ -111,6 +118,7 @@ def float64(
         with promotion_quiet():  # TF logs each op the promotion skips: our noise
             yield
     finally:
+        loss_class.dtype = saved_loss_dtype
         tf_ops.set_dtype_conversion_mode(saved_mode.name.lower())
         variable_class.__eq__ = saved_eq
         keras.config.set_floatx(saved_floatx)
@@ -121,6 +129,14 @@ def float64(
         for v, original, dtype in saved_values:
             v._value = original
             v._dtype = dtype
+
+
+def _float64_loss_dtype(original: property) -> Any:
+    def dtype(self: Any) -> Any:
+        value = original.fget(self)
+        return "float64" if value in ("float32", "float16", "bfloat16") else value
+
+    return dtype
 
 
 def _eq_types_false(eq: Any) -> Any:
