@@ -45,9 +45,10 @@ DTYPES = ("float64", "float32")
 #: examples per job for each profile (``--examples`` overrides); ci: see the README
 #: for its seconds (``make audit``, with the CPU it was measured on)
 PROFILES = {"ci": 10, "thorough": 60}
-#: intra-op threads per framework during the audit: its models are tiny, and
-#: torch's thread pool costs more than it gives there (4x the CPU time of one
-#: thread on a finite-difference job, 2 cores; README)
+#: torch's intra-op threads during the audit: its models are tiny, and torch's
+#: thread pool costs more than it gives there (torch/float64/finite_difference on
+#: correct models: 8.9 s CPU with torch's 2 threads, 2.3 s with one; 2-core AMD
+#: EPYC shared with other work, run_job timed with time.process_time)
 DEFAULT_THREADS = 1
 #: relative size of the planted scaled-backward bug: the promised detection limits
 PLANTED = {"float64": 1e-5, "float32": 1e-3}
