@@ -228,6 +228,12 @@ def test_shrink_reaches_nested_configs():
     assert cfg.vision_config.image_size <= 64
     moe = _hf.shrink_config(_hf.load_config("mixtral"))
     assert moe.num_local_experts <= 4 and moe.num_experts_per_tok <= 2
+    audio = _hf.shrink_config(_hf.load_config("wav2vec2"))
+    assert max(audio.conv_dim) == 32 and audio.num_hidden_layers == 2
+    swin = _hf.shrink_config(_hf.load_config("swin"))  # per-stage lists, window
+    assert swin.embed_dim == 32 and max(swin.depths) == 1 and max(swin.num_heads) == 2
+    assert swin.image_size // swin.patch_size // 2 ** (len(swin.depths) - 1) == 2
+    assert swin.window_size == 2
 
 
 def test_user_model_object_is_unchanged():

@@ -125,6 +125,10 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
             _set(cfg, key, HIDDEN)
     cap(_HEAD_KEYS, HEADS)
     cap(_KV_KEYS, HEADS)
+    # per-stage lists (Swin, ConvNeXt, ResNet, wav2vec2's feature extractor)
+    cap_list(cfg, _HEAD_KEYS, HEADS)
+    cap_list(cfg, _STAGE_WIDTH_KEYS, HIDDEN)
+    cap_list(cfg, _STAGE_DEPTH_KEYS, 1)
     cap(_FFN_KEYS, FFN)
     cap(("vocab_size",), VOCAB)
     cap(_EXPERT_KEYS, EXPERTS)
@@ -142,6 +146,7 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
         _set(cfg, "image_size", IMAGE)
     elif isinstance(size, (list, tuple)) and all(_int(s) for s in size):
         _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
+    _fit_window(cfg)
     for key, value in list(vars(cfg).items()):
         lowered = key.lower()
         if (
@@ -167,6 +172,35 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
     if hasattr(cfg, "use_cache"):
         _set(cfg, "use_cache", False)
     return cfg
+
+
+def _fit_window(cfg: Any) -> None:
+    """Swin-style models: the attention window must fit the last stage's
+    resolution at the shrunk image size (64 / patch 4 / 2**3 = 2, not 7)."""
+    window, depths = getattr(cfg, "window_size", None), getattr(cfg, "depths", None)
+    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    if not (
+        _int(window)
+        and _int(size)
+        and _int(patch)
+        and isinstance(depths, (list, tuple))
+    ):
+        return
+    last = size // patch // 2 ** max(len(depths) - 1, 0)
+    if 1 <= last < window:
+        _set(cfg, "window_size", last)
+
+
+_STAGE_WIDTH_KEYS = ("conv_dim", "hidden_sizes", "embed_dims", "dims", "embed_dim")
+_STAGE_DEPTH_KEYS = ("depths",)
+
+
+def cap_list(cfg: Any, keys: tuple[str, ...], limit: int) -> None:
+    """Cap every entry of per-stage integer lists at ``limit``."""
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and value and all(_int(v) for v in value):
+            _set(cfg, key, type(value)(min(v, limit) for v in value))
 
 
 def _set(cfg: Any, key: str, value: Any) -> None:
