@@ -231,14 +231,15 @@ def _reaches(strategy, condition):
 def test_new_features_shrink_toward_absent():
     """A failure that needs an image shrinks to one plain conv2d: stride 1, padding
     valid, linear, no residual, no batchnorm/pool/attention around it."""
-    spec = find(architectures(), lambda s: _layers(s, kind="conv2d"), settings=FIND)
+    small = architectures(max_heads=2, max_layers=2)
+    spec = find(small, lambda s: _layers(s, kind="conv2d"), settings=FIND)
     kinds = [layer.kind for _, layer, _ in spec.layers()]
     assert kinds.count("conv2d") == 1 and set(kinds) <= {"dense", "conv2d", "pool"}
     (conv,) = [layer for _, layer, _ in spec.layers() if layer.kind == "conv2d"]
     assert (conv.strides, conv.padding, conv.activation) == (1, "valid", "linear")
     assert conv.kernel_regularizer is None and conv.units == 1
     assert spec.inputs[0].shape == (1, 1, 1) and len(spec.heads) == 1
-    bn = find(architectures(), lambda s: _layers(s, kind="batchnorm"), settings=FIND)
+    bn = find(small, lambda s: _layers(s, kind="batchnorm"), settings=FIND)
     (layer,) = [x for _, x, _ in bn.layers() if x.kind == "batchnorm"]
     assert not layer.training and not layer.trained_statistics
     assert {x.kind for _, x, _ in bn.layers()} <= {"dense", "batchnorm"}
