@@ -51,20 +51,41 @@ def test_finite_differences(model, dtype):
         assert any("kink" in note for note in report.notes), report.message()
 
 
+def _reach(case):
+    """Which loss reaches which tensor, by plain autograd in the model's dtype."""
+    reach = {}
+    for name, loss in case.losses().items():
+        case.net.zero_grad(set_to_none=True)
+        loss().backward()
+        for n, p in case.net.named_parameters():
+            if p.grad is not None and bool(p.grad.ne(0).any()):
+                reach.setdefault(n, []).append(name)
+    case.net.zero_grad(set_to_none=True)
+    return reach
+
+
 @pytest.mark.parametrize(("model", "dtype"), _cases())
 def test_linearity(model, dtype):
-    case = _build(model, dtype)
+    case = zoo.build(model, DTYPES[dtype])
+    reach = _reach(case)
+    p = case.net["main"].weight
+    p.grad = torch.full_like(p, 7.0)
     before = zoo.snapshot(case.net)
     report = gradcheck.check_linearity(
         case.total, case.losses(), zoo.WEIGHTS, params=case.net
     )
     zoo.assert_same_state(before, case.net)
     assert report.status == "passed", report.message()
+    # the flow matrix says what autograd says (at MobileNetV2's fresh init the
+    # features are ~1e-27 and the aux loss underflows to an exact 0 in float32)
     flow = report.flow
-    # both heads reach the body; only the main head reaches its own Linear
-    first = next(n for n, _ in case.net.named_parameters())
-    assert flow.reached_by(first) == ["main", "aux"]
-    assert flow.reached_by("main.weight") == ["main"]
+    assert {t: flow.reached_by(t) for t in flow.tensors} == {
+        t: reach.get(t, []) for t in flow.tensors
+    }
+    assert reach["main.weight"] == ["main"]
+    assert any(r == ["main", "aux"] for r in reach.values()) or (
+        model == "mobilenet_v2_fresh" and dtype == "float32"
+    )
 
 
 def _affected(case):
