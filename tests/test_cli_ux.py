@@ -322,3 +322,42 @@ def test_workers_option(capsys):
     assert 1 <= auto <= cli.MAX_AUTO_WORKERS
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["audit", "--workers", "0"])
+
+
+@pytest.mark.tensorflow
+def test_a_float32_keras_check_is_quiet_about_its_promotion(monkeypatch, tf_log):
+    """check_gradients on a float32 Keras model runs its reference in float64 under
+    TensorFlow's dtype promotion, which logs each op it cannot promote: dropped
+    inside the check; the user's own TensorFlow messages in fn still show."""
+    import contextlib
+
+    pytest.importorskip("tensorflow")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from gradcheck.backends import _keras64
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 3))
+    h = keras.layers.LayerNormalization()(keras.layers.LSTM(3)(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 4, 3)), tf.float32)
+
+    def fn():
+        tf.get_logger().warning("the user's own TensorFlow message")
+        return tf.reduce_mean(model(x) ** 2)
+
+    def promotion_messages():
+        return sum("dtype semantics" in m for m in tf_log)
+
+    report = gradcheck.check_gradients(fn, params=model)
+    assert report.passed and report.reference_dtype == "float64", report.message()
+    assert promotion_messages() == 0
+    users = tf_log.count("the user's own TensorFlow message")
+    assert users >= 2  # every call of fn: the check's own and the reference's
+    # the same check without the quiet scope: the model does trigger them
+    monkeypatch.setattr(_keras64, "promotion_quiet", contextlib.nullcontext)
+    gradcheck.check_gradients(fn, params=model)
+    assert promotion_messages() > 0
+    assert tf_log.count("the user's own TensorFlow message") == 2 * users
