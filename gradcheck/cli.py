@@ -467,6 +467,12 @@ def _check_model_main(args: argparse.Namespace) -> int:
     except GradcheckError as exc:
         console.print(f"[bold red]gradcheck check-model: error:[/] {_escape(str(exc))}")
         return 2
+    weights = models.draw_weights(args.seed)
+    console.print(
+        "loss: main (a seeded random projection of the first output) x "
+        f"{weights['main']:g} + aux (its mean square) x {weights['aux']:g}; weights "
+        f"drawn by Hypothesis from seed {args.seed}"
+    )
     reports: list[Any] = []
     for n, spec in enumerate(specs, 1):
         try:
@@ -497,7 +503,15 @@ def _check_model_main(args: argparse.Namespace) -> int:
         reports.extend(got)
     rows = [models.row(r) for r in reports]
     if args.json is not None:
-        write_json(args.json, {"command": "check-model", "rows": rows})
+        write_json(
+            args.json,
+            {
+                "command": "check-model",
+                "seed": args.seed,
+                "weights": weights,
+                "rows": rows,
+            },
+        )
     if args.report is not None:
         from gradcheck.report import build_document, environment, write_html
 

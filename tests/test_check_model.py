@@ -301,7 +301,14 @@ def test_cli_planted_bug_exits_1_and_writes_rows(tmp_path, capsys):
     assert lines[0].startswith("mismatch") and "params" in lines[0]
     assert "unbuildable" in lines[2] and "not_a_model" in lines[2]
     assert lines[4].startswith("passed")
-    rows = json.loads(out.read_text())["rows"]
+    assert text.splitlines()[0] == (
+        "loss: main (a seeded random projection of the first output) x "
+        f"{models.draw_weights(0)['main']:g} + aux (its mean square) x "
+        f"{models.draw_weights(0)['aux']:g}; weights drawn by Hypothesis from seed 0"
+    )
+    data = json.loads(out.read_text())
+    assert data["weights"] == models.draw_weights(0) and data["seed"] == 0
+    rows = data["rows"]
     assert [set(r) for r in rows] == [
         {"model", "property", "dtype", "status", "seconds", "parameters", "message"}
     ] * 6
