@@ -122,3 +122,54 @@ def module_names(roots: Iterable[torch.nn.Module]) -> dict[int, str]:
         for name, m in root.named_modules():
             names.setdefault(id(m), name or type(m).__name__)
     return names
+
+
+_ORDER = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+
+
+class LowPrecisionWatch(torch.overrides.TorchFunctionMode):
+    """Notes where a model computes below its own precision: a float64 model whose
+    RMSNorm does ``hidden_states.to(torch.float32)`` (llama, qwen2, mistral), T5's
+    variance, gemma's ``x.float()``. Its float64 gradient then carries float32
+    rounding, and judging it at float64's would cry wolf. Records, per module, the
+    ops whose floating result is of lower precision than ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype, names: dict[int, str]):
+        super().__init__()
+        self.level = _ORDER.get(dtype, 0)
+        self.names = names
+        self.stack: list[str] = []
+        self.lowest: torch.dtype | None = None
+        self.where: dict[str, int] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> LowPrecisionWatch:
+        def pre(module, _inputs):
+            self.stack.append(self.names.get(id(module), type(module).__name__))
+
+        def post(_module, _inputs, _output):
+            if self.stack:
+                self.stack.pop()
+
+        reg = torch.nn.modules.module
+        self._hooks = [
+            reg.register_module_forward_pre_hook(pre),
+            reg.register_module_forward_hook(post),
+        ]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            level = _ORDER.get(out.dtype, 3)
+            if level < self.level:
+                if self.lowest is None or level < _ORDER[self.lowest]:
+                    self.lowest = out.dtype
+                where = self.stack[-1] if self.stack else "fn"
+                self.where[where] = self.where.get(where, 0) + 1
+        return out

@@ -49,6 +49,9 @@ class Session(ABC):
     output_shapes: list[tuple[int, ...]]
     #: dtype the numerical side runs in: "float64" when promotion worked.
     reference_dtype: str
+    #: The lowest precision fn computes in internally when it is below the
+    #: tensors' own (a float64 model casting to float32 in its norms), else None.
+    internal_dtype: str | None = None
     notes: list[str]
 
     def __init__(self) -> None:

@@ -684,8 +684,25 @@ class TorchSession(Session):
             else "at the point you gave, called again by gradcheck"
         )
         self._clear_autocast_cache()
-        with torch.enable_grad():
+        watch = None
+        if self._keep is None and self.dtype == "float64":
+            # the first call: does a float64 model compute below float64 inside?
+            from gradcheck.backends._torch_kinks import LowPrecisionWatch, module_names
+
+            watch = LowPrecisionWatch(torch.float64, module_names(self.modules))
+        with torch.enable_grad(), watch or contextlib.nullcontext():
             outs = self._call(inputs, where)
+        if watch is not None and watch.lowest is not None:
+            self.internal_dtype = canonical_dtype(watch.lowest)
+            places = sorted(watch.where, key=lambda w: -watch.where[w])
+            self.notes.append(
+                f"this model computes in {self.internal_dtype} internally ("
+                + ", ".join(places[:4])
+                + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+                + f"): its float64 gradient carries {self.internal_dtype} rounding, so "
+                f"it is judged at {self.internal_dtype} precision; the reference "
+                "evaluations run those casts in float64."
+            )
         if self._keep is None:
             self._n_outputs = len(outs)
             self._keep = self._choose_outputs(outs)

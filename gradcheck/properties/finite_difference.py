@@ -240,7 +240,14 @@ class _Context:
         gn = self.g_norms = [float(np.linalg.norm(g)) for g in grads]
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
-        self.rho = [tl.gradient_rounding(s.dtype, options.rtol) for s in session.specs]
+        inner = session.internal_dtype
+        self.rho = [
+            tl.gradient_rounding(
+                inner if inner and tl.eps(inner) > tl.eps(s.dtype) else s.dtype,
+                options.rtol,
+            )
+            for s in session.specs
+        ]
         self.x_norms = session.norms()
         rms = [
             xn / math.sqrt(sp.size) if sp.size else 0.0
@@ -753,6 +760,10 @@ class _Shifted(Session):
         return self.inner.reference_dtype
 
     @property
+    def internal_dtype(self) -> str | None:  # type: ignore[override]
+        return self.inner.internal_dtype
+
+    @property
     def forward_count(self) -> int:  # type: ignore[override]
         return self.inner.forward_count
 
@@ -957,8 +968,8 @@ def _gross(spread: float, scale: float, eps: float) -> bool:
 
 def _needs_split(ctx: _Context) -> bool:
     s = ctx.session
-    return s.reference_dtype == "float64" and any(
-        sp.dtype != "float64" for sp in s.specs
+    return s.reference_dtype == "float64" and (
+        any(sp.dtype != "float64" for sp in s.specs) or s.internal_dtype is not None
     )
 
 
