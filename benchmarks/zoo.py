@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import os
 import platform
 import sys
 import time
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown: {', '.join(unknown)}")
 
     rows = []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     for name in models:
         rows.append(run_model(name, dtypes))
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, "
             f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
-            f"{total:.0f} s in all.",
+            f"{total:.0f} s in all (load average {load:.1f} at the start: seconds are "
+            "wall-clock and grow with other work on the machine).",
             "",
             "Random weights from configs (tests/zoo.py), eval mode, heads `main` "
             "(Linear + MSE, weight 1.0) and `aux` (random projection, squared norm, "
