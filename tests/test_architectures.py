@@ -741,9 +741,12 @@ def test_the_engine_passes_models_built_from_specs(framework, dtype, name):
 
 # --------------------------------------------------------------------------- new layers
 def _torch_and_keras_tensors(spec):
-    """Every torch parameter/buffer and Keras weight of the builds, by layer."""
-    t = built("torch", spec, "float64").model
-    k = built("keras", spec, "float64").model
+    """Every torch parameter/buffer and Keras weight of fresh builds (cached ones
+    have run training-mode batchnorms, which move their statistics), by layer."""
+    from gradcheck.architectures import build_keras, build_torch
+
+    t = build_torch(spec, "float64").model
+    k = build_keras(spec, "float64").model
     torch_state = {n: v.detach().numpy() for n, v in t.state_dict().items()}
     keras_state = {
         name: [np.asarray(v) for v in k.get_layer(name).weights]

@@ -115,6 +115,19 @@ def attention(
     return output((probs @ v).transpose(1, 2).reshape(n, t, -1))
 
 
+class PinnedBatchNorm(torch.nn.BatchNorm1d):
+    """BatchNorm over the last (channels) axis in the mode the spec fixes (batch
+    statistics when ``pinned_training``), whatever ``.train()``/``.eval()`` says.
+    Called as a module, so forward hooks on it run."""
+
+    def __init__(self, features: int, pinned_training: bool):
+        super().__init__(features, S.BATCHNORM_EPSILON, S.TORCH_BATCHNORM_MOMENTUM)
+        self.pinned_training = pinned_training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm(x, self, self.pinned_training)
+
+
 def pad_same(x: torch.Tensor, layer: LayerSpec) -> torch.Tensor:
     """TensorFlow's "same" zeros on the last two axes of a (batch, C, H, W) tensor."""
     if layer.padding != "same":
@@ -146,9 +159,7 @@ def _module(layer: LayerSpec, fan_in: int, vocab: int) -> torch.nn.Module | None
     if k == "separable_conv2d":
         return Separable(fan_in, u, ks, st)
     if k == "batchnorm":
-        return torch.nn.BatchNorm1d(
-            fan_in, S.BATCHNORM_EPSILON, S.TORCH_BATCHNORM_MOMENTUM
-        )
+        return PinnedBatchNorm(fan_in, layer.training)
     if k == "embedding":
         return torch.nn.Embedding(vocab, u, padding_idx=layer.padding_idx)
     if k == "attention":
@@ -291,7 +302,7 @@ class SpecModule(torch.nn.Module):
         if k in ("embedding", "layernorm"):
             return module(x), []
         if k == "batchnorm":
-            return batch_norm(x, module, layer.training), []
+            return module(x), []
         if k == "conv1d":
             x = module(x.transpose(1, 2)).transpose(1, 2)
         elif k in S._CONV2D:
