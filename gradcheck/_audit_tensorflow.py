@@ -24,8 +24,8 @@ def scaled_backward(fn: Callable[[], Any], rel: float) -> Callable[[], Any]:
 
 @contextlib.contextmanager
 def cut_head(built: Any, head: str) -> Iterator[None]:
-    """``tf.stop_gradient`` on the input of ``head``'s first layer with weights,
-    for the duration of the block."""
+    """``tf.stop_gradient`` on the input of ``head``'s first layer with weights
+    (every tensor it is called with), for the duration of the block."""
     for name in built.spec.head(head).layer_names():
         layer = built.model.get_layer(name)
         if layer.weights:
@@ -33,6 +33,8 @@ def cut_head(built: Any, head: str) -> Iterator[None]:
     original = layer.call
 
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        # every tensor argument: attention reads its input twice (query, value)
+        args = tuple(tf.stop_gradient(a) if tf.is_tensor(a) else a for a in args)
         return original(tf.stop_gradient(inputs), *args, **kwargs)
 
     layer.call = call

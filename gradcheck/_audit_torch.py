@@ -36,8 +36,10 @@ def cut_head(built: Any, head: str) -> Iterator[None]:
         module = getattr(built.model, name, None)
         if module is not None:
             break
-    handle = module.register_forward_pre_hook(
-        lambda _m, args: tuple(a.detach() for a in args)
+    handle = module.register_forward_pre_hook(  # tensors only: attention also
+        lambda _m, args: tuple(  # gets its mask (or None) and the causal flag
+            a.detach() if isinstance(a, torch.Tensor) else a for a in args
+        )
     )
     try:
         yield
