@@ -234,7 +234,7 @@ def architectures(
     allow_dropout: bool = False,
     allow_padding_idx: bool = False,
     max_image: int = 6,
-    max_channels: int = 3,
+    max_channels: int = 2,
     output_structures: Iterable[str] = OUTPUT_STRUCTURES,
     formats: Iterable[str] = FORMATS,
     min_weight: float = 0.0,
