@@ -22,10 +22,25 @@ def scaled_backward(fn: Callable[[], Any], rel: float) -> Callable[[], Any]:
     return lambda: scaled(fn())
 
 
+def _assume_something_to_cut(spec: Any, head: str) -> None:
+    """Reject (hypothesis ``assume``) an example whose head branches below no
+    layer with weights: detaching its input changes no gradient, so there is no
+    bug to catch (the audit's candidate test counts any layer but pool/merge as
+    having weights; dropout, add and the 2-D pools have none)."""
+    from hypothesis import assume
+
+    from gradcheck.architectures.flow import layer_ancestors
+    from gradcheck.architectures.weights import parameters
+
+    weighted = {p.layer for p in parameters(spec)}
+    assume(bool(layer_ancestors(spec)[spec.head(head).source] & weighted))
+
+
 @contextlib.contextmanager
 def cut_head(built: Any, head: str) -> Iterator[None]:
     """``tf.stop_gradient`` on the input of ``head``'s first layer with weights
     (every tensor it is called with), for the duration of the block."""
+    _assume_something_to_cut(built.spec, head)
     for name in built.spec.head(head).layer_names():
         layer = built.model.get_layer(name)
         if layer.weights:
