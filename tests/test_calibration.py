@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 import gradcheck  # noqa: E402
 from gradcheck.numeric import tolerance as tl  # noqa: E402
+from tests._planted import scaled_backward  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -54,16 +55,7 @@ MODELS = {
 }
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity whose backward is off by a relative 1e-3: a planted bug."""
-
-    @staticmethod
-    def forward(ctx, h):
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * (1 + 1e-3)
+_ScaleGrad = scaled_backward(1e-3)
 
 
 LOSSES = ["ce_logits", "ce_probs", "mse"]

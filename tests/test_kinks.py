@@ -16,20 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradcheck  # noqa: E402
+from tests._planted import scaled_backward  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 
-class _Scale(torch.autograd.Function):
-    """Identity whose backward is off by a relative 1e-3 (a planted bug)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * (1 + 1e-3)
+_Scale = scaled_backward(1e-3)
 
 
 class Kinked(torch.nn.Module):

@@ -50,17 +50,17 @@ def _breakpoints(func: Callable, args: tuple, kwargs: dict) -> list[Any] | None:
     return None
 
 
-class KinkCensus(torch.overrides.TorchFunctionMode):
-    """Counts inputs exactly at a breakpoint, keyed by the innermost module."""
+class _ModuleStack(torch.overrides.TorchFunctionMode):
+    """A TorchFunctionMode that knows the innermost module running (by name), from
+    global forward pre/post hooks installed for the block only."""
 
     def __init__(self, names: dict[int, str]):
         super().__init__()
         self.names = names
         self.stack: list[str] = []
-        self.counts: dict[str, list[int]] = {}
         self._hooks: list[Any] = []
 
-    def __enter__(self) -> KinkCensus:
+    def __enter__(self):
         def pre(module, _inputs):
             self.stack.append(self.names.get(id(module), type(module).__name__))
 
@@ -79,6 +79,18 @@ class KinkCensus(torch.overrides.TorchFunctionMode):
         for h in self._hooks:
             h.remove()
         super().__exit__(*exc)
+
+    @property
+    def where(self) -> str:
+        return self.stack[-1] if self.stack else "fn"
+
+
+class KinkCensus(_ModuleStack):
+    """Counts inputs exactly at a breakpoint, keyed by the innermost module."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__(names)
+        self.counts: dict[str, list[int]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -107,8 +119,7 @@ class KinkCensus(torch.overrides.TorchFunctionMode):
     def _add(self, n: int, size: int) -> None:
         if n == 0:
             return
-        where = self.stack[-1] if self.stack else "fn"
-        row = self.counts.setdefault(where, [0, 0])
+        row = self.counts.setdefault(self.where, [0, 0])
         row[0] += n
         row[1] += size
 
@@ -127,7 +138,7 @@ def module_names(roots: Iterable[torch.nn.Module]) -> dict[int, str]:
 _ORDER = {torch.float64: 3, torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
 
 
-class LowPrecisionWatch(torch.overrides.TorchFunctionMode):
+class LowPrecisionWatch(_ModuleStack):
     """Notes where a model computes below its own precision: a float64 model whose
     RMSNorm does ``hidden_states.to(torch.float32)`` (llama, qwen2, mistral), T5's
     variance, gemma's ``x.float()``. Its float64 gradient then carries float32
@@ -135,33 +146,10 @@ class LowPrecisionWatch(torch.overrides.TorchFunctionMode):
     ops whose floating result is of lower precision than ``dtype``."""
 
     def __init__(self, dtype: torch.dtype, names: dict[int, str]):
-        super().__init__()
+        super().__init__(names)
         self.level = _ORDER.get(dtype, 0)
-        self.names = names
-        self.stack: list[str] = []
         self.lowest: torch.dtype | None = None
-        self.where: dict[str, int] = {}
-        self._hooks: list[Any] = []
-
-    def __enter__(self) -> LowPrecisionWatch:
-        def pre(module, _inputs):
-            self.stack.append(self.names.get(id(module), type(module).__name__))
-
-        def post(_module, _inputs, _output):
-            if self.stack:
-                self.stack.pop()
-
-        reg = torch.nn.modules.module
-        self._hooks = [
-            reg.register_module_forward_pre_hook(pre),
-            reg.register_module_forward_hook(post),
-        ]
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        super().__exit__(*exc)
+        self.places: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -170,6 +158,5 @@ class LowPrecisionWatch(torch.overrides.TorchFunctionMode):
             if level < self.level:
                 if self.lowest is None or level < _ORDER[self.lowest]:
                     self.lowest = out.dtype
-                where = self.stack[-1] if self.stack else "fn"
-                self.where[where] = self.where.get(where, 0) + 1
+                self.places[self.where] = self.places.get(self.where, 0) + 1
         return out

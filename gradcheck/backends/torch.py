@@ -694,7 +694,7 @@ class TorchSession(Session):
             outs = self._call(inputs, where)
         if watch is not None and watch.lowest is not None:
             self.internal_dtype = canonical_dtype(watch.lowest)
-            places = sorted(watch.where, key=lambda w: -watch.where[w])
+            places = sorted(watch.places, key=lambda w: -watch.places[w])
             self.notes.append(
                 f"this model computes in {self.internal_dtype} internally ("
                 + ", ".join(places[:4])
