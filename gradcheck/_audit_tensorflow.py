@@ -186,6 +186,23 @@ def _detach_last(y_pred: Any, last: str) -> Any:
     return tf.stop_gradient(y_pred)
 
 
+def _assume_last_head_trains(built: Any, batch: dict[str, Any], last: str) -> None:
+    """Reject (hypothesis ``assume``) an example where detaching the last head's
+    output cannot show: its weight is 0, or its loss has an exactly zero gradient
+    at the point (a ReLU6 head saturated on every example). A planted bug that
+    changes no number is no miss of the check."""
+    from hypothesis import assume
+
+    weight = built.loss_weights()[last]
+    with tf.GradientTape() as tape:
+        value = built.loss_fns(batch)[last]()
+    grads = tape.gradient(value, built.model.trainable_variables)
+    assume(
+        weight != 0
+        and any(g is not None and bool(tf.reduce_any(g != 0)) for g in grads)
+    )
+
+
 def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
     """Keras' own compiled train step on a spec model, compiled the way the spec
     says a user writes it (dict/list/single losses and weights, dict or list
@@ -197,6 +214,8 @@ def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
 
     def check(spec: Any, batch: dict[str, Any], seed: int) -> Any:
         built = build_keras(spec, "float32")
+        if planted:
+            _assume_last_head_trains(built, batch, spec.heads[-1].name)
         model = compile_built(built, optimizer="adam")
         if planted:
             original = model.compute_loss
