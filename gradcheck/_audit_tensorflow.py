@@ -29,11 +29,9 @@ def _assume_something_to_cut(spec: Any, head: str) -> None:
     having weights; dropout, add and the 2-D pools have none)."""
     from hypothesis import assume
 
-    from gradcheck.architectures.flow import layer_ancestors
-    from gradcheck.architectures.weights import parameters
+    from gradcheck.architectures.flow import head_branches_below_weights
 
-    weighted = {p.layer for p in parameters(spec)}
-    assume(bool(layer_ancestors(spec)[spec.head(head).source] & weighted))
+    assume(head_branches_below_weights(spec, head))
 
 
 @contextlib.contextmanager

@@ -23,23 +23,13 @@ from gradcheck.report import build_document
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.test_plugin import PLUGIN  # noqa: E402  (how inner sessions load it)
+
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _entry_point_installed() -> bool:
-    from importlib.metadata import entry_points
-
-    return any(
-        ep.value == "gradcheck.pytest_plugin" for ep in entry_points(group="pytest11")
-    )
-
-
-PLUGIN = (() if _entry_point_installed() else ("-p", "gradcheck.pytest_plugin")) + (
-    "-p",
-    "no:cacheprovider",
-)
 HERE = "tests.test_check_model"
 
 

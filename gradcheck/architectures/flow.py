@@ -54,3 +54,13 @@ def expected_flow(
             set(out[name]) | {REGULARIZATION}, key=order.__getitem__
         )
     return out
+
+
+def head_branches_below_weights(spec: ModelSpec, head: str) -> bool:
+    """Whether ``head`` branches below a layer with weights. If not (only dropout,
+    add or 2-D pools above it), detaching its input changes no gradient: the
+    audit's planted "head input detached" has nothing to cut there."""
+    from gradcheck.architectures.weights import parameters
+
+    weighted = {p.layer for p in parameters(spec)}
+    return bool(layer_ancestors(spec)[spec.head(head).source] & weighted)
