@@ -303,15 +303,27 @@ def count_parameters_meta(cfg: Any) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
+def _has_experts(cfg: Any, _depth: int = 0) -> bool:
+    """Whether cfg (or a config nested in it) has routed experts."""
+    if any(_int(getattr(cfg, k, None)) for k in _EXPERT_KEYS):
+        return True
+    return _depth < 3 and any(
+        _has_experts(v, _depth + 1) for v in vars(cfg).values() if _is_config(v)
+    )
+
+
 def build_model(cfg: Any) -> Any:
     from transformers import AutoModel
 
+    # mixture of experts: transformers' per-expert loop ("eager"), not its default
+    # grouped_mm, whose CPU kernel refuses float64 (float64 checks and references)
+    moe = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
     try:
-        return AutoModel.from_config(cfg, attn_implementation="eager")
+        return AutoModel.from_config(cfg, attn_implementation="eager", **moe)
     except (ValueError, TypeError) as exc:
         if "attn_implementation" not in str(exc) and "eager" not in str(exc):
             raise
-        return AutoModel.from_config(cfg)
+        return AutoModel.from_config(cfg, **moe)
 
 
 def _sub(cfg: Any, *names: str) -> Any:
