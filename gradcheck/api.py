@@ -159,6 +159,7 @@ def check_gradients(
     rtol: float | None = None,
     step: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Compare ``fn``'s framework gradients with finite differences.
 
@@ -170,12 +171,30 @@ def check_gradients(
     ``mode``: "auto" (full Jacobian for <= 64 inputs and outputs, else directional),
     "directional" or "full". ``rtol`` overrides the expected gradient rounding of the
     native dtype; ``step`` the relative finite-difference step.
+
+    ``repro_dir``: a failing check (mismatch, nondifferentiable,
+    nondeterministic) writes a repro bundle there (:mod:`gradcheck.repro`) and
+    ``report.repro_bundle`` names it; ``gradcheck replay`` reruns it when ``fn``
+    is importable. Default: the pytest plugin's ``--gradcheck-repro-dir``, else
+    none.
     """
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
+    inputs, params = _inputs(inputs), _params(params)
     with no_raw_exceptions("check_gradients", fn=fn):
-        with open_session(fn, _inputs(inputs), _params(params)) as session:
+        with open_session(fn, inputs, params) as session:
             opts = dataclasses.replace(opts, rtol=_rtol(session, rtol))
             report = finite_difference.run(session, opts)
+    report.label = label
+    from gradcheck import repro
+
+    repro.write_gradients_bundle(
+        repro_dir,
+        report,
+        fn,
+        inputs,
+        params,
+        {"seed": opts.seed, "mode": mode, "rtol": rtol, "step": step},
+    )
     return _publish(report, label)
 
 

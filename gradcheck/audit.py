@@ -125,6 +125,9 @@ class Outcome:
     code: str | None = None
     error: str | None = None
     shrink_steps: int = 0
+    #: the example ``report`` came from, as data: {"spec": spec dict, "batch":
+    #: NumPy batch} (a repro bundle's content; not in to_dict)
+    example: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -519,8 +522,9 @@ def run_job(
         if not found:
             statuses[report.status] += 1
         state["last"] = report
+        state["last_example"] = (spec, batch)
         if not job.as_expected(report):
-            state.update(spec=spec, report=report, error=None)
+            state.update(spec=spec, report=report, error=None, example=(spec, batch))
             raise _Counterexample
 
     outcome = Outcome(job, 0, {}, 0.0)
@@ -535,10 +539,15 @@ def run_job(
         outcome.code = spec.to_code(code_fw, job.dtype)
         outcome.report = state.get("report")
         outcome.error = state.get("error")
+        example = state.get("example") if outcome.report is not None else None
     except Exception as exc:  # a crash outside gradcheck's checks: report it
         outcome.error = f"{type(exc).__name__}: {exc}"
+        example = None
     else:
         outcome.report = state.get("last")
+        example = state.get("last_example")
+    if example is not None:
+        outcome.example = {"spec": example[0].to_dict(), "batch": example[1]}
     outcome.examples = state["examples"]
     outcome.shrink_steps = state["shrinks"]
     outcome.statuses = dict(statuses)
@@ -747,6 +756,7 @@ _OUTCOME_FIELDS = (
     "code",
     "error",
     "shrink_steps",
+    "example",
 )
 
 

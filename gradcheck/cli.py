@@ -156,6 +156,15 @@ def parser() -> argparse.ArgumentParser:
         f"{_workers('auto')}). Default: %(default)s",
     )
     a.add_argument(
+        "--repro-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a repro bundle to DIR for each job's failing check (a planted "
+        "bug caught, a counterexample): the architecture spec, batch, seed and "
+        "versions; rerun one with 'gradcheck replay BUNDLE'",
+    )
+    a.add_argument(
         "--progress",
         choices=PROGRESS_CHOICES,
         default="auto",
@@ -164,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
         "Default: %(default)s",
     )
     _check_model_parser(sub)
+    _replay_parser(sub)
     return p
 
 
@@ -172,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "check-model":
         return _check_model_main(args)
+    if args.command == "replay":
+        return _replay_main(args)
     if args.command != "audit":
         p.print_help()
         return 2
@@ -198,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     except GradcheckError as exc:  # e.g. --device cuda without a GPU
         printer.error(str(exc))
         return 2
+    bundles = _audit_bundles(result, args.repro_dir, args.seed, printer)
     data = result.to_dict()
+    if args.repro_dir is not None:
+        data["repro_bundles"] = bundles
     data["command"] = {
         "framework": args.framework,
         "device": args.device,
@@ -216,6 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         written = f"{args.json} (no HTML: {exc})"
     printer.summary(result, written)
     return 0 if result.ok else 1
+
+
+def _audit_bundles(
+    result: audit.AuditResult, repro_dir: Path | None, seed: int, printer: _Printer
+) -> list[str]:
+    """``--repro-dir``: one bundle per job with a failing check (its report
+    names the bundle, and so do the JSON/HTML reports)."""
+    if repro_dir is None:
+        return []
+    from gradcheck import repro
+
+    written = []
+    for i, outcome in enumerate(result.outcomes):
+        path = repro.write_audit_bundle(repro_dir, outcome, seed + i, seed)
+        if path is not None:
+            written.append(str(path))
+    printer._print(f"{len(written)} repro bundles in {_escape(str(repro_dir))}")
+    return written
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -451,6 +484,14 @@ def _check_model_parser(sub: Any) -> None:
     m.add_argument(
         "--json", type=Path, default=None, metavar="FILE", help="write the rows as JSON"
     )
+    m.add_argument(
+        "--repro-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a repro bundle to DIR for each failing check (spec, weights, "
+        "inputs, seed, dtype, versions); rerun one with 'gradcheck replay BUNDLE'",
+    )
 
 
 def _check_model_main(args: argparse.Namespace) -> int:
@@ -482,6 +523,7 @@ def _check_model_main(args: argparse.Namespace) -> int:
                 properties=args.properties,
                 seed=args.seed,
                 timeout=args.timeout,
+                repro_dir=args.repro_dir,
             )
         except GradcheckError as exc:
             console.print(
@@ -500,6 +542,8 @@ def _check_model_main(args: argparse.Namespace) -> int:
                 f"{_escape(first)}"
                 + (f"  \\[{n}/{len(specs)}]" if len(specs) > 1 else "")
             )
+            if report.repro_bundle:
+                console.print(f"  repro bundle: {_escape(report.repro_bundle)}")
         reports.extend(got)
     rows = [models.row(r) for r in reports]
     if args.json is not None:
@@ -529,6 +573,38 @@ def _check_model_main(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{n} {s}" for s, n in counts.items())
     console.print(f"{len(rows)} checks on {len(specs)} models: {detail}")
     return 1 if mismatches else 0
+
+
+# ------------------------------------------------------------------ replay
+def _replay_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "replay",
+        help="rerun a repro bundle (written by --repro-dir / repro_dir=)",
+        description=(
+            "Rerun the failing check a repro bundle recorded, here, and say whether "
+            "its verdict reproduces; installed versions that differ from the "
+            "bundle's are listed. Exit 0: reproduced; 1: not reproduced; 2: a "
+            "missing, corrupt or not replayable bundle (the message says what)."
+        ),
+    )
+    r.add_argument("bundle", type=Path, metavar="BUNDLE", help="the bundle directory")
+
+
+def _replay_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from gradcheck import repro
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        result = repro.replay(args.bundle)
+    except GradcheckError as exc:
+        console.print(f"[bold red]gradcheck replay: error:[/] {_escape(str(exc))}")
+        return 2
+    for line in result.lines():
+        console.print(_escape(line))
+    return 0 if result.reproduced else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -758,6 +758,7 @@ def check_model(
     seed: int = 0,
     timeout: float | None = None,
     max_parameters: int = MAX_PARAMETERS,
+    repro_dir: Any = None,
 ) -> ModelReports:
     """Check a model by name (``"hf:bert"``, ``"keras:MobileNetV3Small"``,
     ``"package.module:callable"``) or a model object (torch ``nn.Module``, Keras
@@ -771,7 +772,10 @@ def check_model(
     reports with the framework's reason. ``timeout`` (seconds): each check runs in
     a spawned worker process and past the limit is ``timeout``; a model object
     must then be picklable. A bad spec or override is an InvalidArgumentError.
-    The model object's parameters, buffers and train/eval flags are unchanged."""
+    The model object's parameters, buffers and train/eval flags are unchanged.
+    ``repro_dir``: each failing check writes a repro bundle there (spec, weights,
+    inputs, seed, dtype, versions; :mod:`gradcheck.repro`), named by the report's
+    ``repro_bundle``; ``gradcheck replay`` reruns it."""
     from gradcheck.api import _seed
 
     seed = _seed(seed)
@@ -800,12 +804,22 @@ def check_model(
     else:
         target = spec_or_model
     jobs = [(p, d) for d in dtypes for p in props]
+    checker = None
     if timeout is None:
         checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
-        return ModelReports(checker.run(p, d) for p, d in jobs)
-    return ModelReports(
-        _run_with_timeout(target, inputs, jobs, seed, float(timeout), max_parameters)
+        reports = ModelReports(checker.run(p, d) for p, d in jobs)
+    else:
+        reports = ModelReports(
+            _run_with_timeout(
+                target, inputs, jobs, seed, float(timeout), max_parameters
+            )
+        )
+    from gradcheck import repro
+
+    repro.write_model_bundles(
+        repro_dir, reports, target, inputs, seed, max_parameters, checker
     )
+    return reports
 
 
 # --------------------------------------------------------------------- timeouts

@@ -14,6 +14,10 @@ gradcheck.pytest_plugin``. Loading it imports neither torch nor TensorFlow.
   selects (``.device``, ``.devices()``, ``.check_devices``);
   ``--gradcheck-profile ci|thorough``: a Hypothesis settings profile to load (the
   project's own under that name, else gradcheck's).
+* ``--gradcheck-repro-dir DIR``: every failing check a test runs (``check_*`` /
+  ``assert_*`` of gradients, the fixture's, ``--gradcheck-model`` tests) writes a
+  repro bundle to DIR (:mod:`gradcheck.repro`); the failure message and the
+  reports name it, ``gradcheck replay BUNDLE`` reruns it.
 * ``@pytest.mark.gradcheck(rtol=, mode=, seed=, step=)``: defaults for checks run
   through the ``gradcheck`` fixture.
 
@@ -141,6 +145,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "process, killed at the limit (the test is skipped as a timeout). Default: "
         "gradcheck_model_timeout ini value, else no limit (in this process)",
     )
+    group.addoption(
+        "--gradcheck-repro-dir",
+        metavar="DIR",
+        default=None,
+        help="write a repro bundle to DIR for every failing gradient check (rerun "
+        "one with 'gradcheck replay BUNDLE'). Default: gradcheck_repro_dir ini "
+        "value, else none",
+    )
     parser.addini(
         "gradcheck_models",
         help="model specs to check, one per line or space-separated "
@@ -157,6 +169,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ),
         ("report", "path of the HTML report (like --gradcheck-report)"),
         ("json", "path of the JSON report (like --gradcheck-json)"),
+        (
+            "repro_dir",
+            "where failing checks write repro bundles (like --gradcheck-repro-dir)",
+        ),
         ("seed", "default seed of checks (like --gradcheck-seed)"),
         ("device", f"devices the fixture selects, one of {DEVICES} (auto)"),
         ("profile", f"Hypothesis profile to load, one of {PROFILES}"),
@@ -227,6 +243,8 @@ class GradcheckSession:
         self.config = config
         self.html_path = _path(config, "report")
         self.json_path = _path(config, "json")
+        self.repro_dir = _path(config, "repro_dir")
+        self._saved_repro: Any = None
         self.seed = _seed_setting(config)
         self.device = _choice(config, "device", DEVICES) or "auto"
         self.profile = _choice(config, "profile", PROFILES)
@@ -247,6 +265,11 @@ class GradcheckSession:
         return hasattr(self.config, "workerinput")
 
     def start(self) -> None:
+        if self.repro_dir is not None:
+            from gradcheck import repro
+
+            self._saved_repro = repro.session_dir()
+            repro.set_session_dir(self.repro_dir)
         if self.seed is not None:
             self._saved_env = os.environ.get("GRADCHECK_SEED")
             os.environ["GRADCHECK_SEED"] = str(self.seed)
@@ -254,6 +277,11 @@ class GradcheckSession:
             self._load_profile(self.profile)
 
     def stop(self) -> None:
+        if self.repro_dir is not None:
+            from gradcheck import repro
+
+            repro.set_session_dir(self._saved_repro)
+            self.repro_dir = None
         if self.seed is not None:
             if self._saved_env is None:
                 os.environ.pop("GRADCHECK_SEED", None)
@@ -383,7 +411,9 @@ class GradcheckSession:
         def record(report: CheckReport) -> None:
             if report.label is None:
                 report.label = item.nodeid
-            rec = {"id": item.nodeid, "report": report.to_dict()}
+            # the report itself until the test ends: a repro bundle written after
+            # the check published it (check_model's) is then in the record too
+            rec: dict[str, Any] = {"id": item.nodeid, "report": report}
             if worker:
                 rec["worker"] = worker
             records.append(rec)
@@ -393,6 +423,9 @@ class GradcheckSession:
             return (yield)
         finally:
             api._listeners.remove(record)
+            for rec in records:
+                if isinstance(rec["report"], CheckReport):
+                    rec["report"] = rec["report"].to_dict()
             self.records.extend(records)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -494,17 +527,22 @@ class ModelChecks(pytest.Collector):
     def run(self, spec: Any, prop: str, dtype: str) -> Any:
         """The report of one check: with a timeout in a worker process, else on
         the model built once for all its tests."""
-        from gradcheck import models
+        from gradcheck import models, repro
 
         seed = self.config.pluginmanager.get_plugin(_PLUGIN_NAME).seed or 0
         if self.timeout is not None:
             (report,) = models.check_model(
                 spec, dtype=dtype, properties=prop, seed=seed, timeout=self.timeout
             )
-            return report
+            return report  # check_model wrote its bundle (the session's dir)
         if spec not in self.checkers:
             self.checkers[spec] = models.Checker(spec, seed=seed)
-        return self.checkers[spec].run(prop, dtype)
+        checker = self.checkers[spec]
+        report = checker.run(prop, dtype)
+        repro.write_model_bundles(
+            None, [report], spec, None, seed, checker.max_parameters, checker
+        )
+        return report
 
     def done(self, spec: Any) -> None:
         self.remaining[spec] = self.remaining.get(spec, 1) - 1

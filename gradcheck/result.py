@@ -143,6 +143,10 @@ class CheckReport:
     cost: dict[str, float] = field(default_factory=dict)
     #: Free-form label supplied by callers (a test id, an audit case).
     label: str | None = None
+    #: The repro bundle written for this failing check (``repro_dir=``,
+    #: ``--repro-dir``): a directory ``gradcheck replay`` reruns. See
+    #: :mod:`gradcheck.repro`.
+    repro_bundle: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -171,6 +175,7 @@ class CheckReport:
         lines = [self.headline()]
         if self.status in NOT_RUN:  # no numbers to show: the reason
             lines.extend(f"  {n}" for n in self.notes)
+            lines.extend(self._repro_lines())
             return "\n".join(lines)
         loc = self.location
         if loc is not None:
@@ -200,7 +205,16 @@ class CheckReport:
             f"mode {self.mode}; reproduce with seed={self.seed}"
         )
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(self._repro_lines())
         return "\n".join(lines)
+
+    def _repro_lines(self) -> list[str]:
+        if not self.repro_bundle:
+            return []
+        return [
+            f"  repro bundle: {self.repro_bundle} "
+            f"(rerun it: gradcheck replay {self.repro_bundle})"
+        ]
 
     def __str__(self) -> str:
         return self.message()

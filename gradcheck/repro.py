@@ -1,0 +1,1332 @@
+"""Repro bundles: a failing check written down as data, and ``gradcheck replay``.
+
+A *bundle* is a directory a person can read and a machine can rerun::
+
+    <slug>-<hash>/
+      bundle.json    format, the call (entry point, spec or function name, options,
+                     seed, dtype, property), the verdict, library versions, the
+                     CPU, when; every data file with its sha256 and its arrays
+      report.json    the full CheckReport (CheckReport.to_dict())
+      README.txt     what failed and how to replay it
+      inputs.npz     the inputs (tensors as NumPy arrays; their framework, dtype,
+                     requires_grad and device are in bundle.json)
+      weights.npz    a model's state_dict / Keras weights, when there is a model
+      batch.npz      an audit example's batch
+
+Design choices, and why:
+
+* **Data, never code.** Arrays are ``.npz`` written by NumPy and read with
+  ``allow_pickle=False``; everything else is JSON. No pickle, no ``torch.load``:
+  loading a bundle cannot run anything from it. What a replay runs is named by
+  the bundle and imported from *this* machine: the user's own module
+  (``package.module:callable``, ``module:function``, a model class), a
+  transformers config or a Keras application, or one of gradcheck's audit jobs.
+  Names in the standard library are refused (a tampered bundle cannot point
+  ``fn`` at ``os:system``).
+* **Only failing verdicts are written**: ``mismatch``, ``nondifferentiable`` and
+  ``nondeterministic`` (:data:`WRITTEN`): the check ran and judged the
+  gradients, so there is a verdict to reproduce. ``unbuildable``, ``timeout`` and
+  ``error`` reached none (their reason is in the report's note, and is about this
+  machine); a passing check has nothing to reproduce.
+* **What replays**: ``check_model`` on a spec (``hf:``, ``keras:``,
+  ``module:callable``), rebuilt from the spec with the stored weights loaded
+  over it (shapes verified), so a change in a framework's initialisers cannot
+  hide the failure; ``check_model`` on a torch model object whose class is
+  importable and constructible with no arguments; ``check_gradients`` /
+  ``assert_gradients`` when ``fn`` is importable by ``module:qualname`` (or is the
+  ``params`` module itself, or one of its methods) and ``params`` is an
+  ``nn.Module`` that is importable (a module-level object of ``fn``'s module) or
+  rebuildable (its class, no-argument constructor, then the stored state_dict);
+  audit examples (the job by name, the generated architecture spec, its batch
+  and seed: the same model and the same planted bug). Anything else is still
+  written, with ``"replayable": false`` and the reason, which ``gradcheck
+  replay`` prints (exit 2).
+* **Names are deterministic and safe**: a slug of the label (model, property,
+  dtype) plus 10 hex digits of a hash of the call, its data and the verdict. The
+  same failure written twice finds its bundle already there and keeps it; a
+  different bundle under a taken name gets ``-2``, ``-3``: nothing is ever
+  overwritten. A bundle appears whole or not at all (written beside, renamed).
+* **Replay verdict**: the rerun's status against the recorded one: ``reproduced:
+  mismatch`` or ``not reproduced: passed, versions differ in torch: bundle X,
+  here Y``. Version differences are always listed, reproduced or not.
+
+Importing this module imports no framework; each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcheck.errors import GradcheckError
+from gradcheck.result import CheckReport
+
+__all__ = [
+    "FORMAT",
+    "WRITTEN",
+    "ReplayResult",
+    "ReproBundleError",
+    "load",
+    "replay",
+    "session_dir",
+    "set_session_dir",
+    "write_audit_bundle",
+    "write_gradients_bundle",
+    "write_model_bundle",
+]
+
+FORMAT = "gradcheck-repro/1"
+BUNDLE_FILE = "bundle.json"
+#: statuses that write a bundle: the check reached a verdict on the gradients
+WRITTEN = ("mismatch", "nondifferentiable", "nondeterministic")
+#: the versions recorded and compared (python is platform.python_version())
+PACKAGES = {
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "keras": ("keras",),
+    "transformers": ("transformers",),
+}
+#: the data files a bundle may name (anything else is refused)
+DATA_FILES = ("inputs.npz", "weights.npz", "fn_weights.npz", "batch.npz")
+
+
+class ReproBundleError(GradcheckError):
+    """A bundle is missing, corrupt, of another format, or cannot be replayed
+    here; the message says which file and what is wrong or missing."""
+
+
+# ------------------------------------------------------------------ session
+_session_dir: Path | None = None
+
+
+def set_session_dir(path: str | os.PathLike[str] | None) -> None:
+    """The directory every failing check writes its bundle to when no
+    ``repro_dir=`` is given (the pytest plugin's ``--gradcheck-repro-dir``);
+    None turns it off."""
+    global _session_dir
+    _session_dir = None if path is None else Path(path)
+
+
+def session_dir() -> Path | None:
+    return _session_dir
+
+
+def _target_dir(repro_dir: Any) -> Path | None:
+    if repro_dir is None:
+        return _session_dir
+    if not isinstance(repro_dir, (str, os.PathLike)):
+        from gradcheck.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"repro_dir must be a path (str or os.PathLike) or None; got {repro_dir!r}."
+        )
+    return Path(repro_dir)
+
+
+def wants(report: CheckReport) -> bool:
+    """Whether ``report`` is a failure a bundle is written for."""
+    return report.status in WRITTEN
+
+
+# ------------------------------------------------------------------ facts
+def versions() -> dict[str, str | None]:
+    """python, numpy, torch, tensorflow, keras, transformers, gradcheck: the
+    installed versions, read from package metadata (nothing imported); None for a
+    package not installed."""
+    import gradcheck
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name, dists in PACKAGES.items():
+        found[name] = None
+        for dist in dists:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                found[name] = importlib.metadata.version(dist)
+                break
+    found["gradcheck"] = gradcheck.__version__
+    return found
+
+
+def machine() -> dict[str, str]:
+    """The platform and the CPU's model name (/proc/cpuinfo where there is one:
+    cheap, unlike lscpu; else platform.processor())."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    cpu = line.partition(":")[2].strip()
+                    break
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu or platform.processor() or "unknown",
+    }
+
+
+# ------------------------------------------------------------------ data
+class _NotData(Exception):
+    """A value a bundle cannot hold as data (the message says which and why)."""
+
+
+class _Arrays:
+    """The arrays of one .npz file being written, keyed by readable names."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, Any] = {}
+
+    def add(self, key: str, array: Any) -> str:
+        import numpy as np
+
+        array = np.asarray(array)
+        if array.dtype.hasobject:
+            raise _NotData(f"{key} is an object array")
+        base, n = key, 1
+        while key in self.arrays:
+            n += 1
+            key = f"{base}~{n}"
+        self.arrays[key] = array
+        return key
+
+
+def _encode(value: Any, arrays: _Arrays, path: str) -> Any:
+    """A JSON tree describing ``value`` whose tensors go into ``arrays``.
+
+    Leaves: ``{"tensor": key, "framework": ..., "dtype": ..., ...}`` or
+    ``{"value": json}``; containers ``{"tuple"|"list": [...]}``, ``{"dict":
+    {str: ...}}``. Anything else is :class:`_NotData`."""
+    import numpy as np
+
+    torch = sys.modules.get("torch")
+    tf = sys.modules.get("tensorflow")
+    if torch is not None and isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if t.dtype == torch.bfloat16:  # NumPy has none: float32 holds it exactly
+            t = t.float()
+        if t.is_complex():
+            raise _NotData(f"{path} is a complex tensor")
+        return {
+            "tensor": arrays.add(path, t.numpy()),
+            "framework": "torch",
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "requires_grad": bool(value.requires_grad),
+            "device": str(value.device),
+        }
+    if tf is not None and isinstance(value, (tf.Tensor, tf.Variable)):
+        arr = np.asarray(value.numpy())
+        return {
+            "tensor": arrays.add(path, arr),
+            "framework": "tensorflow",
+            "dtype": value.dtype.name,
+            "shape": list(arr.shape),
+            "variable": isinstance(value, tf.Variable),
+        }
+    if isinstance(value, np.ndarray):
+        return {
+            "tensor": arrays.add(path, value),
+            "framework": "numpy",
+            "dtype": str(value.dtype),
+            "shape": list(value.shape),
+        }
+    if isinstance(value, np.generic) and not isinstance(value, np.object_):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return {"value": value}
+    if isinstance(value, float):
+        return {"value": value} if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, (tuple, list)):
+        kind = "tuple" if isinstance(value, tuple) else "list"
+        return {kind: [_encode(v, arrays, f"{path}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {
+            "dict": {k: _encode(v, arrays, f"{path}.{k}") for k, v in value.items()}
+        }
+    raise _NotData(
+        f"{path} is a {type(value).__module__}.{type(value).__qualname__}, which a "
+        "bundle cannot hold as data (tensors, arrays, numbers, strings, and "
+        "tuples/lists/str-keyed dicts of them can)"
+    )
+
+
+def _decode(tree: Any, arrays: Mapping[str, Any], where: str) -> Any:
+    """The values ``_encode`` described, rebuilt from ``arrays`` (a tensor back on
+    its device when that exists here, else the CPU)."""
+    if not isinstance(tree, Mapping) or len(tree) < 1:
+        raise ReproBundleError(f"{where}: malformed value description {tree!r}")
+    if "value" in tree:
+        v = tree["value"]
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ReproBundleError(f"{where}: a value is {type(v).__name__}")
+        return v
+    if "float" in tree:
+        try:
+            return float(str(tree["float"]))
+        except ValueError:
+            raise ReproBundleError(f"{where}: bad float {tree['float']!r}") from None
+    for kind, ctor in (("tuple", tuple), ("list", list)):
+        if kind in tree:
+            items = tree[kind]
+            if not isinstance(items, list):
+                raise ReproBundleError(f"{where}: {kind} is not a list")
+            return ctor(_decode(v, arrays, where) for v in items)
+    if "dict" in tree:
+        items = tree["dict"]
+        if not isinstance(items, Mapping):
+            raise ReproBundleError(f"{where}: dict is not an object")
+        return {str(k): _decode(v, arrays, where) for k, v in items.items()}
+    if "tensor" in tree:
+        key = tree["tensor"]
+        if key not in arrays:
+            raise ReproBundleError(f"{where}: array {key!r} is missing")
+        arr = arrays[key]
+        if list(arr.shape) != list(tree.get("shape", arr.shape)):
+            raise ReproBundleError(
+                f"{where}: array {key!r} has shape {list(arr.shape)}, the bundle "
+                f"says {tree.get('shape')}"
+            )
+        fw = tree.get("framework")
+        if fw == "numpy":
+            return arr
+        if fw == "torch":
+            return _torch_tensor(arr, tree, where)
+        if fw == "tensorflow":
+            return _tf_tensor(arr, tree, where)
+        raise ReproBundleError(f"{where}: unknown framework {fw!r} for {key!r}")
+    raise ReproBundleError(f"{where}: malformed value description {tree!r}")
+
+
+def _torch_tensor(arr: Any, tree: Mapping[str, Any], where: str) -> Any:
+    torch = _framework("torch")
+    dtype = getattr(torch, str(tree.get("dtype", "")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ReproBundleError(f"{where}: unknown torch dtype {tree.get('dtype')!r}")
+    t = torch.from_numpy(arr.copy()).to(dtype)
+    device = str(tree.get("device", "cpu"))
+    if device.startswith("cuda") and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # a cuda:3 not here: the CPU
+            t = t.to(device)
+    if tree.get("requires_grad"):
+        t.requires_grad_(True)
+    return t
+
+
+def _tf_tensor(arr: Any, tree: Mapping[str, Any], where: str) -> Any:
+    tf = _framework("tensorflow")
+    try:
+        dtype = tf.as_dtype(str(tree.get("dtype")))
+    except TypeError:
+        raise ReproBundleError(
+            f"{where}: unknown TensorFlow dtype {tree.get('dtype')!r}"
+        ) from None
+    if tree.get("variable"):
+        return tf.Variable(tf.constant(arr, dtype=dtype))
+    return tf.constant(arr, dtype=dtype)
+
+
+def _framework(name: str) -> Any:
+    try:
+        if name == "tensorflow":
+            from gradcheck._quiet import import_quietly
+
+            return import_quietly("tensorflow")
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ReproBundleError(
+            f"this bundle needs {name}, which is not installed here ({exc})."
+        ) from None
+
+
+# ------------------------------------------------------------------ names
+def importable_name(obj: Any) -> str | None:
+    """``module:qualname`` naming ``obj`` that resolves back to the very same
+    object, else None (a lambda, a closure, a local class, ``__main__``). Reads
+    ``sys.modules`` only: naming imports nothing."""
+    mod = getattr(obj, "__module__", None)
+    qual = getattr(obj, "__qualname__", None)
+    if not isinstance(mod, str) or not isinstance(qual, str) or "<" in qual:
+        return None
+    if mod == "__main__" or mod not in sys.modules:
+        return None
+    target: Any = sys.modules[mod]
+    for part in qual.split("."):
+        target = getattr(target, part, None)
+    return f"{mod}:{qual}" if target is obj else None
+
+
+def _why_not_importable(obj: Any, what: str) -> str:
+    mod = getattr(obj, "__module__", None)
+    qual = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    if mod == "__main__":
+        return (
+            f"{what} ({qual}) is defined in __main__ (a script), which another "
+            "process cannot import: move it into a module"
+        )
+    if isinstance(qual, str) and "<" in qual:
+        return (
+            f"{what} ({qual}) is a lambda, a closure or a local definition, which "
+            "cannot be imported by name: define it at module level"
+        )
+    return f"{what} ({mod}.{qual}) cannot be imported by that name"
+
+
+def _resolve(name: str, what: str) -> Any:
+    """Import ``module:qualname`` from this machine (the user's code, never the
+    bundle's). Standard-library and builtin names are refused."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise ReproBundleError(f"{what}: {name!r} is not 'module:qualname'.")
+    mod, _, qual = name.partition(":")
+    parts = [*mod.split("."), *qual.split(".")]
+    if not all(p.isidentifier() for p in parts):
+        raise ReproBundleError(f"{what}: {name!r} is not 'module:qualname'.")
+    top = mod.split(".")[0]
+    if (
+        top in getattr(sys, "stdlib_module_names", ())
+        or top in sys.builtin_module_names
+    ):
+        raise ReproBundleError(
+            f"{what}: {name!r} names the standard library; a bundle may only name "
+            "your own code, transformers/Keras models or gradcheck's audit jobs."
+        )
+    try:
+        obj: Any = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ReproBundleError(
+            f"{what}: cannot import {mod!r} ({exc}); the replay needs the code the "
+            "bundle names: run it where that module is importable (PYTHONPATH)."
+        ) from None
+    for part in qual.split("."):
+        if not hasattr(obj, part):
+            raise ReproBundleError(f"{what}: {mod} has no {qual!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _constructible(cls: type) -> bool:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not inspect.Parameter.empty
+        or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in sig.parameters.values()
+    )
+
+
+def _torch_module_ref(module: Any, near: Any, what: str) -> tuple[dict[str, Any], str]:
+    """How a replay gets ``module`` back: ``{"ref": "mod:attr"}`` (a module-level
+    object of ``near``'s module, whose state is then loaded) or ``{"class":
+    "mod:Qual"}`` (constructed with no arguments, then loaded). Returns (the
+    description, "" or the reason it cannot be had)."""
+    mod_name = getattr(near, "__module__", None)
+    mod = sys.modules.get(mod_name) if isinstance(mod_name, str) else None
+    if mod is not None and mod_name != "__main__":
+        for attr, value in vars(mod).items():
+            if value is module and not attr.startswith("__"):
+                return {"ref": f"{mod_name}:{attr}"}, ""
+    cls = type(module)
+    name = importable_name(cls)
+    desc: dict[str, Any] = {"class": name or f"{cls.__module__}.{cls.__qualname__}"}
+    if name is None:
+        return desc, _why_not_importable(cls, f"{what}'s class")
+    if not _constructible(cls):
+        return desc, (
+            f"{what}'s class {name} needs constructor arguments, which a bundle "
+            "does not record: give them defaults, or make the model a module-level "
+            f"object of {mod_name or 'the function'}'s module"
+        )
+    return desc, ""
+
+
+def _state_arrays(module: Any) -> tuple[_Arrays, dict[str, Any]]:
+    arrays = _Arrays()
+    meta: dict[str, Any] = {}
+    for key, value in module.state_dict().items():
+        meta[key] = _encode(value, arrays, key)
+    return arrays, meta
+
+
+def _keras_arrays(model: Any) -> tuple[_Arrays, dict[str, Any]]:
+    import numpy as np
+
+    arrays = _Arrays()
+    meta: dict[str, Any] = {}
+    for i, w in enumerate(model.weights):
+        arr = np.asarray(w.numpy())
+        key = arrays.add(f"{i:04d}", arr)
+        meta[key] = {
+            "path": str(getattr(w, "path", getattr(w, "name", ""))),
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+        }
+    return arrays, meta
+
+
+def _load_torch_state(module: Any, arrays: Mapping[str, Any], meta: Any) -> None:
+    if not isinstance(meta, Mapping):
+        raise ReproBundleError("weights: malformed state_dict description")
+    torch = _framework("torch")
+    want = module.state_dict()
+    missing = sorted(set(want) - set(meta))
+    unexpected = sorted(set(meta) - set(want))
+    if missing or unexpected:
+        raise ReproBundleError(
+            "the stored weights do not fit the model rebuilt here: "
+            + "; ".join(
+                s
+                for s in (
+                    f"missing {missing[:5]}" if missing else "",
+                    f"unexpected {unexpected[:5]}" if unexpected else "",
+                )
+                if s
+            )
+            + " (the model's code or the library version changed its layout)."
+        )
+    state = {}
+    for key, tree in meta.items():
+        t = _decode(tree, arrays, f"weights[{key!r}]")
+        if tuple(t.shape) != tuple(want[key].shape):
+            raise ReproBundleError(
+                f"weight {key!r}: stored shape {tuple(t.shape)}, the model rebuilt "
+                f"here has {tuple(want[key].shape)}."
+            )
+        state[key] = t.detach()
+    # the recorded dtype and device, not the freshly built module's (a model
+    # checked after .double() is float64): set them, then load the values
+    with torch.no_grad():
+        for key, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if key in state and (
+                tensor.dtype != state[key].dtype or tensor.device != state[key].device
+            ):
+                tensor.data = tensor.data.to(state[key].device, state[key].dtype)
+        module.load_state_dict(state, strict=True)
+
+
+def _load_keras_weights(model: Any, arrays: Mapping[str, Any], meta: Any) -> None:
+    if not isinstance(meta, Mapping):
+        raise ReproBundleError("weights: malformed Keras weights description")
+    weights = list(model.weights)
+    keys = sorted(meta)
+    if len(keys) != len(weights):
+        raise ReproBundleError(
+            f"the bundle stores {len(keys)} Keras weights, the model rebuilt here "
+            f"has {len(weights)}."
+        )
+    for key, w in zip(keys, weights, strict=True):
+        if key not in arrays:
+            raise ReproBundleError(f"weights: array {key!r} is missing")
+        arr = arrays[key]
+        if tuple(arr.shape) != tuple(w.shape):
+            raise ReproBundleError(
+                f"Keras weight {meta[key].get('path', key)!r}: stored shape "
+                f"{tuple(arr.shape)}, the model rebuilt here has {tuple(w.shape)}."
+            )
+        w.assign(arr.astype(str(w.dtype)))
+
+
+# ------------------------------------------------------------------ writing
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return (slug or "check")[:60].rstrip("-.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verdict(report: CheckReport) -> dict[str, Any]:
+    def num(x: float) -> float | str:
+        return float(x) if math.isfinite(x) else str(x)
+
+    return {
+        "status": report.status,
+        "headline": report.headline(),
+        "error": num(report.error),
+        "tolerance": num(report.tolerance),
+        "location": report.location.describe() if report.location else None,
+        "framework": report.framework,
+        "device": report.device,
+    }
+
+
+def _write(
+    directory: Path,
+    *,
+    name: str,
+    call: dict[str, Any],
+    report: CheckReport,
+    data: Mapping[str, _Arrays],
+    reason: str = "",
+) -> Path:
+    """Write the bundle under ``directory``; return its path (an identical
+    bundle already there is returned as it is)."""
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=directory))
+    try:
+        files: dict[str, Any] = {}
+        for fname, arrays in data.items():
+            if not arrays.arrays:
+                continue
+            np.savez(tmp / fname, **arrays.arrays)
+            files[fname] = {
+                "sha256": _sha256(tmp / fname),
+                "arrays": {
+                    k: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                    for k, a in arrays.arrays.items()
+                },
+            }
+        content = json.dumps(
+            {
+                "call": call,
+                "status": report.status,
+                "files": {k: v["sha256"] for k, v in files.items()},
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(content.encode()).hexdigest()[:10]
+        doc = {
+            "format": FORMAT,
+            "id": digest,
+            "replayable": not reason,
+            "not_replayable_because": reason or None,
+            "call": call,
+            "verdict": _verdict(report),
+            "label": report.label,
+            "versions": versions(),
+            "machine": machine(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "files": files,
+        }
+        (tmp / BUNDLE_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        base = f"{_slug(name)}-{digest}"
+        n = 1
+        while True:
+            final = directory / (base if n == 1 else f"{base}-{n}")
+            (tmp / "README.txt").write_text(_readme(doc, final))
+            saved, report.repro_bundle = report.repro_bundle, str(final)
+            try:  # the report as the caller will see it: naming its bundle
+                (tmp / "report.json").write_text(
+                    json.dumps(report.to_dict(), indent=2) + "\n"
+                )
+            finally:
+                report.repro_bundle = saved
+            for p in tmp.iterdir():
+                os.chmod(p, 0o644)
+            os.chmod(tmp, 0o755)
+            try:
+                os.rename(tmp, final)  # fails on an existing (non-empty) directory
+                return final
+            except OSError:
+                if not final.exists():
+                    raise
+            if _same_bundle(final, digest):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            n += 1
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _same_bundle(path: Path, digest: str) -> bool:
+    try:
+        return json.loads((path / BUNDLE_FILE).read_text()).get("id") == digest
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _readme(doc: Mapping[str, Any], path: Path) -> str:
+    v = doc["verdict"]
+    lines = [
+        "gradcheck repro bundle",
+        "======================",
+        "",
+        f"What failed: {doc.get('label') or '(no label)'}",
+        f"  {v['headline']}",
+        f"  error {_num(v['error'])}, tolerance {_num(v['tolerance'])}",
+        f"Call: {describe_call(doc['call'])}",
+        f"Recorded {doc['created']} on {doc['machine']['cpu']} "
+        f"({doc['machine']['platform']}).",
+        "Versions: "
+        + ", ".join(
+            f"{k} {val or 'not installed'}" for k, val in doc["versions"].items()
+        ),
+        "",
+    ]
+    if doc["replayable"]:
+        lines += [
+            "Replay it (here or on another machine with gradcheck installed):",
+            "",
+            f"    gradcheck replay {path}",
+            "",
+            "It prints 'reproduced: <verdict>' (exit 0) or 'not reproduced: "
+            "<verdict>, versions differ in ...' (exit 1).",
+        ]
+    else:
+        lines += [
+            "This bundle cannot be replayed automatically:",
+            f"  {doc['not_replayable_because']}",
+            "The data (inputs, weights) and the call are still here to read.",
+        ]
+    lines += [
+        "",
+        "Files:",
+        "  bundle.json  the call, the verdict, versions, machine; sha256 of the data",
+        "  report.json  the full report",
+    ]
+    for fname in doc["files"]:
+        what = {
+            "inputs.npz": "the inputs (NumPy arrays; dtypes etc. in bundle.json)",
+            "weights.npz": "the model's weights (state_dict / Keras weights)",
+            "fn_weights.npz": "the weights of the module called as fn",
+            "batch.npz": "the audit example's batch",
+        }.get(fname, "data")
+        lines.append(f"  {fname:<12} {what}")
+    lines += [
+        "",
+        "The .npz files hold plain arrays (numpy.load(path, allow_pickle=False)); "
+        "nothing here is code. A replay imports only what bundle.json names from "
+        "the machine it runs on.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def describe_call(call: Mapping[str, Any]) -> str:
+    entry = call.get("entry")
+    if entry == "check_model":
+        target = call.get("spec") or call.get("model", {}).get("class", "a model")
+        return (
+            f"gradcheck.check_model({target!r}, properties={call.get('property')!r}, "
+            f"dtype={call.get('dtype')!r}, seed={call.get('seed')})"
+        )
+    if entry == "check_gradients":
+        fn = call.get("fn", {})
+        fname = fn.get("name") or fn.get("kind")
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        params = call.get("params")
+        p = "" if not params else ", params=<" + str(params.get("kind")) + ">"
+        return f"gradcheck.check_gradients({fname}, <inputs>{p}, {opts})"
+    if entry == "audit":
+        return (
+            f"audit job {call.get('job')!r}, example seed {call.get('check_seed')} "
+            f"(audit seed {call.get('audit_seed')})"
+        )
+    return repr(entry)
+
+
+def _note(report: CheckReport, path: Path | None, problem: str = "") -> None:
+    if path is not None:
+        report.repro_bundle = str(path)
+    elif problem:
+        report.notes.append(f"no repro bundle written: {problem}")
+
+
+# -------------------------------------------------- check_gradients bundles
+def write_gradients_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    fn: Any,
+    inputs: Any,
+    params: Any,
+    options: Mapping[str, Any],
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_gradients` (nothing for a
+    passing one). Sets ``report.repro_bundle``; a bundle that cannot be written
+    (disk full, no permission) is a note on the report, never an exception that
+    hides the verdict."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and str(getattr(fn, "__module__", "")).startswith(
+        "gradcheck."
+    ):
+        # the session's directory is for the user's checks: a function of
+        # gradcheck's own (check_model's loss heads, an audit's built model) is
+        # checked inside another front door, which writes the replayable bundle
+        return None
+    try:
+        path = _gradients_bundle(directory, report, fn, inputs, params, options)
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _gradients_bundle(
+    directory: Path,
+    report: CheckReport,
+    fn: Any,
+    inputs: Any,
+    params: Any,
+    options: Mapping[str, Any],
+) -> Path:
+    torch = sys.modules.get("torch")
+    reasons: list[str] = []
+    data: dict[str, _Arrays] = {}
+    is_module = torch is not None and isinstance(params, torch.nn.Module)
+    # params
+    params_desc: dict[str, Any] | None = None
+    if params is not None:
+        if is_module:
+            ref, why = _torch_module_ref(params, fn, "params")
+            arrays, meta = _state_arrays(params)
+            data["weights.npz"] = arrays
+            params_desc = {"kind": "torch_module", **ref, "state": meta}
+            if why:
+                reasons.append(why)
+        else:
+            params_desc = {"kind": type(params).__name__}
+            reasons.append(
+                f"params= is a {type(params).__name__}: a replay can rebuild a "
+                "torch nn.Module (importable, or its class constructible with no "
+                "arguments), not tensors or a Keras model that fn reads from "
+                "elsewhere; pass the model as params=, or check it with "
+                "gradcheck.check_model"
+            )
+    # fn
+    fn_desc: dict[str, Any]
+    if params is not None and fn is params:
+        fn_desc = {"kind": "params"}
+    elif (
+        params is not None
+        and getattr(fn, "__self__", None) is params
+        and isinstance(getattr(fn, "__name__", None), str)
+    ):
+        fn_desc = {"kind": "params_method", "name": fn.__name__}
+    elif torch is not None and isinstance(fn, torch.nn.Module):
+        ref, why = _torch_module_ref(fn, fn, "fn")
+        arrays, meta = _state_arrays(fn)
+        data["fn_weights.npz"] = arrays
+        fn_desc = {"kind": "torch_module", **ref, "state": meta}
+        if why:
+            reasons.append(why)
+    else:
+        name = importable_name(fn)
+        if name is None:
+            fn_desc = {"kind": "unknown", "repr": repr(fn)[:200]}
+            reasons.append(_why_not_importable(fn, "fn"))
+        else:
+            fn_desc = {"kind": "importable", "name": name}
+            if params_desc is not None and "class" in params_desc:
+                reasons.append(
+                    f"fn {name} reads params from somewhere the bundle cannot name "
+                    "(the model is no module-level object of fn's module): make it "
+                    "one, or pass the model itself as fn"
+                )
+    # inputs
+    arrays = _Arrays()
+    try:
+        inputs_desc = _encode(tuple(inputs), arrays, "inputs")
+    except _NotData as exc:
+        inputs_desc = None
+        reasons.append(str(exc))
+    data["inputs.npz"] = arrays
+    call = {
+        "entry": "check_gradients",
+        "fn": fn_desc,
+        "params": params_desc,
+        "inputs": inputs_desc,
+        "options": dict(options),
+    }
+    name = report.label or fn_desc.get("name") or "check_gradients"
+    return _write(
+        directory,
+        name=f"{name}-{report.dtype}",
+        call=call,
+        report=report,
+        data=data,
+        reason="; ".join(dict.fromkeys(reasons)),
+    )
+
+
+# -------------------------------------------------- check_model bundles
+def write_model_bundles(
+    repro_dir: Any,
+    reports: list[CheckReport],
+    target: Any,
+    inputs: Any,
+    seed: int,
+    max_parameters: int,
+    checker: Any = None,
+) -> list[Path]:
+    """Bundles for the failing reports of one :func:`gradcheck.check_model` call.
+    ``checker``: the :class:`~gradcheck.models.Checker` that ran them, if they
+    ran in this process (its model is reused); else one is built here for the
+    weights (a check run in a worker process under ``timeout=``)."""
+    directory = _target_dir(repro_dir)
+    failing = [r for r in reports if wants(r)]
+    if directory is None or not failing:
+        return []
+    from gradcheck import models
+
+    if checker is None:
+        checker = models.Checker(
+            target, inputs, seed=seed, max_parameters=max_parameters
+        )
+    written = []
+    for report in failing:
+        meta = models._meta(report)
+        prop = meta.get("property")
+        if prop is None:
+            continue
+        try:
+            path = write_model_bundle(directory, report, checker, prop, report.dtype)
+        except GradcheckError as exc:  # the model cannot be rebuilt here now
+            _note(report, None, str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - never hide the verdict
+            _note(report, None, f"{type(exc).__name__}: {exc}")
+            continue
+        written.append(path)
+    return written
+
+
+def write_model_bundle(
+    directory: Any, report: CheckReport, checker: Any, prop: str, dtype: str
+) -> Path:
+    """The bundle of one check_model report, whatever its status (the caller
+    decides which are written; :func:`write_model_bundles` writes failing ones).
+    Sets ``report.repro_bundle``."""
+    directory = Path(directory)
+    checker.build()
+    model, inputs = checker._built
+    spec = checker.spec
+    reasons: list[str] = []
+    call: dict[str, Any] = {
+        "entry": "check_model",
+        "spec": spec.text if spec is not None else None,
+        "property": prop,
+        "dtype": dtype,
+        "seed": checker.seed,
+        "max_parameters": checker.max_parameters,
+        "framework": checker.framework,
+    }
+    data: dict[str, _Arrays] = {}
+    if checker.framework == "tensorflow":
+        if spec is not None and spec.kind == "keras" and dtype != "float32":
+            model, _ = checker._keras_in(dtype)
+        arrays, meta = _keras_arrays(model)
+    else:
+        arrays, meta = _state_arrays(model)
+    data["weights.npz"] = arrays
+    call["weights"] = meta
+    if spec is None:
+        ref, why = _torch_module_ref(model, model, "the model")
+        call["model"] = ref
+        if checker.framework != "torch":
+            why = "a Keras model object cannot be rebuilt by a replay: pass a spec"
+        if why:
+            reasons.append(why)
+    if spec is None or spec.kind != "keras":
+        arrays = _Arrays()
+        try:
+            call["inputs"] = _encode(inputs, arrays, "inputs")
+        except _NotData as exc:
+            call["inputs"] = None
+            reasons.append(str(exc))
+        data["inputs.npz"] = arrays
+    path = _write(
+        directory,
+        name=report.label or f"{checker.name} {prop} {dtype}",
+        call=call,
+        report=report,
+        data=data,
+        reason="; ".join(reasons),
+    )
+    _note(report, path)
+    return path
+
+
+# -------------------------------------------------- audit bundles
+def write_audit_bundle(
+    repro_dir: Any, outcome: Any, job_seed: int, audit_seed: int
+) -> Path | None:
+    """A bundle for one audit job's example: the shrunk counterexample of a job
+    that failed, or the last example of a planted job (its caught ``mismatch``).
+    Nothing when the job has no failing report and no counterexample."""
+    directory = _target_dir(repro_dir)
+    example = getattr(outcome, "example", None)
+    report = outcome.report
+    if directory is None or example is None or report is None:
+        return None
+    if outcome.spec is None and not wants(report):
+        return None
+    job = outcome.job
+    arrays = _Arrays()
+    try:
+        batch = _encode(example["batch"], arrays, "batch")
+    except _NotData as exc:  # pragma: no cover - batches are NumPy arrays
+        batch, reason = None, str(exc)
+    else:
+        reason = ""
+    call = {
+        "entry": "audit",
+        "job": job.name,
+        "framework": job.framework,
+        "property": job.property,
+        "dtype": job.dtype,
+        "planted": job.planted,
+        "device": job.device,
+        "audit_seed": audit_seed,
+        "check_seed": job_seed,
+        "spec": example["spec"],
+        "batch": batch,
+    }
+    try:
+        path = _write(
+            directory,
+            name=job.name,
+            call=call,
+            report=report,
+            data={"batch.npz": arrays},
+            reason=reason,
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+# ------------------------------------------------------------------ loading
+@dataclass
+class Bundle:
+    path: Path
+    doc: dict[str, Any]
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def call(self) -> dict[str, Any]:
+        return self.doc["call"]
+
+    def data(self, fname: str) -> dict[str, Any]:
+        if fname not in self.arrays:
+            raise ReproBundleError(f"{self.path}: {fname} is missing from the bundle.")
+        return self.arrays[fname]
+
+
+def load(path: str | os.PathLike[str]) -> Bundle:
+    """Read and verify a bundle: JSON and ``.npz`` arrays only (``allow_pickle``
+    off), every data file against its recorded sha256. ReproBundleError says what
+    is missing or wrong."""
+    import numpy as np
+
+    root = Path(path)
+    if root.is_file() and root.name == BUNDLE_FILE:
+        root = root.parent
+    if not root.exists():
+        raise ReproBundleError(f"no bundle at {root}: it does not exist.")
+    if not root.is_dir():
+        raise ReproBundleError(
+            f"{root} is not a bundle: a bundle is a directory holding {BUNDLE_FILE}."
+        )
+    meta = root / BUNDLE_FILE
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReproBundleError(
+            f"{root} is not a bundle: it has no {BUNDLE_FILE}."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReproBundleError(f"{meta}: cannot read it ({exc}).") from None
+    except ValueError as exc:
+        raise ReproBundleError(f"{meta} is not valid JSON ({exc}): corrupt?") from None
+    if not isinstance(doc, dict):
+        raise ReproBundleError(f"{meta}: expected a JSON object.")
+    if doc.get("format") != FORMAT:
+        raise ReproBundleError(
+            f"{meta}: format {doc.get('format')!r}, this gradcheck reads {FORMAT!r}."
+        )
+    for key, kind in (
+        ("call", dict),
+        ("verdict", dict),
+        ("files", dict),
+        ("versions", dict),
+    ):
+        if not isinstance(doc.get(key), kind):
+            raise ReproBundleError(f"{meta}: '{key}' is missing or malformed.")
+    if doc["verdict"].get("status") not in (
+        "passed",
+        "mismatch",
+        "nondifferentiable",
+        "nondeterministic",
+        "unbuildable",
+        "timeout",
+        "error",
+    ):
+        raise ReproBundleError(f"{meta}: unknown recorded status.")
+    bundle = Bundle(root, doc)
+    for fname, info in doc["files"].items():
+        if fname not in DATA_FILES or not isinstance(info, Mapping):
+            raise ReproBundleError(f"{meta}: unexpected data file {fname!r}.")
+        fpath = root / fname
+        if not fpath.is_file():
+            raise ReproBundleError(
+                f"{root}: {fname} is missing (bundle.json names it)."
+            )
+        if _sha256(fpath) != info.get("sha256"):
+            raise ReproBundleError(
+                f"{fpath}: its sha256 differs from the one in bundle.json: the file "
+                "was changed or is corrupt."
+            )
+        try:
+            with np.load(fpath, allow_pickle=False) as npz:
+                bundle.arrays[fname] = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+            raise ReproBundleError(
+                f"{fpath}: not a NumPy .npz of plain arrays ({exc})."
+            ) from None
+    return bundle
+
+
+# ------------------------------------------------------------------ replay
+@dataclass
+class ReplayResult:
+    """The rerun of a bundle: its report, the recorded status, and the versions
+    that differ between the bundle and here ``(package, bundle's, here)``."""
+
+    bundle: Bundle
+    report: CheckReport
+    recorded: str
+    version_diffs: list[tuple[str, str, str]]
+
+    @property
+    def reproduced(self) -> bool:
+        return self.report.status == self.recorded
+
+    def versions_line(self) -> str:
+        return "versions differ in " + "; ".join(
+            f"{pkg}: bundle {b}, here {h}" for pkg, b, h in self.version_diffs
+        )
+
+    def verdict_line(self) -> str:
+        if self.reproduced:
+            return f"reproduced: {self.report.status}"
+        why = (
+            self.versions_line()
+            if self.version_diffs
+            else "same versions as the bundle's"
+        )
+        return (
+            f"not reproduced: {self.report.status}, {why} (the bundle recorded "
+            f"{self.recorded})"
+        )
+
+    def lines(self) -> list[str]:
+        doc = self.bundle.doc
+        v = doc["verdict"]
+        out = [
+            f"bundle: {self.bundle.path}",
+            f"call: {describe_call(doc['call'])}",
+            f"recorded: {v.get('headline')} (error {_num(v.get('error'))}, "
+            f"tolerance {_num(v.get('tolerance'))}) on {doc.get('created', '?')}, "
+            f"{doc.get('machine', {}).get('cpu', '?')}",
+            f"replayed: {self.report.headline()} (error {_num(self.report.error)}, "
+            f"tolerance {_num(self.report.tolerance)})",
+        ]
+        if self.version_diffs:
+            out.append(self.versions_line())
+        out.append(self.verdict_line())
+        return out
+
+
+def _num(x: Any) -> str:
+    try:
+        return f"{float(x):.6e}"
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def version_diffs(recorded: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    here = versions()
+    diffs = []
+    for pkg in sorted(set(recorded) | set(here)):
+        b, h = recorded.get(pkg), here.get(pkg)
+        if pkg not in recorded:
+            continue
+        if (b or None) != (h or None):
+            diffs.append((pkg, str(b or "not installed"), str(h or "not installed")))
+    return diffs
+
+
+def replay(path: str | os.PathLike[str]) -> ReplayResult:
+    """Rerun the bundle at ``path``. ReproBundleError: a missing or corrupt
+    bundle, one marked not replayable (with what is missing), or code it names
+    that is not importable here."""
+    bundle = load(path)
+    doc = bundle.doc
+    if not doc.get("replayable", False):
+        raise ReproBundleError(
+            f"{bundle.path} cannot be replayed: "
+            f"{doc.get('not_replayable_because') or 'the bundle says so'}."
+        )
+    call = bundle.call
+    entry = call.get("entry")
+    try:
+        if entry == "check_gradients":
+            report = _replay_gradients(bundle)
+        elif entry == "check_model":
+            report = _replay_model(bundle)
+        elif entry == "audit":
+            report = _replay_audit(bundle)
+        else:
+            raise ReproBundleError(f"{bundle.path}: unknown entry point {entry!r}.")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ReproBundleError(
+            f"{bundle.path}/{BUNDLE_FILE}: malformed call "
+            f"({type(exc).__name__}: {exc})."
+        ) from None
+    return ReplayResult(
+        bundle, report, doc["verdict"]["status"], version_diffs(doc["versions"])
+    )
+
+
+def _module(desc: Mapping[str, Any], arrays: Mapping[str, Any], what: str) -> Any:
+    if "ref" in desc:
+        module = _resolve(desc["ref"], what)
+    elif "class" in desc:
+        cls = _resolve(desc["class"], what)
+        if not isinstance(cls, type):
+            raise ReproBundleError(f"{what}: {desc['class']} is not a class.")
+        module = cls()
+    else:
+        raise ReproBundleError(f"{what}: the bundle says neither ref nor class.")
+    torch = _framework("torch")
+    if not isinstance(module, torch.nn.Module):
+        raise ReproBundleError(f"{what}: {desc} is not a torch nn.Module here.")
+    _load_torch_state(module, arrays, desc.get("state"))
+    return module
+
+
+def _replay_gradients(bundle: Bundle) -> CheckReport:
+    import gradcheck
+
+    call = bundle.call
+    params = None
+    pdesc = call.get("params")
+    if pdesc is not None:
+        params = _module(pdesc, bundle.data("weights.npz"), "params")
+    fdesc = call["fn"]
+    kind = fdesc.get("kind")
+    if kind == "params":
+        fn = params
+    elif kind == "params_method":
+        fn = getattr(params, str(fdesc["name"]))
+    elif kind == "torch_module":
+        fn = _module(fdesc, bundle.data("fn_weights.npz"), "fn")
+    elif kind == "importable":
+        fn = _resolve(fdesc["name"], "fn")
+    else:
+        raise ReproBundleError(f"fn: cannot rebuild a function of kind {kind!r}.")
+    arrays = bundle.arrays.get("inputs.npz", {})
+    inputs = _decode(call["inputs"], arrays, "inputs")
+    options = dict(call.get("options") or {})
+    unknown = set(options) - {"seed", "mode", "rtol", "step"}
+    if unknown:
+        raise ReproBundleError(f"options: unknown {sorted(unknown)}.")
+    return gradcheck.check_gradients(
+        fn, inputs, params=params, label=bundle.doc.get("label"), **options
+    )
+
+
+def _replay_model(bundle: Bundle) -> CheckReport:
+    from gradcheck import models
+
+    call = bundle.call
+    spec = call.get("spec")
+    inputs = None
+    if "inputs" in call and call["inputs"] is not None:
+        inputs = _decode(call["inputs"], bundle.data("inputs.npz"), "inputs")
+    if spec is not None:
+        target: Any = models.parse_spec(str(spec))
+        if target.kind == "callable":
+            _resolve(target.name, "spec")  # refuses the standard library
+        if target.kind == "hf":
+            _framework("transformers")
+    else:
+        desc = call.get("model") or {}
+        target = _module(
+            {**desc, "state": call.get("weights")}, bundle.data("weights.npz"), "model"
+        )
+    prop, dtype = call["property"], call["dtype"]
+    checker = models.Checker(
+        target,
+        inputs,
+        seed=int(call["seed"]),
+        max_parameters=int(call.get("max_parameters", models.MAX_PARAMETERS)),
+    )
+    try:
+        checker.build()
+    except models.UnbuildableError:
+        return checker.run(prop, dtype)  # the unbuildable report, its reason
+    model = checker._built[0]
+    if checker.framework == "tensorflow":
+        if checker.spec is not None and checker.spec.kind == "keras":
+            if dtype != "float32":
+                model = checker._keras_in(dtype)[0]
+        _load_keras_weights(model, bundle.data("weights.npz"), call.get("weights"))
+    elif spec is not None:
+        _load_torch_state(model, bundle.data("weights.npz"), call.get("weights"))
+    return checker.run(prop, dtype)
+
+
+def _replay_audit(bundle: Bundle) -> CheckReport:
+    from gradcheck import audit
+    from gradcheck._quiet import quiet
+    from gradcheck.architectures import ModelSpec
+
+    call = bundle.call
+    fws = str(call["framework"]).split("+")
+    for fw in fws:
+        if fw not in audit.FRAMEWORKS:
+            raise ReproBundleError(f"audit: unknown framework {fw!r}.")
+        _framework(fw)
+    device = "cpu" if str(call.get("device", "cpu")) in ("cpu", "/CPU:0") else "auto"
+    seed = int(call["audit_seed"])
+    found = [j for j in audit.jobs(fws, seed, device) if j.name == call["job"]]
+    if not found:
+        raise ReproBundleError(
+            f"audit: this gradcheck has no audit job {call['job']!r} here (another "
+            "gradcheck version, or a device this machine lacks)."
+        )
+    job = found[0]
+    if job.skip is not None:
+        raise ReproBundleError(f"audit: job {job.name!r} is skipped here: {job.skip}")
+    try:
+        spec = ModelSpec.from_dict(call["spec"])
+    except GradcheckError as exc:
+        raise ReproBundleError(f"audit: the stored spec is invalid ({exc}).") from None
+    batch = _decode(call["batch"], bundle.data("batch.npz"), "batch")
+    with quiet():
+        report = job.check(spec, batch, int(call["check_seed"]))
+    report.label = bundle.doc.get("label") or job.name
+    return report
