@@ -62,6 +62,17 @@ def planted_square(x, w):
     return ScaledIdentity.apply(x * w).pow(2).sum()
 
 
+def tf_planted(x):
+    """TensorFlow: sin(x)**2 summed, with a backward scaled by 1 + 1e-3 on sin."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def scaled(h):
+        return tf.identity(h), lambda g: g * (1 + 1e-3)
+
+    return tf.reduce_sum(scaled(tf.sin(x)) ** 2)
+
+
 def correct_square(x, w):
     return (x * w).pow(2).sum()
 
@@ -233,6 +244,20 @@ def test_not_replayable_bundle_says_what_is_missing(tmp_path, capsys):
     )
     code, out = _replay(capsys, report.repro_bundle)
     assert code == 2 and "needs constructor arguments" in out
+
+
+@pytest.mark.slow  # TensorFlow's import
+def test_tensorflow_inputs_replay(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    x = tf.Variable(tf.constant(np.linspace(-1.0, 1.0, 5)))
+    report = gradcheck.check_gradients(tf_planted, (x,), repro_dir=tmp_path)
+    assert report.status == "mismatch"
+    doc = json.loads((Path(report.repro_bundle) / "bundle.json").read_text())
+    (leaf,) = doc["call"]["inputs"]["tuple"]
+    assert leaf["framework"] == "tensorflow" and leaf["variable"] is True
+    result = repro.replay(report.repro_bundle)
+    assert result.reproduced and result.report.framework == "tensorflow"
+    assert result.report.error == pytest.approx(report.error, rel=1e-6)
 
 
 # ---------------------------------------------------------------- versions, verdicts
