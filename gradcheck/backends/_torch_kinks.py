@@ -160,3 +160,131 @@ class LowPrecisionWatch(_ModuleStack):
                     self.lowest = out.dtype
                 self.places[self.where] = self.places.get(self.where, 0) + 1
         return out
+
+
+def _func_name(func: Callable) -> str:
+    name = getattr(func, "__name__", str(func))
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    if owner is torch.Tensor or func in _TENSOR_METHODS:
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", "") or ""
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    return f"torch.{name}"
+
+
+_TENSOR_METHODS = {
+    getattr(torch.Tensor, n)
+    for n in dir(torch.Tensor)
+    if not n.startswith("__") and callable(getattr(torch.Tensor, n, None))
+}
+
+
+def _python_caller() -> str:
+    """The innermost Python function outside torch on the stack (e.g.
+    'ViTMAEEmbeddings.random_masking')."""
+    import os
+    import sys
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if not code.co_filename.startswith((torch_dir, os.path.dirname(__file__))):
+            return getattr(code, "co_qualname", code.co_name)
+        frame = frame.f_back
+    return "fn"
+
+
+_DETACH = {torch.Tensor.detach, torch.Tensor.detach_, torch.detach}
+
+
+class CallWatch(_ModuleStack):
+    """What one call of fn does that a verdict may need to name (the first call
+    at the point only):
+
+    * ``random_ops``: the ops that draw from torch's CPU random number generator
+      (its state moves across the op): ``torch.rand`` in ViT-MAE's
+      ``random_masking``, dropout left in train mode; each evaluation of such a
+      function sees other random numbers, hence other values;
+    * ``detaches``: ``.detach()`` of a tensor that requires grad (FastSpeech2's
+      pitch and energy predictors read a detached encoder output by design): the
+      gradient stops there while the values still flow.
+
+    Keys are "op in caller (module 'name')", values counts."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__(names)
+        self.random_ops: dict[str, int] = {}
+        self.detaches: dict[str, int] = {}
+
+    def _key(self, func: Callable) -> str:
+        where = self.where
+        return f"{_func_name(func)} in {_python_caller()}" + (
+            f" (module '{where}')" if where != "fn" else ""
+        )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _DETACH:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                key = self._key(func)
+                self.detaches[key] = self.detaches.get(key, 0) + 1
+            return func(*args, **(kwargs or {}))
+        state = torch.get_rng_state()
+        out = func(*args, **(kwargs or {}))
+        if not torch.equal(state, torch.get_rng_state()):
+            key = self._key(func)
+            self.random_ops[key] = self.random_ops.get(key, 0) + 1
+        return out
+
+
+class NanOrigin(_ModuleStack):
+    """Finds the op whose backward first turns a finite incoming gradient into
+    NaN/Inf: during one forward it hooks every autograd node the ops create
+    (recording the op and the innermost module); in the backward the first node
+    whose outputs (the gradients it passes on) are non-finite while the gradients
+    it received are finite is the origin, e.g. longformer's float64 softmax over
+    a row masked with finfo.min (a -inf row in float32: 0 * NaN)."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__(names)
+        self.origin: str | None = None
+        self._hooked: set[int] = set()
+        self._handles: list[Any] = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        where, name = self.where, _func_name(func)
+        leaves = out if isinstance(out, (tuple, list)) else (out,)
+        for t in leaves:
+            node = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
+            if node is None or id(node) in self._hooked:
+                continue
+            self._hooked.add(id(node))
+
+            def hook(grad_inputs, grad_outputs, node=node, where=where, name=name):
+                if self.origin is not None:
+                    return
+                if _finite(grad_outputs) and not _finite(grad_inputs):
+                    self.origin = (
+                        f"{name} ({node.name()}) in module '{where}'"
+                        if where != "fn"
+                        else f"{name} ({node.name()})"
+                    )
+
+            self._handles.append(node.register_hook(hook))
+        return out
+
+
+def _finite(grads: Any) -> bool:
+    return all(
+        bool(torch.isfinite(g).all())
+        for g in grads
+        if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex())
+    )

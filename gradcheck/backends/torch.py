@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradcheck.backends._torch_routing import RoutingRecord
 from gradcheck.backends.base import (
     Session,
     TensorSpec,
@@ -55,6 +56,7 @@ from gradcheck.errors import (
     BackwardError,
     FunctionRaisedError,
     GradcheckError,
+    NonFiniteError,
     NothingToDifferentiateError,
     ReferencePrecisionError,
     UnsupportedInputError,
@@ -228,6 +230,34 @@ def _fn_raised(
         + (hint + " " if hint else "")
         + "The original exception is the __cause__ of this one.",
     )
+
+
+def _cut(report: Any) -> bool:
+    """Whether a failed report is about a path cut or a weight lost: a
+    locality/linearity violation, or a zero gradient where the function moves."""
+    loc = report.location
+    if report.property in ("locality", "linearity"):
+        return True
+    return loc is not None and loc.analytical == 0.0 and bool(loc.numerical)
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """A NaN/Inf gradient where the function is finite: ``tensor``, the first
+    non-finite element's ``index`` and ``origin`` (the op and module whose
+    backward produced it, or None). A finite-difference check can report it as
+    a mismatch at that element."""
+
+    def __init__(
+        self,
+        message: str,
+        tensor: str,
+        index: tuple[int, ...],
+        origin: str | None,
+    ):
+        super().__init__(message)
+        self.tensor = tensor
+        self.index = index
+        self.origin = origin
 
 
 def owns(obj: Any) -> bool:
@@ -514,6 +544,14 @@ class TorchSession(Session):
         #: floating outputs fn returns: decided by the first analytic() call.
         self._keep: list[int] | None = None
         self._n_outputs = 0
+        #: fn's topk routing decisions at the point, held in every evaluation
+        self._routing_record = RoutingRecord()
+        #: ops that drew random numbers, and .detach() calls on tensors that
+        #: require grad, in the first call of fn ("op in caller (module)" ->
+        #: count); None until that call (see CallWatch)
+        self._random_ops: dict[str, int] | None = None
+        self._detaches: dict[str, int] = {}
+        self._last_cotangents: list[np.ndarray] | None = None
 
     def _note_tf32(self, specs: list[TensorSpec]) -> None:
         """Say so when float32 tensors live on a GPU where TF32 is in play: the
@@ -570,6 +608,47 @@ class TorchSession(Session):
         for m, name, b in buffers:
             m._buffers[name] = b
 
+    def finish(self, report: Any, started: float) -> Any:
+        note = self._routing_record.note()
+        if note is not None:
+            self.notes = [n for n in self.notes if not n.startswith("routing: ")]
+            self.notes.append(note)
+        if report.status == "nondeterministic" and self._random_ops:
+            ops = list(self._random_ops)
+            report.notes.insert(
+                0,
+                "fn draws from torch's random number generator in every call: "
+                + "; ".join(ops[:4])
+                + (f" and {len(ops) - 4} more" if len(ops) > 4 else "")
+                + ": each evaluation sees other random numbers, so the function "
+                "gradcheck differentiates is not one function. Pass the random "
+                "tensors in (or seed a torch.Generator inside fn), or switch the "
+                "random op off for the check.",
+            )
+        if report.status == "mismatch" and self._detaches and _cut(report):
+            cuts = list(self._detaches)
+            report.notes.append(
+                "fn detaches tensors that require grad: "
+                + "; ".join(cuts[:4])
+                + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
+                + ": the gradient stops there while the values flow on, so a loss "
+                "reaches less than the architecture's wiring says; if by design "
+                "(a predictor trained on a stopped input), the finding is that "
+                "detach, not a bug in the backward."
+            )
+        return super().finish(report, started)
+
+    def _watch_first_call(self) -> Any:
+        """On the first call of fn at the point: which ops draw random numbers
+        (see RandomOpWatch); nothing on later calls."""
+        if self._random_ops is not None:
+            return contextlib.nullcontext()
+        from gradcheck.backends._torch_kinks import CallWatch, module_names
+
+        watch = CallWatch(module_names(self.modules))
+        self._random_ops, self._detaches = watch.random_ops, watch.detaches
+        return watch
+
     def restore(self) -> None:
         self._graph = None
         self._clear_autocast_cache()
@@ -622,12 +701,24 @@ class TorchSession(Session):
         return rtol if rtol is not None else rho
 
     # ------------------------------------------------------------------ calls
-    def _call(self, inputs: list[Any], where: str) -> list[tuple[str, torch.Tensor]]:
+    def _routing(self, at_point: bool) -> Any:
+        """The mode that holds fn's topk routing decisions at the point's (see
+        _torch_routing): it records during the first call at the point and
+        replays in every later one; nothing once fn is known to make none."""
+        record = self._routing_record
+        if not record.active or (record.indices is None and not at_point):
+            return contextlib.nullcontext()
+        return record.mode()
+
+    def _call(
+        self, inputs: list[Any], where: str, *, at_point: bool = False
+    ) -> list[tuple[str, torch.Tensor]]:
         """fn's floating outputs, flattened: those compared (see _choose_outputs),
         complex ones as their real and imaginary parts (_real_view). An exception
         from fn becomes a FunctionRaisedError saying ``where`` it happened."""
         try:
-            raw = self.fn(*inputs)
+            with self._routing(at_point):
+                raw = self.fn(*inputs)
         except GradcheckError:
             raise
         except Exception as exc:
@@ -690,8 +781,12 @@ class TorchSession(Session):
             from gradcheck.backends._torch_kinks import LowPrecisionWatch, module_names
 
             watch = LowPrecisionWatch(torch.float64, module_names(self.modules))
-        with torch.enable_grad(), watch or contextlib.nullcontext():
-            outs = self._call(inputs, where)
+        with (
+            torch.enable_grad(),
+            watch or contextlib.nullcontext(),
+            self._watch_first_call(),
+        ):
+            outs = self._call(inputs, where, at_point=True)
         if watch is not None and watch.lowest is not None:
             self.internal_dtype = canonical_dtype(watch.lowest)
             places = sorted(watch.places, key=lambda w: -watch.places[w])
@@ -699,9 +794,9 @@ class TorchSession(Session):
                 f"this model computes in {self.internal_dtype} internally ("
                 + ", ".join(places[:4])
                 + (f" and {len(places) - 4} more" if len(places) > 4 else "")
-                + f"): its float64 gradient carries {self.internal_dtype} rounding, so "
-                f"it is judged at {self.internal_dtype} precision; the reference "
-                "evaluations run those casts in float64."
+                + f"): judged at {self.internal_dtype} precision (its float64 gradient "
+                f"carries {self.internal_dtype} rounding); the reference evaluations "
+                "run those casts in float64."
             )
         if self._keep is None:
             self._n_outputs = len(outs)
@@ -713,10 +808,90 @@ class TorchSession(Session):
         self._graph = ([o for _, o in outs], sources)
         return [_to_numpy(o) for _, o in outs]
 
+    def check_finite_grads(
+        self, grads: Sequence[np.ndarray | None], what: str = "gradient"
+    ) -> None:
+        """A NaN/Inf gradient of a finite function is a wrong gradient: raised as
+        :class:`NonFiniteGradientError` naming the tensor, its first non-finite
+        element and, from one more forward and backward at the point, the op
+        (and module) whose backward turned a finite gradient non-finite."""
+        bad = [
+            (spec, g)
+            for spec, g in zip(self.specs, grads, strict=True)
+            if g is not None and not np.isfinite(g).all()
+        ]
+        if not bad:
+            return
+        spec, g = bad[0]
+        flags = ~np.isfinite(g)
+        first = np.unravel_index(int(np.flatnonzero(flags)[0]), g.shape)
+        index = tuple(int(i) for i in first)
+        kinds = "/".join(sorted({"NaN" if np.isnan(v) else "Inf" for v in g[flags]}))
+        origin = self._nonfinite_origin()
+        others = [s.name for s, _ in bad[1:]]
+        text = (
+            f"torch's {what} for '{spec.name}' has {int(flags.sum())} {kinds} elements "
+            f"of {g.size} (the first at {list(index)}) while the function is finite "
+            "there: a wrong gradient at any tolerance."
+            + (
+                f" The first non-finite gradient comes from the backward of {origin}: "
+                "it received a finite gradient and passed on NaN/Inf (a softmax over "
+                "a row that is all -inf, e.g. a mask of finfo.min added in float32, "
+                "gives probabilities whose backward multiplies 0 by NaN; sqrt/norm "
+                "at 0, a division by 0 in a custom backward)."
+                if origin
+                else " The backward pass overflows or divides by zero (a custom "
+                "backward, sqrt/norm at 0, a softmax over an all -inf row?)."
+            )
+            + (
+                f" Also non-finite: {', '.join(repr(o) for o in others[:4])}"
+                + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+                + "."
+                if others
+                else ""
+            )
+        )
+        raise NonFiniteGradientError(text, spec.name, index, origin)
+
+    def _nonfinite_origin(self) -> str | None:
+        """The op whose backward first turns a finite gradient non-finite, from
+        one forward (under NanOrigin) and backward at the point with the last
+        cotangents; None when that cannot be found."""
+        from gradcheck.backends._torch_kinks import NanOrigin, module_names
+
+        cot = self._last_cotangents
+        if cot is None:
+            return None
+        watch = NanOrigin(module_names(self.modules))
+
+        def then(outs, sources):
+            pairs = [
+                (o, torch.as_tensor(v, dtype=o.dtype, device=o.device))
+                for (_, o), v in zip(outs, cot, strict=True)
+                if o.requires_grad
+            ]
+            if pairs:
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    sources,
+                    [v for _, v in pairs],
+                    allow_unused=True,
+                )
+
+        try:
+            with watch:
+                self._evaluate([None] * len(self.diff), 0.0, False, then)
+        except Exception:
+            return None
+        finally:
+            watch.remove()
+        return watch.origin
+
     def vjp(
         self, cotangents: Sequence[np.ndarray], retain: bool = False
     ) -> list[np.ndarray | None]:
         assert self._graph is not None, "analytic() first"
+        self._last_cotangents = list(cotangents)
         outs, sources = self._graph
         grad_outputs = [
             torch.as_tensor(v, dtype=o.dtype, device=o.device)
@@ -757,7 +932,7 @@ class TorchSession(Session):
         inputs = self._diff_inputs_native()
         self._clear_autocast_cache()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self._watch_first_call(), self._routing(True):
                 raw = fn(*inputs)
         except GradcheckError:
             raise
@@ -804,6 +979,40 @@ class TorchSession(Session):
 
     # ------------------------------------------------------------------ diagnosis
     def known_causes(self, location: Any) -> list[str]:
+        """:meth:`_known_causes`, then the custom ``autograd.Function``s in fn's
+        graph: their hand-written backward is the first suspect of a mismatch
+        (transformers' YosoCumulation, whose backward is not its forward's
+        derivative)."""
+        self._nodes: list[Any] = []
+        notes = self._known_causes(location)
+        if location is None or location.tensor not in [s.name for s in self.specs]:
+            return notes
+        custom = {}
+        for node in self._nodes:
+            cls = getattr(node, "_forward_cls", None)
+            module = getattr(cls, "__module__", "") or ""
+            if cls is None or module.startswith("torch."):
+                continue
+            custom[f"{cls.__qualname__} ({module})"] = None
+        if custom:
+            names = list(custom)
+            notes.append(
+                "fn's graph holds "
+                + (
+                    "a custom autograd.Function with a hand-written backward: "
+                    if len(names) == 1
+                    else f"{len(names)} custom autograd.Functions with hand-written "
+                    "backwards: "
+                )
+                + ", ".join(names[:4])
+                + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                + "; a backward that is not the derivative of its forward is the "
+                "first suspect: check the Function alone (gradcheck.check_gradients("
+                "lambda *a: F.apply(*a), inputs) on float64 inputs)."
+            )
+        return notes
+
+    def _known_causes(self, location: Any) -> list[str]:
         """Deliberate gradient changes that explain a mismatch at ``location``.
 
         Looks at the graph of one more forward pass at the user's point (nodes
@@ -830,6 +1039,7 @@ class TorchSession(Session):
             nodes = self._graph_nodes()
         except Exception:  # fn raised this time: judge from the modules alone
             nodes = []
+        self._nodes = nodes
         row = location.index[0] if location.index else None
         for node in nodes:
             if node.name() != "EmbeddingBackward0":
@@ -1178,11 +1388,12 @@ class TorchSession(Session):
                         else:
                             ref.data = value
                             sources.append(ref)
+                at_point = t == 0.0 or all(d is None for d in handle)
                 if promote:
                     with _PromoteToFloat64():
-                        outs = self._call(inputs, where)
+                        outs = self._call(inputs, where, at_point=at_point)
                 else:
-                    outs = self._call(inputs, where)
+                    outs = self._call(inputs, where, at_point=at_point)
                 if then is not None:
                     return then(outs, sources)
                 return [(n, o.detach()) for n, o in outs] if grad else outs
