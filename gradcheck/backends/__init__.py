@@ -10,7 +10,13 @@ from typing import Any
 from gradcheck.backends.base import Session, TensorSpec
 from gradcheck.errors import MixedFrameworksError, UnsupportedInputError
 
-__all__ = ["Session", "TensorSpec", "detect_framework", "open_session"]
+__all__ = [
+    "Session",
+    "TensorSpec",
+    "detect_framework",
+    "device_driver",
+    "open_session",
+]
 
 
 def _leaves(obj: Any) -> Iterable[Any]:
@@ -99,3 +105,22 @@ def _keras_torch_params(params: Any) -> dict[str, Any]:
         else:
             out[f"params[{len(out)}]"] = leaf
     return out
+
+
+def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
+    """The devices property's driver for ``model``'s framework
+    (:class:`gradcheck.backends.devices_base.Driver`)."""
+    if "torch" in sys.modules:
+        from gradcheck.backends import torch_devices
+
+        if torch_devices.owns(model):
+            return torch_devices.driver(loss_fn, model, batch)
+    if "tensorflow" in sys.modules:
+        from gradcheck.backends import tensorflow_devices
+
+        if tensorflow_devices.owns(model):
+            return tensorflow_devices.driver(loss_fn, model, batch)
+    raise UnsupportedInputError(
+        "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
+        f"{type(model).__name__}."
+    )
