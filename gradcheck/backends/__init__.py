@@ -3,6 +3,7 @@ imports torch or TensorFlow itself until an object of that framework shows up.""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ __all__ = [
     "detect_framework",
     "device_driver",
     "open_session",
+    "step_backend",
 ]
 
 
@@ -124,3 +126,16 @@ def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
         "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
         f"{type(model).__name__}."
     )
+
+
+#: The module that drives a training step in each framework (imported on first use):
+#: torch_step for check_training_step, keras_step for check_keras_training.
+_STEP_BACKENDS = {
+    "torch": "gradcheck.backends.torch_step",
+    "keras": "gradcheck.backends.keras_step",
+}
+
+
+def step_backend(framework: str) -> Any:
+    """The training-step driver module of ``framework`` ("torch" or "keras")."""
+    return importlib.import_module(_STEP_BACKENDS[framework])
