@@ -23,9 +23,15 @@ Hypothesis from the seed. The properties map to the library's checks: ``fd`` ->
 parameter the first output depends on, and nothing else).
 
 A model that cannot be built gives reports with status ``unbuildable`` and the
-framework's reason; a check past ``timeout`` seconds (run in a spawned worker
-process, killed at the deadline) gives ``timeout``; a check that raises a
-:class:`~gradcheck.GradcheckError` gives ``error`` with its message.
+framework's reason; a check past ``timeout`` seconds gives ``timeout``; a check
+that raises (a :class:`~gradcheck.GradcheckError`, or the framework inside the
+model's forward) gives ``error`` with its message, never a traceback.
+
+With ``timeout``, the checks run in one spawned worker process that serves model
+after model (the framework is imported once), is replaced after a timeout, a
+crash or ``WORKER_MODELS`` models, exits with its parent, and runs under an
+address-space limit (``WORKER_MEMORY``): a model that would exhaust memory is an
+``error`` ("out of memory: ..."), not a machine out of memory.
 """
 
 from __future__ import annotations
@@ -277,14 +283,15 @@ def not_run_report(
     return report
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, memory: int | None = None) -> str:
     text = str(exc).strip()
     if isinstance(exc, GradcheckError):
         return text or type(exc).__name__
     first = text.splitlines()[0] if text else ""
     if len(first) > 400:  # transformers lists every model type it knows
         first = first[:400].rsplit(" ", 1)[0] + " ..."
-    return f"{type(exc).__name__}: {first}"
+    reason = f"{type(exc).__name__}: {first}"
+    return _oom_note(reason, memory) if memory else reason
 
 
 # --------------------------------------------------------------------- targets
@@ -430,7 +437,7 @@ class Checker:
         started = time.perf_counter()  # the check's own time, not the build's
         try:
             report = self._run(prop, dtype, label)
-        except GradcheckError as exc:
+        except Exception as exc:  # noqa: BLE001 - the framework's reason, reported
             return _publish(
                 not_run_report(
                     "error",
@@ -769,10 +776,10 @@ def check_model(
     :class:`ModelReports`: one :class:`~gradcheck.CheckReport` per property x
     dtype, labelled ``"<spec> <property> <dtype>"``, with ``cost["seconds"]`` and
     ``cost["parameters"]``. A model that cannot be built gives ``unbuildable``
-    reports with the framework's reason. ``timeout`` (seconds): each check runs in
-    a spawned worker process and past the limit is ``timeout``; a model object
-    must then be picklable. A bad spec or override is an InvalidArgumentError.
-    The model object's parameters, buffers and train/eval flags are unchanged.
+    reports with the framework's reason. ``timeout`` (seconds): the checks run in
+    the worker process (one for many models, see above) and past the limit are
+    ``timeout``; a model object must then be picklable. A bad spec or override
+    is an InvalidArgumentError. The model object's parameters, buffers and train/eval flags are unchanged.
     ``repro_dir``: each failing check writes a repro bundle there (spec, weights,
     inputs, seed, dtype, versions; :mod:`gradcheck.repro`), named by the report's
     ``repro_bundle``; ``gradcheck replay`` reruns it."""
@@ -823,24 +830,140 @@ def check_model(
 
 
 # --------------------------------------------------------------------- timeouts
-def _worker(conn: Any, payload: bytes) -> None:
-    """Spawned: build once, run the jobs in order, send each report."""
-    target, inputs, jobs, seed, max_parameters = pickle.loads(payload)
-    _import_framework(target)  # start-up, before the clock: not the check's time
-    conn.send(("ready",))
-    checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
-    try:
-        checker.build()
-        conn.send(("built", checker.parameters, checker.framework))
-    except UnbuildableError:
-        conn.send(("built", 0, "unknown"))  # each job reports unbuildable
-    except BaseException as exc:  # InvalidArgumentError: the parent re-raises
-        conn.send(("raise", exc))
+#: a worker process's address-space limit in bytes (``resource.RLIMIT_AS``, where
+#: the platform has it): an allocation past it fails inside the check, which then
+#: reports ``error`` ("out of memory"), instead of the machine running out of memory
+WORKER_MEMORY = 8 * 2**30
+#: a worker serves models until it has served this many, or its resident memory
+#: after a model is above WORKER_RECYCLE_RSS; then a fresh one is started
+WORKER_MODELS = 200
+WORKER_RECYCLE_RSS = 3 * 2**30
+#: how long a worker may take to start (import its framework) before its clock
+STARTUP_SECONDS = 300.0
+_OOM_NEEDLES = ("can't allocate memory", "std::bad_alloc", "Cannot allocate memory")
+
+
+def _worker(conn: Any, memory: int | None) -> None:
+    """Spawned once, serves many models (the framework is imported once): for each
+    request, build once, run the jobs in order, send each report. Never raises:
+    whatever a model throws is an ``error`` report with the reason."""
+    _limit_memory(memory)
+    _quiet_frameworks()
+    _exit_with_parent()
+    while True:
+        try:
+            payload = conn.recv()
+        except (EOFError, OSError):
+            return
+        if payload is None:
+            return
+        target, inputs, jobs, seed, max_parameters = pickle.loads(payload)
+        _import_framework(target)  # start-up, before the clock: not the check's time
+        _quiet_frameworks()
+        conn.send(("ready",))
+        checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
+        try:
+            checker.build()
+            conn.send(("built", checker.parameters, checker.framework))
+        except UnbuildableError:
+            conn.send(("built", 0, "unknown"))  # each job reports unbuildable
+        except InvalidArgumentError as exc:  # a bad override: the parent re-raises
+            conn.send(("raise", exc))
+            continue
+        except BaseException as exc:  # noqa: BLE001 - reported, never a traceback
+            checker._failure = _reason(exc, memory)
+            conn.send(("built", 0, "unknown"))
+        for i, (prop, dtype) in jobs:
+            conn.send(("start", i))
+            try:
+                report = checker.run(prop, dtype)
+            except BaseException as exc:  # noqa: BLE001
+                report = _publish(
+                    not_run_report(
+                        "error",
+                        checker.name,
+                        prop,
+                        dtype,
+                        _reason(exc, memory),
+                        seed=seed,
+                        framework=checker.framework,
+                        parameters=checker.parameters,
+                    )
+                )
+            else:
+                if report.status in ("error", "unbuildable") and memory:
+                    report.notes[0] = _oom_note(report.notes[0], memory)
+            conn.send(("report", i, report))
+        del checker
+        import gc
+
+        gc.collect()
+        conn.send(("done", _rss()))
+
+
+def _exit_with_parent() -> None:
+    """A worker whose parent died (killed, Ctrl-C) exits within a second instead
+    of finishing its model on a shared machine."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="gradcheck-parent").start()
+
+
+def _limit_memory(memory: int | None) -> None:
+    if not memory:
         return
-    for i, (prop, dtype) in jobs:
-        conn.send(("start", i))
-        conn.send(("report", i, checker.run(prop, dtype)))
-    conn.send(("done",))
+    with contextlib.suppress(Exception):  # no resource module, or not allowed
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            memory = min(memory, hard)
+        if soft == resource.RLIM_INFINITY or soft > memory:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, hard))
+
+
+def _oom_note(reason: str, memory: int | None) -> str:
+    if not memory:
+        return reason
+    if any(n in reason for n in _OOM_NEEDLES) or reason.startswith("MemoryError"):
+        return (
+            f"out of memory: the check needed more than the worker's "
+            f"{memory / 2**30:g} GiB address-space limit ({reason})"
+        )
+    return reason
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except Exception:  # not Linux
+        return 0
+
+
+def _quiet_frameworks() -> None:
+    """The worker's stderr is the user's terminal: transformers' advice and Python
+    warnings about the shrunk configs are not theirs to read."""
+    import sys
+    import warnings
+
+    warnings.simplefilter("ignore")
+    if "transformers" in sys.modules:
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
 
 
 def _import_framework(target: Any) -> None:
@@ -856,8 +979,39 @@ def _import_framework(target: Any) -> None:
             importlib.import_module(target.name.partition(":")[0])
 
 
-#: how long a worker may take to start (import its framework) before its clock
-STARTUP_SECONDS = 300.0
+#: the worker process serving models: {"proc", "conn", "served"}
+_WORKER: dict[str, Any] = {}
+
+
+def _get_worker() -> tuple[Any, Any]:
+    proc = _WORKER.get("proc")
+    if proc is not None and proc.is_alive() and _WORKER["served"] < WORKER_MODELS:
+        return proc, _WORKER["conn"]
+    retire_worker()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=_worker, args=(child, WORKER_MEMORY), daemon=True)
+    proc.start()
+    child.close()
+    _WORKER.update(proc=proc, conn=parent, served=0)
+    return proc, parent
+
+
+def retire_worker(kill: bool = False) -> None:
+    """Stop the worker process (politely, unless ``kill``); the next check with a
+    timeout starts a fresh one."""
+    proc, conn = _WORKER.pop("proc", None), _WORKER.pop("conn", None)
+    _WORKER.pop("served", None)
+    if conn is not None:
+        if not kill:
+            with contextlib.suppress(Exception):
+                conn.send(None)
+        with contextlib.suppress(Exception):
+            conn.close()
+    if proc is not None:
+        if not kill:
+            proc.join(5)
+        _stop(proc)
 
 
 def _run_with_timeout(
@@ -871,7 +1025,6 @@ def _run_with_timeout(
     name = target.text if isinstance(target, Spec) else _object_name(target)
     results: dict[int, CheckReport] = {}
     pending = list(enumerate(jobs))
-    ctx = multiprocessing.get_context("spawn")
     parameters, framework = 0, "unknown"
     while pending:
         try:
@@ -883,19 +1036,18 @@ def _run_with_timeout(
                 "spec such as 'package.module:callable' that builds it, or "
                 "timeout=None."
             ) from exc
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(child, payload), daemon=True)
-        proc.start()
-        child.close()
-        current: int | None = None
-        ready = False
-        deadline = time.monotonic() + STARTUP_SECONDS
-        started = time.perf_counter()
+        proc, conn = _get_worker()
+        _WORKER["served"] += 1
+        healthy = False
         try:
+            conn.send(payload)
+            current: int | None = None
+            ready = False
+            deadline = time.monotonic() + STARTUP_SECONDS
+            started = time.perf_counter()
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not parent.poll(left):
-                    _stop(proc)
+                if left <= 0 or not conn.poll(left):
                     i = current if current is not None else pending[0][0]
                     prop, dtype = jobs[i]
                     what = "the check" if current is not None else "building the model"
@@ -920,9 +1072,9 @@ def _run_with_timeout(
                     pending = [(j, job) for j, job in pending if j != i]
                     break
                 try:
-                    msg = parent.recv()
-                except EOFError:
-                    _stop(proc)
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    proc.join(5)
                     i = current if current is not None else pending[0][0]
                     prop, dtype = jobs[i]
                     results[i] = _publish(
@@ -931,8 +1083,7 @@ def _run_with_timeout(
                             name,
                             prop,
                             dtype,
-                            f"the worker process died (exit code {proc.exitcode}): "
-                            "out of memory, or a crash in the framework.",
+                            _died(proc.exitcode),
                             seed=seed,
                             framework=framework,
                             parameters=parameters,
@@ -941,7 +1092,7 @@ def _run_with_timeout(
                     pending = [(j, job) for j, job in pending if j != i]
                     break
                 if msg[0] == "raise":
-                    _stop(proc)
+                    healthy = True
                     raise msg[1]
                 if msg[0] == "ready":  # building gets timeout seconds
                     ready = True
@@ -958,12 +1109,26 @@ def _run_with_timeout(
                     pending = [(j, job) for j, job in pending if j != msg[1]]
                     current = None
                 elif msg[0] == "done":
-                    proc.join(5)
+                    healthy = msg[1] <= WORKER_RECYCLE_RSS
                     break
         finally:
-            parent.close()
-            _stop(proc)
+            if not healthy:  # killed at a deadline, died, or too big to keep
+                retire_worker(kill=True)
     return [results[i] for i in range(len(jobs))]
+
+
+def _died(exitcode: int | None) -> str:
+    import signal
+
+    how = f"exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            how = f"killed by {signal.Signals(-exitcode).name}"
+    return (
+        f"the worker process died ({how}) during the check: a crash in the "
+        "framework, or killed from outside (the system's out-of-memory killer); "
+        f"the worker's own memory limit is {WORKER_MEMORY / 2**30:g} GiB."
+    )
 
 
 def _stop(proc: Any) -> None:

@@ -105,6 +105,40 @@ def not_a_model():
     return "a string"
 
 
+class Float64Fails(torch.nn.Module):
+    """A framework exception in forward, in float64 only (as torch's grouped_mm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        if x.dtype == torch.float64:
+            raise RuntimeError("Expected mat_a to be Float32, got Double")
+        return self.lin(x)
+
+
+def float64_fails():
+    return Float64Fails(), torch.ones(2, 3)
+
+
+class Greedy(torch.nn.Module):
+    """Asks for 12 GiB in forward (torch.empty: no page is touched unless the
+    allocation succeeds, so without a limit this costs no memory either)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        torch.empty(3 * 2**30, dtype=torch.float32)
+        return self.lin(x)
+
+
+def greedy_model():
+    return Greedy(), torch.ones(2, 3)
+
+
 # ---------------------------------------------------------------- library
 @pytest.mark.parametrize("spec", ["hf:bert", "hf:vit"])
 def test_hf_models_pass_fd_in_float32_and_float64(spec):
@@ -261,6 +295,148 @@ def test_timeout_stops_a_check_and_reports_it():
     (report,) = models.check_model(f"{HERE}:slow_model", properties="fd", timeout=3)
     assert report.status == "timeout"
     assert "took more than 3 s" in report.notes[0]
+
+
+def test_a_framework_exception_is_an_error_report_not_a_traceback(capfd):
+    for timeout in (None, 60):
+        reports = models.check_model(
+            f"{HERE}:float64_fails", dtype="float32,float64", timeout=timeout
+        )
+        statuses = [r.status for r in reports]
+        assert statuses == ["passed"] * 3 + ["error"] * 3, statuses
+        assert reports[3].notes[0] == (
+            "RuntimeError: Expected mat_a to be Float32, got Double"
+        )
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_one_worker_serves_many_models_and_is_replaced_after_a_timeout():
+    models.retire_worker()
+    (first,) = models.check_model(f"{HERE}:correct_mlp", properties="fd", timeout=60)
+    pid = models._WORKER["proc"].pid
+    # refused on the meta count in the worker: unbuildable, not "out of memory"
+    (big,) = models.check_model(
+        "hf:bert", properties="fd", timeout=60, max_parameters=10_000
+    )
+    assert big.status == "unbuildable" and "over the limit of 10,000" in big.notes[0]
+    assert "memory" not in big.notes[0].split("checking it")[0]
+    assert models._WORKER["proc"].pid == pid  # no new process, no new import
+    (slow,) = models.check_model(f"{HERE}:slow_model", properties="fd", timeout=0.5)
+    assert slow.status == "timeout"
+    assert "proc" not in models._WORKER  # killed with the check
+    (after,) = models.check_model(f"{HERE}:correct_mlp", properties="fd", timeout=60)
+    assert after.status == first.status == "passed"
+    assert models._WORKER["proc"].pid != pid
+    assert after.error == first.error  # a fresh or a reused worker: one verdict
+
+
+def test_worker_exits_when_its_parent_dies(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import threading, time\n"
+        "from gradcheck import models\n"
+        "def show():\n"
+        "    while 'proc' not in models._WORKER:\n"
+        "        time.sleep(0.1)\n"
+        "    print(models._WORKER['proc'].pid, flush=True)\n"
+        "threading.Thread(target=show, daemon=True).start()\n"
+        f"models.check_model('{HERE}:slow_model', properties='fd', timeout=600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+    )
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{worker}/status").read_text()
+        except FileNotFoundError:
+            break
+        if "\nState:\tZ" in state:  # exited, not yet reaped by pid 1
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the orphaned worker kept running")
+
+
+def test_worker_memory_limit_makes_an_allocation_a_reported_error(monkeypatch):
+    models.retire_worker()
+    monkeypatch.setattr(models, "WORKER_MEMORY", 4 * 2**30)
+    try:
+        (report,) = models.check_model(
+            f"{HERE}:greedy_model", properties="fd", timeout=60
+        )
+    finally:
+        models.retire_worker()
+    assert report.status == "error", report.notes
+    assert report.notes[0].startswith("out of memory: ")
+    assert "4 GiB address-space limit" in report.notes[0]
+
+
+def test_a_model_transformers_cannot_build_says_so():
+    (report,) = models.check_model("hf:evolla", properties="fd")
+    assert report.status == "unbuildable"
+    assert (
+        "from its default config either (not gradcheck's shrink)" in (report.notes[0])
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, limit",
+    [
+        ("luke", 1_000_000),  # entity vocabulary of 500,000
+        ("blt", 1_000_000),  # hash-embedding vocabulary of 3,000,012
+        ("falcon", 200_000),  # ffn_hidden_size
+        ("deepseek_v32", 1_000_000),  # the indexer's heads, LoRA ranks
+        ("glm4v", 1_000_000),  # the vision merger's out_hidden_size
+        ("efficientnet", 1_000_000),  # width / depth coefficients
+        ("mobilenet_v1", 1_000_000),  # depth multiplier
+        ("levit", 1_000_000),  # strict int fields (drop_path_rate stays an int)
+        ("prophetnet", 1_000_000),  # a num_hidden_layers setter that refuses
+        ("reformer", 1_000_000),  # axial position parts add up to the width
+        ("squeezebert", 1_000_000),  # embedding_size follows hidden_size
+        ("bit", 1_000_000),  # group-norm groups divide the shrunk widths
+    ],
+)
+def test_shrink_brings_wide_configs_small(model_type, limit):
+    from gradcheck.backends import _hf
+
+    cfg = _hf.shrink_config(_hf.load_config(model_type))
+    n = _hf.count_parameters_meta(cfg)
+    assert n is not None and n < limit, n
+
+
+def test_audio_inputs_follow_the_shrink_and_the_model_s_layout():
+    whisper = models.Checker("hf:whisper")
+    whisper.build()
+    model, inputs = whisper._built
+    assert model.config.max_source_positions == 32
+    assert tuple(inputs["input_features"].shape) == (2, 80, 64)  # not 3,000 frames
+    s2t = models.Checker("hf:speech_to_text")  # (batch, frames, features)
+    s2t.build()
+    model, inputs = s2t._built
+    assert tuple(inputs["input_features"].shape) == (2, 64, 80)
+
+
+def test_shrink_keeps_one_layer_of_each_kind_and_per_layer_overrides():
+    from gradcheck.backends import _hf
+
+    cfg = _hf.shrink_config(_hf.load_config("gemma4_text"))  # heterogeneous
+    assert cfg.num_hidden_layers == 2
+    assert cfg.layer_types == ["sliding_attention", "full_attention"]
+    assert _hf.count_parameters_meta(cfg) < 2_000_000
+    plain = _hf.shrink_config(_hf.load_config("gemma4_text"), each_kind=False)
+    assert plain.layer_types == ["sliding_attention"] * 2
+    llama = _hf.shrink_config(_hf.load_config("llama"))
+    assert llama.num_hidden_layers == 2
 
 
 # ---------------------------------------------------------------- CLI
@@ -433,5 +609,7 @@ def test_hf_star_expands_to_model_types_taking_ids_pixels_or_audio():
     specs = models.expand_specs(["hf:*"])
     names = {s.name for s in specs}
     assert {"bert", "llama", "t5", "vit", "wav2vec2", "whisper", "clip"} <= names
+    # main input another kind (time series, video): not ids, pixels or audio
+    assert not {"patchtst", "informer", "vjepa2", "perceiver"} & names
     assert all(s.kind == "hf" and s.text == f"hf:{s.name}" for s in specs)
     assert len(names) == len(specs) > 200

@@ -23,6 +23,7 @@ FFN = 64
 VOCAB = 1024
 IMAGE = 64
 EXPERTS = 4
+SOURCE_POSITIONS = 32
 TOP_K = 2
 
 _LAYER_KEYS = (
@@ -96,20 +97,31 @@ def load_config(model_type: str) -> Any:
     return AutoConfig.for_model(model_type)
 
 
-def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
+def shrink_config(
+    cfg: Any, _seen: set[int] | None = None, *, each_kind: bool = True
+) -> Any:
     """Shrink ``cfg`` in place (and every nested config): layers, width, heads,
-    vocabulary, image size, experts; every dropout 0; no cache. Returns it."""
+    vocabulary, image size, experts; every dropout 0; no cache. Returns it.
+
+    Per-layer lists keep one layer of each kind (``layer_types`` with sliding and
+    full attention keeps one of each; ``each_kind=False``: the first layers);
+    per-layer overrides of a heterogeneous config (transformers'
+    ``per_layer_config``) follow the layers kept."""
     seen = _seen if _seen is not None else set()
     if id(cfg) in seen:
         return cfg
     seen.add(id(cfg))
+    # a heterogeneous config refuses to read per-layer attributes globally: take
+    # its per-layer overrides off while shrinking, put the kept layers' back after
+    hetero = cfg.__dict__.pop("_heterogeneity_spec", None)
     attrs = dict(vars(cfg))
     for key, value in attrs.items():
         if _is_config(value):
-            shrink_config(value, seen)
+            shrink_config(value, seen, each_kind=each_kind)
         elif isinstance(value, Mapping) and key.endswith("_config"):
             continue  # a dict config is rebuilt by its parent; leave it
     old_layers: set[int] = set()
+    kept = _kept_layers(cfg) if each_kind else list(range(LAYERS))
 
     def cap(keys: tuple[str, ...], limit: int) -> None:
         for key in keys:
@@ -119,7 +131,7 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
                     old_layers.add(value)
                 _set(cfg, key, limit)
 
-    cap(_LAYER_KEYS, LAYERS)
+    cap(_LAYER_KEYS, max(LAYERS, len(kept)))
     for key in _HIDDEN_KEYS:
         if _int(getattr(cfg, key, None)) and getattr(cfg, key) > HIDDEN:
             _set(cfg, key, HIDDEN)
@@ -131,12 +143,16 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
     cap_list(cfg, _STAGE_DEPTH_KEYS, 1)
     cap(_FFN_KEYS, FFN)
     cap(("vocab_size",), VOCAB)
+    # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
+    # 64 frames, not 3,000 (the input follows it, see infer_inputs)
+    cap(("max_source_positions",), SOURCE_POSITIONS)
     cap(_EXPERT_KEYS, EXPERTS)
     experts = min(
         [getattr(cfg, k) for k in _EXPERT_KEYS if _int(getattr(cfg, k, None))]
         or [EXPERTS]
     )
     cap(_TOPK_KEYS, min(TOP_K, experts))
+    _cap_by_name(cfg)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
     if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
@@ -147,12 +163,15 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
     elif isinstance(size, (list, tuple)) and all(_int(s) for s in size):
         _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
     _fit_window(cfg)
+    _fit_axial(cfg)
+    layers = next(iter(old_layers), None)
+    chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     for key, value in list(vars(cfg).items()):
         lowered = key.lower()
         if (
             "dropout" in lowered or "drop_path" in lowered or "layerdrop" in lowered
-        ) and (isinstance(value, float) or (_int(value) and value == 0)):
-            _set(cfg, key, 0.0)
+        ) and (isinstance(value, float)):
+            _set(cfg, key, 0.0)  # an int 0 stays an int (strict dataclass configs)
         elif (
             lowered.endswith("_prob") and "drop" in lowered and isinstance(value, float)
         ):
@@ -163,7 +182,7 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
             and len(value) in old_layers
             and key not in ("architectures",)
         ):
-            _set(cfg, key, value[:LAYERS])  # per-layer lists: layer_types, ...
+            _set(cfg, key, [value[i] for i in chosen])  # per-layer: layer_types, ...
     vocab = getattr(cfg, "vocab_size", None)
     if _int(vocab):
         for key, value in list(vars(cfg).items()):
@@ -171,7 +190,151 @@ def shrink_config(cfg: Any, _seen: set[int] | None = None) -> Any:
                 _set(cfg, key, value % vocab)
     if hasattr(cfg, "use_cache"):
         _set(cfg, "use_cache", False)
+    if hetero is not None:
+        _put_back_per_layer(cfg, hetero, chosen if old_layers else None)
     return cfg
+
+
+def _kept_layers(cfg: Any) -> list[int]:
+    """Which of the layers to keep: the first LAYERS, but one of each kind where
+    ``layer_types`` names more (at most 4 kinds)."""
+    types = vars(cfg).get("layer_types")
+    if not isinstance(types, list) or not types:
+        return list(range(LAYERS))
+    first: dict[Any, int] = {}
+    for i, kind in enumerate(types):
+        if isinstance(kind, str):
+            first.setdefault(kind, i)
+    picked = sorted(first.values())[:4]
+    for i in range(len(types)):
+        if len(picked) >= LAYERS:
+            break
+        if i not in picked:
+            picked.append(i)
+    return sorted(picked)
+
+
+def _put_back_per_layer(cfg: Any, hetero: Any, chosen: list[int] | None) -> None:
+    overrides = getattr(hetero, "per_layer_overrides", None)
+    if not isinstance(overrides, Mapping):
+        cfg.__dict__["_heterogeneity_spec"] = hetero
+        return
+    if chosen is None:
+        chosen = sorted(overrides)
+    kept = {}
+    for new, old in enumerate(chosen):
+        layer = dict(overrides.get(old, {}))
+        for key, value in list(layer.items()):
+            current = vars(cfg).get(key)
+            if _int(value) and _int(current) and value > current:
+                layer[key] = current  # shrunk like the global value
+        layer = {k: v for k, v in layer.items() if vars(cfg).get(k, object()) != v}
+        if layer:
+            kept[new] = layer
+    if not kept:
+        return
+    from transformers.integrations.heterogeneity.configuration_utils import (
+        _apply_heterogeneous_config,
+    )
+
+    _apply_heterogeneous_config(cfg, kept)
+
+
+#: integer attributes capped by their name (after the named keys above): widths
+#: to HIDDEN, inner widths to FFN, vocabularies (entity, hash, shape tables) to
+#: VOCAB, group counts to 2, channel seeds that double per stage to 8
+_WIDTH_WORDS = (
+    "hidden",
+    "embed",
+    "proj",
+    "d_model",
+    "channels",
+    "width",
+    "lora_rank",
+    "adapter",
+)
+_WIDTH_SUFFIXES = ("_dim", "_size", "_dims", "channels")
+_INNER_WORDS = ("intermediate", "ffn", "inner", "mlp")
+_NOT_WIDTH = (
+    "position",
+    "vocab",
+    "token",
+    "_id",
+    "max_",
+    "seq",
+    "length",
+    "window",
+    "patch",
+    "image",
+    "sampling",
+    "rate",
+    "mel",
+    "frame",
+    "fft",
+    "hop",
+    "batch",
+    "chunk",
+    "stride",
+    "kernel",
+    "bins",
+    "codebook",
+    "bucket",
+    "time",
+    "step",
+    "sample",
+    "resolution",
+    "num_",
+    "layer",
+    "label",
+    "ratio",
+    "period",
+    "scale",
+    "pool",
+    "spatial",
+    "temporal",
+    "crop",
+    "range",
+    "context",
+    "query",
+    "queries",
+)
+
+
+def _cap_by_name(cfg: Any) -> None:
+    for key, value in list(vars(cfg).items()):
+        if not _int(value) or key.startswith("_"):
+            continue
+        low = key.lower()
+        if "vocab" in low and value > VOCAB:
+            _set(cfg, key, VOCAB)
+        elif low.endswith("groups") and value > 2:
+            _set(cfg, key, 2)
+        elif low in ("num_filters", "upsample_initial_channel") and value > 8:
+            _set(cfg, key, 8)
+        elif low.startswith(("index_n_heads", "index_num_heads")) and value > HEADS:
+            _set(cfg, key, HEADS)
+        elif low.endswith("head_dim") and low != "head_dim" and value > 16:
+            _set(cfg, key, 16)  # qk_rope_head_dim, v_head_dim, index_head_dim
+        elif any(w in low for w in _NOT_WIDTH):
+            continue
+        elif any(w in low for w in _INNER_WORDS) and value > FFN:
+            if low.endswith(_WIDTH_SUFFIXES) or low.endswith(("_hidden", "dim")):
+                _set(cfg, key, FFN)
+        elif any(w in low for w in _WIDTH_WORDS) and value > HIDDEN:
+            if low.endswith(_WIDTH_SUFFIXES) or low in ("d_model", "hidden_dim"):
+                _set(cfg, key, HIDDEN)
+    for key in ("width_coefficient", "depth_coefficient", "depth_multiplier"):
+        value = vars(cfg).get(key)
+        if isinstance(value, float) and value > 0.25:
+            _set(cfg, key, 0.25)
+
+
+def _fit_axial(cfg: Any) -> None:
+    """Reformer: the axial position embedding's parts must add up to the width."""
+    dims, hidden = vars(cfg).get("axial_pos_embds_dim"), vars(cfg).get("hidden_size")
+    if isinstance(dims, (list, tuple)) and len(dims) == 2 and _int(hidden):
+        if sum(dims) != hidden:
+            _set(cfg, "axial_pos_embds_dim", type(dims)((hidden // 2, hidden // 2)))
 
 
 def _fit_window(cfg: Any) -> None:
@@ -206,7 +369,7 @@ def cap_list(cfg: Any, keys: tuple[str, ...], limit: int) -> None:
 def _set(cfg: Any, key: str, value: Any) -> None:
     try:
         setattr(cfg, key, value)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
         pass  # a read-only property: the model derives it
 
 
@@ -292,15 +455,30 @@ def _example(current: Any) -> str:
 def count_parameters_meta(cfg: Any) -> int | None:
     """Parameters of ``AutoModel.from_config(cfg)`` built on the meta device (no
     memory); None when that does not work for this model."""
+    try:
+        return _meta_count(cfg)
+    except Exception:
+        return None
+
+
+def _meta_count(cfg: Any) -> int:
     import torch
     from transformers import AutoModel
 
-    try:
-        with torch.device("meta"):
-            model = AutoModel.from_config(cfg)
-    except Exception:
-        return None
+    with torch.device("meta"):
+        model = AutoModel.from_config(cfg)
     return sum(p.numel() for p in model.parameters())
+
+
+def _unbuildable(text: str) -> Exception:
+    from gradcheck.models import UnbuildableError
+
+    return UnbuildableError(text)
+
+
+def _why(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
 
 
 def _has_experts(cfg: Any, _depth: int = 0) -> bool:
@@ -409,32 +587,84 @@ def build(
     """(model in eval mode, inputs, parameter count). InvalidArgumentError for a bad
     override; any other exception means the model cannot be built (its reason)."""
     import torch
+    import transformers
 
     cfg = load_config(model_type)
     shrink_config(cfg)
     apply_overrides(cfg, overrides, spec)
-    counted = count_parameters_meta(cfg)
+    counted: int | None = None
+    shrunk_failure: Exception | None = None
+    try:  # parameters counted on the meta device, before any memory is taken
+        counted = _meta_count(cfg)
+    except Exception:
+        # one layer of each kind may be one the default config cannot build
+        # (an indexer without its budget): the first layers, as the default has
+        cfg = shrink_config(load_config(model_type), each_kind=False)
+        apply_overrides(cfg, overrides, spec)
+        try:
+            counted = _meta_count(cfg)
+        except Exception as exc:
+            try:
+                _meta_count(load_config(model_type))
+            except Exception as default_exc:
+                raise _unbuildable(
+                    f"transformers {transformers.__version__} cannot build "
+                    f"{model_type} from its default config either (not gradcheck's "
+                    f"shrink): {_why(default_exc)}"
+                ) from default_exc
+            shrunk_failure = exc
     if counted is not None and counted > max_parameters:
-        raise MemoryError(_too_big(spec, counted, max_parameters))
+        raise _unbuildable(_too_big(spec, counted, max_parameters))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(cfg)
+        try:
+            model = build_model(cfg)
+        except Exception as exc:
+            if shrunk_failure is None:
+                raise
+            raise _unbuildable(
+                f"{_why(exc)} (the shrunk config does not build; transformers' "
+                "default config does: the shrink misses an attribute this model "
+                "needs consistent; set it with an override)"
+            ) from exc
     model.eval()
     n = sum(p.numel() for p in model.parameters())
     if n > max_parameters:
-        raise MemoryError(_too_big(spec, n, max_parameters))
-    inputs = infer_inputs(model, seed)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except Exception:
-        more = infer_inputs(model, seed, extra=True)
-        if set(more) == set(inputs):
-            raise
-        with torch.no_grad():
-            model(**more)
-        inputs = more
+        raise _unbuildable(_too_big(spec, n, max_parameters))
+    inputs = _working_inputs(model, seed)
     return model, inputs, n
+
+
+def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
+    """The inputs to try, in order: the main input; every input kind the forward
+    takes (multimodal); audio features as (batch, frames, features) too
+    (Speech2Text) besides Whisper's (batch, features, frames)."""
+    first = infer_inputs(model, seed)
+    out = [first]
+    more = infer_inputs(model, seed, extra=True)
+    if set(more) != set(first):
+        out.append(more)
+    for cand in list(out):
+        feats = cand.get("input_features")
+        if feats is not None and feats.dim() == 3:
+            out.append({**cand, "input_features": feats.transpose(1, 2).contiguous()})
+    return out
+
+
+def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
+    import torch
+
+    failure: Exception | None = None
+    for cand in _candidates(model, seed):
+        try:
+            with torch.no_grad():
+                model(**cand)
+        except Exception as exc:
+            failure = failure or exc  # the first reason: the main input's
+            continue
+        return cand
+    assert failure is not None
+    raise failure
 
 
 def _too_big(spec: str, n: int, limit: int) -> str:
@@ -447,8 +677,10 @@ def _too_big(spec: str, n: int, limit: int) -> str:
 
 def expand_all() -> list[str]:
     """Every model type in transformers' CONFIG_MAPPING that AutoModel knows and
-    whose model takes token ids, pixel values or audio values (read from the model
-    class's ``main_input_name`` and forward signature; nothing is built)."""
+    whose model takes token ids, pixel values or audio values as its main input
+    (the model class's ``main_input_name``; a class without one: its forward
+    signature). Not models whose main input is another kind (time series, video,
+    latents) that merely accept one of these too. Nothing is built."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -465,6 +697,6 @@ def expand_all() -> list[str]:
             sig = inspect.signature(cls.forward).parameters
         except Exception:  # an optional dependency is missing: not buildable here
             continue
-        if main in INPUT_KINDS or any(k in sig for k in INPUT_KINDS):
-            found.append(model_type)
+        if main in INPUT_KINDS or (main is None and any(k in sig for k in INPUT_KINDS)):
+            found.append(model_type)  # not models whose main input is another kind
     return found
