@@ -176,3 +176,57 @@ def test_hf_mixtral_with_a_wrong_expert_backward_is_a_mismatch():
     finally:
         handle.remove()
     assert report.status == "mismatch", report.message()
+
+
+def _hf_mixtral_grouped_mm():
+    """hf:mixtral as a user builds it: transformers' default experts
+    implementation, grouped_mm (torch._grouped_mm), float32."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModel
+
+    from gradcheck.backends import _hf
+
+    cfg = _hf.shrink_config(_hf.load_config("mixtral"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    proj = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    return model, lambda: (model(input_ids=ids).last_hidden_state * proj).sum()
+
+
+def test_grouped_mm_experts_get_a_float64_reference():
+    """torch's CPU grouped_mm refuses float64; the reference evaluations run it
+    as one matmul per expert, so a float32 MoE model still gets its float64
+    reference (it fell back to float32 and was called nondifferentiable)."""
+    model, loss = _hf_mixtral_grouped_mm()
+    report = gradcheck.check_gradients(loss, params=model, seed=0)
+    assert report.passed, report.message()
+    assert report.reference_dtype == "float64"
+
+
+def test_grouped_mm_experts_with_a_wrong_backward_are_a_mismatch():
+    model, loss = _hf_mixtral_grouped_mm()
+    handle = model.layers[1].mlp.experts.register_forward_hook(
+        lambda m, i, o: _Scale.apply(o)
+    )
+    try:
+        report = gradcheck.check_gradients(loss, params=model, seed=0)
+    finally:
+        handle.remove()
+    assert report.status == "mismatch", report.message()
+    assert report.reference_dtype == "float64"
+
+
+def test_grouped_mm_float64_matches_torch_kernel_in_float32():
+    from gradcheck.backends.torch import _grouped_mm_float64
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 16, generator=g)  # the kernel wants 16-byte rows
+    b = torch.randn(3, 16, 8, generator=g)
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32)  # an empty group, a tail
+    want = torch._grouped_mm(a, b, offs=offs)[:6]
+    got = _grouped_mm_float64(a.double(), b.double(), offs)
+    assert torch.allclose(got[:6].float(), want, atol=1e-5)
+    assert torch.equal(got[6:], torch.zeros(2, 8, dtype=torch.float64))

@@ -91,12 +91,61 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
             k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
             for k, v in kwargs.items()
         }
+        if func is _GROUPED_MM and _grouped_in_float64(args, kwargs):
+            return _grouped_mm_float64(*args, **kwargs)
         if func is torch.Tensor.to:
             asked_low = asked_low or any(a in _LOW for a in args[1:])
             args = tuple(torch.float64 if a in _LOW else a for a in args)
             if asked_low:  # x.to(float32) copies a float64 x: so does this
                 kwargs["copy"] = True
         return func(*args, **kwargs)
+
+
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_in_float64(args: tuple, kwargs: dict) -> bool:
+    """A 2-D x 3-D grouped matmul with offsets (the mixture-of-experts layout:
+    tokens sorted by expert, one weight matrix per expert) on float64 operands,
+    which torch's CPU kernel refuses ("Expected mat_a to be Float32, BFloat16 or
+    Float16")."""
+    a = args[0] if args else kwargs.get("mat_a")
+    b = args[1] if len(args) > 1 else kwargs.get("mat_b")
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and isinstance(offs, torch.Tensor)
+        and a.dtype == torch.float64
+        and a.dim() == 2
+        and b.dim() == 3
+    )
+
+
+def _grouped_mm_float64(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    offs: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: Any = None,
+) -> torch.Tensor:
+    """``torch._grouped_mm`` for a reference evaluation in float64: rows
+    offs[i-1]:offs[i] of mat_a times mat_b[i], one differentiable matmul per
+    group; rows past offs[-1] are zeros (the kernel ignores them)."""
+    pieces, start = [], 0
+    for i, end in enumerate(offs.tolist()):
+        if end > start:
+            pieces.append(mat_a[start:end] @ mat_b[i])
+        start = end
+    rest = mat_a.shape[0] - start
+    if rest > 0:
+        pieces.append(mat_a.new_zeros(rest, mat_b.shape[-1]))
+    out = (
+        torch.cat(pieces)
+        if pieces
+        else mat_a.new_zeros(mat_a.shape[0], mat_b.shape[-1])
+    )
+    return out if bias is None else out + bias
 
 
 def _up(x: Any) -> Any:
@@ -233,12 +282,10 @@ def _fn_raised(
 
 
 def _cut(report: Any) -> bool:
-    """Whether a failed report is about a path cut or a weight lost: a
-    locality/linearity violation, or a zero gradient where the function moves."""
-    loc = report.location
-    if report.property in ("locality", "linearity"):
-        return True
-    return loc is not None and loc.analytical == 0.0 and bool(loc.numerical)
+    """Whether a detach can explain a mismatch: a locality/linearity violation
+    (a loss reaches less, or with another weight), or finite differences that
+    see a dependence torch's gradient does not (a detached value flowing on)."""
+    return report.status == "mismatch"
 
 
 class NonFiniteGradientError(NonFiniteError):
@@ -631,10 +678,11 @@ class TorchSession(Session):
                 "fn detaches tensors that require grad: "
                 + "; ".join(cuts[:4])
                 + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
-                + ": the gradient stops there while the values flow on, so a loss "
-                "reaches less than the architecture's wiring says; if by design "
-                "(a predictor trained on a stopped input), the finding is that "
-                "detach, not a bug in the backward."
+                + ": the gradient stops there; where the detached value flows on to "
+                "the outputs, finite differences see a dependence torch's gradient "
+                "does not, and a loss reaches less than the wiring says. If by "
+                "design (a predictor trained on a stopped input), that detach is the "
+                "cause, not a bug in a backward."
             )
         return super().finish(report, started)
 
