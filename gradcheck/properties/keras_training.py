@@ -86,19 +86,17 @@ spread would hide anything).
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import math
-import random
 import time
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradcheck.backends import step_backend
 from gradcheck.backends.base import TensorSpec
 from gradcheck.errors import (
     ClassWeightError,
@@ -113,6 +111,9 @@ from gradcheck.errors import (
 from gradcheck.numeric import tolerance as tl
 from gradcheck.properties import linearity
 from gradcheck.result import CheckReport, Location
+
+if TYPE_CHECKING:
+    from gradcheck.backends.keras_step import Captured, Snapshot
 
 __all__ = [
     "BACKENDS",
@@ -150,15 +151,15 @@ def check(
     class_weight with several outputs, x/y/sample_weight that do not fit the
     model's inputs and outputs, or Keras' own step raising."""
     started = time.perf_counter()
-    keras = _import_keras()
-    _check_model(keras, model)
-    backend = keras.backend.backend()
+    ks = _import_keras()
+    _check_model(ks, model)
+    backend = ks.backend()
     if backend not in BACKENDS:
         raise UnsupportedInputError(
             f"check_keras_model supports the Keras backends {BACKENDS}; this Keras "
             f"runs on {backend!r} (KERAS_BACKEND is fixed when keras is imported)."
         )
-    ops = _TensorFlowOps() if backend == "tensorflow" else _TorchOps()
+    ops = ks.gradient_ops(backend)
     replicas = getattr(
         getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1
     )
@@ -186,11 +187,11 @@ def check(
         raise InvalidArgumentError(
             "pass sample_weight or class_weight, not both (Keras refuses both too)."
         )
-    scale, scale_note = _loss_scale(model.optimizer)
-    snapshot = _Snapshot(model, ops)
+    scale, scale_note = ks.loss_scale(model.optimizer)
+    snapshot = ks.Snapshot(model, ops)
     try:
         side = _independent(
-            keras,
+            ks,
             ops,
             model,
             x,
@@ -202,15 +203,17 @@ def check(
             scale,
         )
         snapshot.reset_values()
-        captured = _capture(model, x, y, sample_weight, class_weight, variables, scale)
+        captured = ks.capture(
+            model, x, y, sample_weight, class_weight, variables, scale
+        )
         forwards, backwards, steps = 1.0, float(len(side.values)), 1.0
         verdict = functools.partial(
-            _verdict, keras, backend, model, side, captured, variables, seed, rtol
+            _verdict, ks, backend, model, side, captured, variables, seed, rtol
         )
         report = verdict(scale_note)
         if not report.passed:
             snapshot.reset_values()
-            replay = _capture(
+            replay = ks.capture(
                 model, x, y, sample_weight, class_weight, variables, scale
             )
             steps += 1
@@ -221,7 +224,7 @@ def check(
                 # again with this model's rounding, measured on equivalent
                 # computations (a random step's spread would hide anything)
                 spread = _measured_rounding(
-                    keras,
+                    ks,
                     ops,
                     model,
                     (x, y, sample_weight, class_weight),
@@ -268,21 +271,19 @@ def check(
 
 # --------------------------------------------------------------------- validation
 def _import_keras() -> Any:
+    """The Keras step backend (gradcheck.backends.keras_step), Keras 3 checked."""
     try:
-        import keras
+        ks = step_backend("keras")
     except ImportError as exc:  # pragma: no cover - keras is a test dependency
         raise FrameworkNotInstalledError(
             "check_keras_model needs Keras 3 (pip install keras and a backend)."
         ) from exc
-    if not hasattr(keras, "Variable"):  # pragma: no cover - Keras 2 / tf.keras
-        raise FrameworkNotInstalledError(
-            f"check_keras_model needs Keras 3; found keras {keras.__version__}."
-        )
-    return keras
+    ks.check_keras3()
+    return ks
 
 
-def _check_model(keras: Any, model: Any) -> None:
-    if not isinstance(model, keras.Model):
+def _check_model(ks: Any, model: Any) -> None:
+    if not ks.is_model(model):
         raise UnsupportedInputError(
             "check_keras_model takes a compiled keras.Model; got "
             f"{type(model).__module__}.{type(model).__name__}. For a loss function "
@@ -360,228 +361,6 @@ def _compile_config(model: Any) -> _Config:
         getattr(compile_loss, "_user_loss", model.loss),
         getattr(compile_loss, "_user_loss_weights", None),
     )
-
-
-def _loss_scale(optimizer: Any) -> tuple[float, str | None]:
-    """The factor the user's optimizer multiplies the loss by in ``scale_loss`` (and
-    divides the gradient by in ``apply``): the dynamic scale of a
-    LossScaleOptimizer (mixed precision), else ``loss_scale_factor``. Both sides
-    scale and unscale by it, so float16 gradients underflow alike."""
-    if optimizer is None:
-        return 1.0, None
-    from keras.optimizers import LossScaleOptimizer
-
-    if isinstance(optimizer, LossScaleOptimizer):
-        value = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
-        scale = float(np.asarray(_numpy(value)))
-        return scale, (
-            f"the optimizer is a LossScaleOptimizer: both sides scale the loss by its "
-            f"current dynamic scale {scale:g} and unscale the gradients."
-        )
-    factor = getattr(optimizer, "loss_scale_factor", None)
-    if factor:
-        return float(
-            factor
-        ), f"both sides scale the loss by loss_scale_factor={factor}."
-    return 1.0, None
-
-
-def _numpy(value: Any) -> np.ndarray:
-    from keras import ops
-
-    return np.array(ops.convert_to_numpy(value), copy=True)
-
-
-# --------------------------------------------------------------------- backends
-class _TensorFlowOps:
-    """Eager forward pass under a persistent GradientTape, one gradient per loss."""
-
-    name = "tensorflow"
-
-    def value_and_grads(
-        self,
-        compute: Callable[[], dict[str, Any]],
-        variables: Sequence[Any],
-        scale: float,
-    ) -> tuple[dict[str, Any], dict[str, list[np.ndarray | None]]]:
-        import tensorflow as tf
-
-        with tf.GradientTape(persistent=True) as tape:
-            losses = compute()
-            scaled = {k: v * scale for k, v in losses.items()}
-        grads = {}
-        for name, value in scaled.items():
-            gs = tape.gradient(value, list(variables), unconnected_gradients="none")
-            grads[name] = [
-                None if g is None else _numpy(tf.convert_to_tensor(g)) / scale
-                for g in gs
-            ]
-        del tape
-        return losses, grads
-
-    def grad_state(self, variables: Sequence[Any]) -> list[Any]:
-        return []
-
-    def restore_grad_state(self, saved: list[Any]) -> None:
-        return None
-
-    def rng_state(self) -> Any:
-        return None
-
-    def restore_rng(self, saved: Any) -> None:
-        return None
-
-
-class _TorchOps:
-    """Eager forward pass, ``torch.autograd.grad`` per loss (graph retained)."""
-
-    name = "torch"
-
-    def value_and_grads(
-        self,
-        compute: Callable[[], dict[str, Any]],
-        variables: Sequence[Any],
-        scale: float,
-    ) -> tuple[dict[str, Any], dict[str, list[np.ndarray | None]]]:
-        import torch
-
-        params = [v.value for v in variables]
-        with torch.enable_grad():
-            losses = compute()
-            grads = {}
-            for name, value in losses.items():
-                if not getattr(value, "requires_grad", False):
-                    grads[name] = [None] * len(params)
-                    continue
-                gs = torch.autograd.grad(
-                    value * scale, params, retain_graph=True, allow_unused=True
-                )
-                grads[name] = [
-                    None if g is None else g.detach().cpu().double().numpy() / scale
-                    for g in gs
-                ]
-        return losses, grads
-
-    def grad_state(self, variables: Sequence[Any]) -> list[Any]:
-        out = []
-        for v in variables:
-            p = getattr(v, "value", None)
-            if p is not None and hasattr(p, "grad"):
-                g = p.grad
-                out.append((p, None if g is None else g.detach().clone()))
-        return out
-
-    def restore_grad_state(self, saved: list[Any]) -> None:
-        for p, g in saved:
-            p.grad = g
-
-    def rng_state(self) -> Any:
-        """torch's global generators: Keras' torch backend draws an unseeded
-        Dropout's mask from them (torch.nn.functional.dropout)."""
-        import torch
-
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return torch.random.get_rng_state(), cuda
-
-    def restore_rng(self, saved: Any) -> None:
-        import torch
-
-        cpu, cuda = saved
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-# --------------------------------------------------------------------- state
-def _global_seed_state() -> Any:
-    try:
-        from keras.src.backend.common import global_state
-    except ImportError:  # pragma: no cover - private module moved
-        return None
-    gen = global_state.get_global_attribute("global_seed_generator")
-    return getattr(gen, "state", None)
-
-
-class _Snapshot:
-    """Everything of the user's a train step and a forward pass can change."""
-
-    _ATTRS = (
-        "optimizer",
-        "train_function",
-        "test_function",
-        "predict_function",
-        "stop_training",
-    )
-
-    def __init__(self, model: Any, ops: Any):
-        self.model = model
-        self.ops = ops
-        found: dict[int, Any] = {}
-        candidates = list(model.variables) + list(model.metrics_variables)
-        seed_state = _global_seed_state()
-        if seed_state is not None:
-            candidates.append(seed_state)
-        for v in candidates:
-            found.setdefault(id(v), v)
-        self.values = [(v, _numpy(v)) for v in found.values()]
-        self.metrics = {id(m) for m in model.metrics}
-        self.attrs = {a: getattr(model, a, None) for a in self._ATTRS}
-        compile_loss = model._compile_loss
-        compile_metrics = getattr(model, "_compile_metrics", None)
-        self.unbuilt = [
-            c
-            for c in (compile_loss, compile_metrics)
-            if c is not None and not getattr(c, "built", True)
-        ]
-        self.grads = ops.grad_state(model.variables)
-        self.rng = (np.random.get_state(), random.getstate(), ops.rng_state())
-
-    def reset_values(self) -> None:
-        """Variables and RNG states as they were: the next pass (Keras' step or
-        the independent one) starts from the same point and draws the same
-        dropout masks."""
-        for v, value in self.values:
-            v.assign(value)
-        np_state, py_state, framework_state = self.rng
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-        if framework_state is not None:
-            self.ops.restore_rng(framework_state)
-
-    def restore(self, unbuild: bool = False) -> None:
-        model = self.model
-        errors: list[BaseException] = []
-        for a, value in self.attrs.items():
-            try:
-                setattr(model, a, value)
-            except Exception as exc:  # pragma: no cover - restore the rest first
-                errors.append(exc)
-        if unbuild:
-            # a step that raised while Keras built its CompileLoss/CompileMetrics
-            # leaves them half built (later steps then log nothing): unbuild them
-            for c in self.unbuilt:
-                _unbuild(c)
-        try:
-            self.reset_values()
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
-        for m in model.metrics:
-            if id(m) not in self.metrics:  # built by the step: as fresh as it was
-                m.reset_state()
-        self.ops.restore_grad_state(self.grads)
-        if errors:  # pragma: no cover
-            raise errors[0]
-
-
-def _unbuild(compile_obj: Any) -> None:
-    compile_obj.built = False
-    if hasattr(compile_obj, "_flat_losses"):
-        compile_obj._flat_losses = None
-        compile_obj._y_pred_build_structure = None
-        compile_obj._y_true_build_structure = None
-    metrics = getattr(compile_obj, "_metrics", None)
-    if isinstance(metrics, list):
-        metrics.clear()
 
 
 # --------------------------------------------------------------------- pairing
@@ -672,54 +451,6 @@ def _by_name(
     )
 
 
-def _resolve_loss(
-    keras: Any, identifier: Any, target: Any, pred: Any
-) -> tuple[Any, str]:
-    """A ``keras.losses.Loss`` for what the user passed (string, function, Loss)."""
-    losses = keras.losses
-    if isinstance(identifier, losses.Loss):
-        return identifier, identifier.name
-    if isinstance(identifier, str):
-        label = identifier
-        if identifier.lower() in ("crossentropy", "ce"):
-            # Keras picks by shapes (documented for compile's "crossentropy")
-            t_shape, p_shape = tuple(np.shape(target)), tuple(pred.shape)
-            if p_shape[-1] == 1:
-                fn = losses.binary_crossentropy
-            elif len(t_shape) < len(p_shape) or (t_shape[-1] == 1 and p_shape[-1] > 1):
-                fn = losses.sparse_categorical_crossentropy
-            else:
-                fn = losses.categorical_crossentropy
-        else:
-            fn = losses.get(identifier)
-    else:
-        fn = losses.get(identifier)
-        label = getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
-    if isinstance(fn, losses.Loss):
-        return fn, label
-    if not callable(fn):
-        raise InvalidArgumentError(f"compile(loss=...) has {identifier!r}: not a loss.")
-    return _wrap(keras, fn, label), label
-
-
-def _wrap(keras: Any, fn: Callable[..., Any], name: str) -> Any:
-    """A loss function as a ``Loss`` (sum_over_batch_size, sample weights, masks):
-    Keras' own wrapper, which also aligns the ranks of y_true and y_pred."""
-    try:
-        from keras.src.losses.losses import LossFunctionWrapper
-    except ImportError:  # pragma: no cover - private module moved
-
-        class LossFunctionWrapper(keras.losses.Loss):
-            def __init__(self, fn: Callable[..., Any], name: str):
-                super().__init__(name=name)
-                self.fn = fn
-
-            def call(self, y_true: Any, y_pred: Any) -> Any:
-                return self.fn(y_true, y_pred)
-
-    return LossFunctionWrapper(fn, name=name)
-
-
 def _resolve_weights(
     loss_weights: Any, kind: str, names: list[str], with_loss: list[str]
 ) -> tuple[dict[str, float], bool]:
@@ -753,10 +484,12 @@ def _resolve_weights(
     )
 
 
-def _class_sample_weight(y: Any, class_weight: Mapping[int, float]) -> np.ndarray:
+def _class_sample_weight(
+    ks: Any, y: Any, class_weight: Mapping[int, float]
+) -> np.ndarray:
     """Keras' documented conversion: one-hot targets -> argmax, (N, 1) -> squeeze,
     rounded to int; each example gets its class's weight (1 if absent)."""
-    labels = np.asarray(_numpy(y) if not isinstance(y, np.ndarray) else y)
+    labels = np.asarray(ks.numpy(y) if not isinstance(y, np.ndarray) else y)
     if labels.ndim > 1:
         labels = labels.argmax(-1) if labels.shape[-1] != 1 else labels[..., 0]
     labels = np.round(labels).astype(np.int64)
@@ -764,7 +497,7 @@ def _class_sample_weight(y: Any, class_weight: Mapping[int, float]) -> np.ndarra
 
 
 def _independent(
-    keras: Any,
+    ks: Any,
     ops: Any,
     model: Any,
     x: Any,
@@ -798,7 +531,7 @@ def _independent(
         targets, y_list = _by_name(y, kind, names, "y")
         sws, sw_list = _by_name(sample_weight, kind, names, "sample_weight", True)
         if class_weight is not None:
-            sws = {names[0]: _class_sample_weight(targets[names[0]], class_weight)}
+            sws = {names[0]: _class_sample_weight(ks, targets[names[0]], class_weight)}
         loss_cfg, loss_list = _by_name(
             config.loss, kind, names, "compile(loss=...)", True
         )
@@ -816,7 +549,7 @@ def _independent(
         heads = []
         values: dict[str, Any] = {}
         for n in with_loss:
-            loss, label = _resolve_loss(keras, loss_cfg[n], targets[n], outputs[n])
+            loss, label = ks.resolve_loss(loss_cfg[n], targets[n], outputs[n])
             heads.append(_Head(n, loss, label, weights[n], targets[n], sws[n]))
             try:
                 values[n] = loss(targets[n], outputs[n], sample_weight=sws[n])
@@ -829,7 +562,7 @@ def _independent(
         if penalties:
             reg = None
             for p in penalties:
-                p = keras.ops.sum(keras.ops.cast(p, keras.config.floatx()))
+                p = ks.summed(p)
                 reg = p if reg is None else reg + p
             values[_reg_name(names)] = reg
         state.update(
@@ -837,7 +570,7 @@ def _independent(
             names=names,
             heads=heads,
             weights=weights,
-            predictions={n: _numpy(outputs[n]) for n in names},
+            predictions={n: ks.numpy(outputs[n]) for n in names},
             lists=[
                 w
                 for w, flag in (
@@ -853,7 +586,7 @@ def _independent(
 
     values, grads = ops.value_and_grads(compute, variables, scale)
     floats = {
-        k: float(np.asarray(_numpy(v), dtype=np.float64)) for k, v in values.items()
+        k: float(np.asarray(ks.numpy(v), dtype=np.float64)) for k, v in values.items()
     }
     for k, v in floats.items():
         if not math.isfinite(v):
@@ -879,7 +612,7 @@ def _independent(
         side.notes.append(
             f"{', '.join(state['lists'])} given as a list for a dict-output model: "
             f"gradcheck pairs it with the outputs in the order the model defines "
-            f"them {side.names}; Keras {keras.__version__} pairs lists with dict "
+            f"them {side.names}; Keras {ks.version()} pairs lists with dict "
             f"outputs in sorted key order {sorted_names} (keras#20596, #20346). "
             "Pass a dict keyed by output name to make the pairing unambiguous."
         )
@@ -905,220 +638,6 @@ def _input_hint(model: Any, x: Any) -> str:
     return f" (the model's inputs are {names}; x is {given})."
 
 
-# --------------------------------------------------------------------- capture
-@functools.cache
-def _recorder_class() -> type:
-    """A ``keras.optimizers.Optimizer`` that records, and never applies, gradients.
-
-    Built lazily (Keras is imported only when a Keras model is checked). ``apply``
-    is overridden as a whole: the base class would also apply variable constraints
-    and weight decay to the *model's* weights."""
-    import keras
-
-    class GradientRecorder(keras.optimizers.Optimizer):
-        def __init__(self, variables: Sequence[Any]):
-            super().__init__(learning_rate=0.0, name="gradcheck_recorder")
-            self.build(list(variables))
-
-        def build(self, variables: list[Any]) -> None:
-            if self.built:
-                return
-            super().build(variables)
-            self._gradients = [
-                self.add_variable_from_reference(v, name="gradient") for v in variables
-            ]
-            self._calls = [
-                self.add_variable(
-                    (), dtype="float32", initializer="zeros", name="calls"
-                )
-                for _ in variables
-            ]
-            self._scale = self.add_variable(
-                (), dtype="float32", initializer="ones", name="scale"
-            )
-            self.built = True
-
-        def scale_loss(self, loss: Any) -> Any:
-            return loss * keras.ops.cast(self._scale, loss.dtype)
-
-        def apply(self, grads: Any, trainable_variables: Any = None) -> None:
-            grads = list(grads)
-            if trainable_variables is None:
-                trainable_variables = self._trainable_variables
-            for g, v in zip(grads, trainable_variables, strict=True):
-                if g is not None:
-                    self.update_step(g, v, None)
-            self._iterations.assign_add(1)
-
-        def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-            key = self._var_key(variable)
-            if key not in self._trainable_variables_indices:
-                return  # not one of the model's trainable variables
-            i = self._trainable_variables_indices[key]
-            if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
-                import tensorflow as tf  # IndexedSlices (Embedding) exist on TF only
-
-                gradient = tf.convert_to_tensor(gradient)
-            target = self._gradients[i]
-            g = keras.ops.cast(gradient, target.dtype)
-            target.assign_add(g / keras.ops.cast(self._scale, target.dtype))
-            self._calls[i].assign_add(1.0)
-
-        def reset(self, scale: float) -> None:
-            for v in self._gradients:
-                v.assign(keras.ops.zeros(v.shape, v.dtype))
-            for c in self._calls:
-                c.assign(0.0)
-            self._scale.assign(scale)
-
-        def read(self) -> tuple[list[np.ndarray], list[int]]:
-            return (
-                [_numpy(v).astype(np.float64) for v in self._gradients],
-                [int(_numpy(c)) for c in self._calls],
-            )
-
-    return GradientRecorder
-
-
-@dataclass
-class _Cached:
-    """The recorder and the train function traced with it, for one model.
-
-    Valid while the model's own cached train function is the one seen when the
-    entry was made: Keras drops it on compile() and make_train_function(force=True),
-    which is when it would retrace too (Python state a train_step reads at trace
-    time is then read again, as in fit)."""
-
-    model: weakref.ref[Any]
-    key: tuple[Any, ...]
-    compile_loss: Any
-    user_function: Any
-    recorder: Any
-    train_function: Any = None
-
-
-#: The last few models' entries, by id (checked against ``model``). Bounded, not a
-#: WeakKeyDictionary: the traced train function refers to its model, so an entry
-#: keeps its model alive; a small LRU bounds that instead of leaking every model an
-#: audit builds, and the user's model object is never given an attribute.
-_CACHE: collections.OrderedDict[int, _Cached] = collections.OrderedDict()
-_CACHE_SIZE = 4
-
-
-def _cache_key(model: Any, variables: Sequence[Any]) -> tuple[Any, ...]:
-    """What a traced step depends on besides the data; train_step/compute_loss by
-    their function, so an override set on the instance counts too."""
-    return (
-        getattr(model.train_step, "__func__", model.train_step),
-        getattr(model.compute_loss, "__func__", model.compute_loss),
-        id(getattr(model, "_compile_metrics", None)),
-        tuple(id(v) for v in variables),
-        bool(model.run_eagerly),
-        bool(model.jit_compile),
-        int(getattr(model, "steps_per_execution", 1) or 1),
-    )
-
-
-def _recorder_for(model: Any, variables: Sequence[Any]) -> _Cached:
-    key = _cache_key(model, variables)
-    entry = _CACHE.get(id(model))
-    if (
-        entry is None
-        or entry.model() is not model
-        or entry.key != key
-        or entry.compile_loss is not model._compile_loss
-        or entry.user_function is not model.train_function
-    ):
-        entry = _Cached(
-            weakref.ref(model),
-            key,
-            model._compile_loss,
-            model.train_function,
-            _recorder_class()(variables),
-        )
-    _CACHE[id(model)] = entry
-    _CACHE.move_to_end(id(model))
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return entry
-
-
-@dataclass
-class _Captured:
-    grads: list[np.ndarray]
-    calls: list[int]
-    logs: dict[str, float]
-    how: str
-    #: log keys whose Mean tracker the step never updated (a custom train_step
-    #: that skips compute_loss or the loss tracker reports their initial 0)
-    stale: set[str] = field(default_factory=set)
-
-
-def _capture(
-    model: Any,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    class_weight: Any,
-    variables: Sequence[Any],
-    scale: float,
-    *,
-    eagerly: bool = False,
-) -> _Captured:
-    """One ``train_on_batch`` with the recorder as the optimizer; the caller's
-    snapshot puts the optimizer, functions, variables and metrics back.
-
-    ``eagerly``: the same step run eagerly (``run_eagerly=True`` for this one call,
-    with a train function made for it and dropped afterwards; the traced one stays
-    cached)."""
-    entry = _recorder_for(model, variables)
-    entry.recorder.reset(scale)
-    how = "run eagerly" if eagerly else _how(model)
-    user_optimizer, user_function = model.optimizer, model.train_function
-    user_eagerly = model.run_eagerly
-    model.optimizer = entry.recorder
-    model.train_function = None if eagerly else entry.train_function
-    try:
-        if eagerly:
-            model.run_eagerly = True
-        logs = model.train_on_batch(
-            x,
-            y,
-            sample_weight=sample_weight,
-            class_weight=class_weight,
-            return_dict=True,
-        )
-        if not eagerly:
-            entry.train_function = model.train_function
-        stale = _stale_trackers(model)
-    except Exception as exc:
-        if not eagerly:
-            entry.train_function = None
-        raise KerasStepError(
-            "Keras' own train step (model.train_on_batch, as fit runs it"
-            + (", run eagerly" if eagerly else "")
-            + f") raised {type(exc).__name__}: {exc}"
-            + _step_hint(exc, x, y, sample_weight)
-        ) from exc
-    finally:
-        model.optimizer, model.train_function = user_optimizer, user_function
-        model.run_eagerly = user_eagerly
-    grads, calls = entry.recorder.read()
-    floats = _floats(logs)
-    # a tracker the step never updated reports its initial 0
-    stale = {k for k in stale if floats.get(k) == 0.0}
-    return _Captured(grads, calls, floats, how, stale)
-
-
-def _compiled(model: Any) -> bool:
-    """Whether Keras' step runs compiled (a tf.function, XLA, torch.compile)."""
-    import keras
-
-    if model.run_eagerly:
-        return False
-    return keras.backend.backend() == "tensorflow" or bool(model.jit_compile)
-
-
 @dataclass
 class _Spread:
     """The measured rounding of equivalent computations, per tensor."""
@@ -1136,15 +655,15 @@ SPREAD_TOLERANCE = (
 
 
 def _measured_rounding(
-    keras: Any,
+    ks: Any,
     ops: Any,
     model: Any,
     data: tuple[Any, Any, Any, Any],
     variables: Sequence[Any],
     scale: float,
     side: _Side,
-    captured: _Captured,
-    snapshot: _Snapshot,
+    captured: Captured,
+    snapshot: Snapshot,
 ) -> _Spread:
     """Per tensor, how far apart two computations of the same gradient that differ
     only in rounding land on this model, at this batch:
@@ -1167,11 +686,11 @@ def _measured_rounding(
     parts, unmeasured = [], ""
     steps = 0.0
     noise = [0.0] * len(variables)
-    if _compiled(model):
+    if ks.compiled(model):
         snapshot.reset_values()
         steps += 1
         try:
-            eager = _capture(
+            eager = ks.capture(
                 model,
                 x,
                 y,
@@ -1202,7 +721,7 @@ def _measured_rounding(
                     noise[t] += float(np.max(np.abs(g - e), initial=0.0))
             parts.append(f"Keras' step {captured.how} vs the same step run eagerly")
     snapshot.reset_values()
-    total = _independent_total(keras, ops, model, x, side, variables, scale)
+    total = _independent_total(ks, ops, model, x, side, variables, scale)
     for t, g in enumerate(total):
         per_loss = [
             side.weights[n] * side.grads[n][t]
@@ -1222,7 +741,7 @@ def _measured_rounding(
 
 
 def _independent_total(
-    keras: Any,
+    ks: Any,
     ops: Any,
     model: Any,
     x: Any,
@@ -1242,61 +761,11 @@ def _independent_total(
             total = h.weight * value if total is None else total + h.weight * value
         if reg_name in side.values:
             for p in model.losses:
-                total = total + keras.ops.sum(keras.ops.cast(p, keras.config.floatx()))
+                total = total + ks.summed(p)
         return {"total": total}
 
     _, grads = ops.value_and_grads(compute, variables, scale)
     return grads["total"]
-
-
-def _how(model: Any) -> str:
-    """How the train step ran, in words, for the report."""
-    import keras
-
-    if model.run_eagerly:
-        return "run eagerly (run_eagerly=True)"
-    if keras.backend.backend() == "torch":
-        if model.jit_compile:
-            return "compiled with torch.compile (jit_compile=True)"
-        return "run by the torch backend (eager: jit_compile=False)"
-    xla = " with XLA" if model.jit_compile else ""
-    return f"compiled as a tf.function{xla} (jit_compile={model.jit_compile})"
-
-
-def _floats(logs: Any) -> dict[str, float]:
-    floats = {}
-    for k, v in (logs or {}).items():
-        try:
-            floats[str(k)] = float(np.asarray(v))
-        except (TypeError, ValueError):
-            continue
-    return floats
-
-
-def _stale_trackers(model: Any) -> set[str]:
-    trackers = [getattr(model, "_loss_tracker", None)]
-    trackers += list(getattr(model._compile_loss, "metrics", None) or [])
-    stale = set()
-    for m in trackers:
-        count = getattr(m, "count", None)
-        if count is not None and float(np.asarray(_numpy(count))) == 0.0:
-            stale.add(m.name)
-    return stale
-
-
-def _step_hint(exc: BaseException, x: Any, y: Any, sample_weight: Any) -> str:
-    if isinstance(sample_weight, Mapping) and isinstance(exc, KeyError):
-        return (
-            ". (Keras 3 resolves a sample_weight dict by the loss's path: for a "
-            "model with list outputs that is an index, so pass a list in output "
-            "order.)"
-        )
-    if isinstance(sample_weight, (list, tuple)) and isinstance(exc, TypeError):
-        return (
-            ". (For a model with dict outputs Keras 3 needs sample_weight as a dict "
-            "keyed by output name.)"
-        )
-    return ""
 
 
 # --------------------------------------------------------------------- verdict
@@ -1327,7 +796,11 @@ def _device(v: Any) -> str:
 
 
 def _compute_rounding(
-    model: Any, side: _Side, specs: Sequence[TensorSpec], rtol: float | None
+    ks: Any,
+    model: Any,
+    side: _Side,
+    specs: Sequence[TensorSpec],
+    rtol: float | None,
 ) -> tuple[float | None, str | None]:
     """The rounding (and dtype) of the coarsest precision the gradients pass
     through, when it is coarser than the variables': mixed precision computes in
@@ -1335,7 +808,6 @@ def _compute_rounding(
     dtype (floatx, float32 by default) even for a float64 model."""
     if rtol is not None:
         return rtol, None
-    import keras
 
     policies = [getattr(layer, "dtype_policy", None) for layer in _layers(model)]
     dtypes = {
@@ -1343,7 +815,7 @@ def _compute_rounding(
         for p in policies
         if p is not None
     }
-    dtypes.add(tl.canonical_dtype(keras.config.floatx()))
+    dtypes.add(tl.canonical_dtype(ks.floatx()))
     dtypes |= {tl.canonical_dtype(h.loss.dtype) for h in side.heads if h.loss.dtype}
     known = [(tl.GRADIENT_ROUNDING[d], d) for d in dtypes if d in tl.GRADIENT_ROUNDING]
     coarsest, dtype = max(known, default=(0.0, None))
@@ -1366,11 +838,11 @@ def _layers(model: Any) -> list[Any]:
 
 
 def _verdict(
-    keras: Any,
+    ks: Any,
     backend: str,
     model: Any,
     side: _Side,
-    captured: _Captured,
+    captured: Captured,
     variables: Sequence[Any],
     seed: int,
     rtol: float | None,
@@ -1393,7 +865,7 @@ def _verdict(
                     else "."
                 )
             )
-    effective_rtol, coarse_dtype = _compute_rounding(model, side, specs, rtol)
+    effective_rtol, coarse_dtype = _compute_rounding(ks, model, side, specs, rtol)
     report = linearity.judge(
         specs,
         side.weights,
@@ -1441,7 +913,7 @@ def _verdict(
     notes.extend(side.notes)
     opt = model.optimizer
     notes.append(
-        f"Keras {keras.__version__}, {backend} backend; train step "
+        f"Keras {ks.version()}, {backend} backend; train step "
         f"{captured.how} with a recording optimizer in place of the user's "
         f"{type(opt).__name__}, which was not touched; compared with the gradients "
         f"of {', '.join(repr(h.name) + ' (' + h.label + ')' for h in side.heads)}"
@@ -1469,7 +941,7 @@ def _verdict(
 
 
 def _no_gradient_notes(
-    notes: list[str], specs: Sequence[TensorSpec], side: _Side, captured: _Captured
+    notes: list[str], specs: Sequence[TensorSpec], side: _Side, captured: Captured
 ) -> None:
     reached = [
         any(
@@ -1525,7 +997,7 @@ def _compare_values(
     report: CheckReport,
     notes: list[str],
     side: _Side,
-    captured: _Captured,
+    captured: Captured,
     rho: float,
 ) -> Location | None:
     """Keras' reported loss and ``<output>_loss`` metrics against the independent
@@ -1625,7 +1097,8 @@ def _value_location(
 
 def _loss_value(head: _Head, target: Any, pred: np.ndarray, sw: Any) -> float | None:
     try:
-        return float(np.asarray(_numpy(head.loss(target, pred, sample_weight=sw))))
+        value = head.loss(target, pred, sample_weight=sw)
+        return float(np.asarray(step_backend("keras").numpy(value)))
     except Exception:
         return None
 
@@ -1712,16 +1185,14 @@ def _weighted(w: Sequence[float], v: Sequence[float]) -> float:
     return sum(wi * vi for wi, vi in zip(w, v, strict=True))
 
 
-def _same_step(first: _Captured, again: _Captured) -> bool:
+def _same_step(first: Captured, again: Captured) -> bool:
     """Whether Keras' step, replayed from the same state, gave the same gradient."""
     return all(
         np.array_equal(a, b) for a, b in zip(first.grads, again.grads, strict=True)
     )
 
 
-def _flag_nondeterminism(
-    report: CheckReport, first: _Captured, again: _Captured
-) -> None:
+def _flag_nondeterminism(report: CheckReport, first: Captured, again: Captured) -> None:
     if not _same_step(first, again):
         report.status = "nondeterministic"
         report.notes.insert(
