@@ -414,6 +414,14 @@ def test_shrink_brings_wide_configs_small(model_type, limit):
     assert n is not None and n < limit, n
 
 
+@pytest.mark.parametrize("model_type", ["bamba", "zamba2", "mamba2"])
+def test_shrink_fits_mamba2_heads_to_the_inner_width(model_type):
+    from gradcheck.backends import _hf
+
+    model, _, n = _hf.build(model_type, {}, f"hf:{model_type}", 0, 1_000_000)
+    assert n < 200_000  # and its forward ran: heads x head size = expand x width
+
+
 def test_audio_inputs_follow_the_shrink_and_the_model_s_layout():
     whisper = models.Checker("hf:whisper")
     whisper.build()

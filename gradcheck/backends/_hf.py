@@ -164,6 +164,7 @@ def shrink_config(
         _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
     _fit_window(cfg)
     _fit_axial(cfg)
+    _fit_mamba(cfg)
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     for key, value in list(vars(cfg).items()):
@@ -327,6 +328,36 @@ def _cap_by_name(cfg: Any) -> None:
         value = vars(cfg).get(key)
         if isinstance(value, float) and value > 0.25:
             _set(cfg, key, 0.25)
+
+
+_MAMBA_HEADS = ("mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
+_MAMBA_HEAD_DIM = ("mamba_d_head", "mamba_head_dim", "mamba_headdim")
+_MAMBA_EXPAND = ("mamba_expand", "expand")
+_MAMBA_STATE = ("mamba_d_state", "ssm_state_size", "state_size")
+
+
+def _fit_mamba(cfg: Any) -> None:
+    """Mamba-2 mixers (Bamba, Falcon-H1, Nemotron-H, Zamba2, Mamba2): heads x head
+    size must equal expand x width (the inner size), and the state 16 wide."""
+    v = vars(cfg)
+    heads = next((k for k in _MAMBA_HEADS if _int(v.get(k))), None)
+    size = next((k for k in _MAMBA_HEAD_DIM if _int(v.get(k))), None)
+    if heads is None and "mamba" in type(cfg).__name__.lower():
+        heads = "num_heads" if _int(v.get("num_heads")) else None
+        size = "head_dim" if _int(v.get("head_dim")) else None
+    expand = next((k for k in _MAMBA_EXPAND if _int(v.get(k))), None)
+    hidden = v.get("hidden_size")
+    if heads is None or size is None or expand is None or not _int(hidden):
+        return
+    inner = v[expand] * hidden
+    if _int(v.get("mamba_d_ssm")):
+        _set(cfg, "mamba_d_ssm", inner)
+    n = min(HEADS, inner)
+    _set(cfg, heads, n)
+    _set(cfg, size, inner // n)
+    for key in _MAMBA_STATE:
+        if _int(v.get(key)) and v[key] > 16:
+            _set(cfg, key, 16)
 
 
 def _fit_axial(cfg: Any) -> None:
