@@ -15,7 +15,8 @@ Strategies that draw specs and batches live in :mod:`gradcheck.strategies`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from gradcheck.architectures.data import random_batch
 from gradcheck.architectures.flow import expected_flow
@@ -55,6 +56,7 @@ __all__ = [
     "expected_flow",
     "initial_weights",
     "random_batch",
+    "tensor_layout",
     "to_code",
 ]
 
@@ -74,6 +76,19 @@ def build_keras(spec: ModelSpec, dtype: str = "float64") -> KerasBuilt:
     from gradcheck.architectures import keras_builder
 
     return keras_builder.build(spec, dtype)
+
+
+def tensor_layout(
+    framework: str, model: Any, layer: str, kind: str, neutral: Mapping[str, Any]
+) -> list[tuple[str, Any]]:
+    """How ``framework``'s built ``model`` lays out one layer's neutral weights:
+    (the framework's tensor name, the array in that tensor's layout) per tensor
+    (imports the framework's builder)."""
+    if framework == "torch":
+        from gradcheck.architectures import torch_builder as builder
+    else:
+        from gradcheck.architectures import keras_builder as builder
+    return builder.tensor_layout(model, layer, kind, neutral)
 
 
 def to_code(spec: ModelSpec, framework: str = "torch", dtype: str = "float64") -> str:

@@ -207,6 +207,18 @@ def keras_weights(kind: str, w: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [kernel, recurrent, bias]
 
 
+def tensor_layout(
+    model: Any, layer: str, kind: str, neutral: Mapping[str, np.ndarray]
+) -> list[tuple[str, np.ndarray]]:
+    """(path of the model's variable, the neutral array laid out as that variable)
+    for one layer; ``neutral`` holds arrays in the layer's neutral weight shapes."""
+    variables = model.get_layer(layer).weights
+    return [
+        (v.path, a)
+        for v, a in zip(variables, keras_weights(kind, neutral), strict=True)
+    ]
+
+
 def keras_loss(head: HeadSpec, dtype: str | None = None) -> Any:
     """The Keras loss object for a head."""
     cls = getattr(keras.losses, LOSS_CLASSES[head.loss])

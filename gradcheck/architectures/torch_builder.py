@@ -222,6 +222,14 @@ def torch_params(kind: str, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
+def tensor_layout(
+    model: Any, layer: str, kind: str, neutral: Mapping[str, np.ndarray]
+) -> list[tuple[str, np.ndarray]]:
+    """(name of the model's tensor, the neutral array laid out as that tensor) for
+    one layer; ``neutral`` holds arrays in the layer's neutral weight shapes."""
+    return [(f"{layer}.{attr}", a) for attr, a in torch_params(kind, neutral).items()]
+
+
 def _penalty(r: Regularizer | None, x: torch.Tensor | None) -> torch.Tensor | None:
     if r is None or x is None:
         return None

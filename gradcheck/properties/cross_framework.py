@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcheck.architectures import random_batch
+from gradcheck.architectures import random_batch, tensor_layout
 from gradcheck.architectures.spec import REGULARIZATION, ModelSpec
 from gradcheck.architectures.weights import parameters
 from gradcheck.backends import open_session
@@ -285,19 +285,8 @@ def _index_maps(
                 offset, offset + size, dtype=np.float64
             ).reshape(p.shape)
             offset += size
-        if framework == "torch":
-            from gradcheck.architectures.torch_builder import torch_params
-
-            for attr, idx in torch_params(kinds[layer], neutral).items():
-                out[f"{layer}.{attr}"] = (layer, np.asarray(idx).astype(np.int64))
-        else:
-            from gradcheck.architectures.keras_builder import keras_weights
-
-            variables = model.get_layer(layer).weights
-            for v, idx in zip(
-                variables, keras_weights(kinds[layer], neutral), strict=True
-            ):
-                out[v.path] = (layer, np.asarray(idx).astype(np.int64))
+        for name, idx in tensor_layout(framework, model, layer, kinds[layer], neutral):
+            out[name] = (layer, np.asarray(idx).astype(np.int64))
     return out
 
 
