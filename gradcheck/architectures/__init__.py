@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from gradcheck.architectures import code
 from gradcheck.architectures.data import random_batch
 from gradcheck.architectures.flow import expected_flow
 from gradcheck.architectures.spec import (
@@ -93,4 +94,4 @@ def tensor_layout(
 
 def to_code(spec: ModelSpec, framework: str = "torch", dtype: str = "float64") -> str:
     """Python source that rebuilds the model, its weights and losses."""
-    return spec.to_code(framework, dtype)
+    return code.to_code(spec, framework, dtype)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gradcheck.architectures.flow import expected_flow
 from gradcheck.architectures.spec import REGULARIZATION, HeadSpec, ModelSpec
 from gradcheck.errors import InvalidArgumentError
 
@@ -144,6 +145,4 @@ class Built(ABC):
         """What the architecture implies: ``{layer or kernel tensor: losses that
         reach it}``, the ``expected=`` of :func:`gradcheck.check_locality`, with the
         loss names of :meth:`loss_fns`."""
-        from gradcheck.architectures.flow import expected_flow
-
         return expected_flow(self.spec, self.kernel_format.format)

@@ -785,3 +785,6 @@ def _keras_evaluate(spec: ModelSpec) -> list[str]:
         "    }",
     ]
     return out
+
+
+S.set_code_printer(to_code)

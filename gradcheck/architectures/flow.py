@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gradcheck.architectures.spec import REGULARIZATION, ModelSpec
+from gradcheck.architectures.weights import parameters
 
 __all__ = ["expected_flow", "layer_ancestors"]
 
@@ -60,7 +61,5 @@ def head_branches_below_weights(spec: ModelSpec, head: str) -> bool:
     """Whether ``head`` branches below a layer with weights. If not (only dropout,
     add or 2-D pools above it), detaching its input changes no gradient: the
     audit's planted "head input detached" has nothing to cut there."""
-    from gradcheck.architectures.weights import parameters
-
     weighted = {p.layer for p in parameters(spec)}
     return bool(layer_ancestors(spec)[spec.head(head).source] & weighted)

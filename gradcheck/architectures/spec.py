@@ -40,13 +40,25 @@ import json
 import keyword
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from gradcheck.errors import InvalidArgumentError
+
+#: What :meth:`ModelSpec.to_code` prints with: ``code.to_code``, set by
+#: :mod:`gradcheck.architectures.code` when it is imported (the package imports it).
+#: spec.py imports nothing else of gradcheck.architectures: spec <- weights <- code.
+_code_printer: Callable[[ModelSpec, str, str], str] | None = None
+
+
+def set_code_printer(printer: Callable[[ModelSpec, str, str], str]) -> None:
+    """Install the function behind :meth:`ModelSpec.to_code`."""
+    global _code_printer
+    _code_printer = printer
+
 
 __all__ = [
     "ACTIVATIONS",
@@ -432,10 +444,14 @@ class ModelSpec:
     # ------------------------------------------------------------ code
     def to_code(self, framework: str = "torch", dtype: str = "float64") -> str:
         """Python source that rebuilds this model, its initial weights and its
-        losses with the framework alone (no gradcheck import)."""
-        from gradcheck.architectures.code import to_code
-
-        return to_code(self, framework, dtype)
+        losses with the framework alone (no gradcheck import): the same as
+        ``gradcheck.architectures.code.to_code(spec, framework, dtype)``, which
+        registers itself here (see :func:`set_code_printer`)."""
+        if _code_printer is None:  # pragma: no cover - the package imports code.py
+            raise RuntimeError(
+                "no code printer: import gradcheck.architectures.code first."
+            )
+        return _code_printer(self, framework, dtype)
 
 
 # ---------------------------------------------------------------- validation
