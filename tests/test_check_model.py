@@ -432,6 +432,9 @@ def test_audio_inputs_follow_the_shrink_and_the_model_s_layout():
     s2t.build()
     model, inputs = s2t._built
     assert tuple(inputs["input_features"].shape) == (2, 64, 80)
+    mimi = models.Checker("hf:mimi")  # a codec: (batch, 1, samples)
+    mimi.build()
+    assert tuple(mimi._built[1]["input_values"].shape) == (2, 1, 4000)
 
 
 def test_shrink_keeps_one_layer_of_each_kind_and_per_layer_overrides():

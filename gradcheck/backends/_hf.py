@@ -669,7 +669,8 @@ def build(
 def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
     """The inputs to try, in order: the main input; every input kind the forward
     takes (multimodal); audio features as (batch, frames, features) too
-    (Speech2Text) besides Whisper's (batch, features, frames)."""
+    (Speech2Text) besides Whisper's (batch, features, frames); audio values as
+    (batch, 1, samples) too (codecs: EnCodec, DAC, VibeVoice's tokenizer)."""
     first = infer_inputs(model, seed)
     out = [first]
     more = infer_inputs(model, seed, extra=True)
@@ -679,6 +680,9 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
         feats = cand.get("input_features")
         if feats is not None and feats.dim() == 3:
             out.append({**cand, "input_features": feats.transpose(1, 2).contiguous()})
+        values = cand.get("input_values")
+        if values is not None and values.dim() == 2:  # codecs: (batch, 1, samples)
+            out.append({**cand, "input_values": values.unsqueeze(1)})
     return out
 
 
