@@ -177,7 +177,9 @@ def test_random_masking_in_eval_is_nondeterministic_naming_the_call():
     report = gradcheck.check_gradients(lambda: model(x), params=model, seed=0)
     assert_same_rng(rng)
     assert report.status == "nondeterministic", report.message()
-    assert "torch.rand in _RandomMask.random_masking" in report.message()
+    assert "torch.rand in _RandomMask.random_masking (test_findings.py:" in (
+        report.message()
+    )
 
 
 def test_a_seeded_mask_is_deterministic_and_passes():
@@ -195,9 +197,9 @@ def test_hf_vit_mae_is_nondeterministic_naming_random_masking():
         )
     )
     assert report.status == "nondeterministic", report.message()
-    assert "torch.rand in ViTMAEEmbeddings.random_masking (module 'embeddings')" in (
-        report.message()
-    )
+    text = report.message()
+    assert "torch.rand in ViTMAEEmbeddings.random_masking (modeling_vit_mae.py:" in text
+    assert "module 'embeddings')" in text
 
 
 # -------------------------------------- fastspeech2_conformer: a designed detach
@@ -243,7 +245,9 @@ def test_locality_names_the_detach_that_cuts_the_path():
         total, losses, w, expected=expected, params=model, seed=0
     )
     assert report.status == "mismatch", report.message()
-    assert "Tensor.detach in _DetachedPredictor.forward" in report.message()
+    assert "Tensor.detach in _DetachedPredictor.forward (test_findings.py:" in (
+        report.message()
+    )
 
 
 def test_without_the_detach_locality_passes_and_names_none():

@@ -180,9 +180,9 @@ _TENSOR_METHODS = {
 }
 
 
-def _python_caller() -> str:
-    """The innermost Python function outside torch on the stack (e.g.
-    'ViTMAEEmbeddings.random_masking')."""
+def _python_caller() -> tuple[str, str]:
+    """The innermost Python function outside torch on the stack and its place:
+    ('ViTMAEEmbeddings.random_masking', 'modeling_vit_mae.py:215')."""
     import os
     import sys
 
@@ -191,9 +191,10 @@ def _python_caller() -> str:
     while frame is not None:
         code = frame.f_code
         if not code.co_filename.startswith((torch_dir, os.path.dirname(__file__))):
-            return getattr(code, "co_qualname", code.co_name)
+            place = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+            return getattr(code, "co_qualname", code.co_name), place
         frame = frame.f_back
-    return "fn"
+    return "fn", ""
 
 
 _DETACH = {torch.Tensor.detach, torch.Tensor.detach_, torch.detach}
@@ -211,7 +212,7 @@ class CallWatch(_ModuleStack):
       pitch and energy predictors read a detached encoder output by design): the
       gradient stops there while the values still flow.
 
-    Keys are "op in caller (module 'name')", values counts."""
+    Keys are "op in caller (file:line, module 'name')", values counts."""
 
     def __init__(self, names: dict[int, str]):
         super().__init__(names)
@@ -219,9 +220,12 @@ class CallWatch(_ModuleStack):
         self.detaches: dict[str, int] = {}
 
     def _key(self, func: Callable) -> str:
-        where = self.where
-        return f"{_func_name(func)} in {_python_caller()}" + (
-            f" (module '{where}')" if where != "fn" else ""
+        caller, place = _python_caller()
+        where = [place] if place else []
+        if self.where != "fn":
+            where.append(f"module '{self.where}'")
+        return f"{_func_name(func)} in {caller}" + (
+            f" ({', '.join(where)})" if where else ""
         )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
