@@ -422,6 +422,21 @@ def test_shrink_fits_mamba2_heads_to_the_inner_width(model_type):
     assert n < 200_000  # and its forward ran: heads x head size = expand x width
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "glm4v"])
+def test_multimodal_rope_sections_fit_the_shrunk_heads(model_type):
+    from gradcheck.backends import _hf
+
+    model, _, _ = _hf.build(model_type, {}, f"hf:{model_type}", 0, 1_000_000)
+    sections = model.config.get_text_config().rope_parameters["mrope_section"]
+    assert 3 <= sum(sections) <= 8  # half the rotary width of a 16-wide head
+
+
+def test_unbuildable_reason_is_the_one_with_every_input_given():
+    (report,) = models.check_model("hf:align", properties="fd")
+    assert report.status == "unbuildable"
+    assert "You have to specify" not in report.notes[0], report.notes[0]
+
+
 def test_audio_inputs_follow_the_shrink_and_the_model_s_layout():
     whisper = models.Checker("hf:whisper")
     whisper.build()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -662,8 +663,60 @@ def build(
     n = sum(p.numel() for p in model.parameters())
     if n > max_parameters:
         raise _unbuildable(_too_big(spec, n, max_parameters))
-    inputs = _working_inputs(model, seed)
+    try:
+        inputs = _working_inputs(model, seed)
+    except RuntimeError as exc:
+        # multimodal RoPE (Qwen2-VL, GLM-4V): the modeling code's default
+        # mrope_section ([16, 24, 24]) is for 128-wide heads; fit it to the
+        # shrunk head, as the error says, and build again
+        if not _fit_mrope(cfg, str(exc)):
+            raise
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(cfg)
+        model.eval()
+        inputs = _working_inputs(model, seed)
     return model, inputs, n
+
+
+_MROPE = re.compile(
+    r"split_sizes to sum exactly to (\d+) .*got split_sizes=\[([\d, ]+)\]"
+)
+
+
+def _fit_mrope(cfg: Any, message: str) -> bool:
+    """Set ``rope_parameters["mrope_section"]`` on every (nested) config that has
+    rope parameters: the sections the error names, scaled to sum to its total."""
+    m = _MROPE.search(message)
+    if m is None:
+        return False
+    total = int(m.group(1))
+    old = [int(x) for x in m.group(2).split(",")]
+    if not old or total < len(old):
+        return False
+    new = [max(1, round(x * total / sum(old))) for x in old]
+    new[-1] = total - sum(new[:-1])
+    if new[-1] < 1:
+        return False
+    done = False
+    for sub in _configs(cfg):
+        rope = vars(sub).get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            rope["mrope_section"] = new
+            done = True
+    return done
+
+
+def _configs(cfg: Any, seen: set[int] | None = None) -> list[Any]:
+    seen = seen if seen is not None else set()
+    if id(cfg) in seen:
+        return []
+    seen.add(id(cfg))
+    out = [cfg]
+    for value in vars(cfg).values():
+        if _is_config(value):
+            out += _configs(value, seen)
+    return out
 
 
 def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
@@ -689,17 +742,27 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
 def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
     import torch
 
-    failure: Exception | None = None
+    failures: list[Exception] = []
     for cand in _candidates(model, seed):
         try:
             with torch.no_grad():
                 model(**cand)
         except Exception as exc:
-            failure = failure or exc  # the first reason: the main input's
+            failures.append(exc)
             continue
         return cand
-    assert failure is not None
-    raise failure
+    # the reason to give: the first that is not about an input left out (the
+    # candidate with every input kind got further)
+    raise next((e for e in failures if not _missing_input(e)), failures[0])
+
+
+def _missing_input(exc: Exception) -> bool:
+    text = str(exc)
+    return (
+        "required positional argument" in text
+        or "You have to specify" in text
+        or "You must specify" in text
+    )
 
 
 def _too_big(spec: str, n: int, limit: int) -> str:
