@@ -431,6 +431,13 @@ def test_multimodal_rope_sections_fit_the_shrunk_heads(model_type):
     assert 3 <= sum(sections) <= 8  # half the rotary width of a 16-wide head
 
 
+def test_shrink_sets_an_unset_top_k_of_an_moe():
+    from gradcheck.backends import _hf
+
+    cfg = _hf.shrink_config(_hf.load_config("deepseek_v2"))  # default: None
+    assert cfg.num_experts_per_tok == 2 and cfg.n_routed_experts == 4
+
+
 def test_unbuildable_reason_is_the_one_with_every_input_given():
     (report,) = models.check_model("hf:align", properties="fd")
     assert report.status == "unbuildable"

@@ -153,6 +153,10 @@ def shrink_config(
         or [EXPERTS]
     )
     cap(_TOPK_KEYS, min(TOP_K, experts))
+    if any(_int(getattr(cfg, k, None)) for k in _EXPERT_KEYS):
+        for key in _TOPK_KEYS:  # a default left unset (deepseek_v2): top-2
+            if key in vars(cfg) and vars(cfg)[key] is None:
+                _set(cfg, key, min(TOP_K, experts))
     _cap_by_name(cfg)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
