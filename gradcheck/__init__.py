@@ -31,6 +31,7 @@ from gradcheck.errors import (
 from gradcheck.keras_api import assert_keras_model, check_keras_model
 from gradcheck.models import check_model
 from gradcheck.properties.devices import assert_devices, check_devices
+from gradcheck.properties.variants import assert_variants, check_variants
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
 from gradcheck.training_api import assert_training_step, check_training_step
 
@@ -60,6 +61,7 @@ __all__ = [
     "assert_linearity",
     "assert_locality",
     "assert_training_step",
+    "assert_variants",
     "check_cross_framework",
     "check_devices",
     "check_gradients",
@@ -68,4 +70,5 @@ __all__ = [
     "check_locality",
     "check_model",
     "check_training_step",
+    "check_variants",
 ]

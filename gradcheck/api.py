@@ -25,10 +25,12 @@ __all__ = [
     "assert_gradients",
     "assert_linearity",
     "assert_locality",
+    "assert_variants",
     "check_cross_framework",
     "check_gradients",
     "check_linearity",
     "check_locality",
+    "check_variants",
 ]
 
 #: seed=None means this seed (or $GRADCHECK_SEED): checks are deterministic by
@@ -339,3 +341,18 @@ def assert_cross_framework(spec: Any, batch: Any = None, **kwargs: Any) -> Check
     if not report.passed:
         raise GradientMismatchError(report)
     return report
+
+
+def check_variants(loss_fn: Any, model: Any, batch: Any, **kwargs: Any) -> CheckReport:
+    """:func:`gradcheck.properties.variants.check_variants`: gradients under
+    torch.compile, autocast and other devices against eager execution."""
+    from gradcheck.properties import variants
+
+    return variants.check_variants(loss_fn, model, batch, **kwargs)
+
+
+def assert_variants(loss_fn: Any, model: Any, batch: Any, **kwargs: Any) -> CheckReport:
+    """Like :func:`check_variants`; raises GradientMismatchError on failure."""
+    from gradcheck.properties import variants
+
+    return variants.assert_variants(loss_fn, model, batch, **kwargs)

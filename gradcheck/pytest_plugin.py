@@ -683,6 +683,32 @@ class GradcheckFixture:
                     )
         return check_devices(loss_fn, model, batch, **kw)
 
+    def check_variants(
+        self, loss_fn: Any, model: Any, batch: Any, **kwargs: Any
+    ) -> CheckReport:
+        """:func:`gradcheck.check_variants` with this test's rtol and seed. When no
+        requested variant can run here (GPU variants without a GPU) the test is
+        *skipped*, not failed."""
+        from gradcheck.properties.variants import check_variants
+
+        report = check_variants(
+            loss_fn, model, batch, **self._kwargs(kwargs, ("rtol", "seed"))
+        )
+        if report.mode == "skipped":
+            pytest.skip("check_variants: " + " ".join(report.notes[1:]))
+        return report
+
+    def assert_variants(
+        self, loss_fn: Any, model: Any, batch: Any, **kwargs: Any
+    ) -> CheckReport:
+        """:meth:`check_variants`; raises GradientMismatchError on failure."""
+        from gradcheck.errors import GradientMismatchError
+
+        report = self.check_variants(loss_fn, model, batch, **kwargs)
+        if not report.passed:
+            raise GradientMismatchError(report)
+        return report
+
     def _kwargs(
         self, given: dict[str, Any], accepted: tuple[str, ...]
     ) -> dict[str, Any]:

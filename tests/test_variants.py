@@ -1,0 +1,395 @@
+"""gradcheck.check_variants: gradients under torch.compile, autocast and other
+devices against eager execution, with a tolerance measured from the variant's
+rounding. Correct models pass; a model wrong only under one variant is caught and
+named; GPU variants are skipped without a GPU; the user's state is left exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import gradcheck
+from gradcheck.properties.variants import Variant, judge_tensor, parse_variant
+from tests._state import assert_same_rng, rng_state
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+HAS_GPU = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- models
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.bn(self.conv(x))).flatten(1))
+
+
+class _Block(nn.Module):
+    """A tiny pre-norm transformer block with a classifier head."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.ff(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class _WrongUnderAutocast(nn.Module):
+    """Scales the gradient through its hidden layer by 1.1 only under autocast (a
+    loss-scale factor not undone); the value is the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 16)
+        self.outer = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        if torch.is_autocast_enabled(x.device.type):
+            h = h * 1.1 - h.detach() * 0.1
+        return self.outer(h)
+
+
+class _WrongUnderCompile(nn.Module):
+    """Scales the gradient through its hidden layer by 1 + 1e-3 only when compiled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 16)
+        self.outer = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        if torch.compiler.is_compiling():
+            h = h * (1 + 1e-3) - h.detach() * 1e-3
+        return self.outer(h)
+
+
+def _ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _batch(shape=(8, 6)):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(*shape, generator=g), torch.randint(
+        0, 3, (shape[0],), generator=g
+    )
+
+
+AUTOCAST = ("autocast:bfloat16", "autocast:float16")
+
+
+# ---------------------------------------------------------------- parsing
+def test_parse_variants():
+    assert parse_variant("compile") == Variant("compile", compiled=True)
+    v = parse_variant("cuda+autocast:float16")
+    assert (v.device, v.autocast, v.compiled) == ("cuda", "float16", False)
+    v = parse_variant("compile + cuda:1 + autocast:bf16")
+    assert (v.device, v.autocast, v.compiled) == ("cuda:1", "bfloat16", True)
+    assert parse_variant("xla").xla
+    for bad in ("", "jit", "autocast:int8", "cuda:x", "compile+compile", "xla+compile"):
+        with pytest.raises(gradcheck.InvalidArgumentError):
+            parse_variant(bad)
+
+
+def test_bad_arguments_are_clear_errors():
+    model, batch = _mlp(), _batch()
+    with pytest.raises(gradcheck.InvalidArgumentError, match="unknown part"):
+        gradcheck.check_variants(_ce, model, batch, variants="fast")
+    with pytest.raises(gradcheck.InvalidArgumentError, match="twice"):
+        gradcheck.check_variants(_ce, model, batch, variants=("compile", "compile"))
+    with pytest.raises(
+        gradcheck.UnsupportedInputError, match="TensorFlow's jit_compile"
+    ):
+        gradcheck.check_variants(_ce, model, batch, variants="xla")
+    with pytest.raises(gradcheck.UnsupportedInputError, match="callable"):
+        gradcheck.check_variants(3, model, batch, variants="autocast")
+    with pytest.raises(gradcheck.UnsupportedInputError, match="torch.nn.Module"):
+        gradcheck.check_variants(_ce, object(), batch, variants="autocast")
+
+
+# ---------------------------------------------------------------- correct models pass
+@pytest.mark.parametrize(
+    "make, batch",
+    [
+        (_mlp, _batch()),
+        (_Conv, _batch((4, 2, 5, 5))),
+        (_Block, _batch((3, 5, 8))),
+    ],
+    ids=["mlp", "conv", "transformer"],
+)
+def test_correct_models_pass_autocast(make, batch):
+    torch.manual_seed(0)
+    model = make()
+    report = gradcheck.check_variants(_ce, model, batch, variants=AUTOCAST)
+    assert report.passed, report.message()
+    assert report.property == "variants"
+    assert report.reference_dtype == "float64"
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [t.name for t in report.tensors] == [
+        f"{v}/{n}" for v in AUTOCAST for n in names
+    ]
+    assert all(t.status == "passed" for t in report.tensors)
+    assert {t.dtype for t in report.tensors} == {"bfloat16", "float16"}
+    for v in AUTOCAST:
+        assert any(f"variant '{v}'" in n and "passed" in n for n in report.notes)
+    assert report.cost["compile_seconds"] == 0.0
+    assert report.cost["seconds"] > 0
+
+
+# ---------------------------------------------------------------- bugs are caught
+@pytest.mark.parametrize("variant", AUTOCAST)
+def test_bug_only_under_autocast_is_caught(variant):
+    torch.manual_seed(0)
+    model = _WrongUnderAutocast()
+    report = gradcheck.check_variants(_ce, model, _batch(), variants=variant)
+    assert report.status == "mismatch", report.message()
+    assert report.location is not None
+    assert report.location.tensor in ("inner.weight", "inner.bias")
+    failed = {t.name for t in report.tensors if t.status == "mismatch"}
+    assert failed == {f"{variant}/inner.weight", f"{variant}/inner.bias"}
+    assert any(f"variant '{variant}'" in n and "MISMATCH" in n for n in report.notes)
+    assert "inner.weight" in report.message() or "inner.bias" in report.message()
+    with pytest.raises(gradcheck.GradientMismatchError, match="variants check FAILED"):
+        gradcheck.assert_variants(_ce, model, _batch(), variants=variant)
+
+
+def test_the_same_model_passes_in_eager_and_the_bug_is_named_per_variant():
+    """Two variants: the failing one is named, the passing one reported passed."""
+    torch.manual_seed(0)
+    model = _WrongUnderAutocast()
+    report = gradcheck.check_variants(
+        _ce, model, _batch(), variants=("autocast:bfloat16", "cuda")
+    )
+    assert report.status == "mismatch"
+    assert "gradient under variant 'autocast:bfloat16'" in report.location.quantity
+    if not HAS_GPU:
+        assert any("variant 'cuda' skipped" in n for n in report.notes)
+
+
+def test_judge_tensor_tolerance_is_the_measured_spread():
+    """Pure NumPy: the tolerance follows the spread, and a consistent bias in the
+    variant's evaluations cancels out of the spread."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50,))
+    base = ref * 1.01  # a 1% bias...
+    moved = [base + rng.normal(scale=1e-4, size=50) for _ in range(2)]
+    t = judge_tensor("w", ref, base, base, moved, eps=2.0**-24)
+    assert t.sigma == pytest.approx(1e-4 * np.sqrt(50 / 2), rel=0.3)
+    assert t.ratio > 1  # ...is not absorbed into the tolerance
+    unbiased = [ref + (m - base) for m in moved]
+    variant = ref + rng.normal(scale=1e-4, size=50)
+    ok = judge_tensor("w", ref, variant, unbiased[0], unbiased[1:], 2.0**-24)
+    assert ok.ratio <= 1
+
+
+# ---------------------------------------------------------------- devices
+def test_gpu_variants_are_skipped_without_a_gpu():
+    if HAS_GPU:
+        pytest.skip("this machine has a GPU")
+    model, batch = _mlp(), _batch()
+    report = gradcheck.check_variants(
+        _ce, model, batch, variants=("cuda", "cuda:1", "cuda+autocast:float16")
+    )
+    assert report.passed and report.mode == "skipped"
+    assert report.tensors == []
+    assert report.notes[0].startswith("SKIPPED")
+    for v in ("cuda", "cuda:1", "cuda+autocast:float16"):
+        assert any(f"variant '{v}' skipped" in n and "GPU" in n for n in report.notes)
+    mixed = gradcheck.check_variants(
+        _ce, model, batch, variants=("autocast:bfloat16", "cuda")
+    )
+    assert mixed.passed and mixed.mode == "variants"
+    assert {t.name.split("/")[0] for t in mixed.tensors} == {"autocast:bfloat16"}
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_cuda_variants_on_a_gpu():
+    model, batch = _mlp(), _batch()
+    report = gradcheck.check_variants(
+        _ce, model, batch, variants=("cuda", "cuda+autocast:float16")
+    )
+    assert report.passed, report.message()
+    bad = gradcheck.check_variants(
+        _ce, _WrongUnderAutocast(), batch, variants="cuda+autocast:float16"
+    )
+    assert bad.status == "mismatch"
+
+
+def test_cpu_device_variant_runs_here():
+    report = gradcheck.check_variants(_ce, _mlp(), _batch(), variants="cpu")
+    assert report.passed, report.message()
+    assert report.mode == "variants"
+
+
+# ---------------------------------------------------------------- state
+class _Stateful(nn.Module):
+    """BatchNorm in train mode (buffers move), dropout (draws random numbers), a
+    frozen parameter and a submodule in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.2)
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.frozen.eval()
+        self.outer = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.outer(self.frozen(self.drop(torch.tanh(self.bn(self.inner(x))))))
+
+
+def _snapshot(model):
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {
+            n: None if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters()
+        },
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+    }
+
+
+def _assert_same(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+    for n, g in before["grad"].items():
+        other = after["grad"][n]
+        assert (g is None) == (other is None), n
+        if g is not None:
+            assert torch.equal(g, other), n
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+
+
+def test_user_state_is_left_bit_identical():
+    torch.manual_seed(0)
+    model = _Stateful()
+    model.outer.weight.grad = torch.full_like(model.outer.weight, 0.5)
+    batch = _batch()
+    torch.manual_seed(123)
+    before, rng = _snapshot(model), rng_state()
+    grad_mode = torch.is_grad_enabled()
+    report = gradcheck.check_variants(_ce, model, batch, variants=AUTOCAST)
+    assert report.passed, report.message()  # dropout draws the same each time
+    _assert_same(before, _snapshot(model))
+    assert_same_rng(rng)
+    assert torch.is_grad_enabled() == grad_mode
+    assert "frozen.weight" not in {t.name.split("/")[1] for t in report.tensors}
+
+
+def test_rtol_replaces_the_measured_tolerance():
+    model, batch = _mlp(), _batch()
+    loose = gradcheck.check_variants(
+        _ce, _WrongUnderAutocast(), batch, variants="autocast:float16", rtol=0.5
+    )
+    assert loose.passed
+    tight = gradcheck.check_variants(
+        _ce, model, batch, variants="autocast:bfloat16", rtol=1e-9
+    )
+    assert tight.status == "mismatch"
+    assert "rtol" in tight.tolerance_reason
+
+
+# ---------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compile_correct_passes_and_a_compile_only_bug_is_caught():
+    """One compile each (tens of seconds on a small CPU): a correct model passes;
+    one whose gradient is 1e-3 off only when compiled fails, naming the tensor; the
+    compile time is reported apart from the check time."""
+    torch.manual_seed(0)
+    good = _mlp()
+    report = gradcheck.check_variants(_ce, good, _batch(), variants="compile")
+    assert report.passed, report.message()
+    assert report.cost["compile_seconds"] > 0
+    assert report.cost["compile_seconds[compile]"] == report.cost["compile_seconds"]
+    assert report.cost["seconds"] > 0  # the check's own time, compile excluded
+
+    torch.manual_seed(0)
+    bad = _WrongUnderCompile()
+    before = copy.deepcopy(bad.state_dict())
+    report = gradcheck.check_variants(_ce, bad, _batch(), variants="compile")
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor in ("inner.weight", "inner.bias")
+    assert any("variant 'compile'" in n and "MISMATCH" in n for n in report.notes)
+    assert "compile" in report.message()
+    for k, v in before.items():
+        assert torch.equal(v, bad.state_dict()[k])
+
+
+@pytest.mark.slow
+def test_compile_combined_with_autocast_on_a_conv_net():
+    """A generic combination: compiled and autocast at once; the spread is measured
+    on the eager autocast run, the compile time kept apart."""
+    torch.manual_seed(0)
+    report = gradcheck.check_variants(
+        _ce, _Conv(), _batch((4, 2, 5, 5)), variants="compile+autocast:bfloat16"
+    )
+    assert report.passed, report.message()
+    assert {t.dtype for t in report.tensors} == {"bfloat16"}
+    assert report.cost["compile_seconds[compile+autocast:bfloat16]"] > 0
+
+
+# ---------------------------------------------------------------- fixture
+def _fixture(**defaults):
+    """What the plugin's ``gradcheck`` fixture hands a test (marker defaults)."""
+    from gradcheck.pytest_plugin import GradcheckFixture
+
+    return GradcheckFixture(defaults, None, "auto")
+
+
+def test_fixture_exposes_check_variants():
+    fx = _fixture()
+    report = fx.check_variants(_ce, _mlp(), _batch(), variants="autocast")
+    assert report.passed
+    assert fx.assert_variants(_ce, _mlp(), _batch(), variants="autocast").passed
+    loose = _fixture(rtol=0.5)  # the test's @pytest.mark.gradcheck(rtol=...) applies
+    bug = _WrongUnderAutocast()
+    assert loose.check_variants(_ce, bug, _batch(), variants="autocast").passed
+    with pytest.raises(gradcheck.GradientMismatchError):
+        fx.assert_variants(_ce, bug, _batch(), variants="autocast")
+
+
+def test_fixture_skips_when_no_variant_can_run():
+    if HAS_GPU:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(pytest.skip.Exception, match="check_variants"):
+        _fixture().check_variants(_ce, _mlp(), _batch(), variants="cuda")
+
+
+def test_no_framework_import_in_the_property_module():
+    import pathlib
+    import re
+
+    text = (
+        pathlib.Path(gradcheck.__file__).parent / "properties/variants.py"
+    ).read_text()
+    assert not re.search(r"^\s*(import|from) (torch|tensorflow|keras)", text, re.M)
