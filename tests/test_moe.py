@@ -230,3 +230,28 @@ def test_grouped_mm_float64_matches_torch_kernel_in_float32():
     got = _grouped_mm_float64(a.double(), b.double(), offs)
     assert torch.allclose(got[:6].float(), want, atol=1e-5)
     assert torch.equal(got[6:], torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_type_float32_in_a_reference_evaluation_stays_float64():
+    """DeepSeek-style routers (glm4_moe_lite, exaone_moe, minicpm5_moe) cast with
+    ``h.type(torch.float32)``: the float64 reference must not round through
+    float32 there (it did, and their differences did not converge at x)."""
+    from gradcheck.backends.torch import _PromoteToFloat64
+
+    x = torch.randn(3, dtype=torch.float64) / 3
+    with _PromoteToFloat64():
+        assert x.type(torch.float32).dtype == torch.float64
+        assert x.type("torch.FloatTensor").dtype == torch.float64
+        assert x.type() == "torch.DoubleTensor"
+        assert torch.equal(x.type(torch.float32), x)
+    assert x.type(torch.float32).dtype == torch.float32  # outside: torch's own
+
+
+@pytest.mark.parametrize("spec", ["hf:glm4_moe_lite", "hf:exaone_moe"])
+def test_hf_group_routed_moe_passes_in_float64(spec):
+    pytest.importorskip("transformers")
+    (report,) = list(
+        gradcheck.check_model(spec, dtype="float64", properties="fd", timeout=None)
+    )
+    assert report.passed, report.message()
+    assert "nearby point" not in report.message()

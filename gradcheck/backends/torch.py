@@ -91,6 +91,10 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
             k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
             for k, v in kwargs.items()
         }
+        if func is torch.Tensor.type and _type_to_low(args, kwargs):
+            # x.type(torch.float32) (DeepSeek-style routers): as .float() above
+            x = args[0]
+            return x.clone() if x.dtype == torch.float64 else x.to(torch.float64)
         if func is _GROUPED_MM and _grouped_in_float64(args, kwargs):
             return _grouped_mm_float64(*args, **kwargs)
         if func is torch.Tensor.to:
@@ -102,6 +106,16 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
 
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
+_LOW_TYPES = ("FloatTensor", "HalfTensor", "BFloat16Tensor")
+
+
+def _type_to_low(args: tuple, kwargs: dict) -> bool:
+    """``x.type(torch.float32)`` / ``x.type("torch.FloatTensor")``: a cast to a
+    low-precision floating type (``x.type()`` without one returns a string)."""
+    want = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if isinstance(want, str):
+        return want.rsplit(".", 1)[-1] in _LOW_TYPES
+    return want in _LOW
 
 
 def _grouped_in_float64(args: tuple, kwargs: dict) -> bool:
