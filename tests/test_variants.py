@@ -126,7 +126,7 @@ def test_bad_arguments_are_clear_errors():
         gradcheck.check_variants(_ce, model, batch, variants="xla")
     with pytest.raises(gradcheck.UnsupportedInputError, match="callable"):
         gradcheck.check_variants(3, model, batch, variants="autocast")
-    with pytest.raises(gradcheck.UnsupportedInputError, match="torch.nn.Module"):
+    with pytest.raises(gradcheck.UnsupportedInputError, match="torch.nn.Module, a"):
         gradcheck.check_variants(_ce, object(), batch, variants="autocast")
 
 
@@ -393,3 +393,87 @@ def test_no_framework_import_in_the_property_module():
         pathlib.Path(gradcheck.__file__).parent / "properties/variants.py"
     ).read_text()
     assert not re.search(r"^\s*(import|from) (torch|tensorflow|keras)", text, re.M)
+
+
+# ---------------------------------------------------------------- TensorFlow: xla
+@pytest.fixture(scope="module")
+def keras():
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("needs KERAS_BACKEND=tensorflow")
+    return keras
+
+
+def _keras_case(keras, bug: bool = False, dropout: bool = False):
+    import numpy as np
+    import tensorflow as tf
+
+    class WrongUnderXla(keras.layers.Layer):
+        """Scales the gradient by 1 + 1e-3 only inside a traced (XLA) function."""
+
+        def call(self, h):
+            if not tf.executing_eagerly():
+                return h * (1 + 1e-3) - tf.stop_gradient(h) * 1e-3
+            return h
+
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((6,)), keras.layers.Dense(16, activation="tanh")]
+    layers += [WrongUnderXla()] if bug else []
+    layers += [keras.layers.Dropout(0.2)] if dropout else []
+    model = keras.Sequential([*layers, keras.layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def loss_fn(model, batch):
+        logits = model(batch[0], training=True)
+        return tf.reduce_mean(
+            keras.losses.sparse_categorical_crossentropy(
+                batch[1], logits, from_logits=True
+            )
+        )
+
+    return model, (x, y), loss_fn
+
+
+def test_xla_correct_keras_model_passes_and_state_is_restored(keras):
+    import numpy as np
+
+    model, batch, loss_fn = _keras_case(keras)
+    before = [v.numpy().copy() for v in model.variables]
+    rng = rng_state()
+    report = gradcheck.check_variants(
+        loss_fn, model, batch, variants=("xla", "cpu", "cuda")
+    )
+    assert report.passed, report.message()
+    assert report.framework == "tensorflow" and report.reference_dtype == "float32"
+    assert {t.name.split("/")[0] for t in report.tensors} == {"xla", "cpu"}
+    if not HAS_GPU:
+        assert any("variant 'cuda' skipped" in n for n in report.notes)
+    assert "compile_seconds[xla]" in report.cost
+    for a, v in zip(before, model.variables, strict=True):
+        assert np.array_equal(a, v.numpy()), v.path
+    assert_same_rng(rng)
+
+
+def test_xla_only_bug_is_caught(keras):
+    model, batch, loss_fn = _keras_case(keras, bug=True)
+    report = gradcheck.check_variants(loss_fn, model, batch, variants="xla")
+    assert report.status == "mismatch", report.message()
+    assert "dense" in report.location.tensor
+    assert any("variant 'xla'" in n and "MISMATCH" in n for n in report.notes)
+
+
+def test_xla_with_dropout_in_training_mode_is_named_not_a_mismatch(keras):
+    model, batch, loss_fn = _keras_case(keras, dropout=True)
+    report = gradcheck.check_variants(loss_fn, model, batch, variants="xla")
+    assert report.status == "nondeterministic", report.message()
+    assert any("draws random numbers" in n for n in report.notes)
+
+
+def test_torch_variants_on_a_keras_model_are_clear_errors(keras):
+    model, batch, loss_fn = _keras_case(keras)
+    for v in ("compile", "autocast:bfloat16"):
+        with pytest.raises(gradcheck.UnsupportedInputError, match="torch variant"):
+            gradcheck.check_variants(loss_fn, model, batch, variants=v)

@@ -131,23 +131,21 @@ def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
 
 def variant_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
     """The variants property's driver for ``model``'s framework
-    (:class:`gradcheck.backends.torch_variants.TorchVariantDriver`)."""
+    (:mod:`gradcheck.backends.torch_variants`,
+    :mod:`gradcheck.backends.tensorflow_variants`)."""
     if "torch" in sys.modules:
         from gradcheck.backends import torch_variants
 
         if torch_variants.owns(model):
             return torch_variants.driver(loss_fn, model, batch)
-    keras = sys.modules.get("keras")
-    tf = sys.modules.get("tensorflow")
-    if (keras is not None and isinstance(model, keras.layers.Layer)) or (
-        tf is not None and isinstance(model, tf.Module)
-    ):
-        raise UnsupportedInputError(
-            "check_variants does not support TensorFlow/Keras models yet (the 'xla' "
-            "variant, jit_compile=True, is planned); check a torch.nn.Module."
-        )
+    if "tensorflow" in sys.modules:
+        from gradcheck.backends import tensorflow_variants
+
+        if tensorflow_variants.owns(model):
+            return tensorflow_variants.driver(loss_fn, model, batch)
     raise UnsupportedInputError(
-        f"model must be a torch.nn.Module; got {type(model).__name__}."
+        "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
+        f"{type(model).__name__}."
     )
 
 

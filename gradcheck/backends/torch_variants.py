@@ -60,8 +60,21 @@ class TorchVariantDriver(TorchDriver):
         self.home = str(first.device)
 
     # -- what can run here ---------------------------------------------------------
-    def unavailable(self, device: str | None, autocast: str | None, compiled: bool):
+    #: the reference of a float32 model is eager float64 (a float64 copy)
+    reference_float64 = True
+
+    def supported(self, variant: Any) -> None:
+        """Raise UnsupportedInputError for a variant torch has no form of."""
+        if variant.xla:
+            raise UnsupportedInputError(
+                f"variant '{variant.name}': 'xla' is TensorFlow's jit_compile; for a "
+                "torch model use 'compile'."
+            )
+
+    def unavailable(self, variant: Any) -> str | None:
         """Why the variant cannot run on this machine (None: it can)."""
+        device, autocast = variant.device, variant.autocast
+        compiled = variant.compiled
         if device is not None and dv.is_gpu(device):
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             index = dv._gpu_index(device)
@@ -103,6 +116,7 @@ class TorchVariantDriver(TorchDriver):
         device: str | None = None,
         autocast: str | None = None,
         compiled: bool = False,
+        xla: bool = False,
         perturb: tuple[int, float] | None = None,
         float64: bool = False,
         seed: int = 0,
