@@ -255,3 +255,43 @@ def test_hf_group_routed_moe_passes_in_float64(spec):
     )
     assert report.passed, report.message()
     assert "nearby point" not in report.message()
+
+
+class TinySwitch(torch.nn.Module):
+    """Switch Transformers' top-1 router: argmax of the router softmax picks the
+    expert, the max probability scales its output."""
+
+    def __init__(self, planted=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = torch.nn.Linear(6, 3, bias=False)
+        torch.nn.init.zeros_(self.router.weight)  # every pick a tie
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(3))
+        self.planted = planted
+        self.double()
+
+    def forward(self, x):
+        probs = torch.softmax(self.router(x), -1)
+        pick = torch.argmax(probs, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = torch.where(pick == e)[0]
+            if rows.numel():
+                y = torch.tanh(expert(x[rows])) * probs[rows, e, None]
+                if self.planted:
+                    y = _Scale.apply(y)
+                out = out.index_add(0, rows, y)
+        return out.pow(2).mean()
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_argmax_routing_is_held_too(planted):
+    model, x = TinySwitch(planted), _x()
+    report = gradcheck.check_gradients(lambda: model(x), params=model, seed=0)
+    if planted:
+        assert report.status == "mismatch", report.message()
+        return
+    assert report.passed and "nearby point" not in report.message(), report.message()
+    note = next(n for n in report.notes if n.startswith("routing: "))
+    assert note.startswith("routing: fn picks with torch.argmax (1 call in TinySwitch")
+    assert int(note.split("); ")[1].split(" of ")[0]) > 0, note

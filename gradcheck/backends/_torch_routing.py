@@ -15,7 +15,9 @@ from the record, the values gathered from the current input at those indices, so
 they stay differentiable) and counts the decisions that would have flipped. It is
 entered only around gradcheck's own calls of fn.
 
-Only ``topk`` is held: ``max(dim)``/``sort`` values are differentiable functions
+``argmax``/``argmin`` along a dim of a floating tensor (Switch Transformers' and
+NLLB-MoE's routers) are held the same way. Nothing else: ``max(dim)``/``sort``
+values are differentiable functions
 whose ties are kinks gradcheck must still report, and an ``argsort`` of random
 noise (ViT-MAE's masking) is nondeterminism to report, not a decision to hide.
 """
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 _TOPK = (torch.topk, torch.Tensor.topk)
+#: index-only choices (Switch Transformers' and NLLB-MoE's top-1/top-2 routers)
+_ARG = (torch.argmax, torch.Tensor.argmax, torch.argmin, torch.Tensor.argmin)
 
 
 def _topk_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int, int]:
@@ -52,8 +56,9 @@ class RoutingRecord:
         #: set when an evaluation's topk calls did not match the record
         #: (another count or shape): that evaluation ran unheld
         self.diverged: str | None = None
-        #: where the first topk ran (for the note)
+        #: where the recorded calls ran, and which ops they were (for the note)
         self.where: list[str] = []
+        self.ops: list[str] = []
 
     @property
     def active(self) -> bool:
@@ -71,11 +76,11 @@ class RoutingRecord:
             f" and {len(where) - 3} more" if len(where) > 3 else ""
         )
         text = (
-            f"routing: fn picks with torch.topk ({calls} call"
+            f"routing: fn picks with {'/'.join(dict.fromkeys(self.ops))} ({calls} call"
             f"{'s' if calls != 1 else ''} in {places}, {self.decisions} decisions per "
             f"evaluation); {self.most_flipped} of {self.decisions} routing decisions "
             "flip within the step; held fixed at the point's choice, as the gradient "
-            "does (the values stay differentiable: gathered at the recorded indices)."
+            "does (topk values stay differentiable: gathered at the recorded indices)."
         )
         if self.diverged:
             text += (
@@ -93,7 +98,7 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         self.record = record
         self.recording = record.indices is None
         self.seen: list[torch.Tensor] = []
-        self.dims: list[int] = []
+        self.dims: list[int | None] = []
         self.flipped = 0
         self.failed: str | None = None
 
@@ -120,6 +125,8 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _ARG:
+            return self._arg(func, args, kwargs)
         if func not in _TOPK:
             return func(*args, **kwargs)
         x, _, dim = _topk_args(args, kwargs)
@@ -131,6 +138,7 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         self.dims.append(dim)
         if self.recording:
             self.record.where.append(_caller())
+            self.record.ops.append("torch.topk")
             return out
         held = self.record.indices or []
         if self.failed is not None:
@@ -147,10 +155,41 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         values = torch.gather(x, dim, want)
         return torch.return_types.topk((values, want.clone()))
 
+    def _arg(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """argmax/argmin along a dim of a floating tensor: recorded, then replayed
+        (the indices are the whole output: nothing to gather)."""
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        out = func(*args, **kwargs)
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or dim is None:
+            return out
+        i = len(self.seen)
+        self.seen.append(out.detach().clone())
+        self.dims.append(None)
+        if self.recording:
+            self.record.where.append(_caller())
+            self.record.ops.append(f"torch.{_name(func)}")
+            return out
+        held = self.record.indices or []
+        if self.failed is not None:
+            return out
+        if i >= len(held) or held[i].shape != out.shape:
+            self.failed = f"{_name(func)} call {i + 1} has another shape or count"
+            return out
+        want = held[i].to(out.device)
+        self.flipped += int((want != out).sum())
+        return want.clone()
 
-def _rows(indices: torch.Tensor, dim: int) -> int:
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", "topk")
+
+
+def _rows(indices: torch.Tensor, dim: int | None) -> int:
     if not indices.dim():
         return 1
+    if dim is None:  # argmax/argmin: every element is one decision
+        return indices.numel()
     return indices.numel() // max(indices.shape[dim], 1)
 
 
