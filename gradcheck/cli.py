@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write a repro bundle to DIR for each job's failing check (a planted "
         "bug caught, a counterexample): the architecture spec, batch, seed and "
-        "versions; rerun one with 'gradcheck replay BUNDLE'",
+        "versions; rerun one with 'gradcheck replay BUNDLE'. Default: none (no bundles)",
     )
     a.add_argument(
         "--progress",
@@ -490,7 +490,8 @@ def _check_model_parser(sub: Any) -> None:
         default=None,
         metavar="DIR",
         help="write a repro bundle to DIR for each failing check (spec, weights, "
-        "inputs, seed, dtype, versions); rerun one with 'gradcheck replay BUNDLE'",
+        "inputs, seed, dtype, versions); rerun one with 'gradcheck replay BUNDLE'. "
+        "Default: none (no bundles)",
     )
 
 
