@@ -36,6 +36,7 @@ import torch
 
 import gradcheck
 from gradcheck.backends import _hf
+from tests._planted import scaled_backward
 
 MODELS = ("bert", "roberta", "vit", "llama", "mistral", "gpt2", "t5", "whisper")
 DELTAS = (1e-3, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8)
@@ -43,21 +44,6 @@ DELTAS = (1e-3, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8)
 FFN = re.compile(
     r"(intermediate\.dense|mlp\.(up_proj|gate_proj|fc1|c_fc)|fc1|DenseReluDense\.wi|wi_0|wi\b)$"
 )
-
-
-def _scaled(delta: float, only_float32: bool) -> type[torch.autograd.Function]:
-    class Scaled(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h):
-            return h.view_as(h)
-
-        @staticmethod
-        def backward(ctx, g):
-            if only_float32 and g.dtype != torch.float32:
-                return g
-            return g * (1 + delta)
-
-    return Scaled
 
 
 def target(model: torch.nn.Module) -> str:
@@ -76,7 +62,7 @@ def target(model: torch.nn.Module) -> str:
 def planted(
     model: torch.nn.Module, name: str, delta: float, only_float32: bool
 ) -> Iterator[None]:
-    fn = _scaled(delta, only_float32)
+    fn = scaled_backward(delta, only_float32)
     handle = dict(model.named_modules())[name].register_forward_hook(
         lambda _m, _a, out: fn.apply(out)
     )

@@ -4,9 +4,10 @@ relative amount, the kind of bug a custom op ships with."""
 from __future__ import annotations
 
 
-def scaled_backward(delta: float = 1e-3):
+def scaled_backward(delta: float = 1e-3, only_float32: bool = False):
     """An autograd Function: forward is the identity, backward multiplies the
-    incoming gradient by 1 + delta."""
+    incoming gradient by 1 + delta (``only_float32``: only a float32 gradient,
+    a bug in the float32 kernel alone, the float64 path right)."""
     import torch
 
     class ScaledBackward(torch.autograd.Function):
@@ -16,6 +17,8 @@ def scaled_backward(delta: float = 1e-3):
 
         @staticmethod
         def backward(ctx, g):
+            if only_float32 and g.dtype != torch.float32:
+                return g
             return g * (1 + delta)
 
     return ScaledBackward

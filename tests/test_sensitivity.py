@@ -21,27 +21,13 @@ torch = pytest.importorskip("torch")
 import gradcheck  # noqa: E402
 from gradcheck.numeric import differences as fd  # noqa: E402
 from gradcheck.properties import finite_difference as F  # noqa: E402
+from tests._planted import scaled_backward  # noqa: E402
 from tests._state import assert_same_rng, rng_state  # noqa: E402
-
-
-def _scaled(delta: float, only_float32: bool):
-    class Scaled(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h):
-            return h.view_as(h)
-
-        @staticmethod
-        def backward(ctx, g):
-            if only_float32 and g.dtype != torch.float32:
-                return g
-            return g * (1 + delta)
-
-    return Scaled
 
 
 @contextlib.contextmanager
 def planted(module: torch.nn.Module, delta: float, only_float32: bool = False):
-    fn = _scaled(delta, only_float32)
+    fn = scaled_backward(delta, only_float32)
     handle = module.register_forward_hook(lambda _m, _a, out: fn.apply(out))
     try:
         yield

@@ -1381,6 +1381,38 @@ def _rounding_draws(
     return NOISE_SIGMAS * (spread + move)
 
 
+def _native_path_mismatch(
+    ctx: _Context,
+    report: CheckReport,
+    g64: list[np.ndarray],
+    worst: tuple[int, float, float],
+    versus: str,
+    note: str,
+) -> None:
+    """The float64 gradient matches finite differences but the native one is over
+    its allowance at tensor ``worst[0]``: a mismatch located at that tensor's
+    largest deviation from the float64 gradient, with ``note`` appended."""
+    t, dev, allowed = worst
+    spec = ctx.session.specs[t]
+    diff = np.abs(ctx.grads[t] - g64[t]).reshape(-1)
+    k = int(np.argmax(diff)) if diff.size else 0
+    report.status = "mismatch"
+    report.location = Location(
+        tensor=spec.name,
+        index=tuple(int(i) for i in np.unravel_index(k, spec.shape))
+        if spec.shape
+        else (),
+        numerical=float(g64[t].reshape(-1)[k]) if diff.size else None,
+        analytical=float(ctx.grads[t].reshape(-1)[k]) if diff.size else None,
+        error=dev,
+        tolerance=allowed,
+        quantity=_quantity(ctx)
+        + " (numerical = float64 gradient, verified by finite differences; "
+        f"error/tolerance: the tensor's L2 deviation vs {versus})",
+    )
+    report.notes.append(note)
+
+
 _NOT_PRECISION = ": the error is not about precision."
 
 
@@ -1466,26 +1498,15 @@ def _precision_split(
             "float64 gradient matches finite differences."
         )
         return True
-    diff = np.abs(ctx.grads[t] - g64[t]).reshape(-1)
-    k = int(np.argmax(diff)) if diff.size else 0
-    report.status = "mismatch"
-    report.location = Location(
-        tensor=spec.name,
-        index=tuple(int(i) for i in np.unravel_index(k, spec.shape))
-        if spec.shape
-        else (),
-        numerical=float(g64[t].reshape(-1)[k]) if diff.size else None,
-        analytical=float(ctx.grads[t].reshape(-1)[k]) if diff.size else None,
-        error=dev,
-        tolerance=allowed,
-        quantity=_quantity(ctx)
-        + " (numerical = float64 gradient, verified by finite differences; "
-        f"error/tolerance: the tensor's L2 deviation vs {spec.dtype} rounding)",
-    )
-    report.notes.append(
+    _native_path_mismatch(
+        ctx,
+        report,
+        g64,
+        (t, dev, allowed),
+        f"{spec.dtype} rounding",
         f"the float64 gradient matches finite differences but the {spec.dtype} one "
         f"does not match it: a bug on the {spec.dtype} code path only (a kernel or "
-        "custom backward that behaves differently in low precision)."
+        "custom backward that behaves differently in low precision).",
     )
     return True
 
@@ -1586,29 +1607,18 @@ def _measured_split(
             "finite differences."
         )
         return True
-    diff = np.abs(ctx.grads[t] - g64[t]).reshape(-1)
-    k = int(np.argmax(diff)) if diff.size else 0
-    report.status = "mismatch"
-    report.location = Location(
-        tensor=spec.name,
-        index=tuple(int(i) for i in np.unravel_index(k, spec.shape))
-        if spec.shape
-        else (),
-        numerical=float(g64[t].reshape(-1)[k]) if diff.size else None,
-        analytical=float(ctx.grads[t].reshape(-1)[k]) if diff.size else None,
-        error=dev,
-        tolerance=allowed,
-        quantity=_quantity(ctx)
-        + " (numerical = float64 gradient, verified by finite differences; "
-        "error/tolerance: the tensor's L2 deviation vs its measured rounding)",
-    )
     rel = dev / max(float(np.linalg.norm(g64[t])), 1e-300)
-    report.notes.append(
+    _native_path_mismatch(
+        ctx,
+        report,
+        g64,
+        (t, dev, allowed),
+        "its measured rounding",
         f"the float64 gradient matches finite differences but the {spec.dtype} one "
         f"is off by {rel:.1e} (relative, '{spec.name}'), {dev / allowed:.1f}x its "
         f"measured rounding ({measured}): a bug on the {spec.dtype} code path only "
         "(a kernel or custom backward that behaves differently in low precision). "
-        "The table's rounding prior would have let it pass."
+        "The table's rounding prior would have let it pass.",
     )
     return True
 
