@@ -110,43 +110,32 @@ def _keras_torch_params(params: Any) -> dict[str, Any]:
     return out
 
 
-def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
-    """The devices property's driver for ``model``'s framework
-    (:class:`gradcheck.backends.devices_base.Driver`)."""
-    if "torch" in sys.modules:
-        from gradcheck.backends import torch_devices
-
-        if torch_devices.owns(model):
-            return torch_devices.driver(loss_fn, model, batch)
-    if "tensorflow" in sys.modules:
-        from gradcheck.backends import tensorflow_devices
-
-        if tensorflow_devices.owns(model):
-            return tensorflow_devices.driver(loss_fn, model, batch)
+def _driver(kind: str, loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
+    """The driver of module ``torch_<kind>`` or ``tensorflow_<kind>`` that owns
+    ``model`` (a framework is only asked once it is imported: a model of it
+    exists)."""
+    for framework in ("torch", "tensorflow"):
+        if framework in sys.modules:
+            module = importlib.import_module(f"gradcheck.backends.{framework}_{kind}")
+            if module.owns(model):
+                return module.driver(loss_fn, model, batch)
     raise UnsupportedInputError(
         "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
         f"{type(model).__name__}."
     )
+
+
+def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
+    """The devices property's driver for ``model``'s framework
+    (:class:`gradcheck.backends.devices_base.Driver`)."""
+    return _driver("devices", loss_fn, model, batch)
 
 
 def variant_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
     """The variants property's driver for ``model``'s framework
     (:mod:`gradcheck.backends.torch_variants`,
     :mod:`gradcheck.backends.tensorflow_variants`)."""
-    if "torch" in sys.modules:
-        from gradcheck.backends import torch_variants
-
-        if torch_variants.owns(model):
-            return torch_variants.driver(loss_fn, model, batch)
-    if "tensorflow" in sys.modules:
-        from gradcheck.backends import tensorflow_variants
-
-        if tensorflow_variants.owns(model):
-            return tensorflow_variants.driver(loss_fn, model, batch)
-    raise UnsupportedInputError(
-        "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
-        f"{type(model).__name__}."
-    )
+    return _driver("variants", loss_fn, model, batch)
 
 
 #: The module that drives a training step in each framework (imported on first use):
