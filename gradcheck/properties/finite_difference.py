@@ -696,9 +696,10 @@ class _Measured:
     by a random whole number of ulps, which re-rounds the forward pass) with the
     cotangent scaled by a random factor in [0.5, 2] (which re-rounds the backward:
     a VJP is linear in it), and each projected on the probe direction, divided by
-    the scale. Their RMS deviation from the checked value is the rounding actually
-    present (about sqrt(2) sigma: two roundings differ) plus the gradient's change
-    over a few ulps (what a backward-stable gradient may be off by). A systematic
+    the scale, in pairs at x + m and x - m: the mean of a pair minus the checked
+    value is the rounding actually present (about 1.2 sigma: three roundings), the
+    gradient's own change over the move cancelling in the mean to first order (it
+    was ~5x the rounding on a shrunk BERT, unpaired). A systematic
     error (a scaled backward, a wrong element, a float32-only kernel bug) is the
     same at every draw and does not enter it, so it cannot widen its own allowance.
 
