@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -236,8 +237,19 @@ def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
 
             model.compute_loss = compute_loss
         x, y, sample_weight = keras_data(built, batch)
-        return gradcheck.check_keras_model(
-            model, x, y, sample_weight=sample_weight, seed=seed
-        )
+        with warnings.catch_warnings():
+            if _mispaired(spec):
+                # Keras' sorted-name pairing (keras#20596) hands a from-logits
+                # cross-entropy a sigmoid head's output, and Keras says so: the
+                # symptom of the bug this job reproduces on purpose, on a model
+                # the audit generated; the check itself reports the mispairing
+                warnings.filterwarnings("ignore", message=MISPAIRED_LOGITS_WARNING)
+            return gradcheck.check_keras_model(
+                model, x, y, sample_weight=sample_weight, seed=seed
+            )
 
     return check
+
+
+#: Keras' warning when a from-logits loss receives a sigmoid's output
+MISPAIRED_LOGITS_WARNING = r'"`\w+` received `from_logits=True`, but the `output`'
