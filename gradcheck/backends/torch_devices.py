@@ -322,21 +322,7 @@ class TorchDriver(Driver):
                 _torch_logging(torch) as log,
             ):
                 loss = self.loss_fn(model, batch)
-                if (
-                    not isinstance(loss, torch.Tensor)
-                    or not loss.is_floating_point()
-                    or loss.numel() != 1
-                ):
-                    what = (
-                        f"a tensor of shape {list(loss.shape)} ({loss.dtype})"
-                        if isinstance(loss, torch.Tensor)
-                        else type(loss).__name__
-                    )
-                    raise UnsupportedInputError(
-                        f"loss_fn(model, batch) must return a scalar floating tensor "
-                        f"(the loss); got {what}. Reduce it (mean/sum) as training "
-                        "does; .item() and Python floats carry no gradient."
-                    )
+                check_loss(loss)
                 if loss.requires_grad:
                     grads = torch.autograd.grad(
                         loss.reshape(()), sources, allow_unused=True
@@ -488,3 +474,23 @@ def tf32_off_switches(torch: Any) -> Iterator[None]:
     finally:
         for fn in reversed(undo):
             fn()
+
+
+def check_loss(loss: Any) -> None:
+    """loss_fn(model, batch) must give a scalar floating tensor: else a clear
+    UnsupportedInputError (also used by torch_variants)."""
+    if (
+        not isinstance(loss, torch.Tensor)
+        or not loss.is_floating_point()
+        or loss.numel() != 1
+    ):
+        what = (
+            f"a tensor of shape {list(loss.shape)} ({loss.dtype})"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise UnsupportedInputError(
+            f"loss_fn(model, batch) must return a scalar floating tensor "
+            f"(the loss); got {what}. Reduce it (mean/sum) as training "
+            "does; .item() and Python floats carry no gradient."
+        )

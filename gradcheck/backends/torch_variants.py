@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gradcheck import devices as dv
-from gradcheck.backends.torch_devices import TorchDriver
+from gradcheck.backends.torch_devices import TorchDriver, check_loss
 from gradcheck.errors import UnsupportedInputError
 
 __all__ = ["TorchVariantDriver", "driver", "owns"]
@@ -172,7 +172,7 @@ class TorchVariantDriver(TorchDriver):
                 _fallback_random(compiled),
             ):
                 loss = fn(model, batch)
-                _check_loss(loss)
+                check_loss(loss)
                 if loss.requires_grad:
                     grads = torch.autograd.grad(
                         loss.reshape(()), sources, allow_unused=True
@@ -238,20 +238,3 @@ def _fallback_random(compiled: bool) -> Iterator[None]:
         return
     with config.patch(fallback_random=True):
         yield
-
-
-def _check_loss(loss: Any) -> None:
-    if (
-        not isinstance(loss, torch.Tensor)
-        or not loss.is_floating_point()
-        or loss.numel() != 1
-    ):
-        what = (
-            f"a tensor of shape {list(loss.shape)} ({loss.dtype})"
-            if isinstance(loss, torch.Tensor)
-            else type(loss).__name__
-        )
-        raise UnsupportedInputError(
-            f"loss_fn(model, batch) must return a scalar floating tensor (the loss); "
-            f"got {what}. Reduce it (mean/sum) as training does."
-        )
