@@ -147,6 +147,13 @@ class CheckReport:
     #: ``--repro-dir``): a directory ``gradcheck replay`` reruns. See
     #: :mod:`gradcheck.repro`.
     repro_bundle: str | None = None
+    #: Derivative order checked: 1 (gradients) or 2 (gradients of gradients:
+    #: gradgradcheck's question, Hessian-vector products of a loss).
+    order: int = 1
+    #: Which automatic differentiation was judged: "reverse" (backward),
+    #: "forward" (jvp) or "both" (each against finite differences, and forward
+    #: against reverse).
+    ad: str = "reverse"
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -164,6 +171,10 @@ class CheckReport:
     # ------------------------------------------------------------------ text
     def headline(self) -> str:
         prop = self.property.replace("_", "-")
+        if self.order != 1 or self.ad != "reverse":
+            kind = [f"order {self.order}"] if self.order != 1 else []
+            kind += [f"{self.ad} mode"] if self.ad != "reverse" else []
+            prop += f" ({', '.join(kind)})"
         verdict = "passed" if self.passed else f"FAILED ({self.status})"
         if self.status in NOT_RUN:
             verdict = f"not run ({self.status})"
