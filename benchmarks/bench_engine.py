@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,22 +46,25 @@ SEED = 0
 LR = 1e-3
 OPTIMIZER = f"torch.optim.SGD(lr={LR:g})"
 SIZES = {  # (n_in, hidden, trunk_out, batch)
-    "full": (512, 1024, 512, 64),
+    "full": (512, 1024, 512, 64),  # 1,055,755 parameters
     "quick": (32, 64, 32, 8),
+    "10M": (1280, 4096, 1280, 64),  # 10,498,571 parameters
 }
 N_CLASSES = 10
 
 
 class TwoHeadMLP(torch.nn.Module):
-    """Trunk Linear-ReLU-Linear-ReLU; a regression head and a 10-class head."""
+    """Trunk Linear-act-Linear-act (act ReLU, or tanh for the twin); a regression
+    head and a 10-class head."""
 
-    def __init__(self, n_in: int, hidden: int, trunk_out: int):
+    def __init__(self, n_in: int, hidden: int, trunk_out: int, act: str = "relu"):
         super().__init__()
+        make = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[act]
         self.trunk = torch.nn.Sequential(
             torch.nn.Linear(n_in, hidden),
-            torch.nn.ReLU(),
+            make(),
             torch.nn.Linear(hidden, trunk_out),
-            torch.nn.ReLU(),
+            make(),
         )
         self.main = torch.nn.Linear(trunk_out, 1)
         self.aux = torch.nn.Linear(trunk_out, N_CLASSES)
@@ -70,11 +74,13 @@ class TwoHeadMLP(torch.nn.Module):
         return self.main(h), self.aux(h)
 
 
-def build_model(quick: bool) -> tuple[TwoHeadMLP, dict[str, torch.Tensor]]:
+def build_model(
+    quick: bool, act: str = "relu", size: str | None = None
+) -> tuple[TwoHeadMLP, dict[str, torch.Tensor]]:
     """The seeded float32 model and its batch (x, regression and class targets)."""
-    n_in, hidden, trunk_out, batch = SIZES["quick" if quick else "full"]
+    n_in, hidden, trunk_out, batch = SIZES[size or ("quick" if quick else "full")]
     torch.manual_seed(SEED)
-    model = TwoHeadMLP(n_in, hidden, trunk_out)
+    model = TwoHeadMLP(n_in, hidden, trunk_out, act)
     g = torch.Generator().manual_seed(SEED + 1)
     data = {
         "x": torch.randn(batch, n_in, generator=g),
@@ -253,6 +259,107 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
     }
 
 
+# ------------------------------------------------------------------------ scaling
+SCALING = (  # (size, activation): the bench's model, its tanh twin, 10x the size
+    ("full", "relu"),
+    ("full", "tanh"),
+    ("10M", "relu"),
+    ("10M", "tanh"),
+)
+
+
+def scaling(repeats: int, keras: bool = True) -> list[dict]:
+    """Check time against parameters and against a training step, float32 and
+    float64, for the MLP family and (when TensorFlow is installed) a Keras CNN:
+    keras.applications.MobileNetV3Small at 32x32, batch 6, the issue's case."""
+    rows = []
+    for size, act in SCALING:
+        model32, data32 = build_model(False, act=act, size=size)
+        n = sum(p.numel() for p in model32.parameters())
+        for dtype in (torch.float32, torch.float64):
+            model, data = (
+                (model32, data32)
+                if dtype == torch.float32
+                else as_dtype(model32, data32, dtype)
+            )
+            step = time_call(train_step_fn(model, data), repeats)
+            check = time_call(check_fn(model, data), repeats)
+            rows.append(
+                {
+                    "model": f"MLP {act}",
+                    "parameters": n,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "check_s": check[0],
+                    "step_s": step[0],
+                    "ratio": check[0] / step[0],
+                    "status": check[2].status,
+                }
+            )
+            del model, data
+            gc.collect()
+    if keras:
+        rows.extend(_keras_rows(repeats))
+    return rows
+
+
+def _keras_rows(repeats: int) -> list[dict]:
+    try:
+        import keras
+        import tensorflow as tf
+    except ImportError:
+        return []
+    keras.utils.set_random_seed(SEED)
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, classes=10
+    )
+    rng = np.random.default_rng(SEED)
+    x = tf.constant(rng.standard_normal((6, 32, 32, 3)), tf.float32)
+    y = tf.constant(rng.integers(0, 10, 6))
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    opt = keras.optimizers.SGD(LR)
+
+    def step() -> None:
+        # the user's eager step: one forward, one backward, one update (a copy of
+        # the weights would cost more than the step; the model is re-seeded below)
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
+        grads = tape.gradient(value, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+    weights = model.get_weights()
+    step_t = time_call(step, repeats)
+    model.set_weights(weights)
+    check = time_call(
+        lambda: gradcheck.check_gradients(
+            lambda: loss(y, model(x, training=False)), params=model
+        ),
+        max(1, min(repeats, 3)),
+    )
+    return [
+        {
+            "model": "keras MobileNetV3Small 32x32, batch 6",
+            "parameters": int(model.count_params()),
+            "dtype": "float32",
+            "check_s": check[0],
+            "step_s": step_t[0],
+            "ratio": check[0] / step_t[0],
+            "status": check[2].status,
+        }
+    ]
+
+
+def print_scaling(rows: list[dict]) -> None:
+    print(
+        f"\n{'model':<40} {'params':>11} {'dtype':<8} {'check s':>9} "
+        f"{'step s':>9} {'check/step':>10}  status"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<40} {r['parameters']:>11,} {r['dtype']:<8} "
+            f"{r['check_s']:>9.3f} {r['step_s']:>9.4f} {r['ratio']:>10.1f}  {r['status']}"
+        )
+
+
 # ------------------------------------------------------------------------- output
 ROWS = [  # (timing key, label)
     ("train32", "float32 training step"),
@@ -356,13 +463,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="default 7 (2)")
     parser.add_argument("--json", default="reports/bench.json", help="output path")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also the scaling table: MLP relu/tanh at 1M and 10M parameters, "
+        "float32 and float64, and a Keras MobileNetV3Small (issue 12)",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
     res = run(quick=args.quick, repeats=max(1, repeats))
+    if args.scaling:
+        res["scaling"] = scaling(max(1, min(repeats, 3)))
     try:
         print_rich(res)
     except ImportError:
         print_plain(res)
+    if "scaling" in res:
+        print_scaling(res["scaling"])
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2) + "\n")
