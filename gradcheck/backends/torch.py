@@ -67,7 +67,32 @@ from gradcheck.numeric.tolerance import canonical_dtype, gradient_rounding
 FRAMEWORK = "torch"
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
+#: complex dtypes below complex128: a reference evaluation widens them to
+#: complex128 as it widens _LOW to float64 (complex64 judged against complex128)
+_LOW_COMPLEX = (torch.complex64, torch.complex32)
 _TO_LOW = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
+#: the real dtype of each complex dtype: a complex tensor is checked as its real
+#: and imaginary parts (torch.view_as_real), a tensor of that real dtype
+_REAL_OF = {
+    torch.complex128: torch.float64,
+    torch.complex64: torch.float32,
+    torch.complex32: torch.float16,
+}
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The reference dtype of a floating or complex dtype: float64 or complex128."""
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
+def _widen_dtype(v: Any) -> Any:
+    """A dtype argument asking for low precision, widened (float32 -> float64,
+    complex64 -> complex128); anything else unchanged."""
+    if v in _LOW:
+        return torch.float64
+    if v in _LOW_COMPLEX:
+        return torch.complex128
+    return v
 
 
 class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
@@ -86,10 +111,9 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
             x = args[0]
             return x.clone() if x.dtype == torch.float64 else x.to(torch.float64)
         args = torch.utils._pytree.tree_map(_up, args)
-        asked_low = kwargs.get("dtype") in _LOW
+        asked_low = kwargs.get("dtype") in _LOW + _LOW_COMPLEX
         kwargs = {
-            k: (torch.float64 if k == "dtype" and v in _LOW else _up(v))
-            for k, v in kwargs.items()
+            k: (_widen_dtype(v) if k == "dtype" else _up(v)) for k, v in kwargs.items()
         }
         if func is torch.Tensor.type and _type_to_low(args, kwargs):
             # x.type(torch.float32) (DeepSeek-style routers): as .float() above
@@ -98,8 +122,8 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
         if func is _GROUPED_MM and _grouped_in_float64(args, kwargs):
             return _grouped_mm_float64(*args, **kwargs)
         if func is torch.Tensor.to:
-            asked_low = asked_low or any(a in _LOW for a in args[1:])
-            args = tuple(torch.float64 if a in _LOW else a for a in args)
+            asked_low = asked_low or any(a in _LOW + _LOW_COMPLEX for a in args[1:])
+            args = tuple(_widen_dtype(a) for a in args)
             if asked_low:  # x.to(float32) copies a float64 x: so does this
                 kwargs["copy"] = True
         return func(*args, **kwargs)
@@ -165,6 +189,8 @@ def _grouped_mm_float64(
 def _up(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and x.dtype in _LOW:
         return x.to(torch.float64)
+    if isinstance(x, torch.Tensor) and x.dtype in _LOW_COMPLEX:
+        return x.to(torch.complex128)
     return x
 
 
@@ -339,8 +365,17 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
         return np.zeros(tuple(t.shape), dtype=np.float64)
     if t.layout != torch.strided:
         t = t.to_dense()
+    if t.is_complex():  # its real and imaginary parts, as the spec says
+        t = torch.view_as_real(t.detach().resolve_conj())
     out = t.detach().to("cpu", torch.float64)
     return out.numpy() if out.data_ptr() != t.data_ptr() else out.numpy().copy()
+
+
+def _direction_tensor(d: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A direction (float64 NumPy, real pairs for a complex tensor) as a float64
+    / complex128 tensor on ``like``'s device."""
+    out = torch.as_tensor(d, dtype=torch.float64, device=like.device)
+    return torch.view_as_complex(out.contiguous()) if like.is_complex() else out
 
 
 def _require_dense(t: torch.Tensor, name: str, where: str) -> None:
@@ -531,10 +566,6 @@ class TorchSession(Session):
             if not p.requires_grad:
                 skipped.append(f"'{name}' (requires_grad=False)")
                 continue
-            if p.is_complex():
-                raise UnsupportedInputError(
-                    f"'{name}' is complex; gradcheck checks real tensors."
-                )
             _require_dense(p, f"'{name}'", "parameter")
             self.diff.append(("param", p))
             specs.append(self._spec(name, p, "parameter"))
@@ -659,6 +690,17 @@ class TorchSession(Session):
 
     @staticmethod
     def _spec(name: str, t: torch.Tensor, kind: str) -> TensorSpec:
+        if t.is_complex():
+            # checked as its real and imaginary parts (torch's convention: the
+            # gradient of a real L is dL/dRe z + i dL/dIm z, so its view_as_real
+            # is the gradient w.r.t. those parts); complex64 -> float32 tolerances
+            return TensorSpec(
+                f"view_as_real({name})",
+                (*t.shape, 2),
+                canonical_dtype(_REAL_OF[t.dtype]),
+                str(t.device),
+                kind,
+            )
         return TensorSpec(
             name, tuple(t.shape), canonical_dtype(t.dtype), str(t.device), kind
         )
@@ -1197,7 +1239,7 @@ class TorchSession(Session):
             handles.append(
                 None
                 if d is None
-                else torch.as_tensor(d, dtype=torch.float64, device=base.device)
+                else _direction_tensor(d, base)
             )
         return handles
 
@@ -1271,7 +1313,7 @@ class TorchSession(Session):
         if cached is None or cached[0] is not x:
             # copy=True: a float64 tensor would otherwise be aliased, and an fn that
             # writes in place would reach the user's storage
-            cached = (x, x.detach().to(torch.float64, copy=True))
+            cached = (x, x.detach().to(_wide(x.dtype), copy=True))
             self._f64[key] = cached
         return cached[1]
 
@@ -1280,11 +1322,11 @@ class TorchSession(Session):
         fresh pages to fault in per evaluation (a graph-recording evaluation gets
         its own, since its graph may keep it)."""
         if grad:
-            return torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            return torch.empty(x.shape, dtype=_wide(x.dtype), device=x.device)
         buf = self._scratch_buffers.get(id(x))
         if buf is None:
             buf = self._scratch_buffers[id(x)] = torch.empty(
-                x.shape, dtype=torch.float64, device=x.device
+                x.shape, dtype=_wide(x.dtype), device=x.device
             )
         return buf
 
@@ -1305,7 +1347,7 @@ class TorchSession(Session):
     def _buffer_copy(b: torch.Tensor, promote: bool) -> torch.Tensor:
         # a fresh copy per evaluation: forward passes update buffers in place
         # (BatchNorm statistics), and every evaluation must start from the same state
-        return b.to(torch.float64) if promote and _is_floating(b) else b.clone()
+        return b.to(_wide(b.dtype)) if promote and _is_floating(b) else b.clone()
 
     def gradients_at(
         self,
