@@ -151,11 +151,58 @@ def _publish(report: CheckReport, label: str | None) -> CheckReport:
     return report
 
 
+#: Derivative orders and automatic-differentiation modes check_gradients judges.
+ORDERS = (1, 2)
+AD_MODES = ("reverse", "forward", "both")
+
+
+def _order_and_ad(order: Any, ad: Any) -> tuple[int, str]:
+    if isinstance(order, bool) or order not in ORDERS:
+        raise InvalidArgumentError(
+            f"order must be 1 (gradients) or 2 (second derivatives: gradients of "
+            f"gradients); got {order!r}."
+        )
+    if ad not in AD_MODES:
+        raise InvalidArgumentError(
+            f"ad must be 'reverse' (backward), 'forward' (jvp) or 'both' (each "
+            f"against finite differences, and forward against reverse); got {ad!r}."
+        )
+    return int(order), str(ad)
+
+
+def _open_for(
+    fn: Callable[..., Any], inputs: Sequence[Any], params: Any, order: int, seed: int
+) -> Session:
+    """The session a check of ``order`` runs on: fn's own at order 1; at order 2
+    the backend's derived function g(inputs, grad_outputs) = the VJP of fn, built
+    to be differentiated (torch: create_graph=True; TensorFlow: nested tapes), so
+    that the order-1 engine judges fn's second derivatives with everything it
+    does for gradients (float64 reference, measured rounding, blame by name)."""
+    if order == 1:
+        return open_session(fn, inputs, params)
+    from gradcheck.backends import detect_framework
+
+    if not callable(fn):
+        raise InvalidArgumentError(f"fn must be callable; got {type(fn).__name__}.")
+    if detect_framework(inputs, params) == "torch":
+        from gradcheck.backends import _is_keras_torch, _keras_torch_params, _leaves
+        from gradcheck.backends.torch import second_order_session
+
+        if _is_keras_torch(params) or any(_is_keras_torch(p) for p in _leaves(params)):
+            params = _keras_torch_params(params)
+        return second_order_session(fn, inputs, params, seed)
+    from gradcheck.backends.tensorflow import second_order_session as tf_second
+
+    return tf_second(fn, inputs, params, seed)
+
+
 def check_gradients(
     fn: Callable[..., Any],
     inputs: Any = (),
     *,
     params: Any = None,
+    order: int = 1,
+    ad: str = "reverse",
     seed: int | None = None,
     mode: str = "auto",
     rtol: float | None = None,
@@ -170,6 +217,22 @@ def check_gradients(
     float (TF), and ``params`` (an ``nn.Module``, ``keras.Model``/layer, or a list/dict
     of Parameters/Variables that ``fn`` reads).
 
+    ``order``: 1 checks gradients; 2 checks second derivatives: the framework's
+    derivatives of its own first-order gradient (Hessian-vector products of a
+    loss, for inputs and parameters, and the derivative w.r.t. the incoming
+    gradient, as torch's gradgradcheck) against finite differences of that
+    gradient, float32 judged against a float64 reference as at order 1.
+
+    ``ad``: "reverse" judges the backward pass; "forward" the forward-mode
+    derivative (torch forward AD, a custom Function's ``jvp``; TensorFlow's
+    ``ForwardAccumulator``) <v, J d> against finite differences; "both" runs
+    both checks and also compares forward with reverse mode.
+
+    Complex tensors (torch) are checked as their real and imaginary parts:
+    torch's gradient of a real loss L w.r.t. z is dL/dRe z + i dL/dIm z, so the
+    real view of that gradient is compared with finite differences over both
+    parts; complex64 is judged against a complex128 reference.
+
     ``mode``: "auto" (full Jacobian for <= 64 inputs and outputs, else directional),
     "directional" or "full". ``rtol`` overrides the expected gradient rounding of the
     native dtype; ``step`` the relative finite-difference step.
@@ -180,24 +243,54 @@ def check_gradients(
     is importable. Default: the pytest plugin's ``--gradcheck-repro-dir``, else
     none.
     """
+    order, ad = _order_and_ad(order, ad)
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
     inputs, params = _inputs(inputs), _params(params)
     with no_raw_exceptions("check_gradients", fn=fn):
-        with open_session(fn, inputs, params) as session:
-            opts = dataclasses.replace(opts, rtol=_rtol(session, rtol))
-            report = finite_difference.run(session, opts)
+        report = _check(fn, inputs, params, opts, order, ad, rtol)
+    report.order, report.ad = order, ad
     report.label = label
     from gradcheck import repro
 
-    repro.write_gradients_bundle(
-        repro_dir,
-        report,
-        fn,
-        inputs,
-        params,
-        {"seed": opts.seed, "mode": mode, "rtol": rtol, "step": step},
-    )
+    options: dict[str, Any] = {
+        "seed": opts.seed,
+        "mode": mode,
+        "rtol": rtol,
+        "step": step,
+    }
+    if order != 1 or ad != "reverse":
+        options.update(order=order, ad=ad)
+    repro.write_gradients_bundle(repro_dir, report, fn, inputs, params, options)
     return _publish(report, label)
+
+
+def _check(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    params: Any,
+    opts: finite_difference.Options,
+    order: int,
+    ad: str,
+    rtol: float | None,
+) -> CheckReport:
+    """One engine run per automatic-differentiation mode: "both" judges reverse
+    mode first and, where it passes, forward mode against finite differences and
+    against reverse mode (finite_difference.Options.ad)."""
+    runs = ["reverse", "both"] if ad == "both" else [ad]
+    report: CheckReport | None = None
+    for mode in runs:
+        with _open_for(fn, inputs, params, order, opts.seed) as session:
+            o = dataclasses.replace(opts, rtol=_rtol(session, rtol), ad=mode)
+            report = finite_difference.run(session, o)
+        if not report.passed:
+            if ad == "both" and mode == "reverse":
+                report.notes.append(
+                    "ad='both': reverse mode failed against finite differences, so "
+                    "forward mode was not run."
+                )
+            return report
+    assert report is not None
+    return report
 
 
 def assert_gradients(

@@ -103,6 +103,20 @@ class Session(ABC):
     ) -> tuple[float, list[np.ndarray | None]]:
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
+    def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """Forward mode: the outputs' tangents J d at x in the user's precision
+        (d: a direction as for ``prepare``; None = zero for that tensor), one
+        float64 array per output. Backends without forward mode refuse."""
+        raise UnsupportedInputError(
+            f"forward mode (ad='forward') is not available for {self.framework}."
+        )
+
+    def second_order_refusal(self) -> tuple[str, str] | None:
+        """For a derived second-order session: (tensor, why) when the framework
+        cannot differentiate fn's gradient at all (a backward with no graph), so
+        the check's verdict is "nondifferentiable"; None otherwise."""
+        return None
+
     def rounding_override(self, rtol: float | None = None) -> float | None:
         """The relative gradient rounding to judge at: the user's ``rtol`` if given,
         else, when the analytical side runs in a lower precision than the tensors'

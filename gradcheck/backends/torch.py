@@ -644,6 +644,11 @@ class TorchSession(Session):
         self._random_ops: dict[str, int] | None = None
         self._detaches: dict[str, int] = {}
         self._last_cotangents: list[np.ndarray] | None = None
+        #: a derived function's (see second_order_session) output names
+        self._output_labels: list[str] | None = None
+        #: (tensor, note) when a derived function's gradient cannot be
+        #: differentiated at all (see second_order_refusal)
+        self._refusal: tuple[str, str] | None = None
 
     def _note_tf32(self, specs: list[TensorSpec]) -> None:
         """Say so when float32 tensors live on a GPU where TF32 is in play: the
@@ -753,6 +758,9 @@ class TorchSession(Session):
         self._random_ops, self._detaches = watch.random_ops, watch.detaches
         return watch
 
+    def second_order_refusal(self) -> tuple[str, str] | None:
+        return self._refusal
+
     def restore(self) -> None:
         self._graph = None
         self._clear_autocast_cache()
@@ -829,6 +837,10 @@ class TorchSession(Session):
             raise _fn_raised(exc, "fn", where) from exc
         outs = flatten_outputs(raw, lambda o: isinstance(o, torch.Tensor), _is_floating)
         require_outputs(outs, raw)
+        if self._output_labels is not None and len(outs) == len(self._output_labels):
+            outs = [
+                (lab, o) for lab, (_, o) in zip(self._output_labels, outs, strict=True)
+            ]
         self.forward_count += 1
         for name, o in outs:
             _require_dense(o, name, "output")
@@ -904,7 +916,13 @@ class TorchSession(Session):
             )
         if self._keep is None:
             self._n_outputs = len(outs)
-            self._keep = self._choose_outputs(outs)
+            # a derived function's outputs are gradients: one without a graph is
+            # a backward torch cannot differentiate, compared, never left out
+            self._keep = (
+                list(range(len(outs)))
+                if self._output_labels is not None
+                else self._choose_outputs(outs)
+            )
             outs = [outs[i] for i in self._keep]
         self.output_names = [n for n, _ in outs]
         self.output_shapes = [tuple(o.shape) for _, o in outs]
@@ -1029,6 +1047,64 @@ class TorchSession(Session):
         if not retain:
             self._graph = None
         return [None if g is None else _to_numpy(g) for g in grads]
+
+    def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """Forward mode at x, in the user's precision: fn's outputs' tangents along
+        ``direction`` (torch.autograd.forward_ad: dual inputs; a parameter gets
+        its tangent by an in-place copy of a dual tensor into a fresh clone of
+        its value, so fn's closure over the Parameter sees it). A custom
+        Function's ``jvp`` runs here. An op without forward AD raises
+        UnsupportedInputError naming it."""
+        import torch.autograd.forward_ad as fwad
+
+        handle = self.prepare(direction)
+        inputs = list(self.inputs)
+        self._graph = None
+        self._clear_autocast_cache()
+        where = "at the point you gave, in forward mode (torch.autograd.forward_ad)"
+        try:
+            with fwad.dual_level(), torch.no_grad():
+                self._install_buffers(
+                    [
+                        (m, n, None if b is None else b.clone())
+                        for m, n, b in self._native_buffers
+                    ]
+                )
+                for (kind, ref), d in zip(self.diff, handle, strict=True):
+                    own = self.inputs[ref] if kind == "input" else self._native[id(ref)]
+                    value = own.detach().clone()
+                    dual = (
+                        value if d is None else fwad.make_dual(value, d.to(own.dtype))
+                    )
+                    if kind == "input":
+                        inputs[ref] = dual
+                    elif d is not None:
+                        ref.data = value.clone()
+                        ref.copy_(dual)
+                outs = self._call(inputs, where, at_point=True)
+                tangents = []
+                for _, o in outs:
+                    tan = fwad.unpack_dual(o).tangent
+                    tangents.append(
+                        np.zeros(tuple(o.shape)) if tan is None else _to_numpy(tan)
+                    )
+        except FunctionRaisedError as exc:
+            cause = exc.__cause__
+            text = str(cause or "")
+            if isinstance(cause, NotImplementedError) or "forward AD" in text:
+                raise UnsupportedInputError(
+                    "forward mode (ad='forward') is not available for fn: torch "
+                    f"says {_first_line(cause or exc).rstrip('.')}. Check this function with "
+                    "ad='reverse', or give the custom autograd.Function a jvp "
+                    "(staticmethod jvp(ctx, *tangents), with ctx.save_for_forward)."
+                ) from exc
+            raise
+        finally:
+            for p in self._all_params:
+                p.data = self._native[id(p)]
+            self._install_buffers(self._native_buffers)
+        self.forward_count += 1
+        return tangents
 
     def value_and_grads(
         self, fn: Callable[..., Any], label: str
@@ -1236,11 +1312,7 @@ class TorchSession(Session):
         handles = []
         for (kind, ref), d in zip(self.diff, direction, strict=True):
             base = self.inputs[ref] if kind == "input" else self._state_data(ref)
-            handles.append(
-                None
-                if d is None
-                else _direction_tensor(d, base)
-            )
+            handles.append(None if d is None else _direction_tensor(d, base))
         return handles
 
     def _state_data(self, p: torch.Tensor) -> torch.Tensor:
@@ -1505,3 +1577,259 @@ class TorchSession(Session):
             for p in self._all_params:
                 p.data = self._native[id(p)]
             self._install_buffers(self._native_buffers)
+
+
+# ---------------------------------------------------------------------- order 2
+def _double_backward(
+    outputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | None, ...]:
+    """torch.autograd.grad(..., create_graph=True, allow_unused=True), calling the
+    engine directly so that a reference evaluation's _PromoteToFloat64 mode stays
+    on the stack for Python backward functions (see _autograd_grad)."""
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if run is None:  # pragma: no cover - torch < 2.3
+        run = torch.autograd.Variable._execution_engine.run_backward
+    return run(
+        tuple(outputs),
+        tuple(grad_outputs),
+        True,
+        True,
+        tuple(sources),
+        True,
+        accumulate_grad=False,
+    )
+
+
+def _graph_has(roots: Sequence[Any], name: str, limit: int = 100_000) -> bool:
+    """Whether an autograd node called ``name`` is reachable from ``roots``."""
+    stack, seen = [r for r in roots if r is not None], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == name:
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False
+
+
+def _once_differentiable(roots: Sequence[Any], limit: int = 100_000) -> list[str]:
+    """Custom autograd.Functions in a forward graph whose backward is wrapped by
+    torch.autograd.function.once_differentiable."""
+    found: dict[str, None] = {}
+    stack, seen = [r for r in roots if r is not None], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        backward = getattr(cls, "backward", None)
+        code = getattr(backward, "__code__", None)
+        if (
+            getattr(backward, "__wrapped__", None) is not None
+            and code is not None
+            and code.co_filename.replace("\\", "/").endswith("autograd/function.py")
+        ):
+            found[f"{cls.__qualname__} ({cls.__module__})"] = None
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(found)
+
+
+def second_order_session(
+    fn: Callable[..., Any], inputs: Sequence[Any], params: Any, seed: int
+) -> TorchSession:
+    """A session on the derived function
+
+        g(inputs, grad_outputs) = torch.autograd.grad(fn(inputs), tensors,
+                                                      grad_outputs, create_graph=True)
+
+    (one gradient per differentiated tensor of fn: its inputs that require grad
+    and its parameters), whose Jacobian holds fn's second derivatives: w.r.t. the
+    inputs and parameters, Hessian-vector products of <grad_outputs, fn>; w.r.t.
+    grad_outputs (seeded Gaussian cotangents, 1 for a scalar output, themselves
+    differentiated), fn's Jacobian as the backward applies it. Checking g at order
+    1 is gradgradcheck's question, with everything the engine does for order 1
+    (float64 reference, measured rounding, blame by name). g's outputs are named
+    ``grad[<tensor>]``, the cotangents ``grad_outputs[k]``.
+
+    A gradient that carries no graph (a backward run under no_grad, on detached
+    tensors, or marked @once_differentiable) is compared as a constant: where fn's
+    second derivative is not zero, finite differences see it change and the check
+    fails at the tensor; when no gradient can be differentiated at all, the
+    session's second_order_refusal() says so and the check's verdict is
+    "nondifferentiable"."""
+    from gradcheck.numeric.directions import cotangents
+
+    probe = TorchSession(fn, inputs, params)
+    try:
+        probe.analytic()
+        assert probe._graph is not None
+        outs = probe._graph[0]
+        out_names = list(probe.output_names)
+        keep = list(probe._keep or [])
+        n_outputs = probe._n_outputs
+        first_specs = list(probe.specs)
+        input_idx = [ref for kind, ref in probe.diff if kind == "input"]
+        # outputs torch declares constant carry no cotangent (order 1 leaves
+        # them out too)
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+        shapes = [tuple(outs[i].shape) for i in live]
+        rng = np.random.default_rng([seed, 13])
+        grad_outputs = [
+            torch.as_tensor(v, dtype=outs[i].dtype, device=outs[i].device)
+            .clone()
+            .requires_grad_(True)
+            for i, v in zip(live, cotangents(shapes, rng), strict=True)
+        ]
+        probe._graph = None
+    finally:
+        probe.restore()
+    n = len(inputs)
+    holder: dict[str, Any] = {}
+
+    def derived(*args: Any) -> tuple[torch.Tensor, ...]:
+        session: TorchSession = holder["session"]
+        xs = list(args[:n])
+        vs = list(args[n:])
+        at_point = all(
+            isinstance(a, torch.Tensor) and a.requires_grad
+            for a in [*(xs[i] for i in input_idx), *vs]
+        )
+        with torch.enable_grad():
+            for i in input_idx:
+                if not xs[i].requires_grad:  # a no-grad reference evaluation
+                    xs[i] = xs[i].detach().requires_grad_(True)
+            raw = fn(*xs)
+            flat = flatten_outputs(
+                raw, lambda o: isinstance(o, torch.Tensor), _is_floating
+            )
+            if len(flat) == n_outputs:
+                flat = [flat[i] for i in keep]
+            ys = [_real_view(o) for _, o in flat]
+            if len(ys) != len(out_names):
+                raise GradcheckError(
+                    f"fn returned {len(ys)} floating outputs here and "
+                    f"{len(out_names)} at the point: make its output structure "
+                    "depend only on its inputs."
+                )
+            pairs = [
+                (ys[i], v) for i, v in zip(live, vs, strict=True) if ys[i].requires_grad
+            ]
+            sources = [xs[i] for i in input_idx] + [
+                ref for kind, ref in session.diff if kind == "param"
+            ]
+            grads: Sequence[torch.Tensor | None] = (
+                _double_backward(
+                    [y for y, _ in pairs],
+                    [v.to(y.dtype) for y, v in pairs],
+                    sources,
+                )
+                if pairs
+                else [None] * len(sources)
+            )
+        if at_point and not holder.get("diagnosed"):
+            holder["diagnosed"] = True
+            session._refusal, note = _second_order_diagnosis(ys, grads, first_specs)
+            if note:
+                session.notes.append(note)
+        return tuple(
+            torch.zeros_like(src) if g is None else g
+            for g, src in zip(grads, sources, strict=True)
+        )
+
+    session = TorchSession(derived, [*inputs, *grad_outputs], params)
+    holder["session"] = session
+    session._output_labels = [f"grad[{s.name}]" for s in first_specs]
+    session.specs = [
+        TensorSpec(
+            f"grad_outputs[{k - n}]" if s.kind == "input" and k >= n else s.name,
+            s.shape,
+            s.dtype,
+            s.device,
+            s.kind,
+        )
+        for k, s in zip(
+            [ref if kind == "input" else -1 for kind, ref in session.diff],
+            session.specs,
+            strict=True,
+        )
+    ]
+    session.notes.append(
+        "order 2: the function checked is g(inputs, grad_outputs) = "
+        "torch.autograd.grad(fn(inputs), tensors, grad_outputs, create_graph=True) "
+        "(grad_outputs: seeded cotangents of "
+        + ", ".join(out_names[i] for i in live)
+        + "); its derivatives w.r.t. the inputs and parameters are fn's second "
+        "derivatives (Hessian-vector products), w.r.t. grad_outputs the Jacobian "
+        "the backward applies."
+    )
+    return session
+
+
+def _second_order_diagnosis(
+    ys: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    specs: Sequence[TensorSpec],
+) -> tuple[tuple[str, str] | None, str | None]:
+    """(refusal, note). refusal: (tensor, note) when torch cannot differentiate
+    fn's gradient at all: a backward marked @once_differentiable (its gradient
+    carries an error node), or every nonzero gradient without a graph (a backward
+    run under no_grad or on detached tensors). None when some gradient can be
+    differentiated: a constant one among them is then judged by finite
+    differences (a mismatch where fn's second derivative is not zero), and the
+    note names it."""
+    roots = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    once = _once_differentiable([y.grad_fn for y in ys])
+    if once and _graph_has(roots, "torch::autograd::Error"):
+        name = next(
+            s.name
+            for s, g in zip(specs, grads, strict=True)
+            if g is not None
+            and g.grad_fn is not None
+            and _graph_has([g.grad_fn], "torch::autograd::Error")
+        )
+        return (
+            name,
+            (
+                f"torch cannot differentiate the gradient of '{name}': the backward of "
+                + ", ".join(once[:3])
+                + " is marked @once_differentiable, so the gradient it returns carries "
+                "an error node instead of a graph (differentiating it raises 'trying to "
+                "differentiate twice a function that was marked with "
+                "@once_differentiable'). There is no second derivative to check: write "
+                "that backward in differentiable torch ops (without "
+                "@once_differentiable, no_grad or detach) to use it at order 2."
+            ),
+        ), None
+    detached = [
+        s.name
+        for s, g in zip(specs, grads, strict=True)
+        if g is not None and not g.requires_grad and bool(g.detach().abs().sum() > 0)
+    ]
+    connected = [g for g in grads if g is not None and g.requires_grad]
+    if detached and not connected:
+        return (
+            detached[0],
+            (
+                "torch's gradient of fn carries no graph ("
+                + ", ".join(f"'{d}'" for d in detached[:4])
+                + "): the backward ran without recording (under torch.no_grad, on "
+                "detached tensors or .data, or NumPy), so torch cannot differentiate it "
+                "(torch.autograd.grad on it raises 'does not require grad'). There is "
+                "no second derivative to check: write the backward in differentiable "
+                "torch ops to use it at order 2."
+            ),
+        ), None
+    if detached:
+        return None, (
+            "torch's gradient for "
+            + ", ".join(f"'{d}'" for d in detached[:4])
+            + " carries no graph (its backward ran under torch.no_grad, on detached "
+            "tensors or .data): torch takes its derivative as 0, which finite "
+            "differences judge."
+        )
+    return None, None

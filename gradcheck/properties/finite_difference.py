@@ -99,8 +99,16 @@ class Options:
     rtol: float | None = None  # override of GRADIENT_ROUNDING for the native dtype
     step: float | None = None  # override of the relative step (fraction of |x|)
     blame_budget: int = BLAME_BUDGET
+    #: which derivative is judged: "reverse" (the backward: <g, d> with g the VJP
+    #: of the cotangent), "forward" (forward mode: <v, J d> from the session's
+    #: jvp), "both" (forward mode, then forward against reverse, tightly)
+    ad: str = "reverse"
 
     def __post_init__(self) -> None:
+        if self.ad not in ("reverse", "forward", "both"):
+            raise InvalidArgumentError(
+                f"ad must be 'reverse', 'forward' or 'both', got {self.ad!r}"
+            )
         if self.mode not in ("auto", "directional", "full"):
             raise InvalidArgumentError(
                 f"mode must be 'auto', 'directional' or 'full', got {self.mode!r}"
@@ -140,11 +148,16 @@ class _Probe:
         self.direction = direction
         s = ctx.session
         self.handle = s.prepare(direction)
-        self.contrib = np.array(
+        #: <g_t, d_t>: reverse mode's contribution of each tensor
+        self.reverse_contrib = np.array(
             [
                 0.0 if d is None else float(np.vdot(g, d))
                 for g, d in zip(ctx.grads, direction, strict=True)
             ]
+        )
+        # forward mode: <v, J_t d_t> from one JVP per tensor the direction moves
+        self.contrib = (
+            ctx.forward_contrib(direction) if ctx.forward else self.reverse_contrib
         )
         self.analytical = float(self.contrib.sum())
         # rounding of the analytical side: <dg_t, d_t> with |dg_t| = rho_t |g_t|_eff is
@@ -294,6 +307,11 @@ class _Context:
         # tensors that are (near) zero, e.g. freshly initialised biases
         self.x_scale = [max(r, 0.1 * top, 1e-3) for r in rms]
         self.phi0: fd.Evaluation | None = None
+        #: forward mode judged (Options.ad): the analytical side is <v, J d>
+        self.forward = options.ad in ("forward", "both")
+        #: ad="both": what forward mode is compared with reverse mode on
+        self.both_full: tuple | None = None
+        self.both_probe: _Probe | None = None
         self.full_direction: list[np.ndarray] = []
         self.norms: list[float] = []
         #: True for the re-run at a nearby point (see _nearby): no second move.
@@ -301,6 +319,22 @@ class _Context:
         #: Multiplier on every probe's step: < 1 once differences are found to
         #: converge only at smaller steps (see _judge_smaller_steps).
         self.step_scale = 1.0
+
+    def forward_contrib(self, direction: Sequence[np.ndarray | None]) -> np.ndarray:
+        """<v, J_t d_t> per tensor t, from the session's forward mode (one JVP per
+        tensor the direction moves; 0 where it does not)."""
+        out = np.zeros(len(direction))
+        for t, d in enumerate(direction):
+            if d is None:
+                continue
+            only: list[np.ndarray | None] = [None] * len(direction)
+            only[t] = d
+            tangents = self.session.jvp(only)
+            _check_finite_tangents(self.session, tangents, self.session.specs[t].name)
+            out[t] = sum(
+                float(np.vdot(v, y)) for v, y in zip(self.cot, tangents, strict=True)
+            )
+        return out
 
     @property
     def x(self) -> list[np.ndarray]:
@@ -351,6 +385,9 @@ def run(session: Session, options: Options) -> CheckReport:
     started = time.perf_counter()
     outputs = session.analytic()
     session.check_finite_outputs(outputs)
+    refusal = session.second_order_refusal()
+    if refusal is not None:
+        return session.finish(_refused(session, options, *refusal), started)
     rng = np.random.default_rng(options.seed)
     cot = dirs.cotangents(session.output_shapes, rng)
     n_in = sum(s.size for s in session.specs)
@@ -364,7 +401,9 @@ def run(session: Session, options: Options) -> CheckReport:
             if n_in <= FULL_MAX_INPUTS and n_out <= FULL_MAX_OUTPUTS
             else "directional"
         )
-    raw = session.vjp(cot, retain=(mode == "full"))
+    # full mode takes a VJP per output row from the retained graph; forward mode
+    # takes JVP columns instead (and "both" compares the two)
+    raw = session.vjp(cot, retain=(mode == "full" and options.ad != "forward"))
     try:
         session.check_finite_grads(raw)
     except NonFiniteError as exc:
@@ -390,7 +429,58 @@ def run(session: Session, options: Options) -> CheckReport:
         report = _run_full(ctx, raw, outputs)
     else:
         report = _run_directional(ctx, raw, rng)
+    if options.ad == "both" and report.passed:
+        _compare_modes(ctx, report)
     return session.finish(report, started)
+
+
+def _check_finite_tangents(
+    session: Session, tangents: Sequence[np.ndarray], tensor: str
+) -> None:
+    for name, y in zip(session.output_names, tangents, strict=True):
+        if not np.isfinite(y).all():
+            raise NonFiniteError(
+                f"the framework's forward-mode derivative of {name} along "
+                f"'{tensor}' has {int((~np.isfinite(y)).sum())} NaN/Inf elements of "
+                f"{y.size} while the outputs are finite: a jvp that overflows or "
+                "divides by zero (a custom Function's jvp, sqrt/norm at 0?)."
+            )
+
+
+def _refused(session: Session, options: Options, tensor: str, why: str) -> CheckReport:
+    """The framework cannot differentiate fn's gradient at all (order 2: a backward
+    marked @once_differentiable, or one that records no graph): there is no
+    second derivative to compare, and the verdict says so instead of an
+    exception from deep inside the framework."""
+    return CheckReport(
+        property="finite_difference",
+        status="nondifferentiable",
+        framework=session.framework,
+        device=session.device,
+        dtype=session.dtype,
+        seed=options.seed,
+        mode=options.mode,
+        error=math.nan,
+        tolerance=math.nan,
+        tolerance_reason="none: the framework's gradient cannot be differentiated",
+        reference_dtype=None,
+        location=Location(
+            tensor=tensor, quantity="second derivative (its backward has no graph)"
+        ),
+        tensors=[
+            TensorResult(
+                name=sp.name,
+                shape=sp.shape,
+                dtype=sp.dtype,
+                device=sp.device,
+                kind=sp.kind,
+                grad_norm=math.nan,
+                status="nondifferentiable",
+            )
+            for sp in session.specs
+        ],
+        notes=[why],
+    )
 
 
 def _nothing_to_compare(session: Session, options: Options, n_in: int) -> CheckReport:
@@ -567,6 +657,7 @@ def _run_directional(
             continue  # reference precision fell back to native: new steps and limits
     else:  # pragma: no cover - the precision changes at most once
         raise AssertionError("reference precision kept changing")
+    ctx.both_probe = probe
     report = _base_report(ctx, "directional", raw)
     for tr, c in zip(report.tensors, probe.contrib, strict=True):
         tr.analytical = float(c)
@@ -723,8 +814,8 @@ class _Measured:
     @classmethod
     def start(cls, ctx: _Context, probe: _Probe) -> _Measured | None:
         s = ctx.session
-        if s.framework != "torch" or ctx.options.rtol is not None:
-            return None
+        if s.framework != "torch" or ctx.options.rtol is not None or ctx.forward:
+            return None  # forward mode: judged on the table's prior
         inner = s.internal_dtype
         names = {sp.dtype for sp in s.specs} | ({inner} if inner else set())
         low_name = max(names, key=tl.eps)
@@ -899,13 +990,18 @@ def _diagnose(
             "eval mode, fix the RNG inside fn, or enable deterministic algorithms."
         )
         return
-    s.analytic()
-    regrads = s.vjp(ctx.cot)
-    drift = sum(
-        abs(float(np.vdot((g2 if g2 is not None else 0) - g, dd)))
-        for g, g2, dd in zip(ctx.grads, regrads, probe.direction, strict=True)
-        if dd is not None
-    )
+    if ctx.forward:  # the same JVPs again
+        drift = float(
+            np.abs(ctx.forward_contrib(probe.direction) - probe.contrib).sum()
+        )
+    else:
+        s.analytic()
+        regrads = s.vjp(ctx.cot)
+        drift = sum(
+            abs(float(np.vdot((g2 if g2 is not None else 0) - g, dd)))
+            for g, g2, dd in zip(ctx.grads, regrads, probe.direction, strict=True)
+            if dd is not None
+        )
     if drift > 0 and drift >= 0.1 * err:
         report.status = "nondeterministic"
         report.notes.append(
@@ -944,7 +1040,8 @@ def _diagnose(
                 if _precision_split(ctx, probe, small, report):
                     return
                 kink, trustworthy, err = None, True, report.error
-    if (kink is not None or not trustworthy) and not ctx.nearby:
+    # (forward mode judges at x only: a nearby point would need JVPs there)
+    if (kink is not None or not trustworthy) and not ctx.nearby and not ctx.forward:
         if _nearby(ctx, probe, est, report, kink, trustworthy):
             return
     if kink is not None:
@@ -1430,7 +1527,9 @@ def _precision_split(
     native gradient must be within JITTER_FACTOR x its measured rounding spread
     (native gradients at a point moved by a few ulps) of the float64 gradient.
     """
-    if not _needs_split(ctx):
+    if not _needs_split(ctx) or ctx.forward:
+        # forward mode: judged on the table's rounding prior, no split (the
+        # float64 side of the split is a reverse-mode gradient)
         return False
     s = ctx.session
     g64 = _zeros_for_none(ctx, s.gradients_at([ctx.cot], promote=True)[0])
@@ -1733,7 +1832,11 @@ def _locate(
             tensor=spec.name,
             index=index,
             numerical=float(est.value) / dk,
-            analytical=float(ctx.grads[t].reshape(-1)[lo]),
+            analytical=(
+                p.analytical / dk
+                if ctx.forward
+                else float(ctx.grads[t].reshape(-1)[lo])
+            ),
             error=err / abs(dk),
             tolerance=tol / abs(dk),
             quantity=_quantity(ctx),
@@ -1773,7 +1876,9 @@ def _run_full(
     full_jacobian = n_out <= FULL_MAX_OUTPUTS
     # analytical rows: one VJP per output element (or the cotangent projection)
     cot_sets = _cotangent_sets(ctx, outputs, full_jacobian and n_out > 1)
-    if len(cot_sets) > 1:
+    if ctx.options.ad == "forward":
+        analytic = _forward_columns(ctx, full_jacobian and n_out > 1)
+    elif len(cot_sets) > 1:
         rows = []
         for i, cot in enumerate(cot_sets):
             g = s.vjp(cot, retain=i < len(cot_sets) - 1)
@@ -1783,6 +1888,9 @@ def _run_full(
     else:
         s.vjp(ctx.cot)  # release the retained graph
         analytic = _stack(ctx, [ctx.grads])
+    if ctx.options.ad == "both":  # judge forward mode; compare it with reverse after
+        reverse = analytic
+        analytic = _forward_columns(ctx, full_jacobian and n_out > 1)
     n_in = analytic.shape[1]
     rho = np.concatenate(
         [np.full(sp.size, r) for sp, r in zip(s.specs, ctx.rho, strict=True)]
@@ -1798,6 +1906,8 @@ def _run_full(
     kinks: list[int] = []
     jfloor = tl.ROUNDING_FLOOR * float(np.max(np.abs(analytic), initial=0.0))
     tol_an = tl.ROUNDING_SIGMAS * rho[None, :] * (np.abs(analytic) + jfloor)
+    if ctx.options.ad == "both":
+        ctx.both_full = (reverse, analytic, tol_an, col_of)
 
     zero = s.prepare([None] * len(s.specs))
     base_outs = s.outputs_at(zero, 0.0)  # resolves the reference precision first
@@ -1905,7 +2015,7 @@ def _run_full(
                 "inside fn, or enable deterministic algorithms."
             )
             return report
-    if ratio[i, k] > 1 and _needs_split(ctx):
+    if ratio[i, k] > 1 and _needs_split(ctx) and not ctx.forward:
         ratio, i, k, decided = _full_precision_split(
             ctx, report, cot_sets, analytic, numeric, fd_err, tol_an, col_of, ratio
         )
@@ -1945,6 +2055,117 @@ def _run_full(
             "analytical value is a valid subgradient): ReLU at 0, max ties or |x| at 0."
         )
     return report
+
+
+def _forward_columns(ctx: _Context, jacobian: bool) -> np.ndarray:
+    """Forward mode's Jacobian: one JVP per input element, each column every
+    output element (``jacobian``) or the projection <v, J e_k>: (n_rows, n_in)."""
+    s = ctx.session
+    cols = []
+    for t, sp in enumerate(s.specs):
+        for local in range(sp.size):
+            e: list[np.ndarray | None] = [None] * len(s.specs)
+            unit = np.zeros(sp.size)
+            unit[local] = 1.0
+            e[t] = unit.reshape(sp.shape)
+            tangents = s.jvp(e)
+            _check_finite_tangents(s, tangents, sp.name)
+            if jacobian:
+                cols.append(np.concatenate([y.reshape(-1) for y in tangents]))
+            else:
+                cols.append(
+                    np.array(
+                        [
+                            sum(
+                                float(np.vdot(v, y))
+                                for v, y in zip(ctx.cot, tangents, strict=True)
+                            )
+                        ]
+                    )
+                )
+    return np.stack(cols, axis=1)
+
+
+def _compare_modes(ctx: _Context, report: CheckReport) -> None:
+    """ad="both", after forward mode passed against finite differences: forward
+    and reverse mode compute the same derivatives, so they must agree within
+    both sides' rounding (no finite-difference error in between: tighter than
+    either check). A disagreement is a mismatch located at the tensor (and, in
+    full mode, element) where it is largest."""
+    s = ctx.session
+    if ctx.both_full is not None:
+        reverse, forward, tol_an, col_of = ctx.both_full
+        diff = np.abs(forward - reverse)
+        tol = 2.0 * tol_an
+        ratio = np.where(
+            tol > 0, diff / np.maximum(tol, 1e-300), np.where(diff > 0, np.inf, 0.0)
+        )
+        i, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        t = int(col_of[k])
+        local = int(k - sum(sp.size for sp in s.specs[:t]))
+        index = (
+            tuple(int(j) for j in np.unravel_index(local, s.specs[t].shape))
+            if s.specs[t].shape
+            else ()
+        )
+        worst = (
+            float(ratio[i, k]),
+            t,
+            index,
+            float(reverse[i, k]),
+            float(forward[i, k]),
+            float(diff[i, k]),
+            float(tol[i, k]),
+        )
+        what = "Jacobian element"
+    elif ctx.both_probe is not None:
+        probe = ctx.both_probe
+        rounding = [
+            2.0 * tl.ROUNDING_SIGMAS * r * u
+            for r, u in zip(ctx.rho, probe._unit_rounding, strict=True)
+        ]
+        diff = np.abs(probe.contrib - probe.reverse_contrib)
+        ratios = [
+            d / r if r > 0 else (np.inf if d > 0 else 0.0)
+            for d, r in zip(diff, rounding, strict=True)
+        ]
+        t = int(np.argmax(ratios))
+        worst = (
+            float(ratios[t]),
+            t,
+            None,
+            float(probe.reverse_contrib[t]),
+            float(probe.contrib[t]),
+            float(diff[t]),
+            float(rounding[t]),
+        )
+        what = "directional derivative <v, J d> along the probe direction"
+    else:  # pragma: no cover - every run path sets one
+        return
+    ratio, t, index, rev, fwd, err, tol = worst
+    report.notes.append(
+        f"ad='both': forward mode against reverse mode, per {what}: largest "
+        f"difference {err:.3e} at '{s.specs[t].name}' (allowed {tol:.3e}, both "
+        "sides' rounding)."
+    )
+    if ratio <= 1:
+        return
+    report.status = "mismatch"
+    report.location = Location(
+        tensor=s.specs[t].name,
+        index=index,
+        numerical=rev,
+        analytical=fwd,
+        error=err,
+        tolerance=tol,
+        quantity=f"{what}: forward mode (analytical) against reverse mode (shown "
+        "as numerical)",
+    )
+    report.notes.append(
+        "forward and reverse mode disagree although forward mode matches finite "
+        "differences: the backward (or the framework's transpose of the forward "
+        "rule) is wrong where they differ."
+    )
 
 
 def _cotangent_sets(
