@@ -162,6 +162,7 @@ def shrink_config(
     hidden = getattr(cfg, "hidden_size", None)
     if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
         _set(cfg, "head_dim", max(hidden // heads, 4))
+    _fit_mla(cfg)
     size = getattr(cfg, "image_size", None)
     if _int(size) and size > IMAGE:
         _set(cfg, "image_size", IMAGE)
@@ -170,6 +171,11 @@ def shrink_config(
     _fit_window(cfg)
     _fit_axial(cfg)
     _fit_mamba(cfg)
+    _fit_frames(cfg)
+    _fit_univnet(cfg)
+    _fit_bros(cfg)
+    _fit_query_tokens(cfg)
+    _fit_align(cfg)
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     for key, value in list(vars(cfg).items()):
@@ -363,6 +369,108 @@ def _fit_mamba(cfg: Any) -> None:
     for key in _MAMBA_STATE:
         if _int(v.get(key)) and v[key] > 16:
             _set(cfg, key, 16)
+
+
+FRAMES = 4
+
+
+def _fit_frames(cfg: Any) -> None:
+    """Video models (VideoMAE: 16 frames, ViViT: 32): at most FRAMES frames, a
+    multiple of the temporal tubelet (position tables follow the config)."""
+    frames = vars(cfg).get("num_frames")
+    if not _int(frames) or frames <= FRAMES:
+        return
+    tubelet = _first_int(vars(cfg).get("tubelet_size")) or 1
+    _set(cfg, "num_frames", tubelet * max(1, FRAMES // tubelet))
+
+
+def _fit_univnet(cfg: Any) -> None:
+    """UnivNet: its kernel predictor's residual blocks are ``model_in_channels``
+    wide on ``kernel_predictor_hidden_channels`` inputs (equal in the default,
+    64): keep them equal (16); and the location-variable convolutions' kernels
+    grow with the square of ``model_hidden_channels``: 8 wide, 0.3M parameters,
+    not 14.6M at 32."""
+    v = vars(cfg)
+    if not all(
+        _int(v.get(k))
+        for k in (
+            "model_in_channels",
+            "kernel_predictor_hidden_channels",
+            "model_hidden_channels",
+        )
+    ):
+        return
+    _set(cfg, "model_in_channels", 16)
+    _set(cfg, "kernel_predictor_hidden_channels", 16)
+    _set(cfg, "model_hidden_channels", 8)
+
+
+def _fit_bros(cfg: Any) -> None:
+    """BROS derives its box-embedding widths from the width and heads when the
+    config is made (not when they change): derive them again."""
+    v = vars(cfg)
+    if not all(_int(v.get(k)) for k in ("dim_bbox", "dim_bbox_projection")):
+        return
+    hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+    if _int(hidden) and _int(heads):
+        # each of the 8 box coordinates needs a sine and a cosine: >= 2 wide
+        per = max(hidden // 4 // v["dim_bbox"], 2)
+        _set(cfg, "dim_bbox_sinusoid_emb_2d", per * v["dim_bbox"])
+        _set(cfg, "dim_bbox_sinusoid_emb_1d", per)
+        _set(cfg, "dim_bbox_projection", hidden // heads)
+
+
+QUERY_TOKENS = 4
+
+
+def _fit_query_tokens(cfg: Any) -> None:
+    """BLIP-2 / InstructBLIP put their Q-Former's query outputs where the ids
+    hold the image token: at most QUERY_TOKENS queries, and an image token id
+    where the default config leaves it unset (real checkpoints set it; the
+    inputs then hold one per query, see _with_required)."""
+    queries = vars(cfg).get("num_query_tokens")
+    if not _int(queries) or not hasattr(cfg, "get_text_config"):
+        return
+    if queries > QUERY_TOKENS:
+        _set(cfg, "num_query_tokens", QUERY_TOKENS)
+    vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+    if getattr(cfg, "image_token_id", 0) is None and _int(vocab) and vocab > 2:
+        _set(cfg, "image_token_id", vocab - 1)
+
+
+def _fit_align(cfg: Any) -> None:
+    """ALIGN compares its text projection with the EfficientNet tower's last
+    channels (no vision projection; equal in the default, 640): the projection
+    follows the shrunk tower's width."""
+    vis = vars(cfg).get("vision_config")
+    if type(cfg).__name__ != "AlignConfig" or not _is_config(vis):
+        return
+    channels = getattr(vis, "out_channels", None)
+    if isinstance(channels, (list, tuple)) and channels and _int(channels[-1]):
+        from transformers.models.align.modeling_align import round_filters
+
+        _set(cfg, "projection_dim", int(round_filters(vis, channels[-1])))
+
+
+def _fit_mla(cfg: Any) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3, Mistral 4, dots3): a query
+    head is ``qk_nope_head_dim + qk_rope_head_dim`` wide (``qk_head_dim``), and
+    where RoPE's width is ``partial_rotary_factor`` x ``head_dim`` it must be
+    the rope part: the shrink caps the parts, so the factor follows them (left
+    at the default's 64/256 it rotates 4 dims of a 16-wide rope part)."""
+    v = vars(cfg)
+    rope, nope = v.get("qk_rope_head_dim"), v.get("qk_nope_head_dim")
+    if not (_int(rope) and _int(nope)):
+        return
+    if _int(v.get("qk_head_dim")):
+        _set(cfg, "qk_head_dim", rope + nope)
+    params, head = v.get("rope_parameters"), v.get("head_dim")
+    if not isinstance(params, dict) or not _int(head) or rope > head:
+        return
+    nested = not ({"rope_theta", "rope_type"} & set(params))
+    for sub in params.values() if nested else [params]:
+        if isinstance(sub, dict) and "partial_rotary_factor" in sub:
+            sub["partial_rotary_factor"] = rope / head
 
 
 def _fit_axial(cfg: Any) -> None:
@@ -594,7 +702,7 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
             h, w = (size, size) if _int(size) else tuple(size)[:2]
             inputs[name] = torch.randn(batch, channels, h, w, generator=gen)
         elif name == "input_values":
-            inputs[name] = torch.randn(batch, 4000, generator=gen)
+            inputs[name] = torch.randn(batch, _samples(cfg), generator=gen)
         elif name == "input_features":
             aud = _sub(cfg, "audio_config", "encoder_config")
             mels = (
@@ -606,11 +714,43 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
             frames = getattr(aud, "max_source_positions", None)
             frames = 2 * frames if _int(frames) else 64
             inputs[name] = torch.randn(batch, mels, frames, generator=gen)
+    queries, image = (
+        getattr(cfg, "num_query_tokens", None),
+        getattr(cfg, "image_token_id", None),
+    )
+    if TEXT in inputs and IMAGE_INPUT in inputs and _int(queries) and _int(image):
+        # BLIP-2: one image token per query in front of the text, none in it
+        text = torch.where(inputs[TEXT] == image, image - 1, inputs[TEXT])
+        marks = torch.full((batch, queries), image, dtype=text.dtype)
+        inputs[TEXT] = torch.cat([marks, text], dim=1)
+        seq = inputs[TEXT].shape[1]
     if "attention_mask" in sig and TEXT in inputs:
         inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
         inputs["decoder_input_ids"] = _ids(torch, gen, cfg, batch, seq)
+    if "noise_sequence" in sig and "input_features" in inputs:
+        # a vocoder (UnivNet) draws its noise inside forward when none is given:
+        # a different function at every call. Given, the forward is deterministic
+        inputs["noise_sequence"] = _noise(torch, gen, cfg, inputs["input_features"])
     return inputs
+
+
+def _noise(torch: Any, gen: Any, cfg: Any, feats: Any) -> Any:
+    """UnivNet's noise: (batch, frames, model_in_channels), frames as the
+    features' (batch, frames, mel bins) layout has them."""
+    width = getattr(cfg, "model_in_channels", None) or 64
+    return torch.randn(feats.shape[0], feats.shape[1], width, generator=gen)
+
+
+def _samples(cfg: Any) -> int:
+    """Audio samples for ``input_values``: 4000, rounded up to a multiple of the
+    samples one output token takes where the config names it (Muse Spark: 1920)."""
+    per = getattr(
+        _sub(cfg, "audio_config", "encoder_config"), "samples_per_token", None
+    )
+    if _int(per) and per > 1:
+        return -(-4000 // per) * per
+    return 4000
 
 
 def build(
@@ -727,37 +867,205 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
     """The inputs to try, in order: the main input; every input kind the forward
     takes (multimodal); audio features as (batch, frames, features) too
     (Speech2Text) besides Whisper's (batch, features, frames); audio values as
-    (batch, 1, samples) too (codecs: EnCodec, DAC, VibeVoice's tokenizer)."""
+    (batch, 1, samples) too (codecs: EnCodec, DAC, VibeVoice's tokenizer); pixel
+    values as (batch, frames, channels, height, width) too (video: VideoMAE,
+    ViViT; image sets: IDEFICS); then each of these with the other inputs the
+    forward names that a model may require (boxes, language ids, a features
+    mask). A vision tower that takes flattened patches with their grid
+    (``grid_thw``: Qwen2-VL's and its kin) gets patches instead."""
+    sig = inspect.signature(model.forward).parameters
+    if any(k in sig for k in _GRID_KEYS) and TEXT not in sig:  # a vision tower
+        return _patch_candidates(model, seed, sig)
     first = infer_inputs(model, seed)
     out = [first]
     more = infer_inputs(model, seed, extra=True)
     if set(more) != set(first):
         out.append(more)
+    frames = getattr(_sub(model.config, "vision_config"), "num_frames", None)
+    frames = frames if _int(frames) and frames > 0 else 1
     for cand in list(out):
         feats = cand.get("input_features")
         if feats is not None and feats.dim() == 3:
-            out.append({**cand, "input_features": feats.transpose(1, 2).contiguous()})
+            flipped = feats.transpose(1, 2).contiguous()
+            alt = {**cand, "input_features": flipped}
+            if "noise_sequence" in cand:  # its frames follow the layout
+                gen = _gen(seed)
+                alt["noise_sequence"] = _noise(_torch(), gen, model.config, flipped)
+            out.append(alt)
         values = cand.get("input_values")
         if values is not None and values.dim() == 2:  # codecs: (batch, 1, samples)
             out.append({**cand, "input_values": values.unsqueeze(1)})
+        pixels = cand.get("pixel_values")
+        if pixels is not None and pixels.dim() == 4:  # video / a set of images
+            b, c, h, w = pixels.shape
+            video = _torch().randn(b, frames, c, h, w, generator=_gen(seed))
+            out.append({**cand, "pixel_values": video})
+    extended = [_with_required(c, sig, model.config, seed) for c in out]
+    changed = [
+        c
+        for c, old in zip(extended, out, strict=True)
+        if c.keys() != old.keys() or any(c[k] is not old[k] for k in c)
+    ]
+    return out + changed
+
+
+#: the names a vision tower's patch grid goes by (Qwen2-VL, GLM-4V, Kimi, ...)
+_GRID_KEYS = ("grid_thw", "image_grid_thw")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _gen(seed: int) -> Any:
+    return _torch().Generator().manual_seed(seed)
+
+
+def _with_required(
+    cand: dict[str, Any], sig: Mapping[str, Any], cfg: Any, seed: int
+) -> dict[str, Any]:
+    """``cand`` plus the other inputs the forward names that some models
+    require, drawn to be valid: ``bbox`` (LayoutLM, BROS: boxes x0 <= x1,
+    y0 <= y1 on a 0..1000 page), ``lang_ids`` (X-MOD: the first language's
+    adapter), ``input_features_mask`` (AudioFlamingo3: every frame valid).
+    Only tried after the plain candidates, so a model that runs without them
+    keeps the inputs it had."""
+    torch = _torch()
+    gen = _gen(seed + 1)
+    out = dict(cand)
+    ids = cand.get(TEXT)
+    if "bbox" in sig and "bbox" not in cand and ids is not None:
+        corners = torch.randint(0, 1001, (*ids.shape, 2, 2), generator=gen)
+        low, high = corners.min(dim=-2).values, corners.max(dim=-2).values
+        out["bbox"] = torch.cat([low, high], dim=-1)  # x0, y0, x1, y1
+    if "lang_ids" in sig and "lang_ids" not in cand and ids is not None:
+        out["lang_ids"] = torch.zeros(ids.shape[0], dtype=torch.long)
+    pixels = cand.get("pixel_values")
+    if "qformer_input_ids" in sig and "qformer_input_ids" not in cand:
+        if ids is not None:  # InstructBLIP's instruction
+            qformer = _sub(cfg, "qformer_config")
+            out["qformer_input_ids"] = _ids(torch, gen, qformer, ids.shape[0], 8)
+    if "image_attention_mask" in sig and ids is not None and pixels is not None:
+        images = pixels.shape[1] if pixels.dim() == 5 else 1  # IDEFICS: every
+        # token sees every image
+        out["image_attention_mask"] = torch.ones(*ids.shape, images, dtype=torch.long)
+    feats = cand.get("input_features")
+    if "input_features_mask" in sig and feats is not None and feats.dim() == 3:
+        aud = _sub(cfg, "audio_config", "encoder_config")
+        mels = getattr(aud, "num_mel_bins", None) or getattr(aud, "feature_size", None)
+        frames = feats.shape[2] if feats.shape[1] == mels else feats.shape[1]
+        out["input_features_mask"] = torch.ones(
+            feats.shape[0], frames, dtype=torch.long
+        )
     return out
+
+
+def _patch_candidates(
+    model: Any, seed: int, sig: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """A vision tower fed flattened patches and their grid: 2 images of
+    (1, 2m, 2m) patches (m: the spatial merge size, so merging fits), the
+    patches in each layout these towers read: (patches, channels x temporal
+    patch x patch x patch) as Qwen2-VL's processor makes them, (patches,
+    channels, patch, patch) (Kimi-K2.5), (patches x patch x patch, channels)
+    (Inkling-2)."""
+    torch = _torch()
+    cfg = model.config
+    size = _first_int(getattr(cfg, "patch_size", None)) or 14
+    temporal = _first_int(getattr(cfg, "temporal_patch_size", None)) or 1
+    merge = _first_int(getattr(cfg, "spatial_merge_size", None)) or _first_int(
+        getattr(cfg, "merge_kernel_size", None)
+    )
+    merge = merge or 1
+    channels = next(
+        (
+            v
+            for v in (getattr(cfg, k, None) for k in ("in_channels", "num_channels"))
+            if _int(v)
+        ),
+        3,
+    )
+    images, side = 2, 2 * merge
+    grid = torch.tensor([[1, side, side]] * images, dtype=torch.long)
+    n = images * side * side
+    name = "pixel_values" if "pixel_values" in sig else "hidden_states"
+    key = next(k for k in _GRID_KEYS if k in sig)
+    gen = _gen(seed)
+    flat = torch.randn(n, channels * temporal * size * size, generator=gen)
+    layouts = [flat, flat.reshape(n, channels * temporal, size, size)]
+    if temporal == 1:
+        layouts.append(
+            flat.reshape(n, channels, size * size).transpose(1, 2).reshape(-1, channels)
+        )
+    out = [{name: x.contiguous(), key: grid} for x in layouts]
+    if merge > 1:  # Inkling-2: one (patch x m, patch x m, channels) per token,
+        # the grid counted in merged tokens
+        tokens = torch.tensor([[1, side // merge, side // merge]] * images)
+        merged = torch.randn(
+            n // merge**2, size * merge, size * merge, channels, generator=gen
+        )
+        out.append({name: merged, key: tokens})
+    return out
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if _int(value) else None
 
 
 def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
     import torch
 
     failures: list[Exception] = []
-    for cand in _candidates(model, seed):
-        try:
-            with torch.no_grad():
-                model(**cand)
-        except Exception as exc:
-            failures.append(exc)
-            continue
-        return cand
+    tried = _candidates(model, seed)
+    for cand in tried:
+        for attempt in (cand, None):
+            if attempt is None:  # once: the input the error asks for
+                attempt = _repaired(cand, failures[-1])
+                if attempt is None:
+                    break
+            try:
+                with torch.no_grad():
+                    model(**attempt)
+            except Exception as exc:
+                failures.append(exc)
+                continue
+            return attempt
     # the reason to give: the first that is not about an input left out (the
     # candidate with every input kind got further)
     raise next((e for e in failures if not _missing_input(e)), failures[0])
+
+
+_MATMUL = re.compile(
+    r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)"
+)
+_MULTIPLE = re.compile(r"not a multiple of (\d+)")
+
+
+def _repaired(cand: dict[str, Any], exc: Exception) -> dict[str, Any] | None:
+    """``cand`` changed as the model's own error asks, or None: audio values
+    whose length must be a multiple of N (rounded up to one); audio features
+    whose feature width the first projection refuses (Granite Speech 5 stacks
+    delta features: 4 x the mel bins), given the width it takes."""
+    text = str(exc)
+    values = cand.get("input_values")
+    m = _MULTIPLE.search(text)
+    if m and values is not None and 1 < int(m.group(1)) <= 100_000:
+        per = int(m.group(1))
+        n = -(-values.shape[-1] // per) * per
+        shape = (*values.shape[:-1], n)
+        return {**cand, "input_values": _torch().randn(shape, generator=_gen(0))}
+    feats = cand.get("input_features")
+    m = _MATMUL.search(text)
+    if m and feats is not None and feats.dim() == 3:
+        got, want = int(m.group(2)), int(m.group(3))
+        if got == feats.shape[-1] and got != want and want <= 4096:
+            shape = (*feats.shape[:-1], want)
+            return {**cand, "input_features": _torch().randn(shape, generator=_gen(0))}
+    return None
 
 
 def _missing_input(exc: Exception) -> bool:

@@ -1,0 +1,88 @@
+"""hf:<type> build: the shrink keeps each model's config consistent and the input
+inference gives each model the inputs it needs (issue 17's unbuildable rows).
+
+Each case builds the shrunk model and its inferred inputs, which runs one
+forward pass (``_hf.build`` keeps the first candidate the model accepts): no
+gradient check here (tests/test_hf_subset.py runs the full checks on CI's ten
+types), so the file stays fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from gradcheck.backends import _hf  # noqa: E402
+
+#: model type -> {input name: its shape} (None: only that it is given)
+CASES = {
+    # video: (batch, frames, channels, height, width), frames shrunk to 4
+    "videomae": {"pixel_values": (2, 4, 3, 64, 64)},
+    "vivit": {"pixel_values": (2, 4, 3, 64, 64)},
+    # a set of images per sample, and which tokens see them
+    "idefics": {"pixel_values": (2, 1, 3, 64, 64), "image_attention_mask": (2, 8, 1)},
+    # required extra inputs
+    "bros": {"input_ids": (2, 8), "bbox": (2, 8, 4)},
+    "xmod": {"input_ids": (2, 8), "lang_ids": (2,)},
+    "align": {"input_ids": (2, 8), "pixel_values": (2, 3, 64, 64)},
+    # 4 image tokens (one per Q-Former query) in front of the 8 text tokens
+    "blip-2": {"input_ids": (2, 12), "pixel_values": (2, 3, 64, 64)},
+    "instructblip": {"input_ids": (2, 12), "qformer_input_ids": (2, 8)},
+    # vision towers fed flattened patches and their grid (no vocabulary)
+    "qwen3_5_vision": {"hidden_states": (32, 3 * 2 * 16 * 16), "grid_thw": (2, 3)},
+    "glm_ocr_vision": {"hidden_states": (32, 3 * 2 * 14 * 14), "grid_thw": (2, 3)},
+    "exaone4_5_vision": {"hidden_states": None, "grid_thw": (2, 3)},
+    "glm_image_vision": {"pixel_values": (8, 3 * 16 * 16), "grid_thw": (2, 3)},
+    "kimi_k25_vision": {"pixel_values": (32, 3, 14, 14), "grid_thw": (2, 3)},
+    "inkling2_vision": {"pixel_values": (8, 40, 40, 3), "image_grid_thw": (2, 3)},
+    # audio: lengths, widths and masks the model asks for
+    "muse_spark_audio": {"input_values": (2, 3 * 1920)},  # a multiple of 1920
+    "granite_speech5_ctc": {"input_features": (2, 80, 4 * 80)},  # stacked deltas
+    "audioflamingo3_encoder": {"input_features_mask": (2, 64)},
+    "univnet": {"input_features": (2, 64, 100), "noise_sequence": (2, 64, 16)},
+    "omniasr_audio": {"input_values": (2, 1, 4000)},
+    "pocket_tts_audio_tokenizer_encoder": {"input_values": (2, 1, 4000)},
+    # shrink consistency: MLA's rope fraction, Mamba-2 heads, BROS' box widths
+    "mistral4": {"input_ids": (2, 8)},
+    "dots3_note_text": {"input_ids": (2, 8)},
+    "deepseek_v3": {"input_ids": (2, 8)},
+    "bamba": {"input_ids": (2, 8)},
+    "zamba2": {"input_ids": (2, 8)},
+}
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_model_builds_with_the_inputs_it_needs(model_type):
+    model, inputs, n = _hf.build(model_type, {}, f"hf:{model_type}", 0, 2_000_000)
+    assert n < 2_000_000
+    for name, shape in CASES[model_type].items():
+        assert name in inputs, sorted(inputs)
+        if shape is not None:
+            assert tuple(inputs[name].shape) == shape, (name, inputs[name].shape)
+
+
+def test_a_vocoder_gets_its_noise_so_its_forward_is_a_function():
+    model, inputs, _ = _hf.build("univnet", {}, "hf:univnet", 0, 2_000_000)
+    with torch.no_grad():
+        first, second = model(**inputs)[0], model(**inputs)[0]
+    assert torch.equal(first, second)  # drawn inside forward, it would differ
+
+
+def test_image_tokens_hold_the_query_outputs():
+    model, inputs, _ = _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
+    image = model.config.image_token_id
+    ids = inputs["input_ids"]
+    assert (ids[:, :4] == image).all() and not (ids[:, 4:] == image).any()
+    with torch.no_grad():  # the output depends on the pixels (not text only)
+        a = model(**inputs).logits
+        b = model(**{**inputs, "pixel_values": inputs["pixel_values"] + 1}).logits
+    assert not torch.allclose(a, b)
+
+
+def test_shrunk_mla_rotates_exactly_its_rope_part():
+    cfg = _hf.shrink_config(_hf.load_config("mistral4"))
+    rope = cfg.rope_parameters
+    assert cfg.head_dim * rope["partial_rotary_factor"] == cfg.qk_rope_head_dim
+    assert cfg.qk_head_dim == cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
