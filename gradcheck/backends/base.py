@@ -117,6 +117,12 @@ class Session(ABC):
         the check's verdict is "nondifferentiable"; None otherwise."""
         return None
 
+    def unconnected_refusal(self) -> tuple[str, str] | None:
+        """For a derived second-order session whose outputs (fn's gradients) the
+        framework finds connected to nothing: (tensor, why) for a
+        "nondifferentiable" verdict; None: the usual error (fn reads nothing)."""
+        return None
+
     def rounding_override(self, rtol: float | None = None) -> float | None:
         """The relative gradient rounding to judge at: the user's ``rtol`` if given,
         else, when the analytical side runs in a lower precision than the tensors'

@@ -134,6 +134,33 @@ def _is_float_tensor(t: Any) -> bool:
     return isinstance(t, tf.Tensor) and t.dtype.is_floating
 
 
+def _is_inexact_tensor(t: Any) -> bool:
+    """A floating or complex tf.Tensor (what a float64 reference widens)."""
+    return isinstance(t, tf.Tensor) and (t.dtype.is_floating or t.dtype.is_complex)
+
+
+def _is_inexact(t: Any) -> bool:
+    return _dtype(t).is_floating or _dtype(t).is_complex
+
+
+def _wide(dtype: tf.DType) -> tf.DType:
+    """The reference dtype: float64, or complex128 for a complex dtype."""
+    return tf.complex128 if dtype.is_complex else tf.float64
+
+
+#: the real dtype of each complex dtype: a complex tensor is checked as its real
+#: and imaginary parts, a tensor of that real dtype
+_REAL_OF = {tf.complex128: tf.float64, tf.complex64: tf.float32}
+
+
+def _real_view(o: tf.Tensor) -> tf.Tensor:
+    """A complex tensor as its real and imaginary parts (a trailing dimension of
+    2, differentiable; torch.view_as_real's layout)."""
+    if not o.dtype.is_complex:
+        return o
+    return tf.stack([tf.math.real(o), tf.math.imag(o)], axis=-1)
+
+
 def _to_numpy(t: Any) -> np.ndarray:
     """A float64 host copy. ``.numpy()`` first: one device-to-host copy and the
     widening on the host, exact for every float dtype (bfloat16 via ml_dtypes),
@@ -141,7 +168,10 @@ def _to_numpy(t: Any) -> np.ndarray:
     if isinstance(t, tf.IndexedSlices):
         with tf.device(t.values.device or None):
             t = tf.convert_to_tensor(t)
-    return np.array(t.numpy(), dtype=np.float64, copy=True)
+    value = t.numpy()
+    if np.iscomplexobj(value):  # its real and imaginary parts, as the spec says
+        return np.stack([value.real, value.imag], axis=-1).astype(np.float64)
+    return np.array(value, dtype=np.float64, copy=True)
 
 
 def _device(raw: str) -> str:
@@ -373,10 +403,16 @@ class TensorflowSession(Session):
         self.diff: list[tuple[str, int | None, _Var | None]] = []
         seen: set[int] = set()
         for i, x in enumerate(self.inputs):
-            if (_is_variable(x) or isinstance(x, tf.Tensor)) and _dtype(x).is_complex:
+            if _is_variable(x) and _dtype(x).is_complex:
                 raise UnsupportedInputError(
-                    f"inputs[{i}] is complex; gradcheck checks real tensors."
+                    f"inputs[{i}] is a complex variable; gradcheck checks complex "
+                    "TensorFlow tensors passed as inputs (tf.constant), not complex "
+                    "variables: pass its value as an input of fn."
                 )
+            if isinstance(x, tf.Tensor) and x.dtype.is_complex:
+                self.diff.append(("input", i, None))
+                specs.append(self._spec(f"inputs[{i}]", x, "input"))
+                continue
             if _is_variable(x):
                 tracked = track(x)
                 if not _is_floating(x):
@@ -434,10 +470,6 @@ class TensorflowSession(Session):
                 "have no gradient."
             )
         for spec in specs:
-            if spec.dtype.startswith("complex"):
-                raise UnsupportedInputError(
-                    f"'{spec.name}' is complex; gradcheck checks real tensors."
-                )
             if spec.dtype not in _CHECKED_DTYPES:
                 raise UnsupportedInputError(
                     f"'{spec.name}' has dtype {spec.dtype}, which gradcheck does not "
@@ -476,6 +508,10 @@ class TensorflowSession(Session):
             self._promoted = None
             self.reference_dtype = "float64"
         self._graph: tuple[tf.GradientTape, list[Any], list[Any]] | None = None
+        #: a derived function's (see second_order_session) output names, and the
+        #: sources of the evaluation in progress (what fn's variables are then)
+        self._output_labels: list[str] | None = None
+        self._sources_now: list[Any] = []
         self._home = self._home_device()
         self._note_tf32()
 
@@ -516,6 +552,14 @@ class TensorflowSession(Session):
 
     @staticmethod
     def _spec(name: str, t: Any, kind: str) -> TensorSpec:
+        if t.dtype.is_complex:  # checked as its real and imaginary parts
+            return TensorSpec(
+                f"view_as_real({name})",
+                (*(int(n) for n in t.shape), 2),
+                canonical_dtype(_REAL_OF[t.dtype]),
+                _device(t.device),
+                kind,
+            )
         return TensorSpec(
             name,
             tuple(int(n) for n in t.shape),
@@ -535,10 +579,30 @@ class TensorflowSession(Session):
         finally:
             self._state.reset_variables()
 
+    def _flatten_plain(self, raw: Any) -> list[tuple[str, tf.Tensor]]:
+        """fn's outputs as _flatten compares them, without a derived function's
+        labels (its outputs are fn's)."""
+        labels, self._output_labels = self._output_labels, None
+        try:
+            return self._flatten(raw)
+        finally:
+            self._output_labels = labels
+
     def _flatten(self, raw: Any) -> list[tuple[str, tf.Tensor]]:
-        outs = flatten_outputs(raw, lambda o: isinstance(o, tf.Tensor), _is_floating)
+        outs = flatten_outputs(raw, lambda o: isinstance(o, tf.Tensor), _is_inexact)
         require_outputs(outs, raw)
-        return outs
+        if self._output_labels is not None and len(outs) == len(self._output_labels):
+            outs = [
+                (lab, o) for lab, (_, o) in zip(self._output_labels, outs, strict=True)
+            ]
+        # complex outputs as their real and imaginary parts, inside the taped
+        # call: the cotangent of each part is a real number, and the tape
+        # differentiates through tf.math.real/imag (TensorFlow's gradient of a
+        # real loss w.r.t. z is dL/dRe z + i dL/dIm z, as torch's: measured)
+        return [
+            (f"view_as_real({n})" if o.dtype.is_complex else n, _real_view(o))
+            for n, o in outs
+        ]
 
     def _taped_call(
         self, fn: Callable[..., Any]
@@ -560,14 +624,17 @@ class TensorflowSession(Session):
                 sources.append(inputs[ref])
             else:
                 sources.append(var.tf_var)
+        self._sources_now = sources
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(sources)
             raw = self._call(fn, inputs)
+            if fn is self.fn:  # real views of complex outputs, on the tape
+                self._flat = self._flatten(raw)
         return tape, raw, sources
 
     def analytic(self) -> list[np.ndarray]:
         tape, raw, sources = self._taped_call(self.fn)
-        outs = self._flatten(raw)
+        outs = self._flat
         self.forward_count += 1
         self.output_names = [n for n, _ in outs]
         self.output_shapes = [tuple(int(n) for n in o.shape) for _, o in outs]
@@ -629,7 +696,10 @@ class TensorflowSession(Session):
                 continue
             base = self._base(kind, ref, var)
             with tf.device(base.device or None):
-                handles.append(tf.constant(np.asarray(d, dtype=np.float64)))
+                dd = tf.constant(np.asarray(d, dtype=np.float64))
+                if base.dtype.is_complex:  # real pairs -> complex128
+                    dd = tf.complex(dd[..., 0], dd[..., 1])
+                handles.append(dd)
         return handles
 
     def values(self) -> list[np.ndarray]:
@@ -739,7 +809,9 @@ class TensorflowSession(Session):
         shadowed = promote and self._has_variables  # the Keras float64 path
 
         def cast(x: Any) -> Any:
-            return tf.cast(x, tf.float64) if promote and _is_float_tensor(x) else x
+            return (
+                tf.cast(x, _wide(x.dtype)) if promote and _is_inexact_tensor(x) else x
+            )
 
         inputs = [cast(x) for x in self.inputs]
         swaps: list[tuple[Any, tf.Variable]] = []
@@ -752,7 +824,10 @@ class TensorflowSession(Session):
                 if d is None:
                     value = base
                 else:
-                    value = tf.cast(tf.cast(base, tf.float64) + t * d, base.dtype)
+                    wide = _wide(base.dtype)
+                    value = tf.cast(
+                        tf.cast(base, wide) + tf.constant(t, dtype=wide) * d, base.dtype
+                    )
                 if kind == "input":
                     if then is not None:
                         # a fresh tensor: closures over the same tensor, or the
@@ -788,15 +863,167 @@ class TensorflowSession(Session):
                 if shadowed
                 else contextlib.nullcontext()
             )
+            self._sources_now = sources
             with scope:
                 if then is None:
                     raw = self.fn(*inputs)
+                    outs = self._flatten(raw)
                 else:
                     with tf.GradientTape(persistent=persistent) as tape:
                         tape.watch(sources)
                         raw = self.fn(*inputs)
-            outs = self._flatten(raw)
+                        outs = self._flatten(raw)  # complex: real views, taped
             self.forward_count += 1
             return outs if then is None else then(tape, outs, sources)
         finally:
             self._state.reset_variables()
+
+    def unconnected_refusal(self) -> tuple[str, str] | None:
+        if self._output_labels is None:  # not a derived (order 2) session
+            return None
+        return self.specs[0].name, (
+            "TensorFlow's gradient of fn is connected to nothing on the outer tape: "
+            "no gradient of fn can be differentiated (a tf.custom_gradient whose "
+            "gradient function computes in NumPy or tf.numpy_function, or stops "
+            "the gradient with tf.stop_gradient). There is no second derivative to "
+            "check: write the gradient function in differentiable TensorFlow ops to "
+            "use it at order 2."
+        )
+
+    # ------------------------------------------------------------------ forward mode
+    def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+        """Forward mode at x, in the user's precision: fn's outputs' tangents along
+        ``direction`` from tf.autodiff.ForwardAccumulator (input tensors and
+        variables are its primals; ops without a forward rule are differentiated
+        by TensorFlow's forward-over-backward, so a tf.custom_gradient's jvp is
+        the transpose of its gradient function)."""
+        handle = self.prepare(direction)
+        with self._placement():
+            inputs = list(self.inputs)
+            primals: list[Any] = []
+            tangents: list[Any] = []
+            for (kind, ref, var), d in zip(self.diff, handle, strict=True):
+                if d is None:
+                    continue
+                if kind == "input":
+                    x = tf.identity(self.inputs[ref])
+                    inputs[ref] = x
+                    primals.append(x)
+                    tangents.append(tf.cast(d, x.dtype))
+                else:
+                    primals.append(var.tf_var)
+                    tangents.append(tf.cast(d, var.tf_var.dtype))
+            try:
+                with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+                    raw = self.fn(*inputs)
+                    outs = self._flatten(raw)
+                result = [
+                    acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                    for _, o in outs
+                ]
+            except (LookupError, NotImplementedError) as exc:
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise UnsupportedInputError(
+                    "forward mode (ad='forward') is not available for fn: "
+                    f"TensorFlow says {type(exc).__name__}: {first}. Check it with "
+                    "ad='reverse'."
+                ) from exc
+            finally:
+                self._state.reset_variables()
+        self.forward_count += 1
+        return [_to_numpy(t) for t in result]
+
+
+# ---------------------------------------------------------------------- order 2
+def second_order_session(
+    fn: Callable[..., Any], inputs: Sequence[Any], params: Any, seed: int
+) -> TensorflowSession:
+    """A session on the derived function g(inputs, grad_outputs) = the gradient
+    of <grad_outputs, fn(inputs)> w.r.t. every differentiated tensor, computed
+    on an inner tf.GradientTape while the session's own tape records it (nested
+    tapes), so that the order-1 engine judges fn's second derivatives: w.r.t.
+    inputs and variables, Hessian-vector products; w.r.t. grad_outputs (seeded
+    cotangents), the Jacobian the gradient applies. A gradient function that
+    stops the gradient (tf.stop_gradient, NumPy inside a tf.custom_gradient)
+    is a constant to the outer tape and fails where fn's second derivative is
+    not zero. See gradcheck.backends.torch.second_order_session."""
+    from gradcheck.numeric.directions import cotangents
+
+    probe = TensorflowSession(fn, inputs, params)
+    try:
+        probe.analytic()
+        assert probe._graph is not None
+        outs = probe._graph[1]
+        out_names = list(probe.output_names)
+        first_specs = list(probe.specs)
+        rng = np.random.default_rng([seed, 13])
+        with probe._placement():
+            grad_outputs = [
+                tf.constant(v, dtype=o.dtype)
+                for v, o in zip(
+                    cotangents([tuple(o.shape) for o in outs], rng), outs, strict=True
+                )
+            ]
+        probe._graph = None
+    finally:
+        probe.restore()
+    n = len(inputs)
+    holder: dict[str, Any] = {}
+
+    def derived(*args: Any) -> tuple[Any, ...]:
+        session: TensorflowSession = holder["session"]
+        xs = list(args[:n])
+        vs = list(args[n:])
+        sources = [
+            src
+            for (kind, ref, _), src in zip(
+                session.diff, session._sources_now, strict=True
+            )
+            if not (kind == "input" and ref is not None and ref >= n)
+        ]
+        # the inputs fn receives are the outer evaluation's own tensors
+        with tf.GradientTape() as inner:
+            inner.watch(sources)
+            raw = fn(*xs)
+            ys = [o for _, o in session._flatten_plain(raw)]
+        if len(ys) != len(vs):
+            raise UnsupportedInputError(
+                f"fn returned {len(ys)} floating outputs here and {len(vs)} at the "
+                "point: make its output structure depend only on its inputs."
+            )
+        grads = inner.gradient(
+            ys,
+            sources,
+            output_gradients=[tf.cast(v, y.dtype) for y, v in zip(ys, vs, strict=True)],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return tuple(
+            tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+            for g in grads
+        )
+
+    session = TensorflowSession(derived, [*inputs, *grad_outputs], params)
+    holder["session"] = session
+    session._output_labels = [f"grad[{s.name}]" for s in first_specs]
+    session.specs = [
+        TensorSpec(
+            f"grad_outputs[{ref - n}]"
+            if kind == "input" and ref is not None and ref >= n
+            else s.name,
+            s.shape,
+            s.dtype,
+            s.device,
+            s.kind,
+        )
+        for (kind, ref, _), s in zip(session.diff, session.specs, strict=True)
+    ]
+    session.notes.append(
+        "order 2: the function checked is g(inputs, grad_outputs) = the gradient of "
+        "<grad_outputs, fn(inputs)> on an inner tf.GradientTape, recorded by the "
+        "outer one (grad_outputs: seeded cotangents of "
+        + ", ".join(out_names)
+        + "); its derivatives w.r.t. the inputs and variables are fn's second "
+        "derivatives (Hessian-vector products), w.r.t. grad_outputs the Jacobian "
+        "the gradient applies."
+    )
+    return session

@@ -417,6 +417,9 @@ def run(session: Session, options: Options) -> CheckReport:
         for s, g in zip(session.specs, raw, strict=True)
     ]
     if all(g is None for g in raw):
+        refusal = session.unconnected_refusal()
+        if refusal is not None:
+            return session.finish(_refused(session, options, *refusal), started)
         raise GradcheckError(
             "the outputs do not depend on any differentiated tensor (the framework "
             "reports no path from "
