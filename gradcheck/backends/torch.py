@@ -1062,25 +1062,32 @@ class TorchSession(Session):
         self._graph = None
         self._clear_autocast_cache()
         where = "at the point you gave, in forward mode (torch.autograd.forward_ad)"
+        # a derived (order 2) function differentiates inside: forward over
+        # reverse, with its inputs requiring grad (duals of leaves) and grad on
+        derived = self._output_labels is not None
         try:
-            with fwad.dual_level(), torch.no_grad():
-                self._install_buffers(
-                    [
-                        (m, n, None if b is None else b.clone())
-                        for m, n, b in self._native_buffers
-                    ]
-                )
-                for (kind, ref), d in zip(self.diff, handle, strict=True):
-                    own = self.inputs[ref] if kind == "input" else self._native[id(ref)]
-                    value = own.detach().clone()
-                    dual = (
-                        value if d is None else fwad.make_dual(value, d.to(own.dtype))
+            with fwad.dual_level(), torch.set_grad_enabled(derived):
+                with torch.no_grad():
+                    self._install_buffers(
+                        [
+                            (m, n, None if b is None else b.clone())
+                            for m, n, b in self._native_buffers
+                        ]
                     )
+                    for (kind, ref), d in zip(self.diff, handle, strict=True):
+                        if kind == "param" and d is not None:
+                            own = self._native[id(ref)]
+                            ref.data = own.detach().clone()
+                            ref.copy_(fwad.make_dual(own.detach(), d.to(own.dtype)))
+                for (kind, ref), d in zip(self.diff, handle, strict=True):
                     if kind == "input":
-                        inputs[ref] = dual
-                    elif d is not None:
-                        ref.data = value.clone()
-                        ref.copy_(dual)
+                        value = self.inputs[ref].detach().clone()
+                        value.requires_grad_(derived)
+                        inputs[ref] = (
+                            value
+                            if d is None
+                            else fwad.make_dual(value, d.to(value.dtype))
+                        )
                 outs = self._call(inputs, where, at_point=True)
                 tangents = []
                 for _, o in outs:
