@@ -25,6 +25,23 @@ alarm"; any other unexplained disagreement is "real difference -- investigate". 
 GradcheckError on unusable input, torch raising something other than its own
 GradcheckError) is counted separately, not as agreement or disagreement.
 
+Beyond first-order gradients of float64 samples (issue 13), the sweep runs three
+more kinds of comparison, each against torch's own checker on the same function:
+
+* ``complex``: the op's complex128 samples (ops whose backward supports
+  complex128 on CPU), torch.autograd.gradcheck against gradcheck.check_gradients
+  (complex tensors checked as their real and imaginary parts; both use the
+  Wirtinger convention of torch);
+* ``order2``: the float64 samples of ops with ``supports_gradgrad``,
+  torch.autograd.gradgradcheck (its defaults, the OpInfo's nondet_tol / fast mode)
+  against gradcheck.check_gradients(order=2);
+* ``forward``: the float64 samples of ops with ``supports_forward_ad``,
+  torch.autograd.gradcheck(check_forward_ad=True, check_backward_ad=False)
+  against gradcheck.check_gradients(ad="forward").
+
+Each is compared like the float64 one (``--checks`` picks them); agreement is
+reported per kind and over everything.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/opinfo_sweep.py                # every op
@@ -297,13 +314,16 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def samples_for(op: Any, max_samples: int, seed: int) -> tuple[int, list[tuple]]:
-    """(number of float64 samples the op has, [(index, sample)] chosen from them).
+def samples_for(
+    op: Any, max_samples: int, seed: int, dtype: torch.dtype = torch.float64
+) -> tuple[int, list[tuple]]:
+    """(number of samples of ``dtype`` the op has, [(index, sample)] chosen from
+    them).
 
     torch is seeded before generating, so an op's samples do not depend on which
     other ops ran before it."""
     torch.manual_seed(seed)
-    samples = list(op.sample_inputs("cpu", torch.float64, requires_grad=True))
+    samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
     return len(samples), [(i, samples[i]) for i in _spread(len(samples), max_samples)]
 
 
@@ -571,6 +591,7 @@ def run_torch(
     budget: float | None,
     *,
     n_out: int | None = None,
+    kind: str = "float64",
 ) -> Outcome:
     """torch.autograd.gradcheck with its defaults and the op's own settings.
 
@@ -587,10 +608,20 @@ def run_torch(
         kwargs["fast_mode"] = True
         notes.append(FAST_FALLBACK)
     inputs = tuple(a.detach().clone().requires_grad_(True) for a in args)
+    check = torch.autograd.gradcheck
+    if kind == "order2":  # gradgradcheck's defaults (check_batched_grad off)
+        check = torch.autograd.gradgradcheck
+    elif kind == "forward":  # forward-mode values only, as test_forward_mode_AD
+        kwargs.update(
+            check_forward_ad=True,
+            check_backward_ad=False,
+            check_undefined_grad=False,
+            check_batched_grad=False,
+        )
     t0 = time.perf_counter()
     try:
         with time_budget(budget):
-            torch.autograd.gradcheck(fn, inputs, raise_exception=True, **kwargs)
+            check(fn, inputs, raise_exception=True, **kwargs)
         return Outcome(
             "passed", "passed", seconds=time.perf_counter() - t0, notes=notes
         )
@@ -1129,11 +1160,34 @@ def classify(res: SampleResult, marks: Sequence[str] = ()) -> SampleResult:
 # ---------------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------------
+#: The comparisons beyond float64 gradients (see the module docstring).
+EXTRA_KINDS = ("complex", "order2", "forward")
+ALL_CHECKS = ("float64", *EXTRA_KINDS)
+
+
+@dataclass
+class ExtraResult:
+    """One sample of a complex / second-order / forward-mode comparison."""
+
+    kind: str
+    op: str
+    index: int
+    sample: str
+    torch: Outcome
+    gc: Outcome
+    comparison: str = ""
+    #: what measurement explains a disagreement (see explain_extra)
+    category: str = ""
+    explanation: str = ""
+
+
 @dataclass
 class OpResult:
     op: str
     n_samples: int = 0
     results: list[SampleResult] = field(default_factory=list)
+    #: complex, order-2 and forward-mode comparisons (EXTRA_KINDS)
+    extra: list[ExtraResult] = field(default_factory=list)
     #: Why the op produced no results, if it did not ("sample generation failed").
     error: str = ""
     #: Samples with no tensor requiring grad (nothing for either checker to do).
@@ -1150,9 +1204,11 @@ def run_op(
     seed: int = 0,
     budget: float | None = DEFAULT_BUDGET_S,
     float32: bool = True,
+    checks: Sequence[str] = ALL_CHECKS,
 ) -> OpResult:
     """Both checkers on up to ``max_samples`` float64 samples of one op, then
-    gradcheck on the same samples in float32; disagreements are diagnosed."""
+    gradcheck on the same samples in float32; disagreements are diagnosed. Then
+    the ``checks`` beyond float64 (EXTRA_KINDS) on the op's samples."""
     t_op = time.perf_counter()
     out = OpResult(op_id(op), marks=torch_test_marks(op))
     out.float32_backward = torch.float32 in op.supported_backward_dtypes("cpu")
@@ -1161,6 +1217,8 @@ def run_op(
     except Exception as exc:
         out.error = _first_line(f"sample generation: {type(exc).__name__}: {exc}")
         return out
+    if "float64" not in checks:
+        chosen = []
     for index, sample in chosen:
         args = grad_args(sample)
         if not args:
@@ -1181,8 +1239,107 @@ def run_op(
         if compare(res.torch64, res.gc64) == "disagree":
             res.evidence = diagnose(op, fn, args, res, seed, budget)
         out.results.append(classify(res, out.marks))
+    out.extra = run_extra(op, checks, max_samples=max_samples, seed=seed, budget=budget)
     out.seconds = time.perf_counter() - t_op
     return out
+
+
+def run_extra(
+    op: Any,
+    checks: Sequence[str],
+    *,
+    max_samples: int,
+    seed: int,
+    budget: float | None,
+) -> list[ExtraResult]:
+    """The complex, order-2 and forward-mode comparisons on one op (the kinds in
+    ``checks`` the op supports: complex128 backward, supports_gradgrad,
+    supports_forward_ad)."""
+    wanted: list[tuple[str, torch.dtype]] = []
+    if "complex" in checks and torch.complex128 in op.supported_backward_dtypes("cpu"):
+        wanted.append(("complex", torch.complex128))
+    if "order2" in checks and op.supports_gradgrad:
+        wanted.append(("order2", torch.float64))
+    if "forward" in checks and op.supports_forward_ad:
+        wanted.append(("forward", torch.float64))
+    found: list[ExtraResult] = []
+    for kind, dtype in wanted:
+        try:
+            _, chosen = samples_for(op, max_samples, seed, dtype)
+        except Exception as exc:
+            found.append(
+                ExtraResult(
+                    kind,
+                    op_id(op),
+                    -1,
+                    "sample generation",
+                    Outcome("refused", type(exc).__name__, _first_line(exc)),
+                    Outcome("skipped", "skipped"),
+                    "not compared",
+                )
+            )
+            continue
+        gc_kwargs = {"order": 2} if kind == "order2" else {}
+        if kind == "forward":
+            gc_kwargs = {"ad": "forward"}
+        for index, sample in chosen:
+            args = grad_args(sample)
+            if not args:
+                continue
+            fn = make_fn(op, sample)
+            res = ExtraResult(
+                kind,
+                op_id(op),
+                index,
+                describe(sample),
+                torch=run_torch(
+                    op, fn, args, budget, n_out=output_numel(fn, args), kind=kind
+                ),
+                gc=run_gradcheck(fn, args, seed, budget, **gc_kwargs),
+            )
+            res.comparison = compare(res.torch, res.gc)
+            if res.comparison == "disagree":
+                res.category, res.explanation = explain_extra(op, fn, args, res)
+            found.append(res)
+    return found
+
+
+def explain_extra(
+    op: Any, fn: Callable, args: Sequence[torch.Tensor], res: ExtraResult
+) -> tuple[str, str]:
+    """(category, explanation) of a disagreement in a complex / order-2 /
+    forward comparison, from what the two checkers reported and what a
+    measurement finds; never from an op's name.
+
+    * "torch-only check": torch failed on something that is not a derivative's
+      value (undefined gradients, dtype/size metadata, reentrancy);
+    * "below torch's tolerance": gradcheck's worst element differs by less than
+      torch's atol + rtol |numerical|, so torch's looser tolerance passes it;
+    * "kink": gradcheck said "nondifferentiable";
+    * "gradcheck refused as torch does": (not a disagreement: listed apart);
+    * otherwise "real difference -- investigate"."""
+    t, g = res.torch, res.gc
+    if t.verdict == "failed" and t.status in (
+        "undefined-grad",
+        "grad-metadata",
+        "reentrant",
+        "not-multiplied",
+    ):
+        return "torch-only check", f"torch failed a {t.status} check, not a value"
+    if (
+        g.verdict == "failed"
+        and g.error is not None
+        and g.numerical is not None
+        and g.mode == "full"
+        and g.error <= 1e-5 + 1e-3 * abs(g.numerical)
+    ):
+        return "below torch's tolerance", (
+            f"gradcheck's worst element is off by {g.error:.2e} at |numerical| "
+            f"{abs(g.numerical):.3g}: within torch's atol=1e-5 + rtol=1e-3"
+        )
+    if g.verdict == "failed" and g.status == "nondifferentiable":
+        return "kink", "gradcheck found one-sided derivatives that differ"
+    return UNEXPLAINED, ""
 
 
 def limit_memory(gb: float) -> None:
@@ -1227,12 +1384,19 @@ def sweep(
     workers: int = 1,
     memory_gb: float = 0.0,
     progress: Callable[[OpResult], None] | None = None,
+    checks: Sequence[str] = ALL_CHECKS,
 ) -> list[OpResult]:
     """run_op over ``ops``, in this process (workers=1) or in a spawn pool, one op
     per task; results in the order of ``ops``. torch runs single-threaded either
     way, so both checkers are timed alike. ``memory_gb`` caps each worker's
     address space (limit_memory); in-process, the caller sets its own cap."""
-    kwargs = dict(max_samples=max_samples, seed=seed, budget=budget, float32=float32)
+    kwargs = dict(
+        max_samples=max_samples,
+        seed=seed,
+        budget=budget,
+        float32=float32,
+        checks=tuple(checks),
+    )
     results: dict[str, OpResult] = {}
     if workers <= 1:
         threads = torch.get_num_threads()
@@ -1304,7 +1468,41 @@ def summarize(selection: Selection, op_results: Sequence[OpResult]) -> dict:
     t_gc = sum(r.gc64.seconds for r in timed)
     ratios = [r.gc64.seconds / r.torch64.seconds for r in timed if r.torch64.seconds]
     deciles = statistics.quantiles(ratios, n=10) if len(ratios) >= 2 else []
+    extra = [e for o in op_results for e in o.extra]
+    kinds = {}
+    for kind in EXTRA_KINDS:
+        rows = [e for e in extra if e.kind == kind]
+        c = Counter(e.comparison for e in rows)
+        n = c["agree"] + c["disagree"]
+        cats = Counter(e.category for e in rows if e.comparison == "disagree")
+        kinds[kind] = {
+            "samples": len(rows),
+            "compared": n,
+            "agree": c["agree"],
+            "disagree": c["disagree"],
+            "agreement": c["agree"] / n if n else math.nan,
+            "not_compared": c["not compared"],
+            "unexplained": cats[UNEXPLAINED],
+            "categories": dict(cats),
+            "verdict_pairs": {
+                f"torch {a} / gradcheck {b}": k
+                for (a, b), k in Counter(
+                    (e.torch.verdict, e.gc.verdict) for e in rows
+                ).items()
+            },
+            "seconds_torch": sum(e.torch.seconds for e in rows),
+            "seconds_gradcheck": sum(e.gc.seconds for e in rows),
+        }
+    all_agree = comp["agree"] + sum(k["agree"] for k in kinds.values())
+    all_compared = compared + sum(k["compared"] for k in kinds.values())
     return {
+        "extra": kinds,
+        "all_agree": all_agree,
+        "all_compared": all_compared,
+        "all_agreement": all_agree / all_compared if all_compared else math.nan,
+        "all_unexplained": categories[UNEXPLAINED]
+        + categories[FALSE_ALARM]
+        + sum(k["unexplained"] for k in kinds.values()),
         "ops_in_op_db_selection": selection.total,
         "ops_not_differentiable": len(selection.not_differentiable),
         "ops_no_float64_backward": len(selection.no_float64_backward),
@@ -1427,6 +1625,7 @@ def write_markdown(
         "|---|---|",
     ]
     lines += [f"| {k} | {n} |" for k, n in sorted(s["verdict_pairs"].items())]
+    lines += _extra_markdown(s, op_results)
     lines += [
         "",
         f"gradcheck's failing statuses: {_counts(s['gradcheck_failing_statuses'])}.",
@@ -1553,6 +1752,92 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+_KIND_TITLES = {
+    "complex": "complex128 samples: torch.autograd.gradcheck vs check_gradients",
+    "order2": "second order (supports_gradgrad): torch.autograd.gradgradcheck vs "
+    "check_gradients(order=2)",
+    "forward": "forward mode (supports_forward_ad): torch.autograd.gradcheck("
+    "check_forward_ad=True, check_backward_ad=False) vs "
+    "check_gradients(ad='forward')",
+}
+
+
+def _extra_markdown(s: dict, op_results: Sequence[OpResult]) -> list[str]:
+    """The complex / order-2 / forward-mode sections and the overall agreement."""
+    extra = [e for o in op_results for e in o.extra]
+    if not extra:
+        return []
+    lines = [
+        "",
+        "## Complex, second order and forward mode",
+        "",
+        f"**Agreement over everything (float64 gradients and the three kinds "
+        f"below): {s['all_agree']} / {s['all_compared']} = "
+        f"{100 * s['all_agreement']:.2f}%**; unexplained disagreements: "
+        f"{s['all_unexplained']}.",
+    ]
+    for kind in EXTRA_KINDS:
+        k = s["extra"][kind]
+        if not k["samples"]:
+            continue
+        lines += [
+            "",
+            f"### {_KIND_TITLES[kind]}",
+            "",
+            f"Agreement: {k['agree']} / {k['compared']} = {100 * k['agreement']:.2f}%;"
+            f" {k['disagree']} disagreements ({_counts(k['categories'])}); "
+            f"{k['not_compared']} not compared. torch {k['seconds_torch']:.1f} s, "
+            f"gradcheck {k['seconds_gradcheck']:.1f} s.",
+            "",
+            "| torch / gradcheck | samples |",
+            "|---|---|",
+        ]
+        lines += [f"| {p} | {n} |" for p, n in sorted(k["verdict_pairs"].items())]
+    dis = [e for e in extra if e.comparison == "disagree"]
+    lines += ["", "### Disagreements (complex, order 2, forward)", ""]
+    if dis:
+        lines += [
+            "| kind | op | sample | torch | gradcheck | category | details |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in dis:
+            detail = e.explanation
+            if e.gc.verdict == "failed":
+                detail += " -- gradcheck: " + e.gc.message
+            if e.torch.verdict == "failed":
+                detail += " -- torch: " + e.torch.message
+            lines.append(
+                f"| {e.kind} | {e.op} | #{e.index} {_cell(e.sample, 80)} | "
+                f"{_verdict(e.torch)} | {_verdict(e.gc)} | {e.category} | "
+                f"{_cell(detail, 600)} |"
+            )
+    else:
+        lines.append("None.")
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for e in extra:
+        if e.comparison != "not compared":
+            continue
+        who = e.gc if e.gc.verdict not in ("passed", "failed", "skipped") else e.torch
+        key = (e.kind, _verdict(e.torch), _verdict(e.gc), _cell(who.message, 160))
+        groups.setdefault(key, []).append(f"{e.op} #{e.index}")
+    lines += ["", "### Not compared (complex, order 2, forward)", ""]
+    if groups:
+        lines += [
+            "| kind | torch | gradcheck | samples | message | ops |",
+            "|---|---|---|---|---|---|",
+        ]
+        for (kd, tv, gv, msg), where in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))
+        ):
+            lines.append(
+                f"| {kd} | {tv} | {gv} | {len(where)} | {msg} | "
+                f"{_cell(', '.join(where), 500)} |"
+            )
+    else:
+        lines.append("None.")
+    return lines
+
+
 def to_json(summary: dict, op_results: Iterable[OpResult], settings: dict) -> dict:
     return {
         "settings": settings,
@@ -1588,6 +1873,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="address-space cap per process, GiB (0: none)",
     )
     p.add_argument("--no-float32", action="store_true")
+    p.add_argument(
+        "--checks",
+        default=",".join(ALL_CHECKS),
+        help="comparisons to run, comma separated, from "
+        f"{', '.join(ALL_CHECKS)} (default: all)",
+    )
     p.add_argument("--out", type=Path, default=Path("reports/opinfo.md"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no per-op progress")
@@ -1596,6 +1887,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         [f for item in args.ops for f in item.split(",") if f] if args.ops else None
     )
     warnings.filterwarnings("ignore")
+    checks = tuple(c for c in args.checks.split(",") if c)
+    unknown = set(checks) - set(ALL_CHECKS)
+    if unknown:
+        p.error(f"--checks: unknown {sorted(unknown)}; choose from {ALL_CHECKS}")
     selection = select_ops(filters, exact=args.exact, limit=args.limit)
     settings = {
         "max_samples": args.max_samples,
@@ -1607,6 +1902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "filters": filters,
         "exact": args.exact,
         "limit": args.limit,
+        "checks": list(checks),
     }
     done = [0]
 
@@ -1635,6 +1931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         memory_gb=args.memory_gb,
         progress=progress,
+        checks=checks,
     )
     wall = time.perf_counter() - t0
     summary = summarize(selection, results)
@@ -1664,6 +1961,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{s['seconds_gradcheck_float64']:.0f} s (ratio total "
         f"{s['ratio_total_gradcheck_over_torch']:.2f}, median per sample "
         f"{s['ratio_median_gradcheck_over_torch']:.2f}); report {args.out}"
+    )
+    for kind in EXTRA_KINDS:
+        k = s["extra"][kind]
+        if k["samples"]:
+            print(
+                f"{kind}: agreement {k['agree']}/{k['compared']}, "
+                f"{k['disagree']} disagreements ({k['unexplained']} unexplained), "
+                f"{k['not_compared']} not compared"
+            )
+    print(
+        f"all: agreement {s['all_agree']}/{s['all_compared']} = "
+        f"{100 * s['all_agreement']:.2f}%, unexplained {s['all_unexplained']}"
     )
     return 0
 

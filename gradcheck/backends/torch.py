@@ -1686,9 +1686,11 @@ def second_order_session(
         live = [i for i, o in enumerate(outs) if o.requires_grad]
         shapes = [tuple(outs[i].shape) for i in live]
         rng = np.random.default_rng([seed, 13])
+        # fresh contiguous tensors (an empty NumPy array's strides can be odd,
+        # and view_as_real's backward needs a unit last stride)
         grad_outputs = [
-            torch.as_tensor(v, dtype=outs[i].dtype, device=outs[i].device)
-            .clone()
+            torch.empty(v.shape, dtype=outs[i].dtype, device=outs[i].device)
+            .copy_(torch.as_tensor(v))
             .requires_grad_(True)
             for i, v in zip(live, cotangents(shapes, rng), strict=True)
         ]
