@@ -255,7 +255,10 @@ def test_shrink_reaches_nested_configs():
     audio = _hf.shrink_config(_hf.load_config("wav2vec2"))
     assert max(audio.conv_dim) == 32 and audio.num_hidden_layers == 2
     swin = _hf.shrink_config(_hf.load_config("swin"))  # per-stage lists, window
-    assert swin.embed_dim == 32 and max(swin.depths) == 1 and max(swin.num_heads) == 2
+    # every stage kept (backbones name and read them per stage), each 1 deep,
+    # the first 16 wide (doubling per stage)
+    assert len(swin.depths) == swin.num_layers == 4 and len(swin.stage_names) == 5
+    assert swin.embed_dim == 16 and max(swin.depths) == 1 and max(swin.num_heads) == 2
     assert swin.image_size // swin.patch_size // 2 ** (len(swin.depths) - 1) == 2
     assert swin.window_size == 2
 

@@ -50,6 +50,8 @@ CASES = {
     "deepseek_v3": {"input_ids": (2, 8)},
     "bamba": {"input_ids": (2, 8)},
     "zamba2": {"input_ids": (2, 8)},
+    "sapiens2": {"pixel_values": (2, 3, 64, 64)},  # per-layer key/value heads
+    "gemma3n_text": {"input_ids": (2, 8)},  # layers sharing keys/values
 }
 
 
@@ -86,3 +88,46 @@ def test_shrunk_mla_rotates_exactly_its_rope_part():
     rope = cfg.rope_parameters
     assert cfg.head_dim * rope["partial_rotary_factor"] == cfg.qk_rope_head_dim
     assert cfg.qk_head_dim == cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+
+
+def test_staged_backbone_keeps_its_stages():
+    # Mask2Former reads three levels of its Swin backbone: the stages stay,
+    # one block deep each (they were cut to 2 and the stage names were not)
+    model, inputs, _ = _hf.build("mask2former", {}, "hf:mask2former", 0, 5_000_000)
+    swin = model.config.backbone_config
+    assert len(swin.depths) == 4 and len(swin.stage_names) == 5
+    assert max(swin.depths) == 1
+
+
+def test_shared_kv_layers_stay_shared_after_the_shrink():
+    cfg = _hf.shrink_config(_hf.load_config("gemma3n_text"))
+    assert cfg.num_hidden_layers == 4 and cfg.num_kv_shared_layers == 2
+    assert cfg.layer_types[:2] == cfg.layer_types[2:]  # one of each kind per part
+    assert max(cfg.intermediate_size) <= 64  # per-layer widths capped too
+
+
+def test_batch_norm_statistics_come_from_the_inputs():
+    # at the initial statistics (mean 0, variance 1) ALIGN's narrow EfficientNet
+    # fades its signal to ~1e-27: normalised, 0/0 in float32
+    model, inputs, _ = _hf.build("align", {}, "hf:align", 0, 2_000_000)
+    assert not model.training
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output
+        out = model(**inputs)
+    assert pooled.norm(dim=-1).min() > 0.1
+    assert torch.isfinite(out.logits_per_image).all()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum is not None for m in norms)  # restored
+    assert any(
+        not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms
+    )
+
+
+def test_all_zero_weight_tensors_are_drawn_at_build():
+    # BLIP-2's query tokens start at zero: identical tokens are a LayerNorm input
+    # of zero variance (derivative 1e6 there; fd cannot resolve it)
+    model, _, _ = _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
+    tokens = model.query_tokens
+    assert tokens.std() > 0.005 and tokens.std() < 0.05
+    again, _, _ = _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
+    assert torch.equal(again.query_tokens, tokens)  # from the build's seed

@@ -25,6 +25,8 @@ VOCAB = 1024
 IMAGE = 64
 EXPERTS = 4
 SOURCE_POSITIONS = 32
+#: the first stage's width of a staged backbone that keeps all its stages (Swin)
+STAGED_WIDTH = 16
 TOP_K = 2
 
 _LAYER_KEYS = (
@@ -124,18 +126,32 @@ def shrink_config(
     old_layers: set[int] = set()
     kept = _kept_layers(cfg) if each_kind else list(range(LAYERS))
 
-    def cap(keys: tuple[str, ...], limit: int) -> None:
+    def cap(keys: tuple[str, ...], limit: int, layers: bool = False) -> None:
         for key in keys:
             value = getattr(cfg, key, None)
             if _int(value) and value > limit:
-                if keys is _LAYER_KEYS:
+                if layers:
                     old_layers.add(value)
                 _set(cfg, key, limit)
 
-    cap(_LAYER_KEYS, max(LAYERS, len(kept)))
+    # a staged backbone (Swin: num_layers == len(depths)) keeps its stages, whose
+    # names, heads and outputs are per stage (Mask2Former reads 3 levels); each
+    # stage's depth is capped to 1 below, and its width (doubling per stage)
+    # starts at STAGED_WIDTH
+    depths = vars(cfg).get("depths")
+    staged = isinstance(depths, (list, tuple)) and vars(cfg).get("num_layers") == len(
+        depths
+    )
+    aliases = getattr(cfg, "attribute_map", {}) or {}  # num_hidden_layers -> num_layers
+    layer_keys = tuple(
+        k for k in _LAYER_KEYS if not (staged and "num_layers" in (k, aliases.get(k)))
+    )
+    cap(layer_keys, max(LAYERS, len(kept)), layers=True)
     for key in _HIDDEN_KEYS:
         if _int(getattr(cfg, key, None)) and getattr(cfg, key) > HIDDEN:
             _set(cfg, key, HIDDEN)
+    if staged and _int(vars(cfg).get("embed_dim")) and cfg.embed_dim > STAGED_WIDTH:
+        _set(cfg, "embed_dim", STAGED_WIDTH)
     cap(_HEAD_KEYS, HEADS)
     cap(_KV_KEYS, HEADS)
     # per-stage lists (Swin, ConvNeXt, ResNet, wav2vec2's feature extractor)
@@ -143,6 +159,9 @@ def shrink_config(
     cap_list(cfg, _STAGE_WIDTH_KEYS, HIDDEN)
     cap_list(cfg, _STAGE_DEPTH_KEYS, 1)
     cap(_FFN_KEYS, FFN)
+    cap_list(cfg, _FFN_KEYS, FFN)  # per-layer widths (Gemma 3n)
+    # Gemma 3n's per-layer input embedding: layers x this wide per token
+    cap(("hidden_size_per_layer_input",), 8)
     cap(("vocab_size",), VOCAB)
     # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
     # 64 frames, not 3,000 (the input follows it, see infer_inputs)
@@ -178,6 +197,11 @@ def shrink_config(
     _fit_align(cfg)
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
+    shared = vars(cfg).get("num_kv_shared_layers")
+    if _int(shared) and shared > 0 and layers is not None:
+        # Gemma 3n: the last layers reuse the keys/values of the last earlier
+        # layer of their kind; the kept layers of the shared part stay shared
+        _set(cfg, "num_kv_shared_layers", sum(i >= layers - shared for i in chosen))
     for key, value in list(vars(cfg).items()):
         lowered = key.lower()
         if (
@@ -213,6 +237,13 @@ def _kept_layers(cfg: Any) -> list[int]:
     types = vars(cfg).get("layer_types")
     if not isinstance(types, list) or not types:
         return list(range(LAYERS))
+    shared = vars(cfg).get("num_kv_shared_layers")
+    if _int(shared) and 0 < shared < len(types):
+        # layers that share another's keys/values (Gemma 3n): one of each kind
+        # before the shared part and one of each kind in it
+        start = len(types) - shared
+        before = _first_of_each(types, range(start))
+        return sorted(before + _first_of_each(types, range(start, len(types))))
     first: dict[Any, int] = {}
     for i, kind in enumerate(types):
         if isinstance(kind, str):
@@ -224,6 +255,13 @@ def _kept_layers(cfg: Any) -> list[int]:
         if i not in picked:
             picked.append(i)
     return sorted(picked)
+
+
+def _first_of_each(types: list[Any], span: range) -> list[int]:
+    first: dict[Any, int] = {}
+    for i in span:
+        first.setdefault(types[i], i)
+    return sorted(first.values())
 
 
 def _put_back_per_layer(cfg: Any, hetero: Any, chosen: list[int] | None) -> None:
@@ -335,6 +373,11 @@ def _cap_by_name(cfg: Any) -> None:
         elif any(w in low for w in _WIDTH_WORDS) and value > HIDDEN:
             if low.endswith(_WIDTH_SUFFIXES) or low in ("d_model", "hidden_dim"):
                 _set(cfg, key, HIDDEN)
+    for key, value in list(vars(cfg).items()):
+        # per-layer head counts (Sapiens2's key/value heads per layer)
+        if isinstance(value, list) and "heads" in key.lower() and value:
+            if all(_int(h) for h in value) and max(value) > HEADS:
+                _set(cfg, key, [min(h, HEADS) for h in value])
     for key in ("width_coefficient", "depth_coefficient", "depth_multiplier"):
         value = vars(cfg).get(key)
         if isinstance(value, float) and value > 0.25:
@@ -403,6 +446,11 @@ def _fit_univnet(cfg: Any) -> None:
     _set(cfg, "model_in_channels", 16)
     _set(cfg, "kernel_predictor_hidden_channels", 16)
     _set(cfg, "model_hidden_channels", 8)
+    strides = v.get("resblock_stride_sizes")
+    if isinstance(strides, list) and all(_int(s) for s in strides):
+        # upsampling x2 per block, not x8, x8, x4: 8 samples a frame, not 256
+        # (fd in float64 ran past 90 s on 2 x 16,384 samples)
+        _set(cfg, "resblock_stride_sizes", [min(s, 2) for s in strides])
 
 
 def _fit_bros(cfg: Any) -> None:
@@ -803,6 +851,7 @@ def build(
                 "default config does: the shrink misses an attribute this model "
                 "needs consistent; set it with an override)"
             ) from exc
+        _draw_zero_tensors(model)
     model.eval()
     n = sum(p.numel() for p in model.parameters())
     if n > max_parameters:
@@ -818,9 +867,70 @@ def build(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(cfg)
+            _draw_zero_tensors(model)
         model.eval()
         inputs = _working_inputs(model, seed)
+    _calibrate_batch_norm(model, inputs)
     return model, inputs, n
+
+
+def _draw_zero_tensors(model: Any) -> list[str]:
+    """Parameters of two or more dimensions that the initialisation leaves all
+    zero (BLIP-2's query tokens, zero-initialised embeddings and up
+    projections) drawn like the config's other weights (normal, std
+    ``initializer_range``, from the build's seed). A checkpoint never holds
+    them at zero, and at zero the model sits on a degenerate point: BLIP-2's
+    identical query tokens are a LayerNorm input of zero variance, whose
+    derivative (1/sqrt(eps) = 1e6) no finite difference resolves. Biases and
+    other 1-D parameters (zero-initialised gates and shifts) stay as they are.
+    Returns the names drawn."""
+    import torch
+
+    std = getattr(model.config, "initializer_range", None)
+    std = std if isinstance(std, float) and 0 < std < 1 else 0.02
+    drawn = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.is_floating_point() and not p.any():
+                p.normal_(0.0, std)
+                drawn.append(name)
+    return drawn
+
+
+def _calibrate_batch_norm(model: Any, inputs: dict[str, Any]) -> None:
+    """Batch norms' running statistics set to the inputs' (one forward in train
+    mode, cumulative average; then eval again), as training leaves them. At
+    their initial statistics (mean 0, variance 1) a narrow shrunk convnet's
+    signal fades by ~1e-4 per block (ALIGN's EfficientNet: 1e-27 after seven
+    blocks, 0 in float32, so normalising it is 0/0). Nothing else changes;
+    a model whose train-mode forward fails keeps the initial statistics."""
+    import torch
+
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+    ]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # the cumulative average of this one batch
+        model.train()
+        with torch.no_grad():
+            model(**inputs)
+    except Exception:
+        for m, (mean, var) in zip(norms, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
 
 
 _MROPE = re.compile(
