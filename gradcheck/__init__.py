@@ -31,6 +31,7 @@ from gradcheck.errors import (
 from gradcheck.keras_api import assert_keras_model, check_keras_model
 from gradcheck.models import check_model
 from gradcheck.properties.devices import assert_devices, check_devices
+from gradcheck.properties.distributed import assert_distributed, check_distributed
 from gradcheck.properties.variants import assert_variants, check_variants
 from gradcheck.result import CheckReport, FlowMatrix, Location, TensorResult
 from gradcheck.training_api import assert_training_step, check_training_step
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     "assert_cross_framework",
     "assert_devices",
+    "assert_distributed",
     "assert_gradients",
     "assert_keras_model",
     "assert_linearity",
@@ -64,6 +66,7 @@ __all__ = [
     "assert_variants",
     "check_cross_framework",
     "check_devices",
+    "check_distributed",
     "check_gradients",
     "check_keras_model",
     "check_linearity",

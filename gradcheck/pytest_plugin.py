@@ -694,7 +694,7 @@ class GradcheckFixture:
         report = check_variants(
             loss_fn, model, batch, **self._kwargs(kwargs, ("rtol", "seed"))
         )
-        if report.mode == "skipped":
+        if report.status == "skipped":
             pytest.skip("check_variants: " + " ".join(report.notes[1:]))
         return report
 
@@ -705,6 +705,32 @@ class GradcheckFixture:
         from gradcheck.errors import GradientMismatchError
 
         report = self.check_variants(loss_fn, model, batch, **kwargs)
+        if not report.passed:
+            raise GradientMismatchError(report)
+        return report
+
+    def check_distributed(
+        self, build: Any, step: Any, batch: Any, **kwargs: Any
+    ) -> CheckReport:
+        """:func:`gradcheck.check_distributed` with this test's rtol and seed
+        (``build``/``step`` must be importable: the ranks are processes of their
+        own). A skipped report skips the test."""
+        from gradcheck.properties.distributed import check_distributed
+
+        report = check_distributed(
+            build, step, batch, **self._kwargs(kwargs, ("rtol", "seed"))
+        )
+        if report.status == "skipped":
+            pytest.skip("check_distributed: " + " ".join(report.notes))
+        return report
+
+    def assert_distributed(
+        self, build: Any, step: Any, batch: Any, **kwargs: Any
+    ) -> CheckReport:
+        """:meth:`check_distributed`; raises GradientMismatchError on failure."""
+        from gradcheck.errors import GradientMismatchError
+
+        report = self.check_distributed(build, step, batch, **kwargs)
         if not report.passed:
             raise GradientMismatchError(report)
         return report

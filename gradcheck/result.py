@@ -23,9 +23,12 @@ __all__ = [
     "TensorResult",
 ]
 
-#: Every status a report can have, best first.
+#: Every status a report can have, best first. "skipped": nothing could be
+#: compared on this machine (check_variants with only GPU variants and no GPU);
+#: the notes say why, assert_* do not raise on it and the pytest fixture skips.
 STATUSES = (
     "passed",
+    "skipped",
     "mismatch",
     "nondifferentiable",
     "nondeterministic",
@@ -178,13 +181,15 @@ class CheckReport:
         verdict = "passed" if self.passed else f"FAILED ({self.status})"
         if self.status in NOT_RUN:
             verdict = f"not run ({self.status})"
+        elif self.status == "skipped":
+            verdict = "skipped"
         where = f" at {self.location.describe()}" if self.location else ""
         return f"gradcheck: {prop} check {verdict}{where}"
 
     def message(self) -> str:
         """A failure message a person can act on. No tensor dumps."""
         lines = [self.headline()]
-        if self.status in NOT_RUN:  # no numbers to show: the reason
+        if self.status in (*NOT_RUN, "skipped"):  # no numbers to show: the reason
             lines.extend(f"  {n}" for n in self.notes)
             lines.extend(self._repro_lines())
             return "\n".join(lines)

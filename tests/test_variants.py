@@ -215,9 +215,15 @@ def test_gpu_variants_are_skipped_without_a_gpu():
     report = gradcheck.check_variants(
         _ce, model, batch, variants=("cuda", "cuda:1", "cuda+autocast:float16")
     )
-    assert report.passed and report.mode == "skipped"
+    assert report.status == "skipped" and not report.passed
+    assert report.headline() == "gradcheck: variants check skipped"
+    assert "variant 'cuda' skipped" in report.message()
     assert report.tensors == []
     assert report.notes[0].startswith("SKIPPED")
+    # assert_variants does not raise on a skipped report
+    again = gradcheck.assert_variants(_ce, model, batch, variants="cuda")
+    assert again.status == "skipped"
+    assert report.to_dict()["status"] == "skipped"
     for v in ("cuda", "cuda:1", "cuda+autocast:float16"):
         assert any(f"variant '{v}' skipped" in n and "GPU" in n for n in report.notes)
     mixed = gradcheck.check_variants(
@@ -364,6 +370,39 @@ def _fixture(**defaults):
     from gradcheck.pytest_plugin import GradcheckFixture
 
     return GradcheckFixture(defaults, None, "auto")
+
+
+def test_a_parameter_no_execution_reaches_passes_and_a_head_cut_under_autocast_fails():
+    """A head the loss never uses has no gradient in any execution: the variants
+    agree (it used to read as 'connected in one execution and not the other')."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self, cut: bool = False) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk, self.a, self.b = (
+                nn.Linear(6, 8),
+                nn.Linear(8, 3),
+                nn.Linear(8, 1),
+            )
+            self.cut = cut
+
+        def forward(self, x):
+            z = torch.tanh(self.trunk(x))
+            if self.cut and torch.is_autocast_enabled(x.device.type):
+                z = z.detach()  # planted: the trunk loses its gradient under autocast
+            return self.a(z), self.b(z)
+
+    def loss(model, batch):  # head b is computed, never used
+        return F.cross_entropy(model(batch[0])[0], batch[1])
+
+    ok = gradcheck.check_variants(loss, TwoHeads(), _batch(), variants="autocast")
+    assert ok.passed, ok.message()
+    assert {t.name for t in ok.tensors if t.name.endswith(("b.weight", "b.bias"))}
+    bad = gradcheck.check_variants(
+        loss, TwoHeads(cut=True), _batch(), variants="autocast"
+    )
+    assert bad.status == "mismatch" and "trunk" in bad.location.tensor
 
 
 def test_fixture_exposes_check_variants():

@@ -18,8 +18,8 @@ A variant is a ``+``-joined combination of at most one of each:
 e.g. ``"cuda+autocast:float16"``, ``"compile+autocast:bfloat16"``. A variant that
 cannot run on this machine (a GPU variant without a GPU, autocast a torch build
 lacks) is *skipped*, not failed: its reason is a note of the report, and a report
-whose every variant was skipped has ``mode == "skipped"`` (the pytest fixture then
-skips the test).
+whose every variant was skipped has status ``"skipped"`` (``assert_variants`` does
+not raise on it; the pytest fixture skips the test).
 
 What is compared, per variant, on fresh deep copies of the model (the user's module,
 ``.grad``, buffers, train/eval flags and every RNG are left as they were):
@@ -226,8 +226,8 @@ def judge_tensor(
     ``reference_rounds``: the reference is in the variant's precision (no float64
     reference), so the difference carries two evaluations' rounding."""
     arrays = [a for a in (reference, variant, base, *moved) if a is not None]
-    if not arrays:
-        return TensorVerdict(name, (), 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, False)
+    if not arrays:  # reached by the loss in no execution: they agree
+        return TensorVerdict(name, (), 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, True)
     shape = arrays[0].shape
 
     def full(a: np.ndarray | None) -> np.ndarray:
@@ -342,9 +342,10 @@ def check_variants(
 def assert_variants(
     loss_fn: Callable[[Any, Any], Any], model: Any, batch: Any, **kwargs: Any
 ) -> CheckReport:
-    """Like :func:`check_variants`; raises :class:`GradientMismatchError` on failure."""
+    """Like :func:`check_variants`; raises :class:`GradientMismatchError` on failure
+    (not when every variant was skipped: status ``"skipped"``)."""
     report = check_variants(loss_fn, model, batch, **kwargs)
-    if not report.passed:
+    if report.status not in ("passed", "skipped"):
         raise GradientMismatchError(report)
     return report
 
@@ -539,7 +540,7 @@ def _report(
     )
     if not runs:
         return CheckReport(
-            status="passed",
+            status="skipped",
             mode="skipped",
             error=0.0,
             tolerance=0.0,

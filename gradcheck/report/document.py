@@ -10,7 +10,7 @@
       "environment": {name: value},           # versions, seed, device, ...
       "checks": [
         {"id": str,                            # a test node id, an audit case
-         "outcome": "ok" | "failed",
+         "outcome": "ok" | "failed" | "skipped",   # a "skipped" report: skipped
          "report": CheckReport.to_dict() | None,
          "error": str,                         # optional: why there is no report
          "expected": "passed" | "caught",      # optional: audits
@@ -161,7 +161,14 @@ def _check(i: int, rec: Mapping[str, Any]) -> dict[str, Any]:
         )
     outcome = rec.get("outcome")
     if outcome is None:
-        outcome = "ok" if report is not None and report.get("passed") else "failed"
+        status = (report or {}).get("status")
+        outcome = (
+            "ok"
+            if report is not None and report.get("passed")
+            else "skipped"
+            if status == "skipped"
+            else "failed"
+        )
     if outcome not in OUTCOMES:
         raise ValueError(
             f"record {i}: outcome must be one of {OUTCOMES}; got {outcome!r}"

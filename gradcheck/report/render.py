@@ -123,7 +123,81 @@ def _check_view(i: int, check: dict[str, Any], total: int) -> dict[str, Any]:
         "location": loc,
         "open": open_,
         "figures": _figures(r, f"gc{i + 1}") if r else [],
+        "tables": _tables(r) if r else [],
     }
+
+
+def _tables(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Property-specific tables: check_variants' (variant, tensor) rows and
+    check_distributed's ranks."""
+    out = []
+    tensors = r.get("tensors") or []
+    if r.get("property") == "variants" and tensors:
+        rows = []
+        for t in tensors:
+            variant, _, name = str(t.get("name", "")).partition("/")
+            rows.append(
+                {
+                    "cls": f"st-{t.get('status')}",
+                    "cells": [
+                        variant,
+                        name,
+                        str(t.get("dtype")),
+                        str(t.get("device")),
+                        _cell(t.get("error")),
+                        _cell(t.get("tolerance")),
+                        str(t.get("status")),
+                    ],
+                }
+            )
+        out.append(
+            {
+                "title": "Variants",
+                "columns": [
+                    "variant",
+                    "tensor",
+                    "precision",
+                    "device",
+                    "‖g_variant − g_eager‖",
+                    "tolerance",
+                    "status",
+                ],
+                "rows": rows,
+            }
+        )
+    if r.get("property") == "distributed":
+        cost = r.get("cost") or {}
+        world = int(cost.get("world_size") or 0)
+        rows = [
+            {
+                "cls": "",
+                "cells": [
+                    f"rank {k}",
+                    _cell(cost.get(f"rank_seconds[{k}]")),
+                ],
+            }
+            for k in range(world)
+        ]
+        out.append(
+            {
+                "title": f"Ranks (world size {world}, wrap {r.get('mode')}, start "
+                f"{_seconds(cost.get('spawn_seconds'))}, check "
+                f"{_seconds(cost.get('seconds'))})",
+                "columns": ["rank", "step seconds"],
+                "rows": rows,
+            }
+        )
+    return out
+
+
+def _cell(x: Any) -> float | str:
+    v = _num(x)
+    return "—" if v is None else v
+
+
+def _seconds(x: Any) -> str:
+    v = _num(x)
+    return "—" if v is None else f"{v:.2f} s"
 
 
 def _figures(r: dict[str, Any], uid: str) -> list[dict[str, Any]]:
