@@ -1099,11 +1099,18 @@ class TorchSession(Session):
             cause = exc.__cause__
             text = str(cause or "")
             if isinstance(cause, NotImplementedError) or "forward AD" in text:
+                custom = "custom autograd.Function" in text
                 raise UnsupportedInputError(
                     "forward mode (ad='forward') is not available for fn: torch "
-                    f"says {_first_line(cause or exc).rstrip('.')}. Check this function with "
-                    "ad='reverse', or give the custom autograd.Function a jvp "
-                    "(staticmethod jvp(ctx, *tangents), with ctx.save_for_forward)."
+                    f"says {_first_line(cause or exc).rstrip('.')}. Check this "
+                    "function with ad='reverse'"
+                    + (
+                        ", or give the custom autograd.Function a jvp (staticmethod "
+                        "jvp(ctx, *tangents), with ctx.save_for_forward)."
+                        if custom
+                        else " (that op has no forward-mode derivative in this "
+                        "torch build)."
+                    )
                 ) from exc
             raise
         finally:
