@@ -71,6 +71,10 @@ SUBSET = (
     "native_batch_norm",
     "cov",
     "native_group_norm",
+    # complex inputs and outputs (refused before issue 13)
+    "fft.fft",
+    "view_as_complex",
+    "polar",
 )
 
 
@@ -338,3 +342,50 @@ def test_cli(sweep, tmp_path):
     data = json.loads(js.read_text())
     assert data["summary"]["ops_run"] == 2 and data["summary"]["samples_run"] == 2
     assert "--ops sin,abs" in out.read_text()
+
+
+#: ops whose complex128 / order-2 / forward-mode samples the quick test compares
+EXTRA_OPS = ("sin", "mul", "fft.fft", "polar", "softmax")
+
+
+@pytest.fixture(scope="module")
+def extra(sweep):
+    db = {sweep.op_id(op): op for op in sweep.op_db()}
+    found = []
+    for oid in EXTRA_OPS:
+        found += sweep.run_extra(
+            db[oid], sweep.ALL_CHECKS, max_samples=2, seed=0, budget=60.0
+        )
+    return found
+
+
+def test_complex_second_order_and_forward_agree_with_torch(extra, sweep):
+    kinds = {e.kind for e in extra}
+    assert kinds == set(sweep.EXTRA_KINDS), kinds
+    compared = [e for e in extra if e.comparison != "not compared"]
+    assert len(compared) >= 0.9 * len(extra) > 0
+    unexplained = [
+        (e.kind, e.op, e.index, e.torch.message, e.gc.message)
+        for e in compared
+        if e.comparison == "disagree" and e.category == sweep.UNEXPLAINED
+    ]
+    assert not unexplained, unexplained
+    crashes = [(e.kind, e.op, e.gc.message) for e in extra if e.gc.verdict == "crash"]
+    assert not crashes
+
+
+def test_extra_report_sections(extra, sweep, tmp_path):
+    op = sweep.OpResult("several", extra=extra)
+    selection = sweep.Selection(ops=[], total=1)
+    summary = sweep.summarize(selection, [op])
+    for kind in sweep.EXTRA_KINDS:
+        assert summary["extra"][kind]["samples"] > 0
+    out = tmp_path / "opinfo.md"
+    settings = {"max_samples": 2, "seed": 0, "budget": 60.0, "workers": 1}
+    sweep.write_markdown(
+        out, summary, [op], command="test", wall_seconds=1.0, settings=settings
+    )
+    text = out.read_text()
+    assert "## Complex, second order and forward mode" in text
+    assert "Agreement over everything" in text
+    assert "gradgradcheck" in text and "check_forward_ad=True" in text
