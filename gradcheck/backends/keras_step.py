@@ -54,6 +54,7 @@ __all__ = [
     "capture",
     "check_keras3",
     "compiled",
+    "distribution",
     "floatx",
     "gradient_ops",
     "is_model",
@@ -89,6 +90,17 @@ def version() -> str:
 
 def floatx() -> str:
     return keras.config.floatx()
+
+
+def distribution(model: Any) -> Any:
+    """The tf.distribute strategy the model trains under, and the one whose scope
+    is active at the call: a :class:`gradcheck.backends.keras_mirrored.
+    Distribution`, or None (no strategy anywhere, or not the TensorFlow backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from gradcheck.backends import keras_mirrored
+
+    return keras_mirrored.distribution(model)
 
 
 def summed(value: Any) -> Any:
@@ -166,7 +178,15 @@ class Snapshot:
             candidates.append(seed_state)
         for v in candidates:
             found.setdefault(id(v), v)
-        self.values = [(v, numpy(v)) for v in found.values()]
+        # a variable created under a tf.distribute strategy has one copy per
+        # replica (mirrored: equal; sync-on-read metrics: each replica's share):
+        # each copy is saved and put back as it was, not the value read across
+        # replicas (assigning that to a sync-on-read SUM variable divides it)
+        self.values = [(v, numpy(v), ops.components(v)) for v in found.values()]
+        self.copies = [
+            [(c, numpy(c)) for c in comps] if comps else None
+            for _, _, comps in self.values
+        ]
         self.metrics = {id(m) for m in model.metrics}
         self.attrs = {a: getattr(model, a, None) for a in self._ATTRS}
         compile_loss = model._compile_loss
@@ -183,8 +203,12 @@ class Snapshot:
         """Variables and RNG states as they were: the next pass (Keras' step or
         the independent one) starts from the same point and draws the same
         dropout masks."""
-        for v, value in self.values:
-            v.assign(value)
+        for (v, value, _), copies in zip(self.values, self.copies, strict=True):
+            if copies:
+                for c, c_value in copies:
+                    c.assign(c_value)
+            else:
+                v.assign(value)
         np_state, py_state, framework_state = self.rng
         np.random.set_state(np_state)
         random.setstate(py_state)
@@ -375,7 +399,11 @@ def _cache_key(model: Any, variables: Sequence[Any]) -> tuple[Any, ...]:
     )
 
 
-def _recorder_for(model: Any, variables: Sequence[Any]) -> _Cached:
+def _recorder_for(
+    model: Any, variables: Sequence[Any], make: Callable[..., Any] | None = None
+) -> _Cached:
+    """The cached entry for ``model``; ``make(model, variables)`` builds a new
+    recorder (default: a plain one)."""
     key = _cache_key(model, variables)
     entry = _CACHE.get(id(model))
     if (
@@ -390,7 +418,7 @@ def _recorder_for(model: Any, variables: Sequence[Any]) -> _Cached:
             key,
             model._compile_loss,
             model.train_function,
-            _recorder_class()(variables),
+            make(model, variables) if make else _recorder_class()(variables),
         )
     _CACHE[id(model)] = entry
     _CACHE.move_to_end(id(model))
@@ -408,6 +436,9 @@ class Captured:
     #: log keys whose Mean tracker the step never updated (a custom train_step
     #: that skips compute_loss or the loss tracker reports their initial 0)
     stale: set[str] = field(default_factory=set)
+    #: the step drew from the model's SeedGenerators (dropout & co.): set for a
+    #: step under a strategy, where each replica draws for its own shard
+    random: bool = False
 
 
 def capture(
@@ -424,12 +455,29 @@ def capture(
     """One ``train_on_batch`` with the recorder as the optimizer; the caller's
     snapshot puts the optimizer, functions, variables and metrics back.
 
+    A model built under a tf.distribute strategy runs ``fit``'s distributed step
+    instead (:func:`gradcheck.backends.keras_mirrored.run_step`: the batch split
+    over the replicas by the strategy's distributed dataset; ``train_on_batch``
+    would hand every replica the whole batch), with a recorder made in the
+    strategy's scope that records the all-reduced gradient.
+
     ``eagerly``: the same step run eagerly (``run_eagerly=True`` for this one call,
     with a train function made for it and dropped afterwards; the traced one stays
     cached)."""
-    entry = _recorder_for(model, variables)
+    strategy = distribution(model)
+    mirrored = None
+    if strategy is not None and strategy.strategy is not None:
+        from gradcheck.backends import keras_mirrored as mirrored
+    entry = _recorder_for(model, variables, mirrored.recorder if mirrored else None)
     entry.recorder.reset(scale)
     how = "run eagerly" if eagerly else _how(model)
+    if mirrored is not None:
+        how += (
+            f" under {strategy.strategy} ({strategy.replicas} replica"
+            f"{'s' if strategy.replicas != 1 else ''}: fit's distributed step)"
+        )
+        seeds = mirrored.seed_states(model)
+        seeds_before = [numpy(v) for v in seeds]
     user_optimizer, user_function = model.optimizer, model.train_function
     user_eagerly = model.run_eagerly
     model.optimizer = entry.recorder
@@ -437,13 +485,16 @@ def capture(
     try:
         if eagerly:
             model.run_eagerly = True
-        logs = model.train_on_batch(
-            x,
-            y,
-            sample_weight=sample_weight,
-            class_weight=class_weight,
-            return_dict=True,
-        )
+        if mirrored is not None:
+            logs = mirrored.run_step(model, x, y, sample_weight, class_weight)
+        else:
+            logs = model.train_on_batch(
+                x,
+                y,
+                sample_weight=sample_weight,
+                class_weight=class_weight,
+                return_dict=True,
+            )
         if not eagerly:
             entry.train_function = model.train_function
         stale = _stale_trackers(model)
@@ -451,7 +502,12 @@ def capture(
         if not eagerly:
             entry.train_function = None
         raise KerasStepError(
-            "Keras' own train step (model.train_on_batch, as fit runs it"
+            "Keras' own train step ("
+            + (
+                "fit's distributed step under the model's strategy"
+                if mirrored is not None
+                else "model.train_on_batch, as fit runs it"
+            )
             + (", run eagerly" if eagerly else "")
             + f") raised {type(exc).__name__}: {exc}"
             + _step_hint(exc, x, y, sample_weight)
@@ -463,7 +519,11 @@ def capture(
     floats = _floats(logs)
     # a tracker the step never updated reports its initial 0
     stale = {k for k in stale if floats.get(k) == 0.0}
-    return Captured(grads, calls, floats, how, stale)
+    random = mirrored is not None and any(
+        not np.array_equal(numpy(v), before)
+        for v, before in zip(seeds, seeds_before, strict=True)
+    )
+    return Captured(grads, calls, floats, how, stale, random)
 
 
 def compiled(model: Any) -> bool:

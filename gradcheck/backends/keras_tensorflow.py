@@ -44,6 +44,15 @@ class TensorFlowOps:
         del tape
         return losses, grads
 
+    def components(self, variable: Any) -> list[Any] | None:
+        """Each replica's copy of a variable created under a tf.distribute
+        strategy (mirrored or sync-on-read); None for an ordinary variable."""
+        inner = getattr(variable, "_value", None)
+        inner = variable if inner is None else inner
+        if isinstance(inner, tf.distribute.DistributedValues):
+            return list(inner.values)
+        return None
+
     def grad_state(self, variables: Sequence[Any]) -> list[Any]:
         return []
 

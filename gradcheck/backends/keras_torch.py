@@ -41,6 +41,10 @@ class TorchOps:
                 ]
         return losses, grads
 
+    def components(self, variable: Any) -> list[Any] | None:
+        """Per-replica copies exist under tf.distribute only."""
+        return None
+
     def grad_state(self, variables: Sequence[Any]) -> list[Any]:
         out = []
         for v in variables:

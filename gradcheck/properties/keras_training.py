@@ -160,15 +160,7 @@ def check(
             f"runs on {backend!r} (KERAS_BACKEND is fixed when keras is imported)."
         )
     ops = ks.gradient_ops(backend)
-    replicas = getattr(
-        getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1
-    )
-    if replicas > 1:
-        raise UnsupportedInputError(
-            f"the model trains under a tf.distribute strategy with {replicas} "
-            "replicas: check_keras_model reads one replica's step; check it outside "
-            "the strategy scope."
-        )
+    strategy = _check_strategy(ks.distribution(model))
     config = _compile_config(model)
     if not model.built:
         raise UnsupportedInputError(
@@ -183,6 +175,7 @@ def check(
             "the model has no trainable variables: a train step changes nothing."
         )
     _check_batch(x, y, sample_weight)
+    _check_shards(strategy, x)
     if class_weight is not None and sample_weight is not None:
         raise InvalidArgumentError(
             "pass sample_weight or class_weight, not both (Keras refuses both too)."
@@ -252,6 +245,7 @@ def check(
                 steps += spread.steps
             if not report.passed:
                 _flag_nondeterminism(report, captured, replay)
+                _flag_replica_randomness(report, captured, strategy)
     except KerasStepError:
         # Keras raised mid-step, possibly while building its CompileLoss
         snapshot.restore(unbuild=True)
@@ -266,7 +260,156 @@ def check(
         "train_steps": steps,
         "seconds": time.perf_counter() - started,
     }
+    if strategy is not None:
+        _strategy_notes(report, strategy, x)
+        if report.status == "mismatch":
+            _replica_factor_note(report, strategy, side, captured)
     return report
+
+
+# --------------------------------------------------------------------- strategies
+def _check_strategy(found: Any) -> Any:
+    """The model's tf.distribute strategy when its step can be checked here (a
+    ``keras_mirrored.Distribution``), None when the model has none; raises when
+    it cannot be checked.
+
+    Called inside ``with strategy.scope():`` the check is refused rather than
+    run: Keras divides every mean-reduced loss by the active strategy's
+    ``num_replicas_in_sync`` (``scale_loss_for_distribution``), so the global-batch
+    side would be computed 1/R too small, and a scope cannot be left from inside
+    it (TensorFlow refuses nested scopes)."""
+    if found is None:
+        return None
+    if found.scope is not None:
+        raise UnsupportedInputError(
+            f"check_keras_model was called inside `with {found.scope}.scope():`. "
+            "Call it after the with block: the model keeps the strategy it was "
+            "built under and gradcheck runs Keras' distributed step with it; inside "
+            "the scope Keras divides the losses gradcheck computes on the global "
+            "batch by num_replicas_in_sync."
+        )
+    if found.strategy is None:
+        return None
+    if not found.local:
+        raise UnsupportedInputError(
+            f"the model trains under {found.strategy} ({found.replicas} replicas): "
+            "check_keras_model runs the strategy's step in this process, which "
+            "works for MirroredStrategy and OneDeviceStrategy (every replica "
+            "local); a multi-worker, parameter-server or TPU step needs its other "
+            "workers or hosts. Check the same model built under a MirroredStrategy."
+        )
+    return found
+
+
+def _global_batch(x: Any) -> int | None:
+    return next(
+        (b for _, leaf in _leaves(x, "x") if (b := _batch_size(leaf)) is not None),
+        None,
+    )
+
+
+def _check_shards(strategy: Any, x: Any) -> None:
+    """A batch must split evenly over the replicas. Refused, not run: Keras 3.15's
+    fit itself raises on a first batch that does not (its symbolic build averages
+    the replicas' shards, AddN of [3, d] and [2, d]), and on a later one it
+    divides each replica's mean loss by num_replicas_in_sync whatever the
+    shard's size (scale_loss_for_distribution), which is not the global batch's
+    mean: no verdict on the gradient would mean anything."""
+    if strategy is None or strategy.replicas < 2:
+        return
+    if strategy.unsynchronized_norms:
+        shown = ", ".join(repr(n) for n in strategy.unsynchronized_norms[:4])
+        more = len(strategy.unsynchronized_norms) - 4
+        raise UnsupportedInputError(
+            f"BatchNormalization {shown}{f' and {more} more' if more > 0 else ''} "
+            f"normalise each of the {strategy.replicas} replicas' shards with the "
+            "shard's own mean and variance (synchronized=False): by design the "
+            "step's gradient is not the global batch's, so comparing them says "
+            "nothing. Build the model with BatchNormalization(synchronized=True) "
+            "(statistics all-reduced across replicas) to check it under the "
+            "strategy, or check it outside the strategy."
+        )
+    n = _global_batch(x)
+    if n is not None and n % strategy.replicas:
+        raise InvalidArgumentError(
+            f"the batch of {n} does not split evenly over the {strategy.replicas} "
+            f"replicas of the model's {strategy.strategy}: pass a batch whose size "
+            "is a multiple of num_replicas_in_sync. (Keras' fit raises on such a "
+            "first batch, and on a later one divides each replica's mean loss by "
+            "num_replicas_in_sync whatever its shard's size: not the global "
+            "batch's mean.)"
+        )
+
+
+def _strategy_notes(report: CheckReport, strategy: Any, x: Any) -> None:
+    """What ran under the strategy, for the report (notes and cost)."""
+    replicas = int(strategy.replicas)
+    report.cost["replicas"] = float(replicas)
+    n = _global_batch(x)
+    report.notes.insert(
+        0,
+        f"strategy: {strategy.strategy}, num_replicas_in_sync={replicas}"
+        + (f" ({', '.join(strategy.devices)})" if strategy.devices else "")
+        + ": Keras' step ran as fit runs it (the batch"
+        + (f" of {n}" if n is not None else "")
+        + " split over the replicas by the strategy's distributed dataset, "
+        "train_step in each replica under strategy.run, the replicas' gradients "
+        "summed by the optimizer's all-reduce); recorded is the gradient the "
+        "optimizer receives after that reduction, compared with the gradient of "
+        "the global batch.",
+    )
+
+
+def _replica_factor_note(
+    report: CheckReport, strategy: Any, side: _Side, captured: Captured
+) -> None:
+    """Name the classic bug under a strategy when the numbers show it: Keras'
+    gradient is num_replicas_in_sync x the global batch's in every tensor."""
+    replicas = int(strategy.replicas)
+    if replicas < 2:
+        return
+    worst, scale = 0.0, 0.0
+    for t, (g, calls) in enumerate(zip(captured.grads, captured.calls, strict=True)):
+        parts = [
+            side.weights[n] * side.grads[n][t]
+            for n in side.grads
+            if side.grads[n][t] is not None
+        ]
+        if calls == 0 or not parts:
+            continue
+        expected = replicas * sum(parts)
+        worst = max(worst, float(np.max(np.abs(g - expected), initial=0.0)))
+        scale = max(scale, float(np.max(np.abs(expected), initial=0.0)))
+    if scale > 0 and worst <= _EXPLAIN_RTOL * 10 * scale:
+        report.notes.insert(
+            0,
+            f"Keras' step's gradient is {replicas} x the global batch's in every "
+            f"tensor, {replicas} = num_replicas_in_sync: the classic cause is a loss "
+            "averaged over each replica's batch without dividing by "
+            "num_replicas_in_sync (a custom compute_loss or train_step using "
+            "ops.mean where a keras.losses.Loss scales by 1/num_replicas_in_sync "
+            "itself; the replicas' gradients are summed, not averaged). A loss "
+            f"multiplied by {replicas} looks the same.",
+        )
+
+
+def _flag_replica_randomness(
+    report: CheckReport, captured: Captured, strategy: Any
+) -> None:
+    """Under a strategy each replica draws dropout masks & co. for its own shard
+    from the same SeedGenerator state: no pass over the global batch draws the
+    same numbers, so a failing comparison says nothing about the gradient."""
+    if strategy is None or not captured.random or report.status != "mismatch":
+        return
+    report.status = "nondeterministic"
+    report.notes.insert(
+        0,
+        "Keras' step drew random numbers (Dropout, GaussianNoise, random "
+        f"augmentation) in each of the {strategy.replicas} replicas for its own "
+        "shard: the global-batch side cannot draw the same ones, so the comparison "
+        "is not meaningful. Check the model with its random layers off (rate 0), "
+        "or the same model outside the strategy, where the masks are reproduced.",
+    )
 
 
 # --------------------------------------------------------------------- validation
