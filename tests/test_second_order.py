@@ -249,3 +249,27 @@ def test_tf_keras_model_second_order(floatx):
     assert report.order == 2
     for v, b in zip(model.weights, before, strict=True):
         assert v.numpy().tobytes() == b.tobytes()
+
+
+def test_tf_moments_second_derivative_finding():
+    """A TensorFlow bug the second-order check finds: tf.nn.moments (Keras 3's
+    moments on TensorFlow: LayerNormalization, training-mode BatchNormalization)
+    takes the variance around tf.stop_gradient(mean). First derivatives are
+    right (the dropped term vanishes at the mean), second derivatives are not;
+    the same function in torch passes (TensorFlow 2.21)."""
+    tf = _tf()
+    x64 = np.random.default_rng(0).standard_normal((4, 3))
+
+    def normalized(x):
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return tf.reduce_sum(tf.sin(3.0 * (x - mean) * tf.math.rsqrt(var + 1e-3)))
+
+    x = tf.constant(x64)
+    assert gradcheck.check_gradients(normalized, x).passed
+    report = gradcheck.check_gradients(normalized, x, order=2)
+    assert report.status == "mismatch" and report.location.tensor == "inputs[0]"
+    xt = torch.tensor(x64, requires_grad=True)
+    same = lambda x: torch.sin(  # noqa: E731
+        3.0 * torch.nn.functional.layer_norm(x, (3,), eps=1e-3)
+    ).sum()
+    assert gradcheck.check_gradients(same, xt, order=2).passed
