@@ -228,10 +228,12 @@ def check_gradients(
     ``ForwardAccumulator``) <v, J d> against finite differences; "both" runs
     both checks and also compares forward with reverse mode.
 
-    Complex tensors (torch) are checked as their real and imaginary parts:
-    torch's gradient of a real loss L w.r.t. z is dL/dRe z + i dL/dIm z, so the
-    real view of that gradient is compared with finite differences over both
-    parts; complex64 is judged against a complex128 reference.
+    Complex tensors (torch tensors and parameters; TensorFlow input tensors) are
+    checked as their real and imaginary parts (named ``view_as_real(...)``, last
+    index 0 = real, 1 = imaginary): the gradient of a real loss L w.r.t. z is
+    dL/dRe z + i dL/dIm z in torch and in TensorFlow (measured), so the real view
+    of that gradient is compared with finite differences over both parts;
+    complex64 is judged against a complex128 reference.
 
     ``mode``: "auto" (full Jacobian for <= 64 inputs and outputs, else directional),
     "directional" or "full". ``rtol`` overrides the expected gradient rounding of the
