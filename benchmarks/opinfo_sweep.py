@@ -1869,6 +1869,44 @@ def to_json(summary: dict, op_results: Iterable[OpResult], settings: dict) -> di
     }
 
 
+def from_json(doc: dict) -> tuple[Selection, list[OpResult]]:
+    """A saved run (``--json``) as the sweep's objects, with the current
+    EXTRA_NOTES applied: the report can be rewritten without rerunning."""
+
+    def outcome(d: dict) -> Outcome:
+        return Outcome(**d)
+
+    ops = []
+    for o in doc["ops"]:
+        results = [
+            SampleResult(
+                **{
+                    **r,
+                    "torch64": outcome(r["torch64"]),
+                    "gc64": outcome(r["gc64"]),
+                    "gc32": outcome(r["gc32"]),
+                }
+            )
+            for r in o["results"]
+        ]
+        extra = [
+            ExtraResult(**{**e, "torch": outcome(e["torch"]), "gc": outcome(e["gc"])})
+            for e in o.get("extra", [])
+        ]
+        for e in extra:
+            _with_note(e)
+        ops.append(OpResult(**{**o, "results": results, "extra": extra}))
+    s = doc["summary"]
+    selection = Selection(
+        ops=[],
+        not_differentiable=[""] * s["ops_not_differentiable"],
+        no_float64_backward=[""] * s["ops_no_float64_backward"],
+        skipped=dict(s["ops_skipped"]),
+        total=s["ops_in_op_db_selection"],
+    )
+    return selection, ops
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -1904,7 +1942,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports/opinfo.md"))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no per-op progress")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="rewrite the report (--out) from a saved --json run instead of running",
+    )
+    p.add_argument(
+        "--command",
+        default=None,
+        help="with --from-json: the command the saved run was made with",
+    )
+    p.add_argument(
+        "--wall-seconds",
+        type=float,
+        default=None,
+        help="with --from-json: the saved run's wall time (JSONs written before "
+        "it was recorded)",
+    )
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        doc = json.loads(args.from_json.read_text())
+        selection, results = from_json(doc)
+        summary = summarize(selection, results)
+        write_markdown(
+            args.out,
+            summary,
+            results,
+            command=args.command or doc.get("command", "(see the saved run)"),
+            wall_seconds=args.wall_seconds or float(doc.get("wall_seconds", math.nan)),
+            settings=doc["settings"],
+        )
+        print(
+            f"all: agreement {summary['all_agree']}/{summary['all_compared']} = "
+            f"{100 * summary['all_agreement']:.2f}%; report {args.out}"
+        )
+        return 0
     filters = (
         [f for item in args.ops for f in item.split(",") if f] if args.ops else None
     )
@@ -1969,7 +2043,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(to_json(summary, results, settings), indent=1))
+        doc = to_json(summary, results, settings)
+        doc.update(command=command, wall_seconds=wall)
+        args.json.write_text(json.dumps(doc, indent=1))
     s = summary
     print(
         f"ops {s['ops_run']}, samples {s['samples_run']}; float64 agreement "
