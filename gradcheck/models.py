@@ -42,6 +42,7 @@ import dataclasses
 import importlib
 import math
 import multiprocessing
+import os
 import pickle
 import time
 import urllib.parse
@@ -80,6 +81,12 @@ HEADS = ("main", "aux")
 
 class UnbuildableError(GradcheckError):
     """The spec names a model that cannot be built here (the framework's reason)."""
+
+
+class ForwardError(GradcheckError):
+    """The model's own forward fails at the point to check (it raises, or its
+    output is not finite) before any loss or gradient: an ``error`` report
+    that says so and where, not the framework's bare exception."""
 
 
 # --------------------------------------------------------------------- specs
@@ -503,6 +510,53 @@ class Checker:
             )
 
 
+def _forward_raised(model: Any, exc: BaseException, dtype: Any, built: Any) -> str:
+    """The model's own forward raised at the point, before any loss or gradient:
+    where (the innermost frame outside torch) and, in a dtype other than the
+    one it was built and ran in, that the model's code does not run in it."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "/torch/" not in f.filename] or frames
+    where = ""
+    if own:
+        f = own[-1]
+        path = f.filename.split("site-packages/")[-1]
+        here = os.getcwd() + os.sep
+        path = path[len(here) :] if path.startswith(here) else path
+        where = f" (at {path}:{f.lineno}, in {f.name})"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    name = str(dtype).replace("torch.", "")
+    other = str(built).replace("torch.", "")
+    runs = (
+        f", though it runs in {other} (it was built and run in {other}): the "
+        f"model's code does not support {name}"
+        if dtype != built
+        else ""
+    )
+    return (
+        f"{type(model).__name__}'s forward raises in {name}{runs}: "
+        f"{type(exc).__name__}: {first}{where}. The model's own forward fails "
+        f"before any loss or gradient: nothing to check in {name}."
+    )
+
+
+def _forward_not_finite(model: Any, out: Any, inputs: Any, dtype: Any) -> str:
+    import torch
+
+    bad = int((~torch.isfinite(out)).sum())
+    shapes = inputs.items() if isinstance(inputs, Mapping) else []
+    given = ", ".join(f"{k} {tuple(v.shape)}" for k, v in shapes if torch.is_tensor(v))
+    return (
+        f"{type(model).__name__}'s output is not finite ({bad} of {out.numel()} "
+        f"elements NaN or inf) at its weights and inputs ({given}) in "
+        f"{str(dtype).replace('torch.', '')}: the model's own forward, before any "
+        "loss or gradient (at random initialisation: its init or its code, e.g. "
+        "a fully masked attention row); nothing to check. Pass inputs= or other "
+        "weights where these are not what the model expects."
+    )
+
+
 def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise InvalidArgumentError(
@@ -598,8 +652,17 @@ def _torch_prepared(
                 )
             return first
 
-        with torch.no_grad():
-            shape = call().shape
+        built = floating[0].dtype if floating else want
+        try:
+            with torch.no_grad():
+                first = call()
+        except UnbuildableError:
+            raise
+        except Exception as exc:
+            raise ForwardError(_forward_raised(model, exc, want, built)) from exc
+        if first.is_floating_point() and not bool(torch.isfinite(first).all()):
+            raise ForwardError(_forward_not_finite(model, first, inputs, want))
+        shape = first.shape
         gen = torch.Generator().manual_seed(seed)
         n = max(math.prod(shape), 1)
         proj = torch.randn(shape, generator=gen, dtype=torch.float64).to(want) / (

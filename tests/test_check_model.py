@@ -122,6 +122,22 @@ def float64_fails():
     return Float64Fails(), torch.ones(2, 3)
 
 
+class NaNAtInit(torch.nn.Module):
+    """A model whose output is NaN at its weights: a fully masked softmax row."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        scores = self.lin(x).masked_fill(torch.ones(4, dtype=torch.bool), -torch.inf)
+        return scores.softmax(-1)
+
+
+def nan_at_init():
+    return NaNAtInit(), torch.ones(2, 3)
+
+
 class Greedy(torch.nn.Module):
     """Asks for 12 GiB in forward (torch.empty: no page is touched unless the
     allocation succeeds, so without a limit this costs no memory either)."""
@@ -300,6 +316,14 @@ def test_timeout_stops_a_check_and_reports_it():
     assert "took more than 3 s" in report.notes[0]
 
 
+def test_a_model_nan_at_its_point_is_an_error_that_says_so():
+    reports = models.check_model(f"{HERE}:nan_at_init", dtype="float32")
+    assert [r.status for r in reports] == ["error"] * 3
+    note = reports[0].notes[0]
+    assert note.startswith("NaNAtInit's output is not finite (8 of 8 elements")
+    assert "the model's own forward, before any loss or gradient" in note
+
+
 def test_a_framework_exception_is_an_error_report_not_a_traceback(capfd):
     for timeout in (None, 60):
         reports = models.check_model(
@@ -307,9 +331,13 @@ def test_a_framework_exception_is_an_error_report_not_a_traceback(capfd):
         )
         statuses = [r.status for r in reports]
         assert statuses == ["passed"] * 3 + ["error"] * 3, statuses
-        assert reports[3].notes[0] == (
-            "RuntimeError: Expected mat_a to be Float32, got Double"
-        )
+        note = reports[3].notes[0]
+        assert note.startswith(
+            "Float64Fails's forward raises in float64, though it runs in float32"
+        ), note
+        assert "RuntimeError: Expected mat_a to be Float32, got Double" in note
+        assert "(at tests/test_check_model.py:" in note  # where: the model's line
+        assert "nothing to check in float64" in note
     assert "Traceback" not in capfd.readouterr().err
 
 

@@ -41,7 +41,7 @@ CASES = {
     "muse_spark_audio": {"input_values": (2, 3 * 1920)},  # a multiple of 1920
     "granite_speech5_ctc": {"input_features": (2, 80, 4 * 80)},  # stacked deltas
     "audioflamingo3_encoder": {"input_features_mask": (2, 64)},
-    "univnet": {"input_features": (2, 64, 100), "noise_sequence": (2, 64, 16)},
+    "univnet": {"input_features": (2, 16, 100), "noise_sequence": (2, 16, 16)},
     "omniasr_audio": {"input_values": (2, 1, 4000)},
     "pocket_tts_audio_tokenizer_encoder": {"input_values": (2, 1, 4000)},
     # shrink consistency: MLA's rope fraction, Mamba-2 heads, BROS' box widths
@@ -131,3 +131,29 @@ def test_all_zero_weight_tensors_are_drawn_at_build():
     assert tokens.std() > 0.005 and tokens.std() < 0.05
     again, _, _ = _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
     assert torch.equal(again.query_tokens, tokens)  # from the build's seed
+
+
+def test_eager_attention_nan_falls_back_to_the_default_attention():
+    # NeMo's streaming Conformer masks with attention_mask.logical_not(): right
+    # for SDPA's boolean mask, every score -inf with eager's additive one
+    model, inputs, _ = _hf.build(
+        "nemotron3_5_asr", {}, "hf:nemotron3_5_asr", 0, 2_000_000
+    )
+    assert model.config._attn_implementation != "eager"
+    assert _hf._finite_output(model, inputs)
+    llama, _, _ = _hf.build("llama", {}, "hf:llama", 0, 2_000_000)
+    assert llama.config._attn_implementation == "eager"  # finite: stays eager
+
+
+def test_recurrent_cycles_are_capped_and_fully_backpropagated():
+    cfg = _hf.shrink_config(_hf.load_config("hrm_text"))
+    assert (cfg.H_cycles, cfg.L_cycles, cfg.num_layers_per_stack) == (2, 2, 1)
+    assert cfg.num_hidden_layers == 2 * (2 + 1)  # the slots the cache counts
+    assert cfg.L_bp_cycles == [2, 2]  # no inner cycle under no_grad
+
+
+def test_linear_attention_heads_lora_ranks_and_index_pools_are_shrunk():
+    text = _hf.shrink_config(_hf.load_config("glm5_next")).get_text_config()
+    assert text.linear_num_heads == 2  # was 64: a 3,072-channel conv per layer
+    assert text.q_lora_rank <= 32 and text.kv_lora_rank <= 32
+    assert text.index_kpool == 2  # pools of 16 tokens: none in 8

@@ -6,6 +6,7 @@ Used by :mod:`gradcheck.models`; imports transformers and torch only when called
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -162,6 +163,9 @@ def shrink_config(
     cap_list(cfg, _FFN_KEYS, FFN)  # per-layer widths (Gemma 3n)
     # Gemma 3n's per-layer input embedding: layers x this wide per token
     cap(("hidden_size_per_layer_input",), 8)
+    # GLM-5-Next's indexer scores pools of 16 tokens: none in 8 tokens (a top-0
+    # selection); pools of 2 (4 of them)
+    cap(("index_kpool",), 2)
     cap(("vocab_size",), VOCAB)
     # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
     # 64 frames, not 3,000 (the input follows it, see infer_inputs)
@@ -195,6 +199,7 @@ def shrink_config(
     _fit_bros(cfg)
     _fit_query_tokens(cfg)
     _fit_align(cfg)
+    _fit_cycles(cfg)
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     shared = vars(cfg).get("num_kv_shared_layers")
@@ -350,6 +355,11 @@ _NOT_WIDTH = (
 )
 
 
+#: an attribute that counts attention heads: num_heads, linear_num_heads,
+#: num_key_heads, linear_num_value_heads, n_heads, ...
+_HEAD_COUNT = re.compile(r"(^|_)(num|n)(_[a-z]+)*_heads$")
+
+
 def _cap_by_name(cfg: Any) -> None:
     for key, value in list(vars(cfg).items()):
         if not _int(value) or key.startswith("_"):
@@ -363,6 +373,12 @@ def _cap_by_name(cfg: Any) -> None:
             _set(cfg, key, 8)
         elif low.startswith(("index_n_heads", "index_num_heads")) and value > HEADS:
             _set(cfg, key, HEADS)
+        elif _HEAD_COUNT.search(low) and value > HEADS:
+            # other attention heads: a linear-attention mixer's (GLM-5-Next:
+            # linear_num_heads 64 x 16 wide, a 3,072-channel conv per layer)
+            _set(cfg, key, HEADS)
+        elif low.endswith("lora_rank") and value > HIDDEN:
+            _set(cfg, key, HIDDEN)  # MLA's q/kv compressions (1,536 and 512)
         elif low.endswith("head_dim") and low != "head_dim" and value > 16:
             _set(cfg, key, 16)  # qk_rope_head_dim, v_head_dim, index_head_dim
         elif any(w in low for w in _NOT_WIDTH):
@@ -519,6 +535,28 @@ def _fit_mla(cfg: Any) -> None:
     for sub in params.values() if nested else [params]:
         if isinstance(sub, dict) and "partial_rotary_factor" in sub:
             sub["partial_rotary_factor"] = rope / head
+
+
+def _fit_cycles(cfg: Any) -> None:
+    """HRM: a stack of ``num_layers_per_stack`` layers run ``H_cycles x
+    (L_cycles + 1)`` times (``num_hidden_layers`` counts those slots), which the
+    layer cap did not reach (16 layers x 8 passes: fd past 90 s). One layer a
+    stack, 2 x (2 + 1) passes. And every inner cycle backpropagates
+    (``L_bp_cycles``: the training-time k-step trick runs the earlier ones
+    under no_grad, a deliberately truncated gradient that finite differences
+    would call a mismatch; as dropout is off, the gradient checked is the
+    model's exact one)."""
+    v = vars(cfg)
+    keys = ("H_cycles", "L_cycles", "num_layers_per_stack")
+    if not all(_int(v.get(k)) for k in keys):
+        return
+    high, low = min(v["H_cycles"], 2), min(v["L_cycles"], 2)
+    _set(cfg, "H_cycles", high)
+    _set(cfg, "L_cycles", low)
+    _set(cfg, "num_layers_per_stack", 1)
+    _set(cfg, "num_hidden_layers", high * (low + 1))
+    if isinstance(v.get("L_bp_cycles"), list):
+        _set(cfg, "L_bp_cycles", [low] * high)
 
 
 def _fit_axial(cfg: Any) -> None:
@@ -682,12 +720,18 @@ def _has_experts(cfg: Any, _depth: int = 0) -> bool:
     )
 
 
-def build_model(cfg: Any) -> Any:
+def build_model(cfg: Any, eager: bool = True) -> Any:
+    """``AutoModel.from_config`` with eager attention (``eager=False``: the
+    model's default attention, SDPA)."""
     from transformers import AutoModel
 
     # mixture of experts: transformers' per-expert loop ("eager"), not its default
     # grouped_mm, whose CPU kernel refuses float64 (float64 checks and references)
     moe = {"experts_implementation": "eager"} if _has_experts(cfg) else {}
+    if not eager:  # a copy: the config remembers the attention it was built with
+        return AutoModel.from_config(
+            copy.deepcopy(cfg), attn_implementation="sdpa", **moe
+        )
     try:
         return AutoModel.from_config(cfg, attn_implementation="eager", **moe)
     except (ValueError, TypeError) as exc:
@@ -761,6 +805,8 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
             )
             frames = getattr(aud, "max_source_positions", None)
             frames = 2 * frames if _int(frames) else 64
+            if "noise_sequence" in sig:  # a vocoder: every frame is hundreds of
+                frames = 16  # samples out (UnivNet's fd took 40 s on 64)
             inputs[name] = torch.randn(batch, mels, frames, generator=gen)
     queries, image = (
         getattr(cfg, "num_query_tokens", None),
@@ -870,8 +916,47 @@ def build(
             _draw_zero_tensors(model)
         model.eval()
         inputs = _working_inputs(model, seed)
+    if not _finite_output(model, inputs):
+        model = _default_attention(cfg, seed, inputs) or model
     _calibrate_batch_norm(model, inputs)
     return model, inputs, n
+
+
+def _finite_output(model: Any, inputs: dict[str, Any]) -> bool:
+    """Whether the model's first floating output is finite on ``inputs``."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**inputs)
+    values = out.values() if isinstance(out, Mapping) else out
+    values = [values] if torch.is_tensor(values) else list(values)
+    for v in values:
+        if torch.is_tensor(v) and v.is_floating_point():
+            return bool(torch.isfinite(v).all())
+    return True
+
+
+def _default_attention(cfg: Any, seed: int, inputs: dict[str, Any]) -> Any:
+    """The model built again with its default attention when that one's output
+    is finite where eager attention's is not, else None. NeMo's streaming
+    Conformer (nemotron3_5_asr, nemotron_asr_streaming) masks with
+    ``attention_mask.logical_not()``, right for the boolean mask SDPA gets and
+    wrong for eager's additive float mask (0 where allowed): every score is
+    -inf, softmax 0/0, the output NaN at any weights. A model NaN with both
+    stays as built: its check reports the NaN."""
+    import torch
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(cfg, eager=False)
+            _draw_zero_tensors(model)
+        model.eval()
+        if model.config._attn_implementation == "eager":
+            return None
+        return model if _finite_output(model, inputs) else None
+    except Exception:
+        return None
 
 
 def _draw_zero_tensors(model: Any) -> list[str]:
