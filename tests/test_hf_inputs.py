@@ -51,6 +51,13 @@ CASES = {
     "bamba": {"input_ids": (2, 8)},
     "zamba2": {"input_ids": (2, 8)},
     "sapiens2": {"pixel_values": (2, 3, 64, 64)},  # per-layer key/value heads
+    # HGNetV2 stage widths, encoder/decoder channels, 16 object queries
+    "d_fine": {"pixel_values": (2, 3, 64, 64)},
+    "rt_detr": {"pixel_values": (2, 3, 64, 64)},
+    # Hiera stages, FPN channels and sizes (27M parameters before)
+    "sam2": {"pixel_values": (2, 3, 64, 64)},
+    # 3 stages of x2 (10.9M parameters before)
+    "vibevoice_acoustic_tokenizer": {"input_values": (2, 1, 4000)},
     "gemma3n_text": {"input_ids": (2, 8)},  # layers sharing keys/values
 }
 
@@ -157,3 +164,13 @@ def test_linear_attention_heads_lora_ranks_and_index_pools_are_shrunk():
     assert text.linear_num_heads == 2  # was 64: a 3,072-channel conv per layer
     assert text.q_lora_rank <= 32 and text.kv_lora_rank <= 32
     assert text.index_kpool == 2  # pools of 16 tokens: none in 8
+
+
+def test_a_config_attribute_transformers_forgot_is_said_to_be_its_bug():
+    from gradcheck.models import UnbuildableError
+
+    with pytest.raises(UnbuildableError) as info:
+        _hf.build("qwen2_5_omni_thinker", {}, "hf:qwen2_5_omni_thinker", 0, 2_000_000)
+    text = str(info.value)
+    assert "cannot run qwen2_5_omni_thinker from its default config either" in text
+    assert "reads config.vision_start_token_id, which Qwen2_5OmniThinkerConfig" in text

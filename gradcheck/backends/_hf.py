@@ -166,6 +166,9 @@ def shrink_config(
     # GLM-5-Next's indexer scores pools of 16 tokens: none in 8 tokens (a top-0
     # selection); pools of 2 (4 of them)
     cap(("index_kpool",), 2)
+    # DETR-style object queries: 300 top-k picks from 84 anchors at 64 x 64
+    # (RT-DETR, D-FINE: 'selected index k out of range'); 16 queries
+    cap(("num_queries",), 16)
     cap(("vocab_size",), VOCAB)
     # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
     # 64 frames, not 3,000 (the input follows it, see infer_inputs)
@@ -200,6 +203,10 @@ def shrink_config(
     _fit_query_tokens(cfg)
     _fit_align(cfg)
     _fit_cycles(cfg)
+    _fit_hgnet(cfg)
+    _fit_detr(cfg)
+    _fit_hiera(cfg)
+    _fit_codec_stages(cfg)
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     shared = vars(cfg).get("num_kv_shared_layers")
@@ -559,6 +566,107 @@ def _fit_cycles(cfg: Any) -> None:
         _set(cfg, "L_bp_cycles", [low] * high)
 
 
+def _fit_hgnet(cfg: Any) -> None:
+    """HGNetV2 (D-FINE's backbone): its stage widths are lists the width caps do
+    not name (stem 32/48, stages up to 2,048 wide, 6 layers a block): every
+    width / 8 (each stage's input is the last one's output: still equal), one
+    block of 2 layers a stage, and ``hidden_sizes`` (which the backbone reports
+    as its channels) the stages' outputs."""
+    v = vars(cfg)
+    keys = ("stage_in_channels", "stage_mid_channels", "stage_out_channels")
+    if not all(isinstance(v.get(k), (list, tuple)) for k in keys):
+        return
+
+    def div(values: Any) -> list[int]:
+        return [max(c // 8, 4) for c in values]
+
+    for key in keys:
+        _set(cfg, key, div(v[key]))
+    stem = v.get("stem_channels")
+    if isinstance(stem, (list, tuple)) and len(stem) > 1:
+        _set(cfg, "stem_channels", [stem[0], *div(stem[1:])])
+    for key, most in (("stage_num_blocks", 1), ("stage_numb_of_layers", 2)):
+        if isinstance(v.get(key), (list, tuple)):
+            _set(cfg, key, [min(n, most) for n in v[key]])
+    _set(cfg, "hidden_sizes", list(v["stage_out_channels"]))
+
+
+def _fit_detr(cfg: Any) -> None:
+    """RT-DETR / D-FINE: the hybrid encoder takes the backbone's channels
+    (``encoder_in_channels``) and the decoder the encoder's width
+    (``decoder_in_channels``); both follow the shrunk backbone and encoder (read
+    from the backbone built on the meta device)."""
+    v = vars(cfg)
+    enc, dec = v.get("encoder_in_channels"), v.get("decoder_in_channels")
+    width, backbone = v.get("encoder_hidden_dim"), v.get("backbone_config")
+    lists = (list, tuple)
+    if not (isinstance(enc, lists) and isinstance(dec, lists) and _int(width)):
+        return
+    _set(cfg, "decoder_in_channels", [width] * len(dec))
+    if not _is_config(backbone):
+        return
+    try:
+        import torch
+        from transformers import AutoBackbone
+
+        with torch.device("meta"):
+            channels = list(AutoBackbone.from_config(backbone).channels)
+    except Exception:
+        return
+    if len(channels) == len(enc):
+        _set(cfg, "encoder_in_channels", channels)
+
+
+def _fit_hiera(cfg: Any) -> None:
+    """SAM 2's Hiera backbone: per-stage block counts and widths (1, 2, 7, 2
+    blocks; 96 to 768 wide: 27M parameters shrunk) that no width cap names:
+    one block a stage, widths doubling from the shrunk ``hidden_size``; the
+    vision config's FPN reads the backbone's channels (``backbone_channel_list``,
+    deepest first): they follow."""
+    v = vars(cfg)
+    blocks, dims = v.get("blocks_per_stage"), v.get("embed_dim_per_stage")
+    if isinstance(blocks, (list, tuple)) and isinstance(dims, (list, tuple)):
+        width = v.get("hidden_size") if _int(v.get("hidden_size")) else dims[0]
+        _set(cfg, "blocks_per_stage", [1] * len(blocks))
+        _set(cfg, "embed_dim_per_stage", [width * 2**i for i in range(len(dims))])
+    backbone = v.get("backbone_config")
+    channels = v.get("backbone_channel_list")
+    if _is_config(backbone) and isinstance(channels, (list, tuple)):
+        dims = getattr(backbone, "embed_dim_per_stage", None)
+        if isinstance(dims, (list, tuple)) and len(dims) == len(channels):
+            _set(cfg, "backbone_channel_list", list(reversed(dims)))
+        # the FPN levels' sizes, stride 4 first then halving: at the shrunk image
+        sizes = v.get("backbone_feature_sizes")
+        image = _first_int(getattr(backbone, "image_size", None))
+        stride = _first_int(getattr(backbone, "patch_stride", None))
+        if isinstance(sizes, (list, tuple)) and image and stride:
+            base = image // stride
+            _set(
+                cfg,
+                "backbone_feature_sizes",
+                [[max(base >> i, 1)] * 2 for i in range(len(sizes))],
+            )
+
+
+def _fit_codec_stages(cfg: Any) -> None:
+    """A convolutional audio codec whose channels double per downsampling stage
+    from ``num_filters`` (VibeVoice's acoustic tokenizer: 6 stages, 8 x 2**6 =
+    512 wide with kernels of 16 even shrunk, 10.9M parameters): 3 stages of x2
+    (``depths`` has one more entry, the bottleneck's), one block each."""
+    v = vars(cfg)
+    ratios, depths = v.get("downsampling_ratios"), v.get("depths")
+    if not (
+        _int(v.get("num_filters"))
+        and isinstance(ratios, (list, tuple))
+        and isinstance(depths, (list, tuple))
+        and len(depths) == len(ratios) + 1
+        and len(ratios) > 3
+    ):
+        return
+    _set(cfg, "downsampling_ratios", [2, 2, 2])
+    _set(cfg, "depths", [1, 1, 1, 1])
+
+
 def _fit_axial(cfg: Any) -> None:
     """Reformer: the axial position embedding's parts must add up to the width."""
     dims, hidden = vars(cfg).get("axial_pos_embds_dim"), vars(cfg).get("hidden_size")
@@ -904,6 +1012,11 @@ def build(
         raise _unbuildable(_too_big(spec, n, max_parameters))
     try:
         inputs = _working_inputs(model, seed)
+    except AttributeError as exc:
+        known = _missing_config_attribute(exc, model_type)
+        if known is None:
+            raise
+        raise known from exc
     except RuntimeError as exc:
         # multimodal RoPE (Qwen2-VL, GLM-4V): the modeling code's default
         # mrope_section ([16, 24, 24]) is for 128-wide heads; fit it to the
@@ -920,6 +1033,28 @@ def build(
         model = _default_attention(cfg, seed, inputs) or model
     _calibrate_batch_norm(model, inputs)
     return model, inputs, n
+
+
+_NO_ATTRIBUTE = re.compile(r"'(\w+Config)' object has no attribute '(\w+)'")
+
+
+def _missing_config_attribute(exc: Exception, model_type: str) -> Exception | None:
+    """The model's forward reads a config attribute its config class does not
+    define, default config included (qwen2_5_omni_thinker's RoPE index reads
+    ``vision_start_token_id``, which only the talker's config has): a
+    transformers bug, said as such; None when the default config has it (then
+    the shrink lost it)."""
+    import transformers
+
+    m = _NO_ATTRIBUTE.search(str(exc))
+    if m is None or hasattr(load_config(model_type), m.group(2)):
+        return None
+    return _unbuildable(
+        f"transformers {transformers.__version__} cannot run {model_type} from "
+        f"its default config either (not gradcheck's shrink): its forward reads "
+        f"config.{m.group(2)}, which {m.group(1)} does not define "
+        f"({_why(exc)})"
+    )
 
 
 def _finite_output(model: Any, inputs: dict[str, Any]) -> bool:
