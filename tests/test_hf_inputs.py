@@ -174,3 +174,11 @@ def test_a_config_attribute_transformers_forgot_is_said_to_be_its_bug():
     text = str(info.value)
     assert "cannot run qwen2_5_omni_thinker from its default config either" in text
     assert "reads config.vision_start_token_id, which Qwen2_5OmniThinkerConfig" in text
+
+
+def test_build_leaves_the_global_rng_as_it_was():
+    # batch-norm calibration runs a train-mode forward; zero tensors are drawn
+    before = torch.get_rng_state()
+    _hf.build("resnet", {}, "hf:resnet", 0, 2_000_000)
+    _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1141,7 +1141,9 @@ def _calibrate_batch_norm(model: Any, inputs: dict[str, Any]) -> None:
             m.reset_running_stats()
             m.momentum = None  # the cumulative average of this one batch
         model.train()
-        with torch.no_grad():
+        # a train-mode forward may draw (router jitter, noise): not from the
+        # caller's generator
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             model(**inputs)
     except Exception:
         for m, (mean, var) in zip(norms, saved, strict=True):
