@@ -155,11 +155,19 @@ class _Probe:
                 for g, d in zip(ctx.grads, direction, strict=True)
             ]
         )
-        # forward mode: <v, J_t d_t> from one JVP per tensor the direction moves
-        self.contrib = (
-            ctx.forward_contrib(direction) if ctx.forward else self.reverse_contrib
-        )
-        self.analytical = float(self.contrib.sum())
+        # ad="forward": <v, J d> from one JVP along the whole direction; the
+        # per-tensor sizes that scale the finite-difference trust limit stay
+        # reverse mode's (magnitudes only). ad="both": one JVP per tensor the
+        # direction moves, compared with reverse mode tensor by tensor.
+        if ctx.options.ad == "both":
+            self.contrib = ctx.forward_contrib(direction)
+            self.analytical = float(self.contrib.sum())
+        elif ctx.forward:
+            self.contrib = self.reverse_contrib
+            self.analytical = ctx.forward_total(direction)
+        else:
+            self.contrib = self.reverse_contrib
+            self.analytical = float(self.contrib.sum())
         # rounding of the analytical side: <dg_t, d_t> with |dg_t| = rho_t |g_t|_eff is
         # ~ N(0, (rho_t |g_t|_eff / norm_t)^2) for the Gaussian part of d_t
         self.d_norms = [
@@ -319,6 +327,19 @@ class _Context:
         #: Multiplier on every probe's step: < 1 once differences are found to
         #: converge only at smaller steps (see _judge_smaller_steps).
         self.step_scale = 1.0
+
+    def forward_total(self, direction: Sequence[np.ndarray | None]) -> float:
+        """<v, J d> from one JVP along the whole direction."""
+        tangents = self.session.jvp(direction)
+        moved = [
+            sp.name
+            for sp, d in zip(self.session.specs, direction, strict=True)
+            if d is not None
+        ]
+        _check_finite_tangents(self.session, tangents, ", ".join(moved[:3]))
+        return sum(
+            float(np.vdot(v, y)) for v, y in zip(self.cot, tangents, strict=True)
+        )
 
     def forward_contrib(self, direction: Sequence[np.ndarray | None]) -> np.ndarray:
         """<v, J_t d_t> per tensor t, from the session's forward mode (one JVP per
@@ -663,7 +684,9 @@ def _run_directional(
     ctx.both_probe = probe
     report = _base_report(ctx, "directional", raw)
     for tr, c in zip(report.tensors, probe.contrib, strict=True):
-        tr.analytical = float(c)
+        # ad="forward" takes one JVP for the whole direction: no per-tensor value
+        forward_total_only = ctx.forward and ctx.options.ad != "both"
+        tr.analytical = None if forward_total_only else float(c)
     err, tol, terms = probe.judge(est)
     report.reference_dtype = ctx.session.reference_dtype
     report.error, report.tolerance, report.tolerance_terms = err, tol, terms
@@ -993,10 +1016,12 @@ def _diagnose(
             "eval mode, fix the RNG inside fn, or enable deterministic algorithms."
         )
         return
-    if ctx.forward:  # the same JVPs again
+    if ctx.options.ad == "both":  # the same JVPs again
         drift = float(
             np.abs(ctx.forward_contrib(probe.direction) - probe.contrib).sum()
         )
+    elif ctx.forward:
+        drift = abs(ctx.forward_total(probe.direction) - probe.analytical)
     else:
         s.analytic()
         regrads = s.vjp(ctx.cot)
