@@ -364,3 +364,43 @@ def test_under_torchrun_the_same_call_reads_rank_and_world_size(tmp_path):
     assert {x["rank"] for x in lines} == {"0", "1"}
     assert all(x["ok"] == "passed" and x["bad"] == "mismatch" for x in lines)
     assert any("under torchrun" in n for n in lines[0]["notes"])
+
+
+# ---------------------------------------------------------------- audit jobs
+def _audit_jobs(compile_: bool):
+    from gradcheck import _audit_distributed
+
+    return {
+        (j.property, j.planted is not None): j
+        for j in _audit_distributed.jobs(0, compile=compile_)
+    }
+
+
+def test_audit_jobs_hold_on_correct_models_and_catch_the_planted_bugs():
+    from gradcheck import _audit_distributed, audit
+
+    found = _audit_jobs(False)
+    assert set(found) == {
+        ("variants[autocast:bfloat16]", False),
+        ("variants[autocast:bfloat16]", True),
+        ("distributed[ddp]", False),
+        ("distributed[ddp]", True),
+    }
+    try:
+        for (_prop, planted), job in found.items():
+            out = audit.run_job(job, examples=3, seed=0)
+            assert out.ok, (job.name, out.error, out.report and out.report.message())
+            assert out.verdict == ("caught" if planted else "holds")
+    finally:
+        _audit_distributed.close()
+    assert _our_workers() == []
+
+
+@pytest.mark.slow
+def test_audit_compile_jobs():
+    from gradcheck import audit
+
+    found = _audit_jobs(True)
+    for planted in (False, True):
+        out = audit.run_job(found["variants[compile]", planted], examples=3, seed=0)
+        assert out.verdict == ("caught" if planted else "holds"), out.error

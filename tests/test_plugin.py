@@ -400,3 +400,60 @@ def test_loading_the_plugin_imports_no_framework():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+VARIANT_AND_DISTRIBUTED_TESTS = """
+import pytest
+torch = pytest.importorskip("torch")
+
+
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+def step(model, shard):
+    x, y = shard
+    ((model(x) - y) ** 2).mean().backward()
+
+
+def step_divided(model, shard):
+    x, y = shard
+    (((model(x) - y) ** 2).mean() / torch.distributed.get_world_size()).backward()
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, generator=g), torch.randn(4, 1, generator=g)
+
+
+def test_gpu_only_variants_skip_here(gradcheck):
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+    report = gradcheck.check_variants(loss, build(), batch(), variants="cuda")
+    assert report.passed  # reached on a GPU machine only
+
+
+def test_distributed(gradcheck):
+    assert gradcheck.check_distributed(build, step, batch()).passed
+    with pytest.raises(AssertionError, match="1/world_size"):
+        gradcheck.assert_distributed(build, step_divided, batch())
+"""
+
+
+@pytest.mark.torch
+def test_fixture_check_variants_skips_and_check_distributed_runs(pytester):
+    """check_variants with only GPU variants skips its test on a CPU-only machine
+    (status "skipped": the JSON records the check as skipped); check_distributed
+    on the fixture spawns ranks that import the test module's build/step."""
+    pytester.makepyfile(test_vd=VARIANT_AND_DISTRIBUTED_TESTS)
+    out = pytester.path / "vd.json"
+    result = _run(pytester, "--gradcheck-json", str(out))
+    gpu = torch.cuda.is_available()
+    result.assert_outcomes(passed=1 + gpu, skipped=1 - gpu)
+    doc = _json(out)
+    outcomes = {c["id"].split("::")[1]: c["outcome"] for c in doc["checks"]}
+    assert outcomes["test_gpu_only_variants_skip_here"] == ("ok" if gpu else "skipped")
+    statuses = [c["report"]["status"] for c in doc["checks"]]
+    assert statuses.count("mismatch") == 1 and "passed" in statuses
+    if not gpu:
+        assert doc["summary"]["by_status"]["skipped"] == 1

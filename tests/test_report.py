@@ -338,3 +338,89 @@ def test_heatmap_flags_wrong_weights_only_where_the_check_failed_and_fit():
         tr["shape"] = [1]  # one element, two losses reach the trunk tensors
     svg = _flow_figure(scalar, "c")["svg"]
     assert "instead of" not in svg and "eff. w n/a" in svg
+
+
+def _variant_and_distributed_reports() -> list[CheckReport]:
+    common = dict(framework="torch", device="cpu", dtype="float32", seed=0)
+    variants = CheckReport(
+        property="variants",
+        status="mismatch",
+        mode="variants",
+        error=0.2,
+        tolerance=0.01,
+        tolerance_reason="per tensor: measured spread",
+        tensors=[
+            TensorResult(
+                "autocast:bfloat16/" + EVIL,
+                (3,),
+                "bfloat16",
+                "cpu",
+                "parameter",
+                grad_norm=1.0,
+                error=0.2,
+                tolerance=0.01,
+                status="mismatch",
+            ),
+            TensorResult(
+                "compile/lin.bias",
+                (3,),
+                "float32",
+                "cpu",
+                "parameter",
+                grad_norm=1.0,
+                error=1e-8,
+                tolerance=1e-6,
+                status="passed",
+            ),
+        ],
+        **common,
+    )
+    skipped = CheckReport(
+        property="variants",
+        status="skipped",
+        mode="skipped",
+        error=0.0,
+        tolerance=0.0,
+        tolerance_reason="no variant could run here; nothing was compared.",
+        notes=["SKIPPED: no requested variant can run on this machine."],
+        **common,
+    )
+    distributed = CheckReport(
+        property="distributed",
+        status="passed",
+        mode="fsdp",
+        error=1e-9,
+        tolerance=1e-7,
+        tolerance_reason="per tensor: measured rounding",
+        tensors=[_tensor("lin.weight", error=1e-9, tolerance=1e-7, status="passed")],
+        cost={
+            "seconds": 1.5,
+            "spawn_seconds": 3.25,
+            "world_size": 2,
+            "rank_seconds[0]": 0.0123,
+            "rank_seconds[1]": 0.0456,
+        },
+        **common,
+    )
+    return [variants, skipped, distributed]
+
+
+def test_variants_and_ranks_tables_and_the_skipped_status():
+    reports = _variant_and_distributed_reports()
+    doc = gc_report.build_document(
+        [
+            {"id": r.property + str(i), "report": r.to_dict()}
+            for i, r in enumerate(reports)
+        ]
+    )
+    assert [c["outcome"] for c in doc["checks"]] == ["failed", "skipped", "ok"]
+    assert doc["summary"]["by_status"]["skipped"] == 1
+    assert doc["summary"]["failed"] == 1 and doc["summary"]["skipped"] == 1
+    html = gc_report.render_html(doc)
+    assert "<h3>Variants</h3>" in html
+    assert "autocast:bfloat16" in html and "compile" in html and "lin.bias" in html
+    assert EVIL not in html  # tensor names escaped in the table too
+    assert "Ranks (world size 2, wrap fsdp, start 3.25 s, check 1.50 s)" in html
+    assert "rank 1" in html and "0.0456" in html
+    assert reports[1].headline() == "gradcheck: variants check skipped"
+    assert "SKIPPED" in reports[1].message()
