@@ -53,6 +53,8 @@ class Session(ABC):
     #: tensors' own (a float64 model casting to float32 in its norms), else None.
     internal_dtype: str | None = None
     notes: list[str]
+    #: 2 for a derived second-order session (its outputs are fn's gradients)
+    derived_order: int = 1
 
     def __init__(self) -> None:
         self.notes = []

@@ -1005,6 +1005,7 @@ def second_order_session(
     session = TensorflowSession(derived, [*inputs, *grad_outputs], params)
     holder["session"] = session
     session._output_labels = [f"grad[{s.name}]" for s in first_specs]
+    session.derived_order = 2
     session.specs = [
         TensorSpec(
             f"grad_outputs[{ref - n}]"

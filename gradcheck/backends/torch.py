@@ -371,6 +371,14 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return out.numpy() if out.data_ptr() != t.data_ptr() else out.numpy().copy()
 
 
+def _cotangent(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A cotangent (float64 NumPy) as a fresh contiguous tensor of ``like``'s
+    dtype and device: an empty NumPy array's strides can be odd, and
+    view_as_real's backward needs a unit last stride."""
+    out = torch.empty(np.shape(v), dtype=like.dtype, device=like.device)
+    return out.copy_(torch.as_tensor(np.asarray(v)))
+
+
 def _direction_tensor(d: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A direction (float64 NumPy, real pairs for a complex tensor) as a float64
     / complex128 tensor on ``like``'s device."""
@@ -1015,10 +1023,7 @@ class TorchSession(Session):
         assert self._graph is not None, "analytic() first"
         self._last_cotangents = list(cotangents)
         outs, sources = self._graph
-        grad_outputs = [
-            torch.as_tensor(v, dtype=o.dtype, device=o.device)
-            for v, o in zip(cotangents, outs, strict=True)
-        ]
+        grad_outputs = [_cotangent(v, o) for v, o in zip(cotangents, outs, strict=True)]
         pairs = [
             (o, v) for o, v in zip(outs, grad_outputs, strict=True) if o.requires_grad
         ]
@@ -1453,7 +1458,7 @@ class TorchSession(Session):
             result = []
             for i, cot in enumerate(cotangent_sets):
                 pairs = [
-                    (o, torch.as_tensor(v, dtype=o.dtype, device=o.device))
+                    (o, _cotangent(v, o))
                     for (_, o), v in zip(outs, cot, strict=True)
                     if o.requires_grad
                 ]
@@ -1752,14 +1757,28 @@ def second_order_session(
             session._refusal, note = _second_order_diagnosis(ys, grads, first_specs)
             if note:
                 session.notes.append(note)
-        return tuple(
-            torch.zeros_like(src) if g is None else g
-            for g, src in zip(grads, sources, strict=True)
-        )
+        # a gradient that is exactly zero with no graph (floor, round,
+        # trunc-division: their backward returns zeros) is the constant 0, whose
+        # derivative is 0: it stays on the graph of the cotangents (times 0), so
+        # the check compares it instead of finding "nothing connected"; a
+        # nonzero one without a graph is judged as it is
+        with torch.enable_grad():
+            anchor = sum((v * 0).sum() for v in vs) if vs else None
+        out = []
+        for g, src in zip(grads, sources, strict=True):
+            if g is None:
+                g = torch.zeros_like(src)
+            elif (
+                anchor is not None and g.grad_fn is None and not bool(g.detach().any())
+            ):
+                g = g + anchor
+            out.append(g)
+        return tuple(out)
 
     session = TorchSession(derived, [*inputs, *grad_outputs], params)
     holder["session"] = session
     session._output_labels = [f"grad[{s.name}]" for s in first_specs]
+    session.derived_order = 2
     session.specs = [
         TensorSpec(
             f"grad_outputs[{k - n}]" if s.kind == "input" and k >= n else s.name,
