@@ -57,7 +57,7 @@ CASES = {
     # Hiera stages, FPN channels and sizes (27M parameters before)
     "sam2": {"pixel_values": (2, 3, 64, 64)},
     # 3 stages of x2 (10.9M parameters before)
-    "vibevoice_acoustic_tokenizer": {"input_values": (2, 1, 4000)},
+    "vibevoice_acoustic_tokenizer": {"input_values": (2, 1, 4000), "sample": None},
     "gemma3n_text": {"input_ids": (2, 8)},  # layers sharing keys/values
 }
 
@@ -182,3 +182,17 @@ def test_build_leaves_the_global_rng_as_it_was():
     _hf.build("resnet", {}, "hf:resnet", 0, 2_000_000)
     _hf.build("blip-2", {}, "hf:blip-2", 0, 2_000_000)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_vae_is_checked_at_its_mean_not_a_draw():
+    model, inputs, _ = _hf.build(
+        "vibevoice_acoustic_tokenizer",
+        {},
+        "hf:vibevoice_acoustic_tokenizer",
+        0,
+        2_000_000,
+    )
+    assert inputs["sample"] is False  # forward's default draws mean + std x noise
+    with torch.no_grad():
+        first, second = model(**inputs)[0], model(**inputs)[0]
+    assert torch.equal(first, second)

@@ -930,6 +930,11 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
         inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
         inputs["decoder_input_ids"] = _ids(torch, gen, cfg, batch, seq)
+    draw = sig.get("sample")
+    if draw is not None and draw.default is True:
+        # a VAE that draws its latent in forward by default (VibeVoice's
+        # acoustic tokenizer: mean + vae_std x noise): its mean, a function
+        inputs["sample"] = False
     if "noise_sequence" in sig and "input_features" in inputs:
         # a vocoder (UnivNet) draws its noise inside forward when none is given:
         # a different function at every call. Given, the forward is deterministic
