@@ -944,6 +944,42 @@ def measure_backward_error(
     }
 
 
+_WIDE = (torch.float64, torch.complex128)
+
+
+def low_precision_outputs(fn: Callable, args: Sequence[torch.Tensor]) -> list[str]:
+    """The dtypes of fn's floating outputs below float64/complex128 (a cast op
+    like ``x.half()`` in a float64 sample), measured by one call; [] if none or
+    if fn fails."""
+    try:
+        with torch.no_grad():
+            out = fn(*args)
+    except Exception:
+        return []
+    return [
+        str(x.dtype).replace("torch.", "")
+        for x in flatten(out)
+        if (x.is_floating_point() or x.is_complex()) and x.dtype not in _WIDE
+    ]
+
+
+def _low_precision_reason(inputs: Sequence[int], outputs: Sequence[str]) -> str:
+    parts = []
+    if inputs:
+        parts.append(
+            ", ".join(f"inputs[{i}]" for i in inputs) + " below float64/complex128"
+        )
+    if outputs:
+        parts.append("outputs in " + ", ".join(sorted(set(outputs))))
+    return (
+        "; ".join(parts) + " in this sample (measured): torch's checker takes its "
+        "numerical Jacobian in that precision with eps=1e-6 (a float16 or bfloat16 "
+        "output does not change at all at that step, float32 changes by ~1e-2 "
+        "relative), while gradcheck evaluates its reference in float64 (complex128) "
+        "and passes"
+    )
+
+
 def diagnose(
     op: Any,
     fn: Callable,
@@ -983,6 +1019,7 @@ def diagnose(
     ev["float32_inputs"] = [
         i for i, a in enumerate(args) if a.dtype not in (torch.float64,)
     ]
+    ev["low_precision_outputs"] = low_precision_outputs(fn, args)
     try:
         diff, nondiff = _output_positions(fn, args)
     except Exception as exc:
@@ -1035,6 +1072,8 @@ def explain(res: SampleResult, marks: Sequence[str] = ()) -> tuple[str, str]:
       differences missed it;
     * "float32 input": torch failed on a sample whose differentiated inputs include
       a non-float64 tensor, which its checker cannot judge; gradcheck passed;
+    * "low-precision output": torch failed, gradcheck passed, and the function's
+      output is below float64 (a cast op: measured by calling it);
     * "undefined-grad path": torch failed, gradcheck passed, and torch passes once
       the outputs are concatenated;
     * "non-differentiable output": gradcheck failed, torch passed, and gradcheck
@@ -1081,6 +1120,15 @@ def explain(res: SampleResult, marks: Sequence[str] = ()) -> tuple[str, str]:
             f"{which} is float32 in this float64 sample: torch differentiates it in "
             "float32 with eps=1e-6 (its numerical Jacobian is off by ~1e-2); "
             f"gradcheck uses a float64 reference and passes{suite}",
+        )
+    if (
+        t.verdict == "failed"
+        and g.verdict == "passed"
+        and ev.get("low_precision_outputs")
+    ):
+        return (
+            "low-precision output",
+            _low_precision_reason([], ev["low_precision_outputs"]) + suite,
         )
     if t.verdict == "failed" and ev.get("torch_on_concatenated") == "passed":
         return (
@@ -1331,10 +1379,17 @@ def explain_extra(
       value (undefined gradients, dtype/size metadata, reentrancy);
     * "below torch's tolerance": gradcheck's worst element differs by less than
       torch's atol + rtol |numerical|, so torch's looser tolerance passes it;
+    * "low-precision tensor": torch failed, gradcheck passed, and a
+      differentiated input or an output is below float64/complex128 (measured);
     * "kink": gradcheck said "nondifferentiable";
     * "gradcheck refused as torch does": (not a disagreement: listed apart);
     * otherwise "real difference -- investigate"."""
     t, g = res.torch, res.gc
+    if t.verdict == "failed" and g.verdict == "passed":
+        low_in = [i for i, a in enumerate(args) if a.dtype not in _WIDE]
+        low_out = low_precision_outputs(fn, args)
+        if low_in or low_out:
+            return "low-precision tensor", _low_precision_reason(low_in, low_out)
     if t.verdict == "failed" and t.status in (
         "undefined-grad",
         "grad-metadata",
@@ -1633,6 +1688,12 @@ def write_markdown(
         f"- Samples: {s['samples_run']} run, of the {s['samples_available']} float64 "
         f"samples these ops have; {s['samples_without_grad_inputs']} chosen samples "
         "had no tensor requiring grad and were not run.",
+        *(
+            f"- Merged re-run of {m['ops']} ops (checks "
+            f"{', '.join(m['checks'] or [])}), whose results replace the run above "
+            f"for those ops: `{m['command']}`"
+            for m in settings.get("merged") or ()
+        ),
         "",
         "## Float64: verdicts",
         "",
@@ -1869,6 +1930,39 @@ def to_json(summary: dict, op_results: Iterable[OpResult], settings: dict) -> di
     }
 
 
+def merge_runs(base: dict, reruns: Sequence[dict]) -> dict:
+    """``base`` with each re-run's ops replacing its own: the float64 results
+    where the re-run ran float64, the complex/order-2/forward results of the
+    kinds it ran. The merged settings list the re-runs."""
+    ops = {o["op"]: o for o in base["ops"]}
+    for rerun in reruns:
+        checks = set(rerun["settings"].get("checks") or ALL_CHECKS)
+        for o in rerun["ops"]:
+            mine = ops.get(o["op"])
+            if mine is None:
+                continue
+            if "float64" in checks:
+                mine["results"] = o["results"]
+                mine["no_grad_samples"] = o["no_grad_samples"]
+            kinds = checks & set(EXTRA_KINDS)
+            mine["extra"] = [
+                e for e in mine.get("extra", []) if e["kind"] not in kinds
+            ] + [e for e in o.get("extra", []) if e["kind"] in kinds]
+    merged = dict(base)
+    merged["settings"] = dict(
+        base["settings"],
+        merged=[
+            {
+                "command": r.get("command", ""),
+                "checks": r["settings"].get("checks"),
+                "ops": len(r["ops"]),
+            }
+            for r in reruns
+        ],
+    )
+    return merged
+
+
 def from_json(doc: dict) -> tuple[Selection, list[OpResult]]:
     """A saved run (``--json``) as the sweep's objects, with the current
     EXTRA_NOTES applied: the report can be rewritten without rerunning."""
@@ -1950,6 +2044,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rewrite the report (--out) from a saved --json run instead of running",
     )
     p.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --from-json: a saved re-run of some ops (after a fix); its "
+        "results replace the base run's for those ops and the checks it ran",
+    )
+    p.add_argument(
         "--command",
         default=None,
         help="with --from-json: the command the saved run was made with",
@@ -1963,7 +2066,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.from_json is not None:
-        doc = json.loads(args.from_json.read_text())
+        doc = merge_runs(
+            json.loads(args.from_json.read_text()),
+            [json.loads(m.read_text()) for m in args.merge],
+        )
         selection, results = from_json(doc)
         summary = summarize(selection, results)
         write_markdown(
