@@ -47,14 +47,6 @@ def _our_workers() -> list[int]:
     return found
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -78,11 +70,14 @@ def test_correct_ddp_step_passes_with_its_evidence_and_leaves_state_alone():
     before, grad_before = _params(cached), cached.trunk.weight.grad.clone()
     torch.manual_seed(123)
     rng = rng_state()
+    hook = sys.excepthook  # init_process_group replaces it: put back
     # through the pytest fixture (check_distributed on it, as the other checks)
     fx = GradcheckFixture({}, None, "auto")
     report = fx.check_distributed(m.build_cached, m.step, m.batch(), timeout=60)
     assert report.passed, report.message()
     assert_same_rng(rng)
+    assert sys.excepthook is hook
+    assert not torch.distributed.is_initialized()
     after = _params(cached)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert torch.equal(cached.trunk.weight.grad, grad_before)
@@ -98,6 +93,13 @@ def test_correct_ddp_step_passes_with_its_evidence_and_leaves_state_alone():
     assert report.cost["spawn_seconds"] > 0 and report.cost["seconds"] > 0
     assert {"rank_seconds[0]", "rank_seconds[1]"} <= set(report.cost)
     assert _our_workers() == []
+
+
+def test_a_step_written_for_the_wrapper_runs_in_one_process_too(shared):
+    """The single-process reference runs the step on the model wrapped in a
+    process group of one: model.module and get_world_size() work there."""
+    report = gradcheck.check_distributed(m.build, m.step_wrapper_api, m.batch())
+    assert report.passed, report.message()
 
 
 # ---------------------------------------------------------------- planted
@@ -348,7 +350,7 @@ def test_under_torchrun_the_same_call_reads_rank_and_world_size(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     out = subprocess.run(
-        [torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)],
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -393,7 +395,8 @@ def test_audit_jobs_hold_on_correct_models_and_catch_the_planted_bugs():
             assert out.verdict == ("caught" if planted else "holds")
     finally:
         _audit_distributed.close()
-    assert _our_workers() == []
+    # one pair at most: the jobs share it (and the module's shared pair, if open)
+    assert len(_our_workers()) <= 2
 
 
 @pytest.mark.slow

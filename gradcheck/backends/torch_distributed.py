@@ -248,17 +248,29 @@ def gradients(
     *,
     dtype: str | None = None,
     seed: int = 0,
+    wrap: str | None = None,
+    wrap_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray | None]:
     """``step(copy, batch_copy)`` in this process, on a deep copy of
     ``template`` (in ``dtype``, with the batch's floating tensors cast too); the
     ``.grad`` it leaves on each trainable parameter as float64 NumPy (None: no
-    gradient). Raises NoGradientError when it leaves none at all."""
+    gradient). Raises NoGradientError when it leaves none at all.
+
+    ``wrap``: inside a process group of world size 1 (:func:`single_process_group`)
+    the copy is wrapped as the ranks wrap theirs, so a step written for the
+    wrapper (``model.module``, ``model.no_sync()``) runs as in one process."""
+    import torch.distributed as dist
+
     tdtype = getattr(torch, dtype) if dtype else None
     model = _fresh(template, tdtype)
+    given: Any = model
+    if wrap and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() == 1:
+            given = _wrap(model, wrap, wrap_kwargs or {})
     data = _cast(batch, tdtype)
     torch.manual_seed(seed)
     with torch.inference_mode(False), torch.enable_grad():
-        step(model, data)
+        step(given, data)
     params = dict(model.named_parameters())
     grads = {n: _array(params[n].grad) for n in names_of(model)}
     if all(g is None for g in grads.values()):
@@ -318,15 +330,18 @@ def single_process_group() -> Iterator[None]:
     if not dist.is_available() or dist.is_initialized():
         yield
         return
+    hook = sys.excepthook  # init_process_group prefixes tracebacks with [rank0]
     try:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     except Exception:  # no gloo here: steps that ask for a group raise then
+        sys.excepthook = hook
         yield
         return
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 # ====================================================================== one rank

@@ -63,8 +63,10 @@ names one:
   is ended either way.
 
 The single-process evaluations run inside a process group of world size 1
-(gloo, in-memory) when none exists, so a step that reads
-``dist.get_world_size()`` computes what it computes when training in one process.
+(gloo, in-memory) when none exists, on the model wrapped as the ranks wrap
+theirs (DDP / fully_shard of one process), so a step that reads
+``dist.get_world_size()`` or calls ``model.module`` computes what it computes
+when training in one process.
 
 Under ``torchrun`` (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, or a process
 group initialised) nothing is spawned: this process is one rank, the launcher's
@@ -976,7 +978,9 @@ def _run(
     def grads(data: Any, dt: str | None, s: int = seed) -> dict[str, Any]:
         nonlocal evals
         evals += 1
-        return td.gradients(first, step, data, dtype=dt, seed=s)
+        return td.gradients(
+            first, step, data, dtype=dt, seed=s, wrap=wrap, wrap_kwargs=wrap_kwargs
+        )
 
     single = grads(batch, None)
     again_single = grads(batch, None, seed + 1)
