@@ -148,3 +148,12 @@ def step_wrapper_api(model: nn.Module, shard: dict) -> None:
     assert isinstance(model.module, TwoHeads)
     world = torch.distributed.get_world_size()
     (_losses(model(shard["x"]), shard) * world / world).backward()
+
+
+def build_per_process() -> nn.Module:
+    """Planted: seeded by the process id - the same weights twice in one process,
+    other weights in each rank."""
+    import os
+
+    torch.manual_seed(os.getpid())
+    return TwoHeads()

@@ -154,6 +154,17 @@ def test_a_rank_that_raises_gives_an_error_with_its_exception():
     assert math.isnan(report.error)
 
 
+def test_weights_that_differ_in_the_ranks_are_named(shared):
+    """build() gives the same weights twice here but others in each rank (DDP
+    would broadcast rank 0's and hide it): the ranks compare their weights with
+    this process's before wrapping."""
+    report = gradcheck.check_distributed(m.build_per_process, m.step, m.batch())
+    assert report.status == "error"
+    assert "build() must return the same weights each call" in report.notes[0]
+    assert "seed inside build()" in report.notes[0]
+    assert "rank(s) [0, 1]" in report.notes[0]
+
+
 def test_a_rank_stuck_in_a_collective_times_out_and_every_process_ends():
     kept = _our_workers()  # the module's shared pair, if open
     report = gradcheck.check_distributed(m.build, m.step_hangs, m.batch(), timeout=3)

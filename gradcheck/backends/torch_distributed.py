@@ -266,7 +266,12 @@ def gradients(
     given: Any = model
     if wrap and dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:
-            given = _wrap(model, wrap, wrap_kwargs or {})
+            # find_unused_parameters changes nothing in a world of one but makes
+            # DDP warn (from C++) when the whole batch uses every parameter
+            kw = {k: v for k, v in (wrap_kwargs or {}).items()}
+            if wrap == "ddp":
+                kw.pop("find_unused_parameters", None)
+            given = _wrap(model, wrap, kw)
     data = _cast(batch, tdtype)
     torch.manual_seed(seed)
     with torch.inference_mode(False), torch.enable_grad():
