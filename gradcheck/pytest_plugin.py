@@ -483,7 +483,12 @@ class GradcheckSession:
             return
         tr = terminalreporter
         tr.write_sep("=", "gradcheck")
-        failed = [r for r in self.records if not r["report"].get("passed")]
+        failed = [
+            r
+            for r in self.records
+            if not r["report"].get("passed") and r["report"].get("status") != "skipped"
+        ]
+        skipped = sum(r["report"].get("status") == "skipped" for r in self.records)
         shown = failed if tr.config.option.verbose > 0 else failed[:_SHOW_FAILED]
         for rec in shown:
             # a check can fail inside a test that passes (a planted bug caught)
@@ -500,7 +505,8 @@ class GradcheckSession:
         detail = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
         tr.line(
             f"{len(self.records)} gradient checks in {tests} tests: "
-            f"{len(self.records) - len(failed)} passed, {len(failed)} failed"
+            f"{len(self.records) - len(failed) - skipped} passed, {len(failed)} failed"
+            + (f", {skipped} skipped" if skipped else "")
             + (f" ({detail})" if detail else ""),
             bold=True,
             red=bool(failed),

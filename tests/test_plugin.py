@@ -457,3 +457,8 @@ def test_fixture_check_variants_skips_and_check_distributed_runs(pytester):
     assert statuses.count("mismatch") == 1 and "passed" in statuses
     if not gpu:
         assert doc["summary"]["by_status"]["skipped"] == 1
+        # the summary counts it as skipped, not as a failing check
+        result.stdout.fnmatch_lines(
+            ["3 gradient checks in 2 tests: 1 passed, 1 failed, 1 skipped*"]
+        )
+        assert "FAILED test_vd.py::test_gpu_only" not in result.stdout.str()
