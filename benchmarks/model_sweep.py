@@ -69,6 +69,14 @@ KNOWN = {
     "separately)",
     "vit_mae": "ViT-MAE draws a random mask per call (handled separately)",
 }
+# RT-DETR's family detaches the decoder's initial queries and reference points
+# (modeling_d_fine.py: target.detach(), reference_points_unact.detach()): a
+# stop-gradient by design, which the message names; like FastSpeech2's detach
+for _name in ("d_fine", "rt_detr", "rt_detr_v2", "deimv2"):
+    KNOWN[_name] = (
+        "the decoder's queries and reference points are detached by design "
+        "(a stop-gradient, named in the message; handled separately)"
+    )
 _MOE_WORDS = ("grouped_mm", "Expected mat_a", "routing", "top-k", "top_k")
 
 #: a line `gradcheck check-model` prints per check

@@ -401,7 +401,13 @@ def _cap_by_name(cfg: Any) -> None:
         if isinstance(value, list) and "heads" in key.lower() and value:
             if all(_int(h) for h in value) and max(value) > HEADS:
                 _set(cfg, key, [min(h, HEADS) for h in value])
-    for key in ("width_coefficient", "depth_coefficient", "depth_multiplier"):
+    # depth_mult: RT-DETR / D-FINE's encoder blocks (round(3 x depth_mult) each)
+    for key in (
+        "width_coefficient",
+        "depth_coefficient",
+        "depth_multiplier",
+        "depth_mult",
+    ):
         value = vars(cfg).get(key)
         if isinstance(value, float) and value > 0.25:
             _set(cfg, key, 0.25)
