@@ -418,3 +418,26 @@ def test_audit_compile_jobs():
     for planted in (False, True):
         out = audit.run_job(found["variants[compile]", planted], examples=3, seed=0)
         assert out.verdict == ("caught" if planted else "holds"), out.error
+
+
+@pytest.mark.slow
+def test_a_port_taken_before_the_ranks_bind_it_is_retried(monkeypatch):
+    import socket
+
+    from gradcheck.backends import torch_distributed as td
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    ports = [busy]
+    real = td._free_port
+    monkeypatch.setattr(td, "_free_port", lambda: ports.pop() if ports else real())
+    try:
+        report = gradcheck.check_distributed(m.build, m.step, m.batch(), timeout=5)
+    finally:
+        taken.close()
+    assert report.passed, report.message()
+    assert ports == []  # the taken port was tried first
+    assert f"127.0.0.1:{busy};" not in " ".join(report.notes)
+    assert "spawned on 127.0.0.1:" in " ".join(report.notes)

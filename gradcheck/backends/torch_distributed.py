@@ -688,6 +688,10 @@ def run_spawned(
             pool.close()
         pool = Pool(world_size, backend, timeout, main)
         failed = pool.start()
+        if failed is not None and any(_port_taken(o) for o in failed):
+            # the free port was taken between choosing it and binding it
+            pool = Pool(world_size, backend, timeout, main)
+            failed = pool.start()
         spawn = pool.spawn_seconds
         facts = {"port": pool.port, "spawn_seconds": spawn, "reused": False}
         if failed is not None:
@@ -702,6 +706,11 @@ def run_spawned(
         if not _KEEP[0] or pool.broken:
             pool.close()
     return outcomes, facts
+
+
+def _port_taken(o: RankOutcome) -> bool:
+    text = f"{(o.result or {}).get('error', '')} {o.log}".lower()
+    return "address already in use" in text or "eaddrinuse" in text
 
 
 # ====================================================================== torchrun
