@@ -164,13 +164,15 @@ def _variants_check(variant: str, planted: bool) -> Callable[..., CheckReport]:
         built = build_torch(spec, "float32")
         loss = VariantLoss(spec, "float32", kind if planted else None, PLANTED[variant])
         with _one_compile_thread():
-            return gradcheck.check_variants(
+            report = gradcheck.check_variants(
                 loss,
                 built.model,
                 _tensors(spec, batch, "float32"),
                 variants=variant,
                 seed=seed,
             )
+        _no_zero_gradient(planted, report)
+        return report
 
     return check
 
@@ -188,6 +190,16 @@ def _one_compile_thread() -> Iterator[None]:
         return
     with config.patch(compile_threads=1):
         yield
+
+
+def _no_zero_gradient(planted: bool, report: CheckReport) -> None:
+    """Reject (hypothesis ``assume``) a planted example whose gradient is exactly
+    zero (every unit dead for this batch): a scaled zero is zero, there is no
+    bug to catch."""
+    if planted and report.passed and all(t.grad_norm == 0 for t in report.tensors):
+        from hypothesis import assume
+
+        assume(False)
 
 
 _KEPT: list[Any] = []
@@ -220,12 +232,7 @@ def _ddp_check(planted: bool) -> Callable[..., CheckReport]:
         report = gradcheck.check_distributed(
             SpecBuild(spec), SpecStep(spec, planted=planted), data, seed=seed
         )
-        if planted and report.passed and all(t.grad_norm == 0 for t in report.tensors):
-            # a model whose gradient is zero (every unit dead for this batch):
-            # half of zero is zero, there is no bug to catch
-            from hypothesis import assume
-
-            assume(False)
+        _no_zero_gradient(planted, report)
         return report
 
     return check
