@@ -417,6 +417,11 @@ class Launch:
     #: False: decided before any rank ran (nothing was spawned)
     launched: bool = True
 
+    @property
+    def device(self) -> str:
+        """Where the ranks computed (nccl: each rank's GPU)."""
+        return "cuda" if self.backend == "nccl" else "cpu"
+
     def notes(self) -> list[str]:
         if not self.launched:
             return [
@@ -471,7 +476,7 @@ def report(
             name=v.name,
             shape=v.shape,
             dtype=ev.dtype,
-            device="cpu",
+            device=launch.device,
             kind="parameter",
             grad_norm=v.rank_norm,
             analytical=None,
@@ -538,7 +543,7 @@ def report(
         property=PROPERTY,
         status="mismatch" if failing else "passed",
         framework="torch",
-        device="cpu",
+        device=launch.device,
         dtype=ev.dtype,
         seed=seed,
         mode=launch.wrap,
@@ -580,7 +585,7 @@ def not_run(
         property=PROPERTY,
         status=status,
         framework="torch",
-        device="cpu",
+        device=launch.device,
         dtype=dtype,
         seed=seed,
         mode=launch.wrap,
@@ -1078,13 +1083,18 @@ def _run(
             dtype=dtype,
             seed=seed,
             launch=launch,
-            cost=_cost(started, evals, spawn),
+            cost=_cost(started, evals, spawn, world_size),
             notes=notes,
             location=location,
         )
     ev.ranks = [o.result["grads"] for o in outcomes]
     return report(
-        ev, launch, seed=seed, rtol=rtol, cost=_cost(started, evals, spawn), notes=notes
+        ev,
+        launch,
+        seed=seed,
+        rtol=rtol,
+        cost=_cost(started, evals, spawn, world_size),
+        notes=notes,
     )
 
 
@@ -1098,10 +1108,14 @@ def _same(a: Grads, b: Grads) -> bool:
     return True
 
 
-def _cost(started: float, evaluations: int, spawn: float) -> dict[str, float]:
+def _cost(
+    started: float, evaluations: int, spawn: float, ranks: int = 0
+) -> dict[str, float]:
+    """Steps run (in this process and one per rank) and seconds apart from the
+    ranks' start."""
     total = time.perf_counter() - started
     return {
-        "forward": float(evaluations),
-        "backward": float(evaluations),
+        "forward": float(evaluations + ranks),
+        "backward": float(evaluations + ranks),
         "seconds": max(0.0, total - spawn),
     }
