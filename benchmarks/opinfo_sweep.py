@@ -216,15 +216,6 @@ EXTRA_NOTES: dict[tuple[str, str], str] = {
         "imaginary part are not a derivative (numerical -0.546 against the exact "
         "1.0); torch's absolute step 1e-6 resolves it"
     ),
-    ("order2", "linalg.eigh"): (
-        "a gradcheck false alarm of 2e-9 relative: central differences of torch's "
-        "float64 eigh gradient itself (the function order 2 differentiates) "
-        "scatter by ~2e-9 at steps 1e-5..1e-6 (measured on sample #0: +2.0e-9 at "
-        "1e-5, -1.6e-9 at 1e-6 around the analytical -0.8697232), more than the "
-        "16-ulp forward-rounding bound gradcheck assumes for a function's "
-        "evaluations; the analytical second derivative is stable to 2e-14 over "
-        "points 4 ulps away"
-    ),
 }
 
 #: Hand-checked explanations of float32 failures where float64 passed, by op. Empty
