@@ -253,3 +253,313 @@ def training_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
 
 #: Keras' warning when a from-logits loss receives a sigmoid's output
 MISPAIRED_LOGITS_WARNING = r'"`\w+` received `from_logits=True`, but the `output`'
+
+
+# ---------------------------------------------------------------- MirroredStrategy
+#: check_keras_model on generated models built and compiled under a
+#: MirroredStrategy of this many replicas (logical CPUs)
+MIRRORED_REPLICAS = 2
+MIRRORED_BUG = "a compute_loss override that doubles the loss (MirroredStrategy)"
+#: seconds one example may take in the worker before it is ended (a healthy
+#: example takes ~2 s on a loaded 2-core machine)
+MIRRORED_TIMEOUT = 300.0
+#: the worker collects garbage every this many examples (see _serve_mirrored)
+MIRRORED_COLLECT_EVERY = 25
+
+
+def mirrorable(spec: Any) -> bool:
+    """Specs whose step under several replicas has the global batch's gradient
+    by design: Keras pairs them as written (:func:`trainable`), no dropout
+    drawing per replica, no BatchNormalization normalising each replica's shard
+    by itself (check_keras_model refuses those two)."""
+    return (
+        trainable(spec)
+        and not spec.stochastic
+        and not any(
+            layer.kind == "batchnorm" and layer.training
+            for _, layer, _ in spec.layers()
+        )
+    )
+
+
+def mirrored_jobs(seed: int) -> Iterator[Any]:
+    """check_keras_model under ``tf.distribute.MirroredStrategy`` with
+    :data:`MIRRORED_REPLICAS` replicas, on correct generated models and with a
+    ``compute_loss`` that doubles the loss (must be a mismatch).
+
+    Where the examples run. Two replicas need the CPU split into two logical
+    devices *before* TensorFlow initialises its devices, and the audit has done
+    that long before this job runs (``jobs()`` lists GPUs first, and the engine
+    jobs run models); configuring it at audit start instead would change the
+    device list every other TensorFlow job sees. So the examples run in one
+    worker process (``python -m gradcheck._audit_tensorflow --mirrored-worker``),
+    started on the first example and serving every example of both jobs over a
+    pipe (spec as a dict, the batch's NumPy arrays, the CheckReport back,
+    pickled); the hypothesis search and its shrinking stay here. ``seed`` is the
+    audit's (each example gets its own from hypothesis, as every job)."""
+    from gradcheck.audit import Job, _specs
+
+    del seed  # the examples' seeds come from the search, as for every job
+    for planted in (None, MIRRORED_BUG):
+        yield Job(
+            "tensorflow",
+            TRAINING_PROPERTY,
+            "float32",
+            planted,
+            _mirrored_check(planted is not None),
+            _specs(mirrorable, min_weight=0.01 if planted else 0.0),
+            min_batch=2,
+            device=f"MirroredStrategy:{MIRRORED_REPLICAS}",
+        )
+
+
+def _mirrored_check(planted: bool) -> Callable[[Any, dict[str, Any], int], Any]:
+    def check(spec: Any, batch: dict[str, Any], seed: int) -> Any:
+        return _worker().example(spec, batch, seed, planted)
+
+    return check
+
+
+class _MirroredWorker:
+    """The process the MirroredStrategy examples run in (see mirrored_jobs)."""
+
+    def __init__(self) -> None:
+        self.proc: Any = None
+        self.log: Any = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, env.get("PYTHONPATH")) if p
+        )
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gradcheck._audit_tensorflow",
+                "--mirrored-worker",
+                str(MIRRORED_REPLICAS),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=env,
+        )
+
+    def example(
+        self, spec: Any, batch: dict[str, Any], seed: int, planted: bool
+    ) -> Any:
+        import gradcheck.errors as errors
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        try:
+            _send(self.proc.stdin, (spec.to_dict(), batch, seed, planted))
+            reply = _receive(self.proc.stdout.fileno(), MIRRORED_TIMEOUT)
+        except (OSError, EOFError, TimeoutError) as exc:
+            tail = self.stop()
+            raise RuntimeError(
+                f"the MirroredStrategy worker failed ({type(exc).__name__}: {exc}); "
+                f"its last output: {tail}"
+            ) from None
+        kind = reply[0]
+        if kind == "report":
+            return reply[1]
+        if kind == "assume":
+            from hypothesis import assume
+
+            assume(False)
+        if kind == "gradcheck_error":
+            cls = getattr(errors, reply[1], errors.GradcheckError)
+            raise cls(reply[2])
+        raise RuntimeError(f"the MirroredStrategy worker raised {reply[1]}\n{reply[2]}")
+
+    def stop(self) -> str:
+        """End the worker; the tail of what it wrote to stderr."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+                proc.wait()
+        tail = ""
+        if self.log is not None:
+            self.log.seek(0)
+            tail = self.log.read()[-2000:].decode(errors="replace")
+            self.log.close()
+            self.log = None
+        return tail
+
+
+_WORKER: list[_MirroredWorker] = []
+
+
+def _worker() -> _MirroredWorker:
+    if not _WORKER:
+        import atexit
+
+        _WORKER.append(_MirroredWorker())
+        atexit.register(_WORKER[0].stop)
+    return _WORKER[0]
+
+
+def _send(stream: Any, obj: Any) -> None:
+    import pickle
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _receive(fd: int, timeout: float | None) -> Any:
+    """One pickled frame from ``fd``; TimeoutError after ``timeout`` seconds,
+    EOFError when the other side is gone."""
+    import pickle
+    import select
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def exactly(n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                    raise TimeoutError(f"no answer in {timeout:g} s")
+            chunk = os.read(fd, left)
+            if not chunk:
+                raise EOFError("the pipe closed")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    return pickle.loads(exactly(int.from_bytes(exactly(8), "little")))
+
+
+def _serve_mirrored(replicas: int) -> None:
+    """The worker's loop: two logical CPUs first, then one example per frame."""
+    import gc
+    import sys
+    import time
+    import traceback
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+    )
+    # the frames go to the real stdout; anything printed goes to stderr
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    inp = sys.stdin.buffer.fileno()
+    strategy = tf.distribute.MirroredStrategy([f"/CPU:{i}" for i in range(replicas)])
+    from hypothesis.errors import UnsatisfiedAssumption
+
+    import gradcheck
+    from gradcheck._quiet import quiet
+
+    # Python's garbage collector runs only between examples, every
+    # MIRRORED_COLLECT_EVERY of them: a collection among the TensorFlow objects
+    # every example leaves took 2-15 s on a loaded 2-core machine (measured with
+    # faulthandler during 10 s pauses: "Garbage-collecting"), and landing in a
+    # replica thread's tracing it stalled that example for minutes
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    served = 0
+    while True:
+        try:
+            request = _receive(inp, None)
+        except EOFError:
+            # the interpreter's shutdown can wait on TensorFlow's threads for
+            # minutes (seen with the test worker): nothing is left to write
+            sys.stderr.flush()
+            os._exit(0)
+        served += 1
+        if served % MIRRORED_COLLECT_EVERY == 0:
+            gc.collect()
+        started = time.process_time()
+        try:
+            with quiet(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = _mirrored_example(strategy, *request)
+            # the audit times the search in its own process: the worker's CPU
+            # time for the example travels with the report
+            report.cost["worker_cpu_seconds"] = time.process_time() - started
+            reply: tuple[Any, ...] = ("report", report)
+        except UnsatisfiedAssumption:
+            reply = ("assume",)
+        except gradcheck.GradcheckError as exc:
+            reply = ("gradcheck_error", type(exc).__name__, str(exc))
+        except Exception as exc:
+            reply = ("crash", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        _send(out, reply)
+
+
+def _mirrored_example(
+    strategy: Any,
+    spec_dict: dict[str, Any],
+    batch: dict[str, Any],
+    seed: int,
+    planted: bool,
+) -> Any:
+    """One example in the worker: the spec built and compiled under the
+    strategy as a user writes it (Adam), the batch cut to a multiple of the
+    replicas, Keras' distributed step checked."""
+    import gradcheck
+    from gradcheck.architectures import build_keras
+    from gradcheck.architectures.spec import ModelSpec
+    from gradcheck.properties.keras_training import compile_built, keras_data
+
+    spec = ModelSpec.from_dict(spec_dict)
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        built = build_keras(spec, "float32")
+        model = compile_built(built, optimizer="adam")
+    if planted:
+        _assume_a_gradient(built, batch)
+        original = model.compute_loss
+
+        def compute_loss(*args: Any, **kwargs: Any) -> Any:
+            return 2.0 * original(*args, **kwargs)
+
+        model.compute_loss = compute_loss
+    x, y, sample_weight = keras_data(built, batch)
+    n = len(tf.nest.flatten(x)[0])
+    keep = n - n % replicas
+    x, y, sample_weight = tf.nest.map_structure(
+        lambda a: None if a is None else a[:keep], (x, y, sample_weight)
+    )
+    return gradcheck.check_keras_model(
+        model, x, y, sample_weight=sample_weight, seed=seed
+    )
+
+
+def _assume_a_gradient(built: Any, batch: dict[str, Any]) -> None:
+    """Reject an example where doubling the loss changes no number: every
+    weighted loss has an exactly zero gradient there (no miss of the check)."""
+    from hypothesis import assume
+
+    weights = built.loss_weights()
+    with tf.GradientTape() as tape:
+        values = {k: f() for k, f in built.loss_fns(batch).items()}
+        total = tf.add_n([weights[k] * v for k, v in values.items()])
+    grads = tape.gradient(total, built.model.trainable_variables)
+    assume(any(g is not None and bool(tf.reduce_any(g != 0)) for g in grads))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--mirrored-worker"]:
+        _serve_mirrored(int(sys.argv[2]))

@@ -37,7 +37,12 @@ ROOT = WORKER.parent.parent
 
 @pytest.fixture(scope="module")
 def verdicts() -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_BACKEND="tensorflow")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        KERAS_BACKEND="tensorflow",
+        GRADCHECK_WORKER_DEADLINE="200",
+    )
     done = subprocess.run(
         [sys.executable, str(WORKER)],
         capture_output=True,
@@ -46,7 +51,7 @@ def verdicts() -> dict[str, Any]:
         env=env,
         cwd=ROOT,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-6000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["_devices"] == 2, "the worker did not get two logical CPUs"
     crashed = {
@@ -110,13 +115,15 @@ def test_dropout_under_replicas_is_not_judged(verdicts: dict[str, Any]) -> None:
 
 
 def test_batchnorm_per_replica_statistics(verdicts: dict[str, Any]) -> None:
-    """Unsynchronised BatchNormalization normalises each shard by itself: refused
-    with the fix named; synchronized=True (statistics all-reduced) passes."""
+    """Unsynchronised BatchNormalization in training mode normalises each shard
+    by itself: refused with the fix named; synchronized=True (statistics
+    all-reduced) passes, and so does a frozen one (inference mode)."""
     v = verdicts["batchnorm_2"]
     assert v["error"] == "UnsupportedInputError"
+    assert "'batch_normalization' ran in training mode" in v["message"]
     assert "synchronized=True" in v["message"]
-    v = verdicts["batchnorm_synchronized_2"]
-    assert v["status"] == "passed", v
+    for name in ("batchnorm_synchronized_2", "batchnorm_frozen_2"):
+        assert verdicts[name]["status"] == "passed", (name, verdicts[name])
 
 
 def test_refusals(verdicts: dict[str, Any]) -> None:
@@ -174,3 +181,26 @@ def test_one_device_strategy_in_process() -> None:
     assert failed.status == "mismatch"
     after = [np.array(v.numpy()) for v in model.variables + model.optimizer.variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# ----------------------------------------------------------------- the audit job
+@pytest.mark.slow
+def test_audit_mirrored_jobs_catch_the_doubled_loss_and_pass_correct_models() -> None:
+    """gradcheck._audit_tensorflow.mirrored_jobs: two jobs (correct, planted),
+    run through the audit's own search in a worker with two logical CPUs."""
+    from gradcheck import _audit_tensorflow as audit_tf
+    from gradcheck.audit import run_job
+
+    jobs = list(audit_tf.mirrored_jobs(0))
+    assert [j.planted for j in jobs] == [None, audit_tf.MIRRORED_BUG]
+    assert all(j.device == "MirroredStrategy:2" for j in jobs)
+    try:
+        for job in jobs:
+            outcome = run_job(job, examples=3, seed=0)
+            assert outcome.error is None, outcome.error
+            assert outcome.examples == 3
+            expected = "passed" if job.planted is None else "mismatch"
+            assert outcome.statuses == {expected: 3}, outcome.statuses
+            assert outcome.report.cost["replicas"] == 2
+    finally:
+        audit_tf._worker().stop()

@@ -66,9 +66,6 @@ class Distribution:
     local: bool
     #: the class name of the strategy whose scope is active at the call, or None
     scope: str | None
-    #: trainable BatchNormalization layers with ``synchronized=False``: under
-    #: several replicas each normalises its own shard with its own statistics
-    unsynchronized_norms: tuple[str, ...] = ()
 
 
 def _local(strategy: Any) -> bool:
@@ -97,13 +94,6 @@ def distribution(model: Any) -> Distribution | None:
         else (),
         local=strategy is not None and _local(strategy),
         scope=type(scope).__name__ if scope is not None else None,
-        unsynchronized_norms=tuple(
-            layer.name
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, keras.layers.BatchNormalization)
-            and layer.trainable
-            and not getattr(layer, "synchronized", False)
-        ),
     )
 
 
@@ -143,6 +133,21 @@ def recorder(model: Any, variables: Sequence[Any]) -> Any:
         return _distributed_recorder_class()(variables)
 
 
+def unsynchronized_norms(model: Any) -> list[tuple[str, Any]]:
+    """(name, moving mean) of every BatchNormalization with
+    ``synchronized=False``: in training mode each replica normalises its own shard
+    with the shard's statistics (and moves its moving mean). Whether one runs in
+    training mode shows only in the step (a layer may be called with
+    training=False), by its moving mean moving."""
+    return [
+        (layer.name, layer.moving_mean)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+        and not getattr(layer, "synchronized", False)
+        and getattr(layer, "moving_mean", None) is not None
+    ]
+
+
 def seed_states(model: Any) -> list[Any]:
     """The model's SeedGenerator states (Dropout & co. draw from them)."""
     return [
@@ -176,9 +181,10 @@ def run_step(
         distribute_strategy=model.distribute_strategy,
         steps_per_execution=model.steps_per_execution,
     )
-    # as fit: build the compiled losses/metrics under the strategy, then trace
-    model._maybe_symbolic_build(iterator=epoch)
-    epoch.reset()
+    # build the compiled losses/metrics under the strategy as train_on_batch does
+    # (from the global batch: fit averages the first distributed batch for the
+    # same shapes, at the cost of one more distributed iterator, ~0.3 s)
+    model._maybe_symbolic_build(data_batch=(x, y, sample_weight))
     model.make_train_function()
     model.reset_metrics()
     logs = None
@@ -189,13 +195,12 @@ def run_step(
         # run is gradcheck's (the kernels' rounding), not the user's choice
         logger.setLevel("ERROR")
     # Python's garbage collector stays off while the replicas' threads trace and
-    # run the step (collected just before): with it on, a replica thread stalled
-    # in tf_stack.extract_stack for 20-260 s in 4 of 5 runs of
-    # tests/_mirrored_worker.py (Keras' own fit under the strategy as well as
-    # this step; TensorFlow 2.21, 2 logical CPUs, a loaded 2-core machine), and
-    # never in runs with it off
+    # run the step: with it on, a replica thread stalled in tf_stack.extract_stack
+    # for 20-260 s in 4 of 5 runs of tests/_mirrored_worker.py (Keras' own fit
+    # under the strategy as well as this step; TensorFlow 2.21, 2 logical CPUs, a
+    # loaded 2-core machine), and never in runs with it off. Not collected first:
+    # a full collection among TensorFlow's objects took ~2 s
     collecting = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         with epoch.catch_stop_iteration():

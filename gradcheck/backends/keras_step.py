@@ -439,6 +439,9 @@ class Captured:
     #: the step drew from the model's SeedGenerators (dropout & co.): set for a
     #: step under a strategy, where each replica draws for its own shard
     random: bool = False
+    #: BatchNormalization layers (synchronized=False) that ran in training mode
+    #: in a step under a strategy: each replica normalised its own shard
+    per_replica_norms: tuple[str, ...] = ()
 
 
 def capture(
@@ -478,6 +481,8 @@ def capture(
         )
         seeds = mirrored.seed_states(model)
         seeds_before = [numpy(v) for v in seeds]
+        norms = mirrored.unsynchronized_norms(model)
+        norms_before = [numpy(v) for _, v in norms]
     user_optimizer, user_function = model.optimizer, model.train_function
     user_eagerly = model.run_eagerly
     model.optimizer = entry.recorder
@@ -519,11 +524,18 @@ def capture(
     floats = _floats(logs)
     # a tracker the step never updated reports its initial 0
     stale = {k for k in stale if floats.get(k) == 0.0}
-    random = mirrored is not None and any(
-        not np.array_equal(numpy(v), before)
-        for v, before in zip(seeds, seeds_before, strict=True)
-    )
-    return Captured(grads, calls, floats, how, stale, random)
+    random, per_replica = False, ()
+    if mirrored is not None:
+        random = any(
+            not np.array_equal(numpy(v), before)
+            for v, before in zip(seeds, seeds_before, strict=True)
+        )
+        per_replica = tuple(
+            name
+            for (name, v), before in zip(norms, norms_before, strict=True)
+            if not np.array_equal(numpy(v), before)
+        )
+    return Captured(grads, calls, floats, how, stale, random, per_replica)
 
 
 def compiled(model: Any) -> bool:

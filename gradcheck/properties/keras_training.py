@@ -199,6 +199,7 @@ def check(
         captured = ks.capture(
             model, x, y, sample_weight, class_weight, variables, scale
         )
+        _check_norms(strategy, captured)
         forwards, backwards, steps = 1.0, float(len(side.values)), 1.0
         verdict = functools.partial(
             _verdict, ks, backend, model, side, captured, variables, seed, rtol
@@ -317,18 +318,6 @@ def _check_shards(strategy: Any, x: Any) -> None:
     mean: no verdict on the gradient would mean anything."""
     if strategy is None or strategy.replicas < 2:
         return
-    if strategy.unsynchronized_norms:
-        shown = ", ".join(repr(n) for n in strategy.unsynchronized_norms[:4])
-        more = len(strategy.unsynchronized_norms) - 4
-        raise UnsupportedInputError(
-            f"BatchNormalization {shown}{f' and {more} more' if more > 0 else ''} "
-            f"normalise each of the {strategy.replicas} replicas' shards with the "
-            "shard's own mean and variance (synchronized=False): by design the "
-            "step's gradient is not the global batch's, so comparing them says "
-            "nothing. Build the model with BatchNormalization(synchronized=True) "
-            "(statistics all-reduced across replicas) to check it under the "
-            "strategy, or check it outside the strategy."
-        )
     n = _global_batch(x)
     if n is not None and n % strategy.replicas:
         raise InvalidArgumentError(
@@ -339,6 +328,25 @@ def _check_shards(strategy: Any, x: Any) -> None:
             "num_replicas_in_sync whatever its shard's size: not the global "
             "batch's mean.)"
         )
+
+
+def _check_norms(strategy: Any, captured: Captured) -> None:
+    """Refuse a step in which unsynchronised BatchNormalization ran in training
+    mode under several replicas (seen in the step: its moving mean moved)."""
+    names = captured.per_replica_norms
+    if strategy is None or strategy.replicas < 2 or not names:
+        return
+    shown = ", ".join(repr(n) for n in names[:4])
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    raise UnsupportedInputError(
+        f"BatchNormalization {shown}{more} ran in training mode with "
+        f"synchronized=False: each of the {strategy.replicas} replicas normalised "
+        "its shard with the shard's own mean and variance, so by design the "
+        "step's gradient is not the global batch's and comparing them says "
+        "nothing. Build the model with BatchNormalization(synchronized=True) "
+        "(statistics all-reduced across replicas) to check it under the strategy, "
+        "or check it outside the strategy."
+    )
 
 
 def _strategy_notes(report: CheckReport, strategy: Any, x: Any) -> None:
