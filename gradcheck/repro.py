@@ -1250,7 +1250,7 @@ def _replay_gradients(bundle: Bundle) -> CheckReport:
     arrays = bundle.arrays.get("inputs.npz", {})
     inputs = _decode(call["inputs"], arrays, "inputs")
     options = dict(call.get("options") or {})
-    unknown = set(options) - {"seed", "mode", "rtol", "step"}
+    unknown = set(options) - {"seed", "mode", "rtol", "step", "order", "ad"}
     if unknown:
         raise ReproBundleError(f"options: unknown {sorted(unknown)}.")
     return gradcheck.check_gradients(

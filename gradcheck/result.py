@@ -176,7 +176,10 @@ class CheckReport:
         prop = self.property.replace("_", "-")
         if self.order != 1 or self.ad != "reverse":
             kind = [f"order {self.order}"] if self.order != 1 else []
-            kind += [f"{self.ad} mode"] if self.ad != "reverse" else []
+            modes = {"forward": "forward mode", "both": "forward and reverse mode"}
+            kind += (
+                [modes.get(self.ad, f"{self.ad} mode")] if self.ad != "reverse" else []
+            )
             prop += f" ({', '.join(kind)})"
         verdict = "passed" if self.passed else f"FAILED ({self.status})"
         if self.status in NOT_RUN:
@@ -210,10 +213,13 @@ class CheckReport:
                 lines.append(
                     f"    |error|    = {_fmt(loc.error)}  (tolerance {_fmt(loc.tolerance)})"
                 )
-        cmp = ">" if self.error > self.tolerance else "<="
-        lines.append(
-            f"  overall: error {_fmt(self.error)} {cmp} tolerance {_fmt(self.tolerance)}"
-        )
+        if not (math.isnan(self.error) and math.isnan(self.tolerance)):
+            # a refusal (e.g. a backward torch cannot differentiate) has no numbers
+            cmp = ">" if self.error > self.tolerance else "<="
+            lines.append(
+                f"  overall: error {_fmt(self.error)} {cmp} tolerance "
+                f"{_fmt(self.tolerance)}"
+            )
         lines.append(f"  tolerance: {self.tolerance_reason}")
         ref = f", reference {self.reference_dtype}" if self.reference_dtype else ""
         lines.append(
