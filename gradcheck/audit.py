@@ -252,7 +252,8 @@ def jobs(frameworks: list[str], seed: int, device: str = "auto") -> Iterator[Job
         found = resolve(fw, device)  # DeviceUnavailableError: asked for a GPU
         for dev in found:
             for dtype in DTYPES:
-                for job in _engine_jobs(fw, dtype, seed, dev):
+                more = _higher_order_jobs(fw, dtype, seed) if dev == found[0] else ()
+                for job in (*_engine_jobs(fw, dtype, seed, dev), *more):
                     job.device = dev
                     if fw == "tensorflow":
                         job.check = _fw(fw).on_device(job.check, dev)
@@ -264,6 +265,14 @@ def jobs(frameworks: list[str], seed: int, device: str = "auto") -> Iterator[Job
     if "torch" in frameworks and "tensorflow" in frameworks:
         for dtype in DTYPES:
             yield from _cross_jobs(dtype, seed)
+
+
+def _higher_order_jobs(fw: str, dtype: str, seed: int) -> Iterator[Job]:
+    """Second-order and forward-mode checks (gradcheck/_audit_higher_order.py), on
+    the first device only: they judge the framework's autodiff, not a device."""
+    from gradcheck import _audit_higher_order
+
+    return _audit_higher_order.jobs(fw, dtype, seed)
 
 
 def _engine_jobs(fw: str, dtype: str, seed: int, device: str) -> Iterator[Job]:
