@@ -51,7 +51,16 @@ def check_keras_model(
     :class:`CheckReport` with
     ``property="keras_training"``; raises a :class:`~gradcheck.errors.GradcheckError`
     (e.g. :class:`~gradcheck.errors.NotCompiledError`) when the model cannot be
-    checked."""
+    checked.
+
+    A model built and compiled under ``tf.distribute.MirroredStrategy`` (or
+    ``OneDeviceStrategy``) is checked under its strategy: Keras' distributed step
+    runs as ``fit`` runs it (the batch split over the replicas, ``train_step`` in
+    each under ``strategy.run``), and the gradient the optimizer receives after
+    the cross-replica all-reduce is compared with the global batch's. Call it
+    outside ``with strategy.scope():``, with a batch size divisible by
+    ``num_replicas_in_sync``; the notes and ``cost["replicas"]`` say the strategy
+    and its replicas."""
     from gradcheck.properties import keras_training
 
     report = keras_training.check(

@@ -203,4 +203,4 @@ def test_audit_mirrored_jobs_catch_the_doubled_loss_and_pass_correct_models() ->
             assert outcome.statuses == {expected: 3}, outcome.statuses
             assert outcome.report.cost["replicas"] == 2
     finally:
-        audit_tf._worker().stop()
+        audit_tf.stop_mirrored_worker()

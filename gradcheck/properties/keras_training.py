@@ -76,6 +76,24 @@ states), every metric variable (train_on_batch resets and updates them),
 ``stop_training``, Keras' global seed generator, NumPy/Python RNG states, and on the
 torch backend the parameters' ``.grad`` and torch's RNG state.
 
+Strategies. A model built and compiled under ``tf.distribute.MirroredStrategy``
+(or ``OneDeviceStrategy``) is checked under it: Keras' distributed step runs as
+``fit`` runs it (the global batch split over the replicas by the strategy's
+distributed dataset, ``train_step`` in each under ``strategy.run``), and what is
+recorded is the gradient the optimizer receives after its cross-replica
+all-reduce (:mod:`gradcheck.backends.keras_mirrored`). Keras 3.15 divides each
+replica's mean-reduced losses and penalties by ``num_replicas_in_sync`` and the
+all-reduce sums, so for equal shards the step's gradient is the global batch's:
+the same ``sum_i w_i grad L_i + grad(sum(model.losses))`` the single-device check
+computes, with the same tolerance. Refused, with the fix named: a call inside the
+strategy's scope (Keras would scale the global-batch side by 1/R), a batch that
+does not split evenly (Keras' fit raises on it), strategies whose replicas are
+not all in this process, and unsynchronised BatchNormalization that ran in
+training mode (each replica normalises its own shard, by design not the global
+batch's gradient). Dropout drawing per replica makes a failing comparison
+``nondeterministic``. A gradient exactly R x the global one is named as the
+classic "mean over the replica's batch, no 1/R" bug.
+
 Randomness. Dropout & co. draw their masks from SeedGenerator states, which are
 model variables: the independent forward pass starts from the same states as
 Keras' step, so it draws the same masks. If the comparison fails and Keras' own step
