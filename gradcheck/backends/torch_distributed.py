@@ -54,6 +54,7 @@ __all__ = [
     "gradients",
     "in_torchrun",
     "keep_workers",
+    "launched_world_size",
     "portable",
     "run_in_torchrun",
     "run_spawned",
@@ -723,6 +724,16 @@ def in_torchrun() -> bool:
     if dist.is_available() and dist.is_initialized():
         return True
     return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def launched_world_size(default: int) -> int:
+    """The world size of the launched job: the initialised group's, else the
+    WORLD_SIZE the launcher set (``default`` when neither exists)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", default))
 
 
 _CALLS = itertools.count()

@@ -952,9 +952,7 @@ def _run(
     started: float,
 ) -> CheckReport:
     if torchrun:
-        import os
-
-        world_size = int(os.environ.get("WORLD_SIZE", world_size))
+        world_size = td.launched_world_size(world_size)
     first = td.built_model(build)
     want = td.digest(first)
     again = td.digest(td.built_model(build))
@@ -1053,7 +1051,8 @@ def _run(
         "wrap_kwargs": wrap_kwargs,
         "digest": want,
     }
-    parent_seconds = time.perf_counter() - started
+    #: this process's single-process evaluations
+    reference_seconds = time.perf_counter() - started
     if torchrun:
         outcomes, facts = td.run_in_torchrun(task, backend, timeout)
     else:
@@ -1073,7 +1072,6 @@ def _run(
         reused=bool(facts.get("reused")),
         rank=facts.get("rank"),
     )
-    del parent_seconds
     unused = unused_on_some_rank(ev)
     if not all(o.state == "ok" for o in outcomes):
         status, reason, location = rank_failure(outcomes, unused, wrap, timeout)
@@ -1093,7 +1091,10 @@ def _run(
         launch,
         seed=seed,
         rtol=rtol,
-        cost=_cost(started, evals, spawn, world_size),
+        cost={
+            **_cost(started, evals, spawn, world_size),
+            "reference_seconds": reference_seconds,
+        },
         notes=notes,
     )
 
