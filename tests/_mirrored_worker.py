@@ -166,6 +166,17 @@ def batchnorm(strategy: Any, synchronized: bool, frozen: bool = False) -> Any:
     return model
 
 
+def classifier(strategy: Any) -> Any:
+    """One softmax head, sparse labels: for class_weight."""
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        i = keras.Input((3,))
+        h = keras.layers.Dense(4, activation="tanh")(i)
+        model = keras.Model(i, keras.layers.Dense(3, activation="softmax")(h))
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    return model
+
+
 def verdict(model: Any, x: Any, y: Any, **kwargs: Any) -> dict[str, Any]:
     before = state(model)
     out: dict[str, Any] = {}
@@ -237,6 +248,12 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
             batchnorm(two, False, frozen=True), X, Y["b"]
         ),
         "batchnorm_synchronized_2": lambda: verdict(batchnorm(two, True), X, Y["b"]),
+        "class_weight_2": lambda: verdict(
+            classifier(two),
+            X,
+            np.array([0, 2, 1, 2]),
+            class_weight={0: 0.5, 1: 1.0, 2: 3.0},
+        ),
         "inside_scope": inside_scope,
         "uneven_2": uneven,
     }

@@ -79,6 +79,11 @@ def test_correct_model_passes_on_two_replicas(verdicts: dict[str, Any]) -> None:
     assert "run eagerly" in _notes(verdicts["correct_eager_2"])
 
 
+def test_class_weight_on_two_replicas(verdicts: dict[str, Any]) -> None:
+    v = verdicts["class_weight_2"]
+    assert v["status"] == "passed", v
+
+
 def test_one_replica_strategy_passes(verdicts: dict[str, Any]) -> None:
     v = verdicts["correct_1"]
     assert v["status"] == "passed", v
