@@ -259,6 +259,12 @@ def jobs(frameworks: list[str], seed: int, device: str = "auto") -> Iterator[Job
                         job.check = _fw(fw).on_device(job.check, dev)
                     yield job
         yield from _training_jobs(fw, seed)
+        if fw == "torch":  # compile, autocast and DDP (gradcheck/_audit_distributed.py)
+            from gradcheck import _audit_distributed
+
+            yield from _audit_distributed.jobs(seed)
+        if fw == "tensorflow":  # fit's step under MirroredStrategy, 2 logical CPUs
+            yield from _fw(fw).mirrored_jobs(seed)
         gpus = [d for d in resolve(fw, "auto") if is_gpu(d)]
         for dtype in DTYPES:
             yield from _device_jobs(fw, dtype, gpus, device)
@@ -622,9 +628,24 @@ def run(
                 result.outcomes.append(out)
                 if on_outcome is not None:
                     on_outcome(out)
+    _close_workers()
     result.seconds = time.perf_counter() - started
     result.cpu_seconds += time.process_time() - cpu_started
     return result
+
+
+def _close_workers() -> None:
+    """End the worker processes some jobs keep alive across their examples: the
+    DDP jobs' ranks and the MirroredStrategy jobs' worker (spawned helpers skip
+    atexit; the workers also leave when their parent dies)."""
+    import sys
+
+    mod = sys.modules.get("gradcheck._audit_distributed")
+    if mod is not None:
+        mod.close()
+    mod = sys.modules.get("gradcheck._audit_tensorflow")
+    if mod is not None:  # the MirroredStrategy jobs' worker (2 logical CPUs)
+        mod.stop_mirrored_worker()
 
 
 # ---------------------------------------------------------------- side by side
@@ -816,6 +837,7 @@ def _helper_main(
     except Exception as exc:  # the parent runs what is left
         events.put(("declined", f"{type(exc).__name__}: {exc}"))
     finally:
+        _close_workers()
         events.put(("exit", time.process_time() - cpu))
 
 

@@ -28,8 +28,9 @@ Pinned Keras 3.15.1 behaviour (a test fails when an upgrade changes it):
 * one 1-D sample_weight applies to every output: passes.
 * class_weight with several outputs: refused by fit, ClassWeightError here.
 * keras#16285 (loss scaled by 1/replicas under tf.distribute) needs several
-  replicas; check_keras_model refuses a multi-replica strategy instead of checking
-  one replica's share.
+  replicas: check_keras_model runs fit's distributed step under MirroredStrategy
+  and compares the all-reduced gradient with the global batch's
+  (tests/test_keras_mirrored.py, on 2 logical CPUs in a fresh interpreter).
 """
 
 from __future__ import annotations
