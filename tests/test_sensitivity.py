@@ -4,7 +4,8 @@ check time, not from the table's prior (issue 17).
 A planted backward off by delta on one feed-forward Linear of a real architecture
 (shrunk BERT, random weights): float32 catches delta = 1e-5, in every dtype's
 path and in the float32 kernel alone (the float64 path, gradcheck's reference,
-right); float64 catches delta = 1e-7; the correct twins pass. The table prior
+right); float64 catches delta = 1e-7, also on Llama, which computes in float32
+inside (judged on its cast-free float64 gradient); the correct twins pass. The table prior
 (4e-6 relative rounding for float32, a-priori bounds on the finite differences'
 rounding in float64) let all of these pass before.
 """
@@ -136,6 +137,32 @@ def test_the_table_prior_alone_would_pass_bert_s_float32_bug(bert, monkeypatch):
     monkeypatch.setattr(F._Measured, "start", classmethod(lambda cls, ctx, p: None))
     with planted(ffn, 1e-5):
         assert _fd(model, inputs, "float32").status == "passed"
+
+
+# ------------------------------------------------------------------ real: Llama
+@pytest.fixture(scope="module")
+def llama():
+    pytest.importorskip("transformers")
+    from gradcheck.backends import _hf
+
+    model, inputs, _ = _hf.build("llama", {}, "hf:llama", 0, 20_000_000)
+    return model, inputs, model.layers[0].mlp.gate_proj
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores
+def test_llama_float64_catches_1e_7_through_its_float32_casts(llama):
+    """Llama's RMSNorm (and rotary embedding) compute in float32 inside a float64
+    model; judged on its own gradient the check was held to float32 precision and
+    caught only 3e-6. The cast-free float64 gradient is judged at float64
+    precision: 1e-7 on every path is caught, the correct twin passes."""
+    model, inputs, ffn = llama
+    twin = _fd(model, inputs, "float64")
+    assert twin.status == "passed", twin.message()
+    assert "cast-free float64 gradient" in twin.tolerance_reason
+    with planted(ffn, 1e-7):
+        report = _fd(model, inputs, "float64")
+    assert report.status == "mismatch", report.message()
+    assert any("on every precision's path" in n for n in report.notes)
 
 
 # ------------------------------------------------------------------ the noise estimate

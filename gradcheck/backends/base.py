@@ -132,6 +132,12 @@ class Session(ABC):
         (the tensors' own dtype) otherwise."""
         return rtol
 
+    def judged_cast_free(self) -> None:
+        """The finite-difference check judged a model that computes in
+        ``internal_dtype`` inside on its cast-free float64 gradient: the backend
+        rewrites its note on the internal precision to say so (no-op by default)."""
+        return None
+
     def known_causes(self, location: Any) -> list[str]:
         """Notes naming deliberate gradient changes that explain a mismatch at
         ``location`` (a :class:`gradcheck.result.Location` or None): an Embedding's

@@ -724,6 +724,20 @@ class TorchSession(Session):
         for m, name, b in buffers:
             m._buffers[name] = b
 
+    def judged_cast_free(self) -> None:
+        i = getattr(self, "_internal_note", None)
+        if i is None:
+            return
+        low = self.internal_dtype
+        self.notes[i] = (
+            f"this model computes in {low} internally ({self._internal_places}): "
+            f"the reference evaluations run those casts in float64, so its cast-free "
+            f"float64 gradient (the backward of that promoted forward) is judged "
+            f"against the finite differences at float64 precision, and its own "
+            f"gradient (with the casts) against the cast-free one on its measured "
+            f"{low} rounding."
+        )
+
     def finish(self, report: Any, started: float) -> Any:
         note = self._routing_record.note()
         if note is not None:
@@ -914,10 +928,13 @@ class TorchSession(Session):
         if watch is not None and watch.lowest is not None:
             self.internal_dtype = canonical_dtype(watch.lowest)
             places = sorted(watch.places, key=lambda w: -watch.places[w])
+            self._internal_places = ", ".join(places[:4]) + (
+                f" and {len(places) - 4} more" if len(places) > 4 else ""
+            )
+            self._internal_note = len(self.notes)
             self.notes.append(
                 f"this model computes in {self.internal_dtype} internally ("
-                + ", ".join(places[:4])
-                + (f" and {len(places) - 4} more" if len(places) > 4 else "")
+                + self._internal_places
                 + f"): judged at {self.internal_dtype} precision (its float64 gradient "
                 f"carries {self.internal_dtype} rounding); the reference evaluations "
                 "run those casts in float64."

@@ -38,7 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradcheck.backends.base import Session
-from gradcheck.errors import GradcheckError, InvalidArgumentError, NonFiniteError
+from gradcheck.errors import (
+    GradcheckError,
+    InvalidArgumentError,
+    NonFiniteError,
+    ReferencePrecisionError,
+)
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 from gradcheck.numeric import tolerance as tl
@@ -450,14 +455,209 @@ def run(session: Session, options: Options) -> CheckReport:
             + " to the outputs). Does fn read the tensors you passed, or copies/detached "
             "versions of them?"
         )
-    ctx = _Context(session, options, cot, grads)
+    judged: Session = session
+    own_grads: list[np.ndarray] | None = None
+    fallback_note: str | None = None
+    if mode == "directional" and _cast_free_applies(session, options):
+        # a float64 model computing in float32 inside: judged on its cast-free
+        # float64 gradient (see _CastFree), its own gradient against that one
+        free = _CastFree(session)
+        try:
+            raw_free = free.vjp(cot)
+            session.check_finite_grads(raw_free, "cast-free float64 gradient")
+        except (ReferencePrecisionError, NonFiniteError) as exc:
+            fallback_note = (
+                f"the cast-free float64 gradient (this model's {session.internal_dtype} "
+                f"casts run in float64) could not be taken ({str(exc)[:160]}), so the "
+                f"check is judged at {session.internal_dtype} precision."
+            )
+        else:
+            judged, own_grads, raw = free, grads, raw_free
+            grads = _zeros_for_none_specs(session, raw_free)
+    ctx = _Context(judged, options, cot, grads)
     if mode == "full":
         report = _run_full(ctx, raw, outputs)
     else:
         report = _run_directional(ctx, raw, rng)
+    if fallback_note is not None:
+        report.notes.append(fallback_note)
+    if own_grads is not None:
+        _judge_own_gradient(ctx, session, own_grads, report)
     if options.ad == "both" and report.passed:
         _compare_modes(ctx, report)
     return session.finish(report, started)
+
+
+def _zeros_for_none_specs(
+    session: Session, raw: Sequence[np.ndarray | None]
+) -> list[np.ndarray]:
+    return [
+        np.zeros(sp.shape) if g is None else g
+        for sp, g in zip(session.specs, raw, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# A float64 model that computes in float32 inside (RMSNorm's cast, attention softmax
+# in float32): its gradient carries float32 rounding, so judged directly it can only
+# be held to float32 precision, and a 1e-7 bug passes. The reference evaluations
+# already run those casts in float64; the backward of that promoted forward is a
+# cast-free float64 gradient, the exact derivative of the function the finite
+# differences see. So (1) the cast-free gradient is judged against the finite
+# differences as a plain float64 model's is (float64 rounding prior, measured
+# finite-difference noise), which catches a bug present in every path at float64
+# sensitivity; (2) the model's own gradient (with its casts) is compared with the
+# cast-free one on its measured float32 rounding (the measured split of float32
+# models), which catches a bug only on the float32 path at float32 sensitivity.
+# Directional mode only (full mode compares elements of small problems on the
+# table's prior, as before); reverse mode, no user rtol, torch (where rounding is
+# measured at check time).
+# ---------------------------------------------------------------------------------------
+def _cast_free_applies(session: Session, options: Options) -> bool:
+    inner = session.internal_dtype
+    return (
+        inner is not None
+        and session.framework == "torch"
+        and hasattr(session, "gradients_at")
+        and getattr(session, "derived_order", 1) == 1
+        and session.reference_dtype == "float64"
+        and all(sp.dtype == "float64" for sp in session.specs)
+        and _numpy_dtype(inner) is not None
+        and tl.eps(inner) >= tl.eps("float32")
+        and options.rtol is None
+        and options.ad == "reverse"
+    )
+
+
+class _CastFree(Session):
+    """The inner session with every gradient taken as the reference evaluations
+    are: the forward and backward run in float64, the model's own casts to float32
+    included. Framework-free (it asks the inner session for promoted gradients)."""
+
+    internal_dtype = None
+
+    def __init__(self, inner: Session):
+        super().__init__()
+        self.inner = inner
+        self.framework = inner.framework
+        self.specs = inner.specs
+        self.output_names = inner.output_names
+        self.output_shapes = inner.output_shapes
+
+    @property
+    def reference_dtype(self) -> str:  # type: ignore[override]
+        return self.inner.reference_dtype
+
+    @property
+    def forward_count(self) -> int:  # type: ignore[override]
+        return self.inner.forward_count
+
+    @forward_count.setter
+    def forward_count(self, value: int) -> None:
+        pass  # counted by the inner session
+
+    @property
+    def backward_count(self) -> int:  # type: ignore[override]
+        return self.inner.backward_count
+
+    @backward_count.setter
+    def backward_count(self, value: int) -> None:
+        pass
+
+    def restore(self) -> None:  # the inner session owns the user's state
+        pass
+
+    def analytic(self) -> list[np.ndarray]:  # pragma: no cover - run() calls the inner
+        return self.inner.analytic()
+
+    def vjp(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[np.ndarray | None]:
+        return self.gradients_at([cotangents], promote=True)[0]
+
+    def gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[np.ndarray | None]]:
+        return self.inner.gradients_at(  # type: ignore[attr-defined]
+            cotangent_sets, promote=True, handle=handle, t=t
+        )
+
+    def prepare(self, direction: Sequence[np.ndarray | None]) -> object:
+        return self.inner.prepare(direction)
+
+    def outputs_at(self, handle: object, t: float) -> list[np.ndarray]:
+        return self.inner.outputs_at(handle, t)
+
+    def values(self) -> list[np.ndarray]:
+        return self.inner.values()
+
+    def norms(self) -> list[float]:
+        return self.inner.norms()
+
+    def known_causes(self, location: object) -> list[str]:
+        return self.inner.known_causes(location)
+
+    def value_and_grads(self, fn, label):  # pragma: no cover - not used by FD
+        raise NotImplementedError("value_and_grads of the cast-free function")
+
+
+def _judge_own_gradient(
+    ctx: _Context, session: Session, own: list[np.ndarray], report: CheckReport
+) -> None:
+    """Step (2) of the cast-free judgement: the model's own gradient (with its
+    casts) against the cast-free one (ctx.grads), tensor by tensor, on its measured
+    rounding in the internal precision (see _split_judgement). Runs only when the
+    cast-free gradient passed; a failure of that one is in every path."""
+    low = session.internal_dtype
+    assert low is not None
+    session.judged_cast_free()
+    if report.status != "passed":
+        if report.status == "mismatch":
+            report.notes.append(
+                f"the cast-free float64 gradient (this model's {low} casts run in "
+                "float64, forward and backward) misses the finite differences: the "
+                f"error is on every precision's path, not {low} rounding."
+            )
+        return
+    own_ctx = _Context(session, ctx.options, ctx.cot, own)
+    own_ctx._x = ctx._x
+    own_ctx.measured = _Measured(np.dtype(_numpy_dtype(low)), tl.eps(low), 0.0, 0.0)
+    t, dev, allowed, measured = _split_judgement(own_ctx, ctx.grads)
+    spec = session.specs[t]
+    if dev <= allowed:
+        report.tolerance_reason = (
+            "cast-free float64 gradient vs finite differences: "
+            + report.tolerance_reason
+            + f"; the model's own gradient (with its {low} casts) is within "
+            f"{MEASURED_SPLIT_FACTOR:g}x its measured {low} rounding of the cast-free "
+            "one, tensor by tensor"
+        )
+        report.notes.append(
+            f"the model's own gradient (with its {low} casts) is within its measured "
+            f"{low} rounding of the cast-free float64 gradient (worst '{spec.name}': "
+            f"{dev:.3e}, allowed {allowed:.3e} from {measured}); the cast-free "
+            "gradient matches the finite differences at float64 precision."
+        )
+        return
+    rel = dev / max(float(np.linalg.norm(ctx.grads[t])), 1e-300)
+    _native_path_mismatch(
+        own_ctx,
+        report,
+        ctx.grads,
+        (t, dev, allowed),
+        f"its measured {low} rounding",
+        f"the cast-free float64 gradient (this model's {low} casts run in float64) "
+        f"matches the finite differences, but the model's own gradient, with its "
+        f"{low} casts, is off from it by {rel:.1e} (relative, '{spec.name}'), "
+        f"{dev / allowed:.1f}x its measured {low} rounding ({measured}): a bug on the "
+        f"{low} code path only (a kernel or custom backward that behaves differently "
+        f"in {low}).",
+    )
 
 
 def _check_finite_tangents(
@@ -1665,6 +1865,47 @@ def _measured_split(
     elements has too few samples of its own), plus MEASURE_FLOOR_ULPS ulps. A
     tensor over it is judged again on NOISE_DRAWS rounding draws (float32 against
     float64 at the same moved points) before it is a mismatch."""
+    t, dev, allowed, measured = _split_judgement(ctx, g64)
+    spec = ctx.session.specs[t]
+    if dev <= allowed:
+        err64, tol64, terms64 = judged64
+        report.status = "passed"
+        report.error, report.tolerance, report.tolerance_terms = err64, tol64, terms64
+        report.tolerance_reason = (
+            "float64 gradient vs finite differences: "
+            + _reason(terms64, ctx)
+            + f"; the {spec.dtype} gradient is within {MEASURED_SPLIT_FACTOR:g}x its "
+            "measured rounding of the float64 gradient, tensor by tensor"
+        )
+        report.notes.append(
+            f"the gradient's deviation along the probe direction exceeds its measured "
+            f"rounding there, but tensor by tensor it is within its own rounding of "
+            f"the float64 gradient (worst '{spec.name}': {dev:.3e}, allowed "
+            f"{allowed:.3e} from {measured}), and the float64 gradient matches "
+            "finite differences."
+        )
+        return True
+    rel = dev / max(float(np.linalg.norm(g64[t])), 1e-300)
+    _native_path_mismatch(
+        ctx,
+        report,
+        g64,
+        (t, dev, allowed),
+        "its measured rounding",
+        f"the float64 gradient matches finite differences but the {spec.dtype} one "
+        f"is off by {rel:.1e} (relative, '{spec.name}'), {dev / allowed:.1f}x its "
+        f"measured rounding ({measured}): a bug on the {spec.dtype} code path only "
+        "(a kernel or custom backward that behaves differently in low precision). "
+        "The table's rounding prior would have let it pass.",
+    )
+    return True
+
+
+def _split_judgement(
+    ctx: _Context, g64: list[np.ndarray]
+) -> tuple[int, float, float, str]:
+    """The tensor that deviates most from ``g64`` relative to its measured rounding
+    (see _measured_split): (index, L2 deviation, allowance, how it was measured)."""
     m = ctx.measured
     assert m is not None
     s = ctx.session
@@ -1718,39 +1959,7 @@ def _measured_split(
                 [max(a, b) for a, b in zip(noise, spread, strict=True)]
             )
             measured = _NOISE_NOTE.replace(", plus that gradient's change", "")
-    spec = s.specs[t]
-    if dev <= allowed:
-        err64, tol64, terms64 = judged64
-        report.status = "passed"
-        report.error, report.tolerance, report.tolerance_terms = err64, tol64, terms64
-        report.tolerance_reason = (
-            "float64 gradient vs finite differences: "
-            + _reason(terms64, ctx)
-            + f"; the {spec.dtype} gradient is within {MEASURED_SPLIT_FACTOR:g}x its "
-            "measured rounding of the float64 gradient, tensor by tensor"
-        )
-        report.notes.append(
-            f"the gradient's deviation along the probe direction exceeds its measured "
-            f"rounding there, but tensor by tensor it is within its own rounding of "
-            f"the float64 gradient (worst '{spec.name}': {dev:.3e}, allowed "
-            f"{allowed:.3e} from {measured}), and the float64 gradient matches "
-            "finite differences."
-        )
-        return True
-    rel = dev / max(float(np.linalg.norm(g64[t])), 1e-300)
-    _native_path_mismatch(
-        ctx,
-        report,
-        g64,
-        (t, dev, allowed),
-        "its measured rounding",
-        f"the float64 gradient matches finite differences but the {spec.dtype} one "
-        f"is off by {rel:.1e} (relative, '{spec.name}'), {dev / allowed:.1f}x its "
-        f"measured rounding ({measured}): a bug on the {spec.dtype} code path only "
-        "(a kernel or custom backward that behaves differently in low precision). "
-        "The table's rounding prior would have let it pass.",
-    )
-    return True
+    return t, dev, allowed, measured
 
 
 def _kink(
