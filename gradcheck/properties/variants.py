@@ -46,10 +46,19 @@ that a variant adds consistently (a wrong backward under autocast) is the same i
 catch. Per tensor::
 
     sigma_t     = sqrt(mean_k ||e_k - e_0||^2 / 2)
-    tolerance_t = ROUNDING_SIGMAS * sqrt(sigma_t^2 + (eps_d ||r_t||)^2)
+    tolerance_t = ROUNDING_SIGMAS * sqrt(sigma_t^2 + (eps_d ||r_t||)^2
+                                         + (eps_d ||r||)^2)
 
 (the second term, one ulp of the tensor, keeps a tensor whose rounding happened
-to cancel from getting a zero tolerance). A tensor fails when its error exceeds
+to cancel from getting a zero tolerance; the third, one ulp of d at the scale of
+the whole gradient ``r``, is the rounding a small tensor's gradient inherits from
+the full-size gradients it is computed from, which two moved points can miss:
+the audit found an attention query bias whose gradient, 1e-4 of the model's,
+came out 30% off under a correct bfloat16 autocast, 8x its measured spread, and
+a key bias whose true gradient is 0 - softmax ignores a shift common to a row -
+at 7e-18 in the float64 reference and exactly 0 under the variant. A bug must
+move a tensor's gradient by more than that ulp of the whole gradient to be seen:
+bfloat16 cannot tell less from its own rounding). A tensor fails when its error exceeds
 its tolerance, or when it is NaN/Inf under the variant and finite in the
 reference (float16 overflow: a note says so), or connected to the loss in one and
 not the other. The verdict names the variant (notes) and the tensor
@@ -219,12 +228,16 @@ def judge_tensor(
     eps: float,
     *,
     reference_rounds: bool = False,
+    reference_floor: float = 0.0,
 ) -> TensorVerdict:
     """One tensor (pure NumPy; None = not connected to the loss, compared as
     zeros): the variant's error against the reference and the tolerance from the
     spread of the eager evaluations ``moved`` around ``base`` (module docstring).
     ``reference_rounds``: the reference is in the variant's precision (no float64
-    reference), so the difference carries two evaluations' rounding."""
+    reference), so the difference carries two evaluations' rounding.
+    ``reference_floor``: one ulp of the variant's precision at the scale of the
+    whole gradient (eps_d x ||r|| over every tensor), the rounding a tensor's
+    gradient inherits from the full-size gradients it is computed from."""
     arrays = [a for a in (reference, variant, base, *moved) if a is not None]
     if not arrays:  # reached by the loss in no execution: they agree
         return TensorVerdict(name, (), 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, True)
@@ -252,7 +265,9 @@ def judge_tensor(
     r_norm = float(np.linalg.norm(np.where(np.isfinite(r), r, 0.0)))
     # a reference in the variant's own precision carries a rounding of its own
     both = 2.0 if reference_rounds else 1.0
-    tol = tl.ROUNDING_SIGMAS * math.sqrt(both * sigma**2 + (eps * r_norm) ** 2)
+    tol = tl.ROUNDING_SIGMAS * math.sqrt(
+        both * sigma**2 + (eps * r_norm) ** 2 + reference_floor**2
+    )
     error = float(np.linalg.norm(diff))
     connected = (reference is not None) == (variant is not None)
     if not connected and error == 0.0:
@@ -477,6 +492,14 @@ def _measure(
         driver.gradients(perturb=(seed * 1000 + k + 1, eps), **kw)["grads"]
         for k in range(SPREAD_POINTS)
     ]
+    # one ulp of the variant's precision at the scale of the whole gradient
+    floor = eps * math.sqrt(
+        sum(
+            float(np.sum(np.square(np.nan_to_num(np.asarray(r, np.float64)))))
+            for r in (reference[n] for n in driver.names)
+            if r is not None
+        )
+    )
     tensors = []
     for name in driver.names:
         t = judge_tensor(
@@ -487,6 +510,7 @@ def _measure(
             [m[name] for m in moved],
             eps,
             reference_rounds=reference_dtype == dtype,
+            reference_floor=floor,
         )
         if rtol is not None:
             t.tolerance = rtol * t.reference_norm
@@ -519,9 +543,11 @@ def _report(
     source = (
         f"rtol {rtol:g} x ||r_t||"
         if rtol is not None
-        else f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_d ||r_t||)^2), sigma_t "
+        else f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_d ||r_t||)^2 + "
+        "(eps_d ||r||)^2), sigma_t "
         f"the measured rounding spread of the eager variant at {SPREAD_POINTS} points "
-        "moved by ~1 ulp of its precision d"
+        "moved by ~1 ulp of its precision d, eps_d ||r|| one ulp of d at the scale "
+        "of the whole gradient"
         + (
             f" (sigma_t^2 doubled: the reference is eager {reference_dtype}, rounded "
             "like the variant)"
