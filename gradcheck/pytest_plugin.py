@@ -43,7 +43,7 @@ from gradcheck.result import CheckReport
 
 __all__ = ["GradcheckFixture", "GradcheckSession"]
 
-MARKER_KEYS = ("rtol", "mode", "seed", "step")
+MARKER_KEYS = ("rtol", "mode", "seed", "step", "order", "ad")
 MODES = ("auto", "directional", "full")
 DEVICES = ("auto", "cpu", "cuda", "all")
 PROFILES = ("ci", "thorough")
@@ -618,6 +618,12 @@ def _check_marker_value(key: str, value: Any) -> None:
     if key == "mode":
         if value not in MODES:
             raise ValueError(f"mode={value!r}; expected one of {', '.join(MODES)}")
+    elif key == "order":
+        if isinstance(value, bool) or value not in (1, 2):
+            raise ValueError(f"order={value!r}; expected 1 or 2")
+    elif key == "ad":
+        if value not in ("reverse", "forward", "both"):
+            raise ValueError(f"ad={value!r}; expected reverse, forward or both")
     elif key == "seed":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"seed={value!r}; expected a non-negative int")

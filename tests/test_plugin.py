@@ -219,6 +219,24 @@ def test_marker_defaults_and_seed_reach_reports(pytester, monkeypatch):
     assert os.environ["GRADCHECK_SEED"] == "11"  # restored after the session
 
 
+def test_marker_order_and_ad_reach_check_gradients(pytester):
+    """@pytest.mark.gradcheck(order=2, ad="forward") are the fixture's defaults."""
+    pytester.makepyfile(
+        test_o="""
+import pytest
+torch = pytest.importorskip("torch")
+
+@pytest.mark.gradcheck(order=2, ad="forward")
+def test_second(gradcheck):
+    x = torch.linspace(-1, 1, 4, dtype=torch.float64, requires_grad=True)
+    report = gradcheck.check_gradients(lambda x: x.sin(), x)
+    assert (report.order, report.ad) == (2, "forward"), report.headline()
+    assert report.passed, report.message()
+"""
+    )
+    _run(pytester).assert_outcomes(passed=1)
+
+
 def test_ini_options_and_command_line_wins(pytester):
     pytester.makeini(
         "[pytest]\ngradcheck_json = out/gc.json\ngradcheck_seed = 5\n"
@@ -241,6 +259,8 @@ def test_ini_options_and_command_line_wins(pytester):
         ("mode='fast'", "mode='fast'"),
         ("seed=-1", "seed=-1"),
         ("step=0", "step=0"),
+        ("order=3", "order=3"),
+        ("ad='sideways'", "ad='sideways'"),
     ],
 )
 def test_bad_marker_is_a_collection_error(pytester, marker, message):
