@@ -149,3 +149,31 @@ def test_a_pure_float64_model_keeps_float64_precision():
     assert report.passed, report.message()
     assert "internally" not in report.message()
     assert "float64 1e-10" in report.tolerance_reason
+
+
+def test_no_cast_free_gradient_falls_back_to_float32_precision(monkeypatch):
+    """A backward that cannot run on float64 copies (a custom backward building
+    float32 tensors) leaves no cast-free gradient: the check is judged at float32
+    precision as before, and says why."""
+    from gradcheck.backends.torch import TorchSession
+    from gradcheck.errors import ReferencePrecisionError
+
+    native = TorchSession.gradients_at
+
+    def no_promoted(self, cotangent_sets, *, promote, handle=None, t=0.0):
+        if promote:
+            raise ReferencePrecisionError("the backward pass through fn raised")
+        return native(self, cotangent_sets, promote=False, handle=handle, t=t)
+
+    monkeypatch.setattr(TorchSession, "gradients_at", no_promoted)
+    model, loss = _case()
+    report = gradcheck.check_gradients(loss, params=model, seed=0)
+    assert report.passed, report.message()
+    assert "cast-free" not in report.tolerance_reason
+    assert any(
+        "could not be taken" in n and "judged at float32 precision" in n
+        for n in report.notes
+    )
+    assert any(
+        "judged at float32 precision (its float64 gradient" in n for n in report.notes
+    )
