@@ -169,9 +169,6 @@ def shrink_config(
     # DETR-style object queries: 300 top-k picks from 84 anchors at 64 x 64
     # (RT-DETR, D-FINE: 'selected index k out of range'); 16 queries
     cap(("num_queries",), 16)
-    # a Conformer's 2-D subsampling convs (NeMo: 256 channels over frames x mels;
-    # "sampling" keeps the name-based width cap off it)
-    cap(("subsampling_conv_channels",), HIDDEN)
     cap(("vocab_size",), VOCAB)
     # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
     # 64 frames, not 3,000 (the input follows it, see infer_inputs)
