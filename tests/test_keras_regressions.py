@@ -267,3 +267,29 @@ def test_class_weight_needs_a_single_output():
     x, y, _ = data()
     with pytest.raises(ClassWeightError, match="single output"):
         check_keras_model(m, x, y, class_weight={0: 1.0, 1: 5.0})
+
+
+def test_a_nan_gradient_in_keras_step_with_finite_losses_is_a_mismatch():
+    """A step whose gradient is NaN where every loss's own gradient is finite
+    computes something other than the weighted sum (the audit met it as
+    keras#20596 handing a crossentropy a linear output): a verdict naming the
+    weight, not an error. Here compute_loss adds 1e-3 * sqrt(z) with z = 0 and
+    dz/dw = 1: value 0, gradient inf."""
+
+    class NanStep(keras.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kw):
+            loss = super().compute_loss(x, y, y_pred, sample_weight, **kw)
+            w = self.get_layer("trunk").kernel
+            z = keras.ops.sum(w) - keras.ops.stop_gradient(keras.ops.sum(w))
+            return loss + 1e-3 * keras.ops.sqrt(z)  # value 0, gradient inf
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,), name="x")
+    h = keras.layers.Dense(6, activation="tanh", name="trunk")(inp)
+    m = NanStep(inp, {"main": keras.layers.Dense(1, name="main")(h)})
+    m.compile(optimizer="sgd", loss={"main": "mse"})
+    x, y, _ = data()
+    report = check_keras_model(m, x, {"main": y["main"]})
+    assert report.status == "mismatch", report.message()
+    assert report.location.tensor.startswith("trunk")
+    assert "NaN/Inf gradient" in report.message()

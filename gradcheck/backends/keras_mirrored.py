@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,15 @@ def run_step(
         )
     leaves = [a for a in tf.nest.flatten(x) if a is not None]
     n = int(np.shape(leaves[0])[0])
+    if (
+        isinstance(y, Mapping)
+        and isinstance(sample_weight, (list, tuple))
+        and len(sample_weight) == len(y)
+    ):
+        # a list-output model with y keyed by output name and sample_weight a
+        # list in output order: train_on_batch takes it, the strategy's dataset
+        # needs one structure for both (the audit found it); y in the same order
+        y = [y[k] for k in y]
     epoch = TFEpochIterator(
         x=x,
         y=y,
