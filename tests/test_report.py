@@ -424,3 +424,22 @@ def test_variants_and_ranks_tables_and_the_skipped_status():
     assert "rank 1" in html and "0.0456" in html
     assert reports[1].headline() == "gradcheck: variants check skipped"
     assert "SKIPPED" in reports[1].message()
+
+
+def test_order_and_autodiff_mode_are_shown():
+    """The JSON carries order and ad; the HTML names a second-order or forward-mode
+    check (issue 13) and says nothing for a plain one."""
+    import dataclasses
+
+    second = dataclasses.replace(linearity_report(), order=2, ad="forward")
+    plain = linearity_report()
+    assert second.to_dict()["order"] == 2 and second.to_dict()["ad"] == "forward"
+    doc = gc_report.build_document(
+        [
+            {"id": "second", "report": second.to_dict()},
+            {"id": "plain", "report": plain.to_dict()},
+        ]
+    )
+    html = gc_report.render_html(doc)
+    assert html.count("(second derivatives)") == 1
+    assert html.count("forward mode</div>") == 1
