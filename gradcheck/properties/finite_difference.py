@@ -30,6 +30,7 @@ large).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -472,6 +473,7 @@ def run(session: Session, options: Options) -> CheckReport:
                 f"check is judged at {session.internal_dtype} precision."
             )
         else:
+            own_raw, own_rng = raw, copy.deepcopy(rng)
             judged, own_grads, raw = free, grads, raw_free
             grads = _zeros_for_none_specs(session, raw_free)
     ctx = _Context(judged, options, cot, grads)
@@ -481,8 +483,29 @@ def run(session: Session, options: Options) -> CheckReport:
         report = _run_directional(ctx, raw, rng)
     if fallback_note is not None:
         report.notes.append(fallback_note)
-    if own_grads is not None:
-        _judge_own_gradient(ctx, session, own_grads, report)
+    if own_grads is not None and _judge_own_gradient(ctx, session, own_grads, report):
+        # step (2) failed: before a float32-path bug is claimed, the model's own
+        # gradient is judged as it was before the cast-free judgement existed, at
+        # its internal precision against the finite differences. The measured
+        # split can sit just above its allowance on a correct model (hf
+        # qwen3_5_vision float64: 1.3x), which is no evidence of a bug when the
+        # float32-precision judgement passes.
+        step2 = [n for n in report.notes if "code path only" in n]
+        old = _run_directional(
+            _Context(session, options, cot, own_grads), own_raw, own_rng
+        )
+        if old.passed:
+            old.notes.append(
+                "the cast-free float64 gradient (this model's "
+                f"{session.internal_dtype} casts run in float64) matches the finite "
+                "differences at float64 precision; the model's own gradient is a "
+                f"little further from it than its measured {session.internal_dtype} "
+                "rounding allows"
+                + (f" ({step2[0][:300]})" if step2 else "")
+                + f", and judged at {session.internal_dtype} precision against the "
+                "finite differences it passes: no bug on that path is claimed."
+            )
+            report = old
     if options.ad == "both" and report.passed:
         _compare_modes(ctx, report)
     return session.finish(report, started)
@@ -608,11 +631,12 @@ class _CastFree(Session):
 
 def _judge_own_gradient(
     ctx: _Context, session: Session, own: list[np.ndarray], report: CheckReport
-) -> None:
+) -> bool:
     """Step (2) of the cast-free judgement: the model's own gradient (with its
     casts) against the cast-free one (ctx.grads), tensor by tensor, on its measured
     rounding in the internal precision (see _split_judgement). Runs only when the
-    cast-free gradient passed; a failure of that one is in every path."""
+    cast-free gradient passed; a failure of that one is in every path. True when
+    the own gradient was found off (report turned into a mismatch)."""
     low = session.internal_dtype
     assert low is not None
     session.judged_cast_free()
@@ -623,7 +647,7 @@ def _judge_own_gradient(
                 "float64, forward and backward) misses the finite differences: the "
                 f"error is on every precision's path, not {low} rounding."
             )
-        return
+        return False
     own_ctx = _Context(session, ctx.options, ctx.cot, own)
     own_ctx._x = ctx._x
     own_ctx.measured = _Measured(np.dtype(_numpy_dtype(low)), tl.eps(low), 0.0, 0.0)
@@ -643,7 +667,7 @@ def _judge_own_gradient(
             f"{dev:.3e}, allowed {allowed:.3e} from {measured}); the cast-free "
             "gradient matches the finite differences at float64 precision."
         )
-        return
+        return False
     rel = dev / max(float(np.linalg.norm(ctx.grads[t])), 1e-300)
     _native_path_mismatch(
         own_ctx,
@@ -658,6 +682,7 @@ def _judge_own_gradient(
         f"{low} code path only (a kernel or custom backward that behaves differently "
         f"in {low}).",
     )
+    return report.status == "mismatch"
 
 
 def _check_finite_tangents(
