@@ -552,12 +552,11 @@ def _cast_free_applies(session: Session, options: Options) -> bool:
     )
 
 
-class _CastFree(Session):
-    """The inner session with every gradient taken as the reference evaluations
-    are: the forward and backward run in float64, the model's own casts to float32
-    included. Framework-free (it asks the inner session for promoted gradients)."""
-
-    internal_dtype = None
+class _Derived(Session):
+    """A session the check derives from the user's one (the cast-free function, the
+    same function seen from a nearby point): the inner session owns the user's
+    state and counts the evaluations; what the subclass does not redefine is the
+    inner session's."""
 
     def __init__(self, inner: Session):
         super().__init__()
@@ -570,6 +569,10 @@ class _CastFree(Session):
     @property
     def reference_dtype(self) -> str:  # type: ignore[override]
         return self.inner.reference_dtype
+
+    @property
+    def internal_dtype(self) -> str | None:  # type: ignore[override]
+        return self.inner.internal_dtype
 
     @property
     def forward_count(self) -> int:  # type: ignore[override]
@@ -589,6 +592,28 @@ class _CastFree(Session):
 
     def restore(self) -> None:  # the inner session owns the user's state
         pass
+
+    def values(self) -> list[np.ndarray]:
+        return self.inner.values()
+
+    def norms(self) -> list[float]:
+        return self.inner.norms()
+
+    def known_causes(self, location: object) -> list[str]:
+        return self.inner.known_causes(location)
+
+    def value_and_grads(self, fn, label):
+        # linearity and locality evaluate losses through the user's session; the
+        # finite-difference check, the only user of a derived session, never does
+        raise TypeError(f"{type(self).__name__} evaluates no loss functions")
+
+
+class _CastFree(_Derived):
+    """The inner session with every gradient taken as the reference evaluations
+    are: the forward and backward run in float64, the model's own casts to float32
+    included. Framework-free (it asks the inner session for promoted gradients)."""
+
+    internal_dtype = None  # type: ignore[assignment]
 
     def analytic(self) -> list[np.ndarray]:  # pragma: no cover - run() calls the inner
         return self.inner.analytic()
@@ -615,18 +640,6 @@ class _CastFree(Session):
 
     def outputs_at(self, handle: object, t: float) -> list[np.ndarray]:
         return self.inner.outputs_at(handle, t)
-
-    def values(self) -> list[np.ndarray]:
-        return self.inner.values()
-
-    def norms(self) -> list[float]:
-        return self.inner.norms()
-
-    def known_causes(self, location: object) -> list[str]:
-        return self.inner.known_causes(location)
-
-    def value_and_grads(self, fn, label):  # pragma: no cover - not used by FD
-        raise NotImplementedError("value_and_grads of the cast-free function")
 
 
 def _judge_own_gradient(
@@ -1398,43 +1411,14 @@ def _judge_smaller_steps(
     return False
 
 
-class _Shifted(Session):
+class _Shifted(_Derived):
     """The same function seen from x + shift: every evaluation and gradient the
     check asks for is the inner session's at x + shift + t*d. Framework-free: it
     only combines directions, so any backend's session can be shifted."""
 
     def __init__(self, inner: Session, shift: list[np.ndarray]):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.shift = shift
-        self.framework = inner.framework
-        self.specs = inner.specs
-        self.output_names = inner.output_names
-        self.output_shapes = inner.output_shapes
-
-    @property
-    def reference_dtype(self) -> str:  # type: ignore[override]
-        return self.inner.reference_dtype
-
-    @property
-    def internal_dtype(self) -> str | None:  # type: ignore[override]
-        return self.inner.internal_dtype
-
-    @property
-    def forward_count(self) -> int:  # type: ignore[override]
-        return self.inner.forward_count
-
-    @forward_count.setter
-    def forward_count(self, value: int) -> None:
-        pass  # counted by the inner session
-
-    @property
-    def backward_count(self) -> int:  # type: ignore[override]
-        return self.inner.backward_count
-
-    @backward_count.setter
-    def backward_count(self, value: int) -> None:
-        pass
 
     def _moved(self, direction: Sequence[np.ndarray | None] | None, t: float):
         if direction is None or t == 0.0:
@@ -1445,9 +1429,6 @@ class _Shifted(Session):
                 for s, d in zip(self.shift, direction, strict=True)
             ]
         )
-
-    def restore(self) -> None:  # the inner session owns the user's state
-        pass
 
     def analytic(self) -> list[np.ndarray]:
         return []  # vjp() below evaluates afresh at the shifted point
@@ -1477,12 +1458,6 @@ class _Shifted(Session):
 
     def values(self) -> list[np.ndarray]:
         return [x + s for x, s in zip(self.inner.values(), self.shift, strict=True)]
-
-    def norms(self) -> list[float]:
-        return self.inner.norms()
-
-    def value_and_grads(self, fn, label):  # pragma: no cover - not used by FD
-        raise NotImplementedError("value_and_grads at a shifted point")
 
 
 def _nearby(
