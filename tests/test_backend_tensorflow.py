@@ -340,9 +340,15 @@ def test_wrong_params_type():
         TensorflowSession(lambda x: x, (tf.constant(1.0),), [tf.constant(1.0)])
 
 
-def test_complex_input_rejected():
-    with pytest.raises(UnsupportedInputError, match="complex"):
-        TensorflowSession(lambda z: z, (tf.constant([1 + 2j]),), None)
+def test_complex_input_is_checked_as_real_and_imaginary_parts():
+    """Complex tensors were refused before issue 13; now their real and imaginary
+    parts are checked (tests/test_complex.py has the conjugate bugs)."""
+    import gradcheck
+
+    z = tf.constant([1 + 2j, -0.5 + 0.25j], dtype=tf.complex128)
+    report = gradcheck.check_gradients(lambda z: tf.math.abs(z * z), z)
+    assert report.passed, report.message()
+    assert any("view_as_real" in t.name for t in report.tensors)
 
 
 def test_frozen_layer_is_skipped():
