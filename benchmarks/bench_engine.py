@@ -319,8 +319,8 @@ def _keras_rows(repeats: int) -> list[dict]:
     opt = keras.optimizers.SGD(LR)
 
     def step() -> None:
-        # the user's eager step: one forward, one backward, one update (a copy of
-        # the weights would cost more than the step; the model is re-seeded below)
+        # the user's eager step: one forward, one backward, one update (the steps
+        # move the weights: they are put back with set_weights before the check)
         with tf.GradientTape() as tape:
             value = loss(y, model(x, training=True))
         grads = tape.gradient(value, model.trainable_variables)

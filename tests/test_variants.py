@@ -223,11 +223,9 @@ def test_a_small_tensor_inherits_the_rounding_of_the_whole_gradient():
     bare = judge_tensor("q.bias", ref, variant, ref, moved, eps)
     assert bare.ratio > 1  # the tensor's own spread and ulp do not see it
     whole = eps * 2e-6  # one ulp of ||r|| over every tensor, 2e-6
-    ok = judge_tensor("q.bias", ref, variant, ref, moved, eps, reference_floor=whole)
+    ok = judge_tensor("q.bias", ref, variant, ref, moved, eps, whole_floor=whole)
     assert ok.ratio <= 1
-    scaled = judge_tensor(
-        "q.bias", ref, 8 * ref, ref, moved, eps, reference_floor=whole
-    )
+    scaled = judge_tensor("q.bias", ref, 8 * ref, ref, moved, eps, whole_floor=whole)
     assert scaled.ratio > 1
 
 

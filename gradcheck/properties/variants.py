@@ -228,14 +228,14 @@ def judge_tensor(
     eps: float,
     *,
     reference_rounds: bool = False,
-    reference_floor: float = 0.0,
+    whole_floor: float = 0.0,
 ) -> TensorVerdict:
     """One tensor (pure NumPy; None = not connected to the loss, compared as
     zeros): the variant's error against the reference and the tolerance from the
     spread of the eager evaluations ``moved`` around ``base`` (module docstring).
     ``reference_rounds``: the reference is in the variant's precision (no float64
     reference), so the difference carries two evaluations' rounding.
-    ``reference_floor``: one ulp of the variant's precision at the scale of the
+    ``whole_floor``: one ulp of the variant's precision at the scale of the
     whole gradient (eps_d x ||r|| over every tensor), the rounding a tensor's
     gradient inherits from the full-size gradients it is computed from."""
     arrays = [a for a in (reference, variant, base, *moved) if a is not None]
@@ -266,7 +266,7 @@ def judge_tensor(
     # a reference in the variant's own precision carries a rounding of its own
     both = 2.0 if reference_rounds else 1.0
     tol = tl.ROUNDING_SIGMAS * math.sqrt(
-        both * sigma**2 + (eps * r_norm) ** 2 + reference_floor**2
+        both * sigma**2 + (eps * r_norm) ** 2 + whole_floor**2
     )
     error = float(np.linalg.norm(diff))
     connected = (reference is not None) == (variant is not None)
@@ -510,7 +510,7 @@ def _measure(
             [m[name] for m in moved],
             eps,
             reference_rounds=reference_dtype == dtype,
-            reference_floor=floor,
+            whole_floor=floor,
         )
         if rtol is not None:
             t.tolerance = rtol * t.reference_norm
