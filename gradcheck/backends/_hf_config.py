@@ -1,0 +1,815 @@
+"""transformers configs for ``hf:<model_type>``: the shrink (layers, width, heads,
+vocabulary, images, experts, dropout, nested configs), spec overrides and a
+parameter count on the meta device. Imports transformers and torch only when
+called; :mod:`gradcheck.backends._hf` builds the model and its inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from gradcheck.errors import InvalidArgumentError
+
+#: the shrink: every config (nested text/vision/audio configs too) gets at most
+LAYERS = 2
+HIDDEN = 32
+HEADS = 2
+FFN = 64
+VOCAB = 1024
+IMAGE = 64
+EXPERTS = 4
+SOURCE_POSITIONS = 32
+#: the first stage's width of a staged backbone that keeps all its stages (Swin)
+STAGED_WIDTH = 16
+TOP_K = 2
+
+_LAYER_KEYS = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_blocks",
+)
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim")
+_HEAD_KEYS = (
+    "num_attention_heads",
+    "n_head",
+    "n_heads",
+    "num_heads",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+)
+_KV_KEYS = ("num_key_value_heads", "num_kv_heads")
+_FFN_KEYS = (
+    "intermediate_size",
+    "d_ff",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "n_inner",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk")
+#: inputs the model may take, by kind
+TEXT, IMAGE_INPUT, AUDIO = (
+    "input_ids",
+    "pixel_values",
+    ("input_values", "input_features"),
+)
+INPUT_KINDS = (TEXT, IMAGE_INPUT, *AUDIO)
+
+
+def _is_config(obj: Any) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(obj, PretrainedConfig)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_config(model_type: str) -> Any:
+    """``AutoConfig.for_model(model_type)``; an unknown type is a ValueError that
+    names the closest known ones (not transformers' list of all of them)."""
+    import difflib
+
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(model_type, CONFIG_MAPPING_NAMES, n=4)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ValueError(
+            f"transformers {transformers.__version__} has no model type "
+            f"{model_type!r} ({len(CONFIG_MAPPING_NAMES)} known{hint})"
+        )
+    return AutoConfig.for_model(model_type)
+
+
+def shrink_config(
+    cfg: Any, _seen: set[int] | None = None, *, each_kind: bool = True
+) -> Any:
+    """Shrink ``cfg`` in place (and every nested config): layers, width, heads,
+    vocabulary, image size, experts; every dropout 0; no cache. Returns it.
+
+    Per-layer lists keep one layer of each kind (``layer_types`` with sliding and
+    full attention keeps one of each; ``each_kind=False``: the first layers);
+    per-layer overrides of a heterogeneous config (transformers'
+    ``per_layer_config``) follow the layers kept."""
+    seen = _seen if _seen is not None else set()
+    if id(cfg) in seen:
+        return cfg
+    seen.add(id(cfg))
+    # a heterogeneous config refuses to read per-layer attributes globally: take
+    # its per-layer overrides off while shrinking, put the kept layers' back after
+    hetero = cfg.__dict__.pop("_heterogeneity_spec", None)
+    attrs = dict(vars(cfg))
+    for key, value in attrs.items():
+        if _is_config(value):
+            shrink_config(value, seen, each_kind=each_kind)
+        elif isinstance(value, Mapping) and key.endswith("_config"):
+            continue  # a dict config is rebuilt by its parent; leave it
+    old_layers: set[int] = set()
+    kept = _kept_layers(cfg) if each_kind else list(range(LAYERS))
+
+    def cap(keys: tuple[str, ...], limit: int, layers: bool = False) -> None:
+        for key in keys:
+            value = getattr(cfg, key, None)
+            if _int(value) and value > limit:
+                if layers:
+                    old_layers.add(value)
+                _set(cfg, key, limit)
+
+    # a staged backbone (Swin: num_layers == len(depths)) keeps its stages, whose
+    # names, heads and outputs are per stage (Mask2Former reads 3 levels); each
+    # stage's depth is capped to 1 below, and its width (doubling per stage)
+    # starts at STAGED_WIDTH
+    depths = vars(cfg).get("depths")
+    staged = isinstance(depths, (list, tuple)) and vars(cfg).get("num_layers") == len(
+        depths
+    )
+    aliases = getattr(cfg, "attribute_map", {}) or {}  # num_hidden_layers -> num_layers
+    layer_keys = tuple(
+        k for k in _LAYER_KEYS if not (staged and "num_layers" in (k, aliases.get(k)))
+    )
+    cap(layer_keys, max(LAYERS, len(kept)), layers=True)
+    for key in _HIDDEN_KEYS:
+        if _int(getattr(cfg, key, None)) and getattr(cfg, key) > HIDDEN:
+            _set(cfg, key, HIDDEN)
+    if staged and _int(vars(cfg).get("embed_dim")) and cfg.embed_dim > STAGED_WIDTH:
+        _set(cfg, "embed_dim", STAGED_WIDTH)
+    cap(_HEAD_KEYS, HEADS)
+    cap(_KV_KEYS, HEADS)
+    # per-stage lists (Swin, ConvNeXt, ResNet, wav2vec2's feature extractor)
+    cap_list(cfg, _HEAD_KEYS, HEADS)
+    cap_list(cfg, _STAGE_WIDTH_KEYS, HIDDEN)
+    cap_list(cfg, _STAGE_DEPTH_KEYS, 1)
+    cap(_FFN_KEYS, FFN)
+    cap_list(cfg, _FFN_KEYS, FFN)  # per-layer widths (Gemma 3n)
+    # Gemma 3n's per-layer input embedding: layers x this wide per token
+    cap(("hidden_size_per_layer_input",), 8)
+    # GLM-5-Next's indexer scores pools of 16 tokens: none in 8 tokens (a top-0
+    # selection); pools of 2 (4 of them)
+    cap(("index_kpool",), 2)
+    # DETR-style object queries: 300 top-k picks from 84 anchors at 64 x 64
+    # (RT-DETR, D-FINE: 'selected index k out of range'); 16 queries
+    cap(("num_queries",), 16)
+    cap(("vocab_size",), VOCAB)
+    # audio encoders that take exactly 2 x max_source_positions frames (Whisper):
+    # 64 frames, not 3,000 (the input follows it, see infer_inputs)
+    cap(("max_source_positions",), SOURCE_POSITIONS)
+    cap(_EXPERT_KEYS, EXPERTS)
+    experts = min(
+        [getattr(cfg, k) for k in _EXPERT_KEYS if _int(getattr(cfg, k, None))]
+        or [EXPERTS]
+    )
+    cap(_TOPK_KEYS, min(TOP_K, experts))
+    if any(_int(getattr(cfg, k, None)) for k in _EXPERT_KEYS):
+        for key in _TOPK_KEYS:  # a default left unset (deepseek_v2): top-2
+            if key in vars(cfg) and vars(cfg)[key] is None:
+                _set(cfg, key, min(TOP_K, experts))
+    _cap_by_name(cfg)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
+        _set(cfg, "head_dim", max(hidden // heads, 4))
+    _fit_mla(cfg)
+    size = getattr(cfg, "image_size", None)
+    if _int(size) and size > IMAGE:
+        _set(cfg, "image_size", IMAGE)
+    elif isinstance(size, (list, tuple)) and all(_int(s) for s in size):
+        _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
+    _fit_window(cfg)
+    _fit_axial(cfg)
+    _fit_mamba(cfg)
+    _fit_frames(cfg)
+    _fit_univnet(cfg)
+    _fit_bros(cfg)
+    _fit_query_tokens(cfg)
+    _fit_align(cfg)
+    _fit_cycles(cfg)
+    _fit_hgnet(cfg)
+    _fit_detr(cfg)
+    _fit_hiera(cfg)
+    _fit_codec_stages(cfg)
+    layers = next(iter(old_layers), None)
+    chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
+    shared = vars(cfg).get("num_kv_shared_layers")
+    if _int(shared) and shared > 0 and layers is not None:
+        # Gemma 3n: the last layers reuse the keys/values of the last earlier
+        # layer of their kind; the kept layers of the shared part stay shared
+        _set(cfg, "num_kv_shared_layers", sum(i >= layers - shared for i in chosen))
+    for key, value in list(vars(cfg).items()):
+        lowered = key.lower()
+        if (
+            "dropout" in lowered or "drop_path" in lowered or "layerdrop" in lowered
+        ) and (isinstance(value, float)):
+            _set(cfg, key, 0.0)  # an int 0 stays an int (strict dataclass configs)
+        elif (
+            lowered.endswith("_prob") and "drop" in lowered and isinstance(value, float)
+        ):
+            _set(cfg, key, 0.0)
+        elif (
+            isinstance(value, list)
+            and old_layers
+            and len(value) in old_layers
+            and key not in ("architectures",)
+        ):
+            _set(cfg, key, [value[i] for i in chosen])  # per-layer: layer_types, ...
+    vocab = getattr(cfg, "vocab_size", None)
+    if _int(vocab):
+        for key, value in list(vars(cfg).items()):
+            if key.endswith("_token_id") and _int(value) and value >= vocab:
+                _set(cfg, key, value % vocab)
+    if hasattr(cfg, "use_cache"):
+        _set(cfg, "use_cache", False)
+    if hetero is not None:
+        _put_back_per_layer(cfg, hetero, chosen if old_layers else None)
+    return cfg
+
+
+def _kept_layers(cfg: Any) -> list[int]:
+    """Which of the layers to keep: the first LAYERS, but one of each kind where
+    ``layer_types`` names more (at most 4 kinds)."""
+    types = vars(cfg).get("layer_types")
+    if not isinstance(types, list) or not types:
+        return list(range(LAYERS))
+    shared = vars(cfg).get("num_kv_shared_layers")
+    if _int(shared) and 0 < shared < len(types):
+        # layers that share another's keys/values (Gemma 3n): one of each kind
+        # before the shared part and one of each kind in it
+        start = len(types) - shared
+        before = _first_of_each(types, range(start))
+        return sorted(before + _first_of_each(types, range(start, len(types))))
+    first: dict[Any, int] = {}
+    for i, kind in enumerate(types):
+        if isinstance(kind, str):
+            first.setdefault(kind, i)
+    picked = sorted(first.values())[:4]
+    for i in range(len(types)):
+        if len(picked) >= LAYERS:
+            break
+        if i not in picked:
+            picked.append(i)
+    return sorted(picked)
+
+
+def _first_of_each(types: list[Any], span: range) -> list[int]:
+    first: dict[Any, int] = {}
+    for i in span:
+        first.setdefault(types[i], i)
+    return sorted(first.values())
+
+
+def _put_back_per_layer(cfg: Any, hetero: Any, chosen: list[int] | None) -> None:
+    overrides = getattr(hetero, "per_layer_overrides", None)
+    if not isinstance(overrides, Mapping):
+        cfg.__dict__["_heterogeneity_spec"] = hetero
+        return
+    if chosen is None:
+        chosen = sorted(overrides)
+    kept = {}
+    for new, old in enumerate(chosen):
+        layer = dict(overrides.get(old, {}))
+        for key, value in list(layer.items()):
+            current = vars(cfg).get(key)
+            if _int(value) and _int(current) and value > current:
+                layer[key] = current  # shrunk like the global value
+        layer = {k: v for k, v in layer.items() if vars(cfg).get(k, object()) != v}
+        if layer:
+            kept[new] = layer
+    if not kept:
+        return
+    from transformers.integrations.heterogeneity.configuration_utils import (
+        _apply_heterogeneous_config,
+    )
+
+    _apply_heterogeneous_config(cfg, kept)
+
+
+#: integer attributes capped by their name (after the named keys above): widths
+#: to HIDDEN, inner widths to FFN, vocabularies (entity, hash, shape tables) to
+#: VOCAB, group counts to 2, channel seeds that double per stage to 8
+_WIDTH_WORDS = (
+    "hidden",
+    "embed",
+    "proj",
+    "d_model",
+    "channels",
+    "width",
+    "lora_rank",
+    "adapter",
+)
+_WIDTH_SUFFIXES = ("_dim", "_size", "_dims", "channels")
+_INNER_WORDS = ("intermediate", "ffn", "inner", "mlp")
+_NOT_WIDTH = (
+    "position",
+    "vocab",
+    "token",
+    "_id",
+    "max_",
+    "seq",
+    "length",
+    "window",
+    "patch",
+    "image",
+    "sampling",
+    "rate",
+    "mel",
+    "frame",
+    "fft",
+    "hop",
+    "batch",
+    "chunk",
+    "stride",
+    "kernel",
+    "bins",
+    "codebook",
+    "bucket",
+    "time",
+    "step",
+    "sample",
+    "resolution",
+    "num_",
+    "layer",
+    "label",
+    "ratio",
+    "period",
+    "scale",
+    "pool",
+    "spatial",
+    "temporal",
+    "crop",
+    "range",
+    "context",
+    "query",
+    "queries",
+)
+
+
+#: an attribute that counts attention heads: num_heads, linear_num_heads,
+#: num_key_heads, linear_num_value_heads, n_heads, ...
+_HEAD_COUNT = re.compile(r"(^|_)(num|n)(_[a-z]+)*_heads$")
+
+
+def _cap_by_name(cfg: Any) -> None:
+    for key, value in list(vars(cfg).items()):
+        if not _int(value) or key.startswith("_"):
+            continue
+        low = key.lower()
+        if "vocab" in low and value > VOCAB:
+            _set(cfg, key, VOCAB)
+        elif low.endswith("groups") and value > 2:
+            _set(cfg, key, 2)
+        elif low in ("num_filters", "upsample_initial_channel") and value > 8:
+            _set(cfg, key, 8)
+        elif low.startswith(("index_n_heads", "index_num_heads")) and value > HEADS:
+            _set(cfg, key, HEADS)
+        elif _HEAD_COUNT.search(low) and value > HEADS:
+            # other attention heads: a linear-attention mixer's (GLM-5-Next:
+            # linear_num_heads 64 x 16 wide, a 3,072-channel conv per layer)
+            _set(cfg, key, HEADS)
+        elif low.endswith("lora_rank") and value > HIDDEN:
+            _set(cfg, key, HIDDEN)  # MLA's q/kv compressions (1,536 and 512)
+        elif low.endswith("head_dim") and low != "head_dim" and value > 16:
+            _set(cfg, key, 16)  # qk_rope_head_dim, v_head_dim, index_head_dim
+        elif any(w in low for w in _NOT_WIDTH):
+            continue
+        elif any(w in low for w in _INNER_WORDS) and value > FFN:
+            if low.endswith(_WIDTH_SUFFIXES) or low.endswith(("_hidden", "dim")):
+                _set(cfg, key, FFN)
+        elif any(w in low for w in _WIDTH_WORDS) and value > HIDDEN:
+            if low.endswith(_WIDTH_SUFFIXES) or low in ("d_model", "hidden_dim"):
+                _set(cfg, key, HIDDEN)
+    for key, value in list(vars(cfg).items()):
+        # per-layer head counts (Sapiens2's key/value heads per layer)
+        if isinstance(value, list) and "heads" in key.lower() and value:
+            if all(_int(h) for h in value) and max(value) > HEADS:
+                _set(cfg, key, [min(h, HEADS) for h in value])
+    # depth_mult: RT-DETR / D-FINE's encoder blocks (round(3 x depth_mult) each)
+    for key in (
+        "width_coefficient",
+        "depth_coefficient",
+        "depth_multiplier",
+        "depth_mult",
+    ):
+        value = vars(cfg).get(key)
+        if isinstance(value, float) and value > 0.25:
+            _set(cfg, key, 0.25)
+
+
+_MAMBA_HEADS = ("mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
+_MAMBA_HEAD_DIM = ("mamba_d_head", "mamba_head_dim", "mamba_headdim")
+_MAMBA_EXPAND = ("mamba_expand", "expand")
+_MAMBA_STATE = ("mamba_d_state", "ssm_state_size", "state_size")
+
+
+def _fit_mamba(cfg: Any) -> None:
+    """Mamba-2 mixers (Bamba, Falcon-H1, Nemotron-H, Zamba2, Mamba2): heads x head
+    size must equal expand x width (the inner size), and the state 16 wide."""
+    v = vars(cfg)
+    heads = next((k for k in _MAMBA_HEADS if _int(v.get(k))), None)
+    size = next((k for k in _MAMBA_HEAD_DIM if _int(v.get(k))), None)
+    if heads is None and "mamba" in type(cfg).__name__.lower():
+        heads = "num_heads" if _int(v.get("num_heads")) else None
+        size = "head_dim" if _int(v.get("head_dim")) else None
+    expand = next((k for k in _MAMBA_EXPAND if _int(v.get(k))), None)
+    hidden = v.get("hidden_size")
+    if heads is None or size is None or expand is None or not _int(hidden):
+        return
+    inner = v[expand] * hidden
+    if _int(v.get("mamba_d_ssm")):
+        _set(cfg, "mamba_d_ssm", inner)
+    n = min(HEADS, inner)
+    _set(cfg, heads, n)
+    _set(cfg, size, inner // n)
+    for key in _MAMBA_STATE:
+        if _int(v.get(key)) and v[key] > 16:
+            _set(cfg, key, 16)
+
+
+FRAMES = 4
+
+
+def _fit_frames(cfg: Any) -> None:
+    """Video models (VideoMAE: 16 frames, ViViT: 32): at most FRAMES frames, a
+    multiple of the temporal tubelet (position tables follow the config)."""
+    frames = vars(cfg).get("num_frames")
+    if not _int(frames) or frames <= FRAMES:
+        return
+    tubelet = _first_int(vars(cfg).get("tubelet_size")) or 1
+    _set(cfg, "num_frames", tubelet * max(1, FRAMES // tubelet))
+
+
+def _fit_univnet(cfg: Any) -> None:
+    """UnivNet: its kernel predictor's residual blocks are ``model_in_channels``
+    wide on ``kernel_predictor_hidden_channels`` inputs (equal in the default,
+    64): keep them equal (16); and the location-variable convolutions' kernels
+    grow with the square of ``model_hidden_channels``: 8 wide, 0.3M parameters,
+    not 14.6M at 32."""
+    v = vars(cfg)
+    if not all(
+        _int(v.get(k))
+        for k in (
+            "model_in_channels",
+            "kernel_predictor_hidden_channels",
+            "model_hidden_channels",
+        )
+    ):
+        return
+    _set(cfg, "model_in_channels", 16)
+    _set(cfg, "kernel_predictor_hidden_channels", 16)
+    _set(cfg, "model_hidden_channels", 8)
+    strides = v.get("resblock_stride_sizes")
+    if isinstance(strides, list) and all(_int(s) for s in strides):
+        # upsampling x2 per block, not x8, x8, x4: 8 samples a frame, not 256
+        # (fd in float64 ran past 90 s on 2 x 16,384 samples)
+        _set(cfg, "resblock_stride_sizes", [min(s, 2) for s in strides])
+
+
+def _fit_bros(cfg: Any) -> None:
+    """BROS derives its box-embedding widths from the width and heads when the
+    config is made (not when they change): derive them again."""
+    v = vars(cfg)
+    if not all(_int(v.get(k)) for k in ("dim_bbox", "dim_bbox_projection")):
+        return
+    hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+    if _int(hidden) and _int(heads):
+        # each of the 8 box coordinates needs a sine and a cosine: >= 2 wide
+        per = max(hidden // 4 // v["dim_bbox"], 2)
+        _set(cfg, "dim_bbox_sinusoid_emb_2d", per * v["dim_bbox"])
+        _set(cfg, "dim_bbox_sinusoid_emb_1d", per)
+        _set(cfg, "dim_bbox_projection", hidden // heads)
+
+
+QUERY_TOKENS = 4
+
+
+def _fit_query_tokens(cfg: Any) -> None:
+    """BLIP-2 / InstructBLIP put their Q-Former's query outputs where the ids
+    hold the image token: at most QUERY_TOKENS queries, and an image token id
+    where the default config leaves it unset (real checkpoints set it; the
+    inputs then hold one per query, see _with_required)."""
+    queries = vars(cfg).get("num_query_tokens")
+    if not _int(queries) or not hasattr(cfg, "get_text_config"):
+        return
+    if queries > QUERY_TOKENS:
+        _set(cfg, "num_query_tokens", QUERY_TOKENS)
+    vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+    if getattr(cfg, "image_token_id", 0) is None and _int(vocab) and vocab > 2:
+        _set(cfg, "image_token_id", vocab - 1)
+
+
+def _fit_align(cfg: Any) -> None:
+    """ALIGN compares its text projection with the EfficientNet tower's last
+    channels (no vision projection; equal in the default, 640): the projection
+    follows the shrunk tower's width."""
+    vis = vars(cfg).get("vision_config")
+    if type(cfg).__name__ != "AlignConfig" or not _is_config(vis):
+        return
+    channels = getattr(vis, "out_channels", None)
+    if isinstance(channels, (list, tuple)) and channels and _int(channels[-1]):
+        from transformers.models.align.modeling_align import round_filters
+
+        _set(cfg, "projection_dim", int(round_filters(vis, channels[-1])))
+
+
+def _fit_mla(cfg: Any) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3, Mistral 4, dots3): a query
+    head is ``qk_nope_head_dim + qk_rope_head_dim`` wide (``qk_head_dim``), and
+    where RoPE's width is ``partial_rotary_factor`` x ``head_dim`` it must be
+    the rope part: the shrink caps the parts, so the factor follows them (left
+    at the default's 64/256 it rotates 4 dims of a 16-wide rope part)."""
+    v = vars(cfg)
+    rope, nope = v.get("qk_rope_head_dim"), v.get("qk_nope_head_dim")
+    if not (_int(rope) and _int(nope)):
+        return
+    if _int(v.get("qk_head_dim")):
+        _set(cfg, "qk_head_dim", rope + nope)
+    params, head = v.get("rope_parameters"), v.get("head_dim")
+    if not isinstance(params, dict) or not _int(head) or rope > head:
+        return
+    nested = not ({"rope_theta", "rope_type"} & set(params))
+    for sub in params.values() if nested else [params]:
+        if isinstance(sub, dict) and "partial_rotary_factor" in sub:
+            sub["partial_rotary_factor"] = rope / head
+
+
+def _fit_cycles(cfg: Any) -> None:
+    """HRM: a stack of ``num_layers_per_stack`` layers run ``H_cycles x
+    (L_cycles + 1)`` times (``num_hidden_layers`` counts those slots), which the
+    layer cap did not reach (16 layers x 8 passes: fd past 90 s). One layer a
+    stack, 2 x (2 + 1) passes. And every inner cycle backpropagates
+    (``L_bp_cycles``: the training-time k-step trick runs the earlier ones
+    under no_grad, a deliberately truncated gradient that finite differences
+    would call a mismatch; as dropout is off, the gradient checked is the
+    model's exact one)."""
+    v = vars(cfg)
+    keys = ("H_cycles", "L_cycles", "num_layers_per_stack")
+    if not all(_int(v.get(k)) for k in keys):
+        return
+    high, low = min(v["H_cycles"], 2), min(v["L_cycles"], 2)
+    _set(cfg, "H_cycles", high)
+    _set(cfg, "L_cycles", low)
+    _set(cfg, "num_layers_per_stack", 1)
+    _set(cfg, "num_hidden_layers", high * (low + 1))
+    if isinstance(v.get("L_bp_cycles"), list):
+        _set(cfg, "L_bp_cycles", [low] * high)
+
+
+def _fit_hgnet(cfg: Any) -> None:
+    """HGNetV2 (D-FINE's backbone): its stage widths are lists the width caps do
+    not name (stem 32/48, stages up to 2,048 wide, 6 layers a block): every
+    width / 8 (each stage's input is the last one's output: still equal), one
+    block of 2 layers a stage, and ``hidden_sizes`` (which the backbone reports
+    as its channels) the stages' outputs."""
+    v = vars(cfg)
+    keys = ("stage_in_channels", "stage_mid_channels", "stage_out_channels")
+    if not all(isinstance(v.get(k), (list, tuple)) for k in keys):
+        return
+
+    def div(values: Any) -> list[int]:
+        return [max(c // 8, 4) for c in values]
+
+    for key in keys:
+        _set(cfg, key, div(v[key]))
+    stem = v.get("stem_channels")
+    if isinstance(stem, (list, tuple)) and len(stem) > 1:
+        _set(cfg, "stem_channels", [stem[0], *div(stem[1:])])
+    for key, most in (("stage_num_blocks", 1), ("stage_numb_of_layers", 2)):
+        if isinstance(v.get(key), (list, tuple)):
+            _set(cfg, key, [min(n, most) for n in v[key]])
+    _set(cfg, "hidden_sizes", list(v["stage_out_channels"]))
+
+
+def _fit_detr(cfg: Any) -> None:
+    """RT-DETR / D-FINE: the hybrid encoder takes the backbone's channels
+    (``encoder_in_channels``) and the decoder the encoder's width
+    (``decoder_in_channels``); both follow the shrunk backbone and encoder (read
+    from the backbone built on the meta device)."""
+    v = vars(cfg)
+    enc, dec = v.get("encoder_in_channels"), v.get("decoder_in_channels")
+    width, backbone = v.get("encoder_hidden_dim"), v.get("backbone_config")
+    lists = (list, tuple)
+    if not (isinstance(enc, lists) and isinstance(dec, lists) and _int(width)):
+        return
+    _set(cfg, "decoder_in_channels", [width] * len(dec))
+    if not _is_config(backbone):
+        return
+    try:
+        import torch
+        from transformers import AutoBackbone
+
+        with torch.device("meta"):
+            channels = list(AutoBackbone.from_config(backbone).channels)
+    except Exception:
+        return
+    if len(channels) == len(enc):
+        _set(cfg, "encoder_in_channels", channels)
+
+
+def _fit_hiera(cfg: Any) -> None:
+    """SAM 2's Hiera backbone: per-stage block counts and widths (1, 2, 7, 2
+    blocks; 96 to 768 wide: 27M parameters shrunk) that no width cap names:
+    one block a stage, widths doubling from the shrunk ``hidden_size``; the
+    vision config's FPN reads the backbone's channels (``backbone_channel_list``,
+    deepest first): they follow."""
+    v = vars(cfg)
+    blocks, dims = v.get("blocks_per_stage"), v.get("embed_dim_per_stage")
+    if isinstance(blocks, (list, tuple)) and isinstance(dims, (list, tuple)):
+        width = v.get("hidden_size") if _int(v.get("hidden_size")) else dims[0]
+        _set(cfg, "blocks_per_stage", [1] * len(blocks))
+        _set(cfg, "embed_dim_per_stage", [width * 2**i for i in range(len(dims))])
+    backbone = v.get("backbone_config")
+    channels = v.get("backbone_channel_list")
+    if _is_config(backbone) and isinstance(channels, (list, tuple)):
+        dims = getattr(backbone, "embed_dim_per_stage", None)
+        if isinstance(dims, (list, tuple)) and len(dims) == len(channels):
+            _set(cfg, "backbone_channel_list", list(reversed(dims)))
+        # the FPN levels' sizes, stride 4 first then halving: at the shrunk image
+        sizes = v.get("backbone_feature_sizes")
+        image = _first_int(getattr(backbone, "image_size", None))
+        stride = _first_int(getattr(backbone, "patch_stride", None))
+        if isinstance(sizes, (list, tuple)) and image and stride:
+            base = image // stride
+            _set(
+                cfg,
+                "backbone_feature_sizes",
+                [[max(base >> i, 1)] * 2 for i in range(len(sizes))],
+            )
+
+
+def _fit_codec_stages(cfg: Any) -> None:
+    """A convolutional audio codec whose channels double per downsampling stage
+    from ``num_filters`` (VibeVoice's acoustic tokenizer: 6 stages, 8 x 2**6 =
+    512 wide with kernels of 16 even shrunk, 10.9M parameters): 3 stages of x2
+    (``depths`` has one more entry, the bottleneck's), one block each."""
+    v = vars(cfg)
+    ratios, depths = v.get("downsampling_ratios"), v.get("depths")
+    if not (
+        _int(v.get("num_filters"))
+        and isinstance(ratios, (list, tuple))
+        and isinstance(depths, (list, tuple))
+        and len(depths) == len(ratios) + 1
+        and len(ratios) > 3
+    ):
+        return
+    _set(cfg, "downsampling_ratios", [2, 2, 2])
+    _set(cfg, "depths", [1, 1, 1, 1])
+
+
+def _fit_axial(cfg: Any) -> None:
+    """Reformer: the axial position embedding's parts must add up to the width."""
+    dims, hidden = vars(cfg).get("axial_pos_embds_dim"), vars(cfg).get("hidden_size")
+    if isinstance(dims, (list, tuple)) and len(dims) == 2 and _int(hidden):
+        if sum(dims) != hidden:
+            _set(cfg, "axial_pos_embds_dim", type(dims)((hidden // 2, hidden // 2)))
+
+
+def _fit_window(cfg: Any) -> None:
+    """Swin-style models: the attention window must fit the last stage's
+    resolution at the shrunk image size (64 / patch 4 / 2**3 = 2, not 7)."""
+    window, depths = getattr(cfg, "window_size", None), getattr(cfg, "depths", None)
+    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+    if not (
+        _int(window)
+        and _int(size)
+        and _int(patch)
+        and isinstance(depths, (list, tuple))
+    ):
+        return
+    last = size // patch // 2 ** max(len(depths) - 1, 0)
+    if 1 <= last < window:
+        _set(cfg, "window_size", last)
+
+
+_STAGE_WIDTH_KEYS = ("conv_dim", "hidden_sizes", "embed_dims", "dims", "embed_dim")
+_STAGE_DEPTH_KEYS = ("depths",)
+
+
+def cap_list(cfg: Any, keys: tuple[str, ...], limit: int) -> None:
+    """Cap every entry of per-stage integer lists at ``limit``."""
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if isinstance(value, (list, tuple)) and value and all(_int(v) for v in value):
+            _set(cfg, key, type(value)(min(v, limit) for v in value))
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    try:
+        setattr(cfg, key, value)
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        pass  # a read-only property: the model derives it
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, str], spec: str) -> None:
+    """Set ``key=value`` pairs (``text_config.hidden_size`` for nested configs),
+    each parsed as the type the config's attribute has. InvalidArgumentError names
+    a key the config does not have (with the valid ones) or a value of the wrong
+    type."""
+    for key, text in overrides.items():
+        target, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            nested = getattr(target, part, None)
+            if not _is_config(nested):
+                raise InvalidArgumentError(
+                    f"{spec}: override {key!r}: {part!r} is not a nested config of "
+                    f"{type(target).__name__}; nested configs: {_nested(target)}."
+                )
+            target = nested
+        name = parts[-1]
+        valid = sorted(k for k in target.to_dict() if not k.startswith("_"))
+        if name.startswith("_") or name not in valid:
+            raise InvalidArgumentError(
+                f"{spec}: unknown override {key!r}: {type(target).__name__} has no "
+                f"attribute {name!r}. Valid keys: {', '.join(valid)}."
+            )
+        current = getattr(target, name)
+        setattr(target, name, _parse_value(text, current, key, spec))
+
+
+def _nested(cfg: Any) -> list[str]:
+    return sorted(k for k, v in vars(cfg).items() if _is_config(v)) or ["none"]
+
+
+def _parse_value(text: str, current: Any, key: str, spec: str) -> Any:
+    def bad(kind: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"{spec}: override {key}={text!r} is not {kind} (the config's {key} is "
+            f"{current!r}, a {type(current).__name__}); write e.g. {key}={_example(current)}."
+        )
+
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise bad("a boolean (true/false)")
+    if _int(current):
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a number") from None
+    if isinstance(current, str):
+        return text
+    try:  # None, lists, dicts: a JSON literal, else the string itself
+        value = json.loads(text)
+    except ValueError:
+        if isinstance(current, (list, tuple, dict)):
+            raise bad(f"a JSON {type(current).__name__}") from None
+        return text
+    if isinstance(current, (list, tuple, dict)) and not isinstance(value, (list, dict)):
+        raise bad(f"a JSON {type(current).__name__}")
+    return value
+
+
+def _example(current: Any) -> str:
+    if isinstance(current, bool):
+        return "true"
+    if _int(current):
+        return "2"
+    if isinstance(current, float):
+        return "0.5"
+    if isinstance(current, (list, tuple)):
+        return "[1,2]"
+    return "text"
+
+
+def count_parameters_meta(cfg: Any) -> int | None:
+    """Parameters of ``AutoModel.from_config(cfg)`` built on the meta device (no
+    memory); None when that does not work for this model."""
+    try:
+        return _meta_count(cfg)
+    except Exception:
+        return None
+
+
+def _meta_count(cfg: Any) -> int:
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _first_int(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if _int(value) else None
