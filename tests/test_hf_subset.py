@@ -94,16 +94,38 @@ def test_report_has_one_row_per_model_totals_and_every_failure_explained():
     )
     assert "- command: `gradcheck check-model 'hf:*'`" in text
     assert "- machine: X," in text and "wall time: 1:02:05 for 2 models" in text
-    assert "| float64 | 6 | 5 (83.3%) | 0 | 0 | 1 | 0 | 0 |" in text
+    assert "| float64 | 6 | 5 (83.3%) | 0 | 0 | 0 | 1 | 0 | 0 |" in text
     assert "| float32 | 6 | 6 (100.0%) |" in text
     assert "Models with every check passed: 1 of 2 (50.0%)" in text
     assert "| bert | 1,234 | passed | passed |" in text
     assert "| led | 1,234 | passed | passed | passed | **error** |" in text
     (line,) = [x for x in text.splitlines() if x.startswith("- **led**")]
-    assert "(fd float64) error: the output is NaN" in line and "known:" in line
+    assert "(fd float64) error: the output is NaN" in line
+    assert "Without the" not in text  # no type transformers itself cannot build
     assert "Partial run" not in text
     partial = sweep.render(_rows(), command="c", wall_seconds=None, partial="why")
     assert "> **Partial run.** why" in partial
+
+
+def test_report_counts_the_goal_without_types_transformers_cannot_build():
+    own = {
+        "model": "hf:timm_wrapper",
+        "property": "fd",
+        "dtype": "float32",
+        "status": "unbuildable",
+        "seconds": 0.1,
+        "parameters": 0,
+        "message": "transformers 5.25.0 cannot build timm_wrapper from its default "
+        "config either (not gradcheck's shrink): ImportError: timm",
+    }
+    text = _sweep().render([*_rows(), own], command="c", wall_seconds=1.0)
+    assert "| float32 | 7 | 6 (85.7%) |" in text  # every row
+    assert "Without the 1 types transformers cannot build" in text
+    assert "| float32 | 6 | 6 (100.0%) |" in text  # the goal's rows
+    assert "Checks passed outright: 11 of 12 (91.7%)" in text
+    tail = text.split("## Types transformers cannot build")[1]
+    assert "- **timm_wrapper**: transformers 5.25.0 cannot build" in tail
+    assert "timm_wrapper" not in text.split("## Not passed")[1].split("## Types")[0]
 
 
 def test_report_reads_the_printed_lines_of_a_stopped_run(capsys):
