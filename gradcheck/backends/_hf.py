@@ -79,11 +79,35 @@ def _sub(cfg: Any, *names: str) -> Any:
     return cfg
 
 
-def _ids(torch: Any, gen: Any, cfg: Any, batch: int, seq: int) -> Any:
+#: the id range of a character model whose config names no vocabulary but
+#: hashes each code point into buckets (CANINE): any code point is an id; these
+#: are the first 1,024 (the shrink's vocabulary bound)
+_CODE_POINTS = 1024
+
+
+def _vocab(cfg: Any) -> tuple[Any, Any]:
+    """(the vocabulary size token ids are drawn below, the config it came from):
+    the text config's, the config's own, else the first nested config that has
+    one (FastSpeech2Conformer-with-HiFi-GAN keeps it in ``model_config``), else
+    the code-point range of a config that hashes code points
+    (``num_hash_buckets``: CANINE); (None, cfg) when there is none."""
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    vocab = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
-    if not _int(vocab) or vocab < 2:
-        raise ValueError(f"cannot draw token ids: vocab_size is {vocab!r}")
+    for sub in (text, cfg, *_configs(cfg)):
+        vocab = getattr(sub, "vocab_size", None)
+        if _int(vocab) and vocab >= 2:
+            return vocab, sub
+    if _int(getattr(cfg, "num_hash_buckets", None)):
+        return _CODE_POINTS, cfg
+    return None, text
+
+
+def _ids(torch: Any, gen: Any, cfg: Any, batch: int, seq: int) -> Any:
+    vocab, text = _vocab(cfg)
+    if vocab is None:
+        raise ValueError(
+            f"cannot draw token ids: {type(cfg).__name__} names no vocab_size "
+            "(nor does any config nested in it); pass inputs= yourself"
+        )
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     pad = getattr(text, "pad_token_id", None)
     if _int(pad) and 0 <= pad < vocab:  # token ids that avoid the padding id
@@ -102,7 +126,11 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     sig = inspect.signature(model.forward).parameters
     main = getattr(model, "main_input_name", "input_ids")
-    if main not in INPUT_KINDS:
+    if main not in INPUT_KINDS or (
+        main not in sig and any(k in sig for k in INPUT_KINDS)
+    ):
+        # a main input name the forward does not take: transformers' default
+        # ("input_ids") on a vision tower whose forward takes pixel values
         found = [k for k in INPUT_KINDS if k in sig]
         if not found:
             raise ValueError(
@@ -195,6 +223,9 @@ def build(
     import torch
     import transformers
 
+    out_of_scope = not_checkable_reason(model_type, spec)
+    if out_of_scope is not None:
+        raise _unbuildable(out_of_scope)
     cfg = load_config(model_type)
     shrink_config(cfg)
     apply_overrides(cfg, overrides, spec)
@@ -639,28 +670,123 @@ def _too_big(spec: str, n: int, limit: int) -> str:
     )
 
 
+def _model_class(model_type: str) -> Any:
+    """The class ``AutoModel`` builds for ``model_type``, or None (unknown, or
+    an optional dependency is missing)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    names = MODEL_MAPPING_NAMES.get(model_type)
+    if not names:
+        return None
+    name = names[0] if isinstance(names, (list, tuple)) else names
+    try:
+        return getattr(transformers, name)
+    except Exception:
+        return None
+
+
+#: annotations of required forward arguments that gradcheck draws itself
+_DRAWN = ("Tensor", "int", "float", "bool", "inspect._empty")
+
+
+def not_checkable(cls: Any) -> str | None:
+    """Why a model class is outside ``hf:*`` by its nature (not by a failure of
+    gradcheck's shrink or inputs), or None. Two rules, from the class alone:
+
+    - it has no forward of its own (torch's unimplemented placeholder): Bark and
+      GLM-Image's VQ-VAE are driven through ``generate``/``encode``/``decode``,
+      so there is no model function of the inputs to check;
+    - its forward requires an argument that is an object rather than a tensor
+      (SAM-2/SAM-3/EdgeTAM video: an ``inference_session`` that the processor's
+      tracking API fills frame by frame, with prompts and memory): not token
+      ids, pixel values or audio values, and nothing one could draw at random.
+
+    The reason says what to do instead (pass your own inputs)."""
+    import torch
+
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward is torch.nn.Module.forward:
+        return (
+            f"{cls.__name__} has no forward of its own (transformers drives it "
+            "through generate/encode/decode only): there is no function of token "
+            "ids, pixel values or audio values to check"
+        )
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name, p in params.items():
+        if name == "self" or p.default is not inspect.Parameter.empty:
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        note = str(p.annotation)
+        if not any(k in note for k in _DRAWN):
+            kind = getattr(p.annotation, "__name__", note)
+            return (
+                f"{cls.__name__}.forward requires {name!r} (a {kind}: an object "
+                "the processor's stateful API builds, not a tensor): not token ids, "
+                "pixel values or audio values, and nothing gradcheck can draw"
+            )
+    return None
+
+
+def not_checkable_reason(model_type: str, spec: str) -> str | None:
+    """The unbuildable message of a type outside ``hf:*`` by its nature (see
+    :func:`not_checkable`), with the way to check it anyway; else None."""
+    cls = _model_class(model_type)
+    why = not_checkable(cls) if cls is not None else None
+    if why is None:
+        return None
+    return (
+        f"{spec} is not in hf:*: {why}. To check it anyway, build the model and "
+        "its inputs yourself and pass them: gradcheck.check_model(model, "
+        "inputs={...})"
+    )
+
+
+def excluded() -> dict[str, str]:
+    """Every model type AutoModel knows that ``hf:*`` leaves out, with the
+    reason (what :func:`expand_all` does not return): a main input of another
+    kind, or :func:`not_checkable`. For the sweep report's "not in hf:*" list."""
+    return _scope()[1]
+
+
 def expand_all() -> list[str]:
     """Every model type in transformers' CONFIG_MAPPING that AutoModel knows and
     whose model takes token ids, pixel values or audio values as its main input
     (the model class's ``main_input_name``; a class without one: its forward
     signature). Not models whose main input is another kind (time series, video,
-    latents) that merely accept one of these too. Nothing is built."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    latents) that merely accept one of these too, nor those
+    :func:`not_checkable` rules out (see :func:`excluded`). Nothing is built."""
+    return _scope()[0]
 
-    found = []
+
+def _scope() -> tuple[list[str], dict[str, str]]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    found, left_out = [], {}
     for model_type in CONFIG_MAPPING_NAMES:
-        names = MODEL_MAPPING_NAMES.get(model_type)
-        if not names:
+        cls = _model_class(model_type)
+        if cls is None:  # no AutoModel, or an optional dependency is missing
             continue
-        name = names[0] if isinstance(names, (list, tuple)) else names
         try:
-            cls = getattr(transformers, name)
             main = getattr(cls, "main_input_name", None)
             sig = inspect.signature(cls.forward).parameters
-        except Exception:  # an optional dependency is missing: not buildable here
+        except Exception:
             continue
-        if main in INPUT_KINDS or (main is None and any(k in sig for k in INPUT_KINDS)):
-            found.append(model_type)  # not models whose main input is another kind
-    return found
+        if not (
+            main in INPUT_KINDS or (main is None and any(k in sig for k in INPUT_KINDS))
+        ):
+            left_out[model_type] = (
+                f"{cls.__name__}'s main input is {main!r}, not token ids, pixel "
+                "values or audio values"
+            )
+            continue
+        why = not_checkable(cls)
+        if why is not None:
+            left_out[model_type] = why
+            continue
+        found.append(model_type)
+    return found, left_out
