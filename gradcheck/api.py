@@ -248,9 +248,7 @@ def check_gradients(
     order, ad = _order_and_ad(order, ad)
     opts = finite_difference.Options(seed=_seed(seed), mode=mode, rtol=rtol, step=step)
     inputs, params = _inputs(inputs), _params(params)
-    with no_raw_exceptions("check_gradients", fn=fn):
-        report = _check(fn, inputs, params, opts, order, ad, rtol)
-    report.order, report.ad = order, ad
+    report = _gradients_report(fn, inputs, params, opts, order, ad, rtol)
     report.label = label
     from gradcheck import repro
 
@@ -264,6 +262,23 @@ def check_gradients(
         options.update(order=order, ad=ad)
     repro.write_gradients_bundle(repro_dir, report, fn, inputs, params, options)
     return _publish(report, label)
+
+
+def _gradients_report(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    params: Any,
+    opts: finite_difference.Options,
+    order: int = 1,
+    ad: str = "reverse",
+    rtol: float | None = None,
+) -> CheckReport:
+    """check_gradients' verdict alone: no label, no bundle, no listeners (the
+    loss-weight shrink of :mod:`gradcheck.models` reruns checks through it)."""
+    with no_raw_exceptions("check_gradients", fn=fn):
+        report = _check(fn, inputs, params, opts, order, ad, rtol)
+    report.order, report.ad = order, ad
+    return report
 
 
 def _check(
@@ -315,26 +330,60 @@ def check_linearity(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Check grad(total) = sum_i weights[i] * grad(loss_fns[i]) for every tensor.
 
     Returns a report whose ``flow`` is the gradient-flow matrix (which loss reaches
-    which parameter, by name, and the effective weight it has there)."""
+    which parameter, by name, and the effective weight it has there).
+
+    ``repro_dir``: a failing check writes a repro bundle there, as
+    :func:`check_gradients` does (``total_fn`` and each of ``loss_fns`` recorded
+    by ``module:qualname``, or as methods of ``params``); default: the pytest
+    plugin's ``--gradcheck-repro-dir``, else none."""
     s = _seed(seed)
+    inputs, params = _inputs(inputs), _params(params)
+    report = _linearity_report(total_fn, loss_fns, weights, inputs, params, s, rtol)
+    report.label = label
+    from gradcheck import repro
+
+    repro.write_heads_bundle(
+        repro_dir,
+        report,
+        "check_linearity",
+        total_fn,
+        loss_fns,
+        weights,
+        inputs,
+        params,
+        {"seed": s, "rtol": rtol},
+    )
+    return _publish(report, label)
+
+
+def _linearity_report(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Sequence[Any],
+    params: Any,
+    seed: int,
+    rtol: float | None,
+) -> CheckReport:
+    """check_linearity's verdict alone: no label, no bundle, no listeners."""
     linearity.validate(loss_fns, weights)
     with no_raw_exceptions(
         "check_linearity", total_fn=total_fn, **_loss_labels(loss_fns)
     ):
-        with open_session(total_fn, _inputs(inputs), _params(params)) as session:
-            report = linearity.run(
+        with open_session(total_fn, inputs, params) as session:
+            return linearity.run(
                 session,
                 total_fn,
                 loss_fns,
                 weights,
-                seed=s,
+                seed=seed,
                 rtol=_rtol(session, rtol),
             )
-    return _publish(report, label)
 
 
 def assert_linearity(
@@ -362,6 +411,7 @@ def check_locality(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Check that each loss reaches exactly the parameters the architecture says.
 
@@ -371,23 +421,58 @@ def check_locality(
     ``built.expected_flow()`` is this dict. Also checks the weights (as
     :func:`check_linearity`) and that tensors only zero-weight losses reach get
     exactly zero gradient. The report's ``flow.expected`` holds the expectation
-    next to ``flow.reaches``."""
+    next to ``flow.reaches``.
+
+    ``repro_dir``: a failing check writes a repro bundle there (``expected`` is
+    recorded as JSON), as :func:`check_linearity` does."""
     s = _seed(seed)
+    inputs, params = _inputs(inputs), _params(params)
+    report = _locality_report(
+        total_fn, loss_fns, weights, inputs, params, expected, s, rtol
+    )
+    report.label = label
+    from gradcheck import repro
+
+    repro.write_heads_bundle(
+        repro_dir,
+        report,
+        "check_locality",
+        total_fn,
+        loss_fns,
+        weights,
+        inputs,
+        params,
+        {"seed": s, "rtol": rtol},
+        expected=expected,
+    )
+    return _publish(report, label)
+
+
+def _locality_report(
+    total_fn: Callable[..., Any],
+    loss_fns: Mapping[str, Callable[..., Any]],
+    weights: Mapping[str, float],
+    inputs: Sequence[Any],
+    params: Any,
+    expected: Mapping[str, Any],
+    seed: int,
+    rtol: float | None,
+) -> CheckReport:
+    """check_locality's verdict alone: no label, no bundle, no listeners."""
     linearity.validate(loss_fns, weights)
     with no_raw_exceptions(
         "check_locality", total_fn=total_fn, **_loss_labels(loss_fns)
     ):
-        with open_session(total_fn, _inputs(inputs), _params(params)) as session:
-            report = locality.run(
+        with open_session(total_fn, inputs, params) as session:
+            return locality.run(
                 session,
                 total_fn,
                 loss_fns,
                 weights,
                 expected,
-                seed=s,
+                seed=seed,
                 rtol=_rtol(session, rtol),
             )
-    return _publish(report, label)
 
 
 def assert_locality(

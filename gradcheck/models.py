@@ -213,6 +213,222 @@ def draw_weights(seed: int) -> dict[str, float]:
     return dict(zip(HEADS, drawn[-1], strict=True))
 
 
+def _weights_arg(weights: Any) -> dict[str, float] | None:
+    """``weights=``: None (drawn from the seed) or ``{"main": w, "aux": w}``."""
+    if weights is None:
+        return None
+    if not isinstance(weights, Mapping) or set(weights) != set(HEADS):
+        raise InvalidArgumentError(
+            f"weights must be None (drawn from the seed) or a dict with the heads "
+            f"{list(HEADS)}, e.g. {{'main': 1.0, 'aux': 0.0}}; got {weights!r}."
+        )
+    out = {}
+    for head in HEADS:
+        w = weights[head]
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not (math.isfinite(w))
+        ):
+            raise InvalidArgumentError(
+                f"weights[{head!r}] must be a finite number; got {w!r}."
+            )
+        out[head] = float(w)
+    return out
+
+
+def _fmt_weights(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={float(v)!r}" for k, v in weights.items())
+
+
+#: Which failing checks have their loss weights shrunk: ``mismatch`` only. A
+#: mismatch is a verdict about the gradients at these weights, and the simplest
+#: weights that still give it say on which head's path the wrong gradient is
+#: (one head at 0 and still failing: the other head's path). Not
+#: ``nondifferentiable`` (a kink in the model at the point: no weight moves it,
+#: a zero weight only hides it), not ``nondeterministic`` (reruns differ by
+#: themselves: a shrink would chase noise and report a set that fails by
+#: chance), not ``error``/``timeout``/``unbuildable`` (no verdict to keep).
+SHRINK_STATUSES = ("mismatch",)
+#: A shrink runs at most this many extra checks (each check of the same
+#: property at other weights, fd without its blame search) ...
+SHRINK_MAX_CHECKS = 10
+#: ... and starts none once it has run for max(SHRINK_MIN_SECONDS,
+#: SHRINK_TIME_FACTOR x the failing check's own seconds), nor one that would
+#: end past a worker's timeout: a sweep pays for failing checks only, at most
+#: about twice their time, and a correct model never shrinks.
+SHRINK_TIME_FACTOR = 1.0
+SHRINK_MIN_SECONDS = 5.0
+
+
+@dataclasses.dataclass
+class Shrink:
+    """The outcome of :func:`shrink_weights`: the simplest failing weights found
+    (``weights``; ``start`` when nothing simpler failed), the checks run, the
+    weight sets seen to pass, and why it stopped early (None: hypothesis'
+    shrinker finished)."""
+
+    start: dict[str, float]
+    weights: dict[str, float]
+    checks: int
+    seconds: float
+    passed: list[dict[str, float]]
+    failed: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    stopped: str | None = None
+
+    @property
+    def simpler(self) -> bool:
+        return self.weights != self.start
+
+    def note(self) -> str:
+        """The sentence the report carries (its notes, the rows' message)."""
+        runs = f"{self.checks} check{'s' if self.checks != 1 else ''}"
+        cap = f"; stopped at {self.stopped}" if self.stopped else ""
+        if not self.simpler:
+            text = (
+                f"fails with weights {_fmt_weights(self.weights)} (the drawn set: no "
+                f"simpler weight set was found to fail in {runs}{cap})"
+            )
+        else:
+            text = (
+                f"fails with weights {_fmt_weights(self.weights)} (shrunk from "
+                f"{_fmt_weights(self.start)} in {runs}{cap})"
+            )
+        zero = [k for k, v in self.weights.items() if v == 0]
+        live = [k for k, v in self.weights.items() if v != 0]
+        if zero and len(live) == 1:
+            (head,) = live
+            # what the other heads alone did, where the shrink ran it
+            others = [
+                (w, ok)
+                for ws, ok in ((self.failed, False), (self.passed, True))
+                for w in ws
+                if w[head] == 0 and all(w[k] != 0 for k in zero)
+            ]
+            alone = (
+                f"with {' and '.join(zero)} at weight 0 the '{head}' head alone fails"
+            )
+            if others and not others[0][1]:
+                text += (
+                    f"; {alone}, and so does {' and '.join(zero)} alone "
+                    f"({_fmt_weights(others[0][0])}): the wrong gradient is on a "
+                    "path every head shares (in the model)"
+                )
+            elif others:
+                text += (
+                    f"; {alone} and {' and '.join(zero)} alone passes "
+                    f"({_fmt_weights(others[0][0])}): the wrong gradient is on "
+                    f"{head}'s path only"
+                )
+            else:
+                text += (
+                    f"; {alone}: the wrong gradient is on {head}'s path (the "
+                    "other head alone was not checked)"
+                )
+        return text + "."
+
+
+#: Each head's weight in a shrink comes from this ladder, simplest first (0:
+#: the head switched off; 1: the head as it is; then halves and doubles), with
+#: the drawn weight last. Hypothesis shrinks a ``sampled_from`` towards its
+#: first entries, so its shrinker moves each weight down this ladder as far as
+#: the check keeps failing. A ladder rather than ``floats()``: Hypothesis'
+#: float shrinking takes many steps through values such as 2.2e-16 on the way
+#: to 0, each of them a model check, and ends on numbers no simpler to read
+#: than the drawn ones.
+SHRINK_LADDER = (0.0, 1.0, 0.5, 2.0, 0.25, 4.0, 0.1)
+
+
+def shrink_weights(
+    fails: Any,
+    start: Mapping[str, float],
+    *,
+    max_checks: int = SHRINK_MAX_CHECKS,
+    seconds: float = SHRINK_MIN_SECONDS,
+    deadline: float | None = None,
+) -> Shrink:
+    """The simplest weight set for which ``fails(weights)`` is still True,
+    given the failing ``start``, by Hypothesis' own search and shrinker
+    (``hypothesis.find``: derandomized, no database, no deadline) over
+    :data:`SHRINK_LADDER` per head (the start's own weight last on each).
+
+    Bounded: at most ``max_checks`` calls of ``fails`` and none started after
+    ``seconds`` or (``deadline``, a ``time.monotonic()``) one that would end
+    past it, judged by the slowest call so far; past the bound every further
+    candidate counts as passing, which ends the shrink at the simplest failure
+    found so far. The start is known to fail (never rerun) and all-zero weights
+    are never checked (a zero total has nothing to be wrong)."""
+    from hypothesis import HealthCheck, Phase, Verbosity, find, settings
+    from hypothesis import strategies as st
+    from hypothesis.errors import NoSuchExample
+
+    names = tuple(start)
+    start = {k: float(start[k]) for k in names}
+
+    def head(name: str) -> Any:
+        ladder = [w for w in SHRINK_LADDER if w != start[name]] + [start[name]]
+        return st.sampled_from(ladder)
+
+    cache: dict[tuple[float, ...], bool] = {tuple(start.values()): True}
+    state: dict[str, Any] = {
+        "checks": 0,
+        "stopped": None,
+        "passed": [],
+        "failed": [],
+        "each": 0.0,
+    }
+    began = time.monotonic()
+
+    def condition(w: Mapping[str, float]) -> bool:
+        key = tuple(w[k] for k in names)
+        if key in cache:
+            return cache[key]
+        if all(v == 0 for v in key):
+            return False
+        now = time.monotonic()
+        if state["checks"] >= max_checks:
+            state["stopped"] = state["stopped"] or f"its cap of {max_checks} checks"
+            return False
+        if now - began >= seconds or (
+            deadline is not None and now + state["each"] > deadline
+        ):
+            state["stopped"] = state["stopped"] or f"its time limit ({seconds:.0f} s)"
+            return False
+        result = bool(fails(dict(w)))
+        state["each"] = max(state["each"], time.monotonic() - now)
+        state["checks"] += 1
+        cache[key] = result
+        state["passed" if not result else "failed"].append(dict(w))
+        return result
+
+    strategy = st.fixed_dictionaries({k: head(k) for k in names})
+    found: Mapping[str, float] = start
+    with contextlib.suppress(NoSuchExample):  # nothing else failed: the start
+        found = find(
+            strategy,
+            condition,
+            settings=settings(
+                max_examples=4 * max_checks,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                phases=[Phase.generate, Phase.shrink],
+                suppress_health_check=list(HealthCheck),
+                verbosity=Verbosity.quiet,
+                report_multiple_bugs=False,
+            ),
+        )
+    return Shrink(
+        start=start,
+        weights={k: float(found[k]) for k in names},
+        checks=state["checks"],
+        seconds=time.monotonic() - began,
+        passed=state["passed"],
+        failed=state["failed"],
+        stopped=state["stopped"],
+    )
+
+
 # --------------------------------------------------------------------- results
 class ModelReports(list):
     """The reports of one :func:`check_model` call (a list of
@@ -315,9 +531,17 @@ class Checker:
         *,
         seed: int = 0,
         max_parameters: int = MAX_PARAMETERS,
+        weights: Mapping[str, float] | None = None,
+        shrink: bool = True,
+        time_limit: float | None = None,
     ) -> None:
         self.seed = seed
         self.max_parameters = max_parameters
+        #: shrink a failing check's loss weights (see shrink_weights)
+        self.shrink = shrink
+        #: the seconds each check may take (a worker's timeout): a shrink
+        #: starts no check that would end past it
+        self.time_limit = time_limit
         if isinstance(model, str):
             model = parse_spec(model)
         self.spec = model if isinstance(model, Spec) else None
@@ -329,7 +553,7 @@ class Checker:
         self.build_seconds = 0.0
         self._built: tuple[Any, Any] | None = None
         self._failure: str | None = None
-        self._weights: dict[str, float] | None = None
+        self._weights: dict[str, float] | None = _weights_arg(weights)
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:
@@ -443,7 +667,7 @@ class Checker:
         assert self._built is not None
         started = time.perf_counter()  # the check's own time, not the build's
         try:
-            report = self._run(prop, dtype, label)
+            report = self._run(prop, dtype, label, started)
         except Exception as exc:  # noqa: BLE001 - the framework's reason, reported
             return _publish(
                 not_run_report(
@@ -479,7 +703,7 @@ class Checker:
                 cache[dtype] = self._built
         return cache[dtype]
 
-    def _run(self, prop: str, dtype: str, label: str) -> CheckReport:
+    def _run(self, prop: str, dtype: str, label: str, started: float) -> CheckReport:
         import gradcheck
 
         model, inputs = self._built  # type: ignore[misc]
@@ -492,22 +716,70 @@ class Checker:
         with _prepared(model, inputs, dtype, self.framework, self.seed) as (m, heads):
             total, losses, expected = heads(self.weights, prop == "locality")
             if prop == "fd":
-                return gradcheck.check_gradients(
+                report = gradcheck.check_gradients(
                     total, params=m, seed=self.seed, label=label
                 )
-            if prop == "linearity":
-                return gradcheck.check_linearity(
+            elif prop == "linearity":
+                report = gradcheck.check_linearity(
                     total, losses, self.weights, params=m, seed=self.seed, label=label
                 )
-            return gradcheck.check_locality(
-                total,
-                losses,
-                self.weights,
-                expected=expected,
-                params=m,
-                seed=self.seed,
-                label=label,
-            )
+            else:
+                report = gradcheck.check_locality(
+                    total,
+                    losses,
+                    self.weights,
+                    expected=expected,
+                    params=m,
+                    seed=self.seed,
+                    label=label,
+                )
+            if self.shrink and report.status in SHRINK_STATUSES:
+                self._shrink(report, prop, m, heads, started)
+            return report
+
+    def _shrink(
+        self, report: CheckReport, prop: str, model: Any, heads: Any, started: float
+    ) -> None:
+        """Shrink the failing check's weights (:func:`shrink_weights`) on the
+        same prepared model; the outcome is a note of the report and
+        ``cost["shrink_checks"]`` / ``cost["shrink_seconds"]``. The reruns are
+        the library's checks without a label, a bundle or listeners (a pytest
+        session records the one check it asked for), and fd's without the
+        blame search (only the verdict is needed)."""
+        from gradcheck import api
+        from gradcheck.properties import finite_difference
+
+        def fails(weights: dict[str, float]) -> bool:
+            total, losses, expected = heads(weights, prop == "locality")
+            try:
+                if prop == "fd":
+                    opts = finite_difference.Options(seed=self.seed, blame_budget=0)
+                    got = api._gradients_report(total, (), model, opts)
+                elif prop == "linearity":
+                    got = api._linearity_report(
+                        total, losses, weights, (), model, self.seed, None
+                    )
+                else:
+                    got = api._locality_report(
+                        total, losses, weights, (), model, expected, self.seed, None
+                    )
+            except GradcheckError:
+                return False  # no verdict at these weights: not a failure
+            return got.status in SHRINK_STATUSES
+
+        own = time.perf_counter() - started
+        deadline = None
+        if self.time_limit is not None:  # a worker's timeout: end well inside it
+            deadline = time.monotonic() - own + 0.9 * self.time_limit
+        result = shrink_weights(
+            fails,
+            self.weights,
+            seconds=max(SHRINK_MIN_SECONDS, SHRINK_TIME_FACTOR * own),
+            deadline=deadline,
+        )
+        report.notes.append(result.note())
+        report.cost["shrink_checks"] = result.checks
+        report.cost["shrink_seconds"] = round(result.seconds, 3)
 
 
 def _forward_raised(model: Any, exc: BaseException, dtype: Any, built: Any) -> str:
@@ -829,6 +1101,8 @@ def check_model(
     timeout: float | None = None,
     max_parameters: int = MAX_PARAMETERS,
     repro_dir: Any = None,
+    weights: Mapping[str, float] | None = None,
+    shrink: bool = True,
 ) -> ModelReports:
     """Check a model by name (``"hf:bert"``, ``"keras:MobileNetV3Small"``,
     ``"package.module:callable"``) or a model object (torch ``nn.Module``, Keras
@@ -844,11 +1118,20 @@ def check_model(
     ``timeout``; a model object must then be picklable. A bad spec or override
     is an InvalidArgumentError. The model object's parameters, buffers and train/eval flags are unchanged.
     ``repro_dir``: each failing check writes a repro bundle there (spec, weights,
-    inputs, seed, dtype, versions; :mod:`gradcheck.repro`), named by the report's
-    ``repro_bundle``; ``gradcheck replay`` reruns it."""
+    inputs, seed, loss weights, dtype, versions; :mod:`gradcheck.repro`), named by
+    the report's ``repro_bundle``; ``gradcheck replay`` reruns it.
+
+    ``weights``: the two heads' loss weights, ``{"main": w, "aux": w}``; default
+    drawn by Hypothesis from ``seed`` (:func:`draw_weights`). ``shrink``: a
+    ``mismatch`` has its weights shrunk to the simplest set that still fails
+    (:func:`shrink_weights`, at most SHRINK_MAX_CHECKS extra checks and about
+    the failing check's own time), printed in a note ("fails with weights
+    main=1.0, aux=0.0 (shrunk from ...)"); ``shrink=False`` turns it off."""
     from gradcheck.api import _seed
 
     seed = _seed(seed)
+    weights = _weights_arg(weights)
+    options = {"weights": weights, "shrink": bool(shrink)}
     dtypes = _as_tuple(dtype, "dtype", DTYPES)
     props = _as_tuple(properties, "property", PROPERTIES)
     if timeout is not None and (
@@ -876,18 +1159,20 @@ def check_model(
     jobs = [(p, d) for d in dtypes for p in props]
     checker = None
     if timeout is None:
-        checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
+        checker = Checker(
+            target, inputs, seed=seed, max_parameters=max_parameters, **options
+        )
         reports = ModelReports(checker.run(p, d) for p, d in jobs)
     else:
         reports = ModelReports(
             _run_with_timeout(
-                target, inputs, jobs, seed, float(timeout), max_parameters
+                target, inputs, jobs, seed, float(timeout), max_parameters, options
             )
         )
     from gradcheck import repro
 
     repro.write_model_bundles(
-        repro_dir, reports, target, inputs, seed, max_parameters, checker
+        repro_dir, reports, target, inputs, seed, max_parameters, checker, weights
     )
     return reports
 
@@ -920,11 +1205,13 @@ def _worker(conn: Any, memory: int | None) -> None:
             return
         if payload is None:
             return
-        target, inputs, jobs, seed, max_parameters = pickle.loads(payload)
+        target, inputs, jobs, seed, max_parameters, options = pickle.loads(payload)
         _import_framework(target)  # start-up, before the clock: not the check's time
         _quiet_frameworks()
         conn.send(("ready",))
-        checker = Checker(target, inputs, seed=seed, max_parameters=max_parameters)
+        checker = Checker(
+            target, inputs, seed=seed, max_parameters=max_parameters, **options
+        )
         try:
             checker.build()
             conn.send(("built", checker.parameters, checker.framework))
@@ -1084,14 +1371,18 @@ def _run_with_timeout(
     seed: int,
     timeout: float,
     max_parameters: int,
+    options: Mapping[str, Any] | None = None,
 ) -> list[CheckReport]:
     name = target.text if isinstance(target, Spec) else _object_name(target)
+    options = {**(options or {}), "time_limit": timeout}
     results: dict[int, CheckReport] = {}
     pending = list(enumerate(jobs))
     parameters, framework = 0, "unknown"
     while pending:
         try:
-            payload = pickle.dumps((target, inputs, pending, seed, max_parameters))
+            payload = pickle.dumps(
+                (target, inputs, pending, seed, max_parameters, options)
+            )
         except Exception as exc:
             raise InvalidArgumentError(
                 f"timeout= runs the checks in a worker process, and this model or "

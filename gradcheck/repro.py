@@ -70,7 +70,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -703,7 +703,8 @@ def _readme(doc: Mapping[str, Any], path: Path) -> str:
     ]
     for fname in doc["files"]:
         what = {
-            "inputs.npz": "the inputs (NumPy arrays; dtypes etc. in bundle.json)",
+            "inputs.npz": "the inputs (NumPy arrays; dtypes etc. in bundle.json;"
+            " for a training step: the tensors it reads from its module's globals)",
             "weights.npz": "the model's weights (state_dict / Keras weights)",
             "fn_weights.npz": "the weights of the module called as fn",
             "batch.npz": "the audit example's batch",
@@ -725,7 +726,9 @@ def describe_call(call: Mapping[str, Any]) -> str:
         target = call.get("spec") or call.get("model", {}).get("class", "a model")
         return (
             f"gradcheck.check_model({target!r}, properties={call.get('property')!r}, "
-            f"dtype={call.get('dtype')!r}, seed={call.get('seed')})"
+            f"dtype={call.get('dtype')!r}, seed={call.get('seed')}"
+            + (f", weights={call['loss_weights']}" if call.get("loss_weights") else "")
+            + ")"
         )
     if entry == "check_gradients":
         fn = call.get("fn", {})
@@ -734,6 +737,26 @@ def describe_call(call: Mapping[str, Any]) -> str:
         params = call.get("params")
         p = "" if not params else ", params=<" + str(params.get("kind")) + ">"
         return f"gradcheck.check_gradients({fname}, <inputs>{p}, {opts})"
+    if entry in ("check_linearity", "check_locality"):
+        fn = call.get("total_fn", {})
+        heads = ", ".join(
+            f"{k!r}: {d.get('name') or d.get('kind')}"
+            for k, d in (call.get("loss_fns") or {}).items()
+        )
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        exp = ", expected=<dict>" if entry == "check_locality" else ""
+        return (
+            f"gradcheck.{entry}({fn.get('name') or fn.get('kind')}, {{{heads}}}, "
+            f"{call.get('weights')}, <inputs>{exp}, {opts})"
+        )
+    if entry == "check_training_step":
+        fn = call.get("step_fn", {})
+        model = (call.get("model") or {}).get("ref", "<model>")
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        return (
+            f"gradcheck.check_training_step({fn.get('name') or fn.get('kind')}, "
+            f"{model}, <loss_fns>, {call.get('weights')}, {opts})"
+        )
     if entry == "audit":
         return (
             f"audit job {call.get('job')!r}, example seed {call.get('check_seed')} "
@@ -765,13 +788,8 @@ def write_gradients_bundle(
     directory = _target_dir(repro_dir)
     if directory is None or not wants(report):
         return None
-    if repro_dir is None and str(getattr(fn, "__module__", "")).startswith(
-        "gradcheck."
-    ):
-        # the session's directory is for the user's checks: a function of
-        # gradcheck's own (check_model's loss heads, an audit's built model) is
-        # checked inside another front door, which writes the replayable bundle
-        return None
+    if repro_dir is None and _gradchecks_own(fn):
+        return None  # checked inside another front door, which writes the bundle
     try:
         path = _gradients_bundle(directory, report, fn, inputs, params, options)
     except Exception as exc:  # noqa: BLE001 - never hide the verdict
@@ -779,6 +797,87 @@ def write_gradients_bundle(
         return None
     _note(report, path)
     return path
+
+
+def _params_desc(
+    params: Any, fn: Any, data: dict[str, _Arrays], reasons: list[str]
+) -> dict[str, Any] | None:
+    """How a replay gets ``params`` back (``None`` for none): a torch module by
+    reference or class, with its state_dict in weights.npz; anything else is
+    written down as not replayable, with the reason."""
+    if params is None:
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(params, torch.nn.Module):
+        ref, why = _torch_module_ref(params, fn, "params")
+        arrays, meta = _state_arrays(params)
+        data["weights.npz"] = arrays
+        if why:
+            reasons.append(why)
+        return {"kind": "torch_module", **ref, "state": meta}
+    reasons.append(
+        f"params= is a {type(params).__name__}: a replay can rebuild a "
+        "torch nn.Module (importable, or its class constructible with no "
+        "arguments), not tensors or a Keras model that fn reads from "
+        "elsewhere; pass the model as params=, or check it with "
+        "gradcheck.check_model"
+    )
+    return {"kind": type(params).__name__}
+
+
+def _fn_desc(
+    fn: Any,
+    params: Any,
+    params_desc: Mapping[str, Any] | None,
+    data: dict[str, _Arrays],
+    reasons: list[str],
+    what: str,
+    module_file: str | None = "fn_weights.npz",
+) -> dict[str, Any]:
+    """How a replay gets the callable ``fn`` back: ``params`` itself or one of
+    its methods, a torch module (its state in ``module_file``), or an importable
+    ``module:qualname``. A lambda, a closure, a ``__main__`` function: recorded
+    with the reason it cannot be replayed."""
+    torch = sys.modules.get("torch")
+    if params is not None and fn is params:
+        return {"kind": "params"}
+    if (
+        params is not None
+        and getattr(fn, "__self__", None) is params
+        and isinstance(getattr(fn, "__name__", None), str)
+    ):
+        return {"kind": "params_method", "name": fn.__name__}
+    if torch is not None and isinstance(fn, torch.nn.Module) and module_file:
+        ref, why = _torch_module_ref(fn, fn, what)
+        arrays, meta = _state_arrays(fn)
+        data[module_file] = arrays
+        if why:
+            reasons.append(why)
+        return {"kind": "torch_module", **ref, "state": meta}
+    name = importable_name(fn)
+    if name is None:
+        reasons.append(_why_not_importable(fn, what))
+        return {"kind": "unknown", "repr": repr(fn)[:200]}
+    if params_desc is not None and "class" in params_desc:
+        reasons.append(
+            f"{what} {name} reads params from somewhere the bundle cannot name "
+            "(the model is no module-level object of its module): make it "
+            "one, or pass the model itself as fn"
+        )
+    return {"kind": "importable", "name": name}
+
+
+def _inputs_desc(
+    inputs: Any, data: dict[str, _Arrays], reasons: list[str]
+) -> dict[str, Any] | None:
+    arrays = _Arrays()
+    try:
+        desc = _encode(tuple(inputs), arrays, "inputs")
+    except _NotData as exc:
+        desc = None
+        reasons.append(str(exc))
+    data["inputs.npz"] = arrays
+    return desc
 
 
 def _gradients_bundle(
@@ -789,72 +888,15 @@ def _gradients_bundle(
     params: Any,
     options: Mapping[str, Any],
 ) -> Path:
-    torch = sys.modules.get("torch")
     reasons: list[str] = []
     data: dict[str, _Arrays] = {}
-    is_module = torch is not None and isinstance(params, torch.nn.Module)
-    # params
-    params_desc: dict[str, Any] | None = None
-    if params is not None:
-        if is_module:
-            ref, why = _torch_module_ref(params, fn, "params")
-            arrays, meta = _state_arrays(params)
-            data["weights.npz"] = arrays
-            params_desc = {"kind": "torch_module", **ref, "state": meta}
-            if why:
-                reasons.append(why)
-        else:
-            params_desc = {"kind": type(params).__name__}
-            reasons.append(
-                f"params= is a {type(params).__name__}: a replay can rebuild a "
-                "torch nn.Module (importable, or its class constructible with no "
-                "arguments), not tensors or a Keras model that fn reads from "
-                "elsewhere; pass the model as params=, or check it with "
-                "gradcheck.check_model"
-            )
-    # fn
-    fn_desc: dict[str, Any]
-    if params is not None and fn is params:
-        fn_desc = {"kind": "params"}
-    elif (
-        params is not None
-        and getattr(fn, "__self__", None) is params
-        and isinstance(getattr(fn, "__name__", None), str)
-    ):
-        fn_desc = {"kind": "params_method", "name": fn.__name__}
-    elif torch is not None and isinstance(fn, torch.nn.Module):
-        ref, why = _torch_module_ref(fn, fn, "fn")
-        arrays, meta = _state_arrays(fn)
-        data["fn_weights.npz"] = arrays
-        fn_desc = {"kind": "torch_module", **ref, "state": meta}
-        if why:
-            reasons.append(why)
-    else:
-        name = importable_name(fn)
-        if name is None:
-            fn_desc = {"kind": "unknown", "repr": repr(fn)[:200]}
-            reasons.append(_why_not_importable(fn, "fn"))
-        else:
-            fn_desc = {"kind": "importable", "name": name}
-            if params_desc is not None and "class" in params_desc:
-                reasons.append(
-                    f"fn {name} reads params from somewhere the bundle cannot name "
-                    "(the model is no module-level object of fn's module): make it "
-                    "one, or pass the model itself as fn"
-                )
-    # inputs
-    arrays = _Arrays()
-    try:
-        inputs_desc = _encode(tuple(inputs), arrays, "inputs")
-    except _NotData as exc:
-        inputs_desc = None
-        reasons.append(str(exc))
-    data["inputs.npz"] = arrays
+    params_desc = _params_desc(params, fn, data, reasons)
+    fn_desc = _fn_desc(fn, params, params_desc, data, reasons, "fn")
     call = {
         "entry": "check_gradients",
         "fn": fn_desc,
         "params": params_desc,
-        "inputs": inputs_desc,
+        "inputs": _inputs_desc(inputs, data, reasons),
         "options": dict(options),
     }
     name = report.label or fn_desc.get("name") or "check_gradients"
@@ -868,6 +910,242 @@ def _gradients_bundle(
     )
 
 
+# -------------------------------------------------- linearity / locality bundles
+def write_heads_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    entry: str,
+    total_fn: Any,
+    loss_fns: Mapping[str, Any],
+    weights: Mapping[str, float],
+    inputs: Any,
+    params: Any,
+    options: Mapping[str, Any],
+    *,
+    expected: Any = None,
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_linearity` (``entry``
+    "check_linearity") or :func:`gradcheck.check_locality` ("check_locality"):
+    ``total_fn`` and every loss function by name (or as ``params``' methods),
+    the weights, ``expected`` as JSON, the inputs and ``params``' state_dict.
+    Nothing for a passing check; a bundle that cannot be written is a note."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and _gradchecks_own(total_fn):
+        return None  # check_model's heads: check_model writes the bundle
+    try:
+        reasons: list[str] = []
+        data: dict[str, _Arrays] = {}
+        params_desc = _params_desc(params, total_fn, data, reasons)
+        call: dict[str, Any] = {
+            "entry": entry,
+            "total_fn": _fn_desc(
+                total_fn, params, params_desc, data, reasons, "total_fn"
+            ),
+            "loss_fns": {
+                str(k): _fn_desc(
+                    f, params, params_desc, data, reasons, f"loss_fns[{k!r}]", None
+                )
+                for k, f in loss_fns.items()
+            },
+            "weights": {str(k): float(w) for k, w in weights.items()},
+            "params": params_desc,
+            "inputs": _inputs_desc(inputs, data, reasons),
+            "options": dict(options),
+        }
+        if entry == "check_locality":
+            call["expected"] = _expected_desc(expected, reasons)
+        name = report.label or call["total_fn"].get("name") or entry
+        path = _write(
+            directory,
+            name=f"{name}-{report.property}-{report.dtype}",
+            call=call,
+            report=report,
+            data=data,
+            reason="; ".join(dict.fromkeys(reasons)),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _gradchecks_own(fn: Any) -> bool:
+    """A function of gradcheck's own (check_model's loss heads, an audit's
+    built model): checked inside another front door, which writes the
+    replayable bundle; the session's directory is for the user's checks."""
+    return str(getattr(fn, "__module__", "")).startswith("gradcheck.")
+
+
+def _expected_desc(expected: Any, reasons: list[str]) -> Any:
+    if not isinstance(expected, Mapping):
+        reasons.append(f"expected is a {type(expected).__name__}, not a dict")
+        return None
+    out: dict[str, Any] = {}
+    for k, v in expected.items():
+        if not isinstance(k, str):
+            reasons.append(f"expected has a key {k!r} that is not a str")
+            return None
+        if isinstance(v, str):
+            out[k] = v
+        else:
+            try:
+                out[k] = [str(x) for x in v]
+            except TypeError:
+                reasons.append(f"expected[{k!r}] is not a list of loss names")
+                return None
+    return out
+
+
+# -------------------------------------------------- training-step bundles
+def write_training_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    step_fn: Any,
+    model: Any,
+    loss_fns: Mapping[str, Any],
+    weights: Mapping[str, float],
+    *,
+    scaler: Any = None,
+    autocast: Any = None,
+    options: Mapping[str, Any],
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_training_step`.
+
+    ``step_fn`` takes no arguments: it reaches the model, batch and optimizer
+    through its module's globals. So a replay needs ``step_fn`` and the loss
+    functions importable by ``module:qualname`` and the model a module-level
+    object there (its state_dict is stored and loaded); the torch tensors the
+    step and the loss functions read from their module's globals (the batch)
+    are stored in inputs.npz and put back for the replay (then restored), so a
+    batch drawn at import without a seed replays as recorded. The scaler (a
+    module-level GradScaler) is named with its state (scale, growth tracker);
+    an optimizer is rebuilt by the import (gradcheck undoes its step anyway)."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and _gradchecks_own(step_fn):
+        return None
+    try:
+        reasons: list[str] = []
+        data: dict[str, _Arrays] = {}
+        model_desc = _params_desc(model, step_fn, data, reasons)
+        if model_desc is not None and "class" in model_desc:
+            reasons.append(
+                "the model is no module-level object of step_fn's module, which "
+                "step_fn reads it from: a replay could only build another one"
+            )
+        fns = {
+            "step_fn": step_fn,
+            **{f"loss_fns[{k!r}]": f for k, f in loss_fns.items()},
+        }
+        descs = {
+            what: _fn_desc(f, model, None, data, reasons, what, None)
+            for what, f in fns.items()
+        }
+        arrays = _Arrays()
+        globals_desc = _global_tensors(fns.values(), arrays, model, reasons)
+        data["inputs.npz"] = arrays
+        call: dict[str, Any] = {
+            "entry": "check_training_step",
+            "step_fn": descs["step_fn"],
+            "model": model_desc,
+            "loss_fns": {str(k): descs[f"loss_fns[{k!r}]"] for k in loss_fns},
+            "weights": {str(k): float(w) for k, w in weights.items()},
+            "globals": globals_desc,
+            "scaler": _scaler_desc(scaler, step_fn, reasons),
+            "autocast": None
+            if autocast is None
+            else str(autocast).removeprefix("torch."),
+            "options": dict(options),
+        }
+        name = report.label or descs["step_fn"].get("name") or "check_training_step"
+        path = _write(
+            directory,
+            name=f"{name}-{report.dtype}",
+            call=call,
+            report=report,
+            data=data,
+            reason="; ".join(dict.fromkeys(reasons)),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _global_tensors(
+    fns: Any, arrays: _Arrays, model: Any, reasons: list[str]
+) -> dict[str, Any]:
+    """``{"module:name": value description}`` of the torch tensors the functions
+    read from their module's globals (names in their code, nested functions
+    included), the model's own parameters excepted."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {}
+    own = {id(p) for p in model.parameters()} if model is not None else set()
+    found: dict[str, Any] = {}
+    todo, seen = [getattr(f, "__func__", f) for f in fns], set()
+    while todo:
+        fn = todo.pop()
+        glb = getattr(fn, "__globals__", None)
+        code = getattr(fn, "__code__", None)
+        mod = getattr(fn, "__module__", None)
+        if id(fn) in seen or glb is None or code is None or not isinstance(mod, str):
+            continue
+        seen.add(id(fn))
+        names: set[str] = set()
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            names.update(c.co_names)
+            stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+        for n in sorted(names):
+            v = glb.get(n)
+            if isinstance(v, torch.Tensor) and id(v) not in own:
+                key = f"{mod}:{n}"
+                if key not in found:
+                    found[key] = _encode(v, arrays, f"globals.{mod}.{n}")
+            elif inspect.isfunction(v) and v.__module__ == mod:
+                todo.append(v)  # a helper of the same module the step calls
+    return found
+
+
+def _scaler_desc(scaler: Any, near: Any, reasons: list[str]) -> dict[str, Any] | None:
+    if scaler is None:
+        return None
+    ref = _object_ref(scaler, near)
+    state = {}
+    with contextlib.suppress(Exception):
+        state = {
+            k: v
+            for k, v in scaler.state_dict().items()
+            if isinstance(v, (int, float, bool, str))
+        }
+    if ref is None:
+        reasons.append(
+            "the scaler is no module-level object of step_fn's module, which "
+            "step_fn reads it from"
+        )
+    return {"ref": ref, "state": state}
+
+
+def _object_ref(obj: Any, near: Any) -> str | None:
+    """``module:attr`` of a module-level object of ``near``'s module that is
+    ``obj``, else None."""
+    mod_name = getattr(near, "__module__", None)
+    mod = sys.modules.get(mod_name) if isinstance(mod_name, str) else None
+    if mod is None or mod_name == "__main__":
+        return None
+    for attr, value in vars(mod).items():
+        if value is obj and not attr.startswith("__"):
+            return f"{mod_name}:{attr}"
+    return None
+
+
 # -------------------------------------------------- check_model bundles
 def write_model_bundles(
     repro_dir: Any,
@@ -877,6 +1155,7 @@ def write_model_bundles(
     seed: int,
     max_parameters: int,
     checker: Any = None,
+    weights: Mapping[str, float] | None = None,
 ) -> list[Path]:
     """Bundles for the failing reports of one :func:`gradcheck.check_model` call.
     ``checker``: the :class:`~gradcheck.models.Checker` that ran them, if they
@@ -890,7 +1169,7 @@ def write_model_bundles(
 
     if checker is None:
         checker = models.Checker(
-            target, inputs, seed=seed, max_parameters=max_parameters
+            target, inputs, seed=seed, max_parameters=max_parameters, weights=weights
         )
     written = []
     for report in failing:
@@ -927,6 +1206,9 @@ def write_model_bundle(
         "property": prop,
         "dtype": dtype,
         "seed": checker.seed,
+        # the loss weights themselves, not only the seed they were drawn from:
+        # another Hypothesis version may draw others from the same seed
+        "loss_weights": dict(checker.weights),
         "max_parameters": checker.max_parameters,
         "framework": checker.framework,
     }
@@ -1198,6 +1480,10 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
             report = _replay_model(bundle)
         elif entry == "audit":
             report = _replay_audit(bundle)
+        elif entry in ("check_linearity", "check_locality"):
+            report = _replay_heads(bundle)
+        elif entry == "check_training_step":
+            report = _replay_training(bundle)
         else:
             raise ReproBundleError(f"{bundle.path}: unknown entry point {entry!r}.")
     except (KeyError, TypeError, AttributeError) as exc:
@@ -1235,27 +1521,169 @@ def _replay_gradients(bundle: Bundle) -> CheckReport:
     pdesc = call.get("params")
     if pdesc is not None:
         params = _module(pdesc, bundle.data("weights.npz"), "params")
-    fdesc = call["fn"]
-    kind = fdesc.get("kind")
-    if kind == "params":
-        fn = params
-    elif kind == "params_method":
-        fn = getattr(params, str(fdesc["name"]))
-    elif kind == "torch_module":
-        fn = _module(fdesc, bundle.data("fn_weights.npz"), "fn")
-    elif kind == "importable":
-        fn = _resolve(fdesc["name"], "fn")
-    else:
-        raise ReproBundleError(f"fn: cannot rebuild a function of kind {kind!r}.")
+    fn = _rebuild_fn(call["fn"], params, bundle, "fn")
     arrays = bundle.arrays.get("inputs.npz", {})
     inputs = _decode(call["inputs"], arrays, "inputs")
-    options = dict(call.get("options") or {})
-    unknown = set(options) - {"seed", "mode", "rtol", "step", "order", "ad"}
-    if unknown:
-        raise ReproBundleError(f"options: unknown {sorted(unknown)}.")
+    options = _options(call, {"seed", "mode", "rtol", "step", "order", "ad"})
     return gradcheck.check_gradients(
         fn, inputs, params=params, label=bundle.doc.get("label"), **options
     )
+
+
+def _rebuild_fn(desc: Mapping[str, Any], params: Any, bundle: Bundle, what: str) -> Any:
+    """The callable a bundle describes (see :func:`_fn_desc`), from this machine."""
+    kind = desc.get("kind")
+    if kind in ("params", "params_method") and params is None:
+        raise ReproBundleError(f"{what}: a method of params, and the bundle has none.")
+    if kind == "params":
+        return params
+    if kind == "params_method":
+        return getattr(params, str(desc["name"]))
+    if kind == "torch_module":
+        return _module(desc, bundle.data("fn_weights.npz"), what)
+    if kind == "importable":
+        return _resolve(desc["name"], what)
+    raise ReproBundleError(f"{what}: cannot rebuild a function of kind {kind!r}.")
+
+
+def _options(call: Mapping[str, Any], allowed: set[str]) -> dict[str, Any]:
+    options = dict(call.get("options") or {})
+    unknown = set(options) - allowed
+    if unknown:
+        raise ReproBundleError(f"options: unknown {sorted(unknown)}.")
+    return options
+
+
+def _weights(call: Mapping[str, Any]) -> dict[str, float]:
+    weights = call["weights"]
+    if not isinstance(weights, Mapping):
+        raise ReproBundleError("weights: not an object of head: number")
+    try:
+        return {str(k): float(v) for k, v in weights.items()}
+    except (TypeError, ValueError):
+        raise ReproBundleError("weights: not an object of head: number") from None
+
+
+def _replay_heads(bundle: Bundle) -> CheckReport:
+    """check_linearity / check_locality from their bundle."""
+    import gradcheck
+
+    call = bundle.call
+    params = None
+    if call.get("params") is not None:
+        params = _module(call["params"], bundle.data("weights.npz"), "params")
+    total_fn = _rebuild_fn(call["total_fn"], params, bundle, "total_fn")
+    if not isinstance(call["loss_fns"], Mapping):
+        raise ReproBundleError("loss_fns: not an object of head: function")
+    loss_fns = {
+        str(k): _rebuild_fn(d, params, bundle, f"loss_fns[{k!r}]")
+        for k, d in call["loss_fns"].items()
+    }
+    inputs = _decode(call["inputs"], bundle.arrays.get("inputs.npz", {}), "inputs")
+    options = _options(call, {"seed", "rtol"})
+    label = bundle.doc.get("label")
+    if call["entry"] == "check_linearity":
+        return gradcheck.check_linearity(
+            total_fn,
+            loss_fns,
+            _weights(call),
+            inputs,
+            params=params,
+            label=label,
+            **options,
+        )
+    return gradcheck.check_locality(
+        total_fn,
+        loss_fns,
+        _weights(call),
+        inputs,
+        expected=call["expected"],
+        params=params,
+        label=label,
+        **options,
+    )
+
+
+def _replay_training(bundle: Bundle) -> CheckReport:
+    """check_training_step from its bundle: the step and the loss functions
+    imported, the model's stored state loaded into the module-level model they
+    read, the recorded global tensors (the batch) put in their modules, the
+    scaler's state set; everything of the module's is put back afterwards."""
+    from gradcheck.training_api import check_training_step
+
+    call = bundle.call
+    torch = _framework("torch")
+    mdesc = call.get("model")
+    if not isinstance(mdesc, Mapping) or "ref" not in mdesc:
+        raise ReproBundleError("model: the bundle names no module-level model.")
+    model = _resolve(mdesc["ref"], "model")
+    if not isinstance(model, torch.nn.Module):
+        raise ReproBundleError(f"model: {mdesc['ref']} is not a torch nn.Module here.")
+    step_fn = _rebuild_fn(call["step_fn"], model, bundle, "step_fn")
+    if not isinstance(call["loss_fns"], Mapping):
+        raise ReproBundleError("loss_fns: not an object of head: function")
+    loss_fns = {
+        str(k): _rebuild_fn(d, model, bundle, f"loss_fns[{k!r}]")
+        for k, d in call["loss_fns"].items()
+    }
+    scaler = None
+    sdesc = call.get("scaler")
+    if sdesc is not None:
+        scaler = _resolve(sdesc["ref"], "scaler")
+    autocast = None
+    if call.get("autocast") is not None:
+        autocast = getattr(torch, str(call["autocast"]), None)
+        if not isinstance(autocast, torch.dtype):
+            raise ReproBundleError(f"autocast: unknown dtype {call['autocast']!r}.")
+    options = _options(call, {"seed", "rtol"})
+    arrays = bundle.arrays.get("inputs.npz", {})
+    with contextlib.ExitStack() as undo:
+        undo.enter_context(_loaded_state(model, bundle, mdesc.get("state")))
+        if scaler is not None and sdesc.get("state"):
+            saved = scaler.state_dict()
+            scaler.load_state_dict({**saved, **sdesc["state"]})
+            undo.callback(scaler.load_state_dict, saved)
+        globals_desc = call.get("globals") or {}
+        if not isinstance(globals_desc, Mapping):
+            raise ReproBundleError("globals: not an object of module:name: value")
+        for name, tree in globals_desc.items():
+            mod, _, attr = str(name).partition(":")
+            _resolve(f"{mod}:{attr}", f"globals[{name!r}]")  # no standard library
+            module = sys.modules[mod]
+            value = _decode(tree, arrays, f"globals[{name!r}]")
+            undo.callback(setattr, module, attr, getattr(module, attr))
+            setattr(module, attr, value)
+        return check_training_step(
+            step_fn,
+            model,
+            loss_fns,
+            _weights(call),
+            scaler=scaler,
+            autocast=autocast,
+            label=bundle.doc.get("label"),
+            **options,
+        )
+
+
+@contextlib.contextmanager
+def _loaded_state(module: Any, bundle: Bundle, meta: Any) -> Iterator[Any]:
+    """The stored state_dict loaded into ``module`` (an object of the user's
+    module, imported here) for the replay, its own state put back afterwards:
+    a replay run in the user's process leaves their model as it was."""
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    dtypes = {
+        k: (t, t.dtype, t.device)
+        for k, t in [*module.named_parameters(), *module.named_buffers()]
+    }
+    _load_torch_state(module, bundle.data("weights.npz"), meta)
+    try:
+        yield module
+    finally:
+        with _framework("torch").no_grad():
+            for tensor, dtype, device in dtypes.values():
+                if tensor.dtype != dtype or tensor.device != device:
+                    tensor.data = tensor.data.to(device, dtype)
+            module.load_state_dict(saved, strict=True)
 
 
 def _replay_model(bundle: Bundle) -> CheckReport:
@@ -1283,6 +1711,8 @@ def _replay_model(bundle: Bundle) -> CheckReport:
         inputs,
         seed=int(call["seed"]),
         max_parameters=int(call.get("max_parameters", models.MAX_PARAMETERS)),
+        weights=call.get("loss_weights"),  # bundles before it: drawn from the seed
+        shrink=False,  # the verdict is replayed; its shrink is in report.json
     )
     try:
         checker.build()
