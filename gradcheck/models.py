@@ -455,7 +455,10 @@ def row(report: CheckReport) -> dict[str, Any]:
     return {
         "model": meta.get("model", report.label),
         "property": meta.get("property", report.property),
-        "dtype": report.dtype,
+        # the dtype asked for (the sweep table's column), not the report's own:
+        # "mixed(float32,float64)" where the model keeps some parameters in
+        # float32 (its note names them)
+        "dtype": meta.get("dtype", report.dtype),
         "status": report.status,
         "seconds": round(float(report.cost.get("seconds", 0.0)), 3),
         "parameters": int(report.cost.get("parameters", 0)),
@@ -470,7 +473,10 @@ def _label(model: str, prop: str, dtype: str) -> str:
 def _meta(report: CheckReport) -> dict[str, str]:
     parts = (report.label or "").rsplit(" ", 2)
     if len(parts) == 3 and parts[1] in PROPERTIES:
-        return {"model": parts[0], "property": parts[1]}
+        meta = {"model": parts[0], "property": parts[1]}
+        if parts[2] in DTYPES:
+            meta["dtype"] = parts[2]
+        return meta
     return {}
 
 
@@ -733,6 +739,9 @@ class Checker:
                     seed=self.seed,
                     label=label,
                 )
+            mixed = _kept_dtypes(m, dtype, self.framework)
+            if mixed:
+                report.notes.append(mixed)
             if self.shrink and report.status in SHRINK_STATUSES:
                 self._shrink(report, prop, m, heads, started)
             return report
@@ -780,6 +789,31 @@ class Checker:
         report.notes.append(result.note())
         report.cost["shrink_checks"] = result.checks
         report.cost["shrink_seconds"] = round(result.seconds, 3)
+
+
+def _kept_dtypes(model: Any, dtype: str, framework: str) -> str | None:
+    """A note naming the parameters a torch model keeps in another dtype than
+    the one checked (a router kept in float32 by the model's own ``_apply``
+    or ``_keep_in_fp32_modules``), or None."""
+    if framework != "torch":
+        return None
+    other: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        got = str(p.dtype).removeprefix("torch.")
+        if p.is_floating_point() and got != dtype:
+            other.setdefault(got, []).append(name)
+    if not other:
+        return None
+    kept = "; ".join(
+        f"{', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+        f" in {d}"
+        for d, names in sorted(other.items())
+    )
+    return (
+        f"parameters in {' and '.join(sorted({dtype, *other}))}: the model keeps "
+        f"{kept} after .to({dtype}); checked as it runs (the report's dtype is the "
+        f"mixture, the row's the {dtype} asked for)."
+    )
 
 
 def _forward_raised(model: Any, exc: BaseException, dtype: Any, built: Any) -> str:

@@ -155,6 +155,32 @@ def greedy_model():
     return Greedy(), torch.ones(2, 3)
 
 
+class KeepsRouterF32(torch.nn.Module):
+    """Keeps its router Linear in float32 through .to(float64) (as a model's
+    _keep_in_fp32_modules does): its float64 checks have mixed dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(3, 4)
+        self.router = torch.nn.Linear(4, 2)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.router.float()
+        return self
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        gate = self.router(h.float()).softmax(-1)[:, :1].to(h.dtype)
+        return h * gate
+
+
+def keeps_router_f32():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return KeepsRouterF32(), torch.randn(5, 3)
+
+
 # ---------------------------------------------------------------- library
 @pytest.mark.parametrize("spec", ["hf:bert", "hf:vit"])
 def test_hf_models_pass_fd_in_float32_and_float64(spec):
@@ -695,3 +721,19 @@ def test_hf_star_expands_to_model_types_taking_ids_pixels_or_audio():
     assert not {"patchtst", "informer", "vjepa2", "perceiver"} & names
     assert all(s.kind == "hf" and s.text == f"hf:{s.name}" for s in specs)
     assert len(names) == len(specs) > 200
+
+
+def test_a_row_s_dtype_is_the_one_asked_for_and_a_kept_float32_is_named():
+    (fd,) = models.check_model(
+        f"{HERE}:keeps_router_f32", properties="fd", dtype="float64"
+    )
+    assert fd.dtype.startswith("mixed("), fd.dtype  # the report: what ran
+    row = models.row(fd)
+    assert row["dtype"] == "float64"  # the row: what was asked for
+    assert fd.status == "passed", fd.message()
+    (note,) = [n for n in fd.notes if n.startswith("parameters in")]
+    assert note.startswith("parameters in float32 and float64: the model keeps ")
+    assert "router.weight, router.bias in float32 after .to(float64)" in note
+    (f32,) = models.check_model(f"{HERE}:keeps_router_f32", properties="fd")
+    assert not any(n.startswith("parameters in") for n in f32.notes)
+    assert models.row(f32)["dtype"] == f32.dtype == "float32"
