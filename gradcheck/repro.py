@@ -757,6 +757,10 @@ def describe_call(call: Mapping[str, Any]) -> str:
             f"gradcheck.check_training_step({fn.get('name') or fn.get('kind')}, "
             f"{model}, <loss_fns>, {call.get('weights')}, {opts})"
         )
+    if entry == "check_keras_model":
+        model = (call.get("keras_model") or {}).get("class_name", "<model>")
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        return f"gradcheck.check_keras_model(<{model}>, <x>, <y>, {opts})"
     if entry == "audit":
         return (
             f"audit job {call.get('job')!r}, example seed {call.get('check_seed')} "
@@ -1146,6 +1150,145 @@ def _object_ref(obj: Any, near: Any) -> str | None:
     return None
 
 
+# -------------------------------------------------- Keras train-step bundles
+def write_keras_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    model: Any,
+    x: Any,
+    y: Any,
+    *,
+    sample_weight: Any = None,
+    class_weight: Any = None,
+    options: Mapping[str, Any],
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_keras_model`: the model as
+    Keras' own JSON config (``model.to_json()``) and compile config, its
+    weights, the batch (x, y, sample weights; class weights as JSON). Classes
+    and loss functions that are not Keras' own (a ``keras.Model`` subclass with
+    its ``train_step``, a custom layer) are recorded by ``module:qualname`` and
+    handed to Keras as ``custom_objects`` on replay; Keras deserializes in safe
+    mode (no lambda bytecode)."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    try:
+        reasons: list[str] = []
+        data: dict[str, _Arrays] = {}
+        arch = json.loads(model.to_json())
+        compile_config = model.get_compile_config()
+        try:
+            json.dumps(compile_config)
+        except (TypeError, ValueError) as exc:
+            compile_config = None
+            reasons.append(f"the compile config is not JSON ({exc})")
+        custom = _keras_custom_objects(model, reasons)
+        arrays, meta = _keras_arrays(model)
+        data["weights.npz"] = arrays
+        batch = _Arrays()
+        try:
+            batch_desc = _encode(
+                {"x": x, "y": y, "sample_weight": sample_weight}, batch, "batch"
+            )
+        except _NotData as exc:
+            batch_desc = None
+            reasons.append(str(exc))
+        data["inputs.npz"] = batch
+        if getattr(model, "_distribute_strategy", None) is not None:
+            reasons.append(
+                "the model was built under a tf.distribute strategy, which a replay "
+                "does not recreate"
+            )
+        call: dict[str, Any] = {
+            "entry": "check_keras_model",
+            "keras_model": arch,
+            "compile": compile_config,
+            "custom_objects": custom,
+            "weights": meta,
+            "batch": batch_desc,
+            "class_weight": None
+            if class_weight is None
+            else [[int(k), float(v)] for k, v in dict(class_weight).items()],
+            "options": dict(options),
+        }
+        path = _write(
+            directory,
+            name=f"{report.label or type(model).__name__}-keras-{report.dtype}",
+            call=call,
+            report=report,
+            data=data,
+            reason="; ".join(dict.fromkeys(reasons)),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _keras_custom_objects(model: Any, reasons: list[str]) -> dict[str, str]:
+    """``{name Keras serializes it by: "module:qualname"}`` for the model's own
+    class, its layers' and its loss functions when they are not Keras'."""
+    found: list[Any] = [type(model)]
+    with contextlib.suppress(Exception):
+        found += [type(layer) for layer in model._flatten_layers(include_self=False)]
+    losses = getattr(model, "loss", None)
+    items = (
+        losses.values()
+        if isinstance(losses, Mapping)
+        else (losses if isinstance(losses, (list, tuple)) else [losses])
+    )
+    found += [f for f in items if callable(f) and not isinstance(f, str)]
+    out: dict[str, str] = {}
+    for obj in found:
+        cls = obj if isinstance(obj, type) or inspect.isfunction(obj) else type(obj)
+        mod = str(getattr(cls, "__module__", ""))
+        if mod.split(".")[0] in ("keras", "tensorflow", "tf_keras"):
+            continue
+        name = importable_name(cls)
+        if name is None:
+            reasons.append(_why_not_importable(cls, f"Keras object {cls.__name__}"))
+            continue
+        out[cls.__name__] = name
+    return out
+
+
+def _replay_keras(bundle: Bundle) -> CheckReport:
+    from gradcheck.keras_api import check_keras_model
+
+    call = bundle.call
+    keras = _framework("keras")
+    custom = {
+        str(k): _resolve(str(v), f"custom_objects[{k!r}]")
+        for k, v in (call.get("custom_objects") or {}).items()
+    }
+    try:
+        model = keras.saving.deserialize_keras_object(
+            call["keras_model"], custom_objects=custom, safe_mode=True
+        )
+        if call.get("compile") is not None:
+            model.compile_from_config(call["compile"])
+    except (TypeError, ValueError) as exc:
+        raise ReproBundleError(
+            f"Keras cannot rebuild the model from the bundle's config ({exc}); a "
+            "custom class or loss must be importable here."
+        ) from None
+    _load_keras_weights(model, bundle.data("weights.npz"), call.get("weights"))
+    batch = _decode(call["batch"], bundle.data("inputs.npz"), "batch")
+    class_weight = call.get("class_weight")
+    if class_weight is not None:
+        class_weight = {int(k): float(v) for k, v in class_weight}
+    return check_keras_model(
+        model,
+        batch["x"],
+        batch["y"],
+        sample_weight=batch["sample_weight"],
+        class_weight=class_weight,
+        label=bundle.doc.get("label"),
+        **_options(call, {"seed", "rtol"}),
+    )
+
+
 # -------------------------------------------------- check_model bundles
 def write_model_bundles(
     repro_dir: Any,
@@ -1484,6 +1627,8 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
             report = _replay_heads(bundle)
         elif entry == "check_training_step":
             report = _replay_training(bundle)
+        elif entry == "check_keras_model":
+            report = _replay_keras(bundle)
         else:
             raise ReproBundleError(f"{bundle.path}: unknown entry point {entry!r}.")
     except (KeyError, TypeError, AttributeError) as exc:
