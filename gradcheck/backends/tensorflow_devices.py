@@ -1,35 +1,21 @@
-"""The devices property's TensorFlow / Keras driver: the user's model run under
-``tf.device``, evaluation with an op log (op callbacks), RNG, op determinism and TF32
-switches, and restoring every variable. See :mod:`gradcheck.properties.devices`."""
+"""TensorFlow's device plumbing for check_variants / check_devices: the op log of an
+evaluation (op callbacks: TF32-eligible kernels, random-number ops, ops with
+nondeterministic GPU kernels), the op-determinism and TF32 switches. The driver
+that uses them is
+:class:`gradcheck.backends.tensorflow_variants.TensorflowVariantDriver`."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
-from gradcheck.backends import tensorflow as tfb
-from gradcheck.backends.devices_base import Driver, Evaluation, OpLog, same
-from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
-from gradcheck.numeric import tolerance as tl
+from gradcheck.backends.variants_base import OpLog
 
-__all__ = ["TensorflowDriver", "owns"]
-
-FRAMEWORK = "tensorflow"
-
-
-def owns(model: Any) -> bool:
-    """Whether ``model`` is this driver's (a Keras Model/Layer or a tf.Module)."""
-    return tfb._is_container(model)
-
-
-def driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> TensorflowDriver:
-    return TensorflowDriver(loss_fn, model, batch)
+__all__ = ["determinism_enabled", "op_determinism", "op_logging", "tf32_off"]
 
 
 # ====================================================================== op logs
@@ -137,7 +123,8 @@ def _tf_record(log: OpLog, op_type: Any, inputs: Any, attrs: Any, outputs: Any) 
 
 
 @contextlib.contextmanager
-def _tf_logging() -> Iterator[OpLog]:
+def op_logging() -> Iterator[OpLog]:
+    """Record what the eager evaluation inside the block runs (see OpLog)."""
     log = OpLog()
     try:
         from tensorflow.python.framework import op_callbacks
@@ -162,163 +149,48 @@ def _tf_logging() -> Iterator[OpLog]:
         op_callbacks.remove_op_callback(callback)
 
 
-# ====================================================================== driver
-class TensorflowDriver(Driver):
-    framework = "tensorflow"
-    switch = "tf.config.experimental.enable_op_determinism()"
+# ====================================================================== switches
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """TF32 off inside the block (TensorFlow's one switch), back as it was after."""
+    exp = tf.config.experimental
+    before = exp.tensor_float_32_execution_enabled()
+    try:
+        exp.enable_tensor_float_32_execution(False)
+        yield
+    finally:
+        exp.enable_tensor_float_32_execution(before)
 
-    def __init__(self, loss_fn: Callable[..., Any], model: Any, batch: Any):
-        self.tf = tf
-        self.tfb = tfb
-        self.loss_fn = loss_fn
-        self.model = model
-        self.batch = batch
-        self.evaluations = 0
-        containers, named, _skipped = tfb._collect_params(model)
-        tracked: dict[int, Any] = {}
-        self._state = tfb._State([])
 
-        def track(v: Any) -> Any:
-            key = id(tfb._tf_var(v))
-            if key not in tracked:
-                tracked[key] = tfb._Var(v)
-                self._state.variables.append(tracked[key])
-            return tracked[key]
-
-        sources: list[tuple[str, Any]] = []
-        seen: set[int] = set()
-        for name, v in named:
-            var = track(v)
-            if id(var.tf_var) in seen or not tfb._is_floating(v):
-                continue
-            seen.add(id(var.tf_var))
-            sources.append((name, var))
-        for container in containers:
-            for v in container.variables:
-                track(v)
-        for v in tfb._rng_states(containers):
-            track(v).rng = True
-        if not sources:
-            self._state.restore()
-            raise NothingToDifferentiateError(
-                "the model has no trainable floating-point variable (build it by "
-                "calling it once on an example batch): nothing to compare."
-            )
-        names = [n for n, _ in sources]
-        self.names = [
-            n if names.count(n) == 1 else f"{n} (#{i})" for i, n in enumerate(names)
-        ]
-        self._sources = [var for _, var in sources]
-        self.dtypes = {
-            n: tl.canonical_dtype(var.tf_var.dtype)
-            for n, var in zip(self.names, self._sources, strict=True)
-        }
-        self._tf32_enabled = tf.config.experimental.tensor_float_32_execution_enabled()
-        self._determinism = _tf_determinism_enabled()
-
-    def evaluate(self, device: str) -> Evaluation:
-        tf = self.tf
-        tfb = self.tfb
-        watched = [v.tf_var for v in self._sources]
-        self.evaluations += 1
+@contextlib.contextmanager
+def op_determinism(flagged: list[str]) -> Iterator[bool]:
+    """TensorFlow's op determinism on inside the block (off again after, if the
+    user had it off); yields False when it cannot be switched back off, and then
+    does not touch it. An op it refuses (an unseeded random op, an op without a
+    deterministic kernel) ends the block and is appended to ``flagged``."""
+    try:
+        from tensorflow.python.framework import config as tf_config
+    except ImportError:  # pragma: no cover
+        yield False
+        return
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    was = determinism_enabled()
+    if disable is None or was is None:
+        yield False
+        return
+    try:
+        if not was:
+            tf.config.experimental.enable_op_determinism()
         try:
-            with _tf_logging() as log, tf.device(device):
-                with tf.GradientTape() as tape:
-                    tape.watch(watched)
-                    loss = self.loss_fn(self.model, self.batch)
-                if (
-                    not isinstance(loss, tf.Tensor)
-                    or not loss.dtype.is_floating
-                    or int(tf.size(loss)) != 1
-                ):
-                    what = (
-                        f"a tensor of shape {loss.shape.as_list()} ({loss.dtype.name})"
-                        if isinstance(loss, tf.Tensor)
-                        else type(loss).__name__
-                    )
-                    raise UnsupportedInputError(
-                        f"loss_fn(model, batch) must return a scalar floating tensor "
-                        f"(the loss); got {what}. Reduce it (tf.reduce_mean) as "
-                        "training does."
-                    )
-                grads = tape.gradient(
-                    loss, watched, unconnected_gradients=tf.UnconnectedGradients.NONE
-                )
-                value = float(np.asarray(loss.numpy(), dtype=np.float64).reshape(()))
-                arrays = {
-                    n: None if g is None else tfb._to_numpy(g)
-                    for n, g in zip(self.names, grads, strict=True)
-                }
-        finally:
-            self._state.reset_variables()
-        return Evaluation(value, arrays, log)
-
-    def seed(self, device: str, seed: int) -> None:
-        # every device starts from the model's own seed-generator states
-        self._reset_rng()
-
-    def _reset_rng(self) -> None:
-        for v in self._state.variables:
-            if v.rng:
-                v.reset()
-        st = self._state
-        if st.tf_generator is not None:
-            st.tf_generator.state.assign(st.tf_generator_state)
-        if st.keras_seed is not None:
-            st.keras_seed.reset()
-        np.random.set_state(st.rng_np)
-        random.setstate(st.rng_py)
-
-    def rng_snapshot(self, device: str) -> Any:
-        return None  # the entry state, see rng_reset
-
-    def rng_reset(self, snapshot: Any) -> None:
-        self._reset_rng()
-
-    def probe(self, device: str, snapshot: Any) -> tuple[list[str], bool | None]:
-        try:
-            from tensorflow.python.framework import config as tf_config
-        except ImportError:  # pragma: no cover
-            return [], None
-        disable = getattr(tf_config, "disable_op_determinism", None)
-        if disable is None or self._determinism is None:
-            return [], None  # it could not be switched back off: do not touch it
-        flagged: list[str] = []
-        results: list[Evaluation] = []
-        try:
-            if not self._determinism:
-                self.tf.config.experimental.enable_op_determinism()
-            for _ in range(2):
-                self.rng_reset(snapshot)
-                try:
-                    results.append(self.evaluate(device))
-                except (self.tf.errors.OpError, RuntimeError) as exc:
-                    flagged.extend(_tf_flagged(exc))
-                    break
-        finally:
-            if not self._determinism:
-                disable()
-        agrees = same(results[0], results[1]) if len(results) == 2 else None
-        return list(dict.fromkeys(flagged)), agrees
-
-    @contextlib.contextmanager
-    def tf32_off(self) -> Iterator[None]:
-        exp = self.tf.config.experimental
-        before = exp.tensor_float_32_execution_enabled()
-        try:
-            exp.enable_tensor_float_32_execution(False)
-            yield
-        finally:
-            exp.enable_tensor_float_32_execution(before)
-
-    def restore(self) -> None:
-        exp = self.tf.config.experimental
-        if exp.tensor_float_32_execution_enabled() != self._tf32_enabled:
-            exp.enable_tensor_float_32_execution(self._tf32_enabled)
-        self._state.restore()
+            yield True
+        except (tf.errors.OpError, RuntimeError) as exc:
+            flagged.extend(_tf_flagged(exc))
+    finally:
+        if not was:
+            disable()
 
 
-def _tf_determinism_enabled() -> bool | None:
+def determinism_enabled() -> bool | None:
     try:
         from tensorflow.python.framework import config as tf_config
 

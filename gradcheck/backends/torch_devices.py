@@ -1,19 +1,18 @@
-"""The devices property's PyTorch driver: per-device copies of the model and batch,
-evaluation with an op log (TorchDispatchMode), RNG, deterministic-algorithms and
-TF32 switches, and restoring all of it. See :mod:`gradcheck.properties.devices`."""
+"""PyTorch's device plumbing for check_variants / check_devices: copies of the model
+and batch on a device, the op log of an evaluation (TorchDispatchMode: TF32-eligible
+kernels, random-number ops, ops with nondeterministic CUDA kernels), the
+deterministic-algorithms and TF32 switches. The driver that uses them is
+:class:`gradcheck.backends.torch_variants.TorchVariantDriver`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import random
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 try:
@@ -22,29 +21,18 @@ except ImportError:  # pragma: no cover - very old torch
     TorchDispatchMode = None
 
 from gradcheck import devices as dv
-from gradcheck.backends.devices_base import Driver, Evaluation, OpLog, same
-from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
-from gradcheck.numeric import tolerance as tl
+from gradcheck.backends.variants_base import OpLog
+from gradcheck.errors import UnsupportedInputError
 
-__all__ = ["TorchDriver", "owns", "tf32_off_switches"]
-
-FRAMEWORK = "torch"
-
-
-def owns(model: Any) -> bool:
-    """Whether ``model`` is this driver's (a torch.nn.Module)."""
-    return isinstance(model, torch.nn.Module)
-
-
-def driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> TorchDriver:
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.layers.Layer):
-        raise UnsupportedInputError(
-            "a Keras model on the torch backend cannot be copied to another "
-            "device by gradcheck; check it with KERAS_BACKEND=tensorflow, or "
-            "check the equivalent torch.nn.Module."
-        )
-    return TorchDriver(loss_fn, model, batch)
+__all__ = [
+    "check_loss",
+    "copy_model",
+    "deterministic_warnings",
+    "device_error",
+    "move",
+    "op_logging",
+    "tf32_off_switches",
+]
 
 
 # ====================================================================== op logs
@@ -195,7 +183,8 @@ def _torch_record(
 
 
 @contextlib.contextmanager
-def _torch_logging(torch: Any) -> Iterator[OpLog]:
+def op_logging() -> Iterator[OpLog]:
+    """Record what the evaluation inside the block runs (see OpLog)."""
     log = OpLog()
     if TorchDispatchMode is None:  # pragma: no cover - very old torch
         log.working = False
@@ -215,14 +204,19 @@ def _torch_logging(torch: Any) -> Iterator[OpLog]:
         yield log
 
 
-# ====================================================================== driver
+# ====================================================================== device moves
 #: torch's messages for tensors on different devices
 _DEVICE_ERROR = re.compile(
     r"same device|Expected .*device|device type|to be on .*(cuda|cpu)", re.IGNORECASE
 )
 
 
-def _wrap_device_error(exc: BaseException, device: str) -> BaseException:
+def device_error(exc: BaseException, device: str) -> BaseException | None:
+    """A clear UnsupportedInputError for torch's "tensors on different devices"
+    errors (a tensor loss_fn took from elsewhere stayed where it was); None for
+    any other error."""
+    if not isinstance(exc, RuntimeError) or not _DEVICE_ERROR.search(str(exc)):
+        return None
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return UnsupportedInputError(
         f"loss_fn failed on {device}: {type(exc).__name__}: {first}. gradcheck moves "
@@ -233,192 +227,80 @@ def _wrap_device_error(exc: BaseException, device: str) -> BaseException:
     )
 
 
-class TorchDriver(Driver):
-    framework = "torch"
-    switch = "torch.use_deterministic_algorithms(True)"
+def copy_model(model: Any, device: str) -> Any:
+    """A deep copy of ``model`` on ``device`` (the user's module is never moved)."""
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:
+        raise UnsupportedInputError(
+            f"the model cannot be deep-copied ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); gradcheck copies it to each device so the "
+            "user's module is never moved. Remove un-copyable attributes "
+            "(open files, locks, hooks holding them)."
+        ) from exc
+    return copied.to(device)
 
-    def __init__(self, loss_fn: Callable[..., Any], model: Any, batch: Any):
-        self.torch = torch
-        self.loss_fn = loss_fn
-        self.model = model
-        self.batch = batch
-        self.evaluations = 0
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise NothingToDifferentiateError(
-                "the model has no parameter that requires grad: nothing to compare "
-                "across devices."
-            )
-        meta = [n for n, p in named if p.device.type == "meta"]
-        if meta:
-            raise UnsupportedInputError(
-                f"parameters {meta[:4]} are on the 'meta' device (no values): "
-                "materialise the model (to_empty + load weights) before checking."
-            )
-        bad = [n for n, p in named if not p.is_floating_point()]
-        if bad:
-            raise UnsupportedInputError(f"parameters {bad[:4]} are not floating point.")
-        self.names = [n for n, _ in named]
-        self.dtypes = {n: tl.canonical_dtype(p.dtype) for n, p in named}
-        # state to restore
-        self._rng_cpu = torch.get_rng_state()
-        self._cuda_was_initialized = (
-            torch.cuda.is_available() and torch.cuda.is_initialized()
-        )
-        self._rng_cuda = (
-            torch.cuda.get_rng_state_all() if self._cuda_was_initialized else None
-        )
-        self._np = np.random.get_state()
-        self._py = random.getstate()
-        self._grad = torch.is_grad_enabled()
-        self._det = (
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-        )
 
-    # -- evaluation ------------------------------------------------------------
-    def _copy(self, device: str) -> Any:
+def move(obj: Any, device: str) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples, namedtuples) copied
+    to ``device``; a floating tensor that required grad still does."""
+    if isinstance(obj, torch.Tensor):
+        moved = obj.detach().to(device, copy=True)
+        if obj.requires_grad and moved.is_floating_point():
+            moved.requires_grad_(True)
+        return moved
+    if isinstance(obj, dict):
+        items = [(k, move(v, device)) for k, v in obj.items()]
         try:
-            model = copy.deepcopy(self.model)
-        except Exception as exc:
-            raise UnsupportedInputError(
-                f"the model cannot be deep-copied ({type(exc).__name__}: "
-                f"{str(exc)[:160]}); gradcheck copies it to each device so the "
-                "user's module is never moved. Remove un-copyable attributes "
-                "(open files, locks, hooks holding them)."
-            ) from exc
-        return model.to(device)
+            return type(obj)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(move(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device) for v in obj)
+    return obj
 
-    def _move(self, obj: Any, device: str) -> Any:
-        torch = self.torch
-        if isinstance(obj, torch.Tensor):
-            moved = obj.detach().to(device, copy=True)
-            if obj.requires_grad and moved.is_floating_point():
-                moved.requires_grad_(True)
-            return moved
-        if isinstance(obj, dict):
-            items = [(k, self._move(v, device)) for k, v in obj.items()]
+
+# ====================================================================== switches
+def deterministic_state() -> tuple[bool, bool]:
+    """(deterministic algorithms on, warn-only) as the user set them."""
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+
+
+def set_deterministic(mode: bool, warn_only: bool) -> None:
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is not None:  # leaves torch._inductor.config alone
+        setter(mode, warn_only=warn_only)
+    else:  # pragma: no cover - older torch
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def deterministic_warnings(flagged: list[str]) -> Iterator[None]:
+    """Deterministic algorithms on in warn-only mode inside the block (the user's
+    setting back after); the ops torch names as having no deterministic
+    implementation, from its warnings or from a kernel that refuses outright,
+    are appended to ``flagged``."""
+    before = deterministic_state()
+    try:
+        set_deterministic(True, warn_only=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
-                return type(obj)(items)
-            except TypeError:
-                return dict(items)
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-            return type(obj)(*(self._move(v, device) for v in obj))
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._move(v, device) for v in obj)
-        return obj
-
-    def evaluate(self, device: str) -> Evaluation:
-        torch = self.torch
-        model = self._copy(device)
-        batch = self._move(self.batch, device)
-        params = dict(model.named_parameters())
-        sources = [params[n] for n in self.names]
-        self.evaluations += 1
-        try:
-            with (
-                torch.inference_mode(False),
-                torch.enable_grad(),
-                _torch_logging(torch) as log,
-            ):
-                loss = self.loss_fn(model, batch)
-                check_loss(loss)
-                if loss.requires_grad:
-                    grads = torch.autograd.grad(
-                        loss.reshape(()), sources, allow_unused=True
-                    )
-                else:
-                    grads = (None,) * len(sources)
-        except RuntimeError as exc:
-            if _DEVICE_ERROR.search(str(exc)):
-                raise _wrap_device_error(exc, device) from exc
-            raise
-        value = float(loss.detach().to("cpu", torch.float64))
-        arrays = {
-            n: None
-            if g is None
-            else np.array(g.detach().to("cpu", torch.float64).numpy(), copy=True)
-            for n, g in zip(self.names, grads, strict=True)
-        }
-        return Evaluation(value, arrays, log)
-
-    # -- RNG ---------------------------------------------------------------------
-    def _cuda_index(self, device: str) -> int | None:
-        return dv._gpu_index(device) if dv.is_gpu(device) else None
-
-    def seed(self, device: str, seed: int) -> None:
-        torch = self.torch
-        torch.random.default_generator.manual_seed(seed)
-        index = self._cuda_index(device)
-        if index is not None:
-            torch.cuda.init()
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-
-    def rng_snapshot(self, device: str) -> Any:
-        torch = self.torch
-        index = self._cuda_index(device)
-        cuda = None if index is None else (index, torch.cuda.get_rng_state(index))
-        return (torch.get_rng_state(), cuda, np.random.get_state(), random.getstate())
-
-    def rng_reset(self, snapshot: Any) -> None:
-        cpu, cuda, np_state, py_state = snapshot
-        self.torch.set_rng_state(cpu)
-        if cuda is not None:
-            self.torch.cuda.set_rng_state(cuda[1], cuda[0])
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-    # -- switches ------------------------------------------------------------------
-    def _set_deterministic(self, mode: bool, warn_only: bool) -> None:
-        setter = getattr(self.torch._C, "_set_deterministic_algorithms", None)
-        if setter is not None:  # leaves torch._inductor.config alone
-            setter(mode, warn_only=warn_only)
-        else:  # pragma: no cover - older torch
-            self.torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-
-    def probe(self, device: str, snapshot: Any) -> tuple[list[str], bool | None]:
-        flagged: list[str] = []
-        results: list[Evaluation] = []
-        try:
-            self._set_deterministic(True, warn_only=True)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                for _ in range(2):
-                    self.rng_reset(snapshot)
-                    try:
-                        results.append(self.evaluate(device))
-                    except RuntimeError as exc:  # a kernel that refuses outright
-                        flagged.extend(_torch_flagged(str(exc)))
-                        break
-            for w in caught:
-                flagged.extend(_torch_flagged(str(w.message)))
-        finally:
-            self._set_deterministic(*self._det)
-        flagged = list(dict.fromkeys(flagged))
-        agrees = same(results[0], results[1]) if len(results) == 2 else None
-        return flagged, agrees
-
-    @contextlib.contextmanager
-    def tf32_off(self) -> Iterator[None]:
-        with tf32_off_switches(self.torch):
-            yield
-
-    def restore(self) -> None:
-        torch = self.torch
-        self._set_deterministic(*self._det)
-        torch.set_grad_enabled(self._grad)
-        torch.set_rng_state(self._rng_cpu)
-        if self._rng_cuda is not None:
-            torch.cuda.set_rng_state_all(self._rng_cuda)
-        elif torch.cuda.is_available() and torch.cuda.is_initialized():
-            # CUDA started during the check: put every generator back to its
-            # fresh state (seeded with the seed it was initialised with)
-            for index in range(torch.cuda.device_count()):
-                gen = torch.cuda.default_generators[index]
-                gen.manual_seed(gen.initial_seed())
-        np.random.set_state(self._np)
-        random.setstate(self._py)
+                yield
+            except RuntimeError as exc:
+                found = _torch_flagged(str(exc))
+                if not found:
+                    raise
+                flagged.extend(found)
+        for w in caught:
+            flagged.extend(_torch_flagged(str(w.message)))
+    finally:
+        set_deterministic(*before)
 
 
 _TORCH_FLAG_RE = re.compile(r"([\w.:]+) does not have a deterministic implementation")

@@ -1,11 +1,15 @@
-"""The variants property's PyTorch driver: one model's gradients under
-``torch.compile``, autocast and on other devices, evaluated on deep copies of the
-model (the user's module, its ``.grad`` and buffers are never touched). See
+"""The PyTorch driver of check_variants and check_devices: one model's gradients
+under ``torch.compile``, autocast and on any device, evaluated on deep copies of
+the model (the user's module, its ``.grad`` and buffers are never touched), with
+the op log of every eager evaluation, the TF32 and determinism switches, and the
+user's global state (RNGs, grad mode, switches) put back at the end. See
 :mod:`gradcheck.properties.variants` for what is compared and the tolerance."""
 
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,10 +18,12 @@ import numpy as np
 import torch
 
 from gradcheck import devices as dv
-from gradcheck.backends.torch_devices import TorchDriver, check_loss
-from gradcheck.errors import UnsupportedInputError
+from gradcheck.backends import torch_devices as td
+from gradcheck.backends.variants_base import Driver, change, same
+from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
+from gradcheck.numeric import tolerance as tl
 
-__all__ = ["TorchVariantDriver", "driver", "owns"]
+__all__ = ["TorchVariantDriver", "driver", "owns", "placement"]
 
 FRAMEWORK = "torch"
 
@@ -29,7 +35,48 @@ def owns(model: Any) -> bool:
 
 
 def driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> TorchVariantDriver:
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.layers.Layer):
+        raise UnsupportedInputError(
+            "a Keras model on the torch backend cannot be copied to another "
+            "device by gradcheck; check it with KERAS_BACKEND=tensorflow, or "
+            "check the equivalent torch.nn.Module."
+        )
     return TorchVariantDriver(loss_fn, model, batch)
+
+
+@contextlib.contextmanager
+def placement(device: str) -> Iterator[str]:
+    """Where an evaluation named ``device`` computes: the block runs with that
+    device current (``torch.cuda.device`` for a GPU, so a tensor loss_fn creates
+    with ``device="cuda"`` lands there) and gets the torch device to copy the
+    model and batch to. The one seam between a device's name and the hardware:
+    the tests patch it (with :func:`gpu_available`) to run a GPU variant's whole
+    path on the CPU, with a device-only bug of their own."""
+    if dv.is_gpu(device):
+        with torch.cuda.device(dv._gpu_index(device)):
+            yield device
+    else:
+        yield "cpu"
+
+
+def gpu_available(device: str) -> str | None:
+    """Why the GPU ``device`` cannot be used here (None: it can)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = (
+            f"this torch ({torch.__version__}) is a CPU-only build"
+            if getattr(torch.version, "cuda", None) is None
+            else "torch.cuda.is_available() is False (no NVIDIA driver or GPU "
+            "visible; check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        )
+        return f"{device} needs a GPU and torch sees none: {why}."
+    if dv._gpu_index(device) >= count:
+        return (
+            f"{device} asked for, but torch sees {count} GPU(s) (indices count "
+            "from 0 among the visible GPUs, after CUDA_VISIBLE_DEVICES)."
+        )
+    return None
 
 
 def _floating(obj: Any, fn: Callable[[Any], Any]) -> Any:
@@ -50,21 +97,52 @@ def _floating(obj: Any, fn: Callable[[Any], Any]) -> Any:
     return obj
 
 
-class TorchVariantDriver(TorchDriver):
+class TorchVariantDriver(Driver):
     """Evaluates ``loss_fn(model_copy, batch_copy)`` under a variant; keeps and
-    restores the user's state like the devices driver (RNG, grad mode, switches)."""
+    restores the user's state (RNGs, grad mode, determinism and TF32 switches)."""
 
-    def __init__(self, loss_fn: Callable[..., Any], model: Any, batch: Any):
-        super().__init__(loss_fn, model, batch)
-        first = next(p for p in model.parameters() if p.requires_grad)
-        self.home = str(first.device)
-
-    # -- what can run here ---------------------------------------------------------
-    #: the reference of a float32 model is eager float64 (a float64 copy)
+    framework = "torch"
+    switch = "torch.use_deterministic_algorithms(True)"
+    #: the reference of a float32 (or half) model is eager float64 (a float64 copy)
     reference_float64 = True
 
+    def __init__(self, loss_fn: Callable[..., Any], model: Any, batch: Any):
+        self.loss_fn = loss_fn
+        self.model = model
+        self.batch = batch
+        self.evaluations = 0
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise NothingToDifferentiateError(
+                "the model has no parameter that requires grad: nothing to compare."
+            )
+        meta = [n for n, p in named if p.device.type == "meta"]
+        if meta:
+            raise UnsupportedInputError(
+                f"parameters {meta[:4]} are on the 'meta' device (no values): "
+                "materialise the model (to_empty + load weights) before checking."
+            )
+        bad = [n for n, p in named if not p.is_floating_point()]
+        if bad:
+            raise UnsupportedInputError(f"parameters {bad[:4]} are not floating point.")
+        self.names = [n for n, _ in named]
+        self.dtypes = {n: tl.canonical_dtype(p.dtype) for n, p in named}
+        self.home = str(named[0][1].device)
+        # state to restore
+        self._rng_cpu = torch.get_rng_state()
+        self._cuda_was_initialized = (
+            torch.cuda.is_available() and torch.cuda.is_initialized()
+        )
+        self._rng_cuda = (
+            torch.cuda.get_rng_state_all() if self._cuda_was_initialized else None
+        )
+        self._np = np.random.get_state()
+        self._py = random.getstate()
+        self._grad = torch.is_grad_enabled()
+        self._det = td.deterministic_state()
+
+    # -- what can run here ---------------------------------------------------------
     def supported(self, variant: Any) -> None:
-        """Raise UnsupportedInputError for a variant torch has no form of."""
         if variant.xla:
             raise UnsupportedInputError(
                 f"variant '{variant.name}': 'xla' is TensorFlow's jit_compile; for a "
@@ -72,44 +150,53 @@ class TorchVariantDriver(TorchDriver):
             )
 
     def unavailable(self, variant: Any) -> str | None:
-        """Why the variant cannot run on this machine (None: it can)."""
-        device, autocast = variant.device, variant.autocast
-        compiled = variant.compiled
-        if device is not None and dv.is_gpu(device):
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = dv._gpu_index(device)
-            if count == 0:
-                why = (
-                    f"this torch ({torch.__version__}) is a CPU-only build"
-                    if getattr(torch.version, "cuda", None) is None
-                    else "torch.cuda.is_available() is False"
-                )
-                return f"{device} needs a GPU and torch sees none: {why}."
-            if index >= count:
-                return f"{device} asked for, but torch sees {count} GPU(s)."
-        where = self._device_type(device)
-        if autocast is not None:
-            dtype = _AUTOCAST_DTYPES[autocast]
-            is_available = getattr(torch.amp, "is_autocast_available", None)
-            if is_available is not None and not is_available(where):
-                return f"torch {torch.__version__} has no autocast on {where}."
-            try:
-                with torch.autocast(where, dtype=dtype):
-                    a = torch.ones(2, 2, device=device or self.home)
-                    (a @ a).sum()
-            except Exception as exc:
-                return (
-                    f"torch {torch.__version__} does not support autocast to "
-                    f"{autocast} on {where}: {type(exc).__name__}: {str(exc)[:160]}"
-                )
-        if compiled and not hasattr(torch, "compile"):
+        device = dv.normalize("torch", variant.device or self.home)
+        if dv.is_gpu(device):
+            why = gpu_available(device)
+            if why is not None:
+                return why
+        if variant.autocast is not None:
+            with placement(device) as target:
+                where = torch.device(target).type
+                is_available = getattr(torch.amp, "is_autocast_available", None)
+                if is_available is not None and not is_available(where):
+                    return f"torch {torch.__version__} has no autocast on {where}."
+                try:
+                    with torch.autocast(
+                        where, dtype=_AUTOCAST_DTYPES[variant.autocast]
+                    ):
+                        a = torch.ones(2, 2, device=target)
+                        (a @ a).sum()
+                except Exception as exc:
+                    return (
+                        f"torch {torch.__version__} does not support autocast to "
+                        f"{variant.autocast} on {where}: {type(exc).__name__}: "
+                        f"{str(exc)[:160]}"
+                    )
+        if variant.compiled and not hasattr(torch, "compile"):
             return f"torch {torch.__version__} has no torch.compile."
         return None
 
-    def _device_type(self, device: str | None) -> str:
-        return torch.device(device or self.home).type
+    def precision(self) -> str:
+        order = ["float16", "bfloat16", "float32", "float64"]
+        known = [d for d in self.dtypes.values() if d in order]
+        return max(known, key=order.index) if known else "float32"
 
-    # -- evaluation ----------------------------------------------------------------
+    # -- RNG -------------------------------------------------------------------------
+    def _seed(self, target: str, seed: int) -> None:
+        """Every generator loss_fn may draw from, reset before each evaluation:
+        torch's CPU generator and the device's (seeded), NumPy's and Python's
+        (back to their state at the start of the check). Dropout then draws the
+        same mask in every evaluation on one device."""
+        torch.random.default_generator.manual_seed(seed)
+        if dv.is_gpu(target):
+            torch.cuda.init()
+            with torch.cuda.device(dv._gpu_index(target)):
+                torch.cuda.manual_seed(seed)
+        np.random.set_state(self._np)
+        random.setstate(self._py)
+
+    # -- evaluation --------------------------------------------------------------------
     def gradients(
         self,
         *,
@@ -120,36 +207,39 @@ class TorchVariantDriver(TorchDriver):
         perturb: tuple[int, float] | None = None,
         float64: bool = False,
         seed: int = 0,
+        repeat: bool = False,
+        tf32: bool = True,
     ) -> dict[str, Any]:
-        """Gradient of every trainable parameter of a fresh copy of the model, as
-        float64 NumPy arrays (None: not connected), with the loss and timings.
+        """See :meth:`Driver.gradients`. ``compiled``: ``torch.compile(loss_fn)``
+        (default backend), called twice; the compile time is the first call's
+        extra time plus the compiler's import and resets. ``float64``: model and
+        batch in float64 (the reference)."""
+        name = dv.normalize("torch", device or self.home)
+        switches = contextlib.nullcontext() if tf32 else self.tf32_off()
+        with placement(name) as target, switches:
+            return self._gradients(
+                name, target, autocast, compiled, perturb, float64, seed, repeat
+            )
 
-        ``perturb=(seed, relative)``: every floating parameter and batch tensor is
-        moved to ``x * (1 + relative * u)``, u uniform in [-1, 1] (NumPy generator
-        of that seed: no global RNG drawn). ``float64``: model and batch in float64
-        (the reference). ``compiled``: ``torch.compile(loss_fn)`` (default
-        backend), called twice; the compile time is the first call's extra time plus the
-        compiler's import and resets."""
-        target = device or self.home
-        model = self._copy(target)
-        batch = self._move(self.batch, target)
+    def _gradients(
+        self,
+        name: str,
+        target: str,
+        autocast: str | None,
+        compiled: bool,
+        perturb: tuple[int, float] | None,
+        float64: bool,
+        seed: int,
+        repeat: bool,
+    ) -> dict[str, Any]:
+        model = td.copy_model(self.model, target)
+        batch = td.move(self.batch, target)
         if float64:
             model = model.double()
             batch = _floating(batch, lambda t: t.double())
         if perturb is not None:
-            rng = np.random.default_rng(perturb[0])
-
-            def move(t: Any) -> Any:
-                u = torch.from_numpy(rng.uniform(-1.0, 1.0, tuple(t.shape)))
-                u = u.to(device=t.device, dtype=torch.float64)
-                moved = (t.detach().double() * (1.0 + perturb[1] * u)).to(t.dtype)
-                return moved.requires_grad_(t.requires_grad)
-
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.is_floating_point():
-                        p.copy_(move(p))
-            batch = _floating(batch, move)
+            _perturb(model, perturb)
+            batch = _floating(batch, _mover(perturb))
         params = dict(model.named_parameters())
         sources = [params[n] for n in self.names]
         fn = self.loss_fn
@@ -157,50 +247,67 @@ class TorchVariantDriver(TorchDriver):
         if compiled:  # the compiler's import and reset count as compile time
             _dynamo_reset()
             fn = torch.compile(self.loss_fn)
-        calls = 2 if compiled else 1
         overhead = time.perf_counter() - setup
-        seconds: list[float] = []
-        grads: Any = None
-        loss: Any = None
-        for _ in range(calls):
-            self.seed(target, seed)
+        runs: list[dict[str, Any]] = []
+        for _ in range(2 if (compiled or repeat) else 1):
+            self._seed(target, seed)
             started = time.perf_counter()
-            with (
-                torch.inference_mode(False),
-                torch.enable_grad(),
-                self._autocast(target, autocast),
-                _fallback_random(compiled),
-            ):
-                loss = fn(model, batch)
-                check_loss(loss)
-                if loss.requires_grad:
-                    grads = torch.autograd.grad(
-                        loss.reshape(()), sources, allow_unused=True
-                    )
-                else:
-                    grads = (None,) * len(sources)
-            if target != "cpu" and dv.is_gpu(target):
+            logging = contextlib.nullcontext() if compiled else td.op_logging()
+            try:
+                with (
+                    torch.inference_mode(False),
+                    torch.enable_grad(),
+                    self._autocast(target, autocast),
+                    _fallback_random(compiled),
+                    logging as log,
+                ):
+                    loss = fn(model, batch)
+                    td.check_loss(loss)
+                    if loss.requires_grad:
+                        grads = torch.autograd.grad(
+                            loss.reshape(()), sources, allow_unused=True
+                        )
+                    else:
+                        grads = (None,) * len(sources)
+            except RuntimeError as exc:
+                clear = td.device_error(exc, name)
+                if clear is not None:
+                    raise clear from exc
+                raise
+            if target != "cpu":
                 torch.cuda.synchronize(target)
-            seconds.append(time.perf_counter() - started)
             self.evaluations += 1
+            runs.append(
+                {
+                    "loss": float(loss.detach().to("cpu", torch.float64)),
+                    "grads": {
+                        n: None
+                        if g is None
+                        else np.array(
+                            g.detach().to("cpu", torch.float64).numpy(), copy=True
+                        )
+                        for n, g in zip(self.names, grads, strict=True)
+                    },
+                    "seconds": time.perf_counter() - started,
+                    "log": log,
+                }
+            )
         teardown = time.perf_counter()
         if compiled:
             _dynamo_reset()
         overhead += time.perf_counter() - teardown
-        arrays = {
-            n: None
-            if g is None
-            else np.array(g.detach().to("cpu", torch.float64).numpy(), copy=True)
-            for n, g in zip(self.names, grads, strict=True)
-        }
-        return {
-            "loss": float(loss.detach().to("cpu", torch.float64)),
-            "grads": arrays,
-            "seconds": seconds[-1],
-            "compile_seconds": overhead + max(0.0, seconds[0] - seconds[-1])
+        out = dict(runs[-1])
+        out["log"] = runs[0]["log"]
+        out["compile_seconds"] = (
+            overhead + max(0.0, runs[0]["seconds"] - runs[-1]["seconds"])
             if compiled
-            else 0.0,
-        }
+            else 0.0
+        )
+        if len(runs) == 2:
+            differs = not same(runs[0], runs[1])
+            out["repeat_differs"] = differs
+            out["repeat_change"] = change(runs[0], runs[1]) if differs else 0.0
+        return out
 
     @contextlib.contextmanager
     def _autocast(self, device: str, dtype: str | None) -> Iterator[None]:
@@ -210,11 +317,60 @@ class TorchVariantDriver(TorchDriver):
         with torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[dtype]):
             yield
 
-    def precision(self) -> str:
-        """The model's floating dtype (the widest of its trainable parameters)."""
-        order = ["float16", "bfloat16", "float32", "float64"]
-        known = [d for d in self.dtypes.values() if d in order]
-        return max(known, key=order.index) if known else "float32"
+    # -- switches ----------------------------------------------------------------------
+    def probe(self, **kw: Any) -> tuple[list[str], bool | None]:
+        flagged: list[str] = []
+        results: list[dict[str, Any]] = []
+        with td.deterministic_warnings(flagged):
+            for _ in range(2):
+                results.append(self.gradients(**kw))
+        flagged = list(dict.fromkeys(flagged))
+        agrees = same(results[0], results[1]) if len(results) == 2 else None
+        return flagged, agrees
+
+    @contextlib.contextmanager
+    def tf32_off(self) -> Iterator[None]:
+        with td.tf32_off_switches(torch):
+            yield
+
+    def restore(self) -> None:
+        td.set_deterministic(*self._det)
+        torch.set_grad_enabled(self._grad)
+        torch.set_rng_state(self._rng_cpu)
+        if self._rng_cuda is not None:
+            torch.cuda.set_rng_state_all(self._rng_cuda)
+        elif torch.cuda.is_available() and torch.cuda.is_initialized():
+            # CUDA started during the check: put every generator back to its
+            # fresh state (seeded with the seed it was initialised with)
+            for index in range(torch.cuda.device_count()):
+                gen = torch.cuda.default_generators[index]
+                gen.manual_seed(gen.initial_seed())
+        np.random.set_state(self._np)
+        random.setstate(self._py)
+
+
+def _mover(perturb: tuple[int, float]) -> Callable[[Any], Any]:
+    """``x -> x (1 + r u)``, u uniform in [-1, 1] from a NumPy generator of the
+    given seed (no global RNG drawn), r the relative move but at least one ulp of
+    the tensor's own dtype: a float16 tensor inside a float32 model moves too."""
+    rng = np.random.default_rng(perturb[0])
+
+    def move(t: Any) -> Any:
+        relative = max(perturb[1], tl.eps(t.dtype))
+        u = torch.from_numpy(rng.uniform(-1.0, 1.0, tuple(t.shape)))
+        u = u.to(device=t.device, dtype=torch.float64)
+        moved = (t.detach().double() * (1.0 + relative * u)).to(t.dtype)
+        return moved.requires_grad_(t.requires_grad)
+
+    return move
+
+
+def _perturb(model: Any, perturb: tuple[int, float]) -> None:
+    move = _mover(perturb)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.copy_(move(p))
 
 
 def _dynamo_reset() -> None:

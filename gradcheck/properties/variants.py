@@ -1,6 +1,7 @@
 """The variants property: a model's gradients are the same, within the precision of
 the variant, when the training step runs compiled, under autocast or on another
-device as in plain eager execution.
+device as in plain eager execution. :func:`gradcheck.check_devices` is its
+device-only form (:mod:`gradcheck.properties.devices`): one engine, one report.
 
 A variant is a ``+``-joined combination of at most one of each:
 
@@ -8,7 +9,9 @@ A variant is a ``+``-joined combination of at most one of each:
   loss function is compiled, as a compiled training step would be);
 * ``"autocast:bfloat16"`` / ``"autocast:float16"``: ``torch.autocast`` on the
   variant's device type;
-* a device, ``"cpu"``, ``"cuda"``, ``"cuda:1"``: the model and batch copied there;
+* a device, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` (TensorFlow's ``"/GPU:1"`` and the
+  other spellings :func:`gradcheck.devices.normalize` knows too): the model and
+  batch copied there (torch) or the model run under ``tf.device`` (TensorFlow);
 * ``"xla"``: TensorFlow/Keras - the loss and its gradient in one
   ``tf.function(jit_compile=True)``. A TensorFlow model runs ``"xla"`` and devices
   only (``"compile"``/autocast are torch's: UnsupportedInputError); its reference
@@ -19,37 +22,60 @@ e.g. ``"cuda+autocast:float16"``, ``"compile+autocast:bfloat16"``. A variant tha
 cannot run on this machine (a GPU variant without a GPU, autocast a torch build
 lacks) is *skipped*, not failed: its reason is a note of the report, and a report
 whose every variant was skipped has status ``"skipped"`` (``assert_variants`` does
-not raise on it; the pytest fixture skips the test).
+not raise on it; the pytest fixture skips the test). A GPU is hardware the
+machine has or not, not a property of the model: the same test suite runs on a
+CPU-only CI and on a GPU machine, and says which it was.
 
 What is compared, per variant, on fresh deep copies of the model (the user's module,
 ``.grad``, buffers, train/eval flags and every RNG are left as they were):
 
 * ``g_v``: every trainable parameter's gradient under the variant, at the point;
-* ``r``: the reference, the eager gradient at the point in float64 (model and
-  floating batch tensors cast to float64) when the model is float32, else in the
-  model's dtype (also when the model cannot run in float64);
+* ``r``: the reference, the eager gradient at the point on the reference device
+  (the model's own; check_devices: the first device named) in float64 (model and
+  floating batch tensors cast to float64) when the model is float32 or half, else
+  in the model's dtype (also when the model cannot run in float64);
 * the error of each tensor is ``||g_v - r||_2``.
+
+Random numbers: before every evaluation gradcheck seeds torch's generators (the
+CPU's and the device's) with ``seed`` and puts NumPy's, Python's, TensorFlow's
+global and Keras' seed generators back to the state they had when the check
+started, so dropout draws the same mask in every evaluation on one device. Two
+devices' generators (and XLA's) draw other numbers from the same seed: when
+loss_fn ran random-number ops and such a variant fails, the status is
+``"nondeterministic"``, not ``"mismatch"``, and a note names the ops.
+
+Nondeterminism: every variant is evaluated twice at the point. Two results that
+differ bitwise are noted (largest relative change) and diagnosed: two more
+evaluations with the framework's determinism switch on (torch: deterministic
+algorithms in warn-only mode, whose warnings name the ops without a
+deterministic implementation; TensorFlow: op determinism, whose errors name the
+op; both restored) tell kernels from state that changes between calls, and ops
+with nondeterministic GPU kernels that ran are listed. A nondeterministic variant
+that fails is ``"nondeterministic"``; a deterministic disagreement elsewhere
+outranks it in the report's status.
 
 Tolerance, measured at check time (no table): the rounding noise of the variant's
 precision on this model and batch. The variant *without compile* (same device,
 same autocast) is evaluated eagerly at the point, ``e_0``, and at ``SPREAD_POINTS``
 points moved by about one unit in the last place of the variant's precision
-``d`` (the autocast dtype, else the model's), ``e_k``: every floating parameter and
-batch tensor ``x`` becomes ``x (1 + eps_d u)``, u uniform in [-1, 1]. Each such
+``d`` (the autocast dtype, TF32 where it is in play, else the model's), ``e_k``:
+every floating parameter and batch tensor ``x`` becomes ``x (1 + eps u)``, u
+uniform in [-1, 1], eps = max(eps_d, the ulp of x's own dtype). Each such
 evaluation rounds differently - the autocast casts of the weights move by an ulp,
 every intermediate rounds the other way about half the time - so
 ``||e_k - e_0|| / sqrt(2)`` samples the size of one evaluation's rounding error in
 this tensor, as the model's conditioning amplifies it (the part of the move the
 true gradient makes, Hessian x eps_d, only adds to it: conservative). A bias
-that a variant adds consistently (a wrong backward under autocast) is the same in
-``e_k`` and ``e_0`` and cancels: the spread does not grow with the bug it is to
-catch. Per tensor::
+that a variant adds consistently (a wrong backward under autocast, a kernel wrong
+on one device) is the same in ``e_k`` and ``e_0`` and cancels: the spread does not
+grow with the bug it is to catch. Per tensor::
 
     sigma_t     = sqrt(mean_k ||e_k - e_0||^2 / 2)
-    tolerance_t = ROUNDING_SIGMAS * sqrt(sigma_t^2 + (eps_d ||r_t||)^2
+    tolerance_t = ROUNDING_SIGMAS * sqrt(sigma_t^2 + (eps_t ||r_t||)^2
                                          + (eps_d ||r||)^2)
 
-(the second term, one ulp of the tensor, keeps a tensor whose rounding happened
+(eps_t = max(eps_d, eps of the tensor's dtype); the second term, one ulp of the
+tensor, keeps a tensor whose rounding happened
 to cancel from getting a zero tolerance; the third, one ulp of d at the scale of
 the whole gradient ``r``, is the rounding a small tensor's gradient inherits from
 the full-size gradients it is computed from, which two moved points can miss:
@@ -63,7 +89,18 @@ its tolerance, or when it is NaN/Inf under the variant and finite in the
 reference (float16 overflow: a note says so), or connected to the loss in one and
 not the other. The verdict names the variant (notes) and the tensor
 (``location``); ``report.tensors`` holds one entry per (variant, tensor), named
-``"<variant>/<tensor>"``.
+``"<variant>/<tensor>"``, whose ``device`` is where the variant ran.
+
+TF32 (Ampere and newer GPUs round float32 matmul/convolution operands to a 10-bit
+mantissa; TensorFlow's default, torch's for cuDNN convolutions): a float32
+variant on a GPU where TF32 is in play and TF32 kernels ran (counted by the op
+log) has precision ``"tf32"`` (eps 2^-10): its spread is measured at points moved
+by a TF32 ulp, so it holds TF32's rounding as this model amplifies it. TF32 is
+never a silent excuse: such a variant is measured once more with TF32 switched
+off (and back on), at float32's precision. If it fails there too, TF32 is not the
+cause (mismatch, said so); if only the TF32 run fails, TF32 is the cause
+(mismatch naming TF32 and the switch that turns it off); if both pass, it passes
+with a note.
 
 Cost: ``report.cost["seconds"]`` is the time of the check without compilation,
 ``report.cost["compile_seconds"]`` the compile time (first compiled call minus the
@@ -75,11 +112,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from gradcheck import devices as dv
 from gradcheck.backends import variant_driver
 from gradcheck.errors import (
     GradientMismatchError,
@@ -94,9 +132,11 @@ __all__ = [
     "DEFAULT_VARIANTS",
     "PROPERTY",
     "SPREAD_POINTS",
+    "TF32_EPS",
     "Variant",
     "assert_variants",
     "check_variants",
+    "evaluate",
     "judge_tensor",
     "parse_variant",
     "run",
@@ -112,6 +152,13 @@ DEFAULT_VARIANTS = ("compile", "autocast:bfloat16", "autocast:float16", "cuda")
 SPREAD_POINTS = 2
 
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+#: TF32 keeps 10 explicit mantissa bits: machine epsilon 2^-10 (as bfloat16's
+#: 2^-7 for its 7 bits).
+TF32_EPS = 2.0**-10
+
+#: TF32 kernels assumed when the op log could not count them (a compiled graph).
+DEFAULT_TF32_KERNELS = 16
 
 
 @dataclass(frozen=True)
@@ -133,6 +180,14 @@ class Variant:
         return "+".join(p for p in parts if p) or "eager"
 
 
+def _is_device(token: str) -> bool:
+    try:
+        dv._parse(token)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
 def parse_variant(text: Any) -> Variant:
     """``"cuda+autocast:float16"`` -> Variant(device="cuda", autocast="float16")."""
     if not isinstance(text, str) or not text.strip():
@@ -142,13 +197,14 @@ def parse_variant(text: Any) -> Variant:
         )
     fields: dict[str, Any] = {}
     for raw in text.split("+"):
-        token = raw.strip().lower()
-        if token == "compile":
+        token = raw.strip()
+        low = token.lower()
+        if low == "compile":
             key, value = "compiled", True
-        elif token == "xla":
+        elif low == "xla":
             key, value = "xla", True
-        elif token.startswith("autocast"):
-            dtype = token.partition(":")[2] or "bfloat16"
+        elif low.startswith("autocast"):
+            dtype = low.partition(":")[2] or "bfloat16"
             dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(
                 dtype, dtype
             )
@@ -158,17 +214,13 @@ def parse_variant(text: Any) -> Variant:
                     f"{list(AUTOCAST_DTYPES)}."
                 )
             key, value = "autocast", dtype
-        elif token == "cpu" or token == "cuda" or token.startswith("cuda:"):
-            if token.startswith("cuda:") and not token[5:].isdigit():
-                raise InvalidArgumentError(
-                    f"variant {text!r}: device {token!r}; expected cuda:<index>."
-                )
+        elif _is_device(token):
             key, value = "device", token
         else:
             raise InvalidArgumentError(
                 f"variant {text!r}: unknown part {raw!r}. Parts: 'compile', "
                 "'autocast:bfloat16', 'autocast:float16', 'xla', 'cpu', 'cuda', "
-                "'cuda:<index>', joined with '+'."
+                "'cuda:<index>' (or TensorFlow's '/GPU:<index>'), joined with '+'."
             )
         if key in fields:
             raise InvalidArgumentError(f"variant {text!r} names {key} twice.")
@@ -305,15 +357,39 @@ def judge_tensor(
 
 @dataclass
 class VariantRun:
+    """What was measured for one variant (the pipeline fills it; tests may too)."""
+
     variant: Variant
+    #: the precision the variant computes in: the autocast dtype, "tf32", or the
+    #: model's dtype
     precision: str
     device: str
     tensors: list[TensorVerdict]
-    seconds: float
-    compile_seconds: float
-    evaluations: int
-    #: random-number ops the eager evaluation ran (reported by the TF driver)
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    evaluations: int = 0
+    #: random-number ops the eager evaluation ran
     random_ops: list[str] = field(default_factory=list)
+    #: loss_fn drew random numbers and this variant draws from another generator
+    #: than the reference (another device, XLA): the two cannot agree
+    random_differs: bool = False
+    #: a second evaluation at the point differed bitwise (by repeat_change,
+    #: relative)
+    repeat_differs: bool = False
+    repeat_change: float = 0.0
+    #: ops with nondeterministic GPU kernels that ran
+    candidate_ops: list[str] = field(default_factory=list)
+    #: ops the determinism switch names as having no deterministic implementation
+    flagged_ops: list[str] = field(default_factory=list)
+    #: with the determinism switch on, two runs agreed (None: not tried)
+    deterministic_agrees: bool | None = None
+    switch: str = "the framework's determinism switch"
+    #: devices.tf32_state of a GPU device ({} on the CPU or under autocast)
+    tf32: dict[str, Any] = field(default_factory=dict)
+    #: TF32 kernel calls in one evaluation (0: TF32 played no part)
+    tf32_kernels: int = 0
+    #: the same variant measured with TF32 switched off (TF32 runs only)
+    without_tf32: VariantRun | None = None
 
     @property
     def worst(self) -> TensorVerdict:
@@ -321,7 +397,37 @@ class VariantRun:
 
     @property
     def passed(self) -> bool:
+        """Every tensor within its tolerance, in this measurement."""
         return all(t.ratio <= 1.0 and t.connected for t in self.tensors)
+
+    @property
+    def failed(self) -> bool:
+        """The verdict: with TF32 in play, both measurements must pass (TF32 is
+        never a silent excuse, nor the sole judge)."""
+        off = self.without_tf32
+        return not self.passed or (off is not None and not off.passed)
+
+    @property
+    def shown(self) -> VariantRun:
+        """The measurement the report shows: the TF32-free one when it proves the
+        gradients differ in full float32 already."""
+        off = self.without_tf32
+        return off if off is not None and not off.passed else self
+
+    @property
+    def status(self) -> str:
+        if not self.failed:
+            return "passed"
+        noisy = self.repeat_differs or self.random_differs
+        return "nondeterministic" if noisy else "mismatch"
+
+
+@dataclass
+class _Reference:
+    grads: dict[str, Any]
+    dtype: str
+    device: str
+    note: str | None
 
 
 # ====================================================================== front doors
@@ -337,8 +443,9 @@ def check_variants(
 ) -> CheckReport:
     """Check that ``model``'s gradients under each variant (``"compile"``,
     ``"autocast:bfloat16"``, ``"autocast:float16"``, ``"cuda"``, ``"cuda:1"`` and
-    ``+``-combinations such as ``"cuda+autocast:float16"``) agree with eager
-    execution, within the variant's measured rounding (see the module docstring).
+    ``+``-combinations such as ``"cuda+autocast:float16"``; ``"xla"`` and devices
+    for TensorFlow/Keras) agree with eager execution, within the variant's
+    measured rounding (see the module docstring).
 
     ``loss_fn(model, batch)`` returns the scalar loss and must use the model and
     batch it is given (gradcheck passes copies). ``seed`` seeds torch's generators
@@ -375,6 +482,29 @@ def run(
     rtol: float | None = None,
 ) -> CheckReport:
     """The engine behind :func:`check_variants` (no seed resolution, no listeners)."""
+    wanted = _variants(variants)  # bad names fail before anything runs
+    return evaluate(loss_fn, model, batch, wanted, seed=seed, rtol=rtol)
+
+
+def evaluate(
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    batch: Any,
+    wanted: Sequence[Variant] | Callable[[Any], tuple[Sequence[Variant], str]],
+    *,
+    seed: int = 0,
+    rtol: float | None = None,
+    reference_device: str | None = None,
+    prop: str = PROPERTY,
+    noun: str = "variant",
+    describe: Callable[[str], str] | None = None,
+) -> CheckReport:
+    """The one engine of check_variants and check_devices: ``wanted`` against the
+    eager reference on ``reference_device`` (None: the model's own device).
+    ``wanted`` may be a plan, ``plan(driver) -> (variants, reference_device)``,
+    for a request that needs the model's framework to be read (check_devices).
+    ``prop``/``noun`` name the property and its items in the report;
+    ``describe(reference_device)`` gives the report's device field."""
     started = time.perf_counter()
     if not callable(loss_fn):
         raise UnsupportedInputError(
@@ -383,80 +513,89 @@ def run(
         )
     if rtol is not None:
         tl.gradient_rounding("float64", rtol)  # validates
-    wanted = _variants(variants)
     driver = variant_driver(loss_fn, model, batch)
     try:
+        if callable(wanted):
+            wanted, reference_device = wanted(driver)
         for v in wanted:
             driver.supported(v)
+        home = dv.normalize(driver.framework, reference_device or driver.home)
         precision = driver.precision()
-        reference, reference_dtype, ref_note = _reference(driver, seed)
+        common = dict(
+            property=prop,
+            framework=driver.framework,
+            device=describe(home) if describe else home,
+            dtype=precision,
+            seed=seed,
+        )
+        why = driver.unavailable(Variant(home, device=home))
+        if why is not None:  # nothing can be compared without the reference
+            head = f"SKIPPED: the reference device {home} cannot run here: {why}"
+            return _skipped(common, head, [], None)
+        ref = _reference(driver, home, seed)
         runs: list[VariantRun] = []
         skipped: list[str] = []
-        compile_total = 0.0
         for v in wanted:
             why = driver.unavailable(v)
             if why is not None:
-                skipped.append(f"variant '{v.name}' skipped: {why}")
+                skipped.append(f"{noun} '{v.name}' skipped: {why}")
                 continue
-            r = _measure(driver, v, reference, reference_dtype, precision, seed, rtol)
-            compile_total += r.compile_seconds
-            runs.append(r)
-        elapsed = time.perf_counter() - started
+            runs.append(_measure(driver, v, ref, precision, seed, rtol))
+        compile_total = sum(r.compile_seconds for r in runs)
         cost = {
             "forward": float(driver.evaluations),
             "backward": float(driver.evaluations),
-            "seconds": max(0.0, elapsed - compile_total),
+            "seconds": max(0.0, time.perf_counter() - started - compile_total),
             "compile_seconds": compile_total,
         }
         for r in runs:
             if r.variant.compiled or r.variant.xla:
                 cost[f"compile_seconds[{r.variant.name}]"] = r.compile_seconds
-        return _report(
-            driver,
-            runs,
-            skipped,
-            precision=precision,
-            reference_dtype=reference_dtype,
-            notes=[ref_note] if ref_note else [],
-            seed=seed,
-            rtol=rtol,
-            cost=cost,
-        )
+        if not runs:
+            head = (
+                f"SKIPPED: no {noun} to compare with {home} can run on this machine."
+                if reference_device is not None
+                else f"SKIPPED: no requested {noun} can run on this machine."
+            )
+            return _skipped(common, head, skipped, ref, cost)
+        return _report(common, runs, skipped, ref, noun=noun, rtol=rtol, cost=cost)
     finally:
         driver.restore()
 
 
-def _reference(driver: Any, seed: int) -> tuple[dict[str, Any], str, str | None]:
+# ====================================================================== measuring
+def _reference(driver: Any, device: str, seed: int) -> _Reference:
     precision = driver.precision()
     note = None
-    if precision == "float32" and not driver.reference_float64:
+    if precision != "float64" and not driver.reference_float64:
         note = (
             f"the reference is eager {precision}: gradcheck does not cast a "
             f"{driver.framework} model to float64; its rounding is counted in the "
             "tolerance."
         )
-    elif precision == "float32":
+    elif precision != "float64":
         try:
-            ref = driver.gradients(float64=True, seed=seed)
-            _validate(ref, "float64")
-            return ref["grads"], "float64", None
-        except NonFiniteError:
+            ev = driver.gradients(device=device, float64=True, seed=seed)
+            _validate(ev, "float64")
+            return _Reference(ev["grads"], "float64", device, None)
+        except (NonFiniteError, UnsupportedInputError):
             raise
         except Exception as exc:  # the model does not run in float64
             note = (
-                "the reference is eager float32: the model does not run in float64 "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]})."
+                f"the reference is eager {precision}: the model does not run in "
+                f"float64 ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:120]})."
             )
-    ref = driver.gradients(seed=seed)
-    _validate(ref, precision)
-    return ref["grads"], precision, note
+    ev = driver.gradients(device=device, seed=seed)
+    _validate(ev, precision)
+    return _Reference(ev["grads"], precision, device, note)
 
 
 def _validate(ev: Mapping[str, Any], dtype: str) -> None:
     if not math.isfinite(ev["loss"]):
         raise NonFiniteError(
             f"loss_fn returned {ev['loss']} in eager {dtype}: a loss must be finite "
-            "to have a gradient."
+            "to have a gradient: look for log(0), 0/0 or overflow."
         )
     if all(g is None for g in ev["grads"].values()):
         raise UnsupportedInputError(
@@ -467,27 +606,93 @@ def _validate(ev: Mapping[str, Any], dtype: str) -> None:
     for name, g in ev["grads"].items():
         if g is not None and not np.isfinite(g).all():
             raise NonFiniteError(
-                f"the eager {dtype} gradient of '{name}' has NaN/Inf elements while "
+                f"the eager {dtype} gradient of '{name}' has "
+                f"{int((~np.isfinite(g)).sum())} NaN/Inf elements of {g.size} while "
                 "the loss is finite: the backward pass overflows or divides by zero."
             )
+
+
+def _eps(dtype: str) -> float:
+    return TF32_EPS if dtype == "tf32" else tl.eps(dtype)
 
 
 def _measure(
     driver: Any,
     v: Variant,
-    reference: Mapping[str, Any],
-    reference_dtype: str,
+    ref: _Reference,
     precision: str,
     seed: int,
     rtol: float | None,
 ) -> VariantRun:
     before = driver.evaluations
     started = time.perf_counter()
-    dtype = v.autocast or precision
-    eps = tl.eps(dtype)
-    kw = {"device": v.device, "autocast": v.autocast, "seed": seed}
-    variant = driver.gradients(compiled=v.compiled, xla=v.xla, **kw)
-    base = driver.gradients(**kw) if (v.compiled or v.xla) else variant
+    device = dv.normalize(driver.framework, v.device or driver.home)
+    kw: dict[str, Any] = {"device": device, "autocast": v.autocast, "seed": seed}
+    point = driver.gradients(compiled=v.compiled, xla=v.xla, repeat=True, **kw)
+    base = driver.gradients(**kw) if (v.compiled or v.xla) else point
+    log = base["log"]
+    # TF32 rounds float32 kernels on a capable GPU; under autocast the matmuls run
+    # in half precision, whose own rounding is larger
+    state = (
+        driver.tf32_state(device) if dv.is_gpu(device) and v.autocast is None else {}
+    )
+    kernels = (
+        log.tf32_kernels(state, DEFAULT_TF32_KERNELS)
+        if state and log is not None and "float32" in driver.dtypes.values()
+        else 0
+    )
+    dtype = "tf32" if kernels else (v.autocast or precision)
+    run = VariantRun(
+        variant=v,
+        precision=dtype,
+        device=device,
+        tensors=_judge(driver, kw, dtype, point, base, ref, seed, rtol, tf32=True),
+        random_ops=sorted(log.random) if log is not None else [],
+        repeat_differs=bool(point.get("repeat_differs")),
+        repeat_change=float(point.get("repeat_change", 0.0)),
+        candidate_ops=sorted(log.candidates) if log is not None else [],
+        switch=driver.switch,
+        tf32=state,
+        tf32_kernels=kernels,
+    )
+    # draws from another generator than the reference's cannot agree with it
+    run.random_differs = bool(run.random_ops) and (v.xla or device != ref.device)
+    if kernels:
+        kw0 = dict(kw, tf32=False)
+        point0 = driver.gradients(compiled=v.compiled, xla=v.xla, **kw0)
+        base0 = driver.gradients(**kw0) if (v.compiled or v.xla) else point0
+        dtype0 = v.autocast or precision
+        run.without_tf32 = replace(
+            run,
+            precision=dtype0,
+            tensors=_judge(driver, kw0, dtype0, point0, base0, ref, seed, rtol),
+            tf32_kernels=0,
+            without_tf32=None,
+        )
+    if run.repeat_differs:
+        # kernels or state that changes between calls? (module docstring)
+        flagged, agrees = driver.probe(compiled=v.compiled, xla=v.xla, **kw)
+        run.flagged_ops, run.deterministic_agrees = flagged, agrees
+    run.compile_seconds = point["compile_seconds"]
+    run.seconds = time.perf_counter() - started - run.compile_seconds
+    run.evaluations = driver.evaluations - before
+    return run
+
+
+def _judge(
+    driver: Any,
+    kw: Mapping[str, Any],
+    dtype: str,
+    point: Mapping[str, Any],
+    base: Mapping[str, Any],
+    ref: _Reference,
+    seed: int,
+    rtol: float | None,
+    tf32: bool = False,
+) -> list[TensorVerdict]:
+    """Every tensor of one measurement: the spread at SPREAD_POINTS points moved by
+    an ulp of ``dtype``, then judge_tensor against the reference."""
+    eps = _eps(dtype)
     moved = [
         driver.gradients(perturb=(seed * 1000 + k + 1, eps), **kw)["grads"]
         for k in range(SPREAD_POINTS)
@@ -496,7 +701,7 @@ def _measure(
     floor = eps * math.sqrt(
         sum(
             float(np.sum(np.square(np.nan_to_num(np.asarray(r, np.float64)))))
-            for r in (reference[n] for n in driver.names)
+            for r in (ref.grads[n] for n in driver.names)
             if r is not None
         )
     )
@@ -504,143 +709,206 @@ def _measure(
     for name in driver.names:
         t = judge_tensor(
             name,
-            reference[name],
-            variant["grads"][name],
+            ref.grads[name],
+            point["grads"][name],
             base["grads"][name],
             [m[name] for m in moved],
-            eps,
-            reference_rounds=reference_dtype == dtype,
+            max(eps, tl.eps(driver.dtypes[name])),
+            reference_rounds=ref.dtype == dtype,
             whole_floor=floor,
         )
         if rtol is not None:
             t.tolerance = rtol * t.reference_norm
         tensors.append(t)
-    compile_seconds = variant["compile_seconds"]
-    return VariantRun(
-        variant=v,
-        precision=dtype,
-        device=v.device or driver.home,
-        tensors=tensors,
-        seconds=time.perf_counter() - started - compile_seconds,
-        compile_seconds=compile_seconds,
-        evaluations=driver.evaluations - before,
-        random_ops=list(base.get("random_ops", [])),
+    return tensors
+
+
+# ====================================================================== the report
+def _skipped(
+    common: Mapping[str, Any],
+    head: str,
+    skipped: list[str],
+    ref: _Reference | None,
+    cost: Mapping[str, float] | None = None,
+) -> CheckReport:
+    notes = [head, *skipped]
+    if ref is not None and ref.note:
+        notes.append(ref.note)
+    return CheckReport(
+        status="skipped",
+        mode="skipped",
+        error=0.0,
+        tolerance=0.0,
+        tolerance_reason="nothing could run here; nothing was compared.",
+        notes=notes,
+        reference_dtype=ref.dtype if ref is not None else None,
+        cost=dict(cost or {}),
+        **common,
     )
 
 
 def _report(
-    driver: Any,
+    common: Mapping[str, Any],
     runs: list[VariantRun],
     skipped: list[str],
+    ref: _Reference,
     *,
-    precision: str,
-    reference_dtype: str,
-    notes: list[str],
-    seed: int,
+    noun: str,
     rtol: float | None,
     cost: dict[str, float],
 ) -> CheckReport:
-    source = (
-        f"rtol {rtol:g} x ||r_t||"
-        if rtol is not None
-        else f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_d ||r_t||)^2 + "
-        "(eps_d ||r||)^2), sigma_t "
-        f"the measured rounding spread of the eager variant at {SPREAD_POINTS} points "
-        "moved by ~1 ulp of its precision d, eps_d ||r|| one ulp of d at the scale "
-        "of the whole gradient"
-        + (
-            f" (sigma_t^2 doubled: the reference is eager {reference_dtype}, rounded "
-            "like the variant)"
-            if reference_dtype != "float64" and rtol is None
-            else ""
-        )
-    )
-    common = dict(
-        property=PROPERTY,
-        framework=driver.framework,
-        device=driver.home,
-        dtype=precision,
-        seed=seed,
-        reference_dtype=reference_dtype,
-        cost=cost,
-    )
-    if not runs:
-        return CheckReport(
-            status="skipped",
-            mode="skipped",
-            error=0.0,
-            tolerance=0.0,
-            tolerance_reason="no variant could run here; nothing was compared.",
-            notes=[
-                "SKIPPED: no requested variant can run on this machine.",
-                *skipped,
-                *notes,
-            ],
-            **common,
-        )
     results: list[TensorResult] = []
     for r in runs:
-        for t in r.tensors:
+        shown = r.shown
+        for t in shown.tensors:
             ok = t.connected and t.ratio <= 1.0
             results.append(
                 TensorResult(
                     name=f"{r.variant.name}/{t.name}",
                     shape=t.shape,
-                    dtype=r.precision,
+                    dtype=shown.precision,
                     device=str(r.device),
                     kind="parameter",
                     grad_norm=t.variant_norm,
                     error=t.error,
                     tolerance=t.tolerance,
-                    status="passed" if ok else "mismatch",
+                    status="passed" if ok else r.status,
                     connected=t.connected,
                 )
             )
-    failing = [r for r in runs if not r.passed]
-    shown = max(failing or runs, key=lambda r: (r.worst.ratio, r.worst.error))
-    worst = shown.worst
-    out_notes: list[str] = []
-    for r in runs:
-        w = r.worst
-        timing = f"check {r.seconds:.2f} s" + (
-            f", compile {r.compile_seconds:.2f} s"
-            if r.variant.compiled or r.variant.xla
-            else ""
+    failing = [r for r in runs if r.failed]
+    # a deterministic disagreement outranks noise
+    status = "passed"
+    if failing:
+        status = (
+            "mismatch"
+            if any(r.status == "mismatch" for r in failing)
+            else "nondeterministic"
         )
-        if r.passed:
-            out_notes.append(
-                f"variant '{r.variant.name}' ({r.precision} on {r.device}) passed: "
-                f"worst '{w.name}' error {w.error:.3e} <= tolerance "
-                f"{w.tolerance:.3e} ({timing})."
+    pool = [r for r in failing if r.status == status] or runs
+    worst_run = max(pool, key=lambda r: (r.shown.worst.ratio, r.shown.worst.error))
+    worst = worst_run.shown.worst
+    notes: list[str] = []
+    for r in runs:
+        notes.extend(_notes(r, ref, noun))
+    notes.extend(skipped)
+    if ref.note:
+        notes.append(ref.note)
+    location = None
+    if failing:
+        quantity = (
+            f"gradient under {noun} '{worst_run.variant.name}' (analytical) vs eager "
+            f"{ref.dtype} on {ref.device} (numerical), L2 over the tensor; values at "
+            "its worst element"
+        )
+        ops = _ops(worst_run) if status == "nondeterministic" else []
+        if ops:
+            quantity += f" [nondeterministic op: {', '.join(ops)}]"
+        location = Location(
+            tensor=worst.name,
+            index=worst.index,
+            numerical=worst.reference_value,
+            analytical=worst.variant_value,
+            error=worst.error,
+            tolerance=worst.tolerance,
+            quantity=quantity,
+        )
+    terms = {
+        f"sigma[{r.variant.name}]": max((t.sigma for t in r.tensors), default=0.0)
+        for r in runs
+    }
+    for r in runs:
+        if r.tf32_kernels:
+            terms[f"tf32_kernels[{r.device}]"] = float(r.tf32_kernels)
+    return CheckReport(
+        status=status,
+        mode="variants",
+        error=worst.error,
+        tolerance=worst.tolerance,
+        tolerance_reason=f"per tensor: {_source(runs, ref, rtol)}.",
+        tolerance_terms=terms,
+        reference_dtype=ref.dtype,
+        location=location,
+        tensors=results,
+        notes=notes,
+        cost=cost,
+        **common,
+    )
+
+
+def _source(runs: list[VariantRun], ref: _Reference, rtol: float | None) -> str:
+    if rtol is not None:
+        return f"rtol {rtol:g} x ||r_t||"
+    text = (
+        f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_t ||r_t||)^2 + "
+        "(eps_d ||r||)^2), sigma_t the measured rounding spread of the eager "
+        f"variant at {SPREAD_POINTS} points moved by ~1 ulp of its precision d, "
+        "eps_d ||r|| one ulp of d at the scale of the whole gradient"
+    )
+    if any(r.precision == ref.dtype for r in runs):
+        text += (
+            f" (sigma_t^2 doubled where the reference, eager {ref.dtype}, rounds "
+            "like the variant)"
+        )
+    tf32 = [r for r in runs if r.tf32_kernels]
+    if tf32:
+        text += (
+            "; TF32 accounted for on "
+            + ", ".join(
+                f"{r.device} (d = tf32, eps 2^-10, {r.tf32_kernels} TF32 kernels)"
+                for r in tf32
             )
-            continue
-        bad = [t for t in r.tensors if not (t.connected and t.ratio <= 1.0)]
+            + ", and the same measured with TF32 off at float32's precision"
+        )
+    return text
+
+
+def _notes(r: VariantRun, ref: _Reference, noun: str) -> list[str]:
+    out: list[str] = []
+    head = f"{noun} '{r.variant.name}' ({r.precision} on {r.device})"
+    timing = f"check {r.seconds:.2f} s" + (
+        f", compile {r.compile_seconds:.2f} s"
+        if r.variant.compiled or r.variant.xla
+        else ""
+    )
+    shown = r.shown
+    w = shown.worst
+    if not r.failed:
+        out.append(
+            f"{head} passed: worst '{w.name}' error {w.error:.3e} <= tolerance "
+            f"{w.tolerance:.3e} ({timing})."
+        )
+    else:
+        bad = [t for t in shown.tensors if not (t.connected and t.ratio <= 1.0)]
+        word = "MISMATCH" if r.status == "mismatch" else "DIFFERS (nondeterministic)"
         text = (
-            f"variant '{r.variant.name}' ({r.precision} on {r.device}) MISMATCH in "
+            f"{head} {word} in "
             + ", ".join(f"'{t.name}'" for t in bad[:6])
             + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-            + f": worst '{w.name}' ||g_variant - g_eager|| = {w.error:.3e} > "
+            + f": worst '{w.name}' ||g_{noun} - g_eager|| = {w.error:.3e} > "
             f"tolerance {w.tolerance:.3e} ({_times(w)} the rounding measured for "
-            f"{r.precision}; relative error {_rel(w)}) ({timing})."
+            f"{shown.precision}; relative error {_rel(w)}) ({timing})."
         )
         nonfinite = [t for t in bad if t.nonfinite]
         if nonfinite:
             text += (
-                " NaN/Inf under the variant where eager is finite in "
+                f" NaN/Inf under the {noun} where eager is finite in "
                 + ", ".join(f"'{t.name}' ({t.nonfinite} elements)" for t in nonfinite)
                 + (
                     ": float16 overflows above 65504 - scale the loss "
                     "(torch.amp.GradScaler) or use bfloat16."
-                    if r.precision == "float16"
+                    if shown.precision == "float16"
                     else "."
                 )
             )
-        if r.random_ops and r.variant.xla:
+        if r.random_differs:
+            other = "XLA" if r.variant.xla else f"{r.device}'s generator"
             text += (
                 f" loss_fn draws random numbers ({', '.join(r.random_ops)}: dropout "
-                "or noise in training mode) and XLA draws other numbers than eager "
-                "execution from the same seed, so the two cannot agree: check with "
-                "training=False or without the random layers."
+                f"or noise in training mode) and {other} draws other numbers than "
+                f"eager execution on {ref.device} from the same seed, so the two "
+                "cannot agree: check with training=False / model.eval() or without "
+                "the random layers."
             )
         unconnected = [t for t in bad if not t.connected]
         if unconnected:
@@ -649,38 +917,108 @@ def _report(
                 + ", ".join(f"'{t.name}'" for t in unconnected)
                 + "."
             )
-        out_notes.append(text)
-    out_notes.extend(skipped)
-    out_notes.extend(notes)
-    status = "mismatch" if failing else "passed"
-    if failing and all(r.random_ops and r.variant.xla for r in failing):
-        status = "nondeterministic"  # random draws differ, not the gradients
-    location = Location(
-        tensor=worst.name,
-        index=worst.index,
-        numerical=worst.reference_value,
-        analytical=worst.variant_value,
-        error=worst.error,
-        tolerance=worst.tolerance,
-        quantity=f"gradient under variant '{shown.variant.name}' (analytical) vs "
-        f"eager {reference_dtype} (numerical), L2 over the tensor; values at its "
-        "worst element",
+        out.append(text)
+    out.extend(_tf32_notes(r))
+    if r.repeat_differs:
+        out.append(_nondeterminism_note(r))
+    return out
+
+
+def _tf32_notes(r: VariantRun) -> list[str]:
+    if not r.tf32.get("gpu"):
+        return []
+    reason = str(r.tf32.get("reason", "")).rstrip(".")
+    if not r.tf32_kernels:
+        played = (
+            "; this model ran no float32 matmul/convolution there, so TF32 played "
+            "no part"
+            if r.tf32.get("in_play")
+            else ""
+        )
+        cause = "; TF32 is not the cause: no TF32 kernel ran" if r.failed else ""
+        return [f"{r.device}: {reason}{played}{cause}."]
+    off = r.without_tf32
+    assert off is not None
+    head = f"{r.device}: {reason} ({r.tf32_kernels} TF32 kernel calls per evaluation)"
+    if not off.passed:
+        return [
+            f"{head}; with TF32 switched off the gradients still differ "
+            f"({_times(off.worst)} the float32 tolerance): TF32 is not the cause."
+        ]
+    if not r.passed:
+        return [
+            f"{head}; TF32 is the cause: with TF32 switched off the gradients agree "
+            f"within float32's rounding, with it they differ by {_times(r.worst)} "
+            "TF32's measured rounding (ill-conditioned sums: large terms "
+            f"cancelling). Train with TF32 off if that precision matters "
+            f"({_tf32_off_hint(r)})."
+        ]
+    return [
+        f"{head}; judged at TF32's measured rounding, and with TF32 switched off "
+        "at float32's: both agree."
+    ]
+
+
+def _tf32_off_hint(r: VariantRun) -> str:
+    if r.tf32.get("framework") == "tensorflow":
+        return "tf.config.experimental.enable_tensor_float_32_execution(False)"
+    return (
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'; "
+        "torch.backends.cudnn.conv.fp32_precision = 'ieee'"
     )
-    return CheckReport(
-        status=status,
-        mode="variants",
-        error=worst.error,
-        tolerance=worst.tolerance,
-        tolerance_reason=f"per tensor: {source}.",
-        tolerance_terms={
-            f"sigma[{r.variant.name}]": max((t.sigma for t in r.tensors), default=0.0)
-            for r in runs
-        },
-        location=location if failing else None,
-        tensors=results,
-        notes=out_notes,
-        **common,
+
+
+def _ops(r: VariantRun) -> list[str]:
+    if r.flagged_ops:
+        return r.flagged_ops
+    if r.random_differs or r.random_ops:
+        return r.random_ops
+    return r.candidate_ops
+
+
+def _nondeterminism_note(r: VariantRun) -> str:
+    text = (
+        f"{r.variant.name} is nondeterministic: two evaluations at the same point "
+        f"gave different results (largest relative change {r.repeat_change:.1e}), "
+        "with every random-number generator gradcheck reaches reset in between."
     )
+    if r.flagged_ops:
+        text += (
+            f" {r.switch} names {', '.join(r.flagged_ops)} as having no "
+            "deterministic implementation."
+        )
+    if r.deterministic_agrees:
+        ran = f" ({', '.join(r.candidate_ops)} ran here)" if r.candidate_ops else ""
+        text += (
+            f" With {r.switch} on, the runs agree: the nondeterminism comes from "
+            f"kernels it replaces with deterministic ones{ran}; turn it on to "
+            "compare."
+        )
+    elif r.deterministic_agrees is False:
+        text += (
+            f" They still differ with {r.switch} on"
+            + (
+                f" (nondeterministic-kernel ops that ran: {', '.join(r.candidate_ops)})"
+                if r.candidate_ops
+                else ""
+            )
+            + ": look for state that changes between calls (a counter, a clock, a "
+            "generator of loss_fn's own) or an op the framework does not flag."
+        )
+    elif r.candidate_ops:
+        text += (
+            " Ops with nondeterministic GPU kernels that ran: "
+            + ", ".join(r.candidate_ops)
+            + "."
+        )
+    if r.random_ops and not r.deterministic_agrees:
+        text += (
+            f" Random ops ran ({', '.join(r.random_ops)}): a source gradcheck cannot "
+            "reset draws anew on every call (a generator of loss_fn's own; a "
+            "TensorFlow op seeded from the global seed, whose op seed advances): "
+            "pass an explicit seed or a generator."
+        )
+    return text
 
 
 def _times(t: TensorVerdict) -> str:
