@@ -325,6 +325,25 @@ class Shrink:
                     f"; {alone}: the wrong gradient is on {head}'s path (the "
                     "other head alone was not checked)"
                 )
+        elif not zero and len(live) > 1:
+            singles = [
+                next(
+                    (
+                        w
+                        for w in self.passed
+                        if w[h] != 0 and all(w[k] == 0 for k in w if k != h)
+                    ),
+                    None,
+                )
+                for h in live
+            ]
+            if all(singles):
+                text += (
+                    "; each head alone passes ("
+                    + "; ".join(_fmt_weights(w) for w in singles if w)
+                    + "): it fails only with the heads together (their "
+                    "gradients do not add up)"
+                )
         return text + "."
 
 
@@ -394,6 +413,7 @@ def shrink_weights(
         ):
             state["stopped"] = state["stopped"] or f"its time limit ({seconds:.0f} s)"
             return False
+        w = {k: float(w[k]) for k in names}  # the heads in their order
         result = bool(fails(dict(w)))
         state["each"] = max(state["each"], time.monotonic() - now)
         state["checks"] += 1

@@ -59,6 +59,35 @@ def _build(planted: bool):
         return MainPathBug(planted), torch.randn(5, 4)
 
 
+class NonlinearBackward(torch.autograd.Function):
+    """The identity; its backward adds 0.1 |g|: positively homogeneous, so one
+    head alone (any weight >= 0) is self-consistent, but not additive: the
+    gradient of a sum of two heads is not the sum of their gradients."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + 0.1 * g.abs()
+
+
+class MixingBug(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 6)
+
+    def forward(self, x):
+        return NonlinearBackward.apply(torch.tanh(self.body(x)))
+
+
+def mixing_bug():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MixingBug(), torch.randn(5, 4)
+
+
 def planted_main_path():
     return _build(True)
 
@@ -103,6 +132,28 @@ def test_a_planted_bug_is_shrunk_to_main_alone_and_the_shrunk_set_fails_again():
         weights={"main": 0.0, "aux": 1.0},
     )
     assert aux_alone.status == "passed", aux_alone.message()
+
+
+def test_a_linearity_bug_that_needs_both_heads_shrinks_to_both_at_1():
+    (lin,) = models.check_model(f"{HERE}:mixing_bug", properties="linearity")
+    assert lin.status == "mismatch", lin.message()
+    (note,) = [n for n in lin.notes if n.startswith("fails with weights")]
+    assert note.startswith("fails with weights main=1.0, aux=1.0 (shrunk from ")
+    # what each head alone did, where the shrink ran it: both passed
+    assert "each head alone passes (main=" in note
+    assert "it fails only with the heads together" in note
+    (again,) = models.check_model(
+        f"{HERE}:mixing_bug",
+        properties="linearity",
+        weights={"main": 1.0, "aux": 1.0},
+        shrink=False,
+    )
+    assert again.status == "mismatch"
+    for alone in ({"main": 2.0, "aux": 0.0}, {"main": 0.0, "aux": 0.5}):
+        (one,) = models.check_model(
+            f"{HERE}:mixing_bug", properties="linearity", weights=alone
+        )
+        assert one.passed, one.message()
 
 
 def test_a_correct_model_never_shrinks(monkeypatch):
@@ -183,6 +234,8 @@ def test_cli_shrinks_in_the_worker_process_and_writes_the_note(tmp_path, capsys)
             "120",
             "--json",
             str(out),
+            "--report",
+            str(tmp_path),
         ]
     )
     printed = capsys.readouterr().out
@@ -190,3 +243,5 @@ def test_cli_shrinks_in_the_worker_process_and_writes_the_note(tmp_path, capsys)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "mismatch"
     assert "fails with weights main=1.0, aux=0.0 (shrunk from" in row["message"]
+    page = (tmp_path / "check-model.html").read_text()
+    assert "fails with weights main=1.0, aux=0.0 (shrunk from" in page
