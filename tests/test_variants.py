@@ -5,6 +5,7 @@ named; GPU variants are skipped without a GPU; the user's state is left exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -561,3 +562,79 @@ def test_torch_variants_on_a_keras_model_are_clear_errors(keras):
     for v in ("compile", "autocast:bfloat16"):
         with pytest.raises(gradcheck.UnsupportedInputError, match="torch variant"):
             gradcheck.check_variants(loss_fn, model, batch, variants=v)
+
+
+# ---------------------------------------------------------------- one engine with check_devices
+def test_device_spellings_parse_and_a_half_model_gets_a_float64_reference():
+    assert parse_variant("/GPU:1").device == "/GPU:1"
+    assert parse_variant("gpu:0+autocast:float16").device == "gpu:0"
+    torch.manual_seed(0)
+    model = _mlp().to(torch.bfloat16)
+    x, y = _batch()
+    report = gradcheck.check_variants(_ce, model, (x.bfloat16(), y), variants="cpu")
+    assert report.passed, report.message()
+    assert report.reference_dtype == "float64" and report.dtype == "bfloat16"
+    assert {t.dtype for t in report.tensors} == {"bfloat16"}
+
+
+def test_a_variant_drawing_from_a_generator_of_its_own_is_noted_nondeterministic():
+    """Two evaluations at the point differ (a generator gradcheck cannot reset):
+    noted, with the random op named; the noise is in the measured spread too, so
+    a correct model is not failed for it."""
+    own = torch.Generator().manual_seed(0)
+
+    def noisy(model, batch):
+        return _ce(model, batch) + 1e-6 * torch.rand((), generator=own) * sum(
+            p.sum() for p in model.parameters()
+        )
+
+    report = gradcheck.check_variants(noisy, _mlp(), _batch(), variants="cpu")
+    assert report.status in ("passed", "nondeterministic"), report.message()
+    assert any(
+        n.startswith("cpu is nondeterministic") and "Random ops ran (rand)" in n
+        for n in report.notes
+    )
+
+
+def test_check_devices_and_check_variants_give_one_verdict(monkeypatch):
+    """The same device through both front doors: the same engine, the same
+    numbers (a simulated cuda:0 on the CPU, its backward 10% off at one
+    element)."""
+    from gradcheck.backends import torch_variants as tv
+    from tests import torch_models as tm
+
+    on = {"gpu": False}
+
+    @contextlib.contextmanager
+    def placement(device):
+        on["gpu"] = device == "cuda:0"
+        try:
+            yield "cpu"
+        finally:
+            on["gpu"] = False
+
+    monkeypatch.setattr(tv, "placement", placement)
+    monkeypatch.setattr(tv, "gpu_available", lambda d: None)
+
+    class Squares(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.Parameter(torch.randn(6, 6))
+
+        def forward(self, x):
+            return tm.OneWrongElement.apply(x @ self.w, 7, 1.1 if on["gpu"] else 1.0)
+
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+    loss = lambda m, b: m(b).sum()  # noqa: E731
+    v = gradcheck.check_variants(loss, Squares(), x, variants=("cpu", "cuda:0"))
+    d = gradcheck.check_devices(loss, Squares(), x, devices=("cpu", "cuda:0"))
+    assert v.status == d.status == "mismatch"
+    assert (v.property, d.property) == ("variants", "devices")
+    assert (
+        [(t.name, t.status) for t in v.tensors]
+        == [(t.name, t.status) for t in d.tensors]
+        == [("cpu/w", "passed"), ("cuda:0/w", "mismatch")]
+    )
+    assert v.error == d.error and v.tolerance == d.tolerance
+    assert v.location.index == d.location.index
