@@ -45,8 +45,10 @@ __all__ = [
     "FRAMEWORKS",
     "TF32_MIN_CAPABILITY",
     "available_devices",
+    "canonical",
     "environment",
     "is_gpu",
+    "known_gpu",
     "normalize",
     "resolve",
     "tf32_note",
@@ -129,6 +131,25 @@ def normalize(framework: str, device: Any) -> str:
 def is_gpu(device: Any) -> bool:
     """True for a GPU device name in either framework's spelling."""
     return _parse(device)[0] == "gpu"
+
+
+def canonical(framework: str, device: Any) -> str:
+    """:func:`normalize` for a device gradcheck knows; any other device torch has
+    (``"mps"``, ``"xpu:0"``, ...) by its name as given, which :func:`known_gpu`
+    then does not count as a (CUDA) GPU: a model living there is still checked
+    there, without CUDA's TF32 and generator handling."""
+    try:
+        return normalize(framework, device)
+    except InvalidArgumentError:
+        return str(device)
+
+
+def known_gpu(device: Any) -> bool:
+    """:func:`is_gpu`, False for a device name gradcheck does not know."""
+    try:
+        return is_gpu(device)
+    except InvalidArgumentError:
+        return False
 
 
 def _gpu_index(device: Any) -> int:

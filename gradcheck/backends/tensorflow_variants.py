@@ -161,8 +161,8 @@ class TensorflowVariantDriver(Driver):
             )
 
     def unavailable(self, variant: Any) -> str | None:
-        device = dv.normalize("tensorflow", variant.device or self.home)
-        return gpu_available(device) if dv.is_gpu(device) else None
+        device = dv.canonical("tensorflow", variant.device or self.home)
+        return gpu_available(device) if dv.known_gpu(device) else None
 
     def precision(self) -> str:
         order = ["float16", "bfloat16", "float32", "float64"]
@@ -191,7 +191,7 @@ class TensorflowVariantDriver(Driver):
                 "float64 references, autocast and torch.compile have no TensorFlow "
                 "form in check_variants."
             )
-        where = dv.normalize("tensorflow", device or self.home)
+        where = dv.canonical("tensorflow", device or self.home)
         watched = [v.tf_var for v in self._sources]
         batch = self.batch
         moved: list[Any] | None = None

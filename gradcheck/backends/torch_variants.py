@@ -53,11 +53,11 @@ def placement(device: str) -> Iterator[str]:
     model and batch to. The one seam between a device's name and the hardware:
     the tests patch it (with :func:`gpu_available`) to run a GPU variant's whole
     path on the CPU, with a device-only bug of their own."""
-    if dv.is_gpu(device):
+    if dv.known_gpu(device):
         with torch.cuda.device(dv._gpu_index(device)):
             yield device
     else:
-        yield "cpu"
+        yield device  # "cpu", or a device gradcheck does not know ("mps")
 
 
 def gpu_available(device: str) -> str | None:
@@ -150,8 +150,8 @@ class TorchVariantDriver(Driver):
             )
 
     def unavailable(self, variant: Any) -> str | None:
-        device = dv.normalize("torch", variant.device or self.home)
-        if dv.is_gpu(device):
+        device = dv.canonical("torch", variant.device or self.home)
+        if dv.known_gpu(device):
             why = gpu_available(device)
             if why is not None:
                 return why
@@ -189,7 +189,7 @@ class TorchVariantDriver(Driver):
         (back to their state at the start of the check). Dropout then draws the
         same mask in every evaluation on one device."""
         torch.random.default_generator.manual_seed(seed)
-        if dv.is_gpu(target):
+        if dv.known_gpu(target):
             torch.cuda.init()
             with torch.cuda.device(dv._gpu_index(target)):
                 torch.cuda.manual_seed(seed)
@@ -214,7 +214,7 @@ class TorchVariantDriver(Driver):
         (default backend), called twice; the compile time is the first call's
         extra time plus the compiler's import and resets. ``float64``: model and
         batch in float64 (the reference)."""
-        name = dv.normalize("torch", device or self.home)
+        name = dv.canonical("torch", device or self.home)
         switches = contextlib.nullcontext() if tf32 else self.tf32_off()
         with placement(name) as target, switches:
             return self._gradients(
@@ -274,7 +274,7 @@ class TorchVariantDriver(Driver):
                 if clear is not None:
                     raise clear from exc
                 raise
-            if target != "cpu":
+            if dv.known_gpu(target):
                 torch.cuda.synchronize(target)
             self.evaluations += 1
             runs.append(

@@ -519,7 +519,7 @@ def evaluate(
             wanted, reference_device = wanted(driver)
         for v in wanted:
             driver.supported(v)
-        home = dv.normalize(driver.framework, reference_device or driver.home)
+        home = dv.canonical(driver.framework, reference_device or driver.home)
         precision = driver.precision()
         common = dict(
             property=prop,
@@ -626,7 +626,7 @@ def _measure(
 ) -> VariantRun:
     before = driver.evaluations
     started = time.perf_counter()
-    device = dv.normalize(driver.framework, v.device or driver.home)
+    device = dv.canonical(driver.framework, v.device or driver.home)
     kw: dict[str, Any] = {"device": device, "autocast": v.autocast, "seed": seed}
     point = driver.gradients(compiled=v.compiled, xla=v.xla, repeat=True, **kw)
     base = driver.gradients(**kw) if (v.compiled or v.xla) else point
@@ -634,7 +634,7 @@ def _measure(
     # TF32 rounds float32 kernels on a capable GPU; under autocast the matmuls run
     # in half precision, whose own rounding is larger
     state = (
-        driver.tf32_state(device) if dv.is_gpu(device) and v.autocast is None else {}
+        driver.tf32_state(device) if dv.known_gpu(device) and v.autocast is None else {}
     )
     kernels = (
         log.tf32_kernels(state, DEFAULT_TF32_KERNELS)
