@@ -311,14 +311,19 @@ class Shrink:
             if others and not others[0][1]:
                 text += (
                     f"; {alone}, and so does {' and '.join(zero)} alone "
-                    f"({_fmt_weights(others[0][0])}): the wrong gradient is on a "
-                    "path every head shares (in the model)"
+                    f"({_fmt_weights(others[0][0])}): the error shows through "
+                    "every head alone (on a path they share in the model, or on "
+                    "each head's)"
                 )
             elif others:
+                # a pass is "not caught", not "correct": a bug in the model's
+                # body can be below the tolerance through one head (planted
+                # BERT: aux alone passes), so no "only on main's path"
                 text += (
                     f"; {alone} and {' and '.join(zero)} alone passes "
-                    f"({_fmt_weights(others[0][0])}): the wrong gradient is on "
-                    f"{head}'s path only"
+                    f"({_fmt_weights(others[0][0])}): the error shows through "
+                    f"{head}'s head only (on {head}'s path; through "
+                    f"{' and '.join(zero)}'s it is absent or below the tolerance)"
                 )
             else:
                 text += (
