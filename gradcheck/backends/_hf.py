@@ -14,6 +14,7 @@ from typing import Any
 
 from gradcheck.backends._hf_config import (  # noqa: F401 (re-exported)
     _EXPERT_KEYS,
+    AUDIO,
     IMAGE,
     IMAGE_INPUT,
     INPUT_KINDS,
@@ -167,10 +168,10 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
             if "noise_sequence" in sig:  # a vocoder: every frame is hundreds of
                 frames = 16  # samples out (UnivNet's fd took 40 s on 64)
             inputs[name] = torch.randn(batch, mels, frames, generator=gen)
-    queries, image = (
-        getattr(cfg, "num_query_tokens", None),
-        getattr(cfg, "image_token_id", None),
-    )
+    queries = getattr(cfg, "num_query_tokens", None)
+    image = getattr(cfg, "image_token_id", None)
+    if not _int(image):  # InstructBLIP-Video: its query outputs go to video tokens
+        image = getattr(cfg, "video_token_id", None)
     if TEXT in inputs and IMAGE_INPUT in inputs and _int(queries) and _int(image):
         # BLIP-2: one image token per query in front of the text, none in it
         text = torch.where(inputs[TEXT] == image, image - 1, inputs[TEXT])
@@ -181,6 +182,11 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
         inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
         inputs["decoder_input_ids"] = _ids(torch, gen, cfg, batch, seq)
+    values = inputs.get("input_values")
+    if "decoder_input_values" in sig and values is not None:
+        # an encoder-decoder over values both sides (SpeechT5's bare model:
+        # its decoder without a prenet has no input of its own otherwise)
+        inputs["decoder_input_values"] = torch.randn(values.shape, generator=gen)
     draw = sig.get("sample")
     if draw is not None and draw.default is True:
         # a VAE that draws its latent in forward by default (VibeVoice's
@@ -531,6 +537,19 @@ def _with_required(
         corners = torch.randint(0, 1001, (*ids.shape, 2, 2), generator=gen)
         low, high = corners.min(dim=-2).values, corners.max(dim=-2).values
         out["bbox"] = torch.cat([low, high], dim=-1)  # x0, y0, x1, y1
+    latent = getattr(cfg, "latent_query_num", None)
+    if "image_embeds_position_mask" in sig and ids is not None and _int(latent):
+        # Kosmos-2: the image's latent queries replace the embeddings of the
+        # tokens this mask marks: one per query, right after the first token
+        b = ids.shape[0]
+        fill = _ids(torch, gen, cfg, b, latent)
+        out[TEXT] = torch.cat([ids[:, :1], fill, ids[:, 1:]], dim=1)
+        mask = torch.zeros(out[TEXT].shape, dtype=torch.long)
+        mask[:, 1 : 1 + latent] = 1
+        out["image_embeds_position_mask"] = mask
+        if "attention_mask" in cand:
+            out["attention_mask"] = torch.ones(out[TEXT].shape, dtype=torch.long)
+        ids = out[TEXT]
     if "lang_ids" in sig and "lang_ids" not in cand and ids is not None:
         out["lang_ids"] = torch.zeros(ids.shape[0], dtype=torch.long)
     pixels = cand.get("pixel_values")
@@ -542,6 +561,8 @@ def _with_required(
         images = pixels.shape[1] if pixels.dim() == 5 else 1  # IDEFICS: every
         # token sees every image
         out["image_attention_mask"] = torch.ones(*ids.shape, images, dtype=torch.long)
+    if pixels is not None and pixels.dim() == 4 and any(k in sig for k in _PACKED):
+        out.update(_packed_patches(pixels, sig, cfg))
     feats = cand.get("input_features")
     if "input_features_mask" in sig and feats is not None and feats.dim() == 3:
         aud = _sub(cfg, "audio_config", "encoder_config")
@@ -550,6 +571,49 @@ def _with_required(
         out["input_features_mask"] = torch.ones(
             feats.shape[0], frames, dtype=torch.long
         )
+    return out
+
+
+#: the per-image patch layouts that NaViT-style towers take with flattened
+#: patches (SigLIP-2's spatial shapes and patch mask, Gemma-4's patch
+#: positions) or with the image's patch grid (MiniCPM-V's target sizes)
+_PACKED = ("spatial_shapes", "pixel_position_ids", "target_sizes")
+
+
+def _packed_patches(pixels: Any, sig: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    """The pixel values as such a tower takes them, from (batch, channels,
+    height, width): a grid of g x g patches per image (g: height / patch, rounded
+    down to a multiple of the pooling kernel or window, at least one of it),
+    flattened to (batch, g*g, channels x patch x patch) with every patch valid
+    (``pixel_attention_mask``) and the grid (``spatial_shapes``) or each
+    patch's (x, y) (``pixel_position_ids``); a tower that embeds the patches
+    itself (``target_sizes``) gets them as one strip, and each image's grid."""
+    torch = _torch()
+    vis = _sub(cfg, "vision_config")
+    patch = _first_int(getattr(vis, "patch_size", None)) or 16
+    unit = max(
+        _first_int(getattr(vis, "pooling_kernel_size", None)) or 1,
+        _first_int(getattr(vis, "window_kernel_size", None)) or 1,
+    )
+    b, c, h, _ = pixels.shape
+    g = max(unit, (h // patch) // unit * unit)
+    out: dict[str, Any] = {}
+    if "target_sizes" in sig:
+        # MiniCPM-V packs every image's patches into one strip of patches,
+        # (1, channels, patch, patches x patch), as its processor does
+        strip = torch.randn(1, c, patch, b * g * g * patch, generator=_gen(0))
+        out["pixel_values"] = strip
+        out["target_sizes"] = torch.tensor([[g, g]] * b, dtype=torch.int32)
+        return out
+    out["pixel_values"] = torch.randn(b, g * g, c * patch * patch, generator=_gen(0))
+    if "pixel_attention_mask" in sig:
+        out["pixel_attention_mask"] = torch.ones(b, g * g, dtype=torch.long)
+    if "spatial_shapes" in sig:
+        out["spatial_shapes"] = torch.tensor([[g, g]] * b, dtype=torch.long)
+    if "pixel_position_ids" in sig:
+        ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        xy = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+        out["pixel_position_ids"] = xy.unsqueeze(0).expand(b, -1, -1).contiguous()
     return out
 
 
@@ -591,6 +655,9 @@ def _patch_candidates(
             flat.reshape(n, channels, size * size).transpose(1, 2).reshape(-1, channels)
         )
     out = [{name: x.contiguous(), key: grid} for x in layouts]
+    if "merge_sizes" in sig:  # VideoLLaMA-3: each image's merge size
+        sizes = torch.full((images,), merge, dtype=torch.long)
+        out = [{**c, "merge_sizes": sizes} for c in out]
     if merge > 1:  # Inkling-2: one (patch x m, patch x m, channels) per token,
         # the grid counted in merged tokens
         tokens = torch.tensor([[1, side // merge, side // merge]] * images)
@@ -607,16 +674,18 @@ def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
     failures: list[Exception] = []
     tried = _candidates(model, seed)
     for cand in tried:
-        for attempt in (cand, None):
-            if attempt is None:  # once: the input the error asks for
-                attempt = _repaired(cand, failures[-1])
-                if attempt is None:
-                    break
+        attempt: dict[str, Any] | None = cand
+        # then up to _REPAIRS times: the inputs as the model's last error asks
+        # (one error at a time: a width, then a length, ...)
+        for _ in range(1 + _REPAIRS):
+            if attempt is None:
+                break
             try:
                 with torch.no_grad():
                     model(**attempt)
             except Exception as exc:
                 failures.append(exc)
+                attempt = _repaired(attempt, exc, model)
                 continue
             return attempt
     # the reason to give: the first that is not about an input left out (the
@@ -628,29 +697,278 @@ _MATMUL = re.compile(
     r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)"
 )
 _MULTIPLE = re.compile(r"not a multiple of (\d+)")
+#: "... to be a multiple of `n_window * 2` (100), but got 64" (Qwen3-ASR)
+_MULTIPLE_GOT = re.compile(r"multiple of [^,]*?\(?(\d+)\)?, but got (\d+)")
+_NORM_WIDTH = re.compile(
+    r"normalized_shape=\[(\d+)\], expected input with shape \[\*, [\d, ]+\], "
+    r"but got input of size\s*\[([\d, ]+)\]"
+)
+_RANK = re.compile(
+    r"Dimension out of range \(expected to be in range of \[-(\d+), \d+\], but got"
+)
+#: "Input must be a 5D tensor of shape (batch_size, 2, num_channels, ...)":
+#: image pairs (EfficientLoFTR, LightGlue, SuperGlue-like matchers)
+_IMAGE_SET = re.compile(r"5D tensor of shape \(batch_size, (\d+), num_channels")
+#: how many times one candidate is repaired, one error after another
+_REPAIRS = 3
 
 
-def _repaired(cand: dict[str, Any], exc: Exception) -> dict[str, Any] | None:
-    """``cand`` changed as the model's own error asks, or None: audio values
-    whose length must be a multiple of N (rounded up to one); audio features
-    whose feature width the first projection refuses (Granite Speech 5 stacks
-    delta features: 4 x the mel bins), given the width it takes."""
+def _repaired(
+    cand: dict[str, Any], exc: Exception, model: Any = None
+) -> dict[str, Any] | None:
+    """``cand`` changed as the model's own error asks, or None:
+
+    - audio values whose length must be a multiple of N (rounded up to one);
+      audio features whose time axis must be (Qwen3-ASR: a multiple of its
+      window, 100 frames), their frame mask with them;
+    - audio features whose feature width the first projection refuses (Granite
+      Speech 5 stacks delta features: 4 x the mel bins), given the width it
+      takes; likewise the width a first LayerNorm takes (Wav2Vec2-BERT's
+      ``feature_projection_input_dim``, NeuCodec/XCodec2's semantic encoder):
+      audio values that meet it are a sequence of frames of that width
+      (SpeechT5's bare encoder-decoder takes hidden states, its decoder too);
+    - an input one dimension short of the model's indexing: audio features as
+      (batch, 1, frames, mel bins) (CLAP's one-channel spectrogram image),
+      audio values as a spectrogram (batch, frames, mel bins) of the config's
+      ``max_length`` and ``num_mel_bins`` (Audio Spectrogram Transformer);
+    - pixel values as a set of N images per sample when the model says so
+      (image matchers: pairs);
+    - a tensor input the forward requires (or says cannot be None) drawn as
+      :func:`_required_input` makes it;
+    - the channels a first convolution takes (a latent decoder: its latent
+      channels, 8 latent frames instead of audio samples)."""
+    torch = _torch()
     text = str(exc)
+    cfg = getattr(model, "config", None)
+    named = _required_names(text)
+    if named and model is not None:
+        out = dict(cand)
+        for name in named:
+            if name not in out:
+                x = _required_input(model, name, out)
+                if x is None:
+                    return None
+                out[name] = x
+        if "hidden_states" in named:  # it took the audio's place
+            for key in AUDIO:
+                out.pop(key, None)
+        return out if out.keys() != cand.keys() else None
+    m = _IMAGE_SIZE.search(text)
+    if m:
+        return _to_image_size(cand, *(int(g) for g in m.groups()))
+    m = _CONV_CHANNELS.search(text)
+    if m:
+        return _to_channels(cand, int(m.group(1)), m.group(2), int(m.group(3)))
     values = cand.get("input_values")
+    feats = cand.get("input_features")
+    pixels = cand.get("pixel_values")
     m = _MULTIPLE.search(text)
     if m and values is not None and 1 < int(m.group(1)) <= 100_000:
         per = int(m.group(1))
         n = -(-values.shape[-1] // per) * per
         shape = (*values.shape[:-1], n)
-        return {**cand, "input_values": _torch().randn(shape, generator=_gen(0))}
-    feats = cand.get("input_features")
+        return {**cand, "input_values": torch.randn(shape, generator=_gen(0))}
+    m = _MULTIPLE_GOT.search(text)
+    if m and feats is not None and 1 < int(m.group(1)) <= 10_000:
+        return _frames_to_multiple(cand, int(m.group(2)), int(m.group(1)))
     m = _MATMUL.search(text)
     if m and feats is not None and feats.dim() == 3:
         got, want = int(m.group(2)), int(m.group(3))
         if got == feats.shape[-1] and got != want and want <= 4096:
             shape = (*feats.shape[:-1], want)
-            return {**cand, "input_features": _torch().randn(shape, generator=_gen(0))}
+            return {**cand, "input_features": torch.randn(shape, generator=_gen(0))}
+    m = _NORM_WIDTH.search(text)
+    if m and int(m.group(1)) <= 4096:
+        return _to_width(cand, int(m.group(1)), m.group(2))
+    m = _RANK.search(text)
+    if m:
+        rank = int(m.group(1))
+        if feats is not None and feats.dim() == rank == 3:
+            return {**cand, "input_features": feats.unsqueeze(1)}
+        # AST indexes its values after unsqueezing them: the error's rank is 3
+        if values is not None and values.dim() == 2 and rank in (2, 3):
+            aud = _sub(cfg, "audio_config", "encoder_config")
+            frames = _first_int(getattr(aud, "max_length", None)) or 64
+            mels = _first_int(getattr(aud, "num_mel_bins", None)) or 80
+            shape = (values.shape[0], frames, mels)
+            return {**cand, "input_values": torch.randn(shape, generator=_gen(0))}
+    m = _IMAGE_SET.search(text)
+    if m and pixels is not None and pixels.dim() in (4, 5):
+        n = int(m.group(1))
+        b, c, h, w = pixels.shape[0], *pixels.shape[-3:]
+        pairs = torch.randn(b, n, c, h, w, generator=_gen(0))
+        return {**cand, "pixel_values": pairs}
     return None
+
+
+_MISSING = re.compile(r"missing \d+ required positional arguments?: (.+)$", re.M)
+_NOT_NONE = re.compile(r"`(\w+)` cannot be `?None`?|(\w+) must be given for")
+#: "Input image size (128*64) doesn't match model (64*64)." (ViT-like
+#: patch embeddings; SegGPT stacks the prompt over the image: 2 x the height)
+_IMAGE_SIZE = re.compile(
+    r"Input image size \((\d+)\*(\d+)\) doesn't match model \((\d+)\*(\d+)\)"
+)
+_CONV_CHANNELS = re.compile(
+    r"weight of size \[\d+, (\d+), [\d, ]+\], expected input\[([\d, ]+)\] to "
+    r"have \d+ channels, but got (\d+) channels"
+)
+
+
+def _required_names(text: str) -> list[str]:
+    """The arguments an error says the forward requires: Python's "missing N
+    required positional arguments: 'a' and 'b'", transformers' "`a` cannot be
+    `None`"."""
+    m = _MISSING.search(text)
+    if m:
+        return re.findall(r"'(\w+)'", m.group(1))
+    return [a or b for a, b in _NOT_NONE.findall(text)]
+
+
+#: the shape a forward's docstring gives an argument: "`x` ... of shape `(a, b)`"
+_DOC_SHAPE = r"{name} \(`[^`]*`\s+of shape `\(([\w, ]+)\)`"
+
+
+def _required_input(model: Any, name: str, cand: dict[str, Any]) -> Any:
+    """A tensor for the forward argument ``name`` that the model requires, or
+    None when there is no rule for it:
+
+    - ``hidden_states`` in place of audio values or features (VibeVoice's
+      acoustic tokenizer encoder and decoder: its forward names the waveform
+      so): the audio, (batch, 1, samples) for values;
+    - otherwise the shape the forward's docstring gives it, each named axis
+      from what it names: ``batch_size`` the candidate's batch, a config
+      attribute of that name (LXMERT's ``visual_feat_dim``,
+      ``visual_pos_dim``; ``hidden_size``), ``sequence_length`` 8 (4 for a
+      mask's partner), ``num_channels``/``height``/``width`` those of the pixel
+      values (SegGPT's prompt image and mask), any other count 8. Float
+      values, except ``*mask*`` arguments (all ones) and LongTensors (skipped:
+      their values are a meaning, not a draw). BLIP-2's bare Q-Former
+      (``query_embeds``, (batch, sequence, hidden)) and LXMERT's visual
+      features and box positions come from here."""
+    torch = _torch()
+    gen = _gen(len(cand) + 7)
+    if name == "hidden_states":
+        audio = next((cand[k] for k in AUDIO if k in cand), None)
+        if audio is not None:
+            return audio.unsqueeze(1) if audio.dim() == 2 else audio
+    doc = getattr(model.forward, "__doc__", None) or ""
+    m = re.search(_DOC_SHAPE.format(name=re.escape(name)), doc)
+    if m is None:
+        return None
+    head = doc[m.start() : m.end()]
+    if "LongTensor" in head and "mask" not in name:
+        return None
+    cfg = model.config
+    first = next((v for v in cand.values() if _torch().is_tensor(v)), None)
+    batch = first.shape[0] if first is not None else 2
+    pixels = cand.get("pixel_values")
+    picture = {}
+    if pixels is not None and pixels.dim() >= 4:
+        c, h, w = pixels.shape[-3:]
+        picture = {"num_channels": c, "height": h, "width": w}
+    shape, prefix = [], name.split("_")[0]
+    for axis in (a.strip() for a in m.group(1).split(",")):
+        if axis == "batch_size":
+            shape.append(batch)
+        elif axis in picture:
+            shape.append(int(picture[axis]))
+        elif _int(getattr(cfg, f"{prefix}_{axis}", None)):
+            # encoder_hidden_states' hidden_size: the config's
+            # encoder_hidden_size (BLIP-2's Q-Former: the vision tower's width)
+            shape.append(getattr(cfg, f"{prefix}_{axis}"))
+        elif _int(getattr(cfg, axis, None)):
+            shape.append(getattr(cfg, axis))
+        else:
+            shape.append(8)
+    if "mask" in name and not picture:
+        return torch.ones(shape, dtype=torch.long)
+    return torch.randn(shape, generator=gen)
+
+
+def _to_channels(
+    cand: dict[str, Any], channels: int, got: str, had: int
+) -> dict[str, Any] | None:
+    """The floating input of the shape a convolution refused given the channels
+    it takes: audio values (batch, 1, samples) read as a latent sequence (a
+    latent decoder) become (batch, channels, 8 frames)."""
+    torch = _torch()
+    shape = tuple(int(x) for x in got.split(","))
+    for key, x in cand.items():
+        if not (torch.is_tensor(x) and x.is_floating_point()):
+            continue
+        if x.dim() != len(shape) or x.shape[1] != had or channels > 4096:
+            continue
+        if x.shape[0] != shape[0]:  # its length may be padded inside
+            continue
+        new = list(x.shape)
+        new[1] = channels
+        if had == 1 and x.dim() == 3:  # samples -> a few latent frames
+            new[2] = 8
+        return {**cand, key: torch.randn(new, generator=_gen(0))}
+    return None
+
+
+def _to_image_size(
+    cand: dict[str, Any], got_h: int, got_w: int, want_h: int, want_w: int
+) -> dict[str, Any] | None:
+    """Every image-shaped input (``*pixel_values``, ``*masks`` of the pixel
+    values' shape) scaled so the image the model assembles from them is the
+    size it takes: SegGPT stacks its prompt over the image (twice the
+    height), so each is half the model's height."""
+    torch = _torch()
+    pixels = cand.get("pixel_values")
+    if pixels is None or pixels.dim() != 4:
+        return None
+    h, w = pixels.shape[-2:]
+    if got_h % h or got_w % w:
+        return None
+    new_h, new_w = want_h * h // got_h, want_w * w // got_w
+    if new_h < 1 or new_w < 1 or (new_h, new_w) == (h, w):
+        return None
+    out, gen = dict(cand), _gen(0)
+    for key, x in cand.items():
+        if torch.is_tensor(x) and x.shape == pixels.shape:
+            out[key] = torch.randn(*x.shape[:-2], new_h, new_w, generator=gen)
+    return out
+
+
+def _frames_to_multiple(
+    cand: dict[str, Any], got: int, per: int
+) -> dict[str, Any] | None:
+    """The features' axis of length ``got`` (the last such: frames follow the
+    mel bins in (batch, mel bins, frames)) rounded up to a multiple of ``per``,
+    a frame mask of that length with it."""
+    torch = _torch()
+    feats = cand["input_features"]
+    axes = [i for i in range(1, feats.dim()) if feats.shape[i] == got]
+    if not axes:
+        return None
+    n = -(-got // per) * per
+    shape = list(feats.shape)
+    shape[axes[-1]] = n
+    out = {**cand, "input_features": torch.randn(shape, generator=_gen(0))}
+    for key in ("input_features_mask", "feature_attention_mask", "attention_mask"):
+        mask = cand.get(key)
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == got:
+            out[key] = torch.ones(mask.shape[0], n, dtype=mask.dtype)
+    return out
+
+
+def _to_width(cand: dict[str, Any], width: int, got: str) -> dict[str, Any] | None:
+    """Every floating input of the shape a LayerNorm refused given ``width`` as
+    its last axis: (batch, frames, width) for 3-D features, (batch, 8 frames,
+    width) for a 2-D sequence of audio values."""
+    torch = _torch()
+    shape = tuple(int(x) for x in got.split(","))
+    out, gen = dict(cand), _gen(0)
+    for key, x in cand.items():
+        if not (torch.is_tensor(x) and x.is_floating_point()):
+            continue
+        if tuple(x.shape) != shape or x.shape[-1] == width:
+            continue
+        new = (*x.shape[:-1], width) if x.dim() >= 3 else (x.shape[0], 8, width)
+        out[key] = torch.randn(new, generator=gen)
+    return out if any(out[k] is not cand[k] for k in cand) else None
 
 
 def _missing_input(exc: Exception) -> bool:
@@ -686,8 +1004,13 @@ def _model_class(model_type: str) -> Any:
         return None
 
 
-#: annotations of required forward arguments that gradcheck draws itself
-_DRAWN = ("Tensor", "int", "float", "bool", "inspect._empty")
+def _drawable(annotation: Any) -> bool:
+    """Whether a required argument so annotated is something gradcheck can
+    draw: unannotated, a tensor (any ``torch.*Tensor``, optional or not), or a
+    plain number."""
+    if annotation is inspect.Parameter.empty or annotation in (int, float, bool):
+        return True
+    return "Tensor" in str(annotation)
 
 
 def not_checkable(cls: Any) -> str | None:
@@ -721,9 +1044,8 @@ def not_checkable(cls: Any) -> str | None:
             continue
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        note = str(p.annotation)
-        if not any(k in note for k in _DRAWN):
-            kind = getattr(p.annotation, "__name__", note)
+        if not _drawable(p.annotation):
+            kind = getattr(p.annotation, "__name__", str(p.annotation))
             return (
                 f"{cls.__name__}.forward requires {name!r} (a {kind}: an object "
                 "the processor's stateful API builds, not a tensor): not token ids, "
