@@ -21,6 +21,8 @@ from gradcheck import repro
 from gradcheck.cli import main
 from tests._state import assert_same_rng, rng_state
 
+pytest_plugins = ["pytester"]
+
 torch = pytest.importorskip("torch")
 
 HERE = "tests.test_repro_checks"
@@ -354,6 +356,35 @@ def test_training_step_public_repro_dir_parameter(tmp_path):
 
 
 # ---------------------------------------------------------------- pytest plugin
+INNER = f"""
+import gradcheck
+from {HERE} import HEADS, WEIGHTS, _xw, total_right, total_wrong
+
+
+def test_linearity_bug():
+    gradcheck.assert_linearity(total_wrong, HEADS, WEIGHTS, _xw())
+
+
+def test_linearity_right():
+    gradcheck.assert_linearity(total_right, HEADS, WEIGHTS, _xw())
+"""
+
+
+def test_plugin_repro_dir_reaches_linearity(pytester, capsys):
+    from tests.test_plugin import PLUGIN
+
+    pytester.makepyfile(test_inner=INNER)
+    out_dir = pytester.path / "bundles"
+    result = pytester.runpytest_inprocess(
+        *PLUGIN, f"--gradcheck-repro-dir={out_dir}", "-p", "no:randomly"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    (bundle,) = _bundles(out_dir)
+    assert f"repro bundle: {bundle}" in result.stdout.str()
+    code, out = _cli_replay(capsys, bundle)
+    assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
+
+
 def test_the_session_directory_reaches_linearity_and_locality(tmp_path):
     saved = repro.session_dir()
     repro.set_session_dir(tmp_path)
