@@ -157,6 +157,21 @@ def test_a_linearity_bug_that_needs_both_heads_shrinks_to_both_at_1():
         assert one.passed, one.message()
 
 
+def test_a_user_model_is_bit_identical_after_a_failing_check_and_its_shrink():
+    from tests.test_torch_state import assert_same, snapshot
+
+    model, x = planted_main_path()
+    model.train()
+    model.body.training = False  # mixed flags come back as they were
+    model.p.grad = torch.full_like(model.p, 7.0)  # a stale .grad stays
+    torch.randn(3)  # the RNG somewhere in its stream
+    before = snapshot(model)
+    for dtype in ("float32", "float64"):
+        (fd,) = models.check_model(model, inputs=x, properties="fd", dtype=dtype)
+        assert fd.status == "mismatch" and fd.cost["shrink_checks"] >= 1, dtype
+        assert_same(before, model)
+
+
 def test_a_correct_model_never_shrinks(monkeypatch):
     calls = []
     real = models.shrink_weights
