@@ -676,8 +676,10 @@ class GradcheckFixture:
         """:func:`gradcheck.check_devices` over the session's devices (unless
         ``devices=`` is given), with this test's rtol and seed. Under
         ``--gradcheck-device auto`` on a machine with one device the test is
-        *skipped* (a suite runs on CPU-only CI unchanged); an explicit cuda/all
-        without a GPU is DeviceUnavailableError."""
+        *skipped* (a suite runs on CPU-only CI unchanged), and so is one whose
+        report is "skipped" (a GPU it names is absent: ``"all"``, ``("cpu",
+        "cuda:1")``); an explicit ``"cuda"`` without two GPUs, or one device alone,
+        is DeviceUnavailableError."""
         from gradcheck.devices import available_devices
         from gradcheck.properties.devices import check_devices
 
@@ -693,7 +695,10 @@ class GradcheckFixture:
                         f"check_devices: only {found} here (--gradcheck-device "
                         "auto); it compares CPU and GPU"
                     )
-        return check_devices(loss_fn, model, batch, **kw)
+        report = check_devices(loss_fn, model, batch, **kw)
+        if report.status == "skipped":  # a GPU it asks for is absent here
+            pytest.skip("check_devices: " + " ".join(report.notes))
+        return report
 
     def check_variants(
         self, loss_fn: Any, model: Any, batch: Any, **kwargs: Any

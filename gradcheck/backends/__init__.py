@@ -15,7 +15,6 @@ __all__ = [
     "Session",
     "TensorSpec",
     "detect_framework",
-    "device_driver",
     "open_session",
     "step_backend",
     "variant_driver",
@@ -123,12 +122,6 @@ def _driver(kind: str, loss_fn: Callable[..., Any], model: Any, batch: Any) -> A
         "model must be a torch.nn.Module, a Keras Model/Layer or a tf.Module; got "
         f"{type(model).__name__}."
     )
-
-
-def device_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:
-    """The devices property's driver for ``model``'s framework
-    (:class:`gradcheck.backends.devices_base.Driver`)."""
-    return _driver("devices", loss_fn, model, batch)
 
 
 def variant_driver(loss_fn: Callable[..., Any], model: Any, batch: Any) -> Any:

@@ -132,7 +132,7 @@ def _tables(r: dict[str, Any]) -> list[dict[str, Any]]:
     check_distributed's ranks."""
     out = []
     tensors = r.get("tensors") or []
-    if r.get("property") == "variants" and tensors:
+    if r.get("property") in ("variants", "devices") and tensors:
         rows = []
         for t in tensors:
             variant, _, name = str(t.get("name", "")).partition("/")
@@ -152,7 +152,7 @@ def _tables(r: dict[str, Any]) -> list[dict[str, Any]]:
             )
         out.append(
             {
-                "title": "Variants",
+                "title": "Variants" if r.get("property") == "variants" else "Devices",
                 "columns": [
                     "variant",
                     "tensor",
