@@ -90,6 +90,15 @@ CASES = {
     "gemma4_vision": {"pixel_values": (2, 9, 768), "pixel_position_ids": (2, 9, 2)},
     "minicpmv4_7_vision": {"pixel_values": (1, 3, 16, 512), "target_sizes": (2, 2)},
     "video_llama_3_vision": {"grid_thw": (2, 3), "merge_sizes": (2,)},
+    # patch sizes by other names (patch_temporal, merge_size): 3 x 2 x 14 x 14
+    "muse_glimmer_vision": {"pixel_values": (32, 1176), "grid_thw": (2, 3)},
+    # a text token and 32 codebook tokens per step
+    "kyutai_speech_to_text": {"input_ids": (2, 8, 33)},
+    # 7 stacked 80-bin frames; the mel width of a nested asr_config; a
+    # subsampler's assumed width
+    "fun_asr_nano_encoder": {"input_features": (2, 64, 560)},
+    "nemotron3_5_transcribe_audio": {"input_features": (2, 64, 128)},
+    "gemma4_audio": {"input_features": (2, 64, 128)},
     # one marked token per latent query (64) after the first of the 8
     "kosmos-2": {"input_ids": (2, 72), "image_embeds_position_mask": (2, 72)},
 }

@@ -156,7 +156,8 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
         elif name == "input_values":
             inputs[name] = torch.randn(batch, _samples(cfg), generator=gen)
         elif name == "input_features":
-            aud = _sub(cfg, "audio_config", "encoder_config")
+            # Nemotron-3.5 Transcribe keeps its audio encoder's config as asr_config
+            aud = _sub(cfg, "audio_config", "encoder_config", "asr_config")
             mels = (
                 getattr(aud, "num_mel_bins", None)
                 or getattr(aud, "feature_size", None)
@@ -497,6 +498,7 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
             b, c, h, w = pixels.shape
             video = _torch().randn(b, frames, c, h, w, generator=_gen(seed))
             out.append({**cand, "pixel_values": video})
+    out += _stream_candidates(out, model.config) + _width_candidates(out, model.config)
     extended = [_with_required(c, sig, model.config, seed) for c in out]
     changed = [
         c
@@ -504,6 +506,61 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
         if c.keys() != old.keys() or any(c[k] is not old[k] for k in c)
     ]
     return out + changed
+
+
+def _stream_candidates(cands: list[dict[str, Any]], cfg: Any) -> list[dict[str, Any]]:
+    """Token ids as parallel streams, (batch, sequence, 1 + codebooks): a text
+    token and one token per audio codebook at each step, as a config with
+    ``num_codebooks`` and ``codebook_vocab_size`` may take them (Kyutai
+    speech-to-text sums the streams' embeddings): the text column below the
+    vocabulary, each codebook column below ``codebook_vocab_size``. Tried after
+    the plain candidates (MusicGen takes its codebooks otherwise)."""
+    torch = _torch()
+    books = _first_int(getattr(cfg, "num_codebooks", None))
+    size = _first_int(getattr(cfg, "codebook_vocab_size", None))
+    if not (books and size):
+        return []
+    out = []
+    for cand in cands:
+        ids = cand.get(TEXT)
+        if ids is None or ids.dim() != 2:
+            continue
+        codes = torch.randint(0, size, (*ids.shape, books), generator=_gen(1))
+        out.append({**cand, TEXT: torch.cat([ids.unsqueeze(-1), codes], dim=-1)})
+    return out
+
+
+def _width_candidates(cands: list[dict[str, Any]], cfg: Any) -> list[dict[str, Any]]:
+    """Audio features of the other widths the audio config implies, in both
+    layouts, tried after the plain candidates: frames stacked k at a time
+    (``input_size`` a multiple of the mel bins: Fun-ASR-Nano, 7 x 80 = 560),
+    or the width a subsampler's first stage assumes when the config names no
+    mel bins (Gemma-4 audio: ``subsampling_conv_channels[0]``)."""
+    torch = _torch()
+    aud = _sub(cfg, "audio_config", "encoder_config", "asr_config")
+    mels = _first_int(getattr(aud, "num_mel_bins", None))
+    widths = []
+    stacked = getattr(aud, "input_size", None)
+    if _int(stacked) and mels and stacked > mels and stacked % mels == 0:
+        widths.append(stacked)
+    named = any(
+        _int(getattr(aud, k, None))
+        for k in ("num_mel_bins", "feature_size", "input_feat_per_channel")
+    )
+    first = _first_int(getattr(aud, "subsampling_conv_channels", None))
+    if first and not named:
+        widths.append(first)
+    out = []
+    for cand in cands:
+        feats = cand.get("input_features")
+        if feats is None or feats.dim() != 3:
+            continue
+        b, frames = feats.shape[0], 64
+        for w in widths:
+            for shape in ((b, frames, w), (b, w, frames)):
+                x = torch.randn(shape, generator=_gen(2))
+                out.append({**cand, "input_features": x})
+    return out
 
 
 #: the names a vision tower's patch grid goes by (Qwen2-VL, GLM-4V, Kimi, ...)
@@ -629,9 +686,16 @@ def _patch_candidates(
     torch = _torch()
     cfg = model.config
     size = _first_int(getattr(cfg, "patch_size", None)) or 14
-    temporal = _first_int(getattr(cfg, "temporal_patch_size", None)) or 1
-    merge = _first_int(getattr(cfg, "spatial_merge_size", None)) or _first_int(
-        getattr(cfg, "merge_kernel_size", None)
+    # the same numbers go by other names in MUSE Glimmer/Spark (patch_temporal,
+    # merge_size)
+    temporal = _first_int(getattr(cfg, "temporal_patch_size", None)) or _first_int(
+        getattr(cfg, "patch_temporal", None)
+    )
+    temporal = temporal or 1
+    merge = (
+        _first_int(getattr(cfg, "spatial_merge_size", None))
+        or _first_int(getattr(cfg, "merge_kernel_size", None))
+        or _first_int(getattr(cfg, "merge_size", None))
     )
     merge = merge or 1
     channels = next(
