@@ -58,12 +58,14 @@ __all__ = [
     "PROPERTIES",
     "Checker",
     "ModelReports",
+    "Shrink",
     "Spec",
     "UnbuildableError",
     "check_model",
     "draw_weights",
     "expand_specs",
     "parse_spec",
+    "shrink_weights",
 ]
 
 PROPERTIES = ("fd", "linearity", "locality")
@@ -243,8 +245,8 @@ def _fmt_weights(weights: Mapping[str, float]) -> str:
 
 #: Which failing checks have their loss weights shrunk: ``mismatch`` only. A
 #: mismatch is a verdict about the gradients at these weights, and the simplest
-#: weights that still give it say on which head's path the wrong gradient is
-#: (one head at 0 and still failing: the other head's path). Not
+#: weights that still give it say through which head the error shows (one head
+#: at 0 and still failing: through the other head alone). Not
 #: ``nondifferentiable`` (a kink in the model at the point: no weight moves it,
 #: a zero weight only hides it), not ``nondeterministic`` (reruns differ by
 #: themselves: a shrink would chase noise and report a set that fails by
@@ -265,8 +267,8 @@ SHRINK_MIN_SECONDS = 5.0
 class Shrink:
     """The outcome of :func:`shrink_weights`: the simplest failing weights found
     (``weights``; ``start`` when nothing simpler failed), the checks run, the
-    weight sets seen to pass, and why it stopped early (None: hypothesis'
-    shrinker finished)."""
+    weight sets seen to pass and to fail, and why it stopped early (None:
+    Hypothesis' shrinker finished)."""
 
     start: dict[str, float]
     weights: dict[str, float]
@@ -413,10 +415,11 @@ def shrink_weights(
         if state["checks"] >= max_checks:
             state["stopped"] = state["stopped"] or f"its cap of {max_checks} checks"
             return False
-        if now - began >= seconds or (
-            deadline is not None and now + state["each"] > deadline
-        ):
+        if now - began >= seconds:
             state["stopped"] = state["stopped"] or f"its time limit ({seconds:.0f} s)"
+            return False
+        if deadline is not None and now + state["each"] > deadline:
+            state["stopped"] = state["stopped"] or "the check's timeout"
             return False
         w = {k: float(w[k]) for k in names}  # the heads in their order
         result = bool(fails(dict(w)))

@@ -229,6 +229,10 @@ def test_shrink_is_bounded_and_never_reruns_the_start_or_all_zeros():
     assert got.checks == 0 and not got.simpler and not seen
     assert "the drawn set: no simpler weight set was found" in got.note()
 
+    # a worker's timeout: no check that would end past it is started
+    got = models.shrink_weights(always, start, deadline=time.monotonic() - 1)
+    assert got.checks == 0 and got.stopped == "the check's timeout"
+
 
 def test_a_bug_on_every_head_s_path_says_so():
     # fails whatever the weights (a bug in the model's shared body)
