@@ -438,11 +438,9 @@ def _torch_module_ref(module: Any, near: Any, what: str) -> tuple[dict[str, Any]
     "mod:Qual"}`` (constructed with no arguments, then loaded). Returns (the
     description, "" or the reason it cannot be had)."""
     mod_name = getattr(near, "__module__", None)
-    mod = sys.modules.get(mod_name) if isinstance(mod_name, str) else None
-    if mod is not None and mod_name != "__main__":
-        for attr, value in vars(mod).items():
-            if value is module and not attr.startswith("__"):
-                return {"ref": f"{mod_name}:{attr}"}, ""
+    ref = _object_ref(module, near)
+    if ref is not None:
+        return {"ref": ref}, ""
     cls = type(module)
     name = importable_name(cls)
     desc: dict[str, Any] = {"class": name or f"{cls.__module__}.{cls.__qualname__}"}
