@@ -372,6 +372,7 @@ def shrink_weights(
     max_checks: int = SHRINK_MAX_CHECKS,
     seconds: float = SHRINK_MIN_SECONDS,
     deadline: float | None = None,
+    estimate: float = 0.0,
 ) -> Shrink:
     """The simplest weight set for which ``fails(weights)`` is still True,
     given the failing ``start``, by Hypothesis' own search and shrinker
@@ -380,7 +381,9 @@ def shrink_weights(
 
     Bounded: at most ``max_checks`` calls of ``fails`` and none started after
     ``seconds`` or (``deadline``, a ``time.monotonic()``) one that would end
-    past it, judged by the slowest call so far; past the bound every further
+    past it, judged by the slowest call so far (before the first: ``estimate``,
+    the failing check's own seconds, so that a shrink never turns a verdict into
+    a worker's timeout); past the bound every further
     candidate counts as passing, which ends the shrink at the simplest failure
     found so far. The start is known to fail (never rerun) and all-zero weights
     are never checked (a zero total has nothing to be wrong)."""
@@ -418,7 +421,8 @@ def shrink_weights(
         if now - began >= seconds:
             state["stopped"] = state["stopped"] or f"its time limit ({seconds:.0f} s)"
             return False
-        if deadline is not None and now + state["each"] > deadline:
+        each = state["each"] if state["checks"] else estimate
+        if deadline is not None and now + each > deadline:
             state["stopped"] = state["stopped"] or "the check's timeout"
             return False
         w = {k: float(w[k]) for k in names}  # the heads in their order
@@ -813,6 +817,7 @@ class Checker:
             self.weights,
             seconds=max(SHRINK_MIN_SECONDS, SHRINK_TIME_FACTOR * own),
             deadline=deadline,
+            estimate=own,
         )
         report.notes.append(result.note())
         report.cost["shrink_checks"] = result.checks

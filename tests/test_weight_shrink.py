@@ -232,6 +232,11 @@ def test_shrink_is_bounded_and_never_reruns_the_start_or_all_zeros():
     # a worker's timeout: no check that would end past it is started
     got = models.shrink_weights(always, start, deadline=time.monotonic() - 1)
     assert got.checks == 0 and got.stopped == "the check's timeout"
+    # nor a first one expected (the failing check's own time) to end past it
+    got = models.shrink_weights(
+        always, start, deadline=time.monotonic() + 30, estimate=60
+    )
+    assert got.checks == 0 and got.stopped == "the check's timeout"
 
 
 def test_a_bug_on_every_head_s_path_says_so():
