@@ -22,6 +22,12 @@ Hypothesis from the seed. The properties map to the library's checks: ``fd`` ->
 ``locality`` -> :func:`gradcheck.check_locality` (both heads must reach every
 parameter the first output depends on, and nothing else).
 
+A ``mismatch`` has its weights shrunk (:func:`shrink_weights`): Hypothesis
+searches 0, 1, halves and doubles per head for the simplest weights that still
+fail, in at most SHRINK_MAX_CHECKS extra checks and about the failing check's own
+time, and the report gets a note such as "fails with weights main=1.0, aux=0.0
+(shrunk from main=0.291, aux=0.813 in 3 checks)" with what each head alone did.
+
 A model that cannot be built gives reports with status ``unbuildable`` and the
 framework's reason; a check past ``timeout`` seconds gives ``timeout``; a check
 that raises (a :class:`~gradcheck.GradcheckError`, or the framework inside the

@@ -9,7 +9,8 @@ A *bundle* is a directory a person can read and a machine can rerun::
       report.json    the full CheckReport (CheckReport.to_dict())
       README.txt     what failed and how to replay it
       inputs.npz     the inputs (tensors as NumPy arrays; their framework, dtype,
-                     requires_grad and device are in bundle.json)
+                     requires_grad and device are in bundle.json); a training
+                     step's global tensors; a Keras step's x, y, sample weights
       weights.npz    a model's state_dict / Keras weights, when there is a model
       batch.npz      an audit example's batch
 
@@ -37,7 +38,13 @@ Design choices, and why:
   ``params`` module itself, or one of its methods) and ``params`` is an
   ``nn.Module`` that is importable (a module-level object of ``fn``'s module) or
   rebuildable (its class, no-argument constructor, then the stored state_dict);
-  audit examples (the job by name, the generated architecture spec, its batch
+  ``check_linearity`` / ``check_locality`` likewise, with every loss function
+  named and ``expected`` as JSON; ``check_training_step`` when ``step_fn`` and
+  the loss functions are importable and the model is a module-level object of
+  ``step_fn``'s module (the torch tensors they read from their module's globals,
+  the batch, are stored and put back for the replay); ``check_keras_model``
+  from Keras' JSON and compile configs (deserialized in safe mode), the weights
+  and the batch, custom classes named by ``module:qualname``; audit examples (the job by name, the generated architecture spec, its batch
   and seed: the same model and the same planted bug). Anything else is still
   written, with ``"replayable": false`` and the reason, which ``gradcheck
   replay`` prints (exit 2).
@@ -702,7 +709,7 @@ def _readme(doc: Mapping[str, Any], path: Path) -> str:
     for fname in doc["files"]:
         what = {
             "inputs.npz": "the inputs (NumPy arrays; dtypes etc. in bundle.json;"
-            " for a training step: the tensors it reads from its module's globals)",
+            " a training step's global tensors; a Keras step's x, y, sample weights)",
             "weights.npz": "the model's weights (state_dict / Keras weights)",
             "fn_weights.npz": "the weights of the module called as fn",
             "batch.npz": "the audit example's batch",
