@@ -6,6 +6,7 @@ called; :mod:`gradcheck.backends._hf` builds the model and its inputs."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -113,6 +114,8 @@ def shrink_config(
     # a heterogeneous config refuses to read per-layer attributes globally: take
     # its per-layer overrides off while shrinking, put the kept layers' back after
     hetero = cfg.__dict__.pop("_heterogeneity_spec", None)
+    old_head = _head_size(cfg)  # before the caps: partial rotary keeps its share
+    derived = _derived_widths(cfg)  # before the nested configs shrink
     attrs = dict(vars(cfg))
     for key, value in attrs.items():
         if _is_config(value):
@@ -184,12 +187,15 @@ def shrink_config(
     if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
         _set(cfg, "head_dim", max(hidden // heads, 4))
     _fit_mla(cfg)
+    _fit_rotary(cfg, old_head)
+    _fit_expert_groups(cfg)
     size = getattr(cfg, "image_size", None)
     if _int(size) and size > IMAGE:
         _set(cfg, "image_size", IMAGE)
     elif isinstance(size, (list, tuple)) and all(_int(s) for s in size):
         _set(cfg, "image_size", type(size)(min(s, IMAGE) for s in size))
     _fit_window(cfg)
+    _fit_patch_grid(cfg)
     _fit_axial(cfg)
     _fit_mamba(cfg)
     _fit_frames(cfg)
@@ -197,11 +203,22 @@ def shrink_config(
     _fit_bros(cfg)
     _fit_query_tokens(cfg)
     _fit_align(cfg)
+    _fit_efficientnet(cfg)
     _fit_cycles(cfg)
     _fit_hgnet(cfg)
     _fit_detr(cfg)
     _fit_hiera(cfg)
+    _fit_fpn_scales(cfg)
     _fit_codec_stages(cfg)
+    _fit_upsampler(cfg)
+    _fit_bridgetower(cfg)
+    _fit_sampling(cfg)
+    _fit_layout(cfg)
+    _fit_blt(cfg)
+    _fit_staged_audio(cfg)
+    _fit_visual_prompt(cfg)
+    for key, parts in derived.items():
+        _set(cfg, key, sum(_width_of(cfg, p) or 0 for p in parts))
     layers = next(iter(old_layers), None)
     chosen = [i for i in kept if layers is None or i < layers] or list(range(LAYERS))
     shared = vars(cfg).get("num_kv_shared_layers")
@@ -309,6 +326,7 @@ _WIDTH_WORDS = (
     "width",
     "lora_rank",
     "adapter",
+    "bottleneck",  # MobileBERT's intra_bottleneck_size: its true_hidden_size
 )
 _WIDTH_SUFFIXES = ("_dim", "_size", "_dims", "channels")
 _INNER_WORDS = ("intermediate", "ffn", "inner", "mlp")
@@ -524,6 +542,19 @@ def _fit_align(cfg: Any) -> None:
         _set(cfg, "projection_dim", int(round_filters(vis, channels[-1])))
 
 
+def _fit_efficientnet(cfg: Any) -> None:
+    """EfficientNet's top convolution is ``round_filters(1280)`` wide (scaled by
+    ``width_coefficient``) and its batch norm ``hidden_dim`` wide (equal in the
+    default, 2,560): the norm follows the shrunk coefficient (320 at 0.25)."""
+    if type(cfg).__name__ != "EfficientNetConfig" or not _int(
+        vars(cfg).get("hidden_dim")
+    ):
+        return
+    from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+    _set(cfg, "hidden_dim", int(round_filters(cfg, 1280)))
+
+
 def _fit_mla(cfg: Any) -> None:
     """Multi-head latent attention (DeepSeek-V2/V3, Mistral 4, dots3): a query
     head is ``qk_nope_head_dim + qk_rope_head_dim`` wide (``qk_head_dim``), and
@@ -543,6 +574,55 @@ def _fit_mla(cfg: Any) -> None:
     for sub in params.values() if nested else [params]:
         if isinstance(sub, dict) and "partial_rotary_factor" in sub:
             sub["partial_rotary_factor"] = rope / head
+
+
+def _head_size(cfg: Any) -> int | None:
+    """One attention head's width: ``head_dim`` where set, else width / heads."""
+    v = vars(cfg)
+    if _int(v.get("head_dim")) and v["head_dim"] > 0:
+        return v["head_dim"]
+    hidden = next((v[k] for k in _HIDDEN_KEYS if _int(v.get(k))), None)
+    heads = next((v[k] for k in _HEAD_KEYS if _int(v.get(k))), None)
+    return hidden // heads if hidden and heads else None
+
+
+def _fit_rotary(cfg: Any, old_head: int | None) -> None:
+    """Partial rotary embeddings by width (GPT-J, CodeGen: ``rotary_dim`` 64 of
+    256-wide heads): a rotary width must not exceed the head, so it keeps its
+    share of the shrunk head (an even number: RoPE rotates pairs), >= 2."""
+    rotary, head = vars(cfg).get("rotary_dim"), _head_size(cfg)
+    if not (_int(rotary) and _int(head) and rotary > 0):
+        return
+    share = rotary / old_head if _int(old_head) and old_head >= rotary else 1.0
+    new = min(head, max(2, 2 * round(head * share / 2)))
+    if new != rotary:
+        _set(cfg, "rotary_dim", new)
+
+
+def _fit_expert_groups(cfg: Any) -> None:
+    """Group-limited routing (DeepSeek-V3's family: AXK1, Bailing, Beam): the
+    experts split into ``n_group`` equal groups of >= 2 (each group scores its
+    top 2), the best ``topk_group`` groups are kept; 8 groups of the 4 kept
+    experts are 0 wide. Groups of 2 (half of them kept, as the defaults' 4 of
+    8), and the kept groups hold at least the top-k experts."""
+    v = vars(cfg)
+    experts = next((v[k] for k in _EXPERT_KEYS if _int(v.get(k))), None)
+    key = next((k for k in ("n_group", "num_expert_group") if _int(v.get(k))), None)
+    if key is None or not _int(experts) or v[key] <= 1:
+        return
+    groups = max(1, min(v[key], experts // 2))
+    while experts % groups:
+        groups -= 1
+    _set(cfg, key, groups)
+    top = v.get("topk_group")
+    if _int(top):
+        kept = max(1, min(top, groups // 2))
+        topk = next(
+            (getattr(cfg, k) for k in _TOPK_KEYS if _int(getattr(cfg, k, None))), 1
+        )
+        while kept < groups and kept * (experts // groups) < topk:
+            kept += 1
+        _set(cfg, "topk_group", kept)
 
 
 def _fit_cycles(cfg: Any) -> None:
@@ -649,6 +729,33 @@ def _fit_hiera(cfg: Any) -> None:
             )
 
 
+def _fit_fpn_scales(cfg: Any) -> None:
+    """SAM 3's tracker: a plain ViT backbone (patch grid image / patch) whose
+    FPN rescales the grid by ``scale_factors`` (4, 2, 1, 0.5); the model views
+    each level as ``backbone_feature_sizes`` (288, 144, 72 for 1008 / 14): the
+    sizes follow the shrunk grid (64 / 14 = 4: 16, 8, 4)."""
+    v = vars(cfg)
+    sizes, scales = v.get("backbone_feature_sizes"), v.get("scale_factors")
+    backbone = v.get("backbone_config")
+    if not (
+        _is_config(backbone)
+        and isinstance(sizes, (list, tuple))
+        and isinstance(scales, (list, tuple))
+        and len(scales) >= len(sizes)
+    ):
+        return
+    image = _first_int(getattr(backbone, "image_size", None))
+    patch = _first_int(getattr(backbone, "patch_size", None))
+    if getattr(backbone, "patch_stride", None) is not None or not (image and patch):
+        return
+    grid = image // patch
+    _set(
+        cfg,
+        "backbone_feature_sizes",
+        [[max(int(grid * s), 1)] * 2 for s in scales[: len(sizes)]],
+    )
+
+
 def _fit_codec_stages(cfg: Any) -> None:
     """A convolutional audio codec whose channels double per downsampling stage
     from ``num_filters`` (VibeVoice's acoustic tokenizer: 6 stages, 8 x 2**6 =
@@ -666,6 +773,172 @@ def _fit_codec_stages(cfg: Any) -> None:
         return
     _set(cfg, "downsampling_ratios", [2, 2, 2])
     _set(cfg, "depths", [1, 1, 1, 1])
+
+
+def _fit_upsampler(cfg: Any) -> None:
+    """HiFi-GAN vocoders (VITS, SeamlessM4T): each upsampling stage halves the
+    channels from ``upsample_initial_channel`` (capped to 8 by name): 4 or 5
+    stages then leave 0 channels (a zero-width convolution, whose init divides
+    by its width). Enough to halve once per stage and end 2 wide. And x2 per
+    stage, not 8 x 8 x 2 x 2 = 256 samples a frame (VITS's fd ran past 90 s on
+    2 x 90,000 samples): 16 a frame, each stage's kernel 2 x its stride as
+    HiFi-GAN's are (padding (kernel - stride) / 2 keeps lengths exact)."""
+    v = vars(cfg)
+    rates, start = v.get("upsample_rates"), v.get("upsample_initial_channel")
+    if not (_int(start) and isinstance(rates, (list, tuple))):
+        return
+    if not all(_int(r) for r in rates):
+        return
+    _set(cfg, "upsample_initial_channel", max(start, 2 ** (len(rates) + 1)))
+    kernels = v.get("upsample_kernel_sizes")
+    if isinstance(kernels, (list, tuple)) and len(kernels) == len(rates):
+        _set(cfg, "upsample_rates", type(rates)(min(r, 2) for r in rates))
+        _set(cfg, "upsample_kernel_sizes", type(kernels)(min(k, 4) for k in kernels))
+
+
+def _fit_sampling(cfg: Any) -> None:
+    """VITS samples in its forward, at inference too: the durations' flow from
+    ``randn x noise_scale_duration`` and the waveform's latents ``mean + randn x
+    std x noise_scale``. Each call then has another output (its length too), no
+    function to differentiate. At scale 0 the forward is its mean path, a
+    function of the weights (the draws still happen, times 0)."""
+    for key in ("noise_scale", "noise_scale_duration"):
+        if isinstance(vars(cfg).get(key), float):
+            _set(cfg, key, 0.0)
+
+
+def _fit_layout(cfg: Any) -> None:
+    """Document models that embed a box as 6 parts concatenated to the width:
+    LayoutLMv2/v3 (4 coordinates of ``coordinate_size`` + 2 of ``shape_size``),
+    LiLT (6 of width // 6, then a layout stream ``channel_shrink_ratio`` times
+    narrower whose heads are that much narrower too)."""
+    v = vars(cfg)
+    hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+    if not (_int(hidden) and _int(heads)):
+        return
+    if _int(v.get("coordinate_size")) and _int(v.get("shape_size")):
+        coordinate = hidden // 6
+        _set(cfg, "coordinate_size", coordinate)
+        _set(cfg, "shape_size", (hidden - 4 * coordinate) // 2)
+    ratio = v.get("channel_shrink_ratio")
+    if _int(ratio) and ratio > 0:
+        # width a multiple of 6 (the box parts) and of heads x ratio (each
+        # layout head is head / ratio wide): 48 at 2 heads and ratio 4
+        step = math.lcm(6, heads * ratio)
+        _set(cfg, "hidden_size", step * max(1, -(-hidden // step)))
+
+
+def _fit_blt(cfg: Any) -> None:
+    """BLT derives two widths when its config is made, not when they change:
+    the local encoder/decoder's ``hidden_size_global`` (the global
+    transformer's width) and the global transformer's
+    ``encoder_cross_output_size`` (the encoder's width x ``cross_attn_k``, None
+    where that is already the global width): derive them again."""
+    v = vars(cfg)
+    glob, enc = v.get("global_config"), v.get("encoder_config")
+    if not (_is_config(glob) and _is_config(enc) and _int(v.get("cross_attn_k"))):
+        return
+    if not hasattr(glob, "encoder_cross_output_size"):
+        return
+    width = glob.hidden_size
+    for sub in (enc, v.get("decoder_config")):
+        if _is_config(sub) and _int(vars(sub).get("hidden_size_global")):
+            _set(sub, "hidden_size_global", width)
+    cross = enc.hidden_size * v["cross_attn_k"]
+    _set(glob, "encoder_cross_output_size", None if cross == width else cross)
+
+
+#: widths a config derives from others when it is made (a None default filled
+#: in ``__post_init__``), so a shrink of those leaves them behind: EnCodec's
+#: ``codebook_dim`` (its width), X-Codec's (the acoustic + the semantic
+#: width), NeuCodec / X-Codec 2's ``quantization_dim`` (its width + the
+#: semantic model's), ViT's ``pooler_output_size`` (its width)
+_DERIVED = ("codebook_dim", "quantization_dim", "pooler_output_size")
+
+
+def _width_of(cfg: Any, path: str) -> int | None:
+    """``hidden_size`` of ``cfg`` ("") or of its nested config ``path``."""
+    sub = cfg if not path else vars(cfg).get(path)
+    value = vars(sub).get("hidden_size") if _is_config(sub) else None
+    return value if _int(value) else None
+
+
+def _derived_widths(cfg: Any) -> dict[str, tuple[str, ...]]:
+    """Which of the _DERIVED widths equal the config's width, or its width plus
+    a nested config's, or two nested configs' widths added (before the
+    shrink): key -> the configs whose widths add up to it ("" is cfg)."""
+    v = vars(cfg)
+    parts = [""] + [k for k, sub in v.items() if _is_config(sub)]
+    widths = {p: _width_of(cfg, p) for p in parts}
+    widths = {p: w for p, w in widths.items() if w}
+    found: dict[str, tuple[str, ...]] = {}
+    for key in _DERIVED:
+        value = v.get(key)
+        if not _int(value):
+            continue
+        names = list(widths)
+        combos = [(p,) for p in names] + [
+            (a, b) for i, a in enumerate(names) for b in names[i + 1 :]
+        ]
+        for combo in combos:
+            if sum(widths[p] for p in combo) == value:
+                found[key] = combo
+                break
+    return found
+
+
+def _fit_staged_audio(cfg: Any) -> None:
+    """CLAP's audio tower: a Swin whose stages double from
+    ``patch_embeds_hidden_size`` (96 .. 768) and whose ``hidden_size`` (read
+    by the projection) is the last stage's width: stages from 8 (each of 2
+    heads >= 4 wide), ``hidden_size`` 8 x 2**(stages - 1) (64 for 4)."""
+    v = vars(cfg)
+    base, depths = v.get("patch_embeds_hidden_size"), v.get("depths")
+    if not (_int(base) and isinstance(depths, (list, tuple)) and depths):
+        return
+    if not _int(v.get("hidden_size")):
+        return
+    base = min(base, STAGED_WIDTH // 2)
+    _set(cfg, "patch_embeds_hidden_size", base)
+    _set(cfg, "hidden_size", base * 2 ** (len(depths) - 1))
+
+
+def _fit_visual_prompt(cfg: Any) -> None:
+    """TVP pads a learned frame ``visual_prompt_size`` wide inside images of
+    exactly ``max_img_size`` (448 and 96): the image cap (64), and a frame that
+    leaves a 32 x 32 middle (16)."""
+    v = vars(cfg)
+    size, pad = v.get("max_img_size"), v.get("visual_prompt_size")
+    if _int(size) and _int(pad) and size > IMAGE:
+        _set(cfg, "max_img_size", IMAGE)
+        _set(cfg, "visual_prompt_size", min(pad, IMAGE // 4))
+
+
+def _fit_bridgetower(cfg: Any) -> None:
+    """BridgeTower's vision tower builds ``nn.MultiheadAttention(width, width //
+    64)``: its heads are 64 wide by construction, so a width under 64 has 0
+    heads. The one vision width kept at 64 (one head); unique to this model."""
+    if type(cfg).__name__ != "BridgeTowerVisionConfig":
+        return
+    hidden = vars(cfg).get("hidden_size")
+    if _int(hidden) and hidden < 64:
+        _set(cfg, "hidden_size", 64)
+
+
+def _fit_patch_grid(cfg: Any) -> None:
+    """SAM: a patch grid's side derived from the image when the config is made
+    (the prompt encoder's ``image_embedding_size`` = 1024 / 16 = 64) follows
+    the shrunk image (64 / 16 = 4), as the vision tower's grid does; and the
+    positional embedding follows the shrunk neck's width."""
+    v = vars(cfg)
+    size, patch = _first_int(v.get("image_size")), _first_int(v.get("patch_size"))
+    if _int(v.get("image_embedding_size")) and size and patch:
+        _set(cfg, "image_embedding_size", max(size // patch, 1))
+    # the image's positional embedding (a sine and a cosine of num_pos_feats
+    # frequencies each) is added to the neck's output_channels
+    feats, channels = v.get("num_pos_feats"), v.get("output_channels")
+    if _int(feats) and _int(channels) and 2 * feats != channels:
+        _set(cfg, "num_pos_feats", max(channels // 2, 1))
 
 
 def _fit_axial(cfg: Any) -> None:
