@@ -197,6 +197,41 @@ def _python_caller() -> tuple[str, str]:
     return "fn", ""
 
 
+def _in_function_forward() -> bool:
+    """Whether a custom autograd.Function's forward is running (torch runs it with
+    grad disabled, on inputs that require grad: not a cut of fn's)."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "apply" and code.co_filename.endswith(
+            ("autograd/function.py", "autograd\\function.py")
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _python_callers(n: int) -> list[tuple[str, str]]:
+    """The ``n`` innermost Python frames outside torch and gradcheck, innermost
+    first: where a no_grad region was entered is one of them."""
+    import os
+    import sys
+
+    torch_dir = os.path.dirname(torch.__file__)
+    ours = os.path.dirname(os.path.dirname(__file__))  # the gradcheck package
+    frame = sys._getframe(2)
+    out: list[tuple[str, str]] = []
+    while frame is not None and len(out) < n:
+        code = frame.f_code
+        if not code.co_filename.startswith((torch_dir, ours)):
+            place = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+            out.append((getattr(code, "co_qualname", code.co_name), place))
+        frame = frame.f_back
+    return out
+
+
 _DETACH = {torch.Tensor.detach, torch.Tensor.detach_, torch.detach}
 
 
@@ -210,7 +245,11 @@ class CallWatch(_ModuleStack):
       function sees other random numbers, hence other values;
     * ``detaches``: ``.detach()`` of a tensor that requires grad (FastSpeech2's
       pitch and energy predictors read a detached encoder output by design): the
-      gradient stops there while the values still flow.
+      gradient stops there while the values still flow;
+    * ``no_grad``: ops that read a tensor requiring grad while fn itself turned
+      grad mode off (``with torch.no_grad():`` inside fn: PE-Audio's frozen DAC
+      encoder): the first op of each such region. Recorded only when the call
+      began with grad enabled (gradcheck's own no_grad evaluations are not fn's).
 
     Keys are "op in caller (file:line, module 'name')", values counts."""
 
@@ -218,6 +257,27 @@ class CallWatch(_ModuleStack):
         super().__init__(names)
         self.random_ops: dict[str, int] = {}
         self.detaches: dict[str, int] = {}
+        self.no_grad: dict[str, int] = {}
+        self._grad_at_entry = True
+        self._in_region = False
+
+    def __enter__(self):
+        self._grad_at_entry = torch.is_grad_enabled()
+        return super().__enter__()
+
+    def _no_grad_read(self, args: tuple, kwargs: dict) -> bool:
+        if not self._grad_at_entry or torch.is_grad_enabled():
+            return False
+        if _in_function_forward():  # autograd.Function.forward runs grad-free
+            return False
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return True
+            if isinstance(a, (list, tuple)) and any(
+                isinstance(b, torch.Tensor) and b.requires_grad for b in a
+            ):
+                return True
+        return False
 
     def _key(self, func: Callable) -> str:
         caller, place = _python_caller()
@@ -235,12 +295,47 @@ class CallWatch(_ModuleStack):
                 key = self._key(func)
                 self.detaches[key] = self.detaches.get(key, 0) + 1
             return func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            self._in_region = False
+        elif not self._in_region and self._no_grad_read(args, kwargs or {}):
+            # the first op of a no_grad region that reads a tensor requiring grad
+            self._in_region = True
+            outer = _python_callers(3)[1:]
+            key = (
+                "torch.no_grad() around "
+                + self._key(func)
+                + "".join(f", called from {c} ({p})" for c, p in outer)
+            )
+            self.no_grad[key] = self.no_grad.get(key, 0) + 1
         state = torch.get_rng_state()
         out = func(*args, **(kwargs or {}))
         if not torch.equal(state, torch.get_rng_state()):
             key = self._key(func)
             self.random_ops[key] = self.random_ops.get(key, 0) + 1
         return out
+
+
+class PassDetach(torch.overrides.TorchFunctionMode):
+    """A counterfactual for a mismatch that fn's detaches may explain: while
+    active, ``.detach()`` / ``torch.detach`` of a tensor that requires grad
+    returns an identity view that keeps the graph (same values, the gradient
+    passes). A gradient taken under it is the derivative of the function fn
+    computes, as if the model had not stopped the gradient there; when that one
+    matches the finite differences, the detaches are the whole mismatch.
+    ``detach_`` (in place) is left alone. ``passed`` counts the detaches made
+    identities."""
+
+    def __init__(self):
+        super().__init__()
+        self.passed = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.detach, torch.detach):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                self.passed += 1
+                return x.view_as(x)
+        return func(*args, **(kwargs or {}))
 
 
 class NanOrigin(_ModuleStack):

@@ -651,6 +651,10 @@ class TorchSession(Session):
         #: count); None until that call (see CallWatch)
         self._random_ops: dict[str, int] | None = None
         self._detaches: dict[str, int] = {}
+        #: no_grad regions inside fn that read tensors requiring grad (CallWatch)
+        self._no_grads: dict[str, int] = {}
+        #: set while passing_detaches() is active: fn's calls run under it
+        self._pass_detach: Any = None
         self._last_cotangents: list[np.ndarray] | None = None
         #: a derived function's (see second_order_session) output names
         self._output_labels: list[str] | None = None
@@ -767,6 +771,17 @@ class TorchSession(Session):
                 "design (a predictor trained on a stopped input), that detach is the "
                 "cause, not a bug in a backward."
             )
+        if report.status == "mismatch" and self._no_grads:
+            cuts = list(self._no_grads)
+            report.notes.append(
+                "fn turns grad mode off around tensors that require grad: "
+                + "; ".join(cuts[:4])
+                + (f" and {len(cuts) - 4} more" if len(cuts) > 4 else "")
+                + ": no gradient flows back through what runs there (a frozen "
+                "sub-network by design, or a forgotten torch.no_grad()), while its "
+                "values still reach the outputs: finite differences see that "
+                "dependence, torch's gradient does not."
+            )
         return super().finish(report, started)
 
     def _watch_first_call(self) -> Any:
@@ -778,7 +793,28 @@ class TorchSession(Session):
 
         watch = CallWatch(module_names(self.modules))
         self._random_ops, self._detaches = watch.random_ops, watch.detaches
+        self._no_grads = watch.no_grad
         return watch
+
+    def passing_detaches(self) -> Any:
+        """A context in which fn's ``.detach()`` of tensors that require grad pass
+        the gradient (PassDetach): the finite-difference check takes one more
+        gradient under it to test whether fn's detaches are the whole mismatch.
+        None when the first call of fn detached nothing that requires grad."""
+        if not self._detaches:
+            return None
+        from gradcheck.backends._torch_kinks import PassDetach
+
+        @contextlib.contextmanager
+        def passing() -> Any:
+            self._pass_detach = PassDetach()
+            try:
+                yield self._pass_detach
+            finally:
+                self._pass_detach = None
+                self._graph = None
+
+        return passing()
 
     def second_order_refusal(self) -> tuple[str, str] | None:
         return self._refusal
@@ -851,7 +887,7 @@ class TorchSession(Session):
         complex ones as their real and imaginary parts (_real_view). An exception
         from fn becomes a FunctionRaisedError saying ``where`` it happened."""
         try:
-            with self._routing(at_point):
+            with self._routing(at_point), self._pass_detach or contextlib.nullcontext():
                 raw = self.fn(*inputs)
         except GradcheckError:
             raise
@@ -1323,7 +1359,12 @@ class TorchSession(Session):
                 f"torch's gradient for {location.describe()} is exactly 0 while the "
                 f"function changes with it (numerical {num:.3e}): the path is cut: "
                 ".detach(), torch.no_grad(), .data, a custom backward or a hook "
-                "returning zeros; by design or by mistake."
+                "returning zeros; by design or by mistake"
+                + (
+                    " (fn runs torch.no_grad() regions: see the note naming them)."
+                    if self._no_grads
+                    else "."
+                )
             )
         return notes
 

@@ -264,7 +264,23 @@ class _Probe:
             rms_d = self.d_norms[t] / math.sqrt(d.size)
             if rms_d > 0:
                 hs.append(frac * ctx.x_scale[t] / rms_d)
-        return min(hs) if hs else frac
+        h = min(hs) if hs else frac
+        # The step moves x by `frac` of its scale; it must not move phi by more
+        # than `frac` of phi's scale (sum |v * y|) either: t * |D| <= frac * scale.
+        # The x-scale step breaks that when a few tensors' gradients are many
+        # orders above the rest (D-FINE, DEIMv2, PP-DocLayout at a fresh init:
+        # backbone activations ~1e-16 behind normalisations with var << eps, each
+        # multiplying the gradient by 1/sqrt(eps), up to 1e17), since the
+        # direction divides the other tensors by the largest gradient's floor:
+        # the differences then span a saturated, flat stretch of phi and
+        # "converge" to 0, or cross kinks. Capped, their rounding error is
+        # eps * |D| / frac relative to torch's |D|, wrong or right: harmless.
+        ana = abs(self.analytical)
+        if ana > 0 and math.isfinite(ana):
+            phi_scale = float(self.phi(0.0)[1])
+            if phi_scale > 0 and math.isfinite(phi_scale):
+                h = min(h, frac * phi_scale / ana)
+        return h
 
     def judge(
         self, est: fd.DerivativeEstimate
@@ -601,6 +617,10 @@ class _Derived(Session):
 
     def known_causes(self, location: object) -> list[str]:
         return self.inner.known_causes(location)
+
+    def passing_detaches(self) -> object:
+        passing = getattr(self.inner, "passing_detaches", None)
+        return None if passing is None else passing()
 
     def value_and_grads(self, fn, label):
         # linearity and locality evaluate losses through the user's session; the
@@ -1303,6 +1323,7 @@ def _diagnose(
             if decided is not None:
                 if decided:
                     return
+                est = small  # the mismatch is judged on these differences
                 # low precision: the float64 gradient against these converged
                 # differences, then the native one against its measured rounding
                 if _precision_split(ctx, probe, small, report):
@@ -1351,6 +1372,81 @@ def _diagnose(
     report.status = "mismatch"
     report.location = _locate(ctx, probe, _mismatches, "mismatch")
     report.notes.extend(s.known_causes(report.location))
+    _detach_counterfactual(ctx, probe, est, report)
+
+
+def _detach_counterfactual(
+    ctx: _Context, probe: _Probe, est: fd.DerivativeEstimate, report: CheckReport
+) -> None:
+    """A mismatch where fn detaches tensors that require grad: one more gradient
+    with those detaches passing it (the backend's ``passing_detaches``, an
+    identity in place of each detach), compared along the probe direction with
+    the same finite differences and tolerance. When it matches, the detaches are
+    the whole mismatch (by design where the model stops the gradient on purpose:
+    D-FINE's and RT-DETR's detached reference points, DAC's straight-through
+    quantizer): the verdict stays a mismatch (torch's gradient is not fn's
+    derivative) and its first note says so. When it still misses, the detaches
+    do not explain it and a note says that too. Backends without the hook, or fn
+    without detaches: nothing."""
+    s = ctx.session
+    passing = getattr(s, "passing_detaches", None)
+    manager = None if passing is None else passing()
+    if manager is None:
+        return
+    # a low-precision check against a float64 reference: the counterfactual
+    # gradient is taken as the reference evaluations are (float64 copies) and
+    # judged at float64 tolerance, as the precision split judges the float64 one
+    low = _needs_split(ctx) and not ctx.forward
+    try:
+        with manager as mode:
+            alt = s.gradients_at([ctx.cot], promote=low)[0]  # type: ignore[attr-defined]
+    except Exception as exc:  # the counterfactual is a diagnosis, never a verdict
+        report.notes.append(
+            "fn's gradient with its detaches passing the gradient could not be "
+            f"taken ({str(exc)[:160]}): whether they explain the mismatch is open."
+        )
+        return
+    passed = int(getattr(mode, "passed", 0))
+    alt_dir = sum(
+        float(np.vdot(g, d))
+        for g, d in zip(alt, probe.direction, strict=True)
+        if g is not None and d is not None
+    )
+    err = abs(float(est.value) - alt_dir)
+    tol = report.tolerance
+    if low:
+        tol = (
+            tl.FD_SAFETY * float(est.error)
+            + tl.ROUNDING_SIGMAS * tl.gradient_rounding("float64") * math.sqrt(len(alt))
+            + probe.input_rounding(est.step)
+        )
+    n = f"{passed} detach{'es' if passed != 1 else ''}"
+    if err <= tol:
+        report.notes.insert(
+            0,
+            f"cause confirmed: with fn's {n} of tensors that require grad passing the "
+            f"gradient (an identity in place of each .detach(), one more backward), "
+            f"torch's directional derivative is {alt_dir:.6e} against the finite "
+            f"differences' {float(est.value):.6e} (error {err:.3e} <= tolerance "
+            f"{tol:.3e}), where with them it is {probe.analytical:.6e}: the detaches "
+            "are the whole mismatch, not a wrong backward. By design where the model "
+            "stops the gradient on purpose (see the note naming them).",
+        )
+    else:
+        before = abs(float(est.value) - probe.analytical)
+        report.notes.append(
+            f"with fn's {n} passing the gradient, torch's directional derivative is "
+            f"{alt_dir:.6e}, still not the finite differences' {float(est.value):.6e} "
+            f"(error {err:.3e} > tolerance {tol:.3e}): the detaches do not explain "
+            "the whole mismatch"
+            + (
+                f", though nearly all of it (the error drops from {before:.3e} to "
+                f"{err:.3e}: what is left is a mismatch of its own, {err / tol:.1f}x "
+                "the tolerance)."
+                if err < 0.01 * before
+                else "."
+            )
+        )
 
 
 def _smaller_step_estimate(
@@ -2154,6 +2250,9 @@ def _run_full(
     zero = s.prepare([None] * len(s.specs))
     base_outs = s.outputs_at(zero, 0.0)  # resolves the reference precision first
     f0 = _project(ctx, base_outs, full_jacobian and n_out > 1)
+    phi_scale = float(np.max(np.abs(f0[1]), initial=0.0))
+    if not math.isfinite(phi_scale):
+        phi_scale = 0.0
     offsets = np.cumsum([0] + [sp.size for sp in s.specs])
     for k in range(n_in):
         t = int(col_of[k])
@@ -2167,9 +2266,12 @@ def _run_full(
         def phi(tt: float, handle=handle) -> fd.Evaluation:
             return _project(ctx, s.outputs_at(handle, tt), full_jacobian and n_out > 1)
 
-        h0 = (ctx.options.step or tl.step_fraction(s.reference_dtype)) * max(
-            abs_x[k], x_scale[k]
-        )
+        frac = ctx.options.step or tl.step_fraction(s.reference_dtype)
+        h0 = frac * max(abs_x[k], x_scale[k])
+        # nor more than `frac` of phi's scale in phi (see _Probe.step)
+        slope = float(np.max(np.abs(analytic[:, k]), initial=0.0))
+        if slope > 0 and math.isfinite(slope) and phi_scale > 0:
+            h0 = min(h0, frac * phi_scale / slope)
         est = fd.richardson(
             phi,
             h0,

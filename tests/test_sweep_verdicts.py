@@ -1,0 +1,229 @@
+"""Verdicts settled on the full hf:* sweep (issue 17; reports/findings.md sections
+7-9): small models with each model family's pattern, not the transformers models
+themselves (those are checked where that is quick, slow-marked).
+
+* a detach that is the whole mismatch (D-FINE, DEIMv2, PP-DocLayout, RT-DETR, DAC):
+  the finite-difference check confirms it with one more gradient taken with the
+  detaches passing it; a wrong backward next to a detach is still a mismatch that
+  the detaches do not explain;
+* a step that saturates a steep path (D-FINE at a fresh init: gradients 1e17 next
+  to 1): a correct function passes, a wrong gradient on it is still a mismatch;
+* a torch.no_grad() region inside fn (PE-Audio's frozen DAC encoder) is named.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gradcheck  # noqa: E402
+from tests._state import assert_same_rng, rng_state  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _f64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+# ------------------------------------------- a detach that is the whole mismatch
+class _DetachedReference(torch.nn.Module):
+    """D-FINE / RT-DETR's pattern: the encoder proposes reference points, which the
+    decoder reads detached (by design) while it also reads the encoder's features
+    with the gradient. ``wrong``: a custom backward on the decoder path that scales
+    its gradient by 1.01 (a real bug beside the designed detach)."""
+
+    def __init__(self, detach=True, wrong=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(4, 6).double()
+        self.ref_head = torch.nn.Linear(6, 2).double()
+        self.decoder = torch.nn.Linear(8, 3).double()
+        self.detach, self.wrong = detach, wrong
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder(x))
+        ref = torch.sigmoid(self.ref_head(h))
+        if self.detach:
+            ref = ref.detach()
+        if self.wrong:
+            h = _Scaled.apply(h)
+        return self.decoder(torch.cat([h, ref], -1))
+
+
+class _Scaled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 1.01 * g
+
+
+def _check(model, x):
+    return gradcheck.check_gradients(
+        lambda: model(x).pow(2).mean(), params=model, seed=0
+    )
+
+
+def test_a_designed_detach_is_confirmed_as_the_whole_mismatch():
+    model, x = _DetachedReference(), _f64(5, 4)
+    before = rng_state()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = _check(model, x)
+    assert_same_rng(before)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]) and p.grad is None, n
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed: with fn's 1 detach of tensors that require grad" in text
+    assert "the detaches are the whole mismatch, not a wrong backward" in text
+    assert (
+        "Tensor.detach in _DetachedReference.forward (test_sweep_verdicts.py:" in text
+    )
+    # the counterfactual left no trace: the model's own graph still stops there
+    model(x).pow(2).mean().backward()
+    assert model.ref_head.weight.grad is None
+
+
+def test_a_wrong_backward_beside_a_detach_is_not_explained_by_it():
+    report = _check(_DetachedReference(wrong=True), _f64(5, 4))
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed" not in text
+    assert "the detaches do not explain the whole mismatch" in text
+    # a custom autograd.Function's forward runs grad-free: not a no_grad region
+    assert "no_grad" not in text
+
+
+def test_without_the_detach_it_passes_and_no_counterfactual_runs():
+    report = _check(_DetachedReference(detach=False), _f64(5, 4))
+    assert report.passed, report.message()
+    assert "detach" not in report.message()
+
+
+def test_the_planted_backward_bug_alone_is_a_mismatch_with_no_detach_note():
+    report = _check(_DetachedReference(detach=False, wrong=True), _f64(5, 4))
+    assert report.status == "mismatch", report.message()
+    assert "detach" not in report.message()
+
+
+# ------------------------------------------------ a step that saturates a steep path
+class _SteepAndFlat(torch.nn.Module):
+    """D-FINE at a fresh init: one path's gradient is ~1e12 (activations ~1e-16
+    behind normalisations with var << eps multiply it by 1/sqrt(eps) each), the
+    rest O(1). The probe direction divides the O(1) tensors by 1% of the largest
+    gradient, so a step sized from their values alone moves the steep path far
+    into saturation (tanh), where finite differences see a flat function.
+    ``scale``: a planted bug multiplying the steep path's gradient."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.steep = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.flat = torch.nn.Linear(4, 3).double()
+        self.scale = scale
+
+    def forward(self, x):
+        s = _Scaled2.apply(self.steep, self.scale) if self.scale != 1.0 else self.steep
+        return torch.tanh(1e12 * s) + self.flat(x)
+
+
+class _Scaled2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.k * g, None
+
+
+@pytest.mark.parametrize("mode", ["full", "directional"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_steep_path_next_to_flat_ones_passes(dtype, mode):
+    model, x = (
+        _SteepAndFlat().to(getattr(torch, dtype)),
+        _f64(5, 4).to(getattr(torch, dtype)),
+    )
+    proj = _f64(5, 3, seed=1).to(x.dtype)
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0, mode=mode
+    )
+    assert report.passed, report.message()
+
+
+@pytest.mark.parametrize("mode", ["full", "directional"])
+def test_a_wrong_gradient_on_the_steep_path_is_still_a_mismatch(mode):
+    model, x = _SteepAndFlat(scale=1.001), _f64(5, 4)
+    proj = _f64(5, 3, seed=1)
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0, mode=mode
+    )
+    assert report.status == "mismatch", report.message()
+    assert report.location is not None and report.location.tensor == "steep"
+
+
+# ------------------------------------------------------------- a no_grad region
+class _FrozenEncoder(torch.nn.Module):
+    """PE-Audio's pattern: a frozen codec encoder run under torch.no_grad()."""
+
+    def __init__(self, frozen=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.codec = torch.nn.Linear(4, 4).double()
+        self.head = torch.nn.Linear(4, 2).double()
+        self.frozen = frozen
+
+    def encode(self, x):
+        return torch.tanh(self.codec(x))
+
+    def forward(self, x):
+        if self.frozen:
+            with torch.no_grad():
+                h = self.encode(x)
+        else:
+            h = self.encode(x)
+        return self.head(h)
+
+
+def test_a_no_grad_region_inside_fn_is_named_with_its_caller():
+    model, x = _FrozenEncoder(), _f64(5, 4)
+    report = _check(model, x)
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "fn turns grad mode off around tensors that require grad" in text
+    assert "torch.no_grad() around" in text
+    assert "called from _FrozenEncoder.forward (test_sweep_verdicts.py:" in text
+
+
+def test_without_the_no_grad_region_it_passes():
+    report = _check(_FrozenEncoder(frozen=False), _f64(5, 4))
+    assert report.passed, report.message()
+    assert "no_grad" not in report.message()
+
+
+# ----------------------------------------------------------- the hf models (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["rt_detr", "d_fine"])
+def test_hf_detection_detach_is_confirmed(model_type):
+    pytest.importorskip("transformers")
+    (report,) = gradcheck.check_model(
+        f"hf:{model_type}", dtype="float64", properties="fd"
+    )
+    assert report.status == "mismatch", report.message()
+    assert "cause confirmed" in report.message()
+
+
+@pytest.mark.slow
+def test_hf_pe_audio_encoder_names_its_no_grad():
+    pytest.importorskip("transformers")
+    (report,) = gradcheck.check_model(
+        "hf:pe_audio_encoder", dtype="float64", properties="fd"
+    )
+    assert report.status == "mismatch", report.message()
+    assert "PeAudioEncoderEmbedder.forward (modeling_pe_audio.py:" in (report.message())
