@@ -71,6 +71,7 @@ __all__ = [
     "draw_weights",
     "expand_specs",
     "parse_spec",
+    "parse_weights",
     "shrink_weights",
 ]
 
@@ -245,6 +246,34 @@ def _weights_arg(weights: Any) -> dict[str, float] | None:
     return out
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``"main=1.0,aux=0.0"`` (what a shrink note prints) as ``weights=``;
+    InvalidArgumentError says what is wrong."""
+    pairs: dict[str, Any] = {}
+    for item in str(text).split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key.strip() in pairs:
+            raise InvalidArgumentError(
+                f"weights {text!r}: expected each head once as head=number, e.g. "
+                "main=1.0,aux=0.0."
+            )
+        try:
+            pairs[key.strip()] = float(value)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"weights {text!r}: {value.strip()!r} is not a number."
+            ) from None
+    if set(pairs) != set(HEADS):
+        raise InvalidArgumentError(
+            f"weights {text!r}: expected each head once as head=number: "
+            + ",".join(f"{h}=W" for h in HEADS)
+            + "."
+        )
+    out = _weights_arg(pairs)
+    assert out is not None
+    return out
+
+
 def _fmt_weights(weights: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={float(v)!r}" for k, v in weights.items())
 
@@ -294,8 +323,8 @@ class Shrink:
         cap = f"; stopped at {self.stopped}" if self.stopped else ""
         if not self.simpler:
             text = (
-                f"fails with weights {_fmt_weights(self.weights)} (the drawn set: no "
-                f"simpler weight set was found to fail in {runs}{cap})"
+                f"fails with weights {_fmt_weights(self.weights)} (no simpler "
+                f"weight set was found to fail in {runs}{cap})"
             )
         else:
             text = (
@@ -383,7 +412,8 @@ def shrink_weights(
     """The simplest weight set for which ``fails(weights)`` is still True,
     given the failing ``start``, by Hypothesis' own search and shrinker
     (``hypothesis.find``: derandomized, no database, no deadline) over
-    :data:`SHRINK_LADDER` per head (the start's own weight last on each).
+    :data:`SHRINK_LADDER` per head (the start's own weight appended where it
+    is not on it).
 
     Bounded: at most ``max_checks`` calls of ``fails`` and none started after
     ``seconds`` or (``deadline``, a ``time.monotonic()``) one that would end
@@ -401,7 +431,9 @@ def shrink_weights(
     start = {k: float(start[k]) for k in names}
 
     def head(name: str) -> Any:
-        ladder = [w for w in SHRINK_LADDER if w != start[name]] + [start[name]]
+        ladder = list(SHRINK_LADDER)
+        if start[name] not in ladder:  # a weight on the ladder keeps its place
+            ladder.append(start[name])
         return st.sampled_from(ladder)
 
     cache: dict[tuple[float, ...], bool] = {tuple(start.values()): True}

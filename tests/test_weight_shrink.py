@@ -209,6 +209,13 @@ def test_shrink_off_and_bad_weights():
             models.check_model(f"{HERE}:correct_main_path", weights=bad)
 
 
+def test_a_printed_weight_set_parses_back():
+    assert models.parse_weights("main=1.0, aux=0.0") == {"main": 1.0, "aux": 0.0}
+    for bad in ("main=1", "main=1,aux=x", "main=1,main=2", "main=1,aux=0,x=2", "1,0"):
+        with pytest.raises(models.InvalidArgumentError, match="weights"):
+            models.parse_weights(bad)
+
+
 def test_shrink_is_bounded_and_never_reruns_the_start_or_all_zeros():
     seen = []
 
@@ -227,7 +234,7 @@ def test_shrink_is_bounded_and_never_reruns_the_start_or_all_zeros():
     seen.clear()
     got = models.shrink_weights(always, start, seconds=0.0)
     assert got.checks == 0 and not got.simpler and not seen
-    assert "the drawn set: no simpler weight set was found" in got.note()
+    assert "(no simpler weight set was found to fail in 0 checks" in got.note()
 
     # a worker's timeout: no check that would end past it is started
     got = models.shrink_weights(always, start, deadline=time.monotonic() - 1)
@@ -270,3 +277,25 @@ def test_cli_shrinks_in_the_worker_process_and_writes_the_note(tmp_path, capsys)
     assert "fails with weights main=1.0, aux=0.0 (shrunk from" in row["message"]
     page = (tmp_path / "check-model.html").read_text()
     assert "fails with weights main=1.0, aux=0.0 (shrunk from" in page
+
+
+def test_cli_reruns_a_printed_weight_set(capsys):
+    from gradcheck import cli
+
+    try:
+        cli.parser().parse_args(["check-model", "x:y", "--no-shrink"])
+    except SystemExit:
+        capsys.readouterr()
+        pytest.skip("gradcheck check-model has no --weights/--no-shrink yet")
+    argv = ["check-model", f"{HERE}:planted_main_path", "--properties", "fd"]
+    code = main([*argv, "--timeout", "0", "--weights", "main=1.0,aux=0.0"])
+    out = capsys.readouterr().out
+    assert code == 1 and "x 1 + aux (its mean square) x 0; weights given" in out, out
+    assert "  fails with weights main=1.0, aux=0.0 (no simpler weight set" in out
+    code = main([*argv, "--timeout", "0", "--weights", "main=0,aux=1", "--no-shrink"])
+    out = capsys.readouterr().out
+    assert code == 0 and "fails with weights" not in out, out
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--weights", "main=1"])
+    assert exit_.value.code == 2
+    assert "expected each head once" in capsys.readouterr().err
