@@ -227,3 +227,43 @@ def test_hf_pe_audio_encoder_names_its_no_grad():
     )
     assert report.status == "mismatch", report.message()
     assert "PeAudioEncoderEmbedder.forward (modeling_pe_audio.py:" in (report.message())
+
+
+# ------------------------------- where a float64 forward goes wrong (models.py)
+class _DtypeLess(torch.nn.Module):
+    """ProphetNet's and FastSpeech2's patterns in a float64 model: ``1.0 - mask``
+    of an integer mask is float32 (torch's default dtype), times
+    finfo(float64).min is 0 * -inf = NaN; a buffer made with dtype=torch.float
+    meets the float64 decoder."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4).double()
+        self.kind = kind
+
+    def forward(self, x, mask):
+        h = self.proj(x)
+        if self.kind == "mask":
+            bias = (1.0 - mask[:, None, :]) * torch.finfo(h.dtype).min
+            return torch.softmax(h @ h.transpose(-1, -2) + bias, -1)
+        out = torch.zeros(h.shape, dtype=torch.float)  # as length_regulator
+        out[:] = h
+        return self.proj(out)
+
+
+def test_forward_origin_names_the_producer_not_the_consumer():
+    from gradcheck.backends._torch_kinks import forward_origin
+
+    x, mask = _f64(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    masked, buffered = _DtypeLess("mask"), _DtypeLess("buffer")
+    watch = forward_origin(lambda: masked(x, mask), torch.float64)
+    assert watch.low is not None and watch.low.startswith("torch.__rsub__ in")
+    assert "test_sweep_verdicts.py:" in watch.low and watch.low.endswith("-> float32")
+    assert watch.nonfinite is not None and "Tensor.mul in" in watch.nonfinite
+    watch = forward_origin(lambda: buffered(x, mask), torch.float64)
+    assert watch.low is not None and watch.low.startswith("torch.zeros in")
+    assert watch.nonfinite is None
+    # a float64-clean forward: nothing to name
+    clean = torch.nn.Linear(4, 4).double()
+    watch = forward_origin(lambda: clean(x), torch.float64)
+    assert watch.low is None and watch.nonfinite is None

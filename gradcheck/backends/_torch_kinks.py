@@ -387,3 +387,74 @@ def _finite(grads: Any) -> bool:
         for g in grads
         if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex())
     )
+
+
+class ForwardOrigin(torch.overrides.TorchFunctionMode):
+    """Where a model's own forward first goes wrong in a precision, for a message
+    that names the producer, not the op that trips over it (one more forward,
+    under no_grad, by the caller):
+
+    * ``nonfinite``: the first op whose floating result holds NaN/Inf while its
+      floating inputs are finite (ProphetNet in float64: ``(1.0 - mask) *
+      finfo(float64).min``, the ``1.0 - mask`` of an integer mask being float32,
+      i.e. ``0 * -inf``);
+    * ``low``: the first op that makes a floating tensor below ``dtype`` from
+      inputs that are not (a factory with a hard-coded or default dtype,
+      ``torch.zeros(..., dtype=torch.float)`` in FastSpeech2's length_regulator,
+      ``torch.full((), finfo(float64).min)`` in XGLM, a ``.float()``).
+
+    Each is "op in caller (file:line)" or None."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.level = _ORDER.get(dtype, 0)
+        self.nonfinite: str | None = None
+        self.low: str | None = None
+
+    @staticmethod
+    def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        out = []
+        for a in (*args, *kwargs.values()):
+            items = a if isinstance(a, (list, tuple)) else (a,)
+            out += [
+                t
+                for t in items
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+            ]
+        return out
+
+    def _place(self, func: Callable) -> str:
+        caller, place = _python_caller()
+        return f"{_func_name(func)} in {caller}" + (f" ({place})" if place else "")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        ins = self._floats(args, kwargs)
+        if self.low is None and _ORDER.get(out.dtype, 3) < self.level:
+            if all(_ORDER.get(t.dtype, 3) >= self.level for t in ins):
+                self.low = (
+                    self._place(func) + f" -> {str(out.dtype).replace('torch.', '')}"
+                )
+        if (
+            self.nonfinite is None
+            and out.numel()
+            and not bool(torch.isfinite(out).all())
+        ):
+            if all(bool(torch.isfinite(t).all()) for t in ins):
+                self.nonfinite = self._place(func)
+        return out
+
+
+def forward_origin(call: Callable[[], Any], dtype: torch.dtype) -> ForwardOrigin:
+    """Run ``call`` (a model's forward) once under no_grad and ForwardOrigin;
+    whatever it raises is swallowed (the caller has its own exception)."""
+    watch = ForwardOrigin(dtype)
+    try:
+        with torch.no_grad(), watch:
+            call()
+    except Exception:
+        pass
+    return watch
