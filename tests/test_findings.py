@@ -282,3 +282,61 @@ def test_float64_model_computing_in_float32_says_so_in_those_words():
         "this model computes in float32 internally (1): judged at float32 precision"
         in report.message()
     )
+
+
+# ------------------- float64 in models that hard-code float32 (sections 9 and 10)
+class _Regulated(torch.nn.Module):
+    """FastSpeech2Conformer's inference path: transformers' own length_regulator
+    (its buffer is torch.zeros(..., dtype=torch.float)) between two float layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(4, 4)
+        self.decoder = torch.nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        fs2 = pytest.importorskip(
+            "transformers.models.fastspeech2_conformer.modeling_fastspeech2_conformer"
+        )
+        h = fs2.length_regulator(self.encoder(x), torch.tensor([[1, 2, 1]]))
+        return self.decoder(h.transpose(1, 2))
+
+
+class _MaskedEncoder(torch.nn.Module):
+    """ProphetNet's mask: (1.0 - int mask) is float32 whatever the model's dtype;
+    times finfo(float64).min it is 0 * -inf = NaN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x, attention_mask):
+        h = self.proj(x)
+        bias = (1.0 - attention_mask[:, None, :]) * torch.finfo(h.dtype).min
+        return torch.softmax(h @ h.transpose(-1, -2) + bias, -1) @ h
+
+
+def test_length_regulator_float32_buffer_is_caught_in_float64():
+    model, x = _Regulated(), torch.randn(1, 3, 4)
+    f32, f64 = gradcheck.check_model(
+        model, inputs=(x,), dtype="float32,float64", properties="fd"
+    )
+    assert f32.passed, f32.message()
+    assert f64.status == "error", f64.message()
+    assert "forward raises in float64, though it runs in float32" in f64.message()
+
+
+def test_dtype_less_mask_gives_nan_in_float64_and_is_caught():
+    model = _MaskedEncoder()
+    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    f32, f64 = gradcheck.check_model(
+        model,
+        inputs={"x": x, "attention_mask": mask},
+        dtype="float32,float64",
+        properties="fd",
+    )
+    assert f32.passed, f32.message()
+    assert f64.status == "error", f64.message()
+    assert "output is not finite" in f64.message()
