@@ -99,6 +99,10 @@ CASES = {
     "fun_asr_nano_encoder": {"input_features": (2, 64, 560)},
     "nemotron3_5_transcribe_audio": {"input_features": (2, 64, 128)},
     "gemma4_audio": {"input_features": (2, 64, 128)},
+    # the semantic features take the acoustic branch's frame count (4000 / 320)
+    "xcodec2": {"input_values": (2, 1, 4000), "input_features": (2, 12, 32)},
+    # encoder ids from the encoder's byte vocabulary, decoder ids per codebook
+    "dia": {"input_ids": (2, 8), "decoder_input_ids": (2, 8, 9)},
     # one marked token per latent query (64) after the first of the 8
     "kosmos-2": {"input_ids": (2, 72), "image_embeds_position_mask": (2, 72)},
 }
@@ -352,3 +356,12 @@ def test_kosmos2_image_queries_sit_where_the_mask_marks():
     assert (mask.sum(dim=1) == 64).all()  # latent_query_num
     assert mask[:, 0].eq(0).all() and mask[:, 1:65].eq(1).all()
     assert inputs["attention_mask"].shape == inputs["input_ids"].shape
+
+
+def test_dia_token_ids_stay_inside_each_sides_vocabulary():
+    model, inputs, _ = _hf.build("dia", {}, "hf:dia", 0, 2_000_000)
+    cfg = model.config
+    assert inputs["input_ids"].max() < cfg.encoder_config.vocab_size
+    codes = inputs["decoder_input_ids"]
+    assert codes.max() < cfg.decoder_config.vocab_size
+    assert not (codes == cfg.decoder_config.pad_token_id).any()

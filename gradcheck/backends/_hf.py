@@ -116,6 +116,17 @@ def _ids(torch: Any, gen: Any, cfg: Any, batch: int, seq: int) -> Any:
     return ids
 
 
+def _encoder_side(cfg: Any) -> Any:
+    """The config the encoder's token ids come from: an encoder-decoder's own
+    ``encoder_config`` when that names a vocabulary (Dia: bytes, 256, while the
+    text config is the decoder's), else ``cfg``."""
+    enc = getattr(cfg, "encoder_config", None)
+    if getattr(cfg, "is_encoder_decoder", False) and _is_config(enc):
+        if _int(getattr(enc, "vocab_size", None)):
+            return enc
+    return cfg
+
+
 def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
     """Inputs for ``model.forward`` from its main input name and signature:
     token ids avoiding the padding id, an all-ones attention mask, decoder ids for
@@ -146,7 +157,7 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     for name in wanted:
         if name == TEXT:
-            inputs[name] = _ids(torch, gen, cfg, batch, seq)
+            inputs[name] = _ids(torch, gen, _encoder_side(cfg), batch, seq)
         elif name == IMAGE_INPUT:
             vis = _sub(cfg, "vision_config", "backbone_config")
             channels = getattr(vis, "num_channels", None) or 3
@@ -509,18 +520,37 @@ def _candidates(model: Any, seed: int) -> list[dict[str, Any]]:
 
 
 def _stream_candidates(cands: list[dict[str, Any]], cfg: Any) -> list[dict[str, Any]]:
-    """Token ids as parallel streams, (batch, sequence, 1 + codebooks): a text
+    """Decoder ids per codebook, (batch, sequence, channels), for a decoder
+    config with ``num_channels``/``num_codebooks`` (Dia). Token ids as parallel
+    streams, (batch, sequence, 1 + codebooks): a text
     token and one token per audio codebook at each step, as a config with
     ``num_codebooks`` and ``codebook_vocab_size`` may take them (Kyutai
     speech-to-text sums the streams' embeddings): the text column below the
     vocabulary, each codebook column below ``codebook_vocab_size``. Tried after
     the plain candidates (MusicGen takes its codebooks otherwise)."""
     torch = _torch()
+    out = []
+    dec = _sub(cfg, "decoder_config")
+    channels = _first_int(getattr(dec, "num_channels", None)) or _first_int(
+        getattr(dec, "num_codebooks", None)
+    )
+    vocab = _first_int(getattr(dec, "vocab_size", None))
+    if dec is not cfg and channels and vocab:
+        # a decoder over codebooks (Dia: decoder_input_ids (batch, sequence,
+        # channels), each below the decoder's vocabulary)
+        for cand in cands:
+            ids = cand.get("decoder_input_ids")
+            if ids is not None and ids.dim() == 2:
+                shape = (*ids.shape, channels)
+                codes = torch.randint(0, vocab, shape, generator=_gen(1))
+                pad = getattr(dec, "pad_token_id", None)
+                if _int(pad) and 0 <= pad < vocab:  # not the padding id
+                    codes[codes == pad] = (pad + 1) % vocab
+                out.append({**cand, "decoder_input_ids": codes})
     books = _first_int(getattr(cfg, "num_codebooks", None))
     size = _first_int(getattr(cfg, "codebook_vocab_size", None))
     if not (books and size):
-        return []
-    out = []
+        return out
     for cand in cands:
         ids = cand.get(TEXT)
         if ids is None or ids.dim() != 2:
@@ -763,6 +793,10 @@ _MATMUL = re.compile(
 _MULTIPLE = re.compile(r"not a multiple of (\d+)")
 #: "... to be a multiple of `n_window * 2` (100), but got 64" (Qwen3-ASR)
 _MULTIPLE_GOT = re.compile(r"multiple of [^,]*?\(?(\d+)\)?, but got (\d+)")
+_CAT_SIZES = re.compile(
+    r"Sizes of tensors must match except in dimension \d+\. Expected size (\d+) "
+    r"but got size (\d+)"
+)
 _NORM_WIDTH = re.compile(
     r"normalized_shape=\[(\d+)\], expected input with shape \[\*, [\d, ]+\], "
     r"but got input of size\s*\[([\d, ]+)\]"
@@ -784,7 +818,8 @@ def _repaired(
 
     - audio values whose length must be a multiple of N (rounded up to one);
       audio features whose time axis must be (Qwen3-ASR: a multiple of its
-      window, 100 frames), their frame mask with them;
+      window, 100 frames) or the frame count of a branch they are joined to
+      (X-Codec 2), their frame mask with them;
     - audio features whose feature width the first projection refuses (Granite
       Speech 5 stacks delta features: 4 x the mel bins), given the width it
       takes; likewise the width a first LayerNorm takes (Wav2Vec2-BERT's
@@ -835,6 +870,12 @@ def _repaired(
     m = _MULTIPLE_GOT.search(text)
     if m and feats is not None and 1 < int(m.group(1)) <= 10_000:
         return _frames_to_multiple(cand, int(m.group(2)), int(m.group(1)))
+    m = _CAT_SIZES.search(text)
+    if m and feats is not None and 0 < int(m.group(2)) <= 10_000:
+        # two audio branches joined frame by frame (X-Codec 2: the semantic
+        # features' frames next to the acoustic encoder's, one per 320
+        # samples): the features take the frame count the other branch has
+        return _frames_to_multiple(cand, int(m.group(1)), 1, exact=int(m.group(2)))
     m = _MATMUL.search(text)
     if m and feats is not None and feats.dim() == 3:
         got, want = int(m.group(2)), int(m.group(3))
@@ -997,17 +1038,17 @@ def _to_image_size(
 
 
 def _frames_to_multiple(
-    cand: dict[str, Any], got: int, per: int
+    cand: dict[str, Any], got: int, per: int, exact: int | None = None
 ) -> dict[str, Any] | None:
     """The features' axis of length ``got`` (the last such: frames follow the
-    mel bins in (batch, mel bins, frames)) rounded up to a multiple of ``per``,
-    a frame mask of that length with it."""
+    mel bins in (batch, mel bins, frames)) rounded up to a multiple of ``per``
+    (or set to ``exact``), a frame mask of that length with it."""
     torch = _torch()
     feats = cand["input_features"]
     axes = [i for i in range(1, feats.dim()) if feats.shape[i] == got]
     if not axes:
         return None
-    n = -(-got // per) * per
+    n = exact if exact is not None else -(-got // per) * per
     shape = list(feats.shape)
     shape[axes[-1]] = n
     out = {**cand, "input_features": torch.randn(shape, generator=_gen(0))}
