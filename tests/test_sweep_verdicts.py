@@ -209,7 +209,7 @@ def test_without_the_no_grad_region_it_passes():
 
 # ----------------------------------------------------------- the hf models (slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["rt_detr", "d_fine"])
+@pytest.mark.parametrize("model_type", ["rt_detr", "d_fine", "mm-grounding-dino"])
 def test_hf_detection_detach_is_confirmed(model_type):
     pytest.importorskip("transformers")
     (report,) = gradcheck.check_model(

@@ -1337,6 +1337,10 @@ def _diagnose(
         fwd, bwd, jump, noise = kink
         lo, hi = min(fwd, bwd), max(fwd, bwd)
         outside = max(lo - probe.analytical, probe.analytical - hi, 0.0)
+        if outside > report.tolerance and _outside_by_detach(
+            ctx, probe, lo, hi, report
+        ):
+            return
         if outside <= report.tolerance or ctx.nearby:
             report.status = "nondifferentiable"
             report.notes.append(
@@ -1388,36 +1392,16 @@ def _detach_counterfactual(
     derivative) and its first note says so. When it still misses, the detaches
     do not explain it and a note says that too. Backends without the hook, or fn
     without detaches: nothing."""
-    s = ctx.session
-    passing = getattr(s, "passing_detaches", None)
-    manager = None if passing is None else passing()
-    if manager is None:
+    got = _passing_derivative(ctx, probe, report)
+    if got is None:
         return
-    # a low-precision check against a float64 reference: the counterfactual
-    # gradient is taken as the reference evaluations are (float64 copies) and
-    # judged at float64 tolerance, as the precision split judges the float64 one
-    low = _needs_split(ctx) and not ctx.forward
-    try:
-        with manager as mode:
-            alt = s.gradients_at([ctx.cot], promote=low)[0]  # type: ignore[attr-defined]
-    except Exception as exc:  # the counterfactual is a diagnosis, never a verdict
-        report.notes.append(
-            "fn's gradient with its detaches passing the gradient could not be "
-            f"taken ({str(exc)[:160]}): whether they explain the mismatch is open."
-        )
-        return
-    passed = int(getattr(mode, "passed", 0))
-    alt_dir = sum(
-        float(np.vdot(g, d))
-        for g, d in zip(alt, probe.direction, strict=True)
-        if g is not None and d is not None
-    )
+    alt_dir, passed, alt_size, low = got
     err = abs(float(est.value) - alt_dir)
     tol = report.tolerance
     if low:
         tol = (
             tl.FD_SAFETY * float(est.error)
-            + tl.ROUNDING_SIGMAS * tl.gradient_rounding("float64") * math.sqrt(len(alt))
+            + tl.ROUNDING_SIGMAS * tl.gradient_rounding("float64") * math.sqrt(alt_size)
             + probe.input_rounding(est.step)
         )
     n = f"{passed} detach{'es' if passed != 1 else ''}"
@@ -1447,6 +1431,72 @@ def _detach_counterfactual(
                 else "."
             )
         )
+
+
+def _passing_derivative(
+    ctx: _Context, probe: _Probe, report: CheckReport
+) -> tuple[float, int, int, bool] | None:
+    """torch's directional derivative along the probe with fn's detaches passing
+    the gradient (see _detach_counterfactual): (value, detaches passed, gradient
+    count, taken on float64 copies), or None when the backend has no such hook or
+    fn detaches nothing (a failure to take it is noted on the report)."""
+    s = ctx.session
+    passing = getattr(s, "passing_detaches", None)
+    manager = None if passing is None else passing()
+    if manager is None:
+        return None
+    # a low-precision check against a float64 reference: the counterfactual
+    # gradient is taken as the reference evaluations are (float64 copies) and
+    # judged at float64 tolerance, as the precision split judges the float64 one
+    low = _needs_split(ctx) and not ctx.forward
+    try:
+        with manager as mode:
+            alt = s.gradients_at([ctx.cot], promote=low)[0]  # type: ignore[attr-defined]
+    except Exception as exc:  # the counterfactual is a diagnosis, never a verdict
+        report.notes.append(
+            "fn's gradient with its detaches passing the gradient could not be "
+            f"taken ({str(exc)[:160]}): whether they explain the mismatch is open."
+        )
+        return None
+    alt_dir = sum(
+        float(np.vdot(g, d))
+        for g, d in zip(alt, probe.direction, strict=True)
+        if g is not None and d is not None
+    )
+    return alt_dir, int(getattr(mode, "passed", 0)), len(alt), low
+
+
+def _outside_by_detach(
+    ctx: _Context, probe: _Probe, lo: float, hi: float, report: CheckReport
+) -> bool:
+    """At a kink, torch's value lies outside both one-sided derivatives (which
+    many kinks at once allow, so the verdict would be nondifferentiable). When fn
+    detaches tensors and, with those detaches passing the gradient, torch's value
+    lies between them, the detaches are why it was outside: a mismatch, cause
+    confirmed (Grounding DINO's detached proposals at a point with grid-sample
+    kinks). True when so decided."""
+    got = _passing_derivative(ctx, probe, report)
+    if got is None:
+        return False
+    alt_dir, passed, _, _ = got
+    tol = report.tolerance
+    if max(lo - alt_dir, alt_dir - hi, 0.0) > tol:
+        return False
+    n = f"{passed} detach{'es' if passed != 1 else ''}"
+    report.status = "mismatch"
+    report.location = _locate(ctx, probe, _mismatches, "mismatch")
+    report.notes.extend(ctx.session.known_causes(report.location))
+    report.notes.insert(
+        0,
+        f"cause confirmed: torch's directional derivative {probe.analytical:.6e} lies "
+        f"outside the one-sided derivatives at this point ({lo:.6e} .. {hi:.6e}: "
+        f"kinks); with fn's {n} of tensors that require grad passing the gradient "
+        f"(an identity in place of each .detach(), one more backward) it is "
+        f"{alt_dir:.6e}, between them (tolerance {tol:.3e}): the detaches are the "
+        "mismatch, not the kinks and not a wrong backward. By design where the "
+        "model stops the gradient on purpose (see the note naming them).",
+    )
+    return True
 
 
 def _smaller_step_estimate(
