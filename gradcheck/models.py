@@ -887,7 +887,9 @@ def _kept_dtypes(model: Any, dtype: str, framework: str) -> str | None:
     )
 
 
-def _forward_raised(model: Any, exc: BaseException, dtype: Any, built: Any) -> str:
+def _forward_raised(
+    model: Any, exc: BaseException, dtype: Any, built: Any, origin: Any = None
+) -> str:
     """The model's own forward raised at the point, before any loss or gradient:
     where (the innermost frame outside torch) and, in a dtype other than the
     one it was built and ran in, that the model's code does not run in it."""
@@ -911,15 +913,35 @@ def _forward_raised(model: Any, exc: BaseException, dtype: Any, built: Any) -> s
         if dtype != built
         else ""
     )
+    low = getattr(origin, "low", None)
+    made = (
+        f" The first {other} tensor of this {name} forward is made by {low}: a "
+        "hard-coded or default-dtype constant there (torch.zeros(..., "
+        "dtype=torch.float), torch.full without dtype=, .float())."
+        if low
+        else ""
+    )
     return (
         f"{type(model).__name__}'s forward raises in {name}{runs}: "
         f"{type(exc).__name__}: {first}{where}. The model's own forward fails "
-        f"before any loss or gradient: nothing to check in {name}."
+        f"before any loss or gradient: nothing to check in {name}." + made
     )
 
 
-def _forward_not_finite(model: Any, out: Any, inputs: Any, dtype: Any) -> str:
+def _forward_not_finite(
+    model: Any, out: Any, inputs: Any, dtype: Any, origin: Any = None
+) -> str:
     import torch
+
+    bad_op = getattr(origin, "nonfinite", None)
+    low = getattr(origin, "low", None)
+    where = (
+        f" The first NaN/Inf comes from {bad_op}"
+        + (f", after {low} left {str(dtype).replace('torch.', '')}" if low else "")
+        + "."
+        if bad_op
+        else ""
+    )
 
     bad = int((~torch.isfinite(out)).sum())
     shapes = inputs.items() if isinstance(inputs, Mapping) else []
@@ -930,7 +952,7 @@ def _forward_not_finite(model: Any, out: Any, inputs: Any, dtype: Any) -> str:
         f"{str(dtype).replace('torch.', '')}: the model's own forward, before any "
         "loss or gradient (at random initialisation: its init or its code, e.g. "
         "a fully masked attention row); nothing to check. Pass inputs= or other "
-        "weights where these are not what the model expects."
+        "weights where these are not what the model expects." + where
     )
 
 
@@ -1005,6 +1027,40 @@ def _prepared(
         yield _keras_prepared(model, inputs, dtype, seed)
 
 
+def _copy_as(model: Any, want: Any) -> Any:
+    """A copy of a torch model in dtype ``want``. Tensors a module keeps as plain
+    attributes (outside parameters and buffers) are caches of its last forward:
+    one that carries a graph (RecurrentGemma's ``recurrent_states``) cannot be
+    deep-copied, so it is copied detached; one in another floating dtype (Mimi's
+    codebook ``_embed``) is converted with the rest, as ``.to()`` does not."""
+    import torch
+
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if torch.is_tensor(v) and v.grad_fn is not None:
+                memo[id(v)] = v.detach().clone()
+    twin = copy.deepcopy(model, memo).to(want)
+    for m in twin.modules():
+        for k, v in list(vars(m).items()):
+            if (
+                torch.is_tensor(v)
+                and not isinstance(v, torch.nn.Parameter)
+                and v.is_floating_point()
+                and v.dtype != want
+            ):
+                m.__dict__[k] = v.to(want)
+    return twin
+
+
+def _origin(call: Any, dtype: Any) -> Any:
+    """Where the forward first leaves ``dtype`` and first makes a NaN/Inf
+    (:func:`gradcheck.backends._torch_kinks.forward_origin`)."""
+    from gradcheck.backends._torch_kinks import forward_origin
+
+    return forward_origin(call, dtype)
+
+
 @contextlib.contextmanager
 def _torch_prepared(
     model: Any, inputs: Any, dtype: str, seed: int
@@ -1014,7 +1070,7 @@ def _torch_prepared(
     want = getattr(torch, dtype)
     floating = [p for p in model.parameters() if p.is_floating_point()]
     if any(p.dtype != want for p in floating):
-        model = copy.deepcopy(model).to(want)
+        model = _copy_as(model, want)
     inputs = _convert(inputs, lambda t: t.to(want) if t.is_floating_point() else t)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -1036,9 +1092,14 @@ def _torch_prepared(
         except UnbuildableError:
             raise
         except Exception as exc:
-            raise ForwardError(_forward_raised(model, exc, want, built)) from exc
+            origin = _origin(call, want) if want != built else None
+            raise ForwardError(
+                _forward_raised(model, exc, want, built, origin)
+            ) from exc
         if first.is_floating_point() and not bool(torch.isfinite(first).all()):
-            raise ForwardError(_forward_not_finite(model, first, inputs, want))
+            raise ForwardError(
+                _forward_not_finite(model, first, inputs, want, _origin(call, want))
+            )
         shape = first.shape
         gen = torch.Generator().manual_seed(seed)
         n = max(math.prod(shape), 1)
@@ -1063,9 +1124,18 @@ def _torch_prepared(
             if locality:
                 named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
                 out = call()
-                grads = torch.autograd.grad(
-                    out.sum(), [p for _, p in named], allow_unused=True
-                )
+                try:
+                    grads = torch.autograd.grad(
+                        out.sum(), [p for _, p in named], allow_unused=True
+                    )
+                except Exception as exc:  # as fd/linearity name a raising backward
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise GradcheckError(
+                        f"the backward pass through {type(model).__name__}'s first "
+                        f"output raised {type(exc).__name__}: {first} (while finding "
+                        "which parameters the output reaches, the locality check's "
+                        "expected flow)"
+                    ) from exc
                 expected = {
                     k: (list(HEADS) if g is not None else [])
                     for (k, _), g in zip(named, grads, strict=True)

@@ -181,6 +181,85 @@ def keeps_router_f32():
         return KeepsRouterF32(), torch.randn(5, 3)
 
 
+class KeepsCaches(torch.nn.Module):
+    """Keeps tensors as plain attributes, as RecurrentGemma (its last state, a
+    non-leaf carrying the forward's graph) and Mimi (a float32 codebook cached
+    on the first forward) do: the float64 copy must deep-copy and convert them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.state = None
+        self._embed = None
+
+    def forward(self, x):
+        if self._embed is None:
+            self._embed = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
+        h = torch.tanh(self.lin(x)) + x @ self._embed.t()
+        self.state = h * 2  # carries the graph
+        return h
+
+
+def keeps_caches():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return KeepsCaches(), torch.randn(5, 3)
+
+
+class Float32Constant(torch.nn.Module):
+    """Makes a float32 constant in its forward: fine in float32, raises in
+    float64 (as FastSpeech2's length_regulator torch.zeros(dtype=torch.float))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        bias = torch.zeros(4, 4, dtype=torch.float)
+        return h @ bias + h
+
+
+def float32_constant():
+    return Float32Constant(), torch.ones(2, 3)
+
+
+class LogOfNegative(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return torch.log(-self.lin(x).abs() - 1.0)
+
+
+def log_of_negative():
+    return LogOfNegative(), torch.ones(2, 3)
+
+
+class RaisingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise AssertionError("call model.train() before backward")
+
+
+class TrainOnlyBackward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return RaisingBackward.apply(self.lin(x))
+
+
+def train_only_backward():
+    return TrainOnlyBackward(), torch.ones(2, 3)
+
+
 # ---------------------------------------------------------------- library
 @pytest.mark.parametrize("spec", ["hf:bert", "hf:vit"])
 def test_hf_models_pass_fd_in_float32_and_float64(spec):
@@ -737,3 +816,42 @@ def test_a_row_s_dtype_is_the_one_asked_for_and_a_kept_float32_is_named():
     (f32,) = models.check_model(f"{HERE}:keeps_router_f32", properties="fd")
     assert not any(n.startswith("parameters in") for n in f32.notes)
     assert models.row(f32)["dtype"] == f32.dtype == "float32"
+
+
+def test_float64_copy_of_a_model_with_cached_tensor_attributes():
+    reports = models.check_model(
+        f"{HERE}:keeps_caches", dtype="float32,float64", properties="fd,locality"
+    )
+    assert [r.status for r in reports] == ["passed"] * 4, [r.message() for r in reports]
+
+
+def test_a_float64_forward_error_names_the_op_that_made_float32():
+    (report,) = models.check_model(
+        f"{HERE}:float32_constant", properties="fd", dtype="float64"
+    )
+    assert report.status == "error"
+    note = report.notes[0]
+    assert "forward raises in float64" in note
+    assert (
+        "The first float32 tensor of this float64 forward is made by torch.zeros"
+        in (note)
+    )
+    assert "test_check_model.py" in note.split("made by", 1)[1]
+
+
+def test_a_non_finite_output_names_the_first_nan_op():
+    (report,) = models.check_model(f"{HERE}:log_of_negative", properties="fd")
+    assert report.status == "error"
+    assert "output is not finite" in report.notes[0]
+    assert "The first NaN/Inf comes from torch.log" in report.notes[0]
+
+
+def test_locality_names_a_raising_backward_as_fd_does():
+    fd, loc = models.check_model(
+        f"{HERE}:train_only_backward", properties="fd,locality"
+    )
+    assert fd.status == loc.status == "error"
+    assert loc.notes[0].startswith(
+        "the backward pass through TrainOnlyBackward's first output raised "
+        "AssertionError: call model.train() before backward"
+    ), loc.notes[0]
