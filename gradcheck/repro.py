@@ -1116,11 +1116,25 @@ def _global_tensors(
             v = glb.get(n)
             if isinstance(v, torch.Tensor) and id(v) not in own:
                 key = f"{mod}:{n}"
-                if key not in found:
-                    found[key] = _encode(v, arrays, f"globals.{mod}.{n}")
+                if key in found:
+                    continue
+                size = v.numel() * v.element_size()
+                if size > GLOBAL_TENSOR_BYTES:  # a whole data set: not copied
+                    found[key] = {
+                        "skipped": f"{size:,} bytes, over the "
+                        f"{GLOBAL_TENSOR_BYTES:,}-byte limit: not stored"
+                    }
+                    continue
+                found[key] = _encode(v, arrays, f"globals.{mod}.{n}")
             elif inspect.isfunction(v) and v.__module__ == mod:
                 todo.append(v)  # a helper of the same module the step calls
     return found
+
+
+#: a global tensor a training step reads is stored up to this size; a larger
+#: one (a whole data set in memory) is named as skipped, and a replay uses what
+#: importing its module makes
+GLOBAL_TENSOR_BYTES = 64 * 2**20
 
 
 def _scaler_desc(scaler: Any, near: Any, reasons: list[str]) -> dict[str, Any] | None:
@@ -1797,6 +1811,8 @@ def _replay_training(bundle: Bundle) -> CheckReport:
         if not isinstance(globals_desc, Mapping):
             raise ReproBundleError("globals: not an object of module:name: value")
         for name, tree in globals_desc.items():
+            if isinstance(tree, Mapping) and "skipped" in tree:
+                continue  # too large to store: what the import made
             mod, _, attr = str(name).partition(":")
             _resolve(f"{mod}:{attr}", f"globals[{name!r}]")  # no standard library
             module = sys.modules[mod]

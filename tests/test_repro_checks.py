@@ -341,6 +341,17 @@ def test_training_step_bundle_replays_its_recorded_batch(tmp_path, capsys):
     _assert_replays(bundle, "mismatch", capsys)
 
 
+def test_a_large_global_tensor_is_named_not_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr(repro, "GLOBAL_TENSOR_BYTES", 100)  # X: 8 x 3 float64
+    report = _check_step(step_forgets_to_divide, tmp_path)
+    doc = json.loads((Path(report.repro_bundle) / "bundle.json").read_text())
+    assert doc["call"]["globals"][f"{HERE}:X"] == {
+        "skipped": "192 bytes, over the 100-byte limit: not stored"
+    }
+    assert "tensor" in doc["call"]["globals"][f"{HERE}:AUX_WEIGHT"]
+    assert repro.replay(report.repro_bundle).reproduced
+
+
 def test_correct_training_step_writes_nothing(tmp_path):
     assert _check_step(step_right, tmp_path).passed
     assert not _bundles(tmp_path)
