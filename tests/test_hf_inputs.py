@@ -103,6 +103,8 @@ CASES = {
     "xcodec2": {"input_values": (2, 1, 4000), "input_features": (2, 12, 32)},
     # encoder ids from the encoder's byte vocabulary, decoder ids per codebook
     "dia": {"input_ids": (2, 8), "decoder_input_ids": (2, 8, 9)},
+    # TVP's code runs one sample at a time: the batch of one
+    "tvp": {"input_ids": (1, 8), "pixel_values": (1, 3, 64, 64)},
     # one marked token per latent query (64) after the first of the 8
     "kosmos-2": {"input_ids": (2, 72), "image_embeds_position_mask": (2, 72)},
 }

@@ -763,14 +763,32 @@ def _patch_candidates(
 
 
 def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
-    import torch
-
     failures: list[Exception] = []
     tried = _candidates(model, seed)
+    found = _first_working(model, tried, failures)
+    if found is None:
+        # the same inputs for a batch of one: a model whose code only runs
+        # one sample at a time (TVP views its column position embeddings as
+        # (batch_size, 1, width, hidden) from a (width, hidden) table). Their
+        # failures are not the reason given: the batch of two's are
+        found = _first_working(model, [_single(c) for c in tried], [])
+    if found is not None:
+        return found
+    # the reason to give: the first that is not about an input left out (the
+    # candidate with every input kind got further)
+    raise next((e for e in failures if not _missing_input(e)), failures[0])
+
+
+def _first_working(
+    model: Any, tried: list[dict[str, Any]], failures: list[Exception]
+) -> dict[str, Any] | None:
+    """The first of ``tried`` (each as given, then up to _REPAIRS times as the
+    model's last error asks: a width, then a length, ...) that the model runs
+    on, or None; every error is appended to ``failures``."""
+    import torch
+
     for cand in tried:
         attempt: dict[str, Any] | None = cand
-        # then up to _REPAIRS times: the inputs as the model's last error asks
-        # (one error at a time: a width, then a length, ...)
         for _ in range(1 + _REPAIRS):
             if attempt is None:
                 break
@@ -782,9 +800,21 @@ def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
                 attempt = _repaired(attempt, exc, model)
                 continue
             return attempt
-    # the reason to give: the first that is not about an input left out (the
-    # candidate with every input kind got further)
-    raise next((e for e in failures if not _missing_input(e)), failures[0])
+    return None
+
+
+def _single(cand: dict[str, Any]) -> dict[str, Any]:
+    """``cand`` with its first sample only: every tensor whose first axis is
+    the batch (the token ids' or pixel values' first size) cut to one."""
+    torch = _torch()
+    lead = next((v for v in cand.values() if torch.is_tensor(v) and v.dim() >= 2), None)
+    if lead is None:
+        return cand
+    batch = lead.shape[0]
+    return {
+        k: v[:1] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == batch else v
+        for k, v in cand.items()
+    }
 
 
 _MATMUL = re.compile(
