@@ -367,3 +367,28 @@ def test_dia_token_ids_stay_inside_each_sides_vocabulary():
     codes = inputs["decoder_input_ids"]
     assert codes.max() < cfg.decoder_config.vocab_size
     assert not (codes == cfg.decoder_config.pad_token_id).any()
+
+
+class _NeedsLatent(torch.nn.Module):
+    """Requires a tensor gradcheck has no rule for (no documented shape)."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(vocab_size=10)
+
+    def forward(self, input_ids, action_latent):
+        return input_ids.float() + action_latent
+
+
+def test_a_required_input_without_a_rule_is_named_with_the_fix():
+    from gradcheck.models import UnbuildableError
+
+    with pytest.raises(UnbuildableError) as info:
+        _hf._working_inputs(_NeedsLatent(), 0)
+    text = str(info.value)
+    assert "_NeedsLatent.forward requires 'action_latent'" in text
+    assert "gradcheck.check_model(model, inputs={...})" in text

@@ -776,7 +776,18 @@ def _working_inputs(model: Any, seed: int) -> dict[str, Any]:
         return found
     # the reason to give: the first that is not about an input left out (the
     # candidate with every input kind got further)
-    raise next((e for e in failures if not _missing_input(e)), failures[0])
+    reason = next((e for e in failures if not _missing_input(e)), failures[0])
+    names = _required_names(str(reason))
+    if names and _missing_input(reason):
+        # only inputs left out: ones gradcheck has no rule to draw
+        raise _unbuildable(
+            f"{type(model).__name__}.forward requires {', '.join(map(repr, names))}, "
+            "which gradcheck cannot infer from the config or the forward's "
+            "documentation (it draws token ids, pixel values, audio values and "
+            "the inputs it has rules for); pass the inputs yourself: "
+            f"gradcheck.check_model(model, inputs={{...}}) ({_why(reason)})"
+        ) from reason
+    raise reason
 
 
 def _first_working(
