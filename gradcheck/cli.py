@@ -430,6 +430,15 @@ def _timeout(text: str) -> float | None:
     return value or None
 
 
+def _loss_weights(text: str) -> dict[str, float]:
+    from gradcheck import models
+
+    try:
+        return models.parse_weights(text)
+    except GradcheckError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _check_model_parser(sub: Any) -> None:
     from gradcheck import models
 
@@ -475,6 +484,21 @@ def _check_model_parser(sub: Any) -> None:
     )
     m.add_argument("--seed", type=_seed, default=0, metavar="S", help="Default: 0")
     m.add_argument(
+        "--weights",
+        type=_loss_weights,
+        default=None,
+        metavar="main=W,aux=W",
+        help="the two heads' loss weights, e.g. a set a shrink printed: "
+        "main=1.0,aux=0.0. Default: drawn by Hypothesis from --seed",
+    )
+    m.add_argument(
+        "--no-shrink",
+        dest="shrink",
+        action="store_false",
+        help="do not shrink a mismatch's loss weights. Default: shrink (at most "
+        "10 extra checks, about the failing check's own time)",
+    )
+    m.add_argument(
         "--report",
         type=Path,
         default=None,
@@ -509,11 +533,12 @@ def _check_model_main(args: argparse.Namespace) -> int:
     except GradcheckError as exc:
         console.print(f"[bold red]gradcheck check-model: error:[/] {_escape(str(exc))}")
         return 2
-    weights = models.draw_weights(args.seed)
+    weights = args.weights or models.draw_weights(args.seed)
+    source = "given" if args.weights else f"drawn by Hypothesis from seed {args.seed}"
     console.print(
         "loss: main (a seeded random projection of the first output) x "
         f"{weights['main']:g} + aux (its mean square) x {weights['aux']:g}; weights "
-        f"drawn by Hypothesis from seed {args.seed}"
+        f"{source}"
     )
     reports: list[Any] = []
     for n, spec in enumerate(specs, 1):
@@ -525,6 +550,8 @@ def _check_model_main(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 timeout=args.timeout,
                 repro_dir=args.repro_dir,
+                weights=args.weights,
+                shrink=args.shrink,
             )
         except GradcheckError as exc:
             console.print(
@@ -543,6 +570,9 @@ def _check_model_main(args: argparse.Namespace) -> int:
                 f"{_escape(first)}"
                 + (f"  \\[{n}/{len(specs)}]" if len(specs) > 1 else "")
             )
+            for note in report.notes:  # check_model's loss-weight shrink
+                if note.startswith("fails with weights"):
+                    console.print(f"  {_escape(note)}")
             if report.repro_bundle:
                 console.print(f"  repro bundle: {_escape(report.repro_bundle)}")
         reports.extend(got)

@@ -8,6 +8,7 @@ when it runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ def check_keras_model(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Check the gradient Keras' compiled train step computes for one batch.
 
@@ -60,17 +62,37 @@ def check_keras_model(
     the cross-replica all-reduce is compared with the global batch's. Call it
     outside ``with strategy.scope():``, with a batch size divisible by
     ``num_replicas_in_sync``; the notes and ``cost["replicas"]`` say the strategy
-    and its replicas."""
+    and its replicas.
+
+    ``repro_dir``: a failing check writes a repro bundle there
+    (:func:`gradcheck.repro.write_keras_bundle`: Keras' JSON and compile
+    configs, the weights, the batch; a Model subclass or custom layer by
+    ``module:qualname``); ``gradcheck replay`` reruns it. Default: the pytest
+    plugin's ``--gradcheck-repro-dir``, else none."""
     from gradcheck.properties import keras_training
 
+    s = _seed(seed)
     report = keras_training.check(
         model,
         x,
         y,
         sample_weight=sample_weight,
         class_weight=class_weight,
-        seed=_seed(seed),
+        seed=s,
         rtol=rtol,
+    )
+    report.label = label
+    from gradcheck import repro
+
+    repro.write_keras_bundle(
+        repro_dir,
+        report,
+        model,
+        x,
+        y,
+        sample_weight=sample_weight,
+        class_weight=class_weight,
+        options={"seed": s, "rtol": rtol},
     )
     return _publish(report, label)
 

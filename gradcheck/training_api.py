@@ -4,6 +4,7 @@ assert_* raises on failure. Thin like :mod:`gradcheck.api`; the work is in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ def check_training_step(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Check that the ``.grad`` ``step_fn()`` leaves equals sum_i w_i * grad(loss_i).
 
@@ -70,7 +72,14 @@ def check_training_step(
     The report (``property="training_step"``) carries the flow matrix and the
     effective weight of each loss in each parameter's ``.grad``; its notes name a
     parameter no gradient reached and a factor common to every loss and parameter
-    (an unscaled GradScaler, an accumulation divided by the wrong count)."""
+    (an unscaled GradScaler, an accumulation divided by the wrong count).
+
+    ``repro_dir``: a failing check writes a repro bundle there
+    (:func:`gradcheck.repro.write_training_bundle`: ``step_fn`` and the loss
+    functions by ``module:qualname``, the model, a module-level object of
+    ``step_fn``'s module, with its state_dict, the torch tensors they read from
+    their module's globals, the scaler's state); ``gradcheck replay`` reruns it.
+    Default: the pytest plugin's ``--gradcheck-repro-dir``, else none."""
     s = _seed(seed)
     with no_raw_exceptions(
         "check_training_step", step_fn=step_fn, **_loss_labels(loss_fns)
@@ -85,6 +94,20 @@ def check_training_step(
             seed=s,
             rtol=rtol,
         )
+    report.label = label
+    from gradcheck import repro
+
+    repro.write_training_bundle(
+        repro_dir,
+        report,
+        step_fn,
+        model,
+        loss_fns,
+        weights,
+        scaler=scaler,
+        autocast=autocast,
+        options={"seed": s, "rtol": rtol},
+    )
     return _publish(report, label)
 
 
