@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any
 
@@ -497,6 +498,7 @@ def check_cross_framework(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
 ) -> CheckReport:
     """Build ``spec`` (a :class:`gradcheck.architectures.ModelSpec`) in PyTorch and in
     Keras with the same weights and check that every loss and its gradient with
@@ -504,15 +506,45 @@ def check_cross_framework(
 
     ``batch`` defaults to ``random_batch(spec, 8, seed)``. Needs torch and Keras on
     the TensorFlow backend. Gradients are compared in the spec's neutral layout, so
-    the report names parameters as ``"layer/kernel"``."""
+    the report names parameters as ``"layer/kernel"``.
+
+    ``repro_dir``: a failing check writes a repro bundle there (the spec as
+    JSON data, the batch); ``gradcheck replay`` reruns it. Default: the pytest
+    plugin's ``--gradcheck-repro-dir``, else none."""
+    from gradcheck import repro
     from gradcheck.architectures.base import check_dtype
 
     s = _seed(seed)
-    with no_raw_exceptions("check_cross_framework"):
-        report = cross_framework.run(
-            spec, batch, dtype=check_dtype(dtype), seed=s, rtol=rtol
-        )
+    dtype = check_dtype(dtype)
+    with no_raw_exceptions("check_cross_framework"), _global_rng_kept():
+        report = cross_framework.run(spec, batch, dtype=dtype, seed=s, rtol=rtol)
+    report.label = label
+    repro.write_cross_framework_bundle(
+        repro_dir, report, spec, batch, dtype=dtype, seed=s, rtol=rtol
+    )
     return _publish(report, label)
+
+
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Python's, NumPy's and (when loaded) torch's CPU random states put back
+    afterwards: building the spec's Keras model draws layer seeds from Python's
+    ``random`` (measured: check_cross_framework moved it), which is the user's."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    torch = sys.modules.get("torch")
+    t = torch.get_rng_state() if torch is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch = sys.modules.get("torch")
+        if t is not None and torch is not None:
+            torch.set_rng_state(t)
 
 
 def assert_cross_framework(spec: Any, batch: Any = None, **kwargs: Any) -> CheckReport:

@@ -12,7 +12,7 @@ A *bundle* is a directory a person can read and a machine can rerun::
                      requires_grad and device are in bundle.json); a training
                      step's global tensors; a Keras step's x, y, sample weights
       weights.npz    a model's state_dict / Keras weights, when there is a model
-      batch.npz      an audit example's batch
+      batch.npz      an audit example's batch; a cross-framework check's batch
 
 Design choices, and why:
 
@@ -44,7 +44,16 @@ Design choices, and why:
   ``step_fn``'s module (the torch tensors they read from their module's globals,
   the batch, are stored and put back for the replay); ``check_keras_model``
   from Keras' JSON and compile configs (deserialized in safe mode), the weights
-  and the batch, custom classes named by ``module:qualname``; audit examples (the job by name, the generated architecture spec, its batch
+  and the batch, custom classes named by ``module:qualname``;
+  ``check_variants`` / ``check_devices`` when ``loss_fn`` is importable (or a
+  method of the model) and the model is a module-level object of its module or
+  rebuildable from its class (torch: state_dict, train/eval flags, frozen
+  parameters) or a Keras model (its JSON config and weights), with the batch and
+  the request as given (a GPU variant on a machine without one replays as
+  ``not reproduced: skipped (no GPU here: ...)``, never as a pass);
+  ``check_distributed`` (``build`` and ``step`` importable by contract, the
+  global batch, world size, backend, wrap); ``check_cross_framework`` (the
+  spec as data, the batch); audit examples (the job by name, the generated architecture spec, its batch
   and seed: the same model and the same planted bug). Anything else is still
   written, with ``"replayable": false`` and the reason, which ``gradcheck
   replay`` prints (exit 2).
@@ -95,8 +104,11 @@ __all__ = [
     "session_dir",
     "set_session_dir",
     "write_audit_bundle",
+    "write_cross_framework_bundle",
+    "write_distributed_bundle",
     "write_gradients_bundle",
     "write_model_bundle",
+    "write_variants_bundle",
 ]
 
 FORMAT = "gradcheck-repro/1"
@@ -712,7 +724,7 @@ def _readme(doc: Mapping[str, Any], path: Path) -> str:
             " a training step's global tensors; a Keras step's x, y, sample weights)",
             "weights.npz": "the model's weights (state_dict / Keras weights)",
             "fn_weights.npz": "the weights of the module called as fn",
-            "batch.npz": "the audit example's batch",
+            "batch.npz": "the batch (an audit example's, a cross-framework check's)",
         }.get(fname, "data")
         lines.append(f"  {fname:<12} {what}")
     lines += [
@@ -766,6 +778,29 @@ def describe_call(call: Mapping[str, Any]) -> str:
         model = (call.get("keras_model") or {}).get("class_name", "<model>")
         opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         return f"gradcheck.check_keras_model(<{model}>, <x>, <y>, {opts})"
+    if entry in ("check_variants", "check_devices"):
+        fn = call.get("loss_fn", {})
+        model = call.get("model") or {}
+        target = model.get("ref") or model.get("class") or f"<{model.get('kind')}>"
+        key = "variants" if entry == "check_variants" else "devices"
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        return (
+            f"gradcheck.{entry}({fn.get('name') or fn.get('kind')}, {target}, "
+            f"<batch>, {key}={call.get(key)!r}, {opts})"
+        )
+    if entry == "check_distributed":
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        return (
+            f"gradcheck.check_distributed({call.get('build')}, {call.get('step')}, "
+            f"<batch>, world_size={call.get('world_size')}, "
+            f"backend={call.get('backend')!r}, wrap={call.get('wrap')!r}, {opts})"
+        )
+    if entry == "check_cross_framework":
+        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+        return (
+            f"gradcheck.check_cross_framework(<ModelSpec>, <batch>, "
+            f"dtype={call.get('dtype')!r}, {opts})"
+        )
     if entry == "audit":
         return (
             f"audit job {call.get('job')!r}, example seed {call.get('check_seed')} "
@@ -1562,6 +1597,9 @@ class ReplayResult:
     report: CheckReport
     recorded: str
     version_diffs: list[tuple[str, str, str]]
+    #: variants/devices whose tensors failed when recorded and that could not
+    #: run here (a GPU this machine lacks), with the reason; else None
+    skipped: str | None = None
 
     @property
     def reproduced(self) -> bool:
@@ -1575,6 +1613,14 @@ class ReplayResult:
     def verdict_line(self) -> str:
         if self.reproduced:
             return f"reproduced: {self.report.status}"
+        if self.skipped is not None:
+            # what failed could not run here: say so, never "passed" on the
+            # variants that could
+            tail = f", {self.versions_line()}" if self.version_diffs else ""
+            return (
+                f"not reproduced: skipped ({self.skipped}){tail} (the bundle "
+                f"recorded {self.recorded}; here {self.report.status} on what ran)"
+            )
         why = (
             self.versions_line()
             if self.version_diffs
@@ -1599,6 +1645,8 @@ class ReplayResult:
         ]
         if self.version_diffs:
             out.append(self.versions_line())
+        if self.skipped is not None and self.reproduced:
+            out.append(f"not judged here: {self.skipped}")
         out.append(self.verdict_line())
         return out
 
@@ -1635,6 +1683,10 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
         )
     call = bundle.call
     entry = call.get("entry")
+    # the rerun writes no bundle of its own (a replay inside a pytest session
+    # with --gradcheck-repro-dir would otherwise copy the bundle it replays)
+    saved_dir = session_dir()
+    set_session_dir(None)
     try:
         if entry == "check_gradients":
             report = _replay_gradients(bundle)
@@ -1648,6 +1700,12 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
             report = _replay_training(bundle)
         elif entry == "check_keras_model":
             report = _replay_keras(bundle)
+        elif entry in ("check_variants", "check_devices"):
+            report = _replay_variants(bundle)
+        elif entry == "check_distributed":
+            report = _replay_distributed(bundle)
+        elif entry == "check_cross_framework":
+            report = _replay_cross_framework(bundle)
         else:
             raise ReproBundleError(f"{bundle.path}: unknown entry point {entry!r}.")
     except (KeyError, TypeError, AttributeError) as exc:
@@ -1655,8 +1713,14 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
             f"{bundle.path}/{BUNDLE_FILE}: malformed call "
             f"({type(exc).__name__}: {exc})."
         ) from None
+    finally:
+        set_session_dir(saved_dir)
     return ReplayResult(
-        bundle, report, doc["verdict"]["status"], version_diffs(doc["versions"])
+        bundle,
+        report,
+        doc["verdict"]["status"],
+        version_diffs(doc["versions"]),
+        _skipped_failures(bundle, report),
     )
 
 
@@ -1926,3 +1990,446 @@ def _replay_audit(bundle: Bundle) -> CheckReport:
         report = job.check(spec, batch, int(call["check_seed"]))
     report.label = bundle.doc.get("label") or job.name
     return report
+
+
+# -------------------------------------------------- variants / devices bundles
+#: the failing tensor names a variants bundle keeps (to tell, on replay, whether
+#: the variant that failed was skipped here)
+FAILING_NAMES = 64
+
+
+def write_variants_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    entry: str,
+    loss_fn: Any,
+    model: Any,
+    batch: Any,
+    *,
+    request: Any,
+    seed: int,
+    rtol: float | None,
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_variants` (``entry``
+    "check_variants", ``request`` its ``variants=``) or
+    :func:`gradcheck.check_devices` ("check_devices", ``request`` its
+    ``devices=``): ``loss_fn`` by ``module:qualname`` (or as a method of the
+    model), the model (torch: a module-level object of ``loss_fn``'s module, or
+    its class constructible with no arguments, with its state_dict, train/eval
+    flags and frozen parameters; Keras: its JSON config and weights, custom
+    classes by name), the batch, the request *as given* (``"auto"`` resolves to
+    the devices of the machine that replays: a bundle recorded with a GPU is
+    reported skipped, not passed, where there is none), seed and rtol."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and _gradchecks_own(loss_fn):
+        return None  # the audit's own loss: the audit writes its bundle
+    try:
+        reasons: list[str] = []
+        data: dict[str, _Arrays] = {}
+        model_desc = _variants_model_desc(model, loss_fn, data, reasons)
+        # loss_fn receives the model as its argument: a model rebuilt from its
+        # class is the one it uses (no "reads params from elsewhere" reason)
+        fn_desc = _fn_desc(loss_fn, model, None, data, reasons, "loss_fn", None)
+        arrays = _Arrays()
+        try:
+            batch_desc = _encode(batch, arrays, "batch")
+        except _NotData as exc:
+            batch_desc = None
+            reasons.append(str(exc))
+        data["inputs.npz"] = arrays
+        key = "variants" if entry == "check_variants" else "devices"
+        call: dict[str, Any] = {
+            "entry": entry,
+            "loss_fn": fn_desc,
+            "model": model_desc,
+            "batch": batch_desc,
+            key: _request_desc(request, key, reasons),
+            "options": {"seed": int(seed), "rtol": rtol},
+            # informational: which variant/device's tensors failed, so that a
+            # replay where that variant is skipped says so (see replay)
+            "failing": [
+                t.name for t in report.tensors if t.status not in ("passed", "skipped")
+            ][:FAILING_NAMES],
+        }
+        name = report.label or fn_desc.get("name") or entry
+        path = _write(
+            directory,
+            name=f"{name}-{report.property}-{report.dtype}",
+            call=call,
+            report=report,
+            data=data,
+            reason="; ".join(dict.fromkeys(reasons)),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _request_desc(request: Any, key: str, reasons: list[str]) -> Any:
+    """``variants=`` / ``devices=`` as JSON: None, a name, or a list of names
+    (a ``torch.device`` as its name)."""
+    if request is None or isinstance(request, str):
+        return request
+    if type(request).__name__ in ("device", "DeviceSpec"):
+        return str(request)
+    try:
+        return [str(x) for x in request]
+    except TypeError:
+        reasons.append(f"{key}= is a {type(request).__name__}, not names")
+        return None
+
+
+def _variants_model_desc(
+    model: Any, near: Any, data: dict[str, _Arrays], reasons: list[str]
+) -> dict[str, Any]:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        ref, why = _torch_module_ref(model, near, "the model")
+        arrays, meta = _state_arrays(model)
+        data["weights.npz"] = arrays
+        if why:
+            reasons.append(why)
+        return {
+            "kind": "torch_module",
+            **ref,
+            "state": meta,
+            # a state_dict holds neither: dropout/BatchNorm behave by the mode,
+            # and only parameters that require grad are compared
+            "training": [n for n, m in model.named_modules() if m.training],
+            "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
+        }
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return {"kind": "keras", **_keras_model_desc(model, data, reasons)}
+    reasons.append(
+        f"the model is a {type(model).__module__}.{type(model).__qualname__}: a "
+        "replay rebuilds a torch nn.Module or a keras.Model"
+    )
+    return {"kind": type(model).__name__}
+
+
+def _keras_model_desc(
+    model: Any, data: dict[str, _Arrays], reasons: list[str]
+) -> dict[str, Any]:
+    """A Keras model as data: Keras' JSON config, custom classes by name, the
+    weights (weights.npz)."""
+    try:
+        arch = json.loads(model.to_json())
+    except Exception as exc:  # noqa: BLE001 - a subclass without get_config
+        arch = None
+        reasons.append(f"Keras cannot write the model's config ({exc})")
+    custom = _keras_custom_objects(model, reasons)
+    arrays, meta = _keras_arrays(model)
+    data["weights.npz"] = arrays
+    return {"keras_model": arch, "custom_objects": custom, "weights": meta}
+
+
+def _rebuild_keras_model(desc: Mapping[str, Any], bundle: Bundle) -> Any:
+    keras = _framework("keras")
+    custom = {
+        str(k): _resolve(str(v), f"custom_objects[{k!r}]")
+        for k, v in (desc.get("custom_objects") or {}).items()
+    }
+    try:
+        model = keras.saving.deserialize_keras_object(
+            desc["keras_model"], custom_objects=custom, safe_mode=True
+        )
+    except (TypeError, ValueError) as exc:
+        raise ReproBundleError(
+            f"Keras cannot rebuild the model from the bundle's config ({exc}); a "
+            "custom class must be importable here."
+        ) from None
+    _load_keras_weights(model, bundle.data("weights.npz"), desc.get("weights"))
+    return model
+
+
+@contextlib.contextmanager
+def _torch_flags(module: Any, desc: Mapping[str, Any]) -> Iterator[None]:
+    """The recorded train/eval flags and frozen parameters set on ``module``,
+    its own put back afterwards."""
+    modes = {n: m.training for n, m in module.named_modules()}
+    grads = {n: p.requires_grad for n, p in module.named_parameters()}
+    training = set(desc.get("training") or [])
+    frozen = set(desc.get("frozen") or [])
+    try:
+        if "training" in desc:
+            for n, m in module.named_modules():
+                m.training = n in training
+        for n, p in module.named_parameters():
+            p.requires_grad_(n not in frozen)
+        yield
+    finally:
+        subs = dict(module.named_modules())
+        for n, mode in modes.items():
+            subs[n].training = mode
+        params = dict(module.named_parameters())
+        for n, flag in grads.items():
+            params[n].requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _variants_model(desc: Any, bundle: Bundle) -> Iterator[Any]:
+    """The model a variants/devices bundle describes, for the replay's length;
+    a module-level object of the user's module is put back as it was."""
+    if not isinstance(desc, Mapping):
+        raise ReproBundleError("model: malformed description")
+    kind = desc.get("kind")
+    if kind == "keras":
+        yield _rebuild_keras_model(desc, bundle)
+        return
+    if kind != "torch_module":
+        raise ReproBundleError(f"model: cannot rebuild a model of kind {kind!r}.")
+    torch = _framework("torch")
+    if "ref" in desc:
+        module = _resolve(desc["ref"], "model")
+        if not isinstance(module, torch.nn.Module):
+            raise ReproBundleError(f"model: {desc['ref']} is not a torch nn.Module.")
+        with (
+            _loaded_state(module, bundle, desc.get("state")),
+            _torch_flags(module, desc),
+        ):
+            yield module
+        return
+    # constructing the class draws its initial weights (overwritten by the
+    # stored ones): from a forked generator, so a replay in the user's process
+    # leaves torch's random state as it was
+    with torch.random.fork_rng(devices=[]):
+        module = _module(desc, bundle.data("weights.npz"), "model")
+    with _torch_flags(module, desc):
+        yield module
+
+
+def _replay_variants(bundle: Bundle) -> CheckReport:
+    """check_variants / check_devices from their bundle."""
+    from gradcheck.properties.devices import check_devices
+    from gradcheck.properties.variants import check_variants
+
+    call = bundle.call
+    options = _options(call, {"seed", "rtol"})
+    batch = _decode(call["batch"], bundle.arrays.get("inputs.npz", {}), "batch")
+    with _variants_model(call["model"], bundle) as model:
+        loss_fn = _rebuild_fn(call["loss_fn"], model, bundle, "loss_fn")
+        if call["entry"] == "check_devices":
+            return check_devices(
+                loss_fn,
+                model,
+                batch,
+                devices=call["devices"],
+                label=bundle.doc.get("label"),
+                **options,
+            )
+        return check_variants(
+            loss_fn,
+            model,
+            batch,
+            variants=call["variants"],
+            label=bundle.doc.get("label"),
+            **options,
+        )
+
+
+_SKIP_NOTE = re.compile(r"^(?:variant|device) '(?P<name>.+?)' skipped: (?P<why>.*)$")
+
+
+def _skipped_failures(bundle: Bundle, report: CheckReport) -> str | None:
+    """Why the replay could not judge what failed when recorded: the variants
+    or devices whose tensors failed then and that were skipped here (a GPU this
+    machine lacks), as "no GPU here: ..." when a GPU is what is missing."""
+    call = bundle.call
+    if call.get("entry") not in ("check_variants", "check_devices"):
+        return None
+    failing = [str(n) for n in call.get("failing") or []]
+    found = []
+    for note in report.notes:
+        m = _SKIP_NOTE.match(note)
+        if m is None:
+            continue
+        name = m.group("name")
+        if not failing or any(n.startswith(f"{name}/") for n in failing):
+            found.append((name, m.group("why")))
+    if not found:
+        return None
+    gpu = any(_needs_gpu(name) for name, _ in found)
+    why = "; ".join(f"'{name}' skipped: {w}" for name, w in found)
+    return f"no GPU here: {why}" if gpu else why
+
+
+def _needs_gpu(name: str) -> bool:
+    from gradcheck.properties.variants import parse_variant
+
+    try:
+        device = parse_variant(name).device
+    except GradcheckError:
+        device = name
+    return device is not None and any(g in str(device).lower() for g in ("cuda", "gpu"))
+
+
+# -------------------------------------------------- distributed bundles
+def write_distributed_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    build: Any,
+    step: Any,
+    batch: Any,
+    *,
+    world_size: int,
+    backend: str,
+    wrap: str,
+    wrap_kwargs: Mapping[str, Any] | None,
+    seed: int,
+    rtol: float | None,
+    timeout: float,
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_distributed`: ``build`` and
+    ``step`` by ``module:qualname`` (the check's contract: the ranks import them
+    so), the global batch, the world size the check ran with (under torchrun
+    the launcher's: a replay spawns that many ranks on one machine), backend,
+    wrap and its keyword arguments (JSON), seed, rtol, timeout."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and (_gradchecks_own(build) or _gradchecks_own(step)):
+        return None  # the audit's own model: the audit writes its bundle
+    try:
+        reasons: list[str] = []
+        names = {}
+        for what, fn in (("build", build), ("step", step)):
+            names[what] = importable_name(fn)
+            if names[what] is None:
+                reasons.append(_why_not_importable(fn, what))
+        arrays = _Arrays()
+        try:
+            batch_desc = _encode(batch, arrays, "batch")
+        except _NotData as exc:
+            batch_desc = None
+            reasons.append(str(exc))
+        kwargs = dict(wrap_kwargs or {})
+        try:
+            json.dumps(kwargs, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            kwargs = {k: repr(v) for k, v in kwargs.items()}
+            reasons.append(f"wrap_kwargs are not JSON ({exc})")
+        ran = report.cost.get("world_size")
+        call: dict[str, Any] = {
+            "entry": "check_distributed",
+            "build": names["build"],
+            "step": names["step"],
+            "batch": batch_desc,
+            "world_size": int(ran) if ran else int(world_size),
+            "backend": backend,
+            "wrap": wrap,
+            "wrap_kwargs": kwargs or None,
+            "options": {"seed": int(seed), "rtol": rtol, "timeout": float(timeout)},
+        }
+        name = report.label or names["step"] or "check_distributed"
+        path = _write(
+            directory,
+            name=f"{name}-distributed-{report.dtype}",
+            call=call,
+            report=report,
+            data={"inputs.npz": arrays},
+            reason="; ".join(dict.fromkeys(reasons)),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _replay_distributed(bundle: Bundle) -> CheckReport:
+    from gradcheck.properties.distributed import check_distributed
+
+    call = bundle.call
+    build = _resolve(call["build"], "build")
+    step = _resolve(call["step"], "step")
+    batch = _decode(call["batch"], bundle.arrays.get("inputs.npz", {}), "batch")
+    kwargs = call.get("wrap_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ReproBundleError("wrap_kwargs: not an object")
+    return check_distributed(
+        build,
+        step,
+        batch,
+        world_size=int(call["world_size"]),
+        backend=str(call["backend"]),
+        wrap=str(call["wrap"]),
+        wrap_kwargs=kwargs,
+        label=bundle.doc.get("label"),
+        **_options(call, {"seed", "rtol", "timeout"}),
+    )
+
+
+# -------------------------------------------------- cross-framework bundles
+def write_cross_framework_bundle(
+    repro_dir: Any,
+    report: CheckReport,
+    spec: Any,
+    batch: Any,
+    *,
+    dtype: str,
+    seed: int,
+    rtol: float | None,
+) -> Path | None:
+    """A bundle for a failing :func:`gradcheck.check_cross_framework`: the spec
+    (data: ``ModelSpec.to_dict()``), the batch it ran on (the one drawn from
+    ``seed`` when none was given), dtype, seed, rtol. The replay builds the spec
+    in both frameworks of the machine it runs on."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    try:
+        reasons: list[str] = []
+        if batch is None:
+            from gradcheck.architectures import random_batch
+
+            batch = random_batch(spec, 8, seed=seed)  # what the check drew
+        arrays = _Arrays()
+        try:
+            batch_desc = _encode(batch, arrays, "batch")
+        except _NotData as exc:
+            batch_desc = None
+            reasons.append(str(exc))
+        call: dict[str, Any] = {
+            "entry": "check_cross_framework",
+            "spec": spec.to_dict(),
+            "batch": batch_desc,
+            "dtype": dtype,
+            "options": {"seed": int(seed), "rtol": rtol},
+        }
+        path = _write(
+            directory,
+            name=f"{report.label or 'cross_framework'}-{dtype}",
+            call=call,
+            report=report,
+            data={"batch.npz": arrays},
+            reason="; ".join(reasons),
+        )
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+    _note(report, path)
+    return path
+
+
+def _replay_cross_framework(bundle: Bundle) -> CheckReport:
+    import gradcheck
+    from gradcheck.architectures import ModelSpec
+
+    call = bundle.call
+    try:
+        spec = ModelSpec.from_dict(call["spec"])
+    except GradcheckError as exc:
+        raise ReproBundleError(f"spec: the stored spec is invalid ({exc}).") from None
+    batch = _decode(call["batch"], bundle.arrays.get("batch.npz", {}), "batch")
+    return gradcheck.check_cross_framework(
+        spec,
+        batch,
+        dtype=str(call["dtype"]),
+        label=bundle.doc.get("label"),
+        **_options(call, {"seed", "rtol"}),
+    )

@@ -57,6 +57,7 @@ def check_devices(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: Any = None,
 ) -> CheckReport:
     """Check that ``model``'s gradients agree across devices.
 
@@ -73,11 +74,26 @@ def check_devices(
     (``||g - r|| <= rtol ||r||`` per tensor). Devices that are not here are
     skipped (status ``"skipped"`` when nothing is left to compare). Returns a
     report with property ``"devices"``; see the module docstrings (this one and
-    :mod:`gradcheck.properties.variants`) for TF32 and nondeterminism."""
-    from gradcheck import api
+    :mod:`gradcheck.properties.variants`) for TF32 and nondeterminism.
 
-    report = run(
-        loss_fn, model, batch, devices=devices, seed=api._seed(seed), rtol=rtol
+    ``repro_dir``: a failing check writes a repro bundle there (the request as
+    given: a replay without the GPU says "not reproduced: skipped (no GPU
+    here: ...)"). Default: the pytest plugin's ``--gradcheck-repro-dir``."""
+    from gradcheck import api, repro
+
+    s = api._seed(seed)
+    report = run(loss_fn, model, batch, devices=devices, seed=s, rtol=rtol)
+    report.label = label
+    repro.write_variants_bundle(
+        repro_dir,
+        report,
+        "check_devices",
+        loss_fn,
+        model,
+        batch,
+        request=devices,
+        seed=s,
+        rtol=rtol,
     )
     return api._publish(report, label)
 

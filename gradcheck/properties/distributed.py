@@ -767,6 +767,7 @@ def check_distributed(
     rtol: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     label: str | None = None,
+    repro_dir: Any = None,
 ) -> CheckReport:
     """Check that a data-parallel step leaves one process's gradient in ``.grad``.
 
@@ -805,9 +806,15 @@ def check_distributed(
     ``||g - r|| > rtol ||r||``). Returns a report with property
     ``"distributed"``, one TensorResult per parameter, the world size, wrap,
     backend and per-rank seconds in its notes and ``cost`` (``spawn_seconds``
-    apart from ``seconds``)."""
-    from gradcheck import api
+    apart from ``seconds``).
 
+    ``repro_dir``: a failing check (mismatch, nondeterministic) writes a repro
+    bundle there (``build``/``step`` by name, the batch, world size, backend,
+    wrap); ``gradcheck replay`` reruns it. Default: the pytest plugin's
+    ``--gradcheck-repro-dir``, else none."""
+    from gradcheck import api, repro
+
+    s = api._seed(seed)
     report = run(
         build,
         step,
@@ -816,7 +823,22 @@ def check_distributed(
         backend=backend,
         wrap=wrap,
         wrap_kwargs=wrap_kwargs,
-        seed=api._seed(seed),
+        seed=s,
+        rtol=rtol,
+        timeout=timeout,
+    )
+    report.label = label
+    repro.write_distributed_bundle(
+        repro_dir,
+        report,
+        build,
+        step,
+        batch,
+        world_size=world_size,
+        backend=backend,
+        wrap=wrap,
+        wrap_kwargs=wrap_kwargs,
+        seed=s,
         rtol=rtol,
         timeout=timeout,
     )

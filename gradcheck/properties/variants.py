@@ -440,6 +440,7 @@ def check_variants(
     seed: int | None = None,
     rtol: float | None = None,
     label: str | None = None,
+    repro_dir: Any = None,
 ) -> CheckReport:
     """Check that ``model``'s gradients under each variant (``"compile"``,
     ``"autocast:bfloat16"``, ``"autocast:float16"``, ``"cuda"``, ``"cuda:1"`` and
@@ -452,11 +453,26 @@ def check_variants(
     before every evaluation (dropout draws the same) and the moved points;
     ``rtol``, when given, replaces the measured tolerance: a tensor fails when
     ``||g_v - r|| > rtol * ||r||``. Variants that cannot run here are skipped with
-    a note. Returns a report with property ``"variants"``."""
-    from gradcheck import api
+    a note. Returns a report with property ``"variants"``.
 
-    report = run(
-        loss_fn, model, batch, variants=variants, seed=api._seed(seed), rtol=rtol
+    ``repro_dir``: a failing check writes a repro bundle there
+    (:func:`gradcheck.repro.write_variants_bundle`; ``gradcheck replay`` reruns
+    it). Default: the pytest plugin's ``--gradcheck-repro-dir``, else none."""
+    from gradcheck import api, repro
+
+    s = api._seed(seed)
+    report = run(loss_fn, model, batch, variants=variants, seed=s, rtol=rtol)
+    report.label = label
+    repro.write_variants_bundle(
+        repro_dir,
+        report,
+        "check_variants",
+        loss_fn,
+        model,
+        batch,
+        request=variants,
+        seed=s,
+        rtol=rtol,
     )
     return api._publish(report, label)
 
