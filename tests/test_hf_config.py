@@ -106,6 +106,226 @@ def test_head_size_reads_head_dim_or_width_over_heads():
     assert _head_size(shrunk("gptj")) == 16
 
 
+# --- widths a model reads together ---------------------------------------------
+
+
+def test_layoutlmv3_box_parts_add_up_to_the_width():
+    cfg = shrunk("layoutlmv3")
+    assert 4 * cfg.coordinate_size + 2 * cfg.shape_size == cfg.hidden_size
+
+
+def test_lilt_width_fits_boxes_and_the_layout_stream():
+    cfg = shrunk("lilt")
+    assert cfg.hidden_size % 6 == 0  # 6 box parts of width // 6
+    head = cfg.hidden_size // cfg.num_attention_heads
+    assert head % cfg.channel_shrink_ratio == 0  # layout heads: head / ratio
+
+
+def test_mobilebert_bottleneck_is_its_true_width():
+    cfg = shrunk("mobilebert")
+    assert cfg.true_hidden_size == cfg.intra_bottleneck_size <= 32
+
+
+def test_blt_derived_widths_follow_the_shrunk_ones():
+    cfg = shrunk("blt")
+    width = cfg.global_config.hidden_size
+    assert cfg.encoder_config.hidden_size_global == width
+    assert cfg.decoder_config.hidden_size_global == width
+    cross = cfg.encoder_config.hidden_size * cfg.cross_attn_k
+    assert cfg.global_config.encoder_cross_output_size == (
+        None if cross == width else cross
+    )
+
+
+@pytest.mark.parametrize("model_type", ["sam", "sam_hq"])
+def test_sam_prompt_grid_and_positional_width(model_type):
+    cfg = shrunk(model_type)
+    vision = cfg.vision_config
+    grid = vision.image_size // vision.patch_size
+    assert cfg.prompt_encoder_config.image_embedding_size == grid
+    assert 2 * vision.num_pos_feats == vision.output_channels
+
+
+def test_sam3_tracker_fpn_sizes_follow_the_grid():
+    vision = shrunk("sam3_tracker").vision_config
+    grid = vision.backbone_config.image_size // vision.backbone_config.patch_size
+    expected = [[int(grid * s)] * 2 for s in vision.scale_factors]
+    assert (
+        vision.backbone_feature_sizes == expected[: len(vision.backbone_feature_sizes)]
+    )
+
+
+def test_efficientnet_top_norm_follows_its_top_conv():
+    from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+    cfg = shrunk("efficientnet")
+    assert cfg.hidden_dim == round_filters(cfg, 1280)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "key", "parts"),
+    [
+        ("encodec", "codebook_dim", ("",)),
+        ("xcodec", "codebook_dim", ("acoustic_model_config", "semantic_model_config")),
+        ("neucodec", "quantization_dim", ("", "semantic_model_config")),
+        ("xcodec2", "quantization_dim", ("", "semantic_model_config")),
+        ("vit", "pooler_output_size", ("",)),
+    ],
+)
+def test_widths_derived_at_config_time_are_derived_again(model_type, key, parts):
+    cfg = shrunk(model_type)
+    widths = [(getattr(cfg, p) if p else cfg).hidden_size for p in parts]
+    assert getattr(cfg, key) == sum(widths)
+
+
+def test_clap_audio_width_is_its_last_stage():
+    audio = shrunk("clap").audio_config
+    last = audio.patch_embeds_hidden_size * 2 ** (len(audio.depths) - 1)
+    assert audio.hidden_size == last
+    assert audio.patch_embeds_hidden_size % 2 == 0  # 2 heads in the first stage
+
+
+def test_tvp_prompt_frame_fits_the_shrunk_image():
+    cfg = shrunk("tvp")
+    assert cfg.max_img_size <= 64
+    assert cfg.max_img_size - 2 * cfg.visual_prompt_size > 0
+
+
+@pytest.mark.parametrize("model_type", ["neucodec", "xcodec2", "dac"])
+def test_doubling_codec_encoder_ends_narrow(model_type):
+    cfg = shrunk(model_type)
+    last = cfg.encoder_hidden_size * 2 ** len(cfg.downsampling_ratios)
+    assert 2 <= cfg.encoder_hidden_size and last <= 128
+
+
+def test_pp_doclayout_v3_neck_reads_the_backbone_widths():
+    cfg = shrunk("pp_doclayout_v3")
+    out = list(cfg.backbone_config.stage_out_channels)
+    assert cfg.x4_feat_dim == out[0]
+    assert list(cfg.encoder_in_channels) == out[1:]
+
+
+def test_uvdoc_head_reads_every_bridge():
+    cfg = shrunk("uvdoc")
+    backbone = cfg.backbone_config
+    bridges = len(backbone.stage_configs)
+    assert len(backbone.out_features) == bridges  # the default reports 1
+    widths = {bridge[0][0] for bridge in backbone.stage_configs}
+    assert widths == {cfg.bridge_connector[0]}
+    # ResNet stages chain: each stage's first input is the last one's output
+    stages = backbone.resnet_configs
+    for before, after in zip(stages, stages[1:], strict=False):
+        assert after[0][0] == before[-1][1]
+    assert max(c for stage in stages for block in stage for c in block[:2]) <= 16
+
+
+# --- layers: kept layers renumbered, heads per layer kind ---------------------
+
+
+def test_kolibri_layer_references_follow_the_kept_layers():
+    cfg = shrunk("kolibri1_1")
+    cfg.validate_architecture()  # the config's own checks of its layer references
+    n = len(cfg.layer_types)
+    assert all(0 <= s < n for s in cfg.kv_source_layers)
+    assert all(0 <= i < n for i in cfg.index_layers + cfg.mlp_only_layers)
+
+
+def test_mimo_sliding_layers_keep_grouped_heads():
+    cfg = shrunk("mimo_v2_flash")
+    swa_kv = 2 * cfg.num_key_value_heads  # its sliding layers double them
+    assert cfg.num_attention_heads % swa_kv == 0
+
+
+def test_step3p7_has_a_window_for_its_sliding_mask():
+    assert isinstance(shrunk("step3p7").text_config.sliding_window, int)
+
+
+@pytest.mark.parametrize("model_type", ["lw_detr", "rf_detr"])
+def test_vit_backbone_outputs_are_kept_layers(model_type):
+    backbone = shrunk(model_type).backbone_config
+    layers = backbone.num_hidden_layers
+    assert len(backbone.stage_names) == layers + 1
+    assert backbone.out_indices and all(i <= layers for i in backbone.out_indices)
+
+
+def test_lw_detr_projects_a_feature_level():
+    cfg = shrunk("lw_detr")
+    assert cfg.num_feature_levels == len(cfg.projector_scale_factors) >= 1
+    assert cfg.projector_in_channels == [cfg.d_model] * cfg.num_feature_levels
+
+
+# --- rope, tokens, vocabularies ------------------------------------------------
+
+
+def test_ernie_mrope_section_fits_the_shrunk_head():
+    text = shrunk("ernie4_5_vl_moe").text_config
+    section = text.rope_parameters["mrope_section"]
+    assert sum(section) == _head_size(text) // 2 and min(section) >= 1
+
+
+def test_efficientloftr_stages_end_at_its_width():
+    cfg = shrunk("efficientloftr")
+    cfg.validate_architecture()
+    assert cfg.out_features[-1] == cfg.hidden_size
+    assert cfg.fine_fusion_dims == list(reversed(cfg.out_features))[:-1]
+    assert [len(b) for b in cfg.stage_block_out_channels] == cfg.stage_num_blocks
+    factor = cfg.rope_parameters["partial_rotary_factor"]
+    head = cfg.hidden_size // cfg.num_attention_heads
+    assert int(head * factor) == cfg.hidden_size // 2  # its 2-D RoPE's width
+
+
+def test_lightglue_matches_descriptors_of_its_width_and_count():
+    cfg = shrunk("lightglue")
+    det = cfg.keypoint_detector_config
+    assert cfg.descriptor_dim == det.descriptor_decoder_dim == cfg.hidden_size
+    assert det.max_keypoints > 0 and det.keypoint_threshold == 0.0
+
+
+def test_clvp_decoder_ids_fit_the_speech_encoder():
+    cfg = shrunk("clvp")
+    assert cfg.decoder_config.vocab_size <= cfg.speech_config.vocab_size
+    for enc in (cfg.text_config, cfg.speech_config):
+        # rotary width max(projection / (2 heads), 32) within a head
+        rotary = max(enc.projection_dim // (enc.num_attention_heads * 2), 32)
+        assert enc.hidden_size // enc.num_attention_heads >= rotary
+
+
+def test_instructblipvideo_has_a_video_token():
+    cfg = shrunk("instructblipvideo")
+    assert 0 <= cfg.video_token_index < cfg.text_config.vocab_size
+
+
+def test_inkling_vision_layers_cover_its_scales_without_scipy():
+    from transformers.models.inkling.modeling_inkling import prime_factors
+
+    vision = shrunk("inkling_mm_model").vision_config
+    scales = 1 + len(prime_factors(vision.patch_size))
+    scales += len(prime_factors(vision.temporal_patch_size))
+    assert vision.n_layers >= scales  # fewer: scipy's linear_sum_assignment
+    assert vision.patch_size**2 * vision.num_channels <= 64  # 4,800 at 40
+
+
+def test_depth_pro_tiles_fit_the_shrunk_image():
+    cfg = shrunk("depth_pro")
+    assert cfg.patch_size / min(cfg.scaled_images_ratios) <= 64
+    for sub in (cfg.image_model_config, cfg.patch_model_config, cfg.fov_model_config):
+        assert sub.image_size == cfg.patch_size and sub.image_size % sub.patch_size == 0
+    layers = cfg.patch_model_config.num_hidden_layers
+    assert all(0 <= i < layers for i in cfg.intermediate_hook_ids)
+    assert max(cfg.scaled_images_feature_dims + cfg.intermediate_feature_dims) <= 32
+
+
+def test_default_config_problem_names_a_neck_its_backbone_cannot_feed():
+    from gradcheck.backends._hf_config import default_config_problem
+
+    why = default_config_problem(
+        "pp_ocrv6_small_det", load_config("pp_ocrv6_small_det")
+    )
+    assert why and "default config" in why and "out_features" in why
+    assert default_config_problem("rt_detr", load_config("rt_detr")) is None
+    assert default_config_problem("bert", load_config("bert")) is None
+
+
 # --- built and run once (one forward, no gradient check) ----------------------
 
 
@@ -118,8 +338,19 @@ def test_shrunk_model_builds_and_runs(model_type):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["vits", "seamless_m4t"])
-def test_shrunk_vocoder_model_builds_and_runs(model_type):
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "vits",
+        "seamless_m4t",
+        "uvdoc",
+        "kolibri1_1",
+        "efficientloftr",
+        "depth_pro",
+        "inkling_mm_model",
+    ],
+)
+def test_shrunk_model_builds_and_runs_slow(model_type):
     model, inputs, n = _hf.build(model_type, {}, f"hf:{model_type}", 0, 20_000_000)
     with torch.no_grad():
         model(**inputs)

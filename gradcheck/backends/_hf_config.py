@@ -188,6 +188,7 @@ def shrink_config(
         _set(cfg, "head_dim", max(hidden // heads, 4))
     _fit_mla(cfg)
     _fit_rotary(cfg, old_head)
+    _fit_mrope_section(cfg)
     _fit_expert_groups(cfg)
     size = getattr(cfg, "image_size", None)
     if _int(size) and size > IMAGE:
@@ -210,12 +211,24 @@ def shrink_config(
     _fit_hiera(cfg)
     _fit_fpn_scales(cfg)
     _fit_codec_stages(cfg)
+    _fit_doubling_encoder(cfg)
     _fit_upsampler(cfg)
     _fit_bridgetower(cfg)
     _fit_sampling(cfg)
     _fit_layout(cfg)
     _fit_blt(cfg)
     _fit_staged_audio(cfg)
+    _fit_backbone_outputs(cfg, old_layers)
+    _fit_lw_detr(cfg)
+    _fit_efficientloftr(cfg)
+    _fit_lightglue(cfg)
+    _fit_clvp(cfg)
+    _fit_uvdoc(cfg)
+    _fit_swa_heads(cfg)
+    _fit_indexer_heads(cfg)
+    _fit_inkling_scales(cfg)
+    _fit_depth_pro(cfg)
+    _fit_unset_window(cfg)
     _fit_visual_prompt(cfg)
     for key, parts in derived.items():
         _set(cfg, key, sum(_width_of(cfg, p) or 0 for p in parts))
@@ -243,6 +256,8 @@ def shrink_config(
             and key not in ("architectures",)
         ):
             _set(cfg, key, [value[i] for i in chosen])  # per-layer: layer_types, ...
+    if old_layers:
+        _remap_layer_refs(cfg, chosen)
     vocab = getattr(cfg, "vocab_size", None)
     if _int(vocab):
         for key, value in list(vars(cfg).items()):
@@ -279,6 +294,34 @@ def _kept_layers(cfg: Any) -> list[int]:
         if i not in picked:
             picked.append(i)
     return sorted(picked)
+
+
+#: lists that name layers by their index, which the kept layers renumber:
+#: per layer, the layer whose keys/values it reads (Kolibri 1.1, Mistral Large
+#: 4); and sets of layers (Kolibri's indexer and dense-MLP layers). Other
+#: index sets (SAM's global_attn_indexes, Qwen-VL's deepstack indexes, ...)
+#: stay as they are: their models pass with the indexes past the kept layers.
+_LAYER_POINTERS = ("kv_source_layers",)
+_LAYER_SETS = {"kv_source_layers": ("index_layers", "mlp_only_layers")}
+
+
+def _remap_layer_refs(cfg: Any, chosen: list[int]) -> None:
+    """Renumber layer references after keeping layers ``chosen`` (old
+    indexes): a layer that read a dropped layer's keys/values computes its own
+    (Kolibri: layer 4 kept as layer 1 read its own, 4, now 1)."""
+    new = {old: i for i, old in enumerate(chosen)}
+    v = vars(cfg)
+    for key in _LAYER_POINTERS:
+        refs = v.get(key)
+        if not (isinstance(refs, list) and len(refs) == len(chosen)):
+            continue
+        if not all(_int(r) for r in refs):
+            continue
+        _set(cfg, key, [new.get(r, i) for i, r in enumerate(refs)])
+        for other in _LAYER_SETS.get(key, ()):
+            layers = v.get(other)
+            if isinstance(layers, list) and all(_int(r) for r in layers):
+                _set(cfg, other, [new[r] for r in layers if r in new])
 
 
 def _first_of_each(types: list[Any], span: range) -> list[int]:
@@ -514,8 +557,8 @@ QUERY_TOKENS = 4
 
 
 def _fit_query_tokens(cfg: Any) -> None:
-    """BLIP-2 / InstructBLIP put their Q-Former's query outputs where the ids
-    hold the image token: at most QUERY_TOKENS queries, and an image token id
+    """BLIP-2 / InstructBLIP(-Video) put their Q-Former's query outputs where the ids
+    hold the image (video) token: at most QUERY_TOKENS queries, and an image token id
     where the default config leaves it unset (real checkpoints set it; the
     inputs then hold one per query, see _with_required)."""
     queries = vars(cfg).get("num_query_tokens")
@@ -526,6 +569,11 @@ def _fit_query_tokens(cfg: Any) -> None:
     vocab = getattr(cfg.get_text_config(), "vocab_size", None)
     if getattr(cfg, "image_token_id", 0) is None and _int(vocab) and vocab > 2:
         _set(cfg, "image_token_id", vocab - 1)
+    # InstructBLIP-Video: its video token (``video_token_index``), None in the
+    # default, which the forward compares the ids with (a Python bool then)
+    if "video_token_index" in vars(cfg) and cfg.video_token_index is None:
+        if _int(vocab) and vocab > 2:
+            _set(cfg, "video_token_index", vocab - 1)
 
 
 def _fit_align(cfg: Any) -> None:
@@ -597,6 +645,33 @@ def _fit_rotary(cfg: Any, old_head: int | None) -> None:
     new = min(head, max(2, 2 * round(head * share / 2)))
     if new != rotary:
         _set(cfg, "rotary_dim", new)
+
+
+#: the section Ernie 4.5-VL's RoPE reads when its config names none (for
+#: 128-wide heads: 64 frequencies)
+_ERNIE_MROPE = [22, 22, 20]
+
+
+def _fit_mrope_section(cfg: Any) -> None:
+    """Multimodal RoPE splits a head's frequencies (head / 2) into sections
+    for time, height and width (``rope_parameters["mrope_section"]``, e.g. 16,
+    24, 24 of 64): scaled to the shrunk head, each >= 1. Ernie 4.5-VL reads
+    a default section when its config has none: written in, scaled."""
+    rope, head = vars(cfg).get("rope_parameters"), _head_size(cfg)
+    if not isinstance(rope, dict) or not _int(head) or "rope_theta" not in rope:
+        return
+    section = rope.get("mrope_section")
+    if section is None and type(cfg).__name__.startswith("Ernie4_5_VL"):
+        section = _ERNIE_MROPE
+    if not (isinstance(section, (list, tuple)) and all(_int(x) for x in section)):
+        return
+    total = head // 2
+    if sum(section) == total or total < len(section) or not sum(section):
+        return
+    new = [max(1, round(x * total / sum(section))) for x in section]
+    new[-1] = total - sum(new[:-1])
+    if new[-1] >= 1:
+        rope["mrope_section"] = new
 
 
 def _fit_expert_groups(cfg: Any) -> None:
@@ -696,6 +771,11 @@ def _fit_detr(cfg: Any) -> None:
         return
     if len(channels) == len(enc):
         _set(cfg, "encoder_in_channels", channels)
+    elif len(channels) == len(enc) + 1 and _int(v.get("x4_feat_dim")):
+        # PP-DocLayout-V3: the first (stride 4) map feeds the mask head
+        # (``x4_feat_dim``), the others the encoder
+        _set(cfg, "x4_feat_dim", channels[0])
+        _set(cfg, "encoder_in_channels", channels[1:])
 
 
 def _fit_hiera(cfg: Any) -> None:
@@ -773,6 +853,18 @@ def _fit_codec_stages(cfg: Any) -> None:
         return
     _set(cfg, "downsampling_ratios", [2, 2, 2])
     _set(cfg, "depths", [1, 1, 1, 1])
+
+
+def _fit_doubling_encoder(cfg: Any) -> None:
+    """A codec's acoustic encoder whose channels double at each of its
+    ``downsampling_ratios`` from ``encoder_hidden_size`` (NeuCodec, X-Codec 2:
+    5 stages, 32 x 2**5 = 1,024 wide at the end with kernels of 2 x the
+    stride: 11.5M parameters in the last block shrunk, float64 fd past 90 s):
+    the last stage at most 4 x HIDDEN (128) wide, the first >= 2."""
+    v = vars(cfg)
+    width, ratios = v.get("encoder_hidden_size"), v.get("downsampling_ratios")
+    if _int(width) and isinstance(ratios, (list, tuple)) and ratios:
+        _set(cfg, "encoder_hidden_size", min(width, max(2, 4 * HIDDEN >> len(ratios))))
 
 
 def _fit_upsampler(cfg: Any) -> None:
@@ -885,6 +977,308 @@ def _derived_widths(cfg: Any) -> dict[str, tuple[str, ...]]:
                 found[key] = combo
                 break
     return found
+
+
+def _fit_backbone_outputs(cfg: Any, old_layers: set[int]) -> None:
+    """A ViT used as a backbone names its outputs by layer (``stage_names``
+    stem, stage1 .. stage10; LW-DETR's ``out_indices`` 2, 4, 5, 9): after the
+    layer cap the stages past the kept layers give no feature map, and a model
+    that sizes its projector by ``len(out_indices)`` then gets fewer maps than
+    it expects. Stages follow the kept layers; each index past them is the
+    last kept layer's (deduplicated: the projector sizes follow the count)."""
+    v = vars(cfg)
+    names, layers = v.get("stage_names"), v.get("num_hidden_layers")
+    if not (isinstance(names, list) and _int(layers) and old_layers):
+        return
+    if isinstance(v.get("depths"), (list, tuple)) or len(names) <= layers + 1:
+        return
+    if names[0] != "stem" or not all(
+        n == f"stage{i}" for i, n in enumerate(names) if i
+    ):
+        return
+    indices = getattr(cfg, "out_indices", None)
+    if not isinstance(indices, (list, tuple)) or not all(_int(i) for i in indices):
+        return
+    new = sorted({min(i, layers) for i in indices})
+    _set(cfg, "stage_names", ["stem"] + [f"stage{i}" for i in range(1, layers + 1)])
+    try:
+        cfg.set_output_features_output_indices(out_features=None, out_indices=new)
+    except (AttributeError, TypeError, ValueError):
+        pass
+
+
+def _fit_lw_detr(cfg: Any) -> None:
+    """LW-DETR's default config projects no feature level
+    (``projector_scale_factors`` ()), so nothing reaches its encoder and
+    transformers cannot run it (``torch.cat(): expected a non-empty list``):
+    one level at scale 1, the LW-DETR tiny/small checkpoints' value, with the
+    widths its config derives from it."""
+    v = vars(cfg)
+    if type(cfg).__name__ != "LwDetrConfig" or v.get("projector_scale_factors"):
+        return
+    width = v.get("d_model")
+    if not _int(width):
+        return
+    _set(cfg, "projector_scale_factors", [1.0])
+    _set(cfg, "projector_in_channels", [width])
+    _set(cfg, "projector_out_channels", width)
+    _set(cfg, "num_feature_levels", 1)
+
+
+def _fit_efficientloftr(cfg: Any) -> None:
+    """EfficientLoFTR derives its RepVGG blocks' widths and strides and its fine
+    fusion widths from ``out_features`` (64, 64, 128, 256) and
+    ``stage_num_blocks`` (1, 2, 4, 14) when the config is made, and needs
+    ``hidden_size`` == the last stage's width: widths / 8 (the last one 32, the
+    capped width), at most 2 blocks a stage, the derived lists derived again,
+    and its RoPE's share follows the heads."""
+    v = vars(cfg)
+    if type(cfg).__name__ != "EfficientLoFTRConfig":
+        return
+    feats, blocks = v.get("out_features"), v.get("stage_num_blocks")
+    strides, hidden = v.get("stage_stride"), v.get("hidden_size")
+    if not all(isinstance(x, list) for x in (feats, blocks, strides)) or not _int(
+        hidden
+    ):
+        return
+    scale = max(feats[-1] // hidden, 1)
+    feats = [max(c // scale, 2) for c in feats]
+    blocks = [min(n, 2) for n in blocks]
+    ins = [1] + feats[:-1]
+    outs = [[feats[i]] * n for i, n in enumerate(blocks)]
+    _set(cfg, "out_features", feats)
+    _set(cfg, "stage_num_blocks", blocks)
+    _set(cfg, "stage_in_channels", ins)
+    _set(
+        cfg,
+        "stage_block_stride",
+        [[s] + [1] * (n - 1) for s, n in zip(strides, blocks, strict=True)],
+    )
+    _set(cfg, "stage_block_out_channels", outs)
+    _set(
+        cfg, "stage_block_in_channels", [[ins[i]] + o[:-1] for i, o in enumerate(outs)]
+    )
+    _set(cfg, "fine_fusion_dims", list(reversed(feats))[:-1])
+    _set(cfg, "hidden_size", feats[-1])
+    # its 2-D RoPE fills width / 4 frequencies from head x partial_rotary_factor
+    # / 2 (8 heads x 4.0 in the default): the factor is heads / 2
+    rope, heads = v.get("rope_parameters"), v.get("num_attention_heads")
+    if isinstance(rope, dict) and _int(heads) and "partial_rotary_factor" in rope:
+        rope["partial_rotary_factor"] = heads / 2
+
+
+def _fit_lightglue(cfg: Any) -> None:
+    """LightGlue matches the keypoint detector's descriptors
+    (``descriptor_decoder_dim``, 256) at its own width (``descriptor_dim`` =
+    ``hidden_size``, 256): both follow the capped width."""
+    v = vars(cfg)
+    det, hidden = v.get("keypoint_detector_config"), v.get("hidden_size")
+    if not (_is_config(det) and _int(v.get("descriptor_dim")) and _int(hidden)):
+        return
+    if _int(vars(det).get("descriptor_decoder_dim")):
+        _set(cfg, "descriptor_dim", hidden)
+        _set(det, "descriptor_decoder_dim", hidden)
+    # the detector keeps the keypoints scoring over a threshold: how many
+    # changes with the weights, and so do the matcher's shapes within a
+    # finite-difference step ("size of tensor a (76) must match ... (77)").
+    # A fixed count: the best 16 (of ~30 left after NMS at 64 x 64), threshold 0
+    if _int(vars(det).get("max_keypoints")) and "keypoint_threshold" in vars(det):
+        _set(det, "max_keypoints", 16)
+        _set(det, "keypoint_threshold", 0.0)
+
+
+def _fit_clvp(cfg: Any) -> None:
+    """CLVP feeds its speech decoder's token ids to its speech encoder, whose
+    vocabulary is 256 against the decoder's 8,194 (1,024 capped): an id past
+    256 fails the encoder's embedding (the default config too, a transformers
+    bug). The decoder's vocabulary is the encoder's. And the encoders' heads
+    are as wide as their rotary embedding."""
+    v = vars(cfg)
+    if type(cfg).__name__ == "ClvpEncoderConfig":
+        # its rotary embedding is max(projection / (2 x heads), 32) wide by
+        # construction: heads >= 32 wide (64 at 2 heads), all of it rotated
+        hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+        if _int(hidden) and _int(heads) and hidden < 32 * heads:
+            _set(cfg, "hidden_size", 32 * heads)
+        return
+    dec, speech = v.get("decoder_config"), v.get("speech_config")
+    if type(cfg).__name__ != "ClvpConfig" or not (
+        _is_config(dec) and _is_config(speech)
+    ):
+        return
+    vocab = vars(speech).get("vocab_size")
+    if _int(vocab) and _int(vars(dec).get("vocab_size")) and dec.vocab_size > vocab:
+        _set(dec, "vocab_size", vocab)
+        for key, value in list(vars(dec).items()):
+            if key.endswith("_token_id") and _int(value) and value >= vocab:
+                _set(dec, key, value % vocab)
+
+
+def _fit_uvdoc(cfg: Any) -> None:
+    """UVDoc: channels in tuples no width cap names (a ResNet of 3, 4, 6 blocks
+    up to 128 wide, 6 dilated bridges of up to 3 blocks 128 wide: 7.9M
+    parameters shrunk): every width / 8 (3 colour channels in, 2 coordinates
+    out kept), 2 blocks a ResNet stage, 1 a bridge. And its head fuses all 6
+    bridges' maps (``bridge_connector[0]`` x 6 channels) while the default
+    backbone reports the last one only (``out_features`` ['stage6']): the
+    default config cannot run (a transformers bug); the backbone reports every
+    bridge, as the head reads them."""
+    v = vars(cfg)
+    backbone = v.get("backbone_config")
+    if type(cfg).__name__ != "UVDocConfig" or not _is_config(backbone):
+        return
+    b = vars(backbone)
+    if not all(
+        isinstance(x, (list, tuple))
+        for x in (b.get("resnet_head"), b.get("resnet_configs"), b.get("stage_configs"))
+    ):
+        return
+
+    def w(c: int) -> int:
+        return c if c <= 3 else max(c // 8, 2)
+
+    _set(backbone, "resnet_head", [[w(i), w(o)] for i, o in b["resnet_head"]])
+    _set(
+        backbone,
+        "resnet_configs",
+        [
+            [[w(i), w(o), *rest] for i, o, *rest in stage[:2]]
+            for stage in b["resnet_configs"]
+        ],
+    )
+    _set(
+        backbone,
+        "stage_configs",
+        [[[w(c), *rest] for c, *rest in bridge[:1]] for bridge in b["stage_configs"]],
+    )
+    _set(backbone, "depths", [len(bridge) for bridge in b["stage_configs"]])
+    stages = [f"stage{i}" for i in range(1, len(b["stage_configs"]) + 1)]
+    backbone.set_output_features_output_indices(out_features=stages, out_indices=None)
+    if isinstance(v.get("bridge_connector"), (list, tuple)):
+        _set(cfg, "bridge_connector", [w(c) for c in v["bridge_connector"]])
+    points = v.get("out_point_positions2D")
+    if isinstance(points, (list, tuple)):
+        _set(cfg, "out_point_positions2D", [[w(i), w(o)] for i, o in points])
+
+
+def _fit_swa_heads(cfg: Any) -> None:
+    """MiMo-V2-Flash's sliding-window layers have twice the key/value heads of
+    its full layers (8 and 4 of 64 query heads); at 2 query heads and 2
+    key/value heads the sliding layers had 4 (2 // 4 = 0 groups). One
+    key/value head, so they have 2: grouped query attention kept."""
+    if type(cfg).__name__ != "MiMoV2FlashConfig":
+        return
+    heads, kv = (
+        vars(cfg).get("num_attention_heads"),
+        vars(cfg).get("num_key_value_heads"),
+    )
+    if _int(heads) and _int(kv) and 2 * kv > heads:
+        _set(cfg, "num_key_value_heads", max(1, heads // 2))
+
+
+def _fit_indexer_heads(cfg: Any) -> None:
+    """Kolibri 1.1's indexer reads ``index_num_heads`` of the query heads that
+    share key/value head 0 (12 of 48 / 4 in the default; its config checks
+    it): at most heads / key-value heads (1 at 2 and 2)."""
+    v = vars(cfg)
+    index, heads, kv = (
+        v.get("index_num_heads"),
+        v.get("num_attention_heads"),
+        v.get("num_key_value_heads"),
+    )
+    if _int(index) and _int(heads) and _int(kv) and kv > 0:
+        _set(cfg, "index_num_heads", max(1, min(index, heads // kv)))
+
+
+def _fit_inkling_scales(cfg: Any) -> None:
+    """Inkling's vision tower assigns its layers to the patch's scales (1 + the
+    prime factors of the patch and the temporal patch: 6 for 40 and 2): with
+    fewer layers than scales it solves the assignment with scipy (not a
+    transformers dependency; absent here), with as many or more by argmin.
+    Layers >= scales (4 at patches of 4, over the layer cap: the code path
+    without scipy needs them)."""
+    if type(cfg).__name__ != "InklingVisionConfig":
+        return
+    v = vars(cfg)
+    patch, temporal, layers = (
+        v.get("patch_size"),
+        v.get("temporal_patch_size"),
+        v.get("n_layers"),
+    )
+    if not (_int(patch) and _int(temporal) and _int(layers)):
+        return
+    if patch > 4:
+        # each spatial scale projects to h**2 x channels (40 x 40 x 3 = 4,800
+        # wide at the last: 23M parameters shrunk) and the temporal one to
+        # 64 x that: patches of 4 (1.8M parameters in all)
+        _set(cfg, "patch_size", 4)
+        patch = 4
+    from transformers.models.inkling.modeling_inkling import prime_factors
+
+    scales = 1 + len(prime_factors(patch)) + len(prime_factors(temporal))
+    if layers < scales:
+        _set(cfg, "n_layers", scales)
+
+
+def _fit_depth_pro(cfg: Any) -> None:
+    """DepthPro tiles the image, scaled by ``scaled_images_ratios`` (0.25, 0.5,
+    1), into ``patch_size`` tiles (384) that its ViTs take whole (their
+    ``image_size``): the image must be >= patch / 0.25 (1,536), not 64. Tiles
+    of 64 x 0.25 = 16 (the ViTs' image 16, patches of 4: a 4 x 4 grid); the
+    layers it hooks (11 and 5 of 12) the kept ones in the same order; its
+    neck's widths (1,024 .. 256; 13.7M parameters) scaled like the width
+    (1,024 -> 32)."""
+    v = vars(cfg)
+    if type(cfg).__name__ != "DepthProConfig":
+        return
+    ratios = v.get("scaled_images_ratios")
+    if not (isinstance(ratios, (list, tuple)) and ratios and _int(v.get("patch_size"))):
+        return
+    tile = max(int(IMAGE * min(ratios)), 4)
+    _set(cfg, "patch_size", tile)
+    layers = None
+    for key in ("image_model_config", "patch_model_config", "fov_model_config"):
+        sub = v.get(key)
+        if _is_config(sub):
+            _set(sub, "image_size", tile)
+            _set(sub, "patch_size", 4)
+            layers = layers or getattr(sub, "num_hidden_layers", None)
+    hooks = v.get("intermediate_hook_ids")
+    if isinstance(hooks, (list, tuple)) and _int(layers):
+        # deepest first, as the default's (11, 5)
+        _set(
+            cfg,
+            "intermediate_hook_ids",
+            [max(layers - 1 - i, 0) for i in range(len(hooks))],
+        )
+    dims = [
+        d
+        for k in ("scaled_images_feature_dims", "intermediate_feature_dims")
+        for d in (v.get(k) or ())
+    ]
+    if dims and all(_int(d) for d in dims) and max(dims) > HIDDEN:
+        top = max(dims)
+        for key in ("scaled_images_feature_dims", "intermediate_feature_dims"):
+            if isinstance(v.get(key), (list, tuple)):
+                _set(cfg, key, [max(d * HIDDEN // top, 2) for d in v[key]])
+
+
+def _fit_unset_window(cfg: Any) -> None:
+    """Step 3.7's text model builds a sliding-window mask on every forward (for
+    its sliding layers, which the default config has none of) and refuses a
+    ``sliding_window`` of None, its default: transformers cannot run the
+    default config either. A window of 4 (half the 8 tokens checked), which no
+    kept layer uses: every layer of the default is full attention."""
+    v = vars(cfg)
+    types = v.get("layer_types")
+    if (
+        "num_sliding_attention_heads" in v
+        and "sliding_window" in v
+        and v["sliding_window"] is None
+        and isinstance(types, list)
+        and "sliding_attention" not in types
+    ):
+        _set(cfg, "sliding_window", 4)
 
 
 def _fit_staged_audio(cfg: Any) -> None:
@@ -1086,3 +1480,39 @@ def _first_int(value: Any) -> int | None:
     if isinstance(value, (list, tuple)) and value:
         value = value[0]
     return value if _int(value) else None
+
+
+#: per-level input widths of a neck or encoder fed by a backbone's feature maps
+_LEVEL_WIDTH_KEYS = ("layer_list_out_channels", "encoder_in_channels")
+
+
+def default_config_problem(model_type: str, cfg: Any) -> str | None:
+    """Why transformers' own default config of ``model_type`` cannot run, where
+    that shows in the config (``cfg``: the default, not shrunk); None
+    otherwise. A neck that takes more feature maps than its backbone reports
+    (PP-OCRv6 small det: 4 levels, ``layer_list_out_channels`` (12, 18, 42,
+    360), from a backbone whose ``out_features`` is ['stage4']): the shrink
+    cannot invent the checkpoint's backbone layout, so the model is reported
+    as unbuildable with this reason, not an error from its forward."""
+    import transformers
+
+    backbone = vars(cfg).get("backbone_config")
+    if not _is_config(backbone):
+        return None
+    maps = getattr(backbone, "out_features", None)
+    if not isinstance(maps, (list, tuple)):
+        return None
+    for key in _LEVEL_WIDTH_KEYS:
+        levels = vars(cfg).get(key)
+        if isinstance(levels, (list, tuple)) and len(levels) > len(maps):
+            return (
+                f"transformers {transformers.__version__} cannot run {model_type} "
+                f"from its default config either (not gradcheck's shrink): its "
+                f"{type(cfg).__name__}.{key} takes {len(levels)} feature maps "
+                f"{tuple(levels)}, but its backbone ({type(backbone).__name__}) "
+                f"reports {len(maps)} (out_features {list(maps)}); a checkpoint's "
+                f"config sets both. Give a consistent pair with overrides, e.g. "
+                f"?backbone_config.out_features=[...]&{key}=[...] (the backbone's "
+                f"stages' widths)."
+            )
+    return None
