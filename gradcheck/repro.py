@@ -1617,9 +1617,14 @@ class ReplayResult:
             # what failed could not run here: say so, never "passed" on the
             # variants that could
             tail = f", {self.versions_line()}" if self.version_diffs else ""
+            rest = (
+                "nothing else to compare ran here"
+                if self.report.status == "skipped"
+                else f"what did run here: {self.report.status}"
+            )
             return (
                 f"not reproduced: skipped ({self.skipped}){tail} (the bundle "
-                f"recorded {self.recorded}; here {self.report.status} on what ran)"
+                f"recorded {self.recorded}; {rest})"
             )
         why = (
             self.versions_line()

@@ -22,6 +22,8 @@ from gradcheck import repro
 from gradcheck.cli import main
 from tests._state import assert_same_rng, rng_state
 
+pytest_plugins = ["pytester"]
+
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
@@ -356,7 +358,9 @@ def test_a_gpu_device_bundle_replayed_without_a_gpu_says_skipped(tmp_path, capsy
     assert result.report.status == "skipped" and not result.reproduced
     line = result.verdict_line()
     assert line.startswith("not reproduced: skipped (no GPU here: 'cuda:0' skipped: ")
-    assert "(the bundle recorded mismatch; here skipped on what ran)" in line
+    assert line.endswith(
+        "(the bundle recorded mismatch; nothing else to compare ran here)"
+    )
     code, out = _cli_replay(capsys, bundle)
     assert code == 1, out
     assert out.strip().splitlines()[-1] == line
@@ -384,7 +388,9 @@ def test_a_failing_gpu_variant_skipped_here_is_not_a_pass(tmp_path, capsys):
     assert result.verdict_line().startswith(
         "not reproduced: skipped (no GPU here: 'cuda' skipped: "
     )
-    assert "here passed on what ran" in result.verdict_line()
+    assert result.verdict_line().endswith(
+        "(the bundle recorded mismatch; what did run here: passed)"
+    )
     code, out = _cli_replay(capsys, bundle)
     assert code == 1 and "not reproduced: skipped (no GPU here" in out, out
 
@@ -601,3 +607,46 @@ def test_a_tampered_spec_is_a_clear_error(tmp_path, wrong_torch_mse):
     _edit(bundle, lambda d: d["call"]["spec"].update(heads="not heads"))
     with pytest.raises(repro.ReproBundleError, match="stored spec is invalid"):
         repro.replay(bundle)
+
+
+# ---------------------------------------------------------------- pytest plugin
+INNER = f"""
+from {HERE} import _batch, _model, _square_batch, _square_model, ce_loss, square_loss
+
+
+def test_variants_bug(gradcheck):
+    gradcheck.assert_variants(ce_loss, _model(), _batch(), variants="autocast:bfloat16")
+
+
+def test_devices_bug(gradcheck):
+    report = gradcheck.check_devices(
+        square_loss, _square_model(), _square_batch(), devices=("cpu", "cpu")
+    )
+    assert report.passed, report.message()
+
+
+def test_variants_right(gradcheck):
+    gradcheck.assert_variants(
+        ce_loss, _model(bug=False), _batch(), variants="autocast:bfloat16"
+    )
+"""
+
+
+def test_plugin_repro_dir_reaches_variants_and_devices(pytester, capsys):
+    from tests.test_plugin import PLUGIN
+
+    pytester.makepyfile(test_inner=INNER)
+    out_dir = pytester.path / "bundles"
+    result = pytester.runpytest_inprocess(
+        *PLUGIN, f"--gradcheck-repro-dir={out_dir}", "-p", "no:randomly"
+    )
+    result.assert_outcomes(passed=1, failed=2)
+    bundles = _bundles(out_dir)
+    entries = sorted(
+        json.loads((b / "bundle.json").read_text())["call"]["entry"] for b in bundles
+    )
+    assert entries == ["check_devices", "check_variants"]
+    for bundle in bundles:
+        assert f"repro bundle: {bundle}" in result.stdout.str()
+        code, out = _cli_replay(capsys, bundle)
+        assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
