@@ -2104,6 +2104,11 @@ def _variants_model_desc(
             "state": meta,
             # a state_dict holds neither: dropout/BatchNorm behave by the mode,
             # and only parameters that require grad are compared
+            # where the model lived: its home is the reference device
+            "device": next(
+                (str(t.device) for t in [*model.parameters(), *model.buffers()]),
+                "cpu",
+            ),
             "training": [n for n, m in model.named_modules() if m.training],
             "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
         }
@@ -2215,6 +2220,10 @@ def _replay_variants(bundle: Bundle) -> CheckReport:
 
     call = bundle.call
     options = _options(call, {"seed", "rtol"})
+    prop = "devices" if call["entry"] == "check_devices" else "variants"
+    away = _gpu_not_here(call["model"], prop)
+    if away is not None:
+        return away
     batch = _decode(call["batch"], bundle.arrays.get("inputs.npz", {}), "batch")
     with _variants_model(call["model"], bundle) as model:
         loss_fn = _rebuild_fn(call["loss_fn"], model, bundle, "loss_fn")
@@ -2237,6 +2246,38 @@ def _replay_variants(bundle: Bundle) -> CheckReport:
         )
 
 
+def _gpu_not_here(desc: Any, prop: str) -> CheckReport | None:
+    """A "skipped" report when the recorded torch model lived on a GPU this
+    machine lacks: its device is the reference, so moving it to the CPU would
+    check another thing (and could pass)."""
+    if not isinstance(desc, Mapping) or desc.get("kind") != "torch_module":
+        return None
+    device = str(desc.get("device") or "cpu")
+    if not device.startswith("cuda"):
+        return None
+    torch = _framework("torch")
+    index = int(device.partition(":")[2] or 0)
+    if torch.cuda.is_available() and index < torch.cuda.device_count():
+        return None
+    why = (
+        f"the model was on {device} when recorded, and torch "
+        f"{torch.__version__} sees {torch.cuda.device_count()} GPU(s) here"
+    )
+    return CheckReport(
+        property=prop,
+        status="skipped",
+        framework="torch",
+        device=device,
+        dtype="?",
+        seed=0,
+        mode="skipped",
+        error=0.0,
+        tolerance=0.0,
+        tolerance_reason="nothing could run here; nothing was compared.",
+        notes=[f"SKIPPED: {why}", f"device '{device}' skipped: {why}"],
+    )
+
+
 _SKIP_NOTE = re.compile(r"^(?:variant|device) '(?P<name>.+?)' skipped: (?P<why>.*)$")
 
 
@@ -2256,9 +2297,16 @@ def _skipped_failures(bundle: Bundle, report: CheckReport) -> str | None:
         name = m.group("name")
         if not failing or any(n.startswith(f"{name}/") for n in failing):
             found.append((name, m.group("why")))
+    if not found and report.status == "skipped":
+        # nothing ran here: whatever failed then was not judged now
+        found = [
+            (m.group("name"), m.group("why"))
+            for m in map(_SKIP_NOTE.match, report.notes)
+            if m is not None
+        ]
     if not found:
         return None
-    gpu = any(_needs_gpu(name) for name, _ in found)
+    gpu = any(_needs_gpu(name) or "GPU" in why for name, why in found)
     why = "; ".join(f"'{name}' skipped: {w}" for name, w in found)
     return f"no GPU here: {why}" if gpu else why
 

@@ -395,6 +395,27 @@ def test_a_failing_gpu_variant_skipped_here_is_not_a_pass(tmp_path, capsys):
     assert code == 1 and "not reproduced: skipped (no GPU here" in out, out
 
 
+@pytest.mark.skipif(HAS_GPU, reason="tells what a machine without a GPU says")
+def test_a_model_recorded_on_a_gpu_is_not_moved_to_the_cpu(tmp_path, capsys):
+    """The model's device is the reference device: a bundle whose model lived
+    on cuda:0 is skipped here, not checked on the CPU (where it may pass)."""
+    report = gradcheck.check_variants(
+        ce_loss, _model(), _batch(), variants="autocast:bfloat16", repro_dir=tmp_path
+    )
+    bundle = Path(report.repro_bundle)
+    doc = json.loads((bundle / "bundle.json").read_text())
+    assert doc["call"]["model"]["device"] == "cpu"
+    _edit(bundle, lambda d: d["call"]["model"].update(device="cuda:0"))
+    result = repro.replay(bundle)
+    assert result.report.status == "skipped" and not result.reproduced
+    assert result.verdict_line().startswith(
+        "not reproduced: skipped (no GPU here: 'cuda:0' skipped: the model was on "
+        "cuda:0 when recorded"
+    )
+    code, out = _cli_replay(capsys, bundle)
+    assert code == 1 and "no GPU here" in out, out
+
+
 class CorrectModel(WrongUnderAutocast):
     def __init__(self) -> None:
         super().__init__(bug=False)
