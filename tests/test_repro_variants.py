@@ -671,3 +671,28 @@ def test_plugin_repro_dir_reaches_variants_and_devices(pytester, capsys):
         assert f"repro bundle: {bundle}" in result.stdout.str()
         code, out = _cli_replay(capsys, bundle)
         assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
+
+
+def test_a_bundle_pointing_at_the_standard_library_is_refused(tmp_path, capsys):
+    """Loading a bundle runs nothing from it, and a tampered bundle.json cannot
+    make a replay call into the standard library."""
+    report = gradcheck.check_devices(
+        square_loss,
+        _square_model(),
+        _square_batch(),
+        devices=("cpu", "cpu"),
+        repro_dir=tmp_path,
+    )
+    bundle = Path(report.repro_bundle)
+    _edit(bundle, lambda d: d["call"]["loss_fn"].update(name="os:system"))
+    with pytest.raises(repro.ReproBundleError, match="standard library"):
+        repro.replay(bundle)
+    code, out = _cli_replay(capsys, bundle)
+    assert code == 2 and "standard library" in out, out
+    report = gradcheck.check_distributed(
+        dm.build_dropout, dm.step_plain, dm.batch(), repro_dir=tmp_path
+    )
+    bundle = Path(report.repro_bundle)
+    _edit(bundle, lambda d: d["call"].update(build="subprocess:run"))
+    with pytest.raises(repro.ReproBundleError, match="standard library"):
+        repro.replay(bundle)
