@@ -267,3 +267,36 @@ def test_forward_origin_names_the_producer_not_the_consumer():
     clean = torch.nn.Linear(4, 4).double()
     watch = forward_origin(lambda: clean(x), torch.float64)
     assert watch.low is None and watch.nonfinite is None
+
+
+def test_forward_origin_blames_only_what_reaches_the_failing_op():
+    """A harmless float32 cast early on (RoPE's .float()) is not blamed for an op
+    that refuses float64 itself; the buffer whose float32 reaches the failing op
+    is, through the ops in between."""
+    from gradcheck.backends._torch_kinks import forward_origin
+
+    x = _f64(2, 3, 4)
+    lin = torch.nn.Linear(4, 4).double()
+
+    def refuses_float64():
+        _ = x.float().sin()  # a harmless cast, re-cast or unused
+        raise RuntimeError("this kernel has no float64")  # as grouped_mm on CPU
+
+    watch = forward_origin(refuses_float64, torch.float64)
+    assert watch.low is None, watch.low
+
+    def op_refuses_float64():
+        _ = x.float().sin()
+        return torch.mm(x[0], torch.ones(5, 5, dtype=torch.float64))  # raises
+
+    watch = forward_origin(op_refuses_float64, torch.float64)
+    assert watch.raised and watch.low is None, watch.low
+
+    def trips():
+        _ = x.float().sin()
+        buf = torch.zeros(x.shape, dtype=torch.float)
+        buf[:] = x
+        return lin(buf.transpose(0, 1).transpose(0, 1))
+
+    watch = forward_origin(trips, torch.float64)
+    assert watch.low is not None and watch.low.startswith("torch.zeros in"), watch.low

@@ -398,10 +398,14 @@ class ForwardOrigin(torch.overrides.TorchFunctionMode):
       floating inputs are finite (ProphetNet in float64: ``(1.0 - mask) *
       finfo(float64).min``, the ``1.0 - mask`` of an integer mask being float32,
       i.e. ``0 * -inf``);
-    * ``low``: the first op that makes a floating tensor below ``dtype`` from
-      inputs that are not (a factory with a hard-coded or default dtype,
-      ``torch.zeros(..., dtype=torch.float)`` in FastSpeech2's length_regulator,
-      ``torch.full((), finfo(float64).min)`` in XGLM, a ``.float()``).
+    * ``low``: where a tensor below ``dtype`` was made from inputs that are not
+      (a factory with a hard-coded or default dtype, ``torch.zeros(...,
+      dtype=torch.float)`` in FastSpeech2's length_regulator, a ``.float()``).
+      When the forward raises, it is the maker of the low-precision tensor the
+      failing op received (followed through the ops in between), or None when
+      that op received none (Aria's grouped_mm refusing float64 itself: its
+      RoPE's harmless ``.float()`` must not be blamed); otherwise the first
+      maker (ProphetNet's NaN comes after it).
 
     Each is "op in caller (file:line)" or None."""
 
@@ -410,6 +414,10 @@ class ForwardOrigin(torch.overrides.TorchFunctionMode):
         self.level = _ORDER.get(dtype, 0)
         self.nonfinite: str | None = None
         self.low: str | None = None
+        self.raised = False
+        #: id -> (tensor, maker) for low-precision tensors of this forward (the
+        #: tensor is kept so that its id is not reused)
+        self._made: dict[int, tuple[torch.Tensor, str]] = {}
 
     @staticmethod
     def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -427,17 +435,36 @@ class ForwardOrigin(torch.overrides.TorchFunctionMode):
         caller, place = _python_caller()
         return f"{_func_name(func)} in {caller}" + (f" ({place})" if place else "")
 
+    def _maker(self, ins: list[torch.Tensor]) -> str | None:
+        for t in ins:
+            got = self._made.get(id(t))
+            if got is not None and got[0] is t:
+                return got[1]
+        return None
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        ins = self._floats(args, kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            if not self.raised:
+                self.raised = True
+                self.low = self._maker(
+                    [t for t in ins if _ORDER.get(t.dtype, 3) < self.level]
+                )
+            raise
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
-        ins = self._floats(args, kwargs)
-        if self.low is None and _ORDER.get(out.dtype, 3) < self.level:
-            if all(_ORDER.get(t.dtype, 3) >= self.level for t in ins):
-                self.low = (
+        if _ORDER.get(out.dtype, 3) < self.level:
+            maker = self._maker(ins)
+            if maker is None:
+                maker = (
                     self._place(func) + f" -> {str(out.dtype).replace('torch.', '')}"
                 )
+                if self.low is None and not self.raised:
+                    self.low = maker
+            self._made[id(out)] = (out, maker)
         if (
             self.nonfinite is None
             and out.numel()
@@ -456,5 +483,6 @@ def forward_origin(call: Callable[[], Any], dtype: torch.dtype) -> ForwardOrigin
         with torch.no_grad(), watch:
             call()
     except Exception:
-        pass
+        if not watch.raised:  # raised outside any op: no tensor to trace
+            watch.low = None
     return watch
