@@ -105,13 +105,15 @@ CASES = {
     "dia": {"input_ids": (2, 8), "decoder_input_ids": (2, 8, 9)},
     # TVP's code runs one sample at a time: the batch of one
     "tvp": {"input_ids": (1, 8), "pixel_values": (1, 3, 64, 64)},
+    # a pooling window taller than the map a 64-px line leaves: twice as high
+    "pp_ocrv5_mobile_rec": {"pixel_values": (2, 3, 128, 64)},
     # one marked token per latent query (64) after the first of the 8
     "kosmos-2": {"input_ids": (2, 72), "image_embeds_position_mask": (2, 72)},
 }
 
 
 #: shrunk types over the 2M parameters the other cases stay under
-LIMITS = {"qwen3_asr_encoder": 5_000_000}
+LIMITS = {"qwen3_asr_encoder": 5_000_000, "pp_ocrv5_mobile_rec": 5_000_000}
 
 
 @pytest.mark.parametrize("model_type", list(CASES))
@@ -392,3 +394,20 @@ def test_a_required_input_without_a_rule_is_named_with_the_fix():
     text = str(info.value)
     assert "_NeedsLatent.forward requires 'action_latent'" in text
     assert "gradcheck.check_model(model, inputs={...})" in text
+
+
+def test_a_default_config_transformers_cannot_run_is_said_so():
+    from gradcheck.models import UnbuildableError
+
+    with pytest.raises(UnbuildableError) as info:
+        _hf.build("pp_ocrv6_small_det", {}, "hf:pp_ocrv6_small_det", 0, 2_000_000)
+    assert "from its default config either" in str(info.value)
+
+
+def test_a_pool_too_big_for_the_image_grows_the_image_where_it_did_not_fit():
+    small = RuntimeError(
+        "Given input size: (384x2x2). Calculated output size: (384x0x1). "
+        "Output size is too small"
+    )
+    out = _hf._repaired({"pixel_values": torch.zeros(2, 3, 64, 64)}, small)
+    assert out["pixel_values"].shape == (2, 3, 128, 64)

@@ -25,6 +25,7 @@ from gradcheck.backends._hf_config import (  # noqa: F401 (re-exported)
     _meta_count,
     apply_overrides,
     count_parameters_meta,
+    default_config_problem,
     load_config,
     shrink_config,
 )
@@ -245,6 +246,11 @@ def build(
     if out_of_scope is not None:
         raise _unbuildable(out_of_scope)
     cfg = load_config(model_type)
+    # a default config transformers itself cannot run (HC's check, from the
+    # config alone): said so, unless overrides may have fixed it
+    problem = default_config_problem(model_type, cfg)
+    if problem is not None and not overrides:
+        raise _unbuildable(problem)
     shrink_config(cfg)
     apply_overrides(cfg, overrides, spec)
     counted: int | None = None
@@ -834,6 +840,12 @@ _MATMUL = re.compile(
 _MULTIPLE = re.compile(r"not a multiple of (\d+)")
 #: "... to be a multiple of `n_window * 2` (100), but got 64" (Qwen3-ASR)
 _MULTIPLE_GOT = re.compile(r"multiple of [^,]*?\(?(\d+)\)?, but got (\d+)")
+#: "Given input size: (384x2x2). Calculated output size: (384x0x1). Output
+#: size is too small": a pooling window larger than the map the image left
+_POOL_TOO_SMALL = re.compile(
+    r"Given input size: \(([\dx]+)\)\. Calculated output size: \(([\dx]+)\)\. "
+    r"Output size is too small"
+)
 _CAT_SIZES = re.compile(
     r"Sizes of tensors must match except in dimension \d+\. Expected size (\d+) "
     r"but got size (\d+)"
@@ -893,6 +905,10 @@ def _repaired(
             for key in AUDIO:
                 out.pop(key, None)
         return out if out.keys() != cand.keys() else None
+    m = _POOL_TOO_SMALL.search(text)
+    image = cand.get("pixel_values")
+    if m and image is not None and image.dim() == 4:
+        return _grow_image(cand, m.group(1), m.group(2))
     m = _IMAGE_SIZE.search(text)
     if m:
         return _to_image_size(cand, *(int(g) for g in m.groups()))
@@ -1052,6 +1068,26 @@ def _to_channels(
             new[2] = 8
         return {**cand, key: torch.randn(new, generator=_gen(0))}
     return None
+
+
+def _grow_image(cand: dict[str, Any], got: str, calc: str) -> dict[str, Any] | None:
+    """The pixel values twice as high (wide) where a pooling window did not fit
+    the map left of the image's height (width): a text-line recogniser's
+    backbone divides the height by 32 and pools 3 rows (PP-OCRv5 mobile rec:
+    64 -> 2 rows, 128 -> 4)."""
+    torch = _torch()
+    pixels = cand["pixel_values"]
+    sizes = [int(x) for x in got.split("x")][-2:]
+    outs = [int(x) for x in calc.split("x")][-2:]
+    if len(sizes) != 2 or len(outs) != 2:
+        return None
+    h, w = pixels.shape[-2:]
+    new_h = 2 * h if outs[0] < 1 else h
+    new_w = 2 * w if outs[1] < 1 else w
+    if (new_h, new_w) == (h, w) or max(new_h, new_w) > 1024:
+        return None
+    shape = (*pixels.shape[:-2], new_h, new_w)
+    return {**cand, "pixel_values": torch.randn(shape, generator=_gen(0))}
 
 
 def _to_image_size(
