@@ -178,8 +178,14 @@ class _Probe:
             self.analytical = float(self.contrib.sum())
         # rounding of the analytical side: <dg_t, d_t> with |dg_t| = rho_t |g_t|_eff is
         # ~ N(0, (rho_t |g_t|_eff / norm_t)^2) for the Gaussian part of d_t
+        # (the full direction's norms are known: no second pass over its arrays)
         self.d_norms = [
-            None if d is None else float(np.linalg.norm(d)) for d in direction
+            None
+            if d is None
+            else ctx.full_direction_norms[t]
+            if t < len(ctx.full_direction) and d is ctx.full_direction[t]
+            else float(np.linalg.norm(d))
+            for t, d in enumerate(direction)
         ]
         #: per tensor, the rounding term per unit of relative gradient rounding
         self._unit_rounding = [
@@ -872,10 +878,10 @@ def _base_report(
             dtype=spec.dtype,
             device=spec.device,
             kind=spec.kind,
-            grad_norm=float(np.linalg.norm(g)),
+            grad_norm=gn,
             connected=r is not None,
         )
-        for spec, g, r in zip(s.specs, ctx.grads, raw, strict=True)
+        for spec, gn, r in zip(s.specs, ctx.g_norms, raw, strict=True)
     ]
     return CheckReport(
         property="finite_difference",
@@ -923,7 +929,7 @@ def _reason(terms: dict[str, float], ctx: _Context) -> str:
 def _run_directional(
     ctx: _Context, raw: Sequence[np.ndarray | None], rng: np.random.Generator
 ) -> CheckReport:
-    d, norms = dirs.probe_direction(ctx.grads, rng)
+    d, norms = dirs.probe_direction(ctx.grads, rng, ctx.g_norms)
     ctx.full_direction, ctx.norms = d, norms
     ctx.full_direction_norms = [float(np.linalg.norm(x)) for x in d]
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
