@@ -66,6 +66,29 @@ def test_ulp_moves_are_whole_ulps_of_the_rounded_value(low):
         s.restore()
 
 
+@pytest.mark.parametrize("low", [torch.float32, torch.float16, torch.bfloat16])
+def test_spacing_fallback_equals_nextafter(low):
+    """The frexp form (for devices without nextafter in that dtype) gives the
+    same ulps as nextafter and as NumPy, subnormals included."""
+    from gradcheck.backends.torch import _spacing, _spacing_frexp
+
+    info = torch.finfo(low)
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(5000, generator=gen) * 2 - 1) * 30
+    a = torch.exp2(a * 6).to(low)  # 2^-180 .. 2^180: zeros, subnormals, overflow
+    a = a[torch.isfinite(a) & (a > 0) & (a < info.max)]
+    np.testing.assert_array_equal(
+        _spacing_frexp(a).double().numpy(), _spacing(a).double().numpy()
+    )
+    np.testing.assert_array_equal(
+        _spacing(a).double().numpy(),
+        np.spacing(a.double().numpy().astype(_numpy_dtype(str(low)[6:]))).astype(
+            np.float64
+        ),
+    )
+    assert (a < info.tiny).any()  # subnormals were compared
+
+
 def test_projected_gradients_match_the_host_projection():
     s = _session()
     try:

@@ -405,6 +405,25 @@ def _project(
     return total
 
 
+def _spacing(a: torch.Tensor) -> torch.Tensor:
+    """np.spacing of a non-negative tensor in its own dtype: nextafter(a, inf) - a,
+    exact; where the device has no nextafter for that dtype, from frexp."""
+    try:
+        return torch.nextafter(a, a.new_tensor(float("inf"))) - a
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - device specific
+        return _spacing_frexp(a)
+
+
+def _spacing_frexp(a: torch.Tensor) -> torch.Tensor:
+    """_spacing from the exponent (float32 result): a in [2^k, 2^(k+1)) has ulp
+    eps * 2^k; below the smallest normal number, the subnormal spacing tiny * eps
+    (every dtype's exponent fits float32, so frexp is exact for its values)."""
+    info = torch.finfo(a.dtype)
+    _, e = torch.frexp(a.float())
+    eps = torch.full(a.shape, info.eps, dtype=torch.float32, device=a.device)
+    return torch.ldexp(eps, e - 1).clamp_min(info.tiny * info.eps)
+
+
 def _require_dense(t: torch.Tensor, name: str, where: str) -> None:
     """Sparse (COO/CSR/...) tensors are refused early, by name, with the fix."""
     if t.layout == torch.strided:
@@ -1535,13 +1554,7 @@ class TorchSession(Session):
             if gen is None:
                 gen = generators[x.device] = torch.Generator(x.device)
                 gen.manual_seed(seed)
-            a = x.abs().to(low)
-            ulp = (
-                torch.nextafter(
-                    a, torch.tensor(float("inf"), dtype=low, device=a.device)
-                )
-                - a
-            )
+            ulp = _spacing(x.abs().to(low))
             move = torch.randint(
                 -ulps,
                 ulps + 1,
