@@ -105,6 +105,51 @@ class Session(ABC):
     ) -> tuple[float, list[np.ndarray | None]]:
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
+    def ulp_moves(self, dtype: str, ulps: int, seed: int) -> Any:
+        """A handle (as ``prepare`` returns one) for a move of every nonzero element
+        of the differentiated tensors by a random whole number of ulps, uniform in
+        [-ulps, ulps], of its value rounded to ``dtype`` (NumPy's ``np.spacing``);
+        zero elements stay. Drawn from ``seed``: the same seed, the same move.
+
+        This default draws on the host from ``values()``; a backend overrides it to
+        draw where its tensors live (no full-size host copy per draw)."""
+        low = _numpy_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        return self.prepare(
+            [
+                rng.integers(-ulps, ulps + 1, size=x.shape)
+                * np.spacing(np.abs(x).astype(low)).astype(np.float64)
+                * (x != 0)
+                for x in self.values()
+            ]
+        )
+
+    def projected_gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        direction: Sequence[np.ndarray | None],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[float]:
+        """sum_t <g_t, d_t> for the gradients g of ``gradients_at`` (same
+        arguments) and a direction d (float64 arrays, None = zero for that tensor),
+        one float per cotangent set; tensors without a gradient add nothing.
+
+        This default reads the full gradients to the host; a backend overrides it
+        to project where its tensors live."""
+        return [
+            sum(
+                float(np.vdot(g, d))
+                for g, d in zip(grads, direction, strict=True)
+                if g is not None and d is not None
+            )
+            for grads in self.gradients_at(  # type: ignore[attr-defined]
+                cotangent_sets, promote=promote, handle=handle, t=t
+            )
+        ]
+
     def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         """Forward mode: the outputs' tangents J d at x in the user's precision
         (d: a direction as for ``prepare``; None = zero for that tensor), one
@@ -204,6 +249,15 @@ class Session(ABC):
                     "pass overflows or divides by zero (a custom backward, or "
                     "sqrt/norm at 0?)."
                 )
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    """NumPy's version of a floating dtype's name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def _describe(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> str:

@@ -386,6 +386,44 @@ def _direction_tensor(d: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(out.contiguous()) if like.is_complex() else out
 
 
+def _project(
+    grads: Sequence[torch.Tensor | None], direction: Sequence[torch.Tensor | None]
+) -> float:
+    """sum_t <g_t, d_t> in float64 on the tensors' devices (d from prepare(); a
+    complex tensor as its real and imaginary parts, a ZeroTensor as zeros, a
+    sparse gradient as its dense value, as _to_numpy reads them)."""
+    total = 0.0
+    for g, d in zip(grads, direction, strict=True):
+        if g is None or d is None or g._is_zerotensor():
+            continue
+        g = g.detach()
+        if g.layout != torch.strided:
+            g = g.to_dense()
+        if g.is_complex():
+            g, d = torch.view_as_real(g.resolve_conj()), torch.view_as_real(d)
+        total += float(torch.dot(g.reshape(-1).to(torch.float64), d.reshape(-1)))
+    return total
+
+
+def _spacing(a: torch.Tensor) -> torch.Tensor:
+    """np.spacing of a non-negative tensor in its own dtype: nextafter(a, inf) - a,
+    exact; where the device has no nextafter for that dtype, from frexp."""
+    try:
+        return torch.nextafter(a, a.new_tensor(float("inf"))) - a
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - device specific
+        return _spacing_frexp(a)
+
+
+def _spacing_frexp(a: torch.Tensor) -> torch.Tensor:
+    """_spacing from the exponent (float32 result): a in [2^k, 2^(k+1)) has ulp
+    eps * 2^k; below the smallest normal number, the subnormal spacing tiny * eps
+    (every dtype's exponent fits float32, so frexp is exact for its values)."""
+    info = torch.finfo(a.dtype)
+    _, e = torch.frexp(a.float())
+    eps = torch.full(a.shape, info.eps, dtype=torch.float32, device=a.device)
+    return torch.ldexp(eps, e - 1).clamp_min(info.tiny * info.eps)
+
+
 def _require_dense(t: torch.Tensor, name: str, where: str) -> None:
     """Sparse (COO/CSR/...) tensors are refused early, by name, with the fix."""
     if t.layout == torch.strided:
@@ -638,6 +676,8 @@ class TorchSession(Session):
         self.reference_dtype = "float64"
         self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch_buffers: dict[int, torch.Tensor] = {}
+        #: (ids, arrays, tensors) of the direction projected_gradients_at last used
+        self._projection_direction: tuple[list[int], list, list] | None = None
         self._promoted: bool | None = None  # decided at the first reference evaluation
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         #: Indices (in flatten_outputs' order) of the outputs compared, and how many
@@ -1508,6 +1548,75 @@ class TorchSession(Session):
     ) -> list[list[np.ndarray | None]]:
         """Framework gradients of <v, y> at x + t*d, one list per cotangent set,
         in float64 (``promote``, as the reference evaluations) or native precision."""
+        return self._gradients(
+            cotangent_sets,
+            promote,
+            handle,
+            t,
+            lambda grads: [None if g is None else _to_numpy(g) for g in grads],
+        )
+
+    def projected_gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        direction: Sequence[np.ndarray | None],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[float]:
+        """sum_t <g_t, d_t> per cotangent set, as the base class defines it, with
+        the dot products taken on the tensors' devices: no gradient is copied to
+        the host (the measured rounding's draws take only these scalars)."""
+        cached = self._projection_direction
+        ids = [id(d) for d in direction]
+        if cached is None or cached[0] != ids:
+            # the direction's tensors are made once per probe, not once per draw;
+            # the arrays are kept so their ids stay theirs while cached
+            cached = (ids, list(direction), self.prepare(direction))
+            self._projection_direction = cached
+        dirs = cached[2]
+        return self._gradients(
+            cotangent_sets, promote, handle, t, lambda grads: _project(grads, dirs)
+        )
+
+    def ulp_moves(self, dtype: str, ulps: int, seed: int) -> Any:
+        """The base class's move, drawn on each tensor's device (a torch.Generator
+        per device seeded with ``seed``): the ulp of |x| rounded to ``dtype`` is
+        nextafter(|x|, inf) - |x| in that dtype, exactly np.spacing's value."""
+        low = getattr(torch, dtype)
+        generators: dict[torch.device, torch.Generator] = {}
+        handles = []
+        for kind, ref in self.diff:
+            own = self.inputs[ref] if kind == "input" else self._state_data(ref)
+            own = own.detach()
+            x = torch.view_as_real(own.resolve_conj()) if own.is_complex() else own
+            gen = generators.get(x.device)
+            if gen is None:
+                gen = generators[x.device] = torch.Generator(x.device)
+                gen.manual_seed(seed)
+            ulp = _spacing(x.abs().to(low))
+            move = torch.randint(
+                -ulps,
+                ulps + 1,
+                tuple(x.shape),
+                generator=gen,
+                dtype=torch.float64,
+                device=x.device,
+            )
+            move.mul_(ulp).masked_fill_(x == 0, 0.0)
+            handles.append(torch.view_as_complex(move) if own.is_complex() else move)
+        return handles
+
+    def _gradients(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        promote: bool,
+        handle: Any,
+        t: float,
+        read: Callable[[Sequence[torch.Tensor | None]], Any],
+    ) -> list[Any]:
+        """gradients_at's evaluation, each set's gradients handed to ``read``."""
         if handle is None:
             handle = [None] * len(self.diff)
         promote = promote and self._promoted is not False
@@ -1521,7 +1630,7 @@ class TorchSession(Session):
                     if o.requires_grad
                 ]
                 if not pairs:
-                    result.append([None] * len(sources))
+                    result.append(read([None] * len(sources)))
                     continue
                 grads = _autograd_grad(
                     [o for o, _ in pairs],
@@ -1531,7 +1640,7 @@ class TorchSession(Session):
                     promote=promote,
                 )
                 self.backward_count += 1
-                result.append([None if g is None else _to_numpy(g) for g in grads])
+                result.append(read(grads))
             return result
 
         try:

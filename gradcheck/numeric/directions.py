@@ -66,13 +66,17 @@ def cotangents(
 
 
 def probe_direction(
-    grads: Sequence[np.ndarray], rng: np.random.Generator
+    grads: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    gnorms: Sequence[float] | None = None,
 ) -> tuple[list[np.ndarray], list[float]]:
     """Direction d_t per tensor (same shapes as ``grads``) and the normaliser used.
 
-    ``grads`` are the analytical gradients (float64 copies). Returns ``(d, norms)``
+    ``grads`` are the analytical gradients (float64 copies), ``gnorms`` their L2
+    norms if the caller has them (else computed here). Returns ``(d, norms)``
     where ``norms[t]`` is what d_t was divided by."""
-    gnorms = [float(np.linalg.norm(g)) for g in grads]
+    if gnorms is None:
+        gnorms = [float(np.linalg.norm(g)) for g in grads]
     gmax = max(gnorms, default=0.0)
     floor = FLOOR * gmax if gmax > 0 else 1.0
     directions, norms = [], []
