@@ -326,6 +326,21 @@ def test_default_config_problem_names_a_neck_its_backbone_cannot_feed():
     assert default_config_problem("bert", load_config("bert")) is None
 
 
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_fastspeech2_module_dicts_follow_the_shrunk_values(part):
+    cfg = shrunk("fastspeech2_conformer")
+    module = getattr(cfg, f"{part}_config")  # what its modules read
+    assert module["layers"] == getattr(cfg, f"{part}_layers") <= 2
+    assert module["linear_units"] == getattr(cfg, f"{part}_linear_units") <= 64
+    assert module["dropout_rate"] == 0.0 and module["attention_dropout_rate"] == 0.0
+
+
+def test_pp_lcnet_v3_width_scale_is_capped_and_v4_left_alone():
+    assert shrunk("pp_ocrv5_mobile_rec").backbone_config.scale <= 0.25
+    # V4 scales the channels it reports but not its blocks': untouched
+    assert shrunk("pp_ocrv6_small_rec").backbone_config.scale == 1.0
+
+
 # --- built and run once (one forward, no gradient check) ----------------------
 
 

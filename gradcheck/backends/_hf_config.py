@@ -265,9 +265,26 @@ def shrink_config(
                 _set(cfg, key, value % vocab)
     if hasattr(cfg, "use_cache"):
         _set(cfg, "use_cache", False)
+    _fit_mirrored_dicts(cfg)
     if hetero is not None:
         _put_back_per_layer(cfg, hetero, chosen if old_layers else None)
     return cfg
+
+
+def _fit_mirrored_dicts(cfg: Any) -> None:
+    """FastSpeech2-Conformer's modules read plain-dict ``encoder_config`` /
+    ``decoder_config`` that its config copies from ``encoder_layers``,
+    ``encoder_linear_units``, ... when it is made: the shrunk (and
+    dropout-free) values copied again (left alone: 4 layers of 1,536-wide
+    feed-forwards, 4.8M parameters, whatever the caps said)."""
+    v = vars(cfg)
+    for key, value in list(v.items()):
+        if not (key.endswith("_config") and isinstance(value, dict) and value):
+            continue
+        prefix = key[: -len("_config")]
+        mirrored = {k: v[f"{prefix}_{k}"] for k in value if f"{prefix}_{k}" in v}
+        if mirrored and not any(isinstance(x, dict) for x in value.values()):
+            _set(cfg, key, {**value, **mirrored})
 
 
 def _kept_layers(cfg: Any) -> list[int]:
@@ -440,6 +457,10 @@ def _cap_by_name(cfg: Any) -> None:
             # other attention heads: a linear-attention mixer's (GLM-5-Next:
             # linear_num_heads 64 x 16 wide, a 3,072-channel conv per layer)
             _set(cfg, key, HEADS)
+        elif low.endswith("linear_units") and value > FFN:
+            _set(cfg, key, FFN)  # FastSpeech2-Conformer's feed-forward widths
+        elif low.endswith("postnet_units") and value > HIDDEN:
+            _set(cfg, key, HIDDEN)
         elif low.endswith("lora_rank") and value > HIDDEN:
             _set(cfg, key, HIDDEN)  # MLA's q/kv compressions (1,536 and 512)
         elif low.endswith("head_dim") and low != "head_dim" and value > 16:
@@ -467,6 +488,14 @@ def _cap_by_name(cfg: Any) -> None:
         value = vars(cfg).get(key)
         if isinstance(value, float) and value > 0.25:
             _set(cfg, key, 0.25)
+    # PP-LCNet V3 (PP-OCRv5's backbone) scales every block's channels by
+    # ``scale`` (0.75: blocks up to 480 wide, 3.2M parameters shrunk): like
+    # width_coefficient, 0.25. (V4 scales only the channels it reports, not
+    # its blocks': left alone.)
+    scale = vars(cfg).get("scale")
+    if type(cfg).__name__ == "PPLCNetV3Config" and isinstance(scale, float):
+        if scale > 0.25:
+            _set(cfg, "scale", 0.25)
 
 
 _MAMBA_HEADS = ("mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
