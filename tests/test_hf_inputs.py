@@ -411,3 +411,17 @@ def test_a_pool_too_big_for_the_image_grows_the_image_where_it_did_not_fit():
     )
     out = _hf._repaired({"pixel_values": torch.zeros(2, 3, 64, 64)}, small)
     assert out["pixel_values"].shape == (2, 3, 128, 64)
+
+
+def test_extra_id_streams_come_from_their_own_vocabularies():
+    # RoCBert embeds shape and pronunciation ids beside the tokens; left out,
+    # every position would embed the padding id 0
+    model, inputs, _ = _hf.build("roc_bert", {}, "hf:roc_bert", 0, 2_000_000)
+    cfg = model.config
+    for name, vocab in (
+        ("input_shape_ids", cfg.shape_vocab_size),
+        ("input_pronunciation_ids", cfg.pronunciation_vocab_size),
+    ):
+        ids = inputs[name]
+        assert ids.shape == inputs["input_ids"].shape
+        assert ids.max() < vocab and not (ids == cfg.pad_token_id).any()

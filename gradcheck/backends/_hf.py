@@ -193,6 +193,20 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
         seq = inputs[TEXT].shape[1]
     if "attention_mask" in sig and TEXT in inputs:
         inputs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+    for param in sig if TEXT in inputs else ():
+        # other id streams beside the tokens, each from its own vocabulary and
+        # avoiding the padding id (RoCBert's input_shape_ids and
+        # input_pronunciation_ids: shape_vocab_size, pronunciation_vocab_size);
+        # left out, the model embeds the padding id 0 for them
+        m = re.fullmatch(r"input_(\w+)_ids", param)
+        vocab = getattr(cfg, f"{m.group(1)}_vocab_size", None) if m else None
+        if param in inputs or not _int(vocab) or vocab < 2:
+            continue
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        pad = getattr(cfg, "pad_token_id", None)
+        if _int(pad) and 0 <= pad < vocab:
+            ids[ids == pad] = (pad + 1) % vocab
+        inputs[param] = ids
     if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in sig:
         inputs["decoder_input_ids"] = _ids(torch, gen, cfg, batch, seq)
     values = inputs.get("input_values")
