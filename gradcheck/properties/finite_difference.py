@@ -285,7 +285,9 @@ class _Probe:
         # eps * |D| / frac relative to torch's |D|, wrong or right: harmless.
         ana = abs(self.analytical)
         if ana > 0 and math.isfinite(ana):
-            phi_scale = float(self.phi(0.0)[1])
+            # the scale run() took from the analytical outputs; phi(0) (a
+            # forward) where there is none (a nearby re-run's context)
+            phi_scale = ctx.phi_scale or float(self.phi(0.0)[1])
             if phi_scale > 0 and math.isfinite(phi_scale):
                 h = min(h, frac * phi_scale / ana)
         return h
@@ -345,6 +347,8 @@ class _Context:
         # tensors that are (near) zero, e.g. freshly initialised biases
         self.x_scale = [max(r, 0.1 * top, 1e-3) for r in rms]
         self.phi0: fd.Evaluation | None = None
+        #: sum |v * y| at x from the analytical outputs (set by run(); 0: unknown)
+        self.phi_scale = 0.0
         #: forward mode judged (Options.ad): the analytical side is <v, J d>
         self.forward = options.ad in ("forward", "both")
         #: ad="both": what forward mode is compared with reverse mode on
@@ -501,6 +505,13 @@ def run(session: Session, options: Options) -> CheckReport:
             judged, own_grads, raw = free, grads, raw_free
             grads = _zeros_for_none_specs(session, raw_free)
     ctx = _Context(judged, options, cot, grads)
+    # phi's scale at x (sum |v * y|) for the step cap (_Probe.step), from the
+    # outputs the analytical side already computed: no extra forward. Native
+    # precision is plenty for a step bound.
+    ctx.phi_scale = sum(
+        float(np.abs(np.asarray(v, np.float64) * np.asarray(y, np.float64)).sum())
+        for v, y in zip(cot, outputs, strict=True)
+    )
     if mode == "full":
         report = _run_full(ctx, raw, outputs)
     else:
