@@ -65,6 +65,9 @@ COMMAND = [
 #: the message of a type transformers itself cannot build or run from its
 #: default config (gradcheck.backends._hf says so before blaming its shrink)
 TRANSFORMERS_OWN = "from its default config either"
+#: a mismatch whose message confirms its cause (finite_difference's detach
+#: counterfactual: the model's .detach() calls are the whole mismatch)
+CONFIRMED = "cause confirmed"
 
 #: a line `gradcheck check-model` prints per check
 LINE = re.compile(
@@ -268,11 +271,21 @@ def render(
                 lines.append(f"| {dtype} | {n} | " + " | ".join(cells) + " |")
         every = sum(_all_passed(v) for v in gm.values())
         passed = sum(r["status"] == "passed" for r in goal)
+        mism = [r for r in goal if r["status"] == "mismatch"]
+        confirmed = [r for r in mism if CONFIRMED in str(r["message"])]
         lines += [
             "",
             f"Checks passed outright: {passed} of {len(goal)} "
             f"({100 * passed / max(len(goal), 1):.1f}%); models with every check "
             f"passed: {every} of {len(gm)} ({100 * every / max(len(gm), 1):.1f}%).",
+            "",
+            f"Mismatches: {len(mism)} checks on "
+            f"{len({r['model'] for r in mism})} models. {len(confirmed)} of them "
+            "say 'cause confirmed': the gradient with the model's own .detach() "
+            "calls passing it agrees with the finite differences, so the "
+            "mismatch is a stop-gradient the model applies (by design where it "
+            "means to: straight-through estimators, detached reference points); "
+            "the others are listed below with their message.",
         ]
     head = [f"{p} {d}" for d in DTYPES for p in PROPERTIES]
     lines += [

@@ -123,6 +123,7 @@ def test_report_counts_the_goal_without_types_transformers_cannot_build():
     assert "Without the 1 types transformers cannot build" in text
     assert "| float32 | 6 | 6 (100.0%) |" in text  # the goal's rows
     assert "Checks passed outright: 11 of 12 (91.7%)" in text
+    assert "Mismatches: 0 checks on 0 models. 0 of them" in text
     tail = text.split("## Types transformers cannot build")[1]
     assert "- **timm_wrapper**: transformers 5.25.0 cannot build" in tail
     assert "timm_wrapper" not in text.split("## Not passed")[1].split("## Types")[0]
