@@ -61,6 +61,18 @@ def test_expert_groups_divide_the_kept_experts(model_type, key):
     assert cfg.topk_group * (experts // groups) >= cfg.num_experts_per_tok
 
 
+@pytest.mark.parametrize("model_type", ["aria_text", "aria"])
+def test_moe_num_experts_is_an_expert_count(model_type):
+    # capped like the others, and what the build's eager-experts switch reads
+    # (transformers' grouped_mm refuses float64 on CPU)
+    from gradcheck.backends._hf import _has_experts
+
+    cfg = shrunk(model_type)
+    text = cfg.get_text_config()
+    assert text.moe_num_experts <= 4
+    assert _has_experts(cfg)
+
+
 def test_a_single_group_is_left_alone():
     cfg = shrunk("glm4_moe")
     assert cfg.n_group == 1 and cfg.topk_group == 1

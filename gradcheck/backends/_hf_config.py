@@ -57,7 +57,12 @@ _FFN_KEYS = (
     "moe_intermediate_size",
     "shared_expert_intermediate_size",
 )
-_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_EXPERT_KEYS = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+)
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk")
 #: inputs the model may take, by kind
 TEXT, IMAGE_INPUT, AUDIO = (
