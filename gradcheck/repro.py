@@ -86,7 +86,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -816,6 +816,106 @@ def _note(report: CheckReport, path: Path | None, problem: str = "") -> None:
         report.notes.append(f"no repro bundle written: {problem}")
 
 
+# One way to write a bundle: every write_*_bundle asks _bundle_dir where it
+# goes, then hands _write_guarded a function that describes the call (filling
+# the data files and the reasons it cannot be replayed) and returns its name.
+def _bundle_dir(repro_dir: Any, report: CheckReport, *checked: Any) -> Path | None:
+    """Where the bundle of ``report`` goes, or None: no directory asked for, a
+    passing report, or (no ``repro_dir`` given) one of ``checked`` is gradcheck's
+    own, checked inside another front door, which writes the bundle."""
+    directory = _target_dir(repro_dir)
+    if directory is None or not wants(report):
+        return None
+    if repro_dir is None and any(_gradchecks_own(f) for f in checked):
+        return None
+    return directory
+
+
+def _save(
+    directory: Path,
+    report: CheckReport,
+    name: str,
+    call: dict[str, Any],
+    data: Mapping[str, _Arrays],
+    reasons: list[str],
+) -> Path:
+    """Write the bundle (not replayable for ``reasons``, each said once) and
+    name it on ``report``."""
+    path = _write(
+        directory,
+        name=name,
+        call=call,
+        report=report,
+        data=data,
+        reason="; ".join(dict.fromkeys(reasons)),
+    )
+    _note(report, path)
+    return path
+
+
+#: describes a bundle's call: fills the data files and the reasons a replay
+#: cannot rerun it, returns ``(name, call)``
+Describe = Callable[[dict[str, _Arrays], list[str]], tuple[str, dict[str, Any]]]
+
+
+def _write_guarded(
+    directory: Path, report: CheckReport, describe: Describe
+) -> Path | None:
+    """The bundle ``describe`` describes, written (see :func:`_save`). A bundle
+    that cannot be written (disk full, no permission) is a note on the report,
+    never an exception that hides the verdict."""
+    try:
+        data: dict[str, _Arrays] = {}
+        reasons: list[str] = []
+        name, call = describe(data, reasons)
+        return _save(directory, report, name, call, data, reasons)
+    except Exception as exc:  # noqa: BLE001 - never hide the verdict
+        _note(report, None, f"{type(exc).__name__}: {exc}")
+        return None
+
+
+def _encoded(
+    value: Any, data: dict[str, _Arrays], fname: str, path: str, reasons: list[str]
+) -> Any:
+    """``value`` as JSON, its arrays in ``data[fname]``; None, and the reason,
+    for a value that is not data."""
+    arrays = _Arrays()
+    try:
+        desc = _encode(value, arrays, path)
+    except _NotData as exc:
+        desc = None
+        reasons.append(str(exc))
+    data[fname] = arrays
+    return desc
+
+
+# One way to record a model's weights: a torch module's state_dict or a Keras
+# model's weights, stored in a data file; the metadata a replay loads them by.
+def _store_weights(
+    model: Any, data: dict[str, _Arrays], fname: str = "weights.npz", *, keras: bool
+) -> Any:
+    arrays, meta = (_keras_arrays if keras else _state_arrays)(model)
+    data[fname] = arrays
+    return meta
+
+
+def _torch_desc(
+    module: Any,
+    near: Any,
+    what: str,
+    data: dict[str, _Arrays],
+    reasons: list[str],
+    fname: str = "weights.npz",
+) -> dict[str, Any]:
+    """A torch module as data: by reference or class (see
+    :func:`_torch_module_ref`), its state_dict in ``data[fname]``."""
+    ref, why = _torch_module_ref(module, near, what)
+    meta = _store_weights(module, data, fname, keras=False)
+    if why:
+        reasons.append(why)
+    return {"kind": "torch_module", **ref, "state": meta}
+
+
 # -------------------------------------------------- check_gradients bundles
 def write_gradients_bundle(
     repro_dir: Any,
@@ -829,18 +929,26 @@ def write_gradients_bundle(
     passing one). Sets ``report.repro_bundle``; a bundle that cannot be written
     (disk full, no permission) is a note on the report, never an exception that
     hides the verdict."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    directory = _bundle_dir(repro_dir, report, fn)
+    if directory is None:
         return None
-    if repro_dir is None and _gradchecks_own(fn):
-        return None  # checked inside another front door, which writes the bundle
-    try:
-        path = _gradients_bundle(directory, report, fn, inputs, params, options)
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
+        params_desc = _params_desc(params, fn, data, reasons)
+        fn_desc = _fn_desc(fn, params, params_desc, data, reasons, "fn")
+        call = {
+            "entry": "check_gradients",
+            "fn": fn_desc,
+            "params": params_desc,
+            "inputs": _inputs_desc(inputs, data, reasons),
+            "options": dict(options),
+        }
+        name = report.label or fn_desc.get("name") or "check_gradients"
+        return f"{name}-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _params_desc(
@@ -853,12 +961,7 @@ def _params_desc(
         return None
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(params, torch.nn.Module):
-        ref, why = _torch_module_ref(params, fn, "params")
-        arrays, meta = _state_arrays(params)
-        data["weights.npz"] = arrays
-        if why:
-            reasons.append(why)
-        return {"kind": "torch_module", **ref, "state": meta}
+        return _torch_desc(params, fn, "params", data, reasons)
     reasons.append(
         f"params= is a {type(params).__name__}: a replay can rebuild a "
         "torch nn.Module (importable, or its class constructible with no "
@@ -892,12 +995,7 @@ def _fn_desc(
     ):
         return {"kind": "params_method", "name": fn.__name__}
     if torch is not None and isinstance(fn, torch.nn.Module) and module_file:
-        ref, why = _torch_module_ref(fn, fn, what)
-        arrays, meta = _state_arrays(fn)
-        data[module_file] = arrays
-        if why:
-            reasons.append(why)
-        return {"kind": "torch_module", **ref, "state": meta}
+        return _torch_desc(fn, fn, what, data, reasons, module_file)
     name = importable_name(fn)
     if name is None:
         reasons.append(_why_not_importable(fn, what))
@@ -914,44 +1012,7 @@ def _fn_desc(
 def _inputs_desc(
     inputs: Any, data: dict[str, _Arrays], reasons: list[str]
 ) -> dict[str, Any] | None:
-    arrays = _Arrays()
-    try:
-        desc = _encode(tuple(inputs), arrays, "inputs")
-    except _NotData as exc:
-        desc = None
-        reasons.append(str(exc))
-    data["inputs.npz"] = arrays
-    return desc
-
-
-def _gradients_bundle(
-    directory: Path,
-    report: CheckReport,
-    fn: Any,
-    inputs: Any,
-    params: Any,
-    options: Mapping[str, Any],
-) -> Path:
-    reasons: list[str] = []
-    data: dict[str, _Arrays] = {}
-    params_desc = _params_desc(params, fn, data, reasons)
-    fn_desc = _fn_desc(fn, params, params_desc, data, reasons, "fn")
-    call = {
-        "entry": "check_gradients",
-        "fn": fn_desc,
-        "params": params_desc,
-        "inputs": _inputs_desc(inputs, data, reasons),
-        "options": dict(options),
-    }
-    name = report.label or fn_desc.get("name") or "check_gradients"
-    return _write(
-        directory,
-        name=f"{name}-{report.dtype}",
-        call=call,
-        report=report,
-        data=data,
-        reason="; ".join(dict.fromkeys(reasons)),
-    )
+    return _encoded(tuple(inputs), data, "inputs.npz", "inputs", reasons)
 
 
 # -------------------------------------------------- linearity / locality bundles
@@ -973,14 +1034,14 @@ def write_heads_bundle(
     ``total_fn`` and every loss function by name (or as ``params``' methods),
     the weights, ``expected`` as JSON, the inputs and ``params``' state_dict.
     Nothing for a passing check; a bundle that cannot be written is a note."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    # check_model's heads are gradcheck's own: check_model writes the bundle
+    directory = _bundle_dir(repro_dir, report, total_fn)
+    if directory is None:
         return None
-    if repro_dir is None and _gradchecks_own(total_fn):
-        return None  # check_model's heads: check_model writes the bundle
-    try:
-        reasons: list[str] = []
-        data: dict[str, _Arrays] = {}
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
         params_desc = _params_desc(params, total_fn, data, reasons)
         call: dict[str, Any] = {
             "entry": entry,
@@ -1001,19 +1062,9 @@ def write_heads_bundle(
         if entry == "check_locality":
             call["expected"] = _expected_desc(expected, reasons)
         name = report.label or call["total_fn"].get("name") or entry
-        path = _write(
-            directory,
-            name=f"{name}-{report.property}-{report.dtype}",
-            call=call,
-            report=report,
-            data=data,
-            reason="; ".join(dict.fromkeys(reasons)),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{name}-{report.property}-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _gradchecks_own(fn: Any) -> bool:
@@ -1067,14 +1118,13 @@ def write_training_bundle(
     batch drawn at import without a seed replays as recorded. The scaler (a
     module-level GradScaler) is named with its state (scale, growth tracker);
     an optimizer is rebuilt by the import (gradcheck undoes its step anyway)."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    directory = _bundle_dir(repro_dir, report, step_fn)
+    if directory is None:
         return None
-    if repro_dir is None and _gradchecks_own(step_fn):
-        return None
-    try:
-        reasons: list[str] = []
-        data: dict[str, _Arrays] = {}
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
         model_desc = _params_desc(model, step_fn, data, reasons)
         if model_desc is not None and "class" in model_desc:
             reasons.append(
@@ -1106,19 +1156,9 @@ def write_training_bundle(
             "options": dict(options),
         }
         name = report.label or descs["step_fn"].get("name") or "check_training_step"
-        path = _write(
-            directory,
-            name=f"{name}-{report.dtype}",
-            call=call,
-            report=report,
-            data=data,
-            reason="; ".join(dict.fromkeys(reasons)),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{name}-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _global_tensors(
@@ -1223,12 +1263,13 @@ def write_keras_bundle(
     its ``train_step``, a custom layer) are recorded by ``module:qualname`` and
     handed to Keras as ``custom_objects`` on replay; Keras deserializes in safe
     mode (no lambda bytecode)."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    directory = _bundle_dir(repro_dir, report)
+    if directory is None:
         return None
-    try:
-        reasons: list[str] = []
-        data: dict[str, _Arrays] = {}
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
         arch = json.loads(model.to_json())
         compile_config = model.get_compile_config()
         try:
@@ -1237,17 +1278,14 @@ def write_keras_bundle(
             compile_config = None
             reasons.append(f"the compile config is not JSON ({exc})")
         custom = _keras_custom_objects(model, reasons)
-        arrays, meta = _keras_arrays(model)
-        data["weights.npz"] = arrays
-        batch = _Arrays()
-        try:
-            batch_desc = _encode(
-                {"x": x, "y": y, "sample_weight": sample_weight}, batch, "batch"
-            )
-        except _NotData as exc:
-            batch_desc = None
-            reasons.append(str(exc))
-        data["inputs.npz"] = batch
+        meta = _store_weights(model, data, keras=True)
+        batch_desc = _encoded(
+            {"x": x, "y": y, "sample_weight": sample_weight},
+            data,
+            "inputs.npz",
+            "batch",
+            reasons,
+        )
         if getattr(model, "_distribute_strategy", None) is not None:
             reasons.append(
                 "the model was built under a tf.distribute strategy, which a replay "
@@ -1265,19 +1303,9 @@ def write_keras_bundle(
             else [[int(k), float(v)] for k, v in dict(class_weight).items()],
             "options": dict(options),
         }
-        path = _write(
-            directory,
-            name=f"{report.label or type(model).__name__}-keras-{report.dtype}",
-            call=call,
-            report=report,
-            data=data,
-            reason="; ".join(dict.fromkeys(reasons)),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{report.label or type(model).__name__}-keras-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _keras_custom_objects(model: Any, reasons: list[str]) -> dict[str, str]:
@@ -1410,14 +1438,10 @@ def write_model_bundle(
         "framework": checker.framework,
     }
     data: dict[str, _Arrays] = {}
-    if checker.framework == "tensorflow":
-        if spec is not None and spec.kind == "keras" and dtype != "float32":
-            model, _ = checker._keras_in(dtype)
-        arrays, meta = _keras_arrays(model)
-    else:
-        arrays, meta = _state_arrays(model)
-    data["weights.npz"] = arrays
-    call["weights"] = meta
+    keras = checker.framework == "tensorflow"
+    if keras and spec is not None and spec.kind == "keras" and dtype != "float32":
+        model, _ = checker._keras_in(dtype)
+    call["weights"] = _store_weights(model, data, keras=keras)
     if spec is None:
         ref, why = _torch_module_ref(model, model, "the model")
         call["model"] = ref
@@ -1426,23 +1450,9 @@ def write_model_bundle(
         if why:
             reasons.append(why)
     if spec is None or spec.kind != "keras":
-        arrays = _Arrays()
-        try:
-            call["inputs"] = _encode(inputs, arrays, "inputs")
-        except _NotData as exc:
-            call["inputs"] = None
-            reasons.append(str(exc))
-        data["inputs.npz"] = arrays
-    path = _write(
-        directory,
-        name=report.label or f"{checker.name} {prop} {dtype}",
-        call=call,
-        report=report,
-        data=data,
-        reason="; ".join(reasons),
-    )
-    _note(report, path)
-    return path
+        call["inputs"] = _encoded(inputs, data, "inputs.npz", "inputs", reasons)
+    name = report.label or f"{checker.name} {prop} {dtype}"
+    return _save(directory, report, name, call, data, reasons)
 
 
 # -------------------------------------------------- audit bundles
@@ -1460,13 +1470,11 @@ def write_audit_bundle(
     if outcome.spec is None and not wants(report):
         return None
     job = outcome.job
-    arrays = _Arrays()
-    try:
-        batch = _encode(example["batch"], arrays, "batch")
-    except _NotData as exc:  # pragma: no cover - batches are NumPy arrays
-        batch, reason = None, str(exc)
-    else:
-        reason = ""
+    # encoded before the guard, as ever: an audit's batch is NumPy arrays, and
+    # a failure to encode one is gradcheck's bug, never a note
+    encoded: dict[str, _Arrays] = {}
+    why: list[str] = []
+    batch = _encoded(example["batch"], encoded, "batch.npz", "batch", why)
     call = {
         "entry": "audit",
         "job": job.name,
@@ -1480,20 +1488,15 @@ def write_audit_bundle(
         "spec": example["spec"],
         "batch": batch,
     }
-    try:
-        path = _write(
-            directory,
-            name=job.name,
-            call=call,
-            report=report,
-            data={"batch.npz": arrays},
-            reason=reason,
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
+        data.update(encoded)
+        reasons.extend(why)
+        return job.name, call
+
+    return _write_guarded(directory, report, describe)
 
 
 # ------------------------------------------------------------------ loading
@@ -2025,25 +2028,19 @@ def write_variants_bundle(
     classes by name), the batch, the request *as given* (``"auto"`` resolves to
     the devices of the machine that replays: a bundle recorded with a GPU is
     reported skipped, not passed, where there is none), seed and rtol."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    # the audit's own loss is gradcheck's own: the audit writes its bundle
+    directory = _bundle_dir(repro_dir, report, loss_fn)
+    if directory is None:
         return None
-    if repro_dir is None and _gradchecks_own(loss_fn):
-        return None  # the audit's own loss: the audit writes its bundle
-    try:
-        reasons: list[str] = []
-        data: dict[str, _Arrays] = {}
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
         model_desc = _variants_model_desc(model, loss_fn, data, reasons)
         # loss_fn receives the model as its argument: a model rebuilt from its
         # class is the one it uses (no "reads params from elsewhere" reason)
         fn_desc = _fn_desc(loss_fn, model, None, data, reasons, "loss_fn", None)
-        arrays = _Arrays()
-        try:
-            batch_desc = _encode(batch, arrays, "batch")
-        except _NotData as exc:
-            batch_desc = None
-            reasons.append(str(exc))
-        data["inputs.npz"] = arrays
+        batch_desc = _encoded(batch, data, "inputs.npz", "batch", reasons)
         key = "variants" if entry == "check_variants" else "devices"
         call: dict[str, Any] = {
             "entry": entry,
@@ -2059,19 +2056,9 @@ def write_variants_bundle(
             ][:FAILING_NAMES],
         }
         name = report.label or fn_desc.get("name") or entry
-        path = _write(
-            directory,
-            name=f"{name}-{report.property}-{report.dtype}",
-            call=call,
-            report=report,
-            data=data,
-            reason="; ".join(dict.fromkeys(reasons)),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{name}-{report.property}-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _request_desc(request: Any, key: str, reasons: list[str]) -> Any:
@@ -2093,15 +2080,8 @@ def _variants_model_desc(
 ) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
-        ref, why = _torch_module_ref(model, near, "the model")
-        arrays, meta = _state_arrays(model)
-        data["weights.npz"] = arrays
-        if why:
-            reasons.append(why)
         return {
-            "kind": "torch_module",
-            **ref,
-            "state": meta,
+            **_torch_desc(model, near, "the model", data, reasons),
             # a state_dict holds neither: dropout/BatchNorm behave by the mode,
             # and only parameters that require grad are compared
             # where the model lived: its home is the reference device
@@ -2133,8 +2113,7 @@ def _keras_model_desc(
         arch = None
         reasons.append(f"Keras cannot write the model's config ({exc})")
     custom = _keras_custom_objects(model, reasons)
-    arrays, meta = _keras_arrays(model)
-    data["weights.npz"] = arrays
+    meta = _store_weights(model, data, keras=True)
     return {"keras_model": arch, "custom_objects": custom, "weights": meta}
 
 
@@ -2342,24 +2321,20 @@ def write_distributed_bundle(
     so), the global batch, the world size the check ran with (under torchrun
     the launcher's: a replay spawns that many ranks on one machine), backend,
     wrap and its keyword arguments (JSON), seed, rtol, timeout."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    # the audit's own model is gradcheck's own: the audit writes its bundle
+    directory = _bundle_dir(repro_dir, report, build, step)
+    if directory is None:
         return None
-    if repro_dir is None and (_gradchecks_own(build) or _gradchecks_own(step)):
-        return None  # the audit's own model: the audit writes its bundle
-    try:
-        reasons: list[str] = []
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
         names = {}
         for what, fn in (("build", build), ("step", step)):
             names[what] = importable_name(fn)
             if names[what] is None:
                 reasons.append(_why_not_importable(fn, what))
-        arrays = _Arrays()
-        try:
-            batch_desc = _encode(batch, arrays, "batch")
-        except _NotData as exc:
-            batch_desc = None
-            reasons.append(str(exc))
+        batch_desc = _encoded(batch, data, "inputs.npz", "batch", reasons)
         kwargs = dict(wrap_kwargs or {})
         try:
             json.dumps(kwargs, allow_nan=False)
@@ -2379,19 +2354,9 @@ def write_distributed_bundle(
             "options": {"seed": int(seed), "rtol": rtol, "timeout": float(timeout)},
         }
         name = report.label or names["step"] or "check_distributed"
-        path = _write(
-            directory,
-            name=f"{name}-distributed-{report.dtype}",
-            call=call,
-            report=report,
-            data={"inputs.npz": arrays},
-            reason="; ".join(dict.fromkeys(reasons)),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{name}-distributed-{report.dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _replay_distributed(bundle: Bundle) -> CheckReport:
@@ -2432,41 +2397,28 @@ def write_cross_framework_bundle(
     (data: ``ModelSpec.to_dict()``), the batch it ran on (the one drawn from
     ``seed`` when none was given), dtype, seed, rtol. The replay builds the spec
     in both frameworks of the machine it runs on."""
-    directory = _target_dir(repro_dir)
-    if directory is None or not wants(report):
+    directory = _bundle_dir(repro_dir, report)
+    if directory is None:
         return None
-    try:
-        reasons: list[str] = []
-        if batch is None:
+
+    def describe(
+        data: dict[str, _Arrays], reasons: list[str]
+    ) -> tuple[str, dict[str, Any]]:
+        drawn = batch
+        if drawn is None:
             from gradcheck.architectures import random_batch
 
-            batch = random_batch(spec, 8, seed=seed)  # what the check drew
-        arrays = _Arrays()
-        try:
-            batch_desc = _encode(batch, arrays, "batch")
-        except _NotData as exc:
-            batch_desc = None
-            reasons.append(str(exc))
+            drawn = random_batch(spec, 8, seed=seed)  # what the check drew
         call: dict[str, Any] = {
             "entry": "check_cross_framework",
             "spec": spec.to_dict(),
-            "batch": batch_desc,
+            "batch": _encoded(drawn, data, "batch.npz", "batch", reasons),
             "dtype": dtype,
             "options": {"seed": int(seed), "rtol": rtol},
         }
-        path = _write(
-            directory,
-            name=f"{report.label or 'cross_framework'}-{dtype}",
-            call=call,
-            report=report,
-            data={"batch.npz": arrays},
-            reason="; ".join(reasons),
-        )
-    except Exception as exc:  # noqa: BLE001 - never hide the verdict
-        _note(report, None, f"{type(exc).__name__}: {exc}")
-        return None
-    _note(report, path)
-    return path
+        return f"{report.label or 'cross_framework'}-{dtype}", call
+
+    return _write_guarded(directory, report, describe)
 
 
 def _replay_cross_framework(bundle: Bundle) -> CheckReport:
