@@ -187,6 +187,7 @@ def render(
     load: str | None = None,
     expected_models: int | None = None,
     note: str | None = None,
+    excluded: dict[str, str] | None = None,
 ) -> str:
     models = by_model(rows)
     tot = totals(rows)
@@ -332,6 +333,21 @@ def render(
         for model in sorted(own):
             r = next(iter(models[model]["cells"].values()))
             lines.append(f"- **{model.removeprefix('hf:')}**: {explain(model, r)}")
+    if excluded:
+        lines += [
+            "",
+            "## Not in `hf:*`",
+            "",
+            f"{len(excluded)} model types AutoModel knows that `hf:*` leaves out "
+            "(gradcheck.backends._hf.excluded()): their main input is another kind, "
+            "or their forward needs an object no config describes. `hf:<type>` by "
+            "name reports the same reason as `unbuildable`; "
+            "`gradcheck.check_model(model, inputs={...})` checks such a model with "
+            "your own inputs.",
+            "",
+        ]
+        for name, why in sorted(excluded.items()):
+            lines.append(f"- **{name}**: {' '.join(str(why).split())}")
     return "\n".join(lines) + "\n"
 
 
@@ -451,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         rows = load_rows(args.json, args.lines)
+    from gradcheck.backends import _hf
+
     text = render(
         rows,
+        excluded=_hf.excluded(),
         command=args.command,
         wall_seconds=wall,
         partial=args.partial,

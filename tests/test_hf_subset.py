@@ -124,6 +124,11 @@ def test_report_counts_the_goal_without_types_transformers_cannot_build():
     assert "| float32 | 6 | 6 (100.0%) |" in text  # the goal's rows
     assert "Checks passed outright: 11 of 12 (91.7%)" in text
     assert "Mismatches: 0 checks on 0 models. 0 of them" in text
+    assert "## Not in `hf:*`" not in text
+    left = _sweep().render(
+        _rows(), command="c", wall_seconds=1.0, excluded={"bark": "no forward"}
+    )
+    assert "## Not in `hf:*`" in left and "- **bark**: no forward" in left
     tail = text.split("## Types transformers cannot build")[1]
     assert "- **timm_wrapper**: transformers 5.25.0 cannot build" in tail
     assert "timm_wrapper" not in text.split("## Not passed")[1].split("## Types")[0]
