@@ -1339,23 +1339,12 @@ def _replay_keras(bundle: Bundle) -> CheckReport:
     from gradcheck.keras_api import check_keras_model
 
     call = bundle.call
-    keras = _framework("keras")
-    custom = {
-        str(k): _resolve(str(v), f"custom_objects[{k!r}]")
-        for k, v in (call.get("custom_objects") or {}).items()
-    }
-    try:
-        model = keras.saving.deserialize_keras_object(
-            call["keras_model"], custom_objects=custom, safe_mode=True
-        )
-        if call.get("compile") is not None:
-            model.compile_from_config(call["compile"])
-    except (TypeError, ValueError) as exc:
-        raise ReproBundleError(
-            f"Keras cannot rebuild the model from the bundle's config ({exc}); a "
-            "custom class or loss must be importable here."
-        ) from None
-    _load_keras_weights(model, bundle.data("weights.npz"), call.get("weights"))
+    model = _rebuild_keras_model(
+        call,
+        bundle,
+        compile_config=call.get("compile"),
+        custom_what="custom class or loss",
+    )
     batch = _decode(call["batch"], bundle.data("inputs.npz"), "batch")
     class_weight = call.get("class_weight")
     if class_weight is not None:
@@ -1696,26 +1685,10 @@ def replay(path: str | os.PathLike[str]) -> ReplayResult:
     saved_dir = session_dir()
     set_session_dir(None)
     try:
-        if entry == "check_gradients":
-            report = _replay_gradients(bundle)
-        elif entry == "check_model":
-            report = _replay_model(bundle)
-        elif entry == "audit":
-            report = _replay_audit(bundle)
-        elif entry in ("check_linearity", "check_locality"):
-            report = _replay_heads(bundle)
-        elif entry == "check_training_step":
-            report = _replay_training(bundle)
-        elif entry == "check_keras_model":
-            report = _replay_keras(bundle)
-        elif entry in ("check_variants", "check_devices"):
-            report = _replay_variants(bundle)
-        elif entry == "check_distributed":
-            report = _replay_distributed(bundle)
-        elif entry == "check_cross_framework":
-            report = _replay_cross_framework(bundle)
-        else:
+        rerun = _REPLAYS.get(entry) if isinstance(entry, str) else None
+        if rerun is None:
             raise ReproBundleError(f"{bundle.path}: unknown entry point {entry!r}.")
+        report = rerun(bundle)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ReproBundleError(
             f"{bundle.path}/{BUNDLE_FILE}: malformed call "
@@ -1753,10 +1726,7 @@ def _replay_gradients(bundle: Bundle) -> CheckReport:
     import gradcheck
 
     call = bundle.call
-    params = None
-    pdesc = call.get("params")
-    if pdesc is not None:
-        params = _module(pdesc, bundle.data("weights.npz"), "params")
+    params = _rebuild_params(call, bundle)
     fn = _rebuild_fn(call["fn"], params, bundle, "fn")
     arrays = bundle.arrays.get("inputs.npz", {})
     inputs = _decode(call["inputs"], arrays, "inputs")
@@ -1764,6 +1734,26 @@ def _replay_gradients(bundle: Bundle) -> CheckReport:
     return gradcheck.check_gradients(
         fn, inputs, params=params, label=bundle.doc.get("label"), **options
     )
+
+
+def _rebuild_params(call: Mapping[str, Any], bundle: Bundle) -> Any:
+    """The ``params=`` module a bundle records (see :func:`_params_desc`), or None."""
+    desc = call.get("params")
+    if desc is None:
+        return None
+    return _module(desc, bundle.data("weights.npz"), "params")
+
+
+def _rebuild_loss_fns(
+    call: Mapping[str, Any], params: Any, bundle: Bundle
+) -> dict[str, Any]:
+    """``loss_fns`` (head: function) as the bundle records them."""
+    if not isinstance(call["loss_fns"], Mapping):
+        raise ReproBundleError("loss_fns: not an object of head: function")
+    return {
+        str(k): _rebuild_fn(d, params, bundle, f"loss_fns[{k!r}]")
+        for k, d in call["loss_fns"].items()
+    }
 
 
 def _rebuild_fn(desc: Mapping[str, Any], params: Any, bundle: Bundle, what: str) -> Any:
@@ -1805,37 +1795,23 @@ def _replay_heads(bundle: Bundle) -> CheckReport:
     import gradcheck
 
     call = bundle.call
-    params = None
-    if call.get("params") is not None:
-        params = _module(call["params"], bundle.data("weights.npz"), "params")
+    params = _rebuild_params(call, bundle)
     total_fn = _rebuild_fn(call["total_fn"], params, bundle, "total_fn")
-    if not isinstance(call["loss_fns"], Mapping):
-        raise ReproBundleError("loss_fns: not an object of head: function")
-    loss_fns = {
-        str(k): _rebuild_fn(d, params, bundle, f"loss_fns[{k!r}]")
-        for k, d in call["loss_fns"].items()
-    }
+    loss_fns = _rebuild_loss_fns(call, params, bundle)
     inputs = _decode(call["inputs"], bundle.arrays.get("inputs.npz", {}), "inputs")
     options = _options(call, {"seed", "rtol"})
-    label = bundle.doc.get("label")
-    if call["entry"] == "check_linearity":
-        return gradcheck.check_linearity(
-            total_fn,
-            loss_fns,
-            _weights(call),
-            inputs,
-            params=params,
-            label=label,
-            **options,
-        )
-    return gradcheck.check_locality(
+    weights = _weights(call)
+    locality = call["entry"] == "check_locality"
+    check = gradcheck.check_locality if locality else gradcheck.check_linearity
+    expected = {"expected": call["expected"]} if locality else {}
+    return check(
         total_fn,
         loss_fns,
-        _weights(call),
+        weights,
         inputs,
-        expected=call["expected"],
         params=params,
-        label=label,
+        label=bundle.doc.get("label"),
+        **expected,
         **options,
     )
 
@@ -1856,12 +1832,7 @@ def _replay_training(bundle: Bundle) -> CheckReport:
     if not isinstance(model, torch.nn.Module):
         raise ReproBundleError(f"model: {mdesc['ref']} is not a torch nn.Module here.")
     step_fn = _rebuild_fn(call["step_fn"], model, bundle, "step_fn")
-    if not isinstance(call["loss_fns"], Mapping):
-        raise ReproBundleError("loss_fns: not an object of head: function")
-    loss_fns = {
-        str(k): _rebuild_fn(d, model, bundle, f"loss_fns[{k!r}]")
-        for k, d in call["loss_fns"].items()
-    }
+    loss_fns = _rebuild_loss_fns(call, model, bundle)
     scaler = None
     sdesc = call.get("scaler")
     if sdesc is not None:
@@ -2117,7 +2088,16 @@ def _keras_model_desc(
     return {"keras_model": arch, "custom_objects": custom, "weights": meta}
 
 
-def _rebuild_keras_model(desc: Mapping[str, Any], bundle: Bundle) -> Any:
+def _rebuild_keras_model(
+    desc: Mapping[str, Any],
+    bundle: Bundle,
+    *,
+    compile_config: Any = None,
+    custom_what: str = "custom class",
+) -> Any:
+    """The Keras model ``desc`` records (its config, ``custom_what`` by name, its
+    weights; see :func:`_keras_model_desc`), compiled from ``compile_config``
+    when there is one (a check_keras_model bundle's)."""
     keras = _framework("keras")
     custom = {
         str(k): _resolve(str(v), f"custom_objects[{k!r}]")
@@ -2127,10 +2107,12 @@ def _rebuild_keras_model(desc: Mapping[str, Any], bundle: Bundle) -> Any:
         model = keras.saving.deserialize_keras_object(
             desc["keras_model"], custom_objects=custom, safe_mode=True
         )
+        if compile_config is not None:
+            model.compile_from_config(compile_config)
     except (TypeError, ValueError) as exc:
         raise ReproBundleError(
             f"Keras cannot rebuild the model from the bundle's config ({exc}); a "
-            "custom class must be importable here."
+            f"{custom_what} must be importable here."
         ) from None
     _load_keras_weights(model, bundle.data("weights.npz"), desc.get("weights"))
     return model
@@ -2204,23 +2186,15 @@ def _replay_variants(bundle: Bundle) -> CheckReport:
     if away is not None:
         return away
     batch = _decode(call["batch"], bundle.arrays.get("inputs.npz", {}), "batch")
+    check = check_devices if prop == "devices" else check_variants
     with _variants_model(call["model"], bundle) as model:
         loss_fn = _rebuild_fn(call["loss_fn"], model, bundle, "loss_fn")
-        if call["entry"] == "check_devices":
-            return check_devices(
-                loss_fn,
-                model,
-                batch,
-                devices=call["devices"],
-                label=bundle.doc.get("label"),
-                **options,
-            )
-        return check_variants(
+        return check(
             loss_fn,
             model,
             batch,
-            variants=call["variants"],
             label=bundle.doc.get("label"),
+            **{prop: call[prop]},  # variants= / devices=, as given
             **options,
         )
 
@@ -2438,3 +2412,19 @@ def _replay_cross_framework(bundle: Bundle) -> CheckReport:
         label=bundle.doc.get("label"),
         **_options(call, {"seed", "rtol"}),
     )
+
+
+#: the rerun of each entry point a bundle records (``call["entry"]``)
+_REPLAYS: dict[str, Callable[[Bundle], CheckReport]] = {
+    "check_gradients": _replay_gradients,
+    "check_model": _replay_model,
+    "audit": _replay_audit,
+    "check_linearity": _replay_heads,
+    "check_locality": _replay_heads,
+    "check_training_step": _replay_training,
+    "check_keras_model": _replay_keras,
+    "check_variants": _replay_variants,
+    "check_devices": _replay_variants,
+    "check_distributed": _replay_distributed,
+    "check_cross_framework": _replay_cross_framework,
+}
