@@ -739,6 +739,10 @@ def _readme(doc: Mapping[str, Any], path: Path) -> str:
 
 def describe_call(call: Mapping[str, Any]) -> str:
     entry = call.get("entry")
+
+    def opts() -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
+
     if entry == "check_model":
         target = call.get("spec") or call.get("model", {}).get("class", "a model")
         return (
@@ -749,57 +753,48 @@ def describe_call(call: Mapping[str, Any]) -> str:
         )
     if entry == "check_gradients":
         fn = call.get("fn", {})
-        fname = fn.get("name") or fn.get("kind")
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         params = call.get("params")
         p = "" if not params else ", params=<" + str(params.get("kind")) + ">"
-        return f"gradcheck.check_gradients({fname}, <inputs>{p}, {opts})"
+        return f"gradcheck.check_gradients({_fn_label(fn)}, <inputs>{p}, {opts()})"
     if entry in ("check_linearity", "check_locality"):
         fn = call.get("total_fn", {})
         heads = ", ".join(
-            f"{k!r}: {d.get('name') or d.get('kind')}"
-            for k, d in (call.get("loss_fns") or {}).items()
+            f"{k!r}: {_fn_label(d)}" for k, d in (call.get("loss_fns") or {}).items()
         )
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         exp = ", expected=<dict>" if entry == "check_locality" else ""
         return (
-            f"gradcheck.{entry}({fn.get('name') or fn.get('kind')}, {{{heads}}}, "
-            f"{call.get('weights')}, <inputs>{exp}, {opts})"
+            f"gradcheck.{entry}({_fn_label(fn)}, {{{heads}}}, "
+            f"{call.get('weights')}, <inputs>{exp}, {opts()})"
         )
     if entry == "check_training_step":
         fn = call.get("step_fn", {})
         model = (call.get("model") or {}).get("ref", "<model>")
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         return (
-            f"gradcheck.check_training_step({fn.get('name') or fn.get('kind')}, "
-            f"{model}, <loss_fns>, {call.get('weights')}, {opts})"
+            f"gradcheck.check_training_step({_fn_label(fn)}, "
+            f"{model}, <loss_fns>, {call.get('weights')}, {opts()})"
         )
     if entry == "check_keras_model":
         model = (call.get("keras_model") or {}).get("class_name", "<model>")
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
-        return f"gradcheck.check_keras_model(<{model}>, <x>, <y>, {opts})"
+        return f"gradcheck.check_keras_model(<{model}>, <x>, <y>, {opts()})"
     if entry in ("check_variants", "check_devices"):
         fn = call.get("loss_fn", {})
         model = call.get("model") or {}
         target = model.get("ref") or model.get("class") or f"<{model.get('kind')}>"
         key = "variants" if entry == "check_variants" else "devices"
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         return (
-            f"gradcheck.{entry}({fn.get('name') or fn.get('kind')}, {target}, "
-            f"<batch>, {key}={call.get(key)!r}, {opts})"
+            f"gradcheck.{entry}({_fn_label(fn)}, {target}, "
+            f"<batch>, {key}={call.get(key)!r}, {opts()})"
         )
     if entry == "check_distributed":
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         return (
             f"gradcheck.check_distributed({call.get('build')}, {call.get('step')}, "
             f"<batch>, world_size={call.get('world_size')}, "
-            f"backend={call.get('backend')!r}, wrap={call.get('wrap')!r}, {opts})"
+            f"backend={call.get('backend')!r}, wrap={call.get('wrap')!r}, {opts()})"
         )
     if entry == "check_cross_framework":
-        opts = ", ".join(f"{k}={v!r}" for k, v in call.get("options", {}).items())
         return (
             f"gradcheck.check_cross_framework(<ModelSpec>, <batch>, "
-            f"dtype={call.get('dtype')!r}, {opts})"
+            f"dtype={call.get('dtype')!r}, {opts()})"
         )
     if entry == "audit":
         return (
@@ -809,6 +804,11 @@ def describe_call(call: Mapping[str, Any]) -> str:
     return repr(entry)
 
 
+def _fn_label(desc: Mapping[str, Any]) -> Any:
+    """A recorded function's name, else its kind (see :func:`_fn_desc`)."""
+    return desc.get("name") or desc.get("kind")
+
+
 def _note(report: CheckReport, path: Path | None, problem: str = "") -> None:
     if path is not None:
         report.repro_bundle = str(path)
@@ -816,19 +816,22 @@ def _note(report: CheckReport, path: Path | None, problem: str = "") -> None:
         report.notes.append(f"no repro bundle written: {problem}")
 
 
-# One way to write a bundle: every write_*_bundle asks _bundle_dir where it
-# goes, then hands _write_guarded a function that describes the call (filling
-# the data files and the reasons it cannot be replayed) and returns its name.
-def _bundle_dir(repro_dir: Any, report: CheckReport, *checked: Any) -> Path | None:
-    """Where the bundle of ``report`` goes, or None: no directory asked for, a
-    passing report, or (no ``repro_dir`` given) one of ``checked`` is gradcheck's
-    own, checked inside another front door, which writes the bundle."""
+# One way to write a bundle: every write_*_bundle hands _write_failing (or
+# _write_guarded) a function that describes the call (filling the data files and
+# the reasons it cannot be replayed) and returns the bundle's name with it.
+def _write_failing(
+    repro_dir: Any, report: CheckReport, describe: Describe, *checked: Any
+) -> Path | None:
+    """The bundle of a failing ``report`` (see :func:`_write_guarded`), or None:
+    no directory asked for, a passing report, or (no ``repro_dir`` given) one of
+    ``checked`` is gradcheck's own, checked inside another front door, which
+    writes the bundle. A ``repro_dir`` that is no path raises."""
     directory = _target_dir(repro_dir)
     if directory is None or not wants(report):
         return None
     if repro_dir is None and any(_gradchecks_own(f) for f in checked):
         return None
-    return directory
+    return _write_guarded(directory, report, describe)
 
 
 def _save(
@@ -853,9 +856,13 @@ def _save(
     return path
 
 
+#: a bundle's data files by name
+_Data = dict[str, _Arrays]
+#: a bundle's name and its call
+_Described = tuple[str, dict[str, Any]]
 #: describes a bundle's call: fills the data files and the reasons a replay
 #: cannot rerun it, returns ``(name, call)``
-Describe = Callable[[dict[str, _Arrays], list[str]], tuple[str, dict[str, Any]]]
+Describe = Callable[[_Data, list[str]], _Described]
 
 
 def _write_guarded(
@@ -929,13 +936,8 @@ def write_gradients_bundle(
     passing one). Sets ``report.repro_bundle``; a bundle that cannot be written
     (disk full, no permission) is a note on the report, never an exception that
     hides the verdict."""
-    directory = _bundle_dir(repro_dir, report, fn)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         params_desc = _params_desc(params, fn, data, reasons)
         fn_desc = _fn_desc(fn, params, params_desc, data, reasons, "fn")
         call = {
@@ -948,7 +950,7 @@ def write_gradients_bundle(
         name = report.label or fn_desc.get("name") or "check_gradients"
         return f"{name}-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    return _write_failing(repro_dir, report, describe, fn)
 
 
 def _params_desc(
@@ -1034,14 +1036,8 @@ def write_heads_bundle(
     ``total_fn`` and every loss function by name (or as ``params``' methods),
     the weights, ``expected`` as JSON, the inputs and ``params``' state_dict.
     Nothing for a passing check; a bundle that cannot be written is a note."""
-    # check_model's heads are gradcheck's own: check_model writes the bundle
-    directory = _bundle_dir(repro_dir, report, total_fn)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         params_desc = _params_desc(params, total_fn, data, reasons)
         call: dict[str, Any] = {
             "entry": entry,
@@ -1064,7 +1060,8 @@ def write_heads_bundle(
         name = report.label or call["total_fn"].get("name") or entry
         return f"{name}-{report.property}-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    # check_model's heads are gradcheck's own: check_model writes the bundle
+    return _write_failing(repro_dir, report, describe, total_fn)
 
 
 def _gradchecks_own(fn: Any) -> bool:
@@ -1118,13 +1115,8 @@ def write_training_bundle(
     batch drawn at import without a seed replays as recorded. The scaler (a
     module-level GradScaler) is named with its state (scale, growth tracker);
     an optimizer is rebuilt by the import (gradcheck undoes its step anyway)."""
-    directory = _bundle_dir(repro_dir, report, step_fn)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         model_desc = _params_desc(model, step_fn, data, reasons)
         if model_desc is not None and "class" in model_desc:
             reasons.append(
@@ -1158,7 +1150,7 @@ def write_training_bundle(
         name = report.label or descs["step_fn"].get("name") or "check_training_step"
         return f"{name}-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    return _write_failing(repro_dir, report, describe, step_fn)
 
 
 def _global_tensors(
@@ -1263,13 +1255,8 @@ def write_keras_bundle(
     its ``train_step``, a custom layer) are recorded by ``module:qualname`` and
     handed to Keras as ``custom_objects`` on replay; Keras deserializes in safe
     mode (no lambda bytecode)."""
-    directory = _bundle_dir(repro_dir, report)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         arch = json.loads(model.to_json())
         compile_config = model.get_compile_config()
         try:
@@ -1305,7 +1292,7 @@ def write_keras_bundle(
         }
         return f"{report.label or type(model).__name__}-keras-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    return _write_failing(repro_dir, report, describe)
 
 
 def _keras_custom_objects(model: Any, reasons: list[str]) -> dict[str, str]:
@@ -1478,9 +1465,7 @@ def write_audit_bundle(
         "batch": batch,
     }
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         data.update(encoded)
         reasons.extend(why)
         return job.name, call
@@ -1999,14 +1984,8 @@ def write_variants_bundle(
     classes by name), the batch, the request *as given* (``"auto"`` resolves to
     the devices of the machine that replays: a bundle recorded with a GPU is
     reported skipped, not passed, where there is none), seed and rtol."""
-    # the audit's own loss is gradcheck's own: the audit writes its bundle
-    directory = _bundle_dir(repro_dir, report, loss_fn)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         model_desc = _variants_model_desc(model, loss_fn, data, reasons)
         # loss_fn receives the model as its argument: a model rebuilt from its
         # class is the one it uses (no "reads params from elsewhere" reason)
@@ -2029,7 +2008,8 @@ def write_variants_bundle(
         name = report.label or fn_desc.get("name") or entry
         return f"{name}-{report.property}-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    # the audit's own loss is gradcheck's own: the audit writes its bundle
+    return _write_failing(repro_dir, report, describe, loss_fn)
 
 
 def _request_desc(request: Any, key: str, reasons: list[str]) -> Any:
@@ -2295,14 +2275,8 @@ def write_distributed_bundle(
     so), the global batch, the world size the check ran with (under torchrun
     the launcher's: a replay spawns that many ranks on one machine), backend,
     wrap and its keyword arguments (JSON), seed, rtol, timeout."""
-    # the audit's own model is gradcheck's own: the audit writes its bundle
-    directory = _bundle_dir(repro_dir, report, build, step)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         names = {}
         for what, fn in (("build", build), ("step", step)):
             names[what] = importable_name(fn)
@@ -2330,7 +2304,8 @@ def write_distributed_bundle(
         name = report.label or names["step"] or "check_distributed"
         return f"{name}-distributed-{report.dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    # the audit's own model is gradcheck's own: the audit writes its bundle
+    return _write_failing(repro_dir, report, describe, build, step)
 
 
 def _replay_distributed(bundle: Bundle) -> CheckReport:
@@ -2371,13 +2346,8 @@ def write_cross_framework_bundle(
     (data: ``ModelSpec.to_dict()``), the batch it ran on (the one drawn from
     ``seed`` when none was given), dtype, seed, rtol. The replay builds the spec
     in both frameworks of the machine it runs on."""
-    directory = _bundle_dir(repro_dir, report)
-    if directory is None:
-        return None
 
-    def describe(
-        data: dict[str, _Arrays], reasons: list[str]
-    ) -> tuple[str, dict[str, Any]]:
+    def describe(data: _Data, reasons: list[str]) -> _Described:
         drawn = batch
         if drawn is None:
             from gradcheck.architectures import random_batch
@@ -2392,7 +2362,7 @@ def write_cross_framework_bundle(
         }
         return f"{report.label or 'cross_framework'}-{dtype}", call
 
-    return _write_guarded(directory, report, describe)
+    return _write_failing(repro_dir, report, describe)
 
 
 def _replay_cross_framework(bundle: Bundle) -> CheckReport:
