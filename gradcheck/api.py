@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
@@ -342,27 +343,47 @@ def check_linearity(
     :func:`check_gradients` does (``total_fn`` and each of ``loss_fns`` recorded
     by ``module:qualname``, or as methods of ``params``); default: the pytest
     plugin's ``--gradcheck-repro-dir``, else none."""
+    heads = (total_fn, loss_fns, weights)
+    return _heads_check(
+        "check_linearity", heads, inputs, params, seed, rtol, label, repro_dir
+    )
+
+
+#: a multi-loss check's functions: total_fn, loss_fns, weights
+_Heads = tuple[
+    Callable[..., Any], Mapping[str, Callable[..., Any]], Mapping[str, float]
+]
+
+
+def _heads_check(
+    entry: str,
+    heads: _Heads,
+    inputs: Any,
+    params: Any,
+    seed: int | None,
+    rtol: float | None,
+    label: str | None,
+    repro_dir: str | os.PathLike[str] | None,
+    expected: Mapping[str, Any] | None = None,
+) -> CheckReport:
+    """check_linearity / check_locality (``entry``; ``expected`` for the
+    latter): the verdict, its label, its repro bundle, published."""
     s = _seed(seed)
     inputs, params = _inputs(inputs), _params(params)
-    report = _linearity_report(total_fn, loss_fns, weights, inputs, params, s, rtol)
+    report = _heads_report(entry, *heads, inputs, params, s, rtol, expected)
     report.label = label
     from gradcheck import repro
 
+    extra = {} if expected is None else {"expected": expected}
+    options = {"seed": s, "rtol": rtol}
     repro.write_heads_bundle(
-        repro_dir,
-        report,
-        "check_linearity",
-        total_fn,
-        loss_fns,
-        weights,
-        inputs,
-        params,
-        {"seed": s, "rtol": rtol},
+        repro_dir, report, entry, *heads, inputs, params, options, **extra
     )
     return _publish(report, label)
 
 
-def _linearity_report(
+def _heads_report(
+    entry: str,
     total_fn: Callable[..., Any],
     loss_fns: Mapping[str, Callable[..., Any]],
     weights: Mapping[str, float],
@@ -370,21 +391,32 @@ def _linearity_report(
     params: Any,
     seed: int,
     rtol: float | None,
+    expected: Mapping[str, Any] | None = None,
 ) -> CheckReport:
-    """check_linearity's verdict alone: no label, no bundle, no listeners."""
+    """check_linearity's or check_locality's (``entry``, ``expected`` for the
+    latter) verdict alone: no label, no bundle, no listeners."""
     linearity.validate(loss_fns, weights)
-    with no_raw_exceptions(
-        "check_linearity", total_fn=total_fn, **_loss_labels(loss_fns)
-    ):
+    with no_raw_exceptions(entry, total_fn=total_fn, **_loss_labels(loss_fns)):
         with open_session(total_fn, inputs, params) as session:
+            r = _rtol(session, rtol)
+            if entry == "check_locality":
+                return locality.run(
+                    session,
+                    total_fn,
+                    loss_fns,
+                    weights,
+                    expected,
+                    seed=seed,
+                    rtol=r,
+                )
             return linearity.run(
-                session,
-                total_fn,
-                loss_fns,
-                weights,
-                seed=seed,
-                rtol=_rtol(session, rtol),
+                session, total_fn, loss_fns, weights, seed=seed, rtol=r
             )
+
+
+#: check_linearity's verdict alone (models.py's weight shrink calls it):
+#: ``(total_fn, loss_fns, weights, inputs, params, seed, rtol)``
+_linearity_report = functools.partial(_heads_report, "check_linearity")
 
 
 def assert_linearity(
@@ -426,54 +458,17 @@ def check_locality(
 
     ``repro_dir``: a failing check writes a repro bundle there (``expected`` is
     recorded as JSON), as :func:`check_linearity` does."""
-    s = _seed(seed)
-    inputs, params = _inputs(inputs), _params(params)
-    report = _locality_report(
-        total_fn, loss_fns, weights, inputs, params, expected, s, rtol
+    heads = (total_fn, loss_fns, weights)
+    return _heads_check(
+        "check_locality", heads, inputs, params, seed, rtol, label, repro_dir, expected
     )
-    report.label = label
-    from gradcheck import repro
-
-    repro.write_heads_bundle(
-        repro_dir,
-        report,
-        "check_locality",
-        total_fn,
-        loss_fns,
-        weights,
-        inputs,
-        params,
-        {"seed": s, "rtol": rtol},
-        expected=expected,
-    )
-    return _publish(report, label)
 
 
-def _locality_report(
-    total_fn: Callable[..., Any],
-    loss_fns: Mapping[str, Callable[..., Any]],
-    weights: Mapping[str, float],
-    inputs: Sequence[Any],
-    params: Any,
-    expected: Mapping[str, Any],
-    seed: int,
-    rtol: float | None,
-) -> CheckReport:
-    """check_locality's verdict alone: no label, no bundle, no listeners."""
-    linearity.validate(loss_fns, weights)
-    with no_raw_exceptions(
-        "check_locality", total_fn=total_fn, **_loss_labels(loss_fns)
-    ):
-        with open_session(total_fn, inputs, params) as session:
-            return locality.run(
-                session,
-                total_fn,
-                loss_fns,
-                weights,
-                expected,
-                seed=seed,
-                rtol=_rtol(session, rtol),
-            )
+def _locality_report(*args: Any) -> CheckReport:
+    """check_locality's verdict alone (models.py's weight shrink calls it):
+    ``(total_fn, loss_fns, weights, inputs, params, expected, seed, rtol)``."""
+    *rest, expected, seed, rtol = args
+    return _heads_report("check_locality", *rest, seed, rtol, expected)
 
 
 def assert_locality(
