@@ -37,6 +37,7 @@ try:
 except ImportError:  # pragma: no cover - the hf test skips itself
     pass
 
+from tests._repro import cli_replay, edit_bundle, list_bundles  # noqa: E402
 from tests.test_plugin import PLUGIN  # noqa: E402  (how inner sessions load it)
 
 pytest_plugins = ["pytester"]
@@ -120,22 +121,12 @@ def _inputs():
     return x, w
 
 
-def _bundles(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if (p / "bundle.json").is_file())
-
-
-def _replay(capsys, bundle) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["replay", str(bundle)])
-    return code, capsys.readouterr().out
-
-
 # ---------------------------------------------------------------- assertion
 def test_assertion_writes_a_bundle_that_replays(tmp_path, capsys):
     with pytest.raises(gradcheck.GradientMismatchError) as info:
         gradcheck.assert_gradients(planted_square, _inputs(), repro_dir=tmp_path)
     report = info.value.report
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     assert report.repro_bundle == str(bundle)
     assert f"repro bundle: {bundle}" in str(info.value)  # the message names it
     assert bundle.name.startswith("tests.test_repro-planted_square-float64-")
@@ -164,7 +155,7 @@ def test_assertion_writes_a_bundle_that_replays(tmp_path, capsys):
         bundle
     )
 
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0, out
     assert out.strip().splitlines()[-1] == "reproduced: mismatch"
     assert "versions differ" not in out
@@ -233,7 +224,7 @@ def test_not_replayable_bundle_says_what_is_missing(tmp_path, capsys):
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["replayable"] is False
     assert "lambda" in doc["not_replayable_because"]
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 2
     assert "cannot be replayed" in out and "define it at module level" in out
     assert "Traceback" not in out
@@ -242,7 +233,7 @@ def test_not_replayable_bundle_says_what_is_missing(tmp_path, capsys):
     report = gradcheck.check_gradients(
         net, (torch.randn(2, 4, dtype=torch.float64),), params=net, repro_dir=tmp_path
     )
-    code, out = _replay(capsys, report.repro_bundle)
+    code, out = cli_replay(capsys, report.repro_bundle)
     assert code == 2 and "needs constructor arguments" in out
 
 
@@ -266,16 +257,10 @@ def _planted_bundle(tmp_path) -> Path:
     return Path(report.repro_bundle)
 
 
-def _edit(bundle: Path, fn) -> None:
-    doc = json.loads((bundle / "bundle.json").read_text())
-    fn(doc)
-    (bundle / "bundle.json").write_text(json.dumps(doc))
-
-
 def test_versions_that_differ_are_named_and_the_check_still_reruns(tmp_path, capsys):
     bundle = _planted_bundle(tmp_path)
-    _edit(bundle, lambda d: d["versions"].update(torch="1.0.0", numpy="0.1"))
-    code, out = _replay(capsys, bundle)
+    edit_bundle(bundle, lambda d: d["versions"].update(torch="1.0.0", numpy="0.1"))
+    code, out = cli_replay(capsys, bundle)
     assert code == 0, out
     assert (
         f"versions differ in numpy: bundle 0.1, here {np.__version__}; torch: "
@@ -291,8 +276,8 @@ def test_a_verdict_that_does_not_reproduce_exits_1(tmp_path, capsys):
         doc["call"]["fn"]["name"] = f"{HERE}:correct_square"
         doc["versions"]["torch"] = "1.0.0"
 
-    _edit(bundle, fixed)
-    code, out = _replay(capsys, bundle)
+    edit_bundle(bundle, fixed)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1, out
     last = out.strip().splitlines()[-1]
     assert last.startswith(
@@ -307,7 +292,7 @@ def test_missing_and_corrupt_bundles_are_clear_errors(tmp_path, capsys):
     def bad(path, needle):
         with pytest.raises(gradcheck.GradcheckError, match=needle):
             repro.replay(path)
-        code, out = _replay(capsys, path)
+        code, out = cli_replay(capsys, path)
         assert code == 2 and "gradcheck replay: error:" in out, out
         assert "Traceback" not in out
 
@@ -320,7 +305,7 @@ def test_missing_and_corrupt_bundles_are_clear_errors(tmp_path, capsys):
     bad(bundle, "not valid JSON")
 
     bundle = _planted_bundle(tmp_path / "c")
-    _edit(bundle, lambda d: d.update(format="gradcheck-repro/99"))
+    edit_bundle(bundle, lambda d: d.update(format="gradcheck-repro/99"))
     bad(bundle, "format 'gradcheck-repro/99'")
 
     bundle = _planted_bundle(tmp_path / "d")
@@ -334,7 +319,7 @@ def test_missing_and_corrupt_bundles_are_clear_errors(tmp_path, capsys):
     # a pickled object array, its hash made to match: np.load refuses it
     bundle = _planted_bundle(tmp_path / "f")
     np.savez(bundle / "inputs.npz", **{"inputs.0": np.array([{"a": 1}], dtype=object)})
-    _edit(
+    edit_bundle(
         bundle,
         lambda d: d["files"]["inputs.npz"].update(
             sha256=repro._sha256(bundle / "inputs.npz")
@@ -346,15 +331,15 @@ def test_missing_and_corrupt_bundles_are_clear_errors(tmp_path, capsys):
 
     # a tampered call naming the standard library is refused, not run
     bundle = _planted_bundle(tmp_path / "g")
-    _edit(bundle, lambda d: d["call"]["fn"].update(name="os:system"))
+    edit_bundle(bundle, lambda d: d["call"]["fn"].update(name="os:system"))
     bad(bundle, "standard library")
 
     bundle = _planted_bundle(tmp_path / "h")
-    _edit(bundle, lambda d: d["call"]["fn"].update(name="no_such_module_r5:fn"))
+    edit_bundle(bundle, lambda d: d["call"]["fn"].update(name="no_such_module_r5:fn"))
     bad(bundle, "cannot import 'no_such_module_r5'")
 
     bundle = _planted_bundle(tmp_path / "i")
-    _edit(bundle, lambda d: d["call"].pop("inputs"))
+    edit_bundle(bundle, lambda d: d["call"].pop("inputs"))
     bad(bundle, "malformed call")
 
 
@@ -370,14 +355,14 @@ def test_check_model_writes_a_bundle_for_a_mismatch_only(tmp_path, capsys):
     fd, lin = reports
     assert fd.status == "mismatch" and lin.passed
     assert lin.repro_bundle is None
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     assert fd.repro_bundle == str(bundle)
     assert bundle.name.startswith("tests.test_repro-planted_mlp-fd-float32-")
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["call"]["spec"] == f"{HERE}:planted_mlp"
     assert doc["call"]["property"] == "fd" and doc["call"]["dtype"] == "float32"
     assert {p.name for p in bundle.iterdir()} >= {"weights.npz", "inputs.npz"}
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
@@ -390,7 +375,7 @@ def test_replay_loads_the_stored_weights_and_checks_their_shapes(tmp_path, capsy
     data = dict(np.load(bundle / "weights.npz", allow_pickle=False))
     data["out.weight"] = data["out.weight"] * 2
     np.savez(bundle / "weights.npz", **data)
-    _edit(
+    edit_bundle(
         bundle,
         lambda d: d["files"]["weights.npz"].update(
             sha256=repro._sha256(bundle / "weights.npz")
@@ -402,7 +387,7 @@ def test_replay_loads_the_stored_weights_and_checks_their_shapes(tmp_path, capsy
     # a shape that does not fit the rebuilt model is a clear error
     data["out.weight"] = np.zeros((3, 6), dtype=np.float32)
     np.savez(bundle / "weights.npz", **data)
-    _edit(
+    edit_bundle(
         bundle,
         lambda d: (
             d["files"]["weights.npz"].update(
@@ -411,7 +396,7 @@ def test_replay_loads_the_stored_weights_and_checks_their_shapes(tmp_path, capsy
             d["call"]["weights"]["out.weight"].update(shape=[3, 6]),
         ),
     )
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 2 and "weight 'out.weight': stored shape (3, 6)" in out, out
 
 
@@ -444,9 +429,9 @@ def test_cli_check_model_repro_dir_in_a_worker_process(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 1, out
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     assert f"repro bundle: {bundle}" in out
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
@@ -521,7 +506,7 @@ def test_plugin_writes_bundles_for_failing_checks_and_models(pytester, capsys):
         "no:randomly",
     )
     result.assert_outcomes(passed=1, failed=3)
-    bundles = _bundles(out_dir)
+    bundles = list_bundles(out_dir)
     # the two assertions are the same failure: one bundle; the model its own
     assert len(bundles) == 2, bundles
     text = result.stdout.str()
@@ -532,7 +517,7 @@ def test_plugin_writes_bundles_for_failing_checks_and_models(pytester, capsys):
     assert named == {None, *map(str, bundles)}
     assert gradcheck.repro.session_dir() is None  # restored after the session
     for bundle in bundles:
-        code, out = _replay(capsys, bundle)
+        code, out = cli_replay(capsys, bundle)
         assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
@@ -541,7 +526,7 @@ def test_plugin_ini_option(pytester):
     pytester.makeini("[pytest]\ngradcheck_repro_dir = out\n")
     result = pytester.runpytest_inprocess(*PLUGIN, "-k", "assertion")
     result.assert_outcomes(failed=1)
-    assert len(_bundles(pytester.path / "out")) == 1
+    assert len(list_bundles(pytester.path / "out")) == 1
 
 
 def test_html_report_names_the_bundle(tmp_path):
@@ -591,7 +576,7 @@ def test_audit_planted_bug_bundle_replays(tmp_path, monkeypatch, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().out
-    (bundle,) = _bundles(bundles)
+    (bundle,) = list_bundles(bundles)
     data = json.loads((tmp_path / "a.json").read_text())
     assert data["repro_bundles"] == [str(bundle)]
     (case,) = data["cases"]
@@ -600,5 +585,5 @@ def test_audit_planted_bug_bundle_replays(tmp_path, monkeypatch, capsys):
     assert doc["call"]["entry"] == "audit" and doc["call"]["job"] == name
     assert doc["call"]["check_seed"] == 4 and doc["call"]["spec"]["heads"]
     monkeypatch.setattr(audit, "jobs", real)  # the replay finds the job itself
-    code, out = _replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().endswith("reproduced: mismatch"), out

@@ -18,7 +18,7 @@ import pytest
 
 import gradcheck
 from gradcheck import repro
-from gradcheck.cli import main
+from tests._repro import assert_replays, cli_replay, list_bundles
 from tests._state import assert_same_rng, rng_state
 
 pytest_plugins = ["pytester"]
@@ -26,39 +26,6 @@ pytest_plugins = ["pytester"]
 torch = pytest.importorskip("torch")
 
 HERE = "tests.test_repro_checks"
-
-
-def _bundles(root: Path) -> list[Path]:
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if (p / "bundle.json").is_file())
-
-
-def _cli_replay(capsys, bundle) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["replay", str(bundle)])
-    return code, capsys.readouterr().out
-
-
-def _edit_versions(bundle: Path, **versions: str) -> None:
-    doc = json.loads((bundle / "bundle.json").read_text())
-    doc["versions"].update(versions)
-    (bundle / "bundle.json").write_text(json.dumps(doc))
-
-
-def _assert_replays(bundle: Path, status: str, capsys) -> None:
-    """In-process, through the CLI, and with edited versions."""
-    result = repro.replay(bundle)
-    assert result.reproduced and result.report.status == status, result.lines()
-    assert result.verdict_line() == f"reproduced: {status}"
-    code, out = _cli_replay(capsys, bundle)
-    assert code == 0, out
-    assert out.strip().splitlines()[-1] == f"reproduced: {status}"
-    _edit_versions(bundle, torch="1.0.0")
-    code, out = _cli_replay(capsys, bundle)
-    assert code == 0, out
-    assert f"versions differ in torch: bundle 1.0.0, here {torch.__version__}" in out
-    assert out.strip().splitlines()[-1] == f"reproduced: {status}"
 
 
 # ---------------------------------------------------------------- linearity
@@ -95,7 +62,7 @@ def test_linearity_bundle_replays(tmp_path, capsys):
         total_wrong, HEADS, WEIGHTS, _xw(), repro_dir=tmp_path
     )
     assert report.status == "mismatch", report.message()
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     assert report.repro_bundle == str(bundle)
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["replayable"] is True
@@ -110,7 +77,7 @@ def test_linearity_bundle_replays(tmp_path, capsys):
         "gradcheck.check_linearity(tests.test_repro_checks:total_wrong"
         in (bundle / "README.txt").read_text()
     )
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0")
 
 
 def test_correct_linearity_and_locality_write_nothing(tmp_path):
@@ -118,15 +85,7 @@ def test_correct_linearity_and_locality_write_nothing(tmp_path):
         total_right, HEADS, WEIGHTS, _xw(), repro_dir=tmp_path
     ).passed
     net = Heads(leak=False).double()
-    assert gradcheck.check_locality(
-        net.total,
-        net.losses(),
-        WEIGHTS,
-        (_x(),),
-        params=net,
-        expected=EXPECTED,
-        repro_dir=tmp_path,
-    ).passed
+    assert _check_locality(net, repro_dir=tmp_path).passed
     assert not list(tmp_path.iterdir())
 
 
@@ -138,7 +97,7 @@ def test_a_lambda_gives_a_bundle_that_says_why_it_cannot_replay(tmp_path, capsys
     assert doc["replayable"] is False
     assert "total_fn" in doc["not_replayable_because"]
     assert "define it at module level" in doc["not_replayable_because"]
-    code, out = _cli_replay(capsys, report.repro_bundle)
+    code, out = cli_replay(capsys, report.repro_bundle)
     assert code == 2 and "cannot be replayed" in out and "Traceback" not in out
 
 
@@ -151,7 +110,7 @@ def test_a_fixed_bug_is_not_reproduced_and_says_which_versions_differ(tmp_path, 
     doc["call"]["total_fn"]["name"] = f"{HERE}:total_right"  # as if fixed since
     doc["versions"]["numpy"] = "0.1"
     (bundle / "bundle.json").write_text(json.dumps(doc))
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1, out
     assert (
         out.strip()
@@ -203,19 +162,24 @@ def _x():
     return torch.randn(5, 3, generator=torch.Generator().manual_seed(2)).double()
 
 
-def test_locality_bundle_replays_with_the_stored_weights(tmp_path, capsys):
-    net = Heads(leak=True).double()
-    report = gradcheck.check_locality(
+def _check_locality(net, **kwargs):
+    """check_locality of ``net``'s heads against EXPECTED, on _x()."""
+    return gradcheck.check_locality(
         net.total,
         net.losses(),
         WEIGHTS,
         (_x(),),
         params=net,
         expected=EXPECTED,
-        repro_dir=tmp_path,
+        **kwargs,
     )
+
+
+def test_locality_bundle_replays_with_the_stored_weights(tmp_path, capsys):
+    net = Heads(leak=True).double()
+    report = _check_locality(net, repro_dir=tmp_path)
     assert report.status == "mismatch", report.message()
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     call = json.loads((bundle / "bundle.json").read_text())["call"]
     assert call["entry"] == "check_locality"
     assert call["total_fn"] == {"kind": "params_method", "name": "total"}
@@ -225,7 +189,7 @@ def test_locality_bundle_replays_with_the_stored_weights(tmp_path, capsys):
     result = repro.replay(bundle)
     assert result.reproduced
     assert result.report.location.describe() == report.location.describe()
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0")
 
 
 # ---------------------------------------------------------------- training step
@@ -303,7 +267,7 @@ def test_training_step_bundle_replays_its_recorded_batch(tmp_path, capsys):
     global X
     report = _check_step(step_forgets_to_divide, tmp_path)
     assert report.status == "mismatch", report.message()
-    (bundle,) = _bundles(tmp_path)
+    (bundle,) = list_bundles(tmp_path)
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["replayable"] is True, doc["not_replayable_because"]
     call = doc["call"]
@@ -338,7 +302,7 @@ def test_training_step_bundle_replays_its_recorded_batch(tmp_path, capsys):
             MODEL[0].weight.sub_(1.0)
     finally:
         X = recorded_x
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0")
 
 
 def test_a_large_global_tensor_is_named_not_stored(tmp_path, monkeypatch):
@@ -354,7 +318,7 @@ def test_a_large_global_tensor_is_named_not_stored(tmp_path, monkeypatch):
 
 def test_correct_training_step_writes_nothing(tmp_path):
     assert _check_step(step_right, tmp_path).passed
-    assert not _bundles(tmp_path)
+    assert not list_bundles(tmp_path)
 
 
 def test_training_step_public_repro_dir_parameter(tmp_path):
@@ -390,9 +354,9 @@ def test_plugin_repro_dir_reaches_linearity(pytester, capsys):
         *PLUGIN, f"--gradcheck-repro-dir={out_dir}", "-p", "no:randomly"
     )
     result.assert_outcomes(passed=1, failed=1)
-    (bundle,) = _bundles(out_dir)
+    (bundle,) = list_bundles(out_dir)
     assert f"repro bundle: {bundle}" in result.stdout.str()
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
@@ -402,10 +366,8 @@ def test_the_session_directory_reaches_linearity_and_locality(tmp_path):
     try:
         report = gradcheck.check_linearity(total_wrong, HEADS, WEIGHTS, _xw())
         net = Heads(leak=True).double()
-        loc = gradcheck.check_locality(
-            net.total, net.losses(), WEIGHTS, (_x(),), params=net, expected=EXPECTED
-        )
+        loc = _check_locality(net)
     finally:
         repro.set_session_dir(saved)
     assert report.repro_bundle and loc.repro_bundle
-    assert len(_bundles(tmp_path)) == 2
+    assert len(list_bundles(tmp_path)) == 2

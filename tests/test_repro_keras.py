@@ -18,8 +18,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from gradcheck import repro  # noqa: E402
-from gradcheck.cli import main  # noqa: E402
 from gradcheck.keras_api import check_keras_model  # noqa: E402
+from tests._repro import cli_replay  # noqa: E402
 from tests.test_keras_training import ScalesGrads, compiled, data  # noqa: E402
 
 pytestmark = pytest.mark.tensorflow
@@ -48,12 +48,6 @@ def _check(model, repro_dir, **kw):
     return report
 
 
-def _replay_cli(capsys, bundle) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["replay", str(bundle)])
-    return code, capsys.readouterr().out
-
-
 def test_keras_train_step_bundle_replays(tmp_path, capsys):
     model = compiled("dict", ScalesGrads)
     report = _check(model, tmp_path)
@@ -75,12 +69,12 @@ def test_keras_train_step_bundle_replays(tmp_path, capsys):
     result = repro.replay(bundle)
     assert result.reproduced, result.lines()
     assert result.report.error == pytest.approx(report.error, rel=1e-5)
-    code, out = _replay_cli(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().splitlines()[-1] == "reproduced: mismatch", out
 
     doc["versions"]["keras"] = "2.0.0"
     (bundle / "bundle.json").write_text(json.dumps(doc))
-    code, out = _replay_cli(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0, out
     assert f"versions differ in keras: bundle 2.0.0, here {keras.__version__}" in out
 
@@ -99,5 +93,5 @@ def test_a_local_model_class_gives_a_bundle_that_says_why(tmp_path, capsys):
     doc = json.loads((Path(report.repro_bundle) / "bundle.json").read_text())
     assert doc["replayable"] is False
     assert "Local" in doc["not_replayable_because"]
-    code, out = _replay_cli(capsys, report.repro_bundle)
+    code, out = cli_replay(capsys, report.repro_bundle)
     assert code == 2 and "cannot be replayed" in out

@@ -19,7 +19,7 @@ import pytest
 
 import gradcheck
 from gradcheck import repro
-from gradcheck.cli import main
+from tests._repro import assert_replays, cli_replay, edit_bundle, list_bundles
 from tests._state import assert_same_rng, rng_state
 
 pytest_plugins = ["pytester"]
@@ -34,42 +34,6 @@ HERE = "tests.test_repro_variants"
 
 
 # ---------------------------------------------------------------- helpers
-def _bundles(root: Path) -> list[Path]:
-    if not root.exists():
-        return []
-    return sorted(p for p in root.iterdir() if (p / "bundle.json").is_file())
-
-
-def _cli_replay(capsys, bundle) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main(["replay", str(bundle)])
-    return code, capsys.readouterr().out
-
-
-def _edit(bundle: Path, edit) -> None:
-    doc = json.loads((bundle / "bundle.json").read_text())
-    edit(doc)
-    (bundle / "bundle.json").write_text(json.dumps(doc))
-
-
-def _assert_replays(bundle: Path, status: str, capsys) -> None:
-    """In-process, through the CLI, and with edited versions."""
-    result = repro.replay(bundle)
-    assert result.reproduced and result.report.status == status, result.lines()
-    assert result.verdict_line() == f"reproduced: {status}"
-    code, out = _cli_replay(capsys, bundle)
-    assert code == 0, out
-    assert out.strip().splitlines()[-1] == f"reproduced: {status}"
-    _edit(bundle, lambda d: d["versions"].update(torch="1.0.0", numpy="0.1"))
-    code, out = _cli_replay(capsys, bundle)
-    assert code == 0, out
-    assert (
-        f"versions differ in numpy: bundle 0.1, here {np.__version__}; "
-        f"torch: bundle 1.0.0, here {torch.__version__}"
-    ) in out
-    assert out.strip().splitlines()[-1] == f"reproduced: {status}"
-
-
 def _snapshot(model: nn.Module) -> dict:
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -149,7 +113,7 @@ def test_variants_bundle_replays_and_leaves_the_model_alone(tmp_path, capsys):
     assert report.status == "mismatch", report.message()
     _assert_same(before, model)
     assert_same_rng(rng)
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     assert report.repro_bundle == str(bundle)
     doc = json.loads((bundle / "bundle.json").read_text())
     call = doc["call"]
@@ -173,7 +137,7 @@ def test_variants_bundle_replays_and_leaves_the_model_alone(tmp_path, capsys):
     # the rebuilt model is the recorded one: the same tensor fails, same error
     assert result.report.location.tensor == report.location.tensor
     assert result.report.error == report.error
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0", numpy="0.1")
     _assert_same(before, model)
     assert_same_rng(rng)
 
@@ -190,7 +154,7 @@ def test_a_module_level_model_is_loaded_and_put_back(tmp_path, capsys):
         repro_dir=tmp_path,
     )
     assert report.status == "mismatch"
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     assert bundle.name.startswith("shared-model-variants-float32-")
     call = json.loads((bundle / "bundle.json").read_text())["call"]
     assert call["model"]["ref"] == "tests.test_repro_variants:SHARED"
@@ -214,7 +178,7 @@ def test_a_module_level_model_is_loaded_and_put_back(tmp_path, capsys):
             SHARED.inner.weight.copy_(saved)
         SHARED.eval()
     _assert_same(before, SHARED)
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and "gradcheck.check_variants(" in out, out
 
 
@@ -224,20 +188,14 @@ def test_correct_variants_and_devices_write_nothing(tmp_path):
         ce_loss, model, _batch(), variants="autocast:bfloat16", repro_dir=tmp_path
     )
     assert report.passed, report.message()
-    report = gradcheck.check_devices(
-        square_loss,
-        _square_model(bug=False),
-        _square_batch(),
-        devices=("cpu", "cpu"),
-        repro_dir=tmp_path,
-    )
+    report = _check_square_devices(tmp_path, _square_model(bug=False))
     assert report.passed, report.message()
     skipped = gradcheck.check_variants(
         ce_loss, model, _batch(), variants="cuda", repro_dir=tmp_path
     )
     if not HAS_GPU:
         assert skipped.status == "skipped"
-    assert _bundles(tmp_path) == []
+    assert list_bundles(tmp_path) == []
 
 
 def test_the_session_directory_reaches_variants(tmp_path):
@@ -249,7 +207,7 @@ def test_the_session_directory_reaches_variants(tmp_path):
     finally:
         repro.set_session_dir(None)
     assert report.status == "mismatch"
-    assert [str(p) for p in _bundles(tmp_path)] == [report.repro_bundle]
+    assert [str(p) for p in list_bundles(tmp_path)] == [report.repro_bundle]
 
 
 def test_a_lambda_loss_gives_a_bundle_that_says_why(tmp_path, capsys):
@@ -265,7 +223,7 @@ def test_a_lambda_loss_gives_a_bundle_that_says_why(tmp_path, capsys):
     doc = json.loads((bundle / "bundle.json").read_text())
     assert not doc["replayable"]
     assert "lambda" in doc["not_replayable_because"]
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 2 and "cannot be replayed" in out and "lambda" in out
 
 
@@ -312,23 +270,30 @@ def _square_batch():
     return {"x": torch.randn(5, 4, generator=g)}
 
 
+def _check_square_devices(repro_dir, model=None):
+    """check_devices(("cpu", "cpu")) of square_loss on ``model`` (default: the
+    square model with its planted CPU kernel bug)."""
+    model = _square_model() if model is None else model
+    return gradcheck.check_devices(
+        square_loss, model, _square_batch(), devices=("cpu", "cpu"), repro_dir=repro_dir
+    )
+
+
 def test_devices_bundle_replays(tmp_path, capsys):
     model = _square_model()
     before = _snapshot(model)
     rng = rng_state()
-    report = gradcheck.check_devices(
-        square_loss, model, _square_batch(), devices=("cpu", "cpu"), repro_dir=tmp_path
-    )
+    report = _check_square_devices(tmp_path, model)
     assert report.status == "mismatch", report.message()
     _assert_same(before, model)
     assert_same_rng(rng)
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     call = json.loads((bundle / "bundle.json").read_text())["call"]
     assert call["entry"] == "check_devices"
     assert call["devices"] == ["cpu", "cpu"]
     assert call["failing"] == ["cpu/w"]
     assert "devices=['cpu', 'cpu']" in repro.describe_call(call)
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0", numpy="0.1")
     _assert_same(before, model)
 
 
@@ -337,7 +302,7 @@ def _as_if_on_a_gpu(bundle: Path, key: str, request, failing) -> None:
         doc["call"][key] = request
         doc["call"]["failing"] = failing
 
-    _edit(bundle, edit)
+    edit_bundle(bundle, edit)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="tells what a machine without a GPU says")
@@ -345,13 +310,7 @@ def test_a_gpu_device_bundle_replayed_without_a_gpu_says_skipped(tmp_path, capsy
     """A bundle recorded where cuda:0 failed (made here by editing one written on
     the CPU, as bundle.json is plain JSON): replayed without a GPU, the check is
     skipped, and the replay says so instead of claiming a pass."""
-    report = gradcheck.check_devices(
-        square_loss,
-        _square_model(),
-        _square_batch(),
-        devices=("cpu", "cpu"),
-        repro_dir=tmp_path,
-    )
+    report = _check_square_devices(tmp_path)
     bundle = Path(report.repro_bundle)
     _as_if_on_a_gpu(bundle, "devices", ["cpu", "cuda:0"], ["cuda:0/w"])
     result = repro.replay(bundle)
@@ -361,7 +320,7 @@ def test_a_gpu_device_bundle_replayed_without_a_gpu_says_skipped(tmp_path, capsy
     assert line.endswith(
         "(the bundle recorded mismatch; nothing else to compare ran here)"
     )
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1, out
     assert out.strip().splitlines()[-1] == line
 
@@ -379,7 +338,7 @@ def test_a_failing_gpu_variant_skipped_here_is_not_a_pass(tmp_path, capsys):
         bundle, "variants", ["autocast:float16", "cuda"], ["cuda/inner.weight"]
     )
     # and a model whose autocast is right (rebuilt by its class from the bundle)
-    _edit(
+    edit_bundle(
         bundle, lambda d: d["call"]["model"].update({"class": f"{HERE}:CorrectModel"})
     )
     result = repro.replay(bundle)
@@ -391,7 +350,7 @@ def test_a_failing_gpu_variant_skipped_here_is_not_a_pass(tmp_path, capsys):
     assert result.verdict_line().endswith(
         "(the bundle recorded mismatch; what did run here: passed)"
     )
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1 and "not reproduced: skipped (no GPU here" in out, out
 
 
@@ -405,14 +364,14 @@ def test_a_model_recorded_on_a_gpu_is_not_moved_to_the_cpu(tmp_path, capsys):
     bundle = Path(report.repro_bundle)
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["call"]["model"]["device"] == "cpu"
-    _edit(bundle, lambda d: d["call"]["model"].update(device="cuda:0"))
+    edit_bundle(bundle, lambda d: d["call"]["model"].update(device="cuda:0"))
     result = repro.replay(bundle)
     assert result.report.status == "skipped" and not result.reproduced
     assert result.verdict_line().startswith(
         "not reproduced: skipped (no GPU here: 'cuda:0' skipped: the model was on "
         "cuda:0 when recorded"
     )
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1 and "no GPU here" in out, out
 
 
@@ -467,7 +426,7 @@ def test_keras_variants_bundle_replays(tmp_path, capsys):
         keras_loss, model, batch, variants="xla", repro_dir=tmp_path
     )
     assert report.status == "mismatch", report.message()
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     doc = json.loads((bundle / "bundle.json").read_text())
     assert doc["replayable"], doc["not_replayable_because"]
     assert doc["call"]["model"]["kind"] == "keras"
@@ -483,7 +442,7 @@ def test_keras_variants_bundle_replays(tmp_path, capsys):
     model.layers[0].kernel.assign(before[0])
     for a, v in zip(before, model.variables, strict=True):
         assert np.array_equal(a, v.numpy()), v.path
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
@@ -500,7 +459,7 @@ def test_nondeterministic_distributed_bundle_replays(tmp_path, capsys):
     )
     assert report.status == "nondeterministic", report.message()
     assert_same_rng(rng)
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     doc = json.loads((bundle / "bundle.json").read_text())
     call = doc["call"]
     assert doc["replayable"], doc["not_replayable_because"]
@@ -511,7 +470,7 @@ def test_nondeterministic_distributed_bundle_replays(tmp_path, capsys):
     assert call["options"] == {"seed": 0, "rtol": None, "timeout": 120.0}
     with np.load(bundle / "inputs.npz", allow_pickle=False) as npz:
         assert np.array_equal(npz["batch.x"], dm.batch()["x"].numpy())
-    _assert_replays(bundle, "nondeterministic", capsys)
+    assert_replays(bundle, "nondeterministic", capsys, torch="1.0.0", numpy="0.1")
     assert_same_rng(rng)
 
 
@@ -526,13 +485,13 @@ def test_distributed_mismatch_bundle_replays_on_two_ranks(tmp_path, capsys):
             dm.build_cached, dm.step_divides, dm.batch(), timeout=60, repro_dir=tmp_path
         )
         assert report.status == "mismatch", report.message()
-        [bundle] = _bundles(tmp_path)
-        _assert_replays(bundle, "mismatch", capsys)
+        [bundle] = list_bundles(tmp_path)
+        assert_replays(bundle, "mismatch", capsys, torch="1.0.0", numpy="0.1")
         ok = gradcheck.check_distributed(
             dm.build, dm.step, dm.batch(), timeout=60, repro_dir=tmp_path
         )
     assert ok.passed, ok.message()
-    assert _bundles(tmp_path) == [bundle]  # the correct step wrote nothing
+    assert list_bundles(tmp_path) == [bundle]  # the correct step wrote nothing
     _assert_same(before, cached)
     result = repro.replay(bundle)
     assert "1/world_size" in result.report.message()
@@ -544,7 +503,7 @@ def test_a_local_step_is_refused_before_any_bundle(tmp_path):
 
     with pytest.raises(gradcheck.GradcheckError):
         gradcheck.check_distributed(dm.build, step, dm.batch(), repro_dir=tmp_path)
-    assert _bundles(tmp_path) == []
+    assert list_bundles(tmp_path) == []
 
 
 # ---------------------------------------------------------------- cross-framework
@@ -588,7 +547,7 @@ def test_cross_framework_bundle_replays(tmp_path, capsys, wrong_torch_mse):
     )
     assert report.status == "mismatch", report.message()
     assert_same_rng(rng)
-    [bundle] = _bundles(tmp_path)
+    [bundle] = list_bundles(tmp_path)
     doc = json.loads((bundle / "bundle.json").read_text())
     call = doc["call"]
     assert doc["replayable"], doc["not_replayable_because"]
@@ -596,10 +555,10 @@ def test_cross_framework_bundle_replays(tmp_path, capsys, wrong_torch_mse):
     assert call["spec"] == spec.to_dict()
     assert (call["dtype"], call["options"]) == ("float32", {"seed": 4, "rtol": None})
     assert set(doc["files"]) == {"batch.npz"}  # the batch drawn from the seed
-    _assert_replays(bundle, "mismatch", capsys)
+    assert_replays(bundle, "mismatch", capsys, torch="1.0.0", numpy="0.1")
     # the bug fixed (here: the patch undone): not reproduced, and said so
     wrong_torch_mse.undo()
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 1, out
     assert (
         out.strip()
@@ -617,7 +576,7 @@ def test_correct_cross_framework_writes_nothing(tmp_path):
         _spec(), dtype="float64", repro_dir=tmp_path
     )
     assert report.passed, report.message()
-    assert _bundles(tmp_path) == []
+    assert list_bundles(tmp_path) == []
 
 
 def test_a_tampered_spec_is_a_clear_error(tmp_path, wrong_torch_mse):
@@ -625,7 +584,7 @@ def test_a_tampered_spec_is_a_clear_error(tmp_path, wrong_torch_mse):
         _spec(), dtype="float32", repro_dir=tmp_path
     )
     bundle = Path(report.repro_bundle)
-    _edit(bundle, lambda d: d["call"]["spec"].update(heads="not heads"))
+    edit_bundle(bundle, lambda d: d["call"]["spec"].update(heads="not heads"))
     with pytest.raises(repro.ReproBundleError, match="stored spec is invalid"):
         repro.replay(bundle)
 
@@ -662,37 +621,31 @@ def test_plugin_repro_dir_reaches_variants_and_devices(pytester, capsys):
         *PLUGIN, f"--gradcheck-repro-dir={out_dir}", "-p", "no:randomly"
     )
     result.assert_outcomes(passed=1, failed=2)
-    bundles = _bundles(out_dir)
+    bundles = list_bundles(out_dir)
     entries = sorted(
         json.loads((b / "bundle.json").read_text())["call"]["entry"] for b in bundles
     )
     assert entries == ["check_devices", "check_variants"]
     for bundle in bundles:
         assert f"repro bundle: {bundle}" in result.stdout.str()
-        code, out = _cli_replay(capsys, bundle)
+        code, out = cli_replay(capsys, bundle)
         assert code == 0 and out.strip().endswith("reproduced: mismatch"), out
 
 
 def test_a_bundle_pointing_at_the_standard_library_is_refused(tmp_path, capsys):
     """Loading a bundle runs nothing from it, and a tampered bundle.json cannot
     make a replay call into the standard library."""
-    report = gradcheck.check_devices(
-        square_loss,
-        _square_model(),
-        _square_batch(),
-        devices=("cpu", "cpu"),
-        repro_dir=tmp_path,
-    )
+    report = _check_square_devices(tmp_path)
     bundle = Path(report.repro_bundle)
-    _edit(bundle, lambda d: d["call"]["loss_fn"].update(name="os:system"))
+    edit_bundle(bundle, lambda d: d["call"]["loss_fn"].update(name="os:system"))
     with pytest.raises(repro.ReproBundleError, match="standard library"):
         repro.replay(bundle)
-    code, out = _cli_replay(capsys, bundle)
+    code, out = cli_replay(capsys, bundle)
     assert code == 2 and "standard library" in out, out
     report = gradcheck.check_distributed(
         dm.build_dropout, dm.step_plain, dm.batch(), repro_dir=tmp_path
     )
     bundle = Path(report.repro_bundle)
-    _edit(bundle, lambda d: d["call"].update(build="subprocess:run"))
+    edit_bundle(bundle, lambda d: d["call"].update(build="subprocess:run"))
     with pytest.raises(repro.ReproBundleError, match="standard library"):
         repro.replay(bundle)
