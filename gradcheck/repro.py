@@ -820,7 +820,7 @@ def _note(report: CheckReport, path: Path | None, problem: str = "") -> None:
 # _write_guarded) a function that describes the call (filling the data files and
 # the reasons it cannot be replayed) and returns the bundle's name with it.
 def _write_failing(
-    repro_dir: Any, report: CheckReport, describe: Describe, *checked: Any
+    repro_dir: Any, report: CheckReport, describe: _Describe, *checked: Any
 ) -> Path | None:
     """The bundle of a failing ``report`` (see :func:`_write_guarded`), or None:
     no directory asked for, a passing report, or (no ``repro_dir`` given) one of
@@ -862,11 +862,11 @@ _Data = dict[str, _Arrays]
 _Described = tuple[str, dict[str, Any]]
 #: describes a bundle's call: fills the data files and the reasons a replay
 #: cannot rerun it, returns ``(name, call)``
-Describe = Callable[[_Data, list[str]], _Described]
+_Describe = Callable[[_Data, list[str]], _Described]
 
 
 def _write_guarded(
-    directory: Path, report: CheckReport, describe: Describe
+    directory: Path, report: CheckReport, describe: _Describe
 ) -> Path | None:
     """The bundle ``describe`` describes, written (see :func:`_save`). A bundle
     that cannot be written (disk full, no permission) is a note on the report,
