@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
@@ -414,11 +413,6 @@ def _heads_report(
             )
 
 
-#: check_linearity's verdict alone (models.py's weight shrink calls it):
-#: ``(total_fn, loss_fns, weights, inputs, params, seed, rtol)``
-_linearity_report = functools.partial(_heads_report, "check_linearity")
-
-
 def assert_linearity(
     total_fn: Callable[..., Any],
     loss_fns: Mapping[str, Callable[..., Any]],
@@ -462,13 +456,6 @@ def check_locality(
     return _heads_check(
         "check_locality", heads, inputs, params, seed, rtol, label, repro_dir, expected
     )
-
-
-def _locality_report(*args: Any) -> CheckReport:
-    """check_locality's verdict alone (models.py's weight shrink calls it):
-    ``(total_fn, loss_fns, weights, inputs, params, expected, seed, rtol)``."""
-    *rest, expected, seed, rtol = args
-    return _heads_report("check_locality", *rest, seed, rtol, expected)
 
 
 def assert_locality(

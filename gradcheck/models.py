@@ -834,13 +834,17 @@ class Checker:
                 if prop == "fd":
                     opts = finite_difference.Options(seed=self.seed, blame_budget=0)
                     got = api._gradients_report(total, (), model, opts)
-                elif prop == "linearity":
-                    got = api._linearity_report(
-                        total, losses, weights, (), model, self.seed, None
-                    )
-                else:
-                    got = api._locality_report(
-                        total, losses, weights, (), model, expected, self.seed, None
+                else:  # expected is None for linearity (heads(..., False))
+                    got = api._heads_report(
+                        f"check_{prop}",
+                        total,
+                        losses,
+                        weights,
+                        (),
+                        model,
+                        self.seed,
+                        None,
+                        expected,
                     )
             except GradcheckError:
                 return False  # no verdict at these weights: not a failure
