@@ -34,3 +34,37 @@ try:
     import torch._dynamo  # noqa: F401
 except ImportError:  # torch absent: its tests skip themselves
     pass
+
+# The same drop splits gradcheck itself in two: a gradcheck module first imported
+# inside an inner session is imported afresh by the next test, while objects made
+# by the dropped copy live on (CI failed once on it: pickle refused the distributed
+# backend's batch class, "not the same object as ...torch_distributed._Leaf").
+# Every gradcheck module is imported here, once per worker, except those that
+# import TensorFlow (3-5 s, and backends are picked from sys.modules: a test must
+# not find TensorFlow loaded by this file).
+_TF_MODULE_WORDS = ("tensorflow", "keras", "mirrored")
+
+
+def _import_gradcheck_modules() -> None:
+    import importlib
+    import pkgutil
+    import sys
+
+    import gradcheck
+
+    had_tf = "tensorflow" in sys.modules
+    for info in pkgutil.walk_packages(gradcheck.__path__, "gradcheck."):
+        if any(word in info.name for word in _TF_MODULE_WORDS):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # its framework is absent: its tests skip themselves
+            pass
+    if "tensorflow" in sys.modules and not had_tf:
+        raise RuntimeError(
+            "tests/conftest.py imported TensorFlow through a gradcheck module whose "
+            "name does not say so: add a word of its name to _TF_MODULE_WORDS"
+        )
+
+
+_import_gradcheck_modules()
