@@ -1455,7 +1455,7 @@ def _detach_counterfactual(
     got = _passing_derivative(ctx, probe, report)
     if got is None:
         return
-    alt_dir, passed, alt_size, low = got
+    alt_dir, passed, alt_size, low, held = got
     err = abs(float(est.value) - alt_dir)
     tol = report.tolerance
     if low:
@@ -1469,8 +1469,8 @@ def _detach_counterfactual(
         report.notes.insert(
             0,
             f"cause confirmed: with fn's {n} of tensors that require grad passing the "
-            f"gradient (an identity in place of each .detach(), one more backward), "
-            f"torch's directional derivative is {alt_dir:.6e} against the finite "
+            f"gradient (an identity in place of each .detach(), one more backward"
+            f"{_held_casts(held)}), torch's directional derivative is {alt_dir:.6e} against the finite "
             f"differences' {float(est.value):.6e} (error {err:.3e} <= tolerance "
             f"{tol:.3e}), where with them it is {probe.analytical:.6e}: the detaches "
             "are the whole mismatch, not a wrong backward. By design where the model "
@@ -1493,9 +1493,22 @@ def _detach_counterfactual(
         )
 
 
+def _held_casts(held: int) -> str:
+    """The counterfactual's words for the 8-bit float casts it held constant (a
+    straight-through quantizer's own rounding steps, see the torch backend's
+    PassDetach)."""
+    if not held:
+        return ""
+    return (
+        f"; {held} cast{'s' if held != 1 else ''} to an 8-bit float held constant, "
+        "their derivative between rounding steps, where torch passes the gradient "
+        "through as an identity"
+    )
+
+
 def _passing_derivative(
     ctx: _Context, probe: _Probe, report: CheckReport
-) -> tuple[float, int, int, bool] | None:
+) -> tuple[float, int, int, bool, int] | None:
     """torch's directional derivative along the probe with fn's detaches passing
     the gradient (see _detach_counterfactual): (value, detaches passed, gradient
     count, taken on float64 copies), or None when the backend has no such hook or
@@ -1523,7 +1536,8 @@ def _passing_derivative(
         for g, d in zip(alt, probe.direction, strict=True)
         if g is not None and d is not None
     )
-    return alt_dir, int(getattr(mode, "passed", 0)), len(alt), low
+    held = int(getattr(mode, "held", 0))
+    return alt_dir, int(getattr(mode, "passed", 0)), len(alt), low, held
 
 
 def _outside_by_detach(
@@ -1538,7 +1552,7 @@ def _outside_by_detach(
     got = _passing_derivative(ctx, probe, report)
     if got is None:
         return False
-    alt_dir, passed, _, _ = got
+    alt_dir, passed, _, _, held = got
     tol = report.tolerance
     if max(lo - alt_dir, alt_dir - hi, 0.0) > tol:
         return False
@@ -1551,8 +1565,8 @@ def _outside_by_detach(
         f"cause confirmed: torch's directional derivative {probe.analytical:.6e} lies "
         f"outside the one-sided derivatives at this point ({lo:.6e} .. {hi:.6e}: "
         f"kinks); with fn's {n} of tensors that require grad passing the gradient "
-        f"(an identity in place of each .detach(), one more backward) it is "
-        f"{alt_dir:.6e}, between them (tolerance {tol:.3e}): the detaches are the "
+        f"(an identity in place of each .detach(), one more backward"
+        f"{_held_casts(held)}) it is {alt_dir:.6e}, between them (tolerance {tol:.3e}): the detaches are the "
         "mismatch, not the kinks and not a wrong backward. By design where the "
         "model stops the gradient on purpose (see the note naming them).",
     )
