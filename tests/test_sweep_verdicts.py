@@ -300,3 +300,75 @@ def test_forward_origin_blames_only_what_reaches_the_failing_op():
 
     watch = forward_origin(trips, torch.float64)
     assert watch.low is not None and watch.low.startswith("torch.zeros in"), watch.low
+
+
+# ------------------- a straight-through quantizer with an 8-bit float scale (kolibri)
+def _nvfp4_like(x):
+    """Kolibri 1.1's ``nvfp4_fake_quantize`` in small: blocks of 4 scaled by their
+    max / 6, the scale rounded through float8_e4m3fn (whose cast torch
+    differentiates as an identity), magnitudes rounded to the E2M1 grid."""
+    blocks = x.unflatten(-1, (-1, 4))
+    scale = (blocks.abs().amax(-1, keepdim=True) / 6).clamp(2**-9, 448)
+    scale = scale.to(torch.float8_e4m3fn).to(x.dtype)
+    scaled = blocks / scale
+    mag = scaled.abs().clamp(max=6)
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    return (torch.round(mag / step) * step).copysign(scaled).mul(scale).flatten(-2)
+
+
+class _StraightThroughKeys(torch.nn.Module):
+    """Kolibri 1.1's sparse layer: queries as computed, keys rounded with a
+    straight-through gradient (``k + (q(k) - k).detach()``, by design). The
+    function's derivative reaches the weights through the queries only (the
+    rounded keys are piecewise constant); torch's gradient also through the keys,
+    as if unrounded. ``wrong``: a custom backward scaling the query path's gradient
+    by 1.01 (a real bug beside the designed straight-through)."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = torch.nn.Linear(8, 8).double()
+        self.k = torch.nn.Linear(8, 8).double()
+        self.wrong = wrong
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        if self.wrong:
+            q = _Scaled.apply(q)
+        k = k + (_nvfp4_like(k) - k).detach()
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ x
+
+
+def test_a_straight_through_quantizer_with_a_float8_scale_is_confirmed():
+    """Without holding the float8 cast the counterfactual passes the scale's
+    gradient through it (torch's identity) and misses: 'do not explain' (the
+    kolibri1_1 sweep rows before this was settled)."""
+    model, x = _StraightThroughKeys(), _f64(6, 8)
+    report = _check(model, x)
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed: with fn's 1 detach of tensors that require grad" in text
+    assert "1 cast to an 8-bit float held constant" in text
+    assert "Tensor.detach in _StraightThroughKeys.forward" in text
+
+
+def test_a_wrong_backward_beside_a_straight_through_quantizer_is_not_explained():
+    report = _check(_StraightThroughKeys(wrong=True), _f64(6, 8))
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed" not in text
+    assert "the detaches do not explain the whole mismatch" in text
+
+
+def test_pass_detach_holds_only_byte_float_casts_of_tensors_that_require_grad():
+    from gradcheck.backends._torch_kinks import PassDetach
+
+    x = _f64(4).requires_grad_(True)
+    with PassDetach() as mode:
+        held = x.to(torch.float8_e4m3fn)
+        kept = x.to(torch.float32)
+        plain = _f64(4).to(torch.float8_e5m2)  # no gradient to hold
+        through = x.detach()
+    assert mode.held == 1 and mode.passed == 1
+    assert not held.requires_grad and kept.requires_grad and through.requires_grad
+    assert plain.dtype == torch.float8_e5m2 and not plain.requires_grad
