@@ -50,6 +50,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -630,6 +631,8 @@ class Checker:
         self._built: tuple[Any, Any] | None = None
         self._failure: str | None = None
         self._weights: dict[str, float] | None = _weights_arg(weights)
+        #: the model's own error asking for train mode, once a check met it
+        self._train: str | None = None
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:
@@ -780,6 +783,31 @@ class Checker:
         return cache[dtype]
 
     def _run(self, prop: str, dtype: str, label: str, started: float) -> CheckReport:
+        """One check in eval mode; in train mode where the model's own code
+        demands it (:func:`_wants_train`: Reformer's reversible layers assert
+        ``self.training`` in their backward). A user checking such a model
+        trains it in train mode: gradcheck checks that function, with every
+        dropout and batch-norm module kept in eval mode (and every dropout of an
+        ``hf:`` config 0), so it is deterministic, and says so in a note. Found
+        once per model, then every check starts in train mode."""
+        if self.framework == "torch" and self._train is None:
+            try:
+                return self._run_in(prop, dtype, label, started, train=False)
+            except GradcheckError as exc:
+                reason = _wants_train(exc)
+                if reason is None:
+                    raise
+                self._train = reason
+        report = self._run_in(
+            prop, dtype, label, started, train=self._train is not None
+        )
+        if self._train is not None:
+            report.notes.insert(0, _train_note(self._built[0], self._train))
+        return report
+
+    def _run_in(
+        self, prop: str, dtype: str, label: str, started: float, train: bool
+    ) -> CheckReport:
         import gradcheck
 
         model, inputs = self._built  # type: ignore[misc]
@@ -789,7 +817,10 @@ class Checker:
             and dtype != "float32"
         ):
             model, inputs = self._keras_in(dtype)
-        with _prepared(model, inputs, dtype, self.framework, self.seed) as (m, heads):
+        with _prepared(model, inputs, dtype, self.framework, self.seed, train) as (
+            m,
+            heads,
+        ):
             total, losses, expected = heads(self.weights, prop == "locality")
             if prop == "fd":
                 report = gradcheck.check_gradients(
@@ -1018,14 +1049,58 @@ def _infer_object_inputs(model: Any, seed: int) -> Any:
     )
 
 
+#: a model's own error asking for train mode (Reformer's reversible layers:
+#: "make sure to use `model.train()` to put the model into training mode")
+_WANTS_TRAIN = re.compile(r"model\.train\(\)|\btrain(?:ing)? mode\b", re.I)
+
+
+def _wants_train(exc: BaseException) -> str | None:
+    """``"<type>: <first line>"`` of the model's own error in ``exc``'s causes
+    when it asks for train mode, else None. gradcheck's own messages (a
+    GradcheckError's text) are not read: only what the model raised."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if not isinstance(cur, GradcheckError):
+            text = (str(cur).strip().splitlines() or [""])[0]
+            if _WANTS_TRAIN.search(text):
+                return f"{type(cur).__name__}: {text[:300]}"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _train_note(model: Any, reason: str) -> str:
+    return (
+        f"checked in train mode: {type(model).__name__}'s own code refuses eval "
+        f"mode ({reason}); dropout and batch-norm modules kept in eval mode (so the "
+        "function is deterministic; an hf: config's dropouts are all 0), every "
+        "module's mode restored afterwards"
+    )
+
+
+def _train_mode(model: Any) -> None:
+    """``model.train()`` except the modules train mode makes random (dropout)
+    or stateful (normalisation with running statistics, updated in place by a
+    train-mode forward, on the user's buffers)."""
+    import torch
+
+    model.train()
+    keep = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+    for m in model.modules():
+        if isinstance(m, keep):
+            m.training = False
+
+
 @contextlib.contextmanager
 def _prepared(
-    model: Any, inputs: Any, dtype: str, framework: str, seed: int
+    model: Any, inputs: Any, dtype: str, framework: str, seed: int, train: bool = False
 ) -> Iterator[tuple[Any, Any]]:
-    """The model in eval mode and ``dtype`` (a copy when it must be converted;
-    train flags restored afterwards) and a factory of the two-head losses."""
+    """The model in eval mode (``train``: :func:`_train_mode`) and ``dtype`` (a
+    copy when it must be converted; every module's mode restored afterwards) and
+    a factory of the two-head losses."""
     if framework == "torch":
-        with _torch_prepared(model, inputs, dtype, seed) as got:
+        with _torch_prepared(model, inputs, dtype, seed, train) as got:
             yield got
     else:
         yield _keras_prepared(model, inputs, dtype, seed)
@@ -1067,7 +1142,7 @@ def _origin(call: Any, dtype: Any) -> Any:
 
 @contextlib.contextmanager
 def _torch_prepared(
-    model: Any, inputs: Any, dtype: str, seed: int
+    model: Any, inputs: Any, dtype: str, seed: int, train: bool = False
 ) -> Iterator[tuple[Any, Any]]:
     import torch
 
@@ -1077,7 +1152,10 @@ def _torch_prepared(
         model = _copy_as(model, want)
     inputs = _convert(inputs, lambda t: t.to(want) if t.is_floating_point() else t)
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if train:
+        _train_mode(model)
+    else:
+        model.eval()
     try:
 
         def call() -> Any:
@@ -1128,9 +1206,19 @@ def _torch_prepared(
             if locality:
                 named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
                 out = call()
+                # a backward may write parameter gradients to .grad instead of
+                # returning them (Reformer's reversible layers call .backward()
+                # inside their autograd.Function): those count as reached too
+                held = [(p, p.grad) for _, p in named]
+                for p, _ in held:
+                    p.grad = None
                 try:
                     grads = torch.autograd.grad(
                         out.sum(), [p for _, p in named], allow_unused=True
+                    )
+                    grads = tuple(
+                        g if g is not None else p.grad
+                        for (_, p), g in zip(named, grads, strict=True)
                     )
                 except Exception as exc:  # as fd/linearity name a raising backward
                     first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -1140,6 +1228,9 @@ def _torch_prepared(
                         "which parameters the output reaches, the locality check's "
                         "expected flow)"
                     ) from exc
+                finally:
+                    for p, g in held:
+                        p.grad = g
                 expected = {
                     k: (list(HEADS) if g is not None else [])
                     for (k, _), g in zip(named, grads, strict=True)

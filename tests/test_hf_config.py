@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from gradcheck.backends import _hf  # noqa: E402
 from gradcheck.backends._hf_config import (  # noqa: E402
+    TOKENS,
     _head_size,
     load_config,
     shrink_config,
@@ -382,3 +383,18 @@ def test_shrunk_model_builds_and_runs_slow(model_type):
     with torch.no_grad():
         model(**inputs)
     assert n < 2_000_000
+
+
+def test_reformer_trains_on_the_drawn_tokens_with_a_fixed_hash():
+    cfg = shrunk("reformer")
+    # train mode (its reversible backward's demand) wants the axial shape to
+    # multiply to the sequence length and the sequence to be whole chunks
+    assert cfg.axial_pos_shape[0] * cfg.axial_pos_shape[1] == TOKENS
+    assert sum(cfg.axial_pos_embds_dim) == cfg.hidden_size
+    for chunk in (cfg.lsh_attn_chunk_length, cfg.local_attn_chunk_length):
+        assert TOKENS % chunk == 0 and chunk < TOKENS  # the LSH layer hashes
+    assert cfg.num_buckets == 2 * TOKENS // cfg.lsh_attn_chunk_length
+    assert cfg.hash_seed is not None  # the same rotations in every forward
+    # its per-layer attention kinds are a tuple: cut to the kept layers
+    assert cfg.attn_layers == ("local", "lsh")
+    assert cfg.num_hidden_layers == 2

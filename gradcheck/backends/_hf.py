@@ -19,6 +19,7 @@ from gradcheck.backends._hf_config import (  # noqa: F401 (re-exported)
     IMAGE_INPUT,
     INPUT_KINDS,
     TEXT,
+    TOKENS,
     _first_int,
     _int,
     _is_config,
@@ -154,7 +155,7 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
     wanted = [main] + (
         [k for k in INPUT_KINDS if k in sig and k != main] if extra else []
     )
-    batch, seq = 2, 8
+    batch, seq = 2, TOKENS
     inputs: dict[str, Any] = {}
     for name in wanted:
         if name == TEXT:

@@ -22,6 +22,8 @@ VOCAB = 1024
 IMAGE = 64
 EXPERTS = 4
 SOURCE_POSITIONS = 32
+#: the token count of drawn token ids (batch 2 x TOKENS)
+TOKENS = 8
 #: the first stage's width of a staged backbone that keeps all its stages (Swin)
 STAGED_WIDTH = 16
 TOP_K = 2
@@ -255,12 +257,14 @@ def shrink_config(
         ):
             _set(cfg, key, 0.0)
         elif (
-            isinstance(value, list)
+            isinstance(value, (list, tuple))
             and old_layers
             and len(value) in old_layers
             and key not in ("architectures",)
         ):
-            _set(cfg, key, [value[i] for i in chosen])  # per-layer: layer_types, ...
+            # per-layer: layer_types, ...; Reformer's attn_layers is a tuple (and
+            # its layer count: left whole, all 6 layers were built)
+            _set(cfg, key, type(value)(value[i] for i in chosen))
     if old_layers:
         _remap_layer_refs(cfg, chosen)
     vocab = getattr(cfg, "vocab_size", None)
@@ -1370,11 +1374,32 @@ def _fit_patch_grid(cfg: Any) -> None:
 
 
 def _fit_axial(cfg: Any) -> None:
-    """Reformer: the axial position embedding's parts must add up to the width."""
-    dims, hidden = vars(cfg).get("axial_pos_embds_dim"), vars(cfg).get("hidden_size")
+    """Reformer: the axial position embedding's parts must add up to the width,
+    and (in train mode, which its reversible backward requires) its shape must
+    multiply to the sequence length: TOKENS as (2, TOKENS / 2), not 64 x 64.
+    Chunks of TOKENS / 2 (not 64) so that the LSH layer hashes, sorts and
+    chunks the tokens (with one chunk it attends to all of them directly, and
+    its hashing code never runs), with the buckets the paper's rule gives
+    (2 x chunks), set here rather than by the first forward. A fixed
+    ``hash_seed``: every forward draws the same random rotations (left unset,
+    each call hashes with new ones: not one function)."""
+    v = vars(cfg)
+    dims, hidden = v.get("axial_pos_embds_dim"), v.get("hidden_size")
     if isinstance(dims, (list, tuple)) and len(dims) == 2 and _int(hidden):
         if sum(dims) != hidden:
             _set(cfg, "axial_pos_embds_dim", type(dims)((hidden // 2, hidden // 2)))
+    shape = v.get("axial_pos_shape")
+    if isinstance(shape, (list, tuple)) and len(shape) == 2:
+        _set(cfg, "axial_pos_shape", type(shape)((2, TOKENS // 2)))
+    chunk = TOKENS // 2
+    for key in ("lsh_attn_chunk_length", "local_attn_chunk_length"):
+        if _int(v.get(key)) and v[key] > chunk:
+            _set(cfg, key, chunk)
+    lsh = v.get("lsh_attn_chunk_length")
+    if "num_buckets" in v and v["num_buckets"] is None and _int(lsh):
+        _set(cfg, "num_buckets", max(2 * (TOKENS // lsh), 2))
+    if "hash_seed" in v and v["hash_seed"] is None:
+        _set(cfg, "hash_seed", 0)
 
 
 def _fit_window(cfg: Any) -> None:
