@@ -9,6 +9,8 @@ types), so the file stays fast.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -274,6 +276,22 @@ def test_a_type_outside_hf_star_says_why_and_what_to_do(model_type, words):
     assert words in text and "gradcheck.check_model(model, inputs=" in text
 
 
+def test_a_model_with_only_discrete_outputs_is_outside_hf_star():
+    from gradcheck.models import UnbuildableError
+
+    with pytest.raises(UnbuildableError) as info:
+        _hf.build("wavtokenizer_encoder", {}, "hf:wavtokenizer_encoder", 0, 2_000_000)
+    text = str(info.value)
+    assert text.startswith(
+        "hf:wavtokenizer_encoder is not in hf:*: WavTokenizerEncoderModel's forward "
+        "returns only discrete tensors (audio_codes: torch.LongTensor"
+    ), text
+    assert "gradcheck.check_model(model.encoder, inputs=" in text
+    found, left_out = _hf._scope()
+    assert "wavtokenizer_encoder" in left_out and "wavtokenizer_encoder" not in found
+    assert "wavtokenizer" in found  # the full codec's output is audio: checked
+
+
 def test_excluded_types_are_listed_with_their_reason_and_not_expanded():
     found, left_out = _hf._scope()
     assert not set(found) & set(left_out)
@@ -282,6 +300,27 @@ def test_excluded_types_are_listed_with_their_reason_and_not_expanded():
     assert "inference_session" in left_out["sam2_video"]
     for t in ("bert", "vit", "whisper", "canine", "seggpt"):
         assert t in found
+
+
+@dataclasses.dataclass
+class Codes:  # a codec encoder's output (module level: annotations resolve)
+    codes: torch.LongTensor | None = None
+    codes_mask: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class CodesAndLatents(Codes):
+    latents: torch.FloatTensor | None = None
+
+
+class ReturnsCodes(torch.nn.Module):
+    def forward(self, input_values: torch.Tensor) -> tuple | Codes:
+        return Codes()
+
+
+class ReturnsLatents(torch.nn.Module):
+    def forward(self, input_values: torch.Tensor) -> tuple | CodesAndLatents:
+        return CodesAndLatents()
 
 
 def test_the_rules_that_leave_a_class_out():
@@ -299,6 +338,10 @@ def test_the_rules_that_leave_a_class_out():
     assert "no forward of its own" in _hf.not_checkable(NoForward)
     assert "requires 'session' (a dict" in _hf.not_checkable(NeedsSession)
     assert _hf.not_checkable(NeedsTensor) is None  # tensors are drawn
+
+    why = _hf.not_checkable(ReturnsCodes)
+    assert why is not None and "returns only discrete tensors (codes: " in why
+    assert _hf.not_checkable(ReturnsLatents) is None  # a floating field: checked
 
 
 def test_repairs_follow_the_models_own_error():

@@ -1212,11 +1212,15 @@ def _drawable(annotation: Any) -> bool:
 
 def not_checkable(cls: Any) -> str | None:
     """Why a model class is outside ``hf:*`` by its nature (not by a failure of
-    gradcheck's shrink or inputs), or None. Two rules, from the class alone:
+    gradcheck's shrink or inputs), or None. Three rules, from the class alone:
 
     - it has no forward of its own (torch's unimplemented placeholder): Bark and
       GLM-Image's VQ-VAE are driven through ``generate``/``encode``/``decode``,
       so there is no model function of the inputs to check;
+    - its forward returns only discrete tensors (:func:`_discrete_output`:
+      WavTokenizer's encoder returns its codes, ``LongTensor``, and their
+      mask): no floating output, so no gradient to check (the encoder's
+      continuous part is checked inside the full codec, ``hf:wavtokenizer``);
     - its forward requires an argument that is an object rather than a tensor
       (SAM-2/SAM-3/EdgeTAM video: an ``inference_session`` that the processor's
       tracking API fills frame by frame, with prompts and memory): not token
@@ -1231,6 +1235,13 @@ def not_checkable(cls: Any) -> str | None:
             f"{cls.__name__} has no forward of its own (transformers drives it "
             "through generate/encode/decode only): there is no function of token "
             "ids, pixel values or audio values to check"
+        )
+    discrete = _discrete_output(forward)
+    if discrete is not None:
+        return (
+            f"{cls.__name__}'s forward returns only discrete tensors ({discrete}): "
+            "no floating output to differentiate (codes pick the nearest codebook "
+            "entry: piecewise constant in the weights)"
         )
     try:
         params = inspect.signature(forward).parameters
@@ -1251,6 +1262,38 @@ def not_checkable(cls: Any) -> str | None:
     return None
 
 
+#: a field annotation that names an integer or boolean tensor
+_DISCRETE = re.compile(r"\b(Long|Int|Bool)Tensor\b")
+
+
+def _discrete_output(forward: Any) -> str | None:
+    """``"<field>: <annotation>, ..."`` where ``forward``'s return annotation is
+    an output class whose every field is an integer/boolean tensor or a mask
+    (WavTokenizer's encoder: ``audio_codes: torch.LongTensor``,
+    ``audio_codes_mask``), else None. From the annotations alone: nothing is
+    built (an unresolvable annotation: None, the model is tried)."""
+    import dataclasses
+    import typing
+
+    try:
+        ret = typing.get_type_hints(forward).get("return")
+    except Exception:
+        return None
+    for out in typing.get_args(ret) or (ret,):
+        if not (isinstance(out, type) and dataclasses.is_dataclass(out)):
+            continue
+        fields = [f.name for f in dataclasses.fields(out)]
+        notes: dict[str, Any] = {}
+        for base in reversed(out.__mro__):
+            notes.update(getattr(base, "__annotations__", {}))
+        kinds = {k: str(notes.get(k, "")).replace("typing.", "") for k in fields}
+        if fields and all(
+            _DISCRETE.search(v) or k.endswith("_mask") for k, v in kinds.items()
+        ):
+            return ", ".join(f"{k}: {v}" for k, v in kinds.items())
+    return None
+
+
 def not_checkable_reason(model_type: str, spec: str) -> str | None:
     """The unbuildable message of a type outside ``hf:*`` by its nature (see
     :func:`not_checkable`), with the way to check it anyway; else None."""
@@ -1258,6 +1301,12 @@ def not_checkable_reason(model_type: str, spec: str) -> str | None:
     why = not_checkable(cls) if cls is not None else None
     if why is None:
         return None
+    if "only discrete tensors" in why:  # own inputs would not give it one
+        return (
+            f"{spec} is not in hf:*: {why}. To check its continuous part, pass a "
+            "submodule with a floating output and that submodule's inputs: "
+            "gradcheck.check_model(model.encoder, inputs=(...))"
+        )
     return (
         f"{spec} is not in hf:*: {why}. To check it anyway, build the model and "
         "its inputs yourself and pass them: gradcheck.check_model(model, "
