@@ -16,13 +16,30 @@ blind spots that this module closes:
 
 A single wrong element k still moves D by e_k * z_k / |g_t| (Gaussian z_k), which is
 why the engine's tolerance is tight and blame bisects down to the element.
+
+Array API: the gradients may be NumPy arrays or tensors of any array-API library
+(torch through array-api-compat), each on its own device (a model split over two
+GPUs); each direction is built in its gradient's namespace, on its device. The
+randomness is the exception: the array API standard defines no random number
+generation (no generator, no seeding: every library's RNG differs in algorithm and
+state), so the draw is a parameter. A ``numpy.random.Generator`` draws on the host
+(Box-Muller, ``gaussian``) and the samples are copied once to the gradient's device:
+the same seed gives the same direction bit for bit whatever the library and device,
+so a check replays anywhere. A backend that wants no host draw and no copy (a large
+model on an accelerator) passes a ``Draw`` instead, e.g. ``torch.randn`` with a
+``torch.Generator`` on the device, whose numbers are its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+
+from gradcheck.errors import InvalidArgumentError
+from gradcheck.numeric.arrays import Array, device, namespace, norm, to_namespace
 
 #: Weight of the gradient-aligned component in units of the Gaussian part.
 ALIGNED = 3.0
@@ -31,13 +48,27 @@ ALIGNED = 3.0
 #: norm is rounding noise that must not be amplified.
 FLOOR = 1e-2
 
+#: A backend's own source of standard normal samples: ``draw(shape, like)`` returns
+#: float64 N(0, 1) samples of ``shape`` in ``like``'s namespace and on its device
+#: (``like`` is None where there is no array to follow: return NumPy's then).
+Draw = Callable[[tuple[int, ...], Any], Array]
+#: What the functions below draw from: a NumPy Generator (on the host, then copied
+#: to the device) or a backend's Draw.
+Random = np.random.Generator | Draw
 
-def gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+
+def gaussian(
+    rng: np.random.Generator, shape: tuple[int, ...], *, like: Array | None = None
+) -> Array:
     """Seeded standard normal samples (float64 array of ``shape``).
 
     Box-Muller on float32 uniforms: an exact Gaussian transform, ~3x faster than
     NumPy's ziggurat here (2.5 ms vs 7.5 ms per million), which matters when a
-    check of a 1M-parameter model should cost a few training steps."""
+    check of a 1M-parameter model should cost a few training steps.
+
+    Drawn on the host with NumPy (the array API has no RNG); with ``like`` (an array
+    of any array-API library) the samples are returned in its namespace, on its
+    device: the same numbers, one host-to-device copy."""
     n = int(np.prod(shape, dtype=np.int64))
     half = (n + 1) // 2
     u = rng.random((2, half), dtype=np.float32)
@@ -46,46 +77,73 @@ def gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     out = np.empty(2 * half, dtype=np.float64)
     np.multiply(radius, np.cos(angle), out=out[:half])
     np.multiply(radius, np.sin(angle), out=out[half:])
-    return out[:n].reshape(shape)
+    return to_namespace(out[:n].reshape(shape), like)
+
+
+def normal(rng: Random, shape: tuple[int, ...], *, like: Array | None = None) -> Array:
+    """float64 N(0, 1) samples of ``shape`` from a NumPy Generator (``gaussian``) or
+    a backend's Draw, in ``like``'s namespace and on its device."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(rng, np.random.Generator):
+        return gaussian(rng, shape, like=like)
+    if not callable(rng):
+        raise InvalidArgumentError(
+            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)) "
+            f"or a draw(shape, like) function, got {type(rng).__name__}"
+        )
+    z = rng(shape, like)
+    if tuple(z.shape) != shape:
+        raise InvalidArgumentError(
+            f"the draw function returned shape {tuple(z.shape)} for shape {shape}; "
+            "it must return samples of the shape it is asked for"
+        )
+    xp = namespace(z)
+    return z if z.dtype == xp.float64 else xp.astype(z, xp.float64)
 
 
 def cotangents(
-    shapes: Sequence[tuple[int, ...]], rng: np.random.Generator
-) -> list[np.ndarray]:
+    shapes: Sequence[tuple[int, ...]], rng: Random, *, like: Array | None = None
+) -> list[Array]:
     """Seeded output cotangents v_o: 1 for a scalar, else N(0,1)/sqrt(n_o).
 
-    Unit norm per output keeps outputs of different sizes on the same footing."""
+    Unit norm per output keeps outputs of different sizes on the same footing.
+    float64 arrays of ``like``'s namespace, on its device (NumPy's without it)."""
+    xp = namespace(like)
+    dev = None if like is None else device(like)
     out = []
     for shape in shapes:
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(int(s) for s in shape)
         if n == 1:
-            out.append(np.ones(shape, dtype=np.float64))
+            out.append(xp.ones(shape, dtype=xp.float64, device=dev))
         else:
-            out.append(gaussian(rng, shape) / np.sqrt(n))
+            # math.sqrt(n) is np.sqrt(n): both the correctly rounded root
+            out.append(normal(rng, shape, like=like) / math.sqrt(n))
     return out
 
 
 def probe_direction(
-    grads: Sequence[np.ndarray],
-    rng: np.random.Generator,
+    grads: Sequence[Array],
+    rng: Random,
     gnorms: Sequence[float] | None = None,
-) -> tuple[list[np.ndarray], list[float]]:
+) -> tuple[list[Array], list[float]]:
     """Direction d_t per tensor (same shapes as ``grads``) and the normaliser used.
 
-    ``grads`` are the analytical gradients (float64 copies), ``gnorms`` their L2
-    norms if the caller has them (else computed here). Returns ``(d, norms)``
-    where ``norms[t]`` is what d_t was divided by."""
+    ``grads`` are the analytical gradients (float64 copies; NumPy arrays or
+    array-API tensors, each on its own device), ``gnorms`` their L2 norms if the
+    caller has them (else computed here, a device sync each). Returns ``(d,
+    norms)`` where ``norms[t]`` is what d_t was divided by; d_t is float64 in g_t's
+    namespace, on g_t's device."""
     if gnorms is None:
-        gnorms = [float(np.linalg.norm(g)) for g in grads]
+        gnorms = [norm(g) for g in grads]
     gmax = max(gnorms, default=0.0)
     floor = FLOOR * gmax if gmax > 0 else 1.0
     directions, norms = [], []
     for g, gn in zip(grads, gnorms, strict=True):
-        z = gaussian(rng, g.shape)
+        z = normal(rng, tuple(g.shape), like=g)
         if gn > 0:
             z += (ALIGNED / gn) * g
-        norm = max(gn, floor)
-        z *= 1.0 / norm
+        normaliser = max(gn, floor)
+        z *= 1.0 / normaliser
         directions.append(z)
-        norms.append(norm)
+        norms.append(normaliser)
     return directions, norms

@@ -1,0 +1,104 @@
+"""The numeric core's array-API glue: which namespace, which device, two reductions.
+
+Every function of the numeric core that takes or returns arrays asks its inputs for
+their namespace (``array_api_compat.array_namespace``): NumPy arrays get
+``array_api_compat.numpy``, torch tensors ``array_api_compat.torch``, any library
+that implements the standard its own namespace. Results are computed with that
+namespace and stay on the input's device (a CUDA tensor stays on CUDA). Nothing here
+imports a framework: array-api-compat looks a library up in ``sys.modules`` only when
+an object of that library is passed in.
+
+NumPy keeps its own routine where the array API's differs in rounding: the L2 norm
+and the dot product are ``np.linalg.norm`` / ``np.vdot`` (one BLAS dot) for NumPy
+arrays, as before the numeric core moved to the array API, so NumPy results are the
+same to the last bit; other namespaces use ``linalg.vector_norm`` / ``vecdot``
+(the same numbers up to the order of the summation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import array_api_compat.numpy as numpy_namespace
+import numpy as np
+from array_api_compat import is_array_api_obj, is_numpy_namespace
+
+from gradcheck.errors import InvalidArgumentError
+
+#: An array of any array-API library (numpy.ndarray, torch.Tensor, ...). The array
+#: API has no common base class to annotate with.
+Array = Any
+#: An array-API namespace (a module such as ``array_api_compat.torch``).
+Namespace = Any
+
+__all__ = [
+    "Array",
+    "Namespace",
+    "device",
+    "is_numpy",
+    "namespace",
+    "norm",
+    "numpy_namespace",
+    "to_namespace",
+    "vdot",
+]
+
+
+def namespace(*xs: object) -> Namespace:
+    """The array-API namespace of the arrays among ``xs``.
+
+    Python and NumPy scalars, lists and None count as NumPy (they are host values and
+    combine with any library's arrays); with no array among ``xs`` the answer is
+    NumPy's. Arrays of two libraries raise InvalidArgumentError: one numeric call
+    works in one namespace."""
+    arrays = [x for x in xs if is_array_api_obj(x) and not isinstance(x, np.generic)]
+    if not arrays:
+        return numpy_namespace
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as err:
+        kinds = sorted({f"{type(x).__module__}.{type(x).__name__}" for x in arrays})
+        raise InvalidArgumentError(
+            f"the numeric core got arrays of more than one library ({', '.join(kinds)}) "
+            "in one call; convert them to one library (and one device) first"
+        ) from err
+
+
+def is_numpy(xp: Namespace) -> bool:
+    return bool(is_numpy_namespace(xp))
+
+
+def device(x: Array) -> Any:
+    """The device ``x`` lives on ("cpu" for NumPy arrays and host scalars)."""
+    if isinstance(x, np.generic) or not is_array_api_obj(x):
+        return "cpu"
+    return array_api_compat.device(x)
+
+
+def to_namespace(host: np.ndarray, like: Array | None) -> Array:
+    """A NumPy array moved into ``like``'s namespace and onto its device (``host``
+    itself where ``like`` is None or a NumPy array: no copy)."""
+    if like is None:
+        return host
+    xp = namespace(like)
+    if is_numpy(xp):
+        return host
+    return xp.asarray(host, device=device(like))
+
+
+def norm(x: Array) -> float:
+    """The L2 norm of all elements of ``x``, a Python float (a device sync where
+    ``x`` lives on an accelerator)."""
+    xp = namespace(x)
+    if is_numpy(xp):
+        return float(np.linalg.norm(x))  # BLAS dot: unchanged NumPy results
+    return float(xp.linalg.vector_norm(x))
+
+
+def vdot(a: Array, b: Array) -> float:
+    """sum(conj(a) * b) over all elements of two same-size arrays, a Python float."""
+    xp = namespace(a, b)
+    if is_numpy(xp):
+        return float(np.vdot(a, b))
+    return float(xp.vecdot(xp.reshape(a, (-1,)), xp.reshape(b, (-1,))))
