@@ -275,7 +275,9 @@ def test_norm_and_vdot(dev):
     a, b = rng.standard_normal((40, 30)), rng.standard_normal((40, 30))
     assert arrays.norm(a) == float(np.linalg.norm(a))  # NumPy: its own routine
     assert arrays.vdot(a, b) == float(np.vdot(a, b))
+    assert arrays.abs_dot(a, b) == float(np.abs(a * b).sum())
     ta, tb = torch.as_tensor(a, device=dev), torch.as_tensor(b, device=dev)
     assert arrays.norm(ta) == pytest.approx(arrays.norm(a), rel=1e-14)
     assert arrays.vdot(ta, tb) == pytest.approx(arrays.vdot(a, b), rel=1e-12)
+    assert arrays.abs_dot(ta, tb) == pytest.approx(arrays.abs_dot(a, b), rel=1e-14)
     assert arrays.device(ta).type == dev and arrays.device(a) == "cpu"

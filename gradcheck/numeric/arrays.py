@@ -35,6 +35,7 @@ Namespace = Any
 __all__ = [
     "Array",
     "Namespace",
+    "abs_dot",
     "device",
     "is_numpy",
     "namespace",
@@ -102,3 +103,10 @@ def vdot(a: Array, b: Array) -> float:
     if is_numpy(xp):
         return float(np.vdot(a, b))
     return float(xp.vecdot(xp.reshape(a, (-1,)), xp.reshape(b, (-1,))))
+
+
+def abs_dot(a: Array, b: Array) -> float:
+    """sum(|a * b|) over all elements, a Python float: the rounding scale of a
+    projection <a, b> (the same reduction as NumPy's ``np.abs(a * b).sum()``)."""
+    xp = namespace(a, b)
+    return float(xp.sum(xp.abs(a * b)))
