@@ -158,8 +158,11 @@ def shrink_config(
             _set(cfg, key, HIDDEN)
     if staged and _int(vars(cfg).get("embed_dim")) and cfg.embed_dim > STAGED_WIDTH:
         _set(cfg, "embed_dim", STAGED_WIDTH)
+    grouped = _grouped_query(cfg)  # before the caps make kv heads = heads
     cap(_HEAD_KEYS, HEADS)
     cap(_KV_KEYS, HEADS)
+    if grouped:
+        _fit_grouped_query(cfg)
     # per-stage lists (Swin, ConvNeXt, ResNet, wav2vec2's feature extractor)
     cap_list(cfg, _HEAD_KEYS, HEADS)
     cap_list(cfg, _STAGE_WIDTH_KEYS, HIDDEN)
@@ -257,16 +260,23 @@ def shrink_config(
         ):
             _set(cfg, key, 0.0)
         elif (
-            isinstance(value, (list, tuple))
+            (
+                isinstance(value, list)
+                or (isinstance(value, tuple) and all(isinstance(x, str) for x in value))
+            )
             and old_layers
             and len(value) in old_layers
             and key not in ("architectures",)
+            and key not in _LAYER_INDEX_SETS  # indexes, renumbered below
         ):
-            # per-layer: layer_types, ...; Reformer's attn_layers is a tuple (and
-            # its layer count: left whole, all 6 layers were built)
+            # per-layer: layer_types, ...; a tuple of layer kinds too (Reformer's
+            # attn_layers), not a tuple of numbers (CLAP's per-stage depths and
+            # heads: 4 stages, as many as its num_hidden_layers, all kept)
             _set(cfg, key, type(value)(value[i] for i in chosen))
     if old_layers:
         _remap_layer_refs(cfg, chosen)
+        _remap_layer_sets(cfg, chosen)
+        _keep_a_moe_layer(cfg, len(chosen))
     vocab = getattr(cfg, "vocab_size", None)
     if _int(vocab):
         for key, value in list(vars(cfg).items()):
@@ -296,9 +306,43 @@ def _fit_mirrored_dicts(cfg: Any) -> None:
             _set(cfg, key, {**value, **mirrored})
 
 
+def _moe_layers(cfg: Any) -> set[int] | None:
+    """The layers a MoE config's lists make MoE: ``mlp_layer_types`` entries
+    other than "dense" (Step-3.x, GLM-5's DSA), ``moe_layers`` (Llama 4),
+    every layer not in ``mlp_only_layers`` (Qwen-MoE style, Flint: layers 0
+    and 1 dense); None where no list says (counts such as DeepSeek-V3's
+    ``first_k_dense_replace`` are fitted after the cut, _keep_a_moe_layer)."""
+    v = vars(cfg)
+    if not any(_int(v.get(k)) for k in _EXPERT_KEYS):
+        return None
+    n = next((v[k] for k in _LAYER_KEYS if _int(v.get(k))), None)
+    kinds = v.get("mlp_layer_types")
+    if isinstance(kinds, (list, tuple)) and kinds:
+        return {i for i, k in enumerate(kinds) if k != "dense"}
+    moe = v.get("moe_layers")
+    if isinstance(moe, (list, tuple)) and all(_int(i) for i in moe):
+        return set(moe)
+    dense = v.get("mlp_only_layers")
+    if isinstance(dense, (list, tuple)) and dense and _int(n):
+        return set(range(n)) - set(dense)
+    return None
+
+
 def _kept_layers(cfg: Any) -> list[int]:
     """Which of the layers to keep: the first LAYERS, but one of each kind where
-    ``layer_types`` names more (at most 4 kinds)."""
+    ``layer_types`` names more (at most 4 kinds); and a MoE layer where the
+    config's lists make its first layers dense (:func:`_moe_layers`): in place
+    of the second of the first two, or added to the kinds."""
+    picked = _kept_by_type(cfg)
+    moe = _moe_layers(cfg)
+    if moe and not set(picked) & moe:
+        if picked == list(range(LAYERS)):
+            picked = picked[:-1]
+        picked = sorted([*picked, min(moe)])
+    return picked
+
+
+def _kept_by_type(cfg: Any) -> list[int]:
     types = vars(cfg).get("layer_types")
     if not isinstance(types, list) or not types:
         return list(range(LAYERS))
@@ -348,6 +392,103 @@ def _remap_layer_refs(cfg: Any, chosen: list[int]) -> None:
             layers = v.get(other)
             if isinstance(layers, list) and all(_int(r) for r in layers):
                 _set(cfg, other, [new[r] for r in layers if r in new])
+
+
+#: lists of layer indexes (not one value per layer): renumbered to the kept
+#: layers, indexes of dropped layers left out (MoE layer sets, LFM2's
+#: full-attention layers, Zamba2's hybrid layers). Not the vision towers'
+#: block sets (SAM's global_attn_indexes, Qwen2.5-VL's fullatt_block_indexes):
+#: DeepSeek-VL-Hybrid reads SAM's by position (an empty set: IndexError), and
+#: they pass with the indexes past the kept layers, as _LAYER_POINTERS says
+_LAYER_INDEX_SETS = (
+    "mlp_only_layers",
+    "moe_layers",
+    "full_attn_idxs",
+    "hybrid_layer_ids",
+    "local_layer_ids",
+    "ple_layer_ids",
+    "attn_layer_indices",
+)
+
+
+def _remap_layer_sets(cfg: Any, chosen: list[int]) -> None:
+    """Layer index lists (:data:`_LAYER_INDEX_SETS`) renumbered to the kept
+    layers ``chosen`` (old indexes): an index of a dropped layer is left out
+    (LFM2's full-attention layer 2 kept as layer 1 is 1; its 12 others go)."""
+    new = {old: i for i, old in enumerate(chosen)}
+    v = vars(cfg)
+    for key in _LAYER_INDEX_SETS:
+        refs = v.get(key)
+        if not (isinstance(refs, (list, tuple)) and all(_int(r) for r in refs)):
+            continue
+        _set(cfg, key, type(refs)(new[r] for r in refs if r in new))
+
+
+#: counts of leading dense layers before the MoE ones (DeepSeek-V3, Kimi,
+#: GLM-4-MoE: first_k_dense_replace 3 of 61; AFMoE, LFM2-MoE: num_dense_layers)
+_DENSE_FIRST = ("first_k_dense_replace", "num_dense_layers", "num_dense_blocks")
+#: every n-th layer is MoE (NLLB-MoE, Switch: 4; Qwen2-MoE: 1; DeepSeek-V2's
+#: moe_layer_freq; Jamba's expert_layer_period)
+_MOE_STEPS = (
+    "decoder_sparse_step",
+    "encoder_sparse_step",
+    "moe_layer_freq",
+    "expert_layer_period",
+)
+
+
+def _keep_a_moe_layer(cfg: Any, layers: int) -> None:
+    """A MoE config shrunk to ``layers`` layers keeps a MoE layer (and a dense
+    one where it had both): its leading dense layers are 1 (layer 0 dense,
+    layer 1 MoE), every n-th layer becomes every layer up to the count (NLLB's
+    every 4th: layer 1 of 2), Ernie 4.5's MoE span ends inside the kept layers.
+    Left alone, DeepSeek-V3 (3 dense first) kept 2 dense layers: no expert,
+    no router checked."""
+    v = vars(cfg)
+    if not any(_int(v.get(k)) for k in _EXPERT_KEYS):
+        return
+    for key in _DENSE_FIRST:
+        if _int(v.get(key)) and v[key] >= layers:
+            _set(cfg, key, max(layers - 1, 0))
+    for key in _MOE_STEPS:
+        if _int(v.get(key)) and v[key] > layers:
+            _set(cfg, key, layers)
+    offset = v.get("expert_layer_offset")
+    if _int(offset) and offset >= layers:
+        _set(cfg, "expert_layer_offset", layers - 1)
+    end = v.get("moe_layer_end_index")
+    if _int(end) and end >= layers:
+        _set(cfg, "moe_layer_end_index", layers - 1)
+    start = v.get("moe_layer_start_index")
+    if _int(start) and start >= layers:
+        _set(cfg, "moe_layer_start_index", layers - 1)
+    for key in ("mlp_only_layers",):  # every kept layer dense: the last is MoE
+        dense = v.get(key)
+        if isinstance(dense, (list, tuple)) and set(range(layers)) <= set(dense):
+            _set(cfg, key, type(dense)(i for i in dense if i != layers - 1))
+
+
+def _grouped_query(cfg: Any) -> bool:
+    """Whether ``cfg`` has fewer key/value heads than query heads (grouped
+    query attention), read before the caps."""
+    v = vars(cfg)
+    kv = next((v[k] for k in _KV_KEYS if _int(v.get(k))), None)
+    heads = next((v[k] for k in _HEAD_KEYS if _int(v.get(k))), None)
+    return kv is not None and heads is not None and 0 < kv < heads
+
+
+def _fit_grouped_query(cfg: Any) -> None:
+    """Grouped query attention stays grouped: the caps make 2 heads of 2
+    key/value heads (plain multi-head attention: the repeat of key/value
+    heads across query heads, the GQA code path, never ran). One key/value
+    head per 2 query heads."""
+    v = vars(cfg)
+    heads = next((v[k] for k in _HEAD_KEYS if _int(v.get(k))), None)
+    if not _int(heads) or heads < 2:
+        return
+    for key in _KV_KEYS:
+        if _int(v.get(key)) and v[key] >= heads:
+            _set(cfg, key, max(1, heads // 2))
 
 
 def _first_of_each(types: list[Any], span: range) -> list[int]:
