@@ -468,3 +468,19 @@ def test_extra_id_streams_come_from_their_own_vocabularies():
         ids = inputs[name]
         assert ids.shape == inputs["input_ids"].shape
         assert ids.max() < vocab and not (ids == cfg.pad_token_id).any()
+
+
+def test_an_action_expert_gets_its_action_chunk_and_cameras():
+    model, inputs, _ = _hf.build("pi05", {}, "hf:pi05", 0, 2_000_000)
+    cfg = model.config
+    width = cfg.dit_config.hidden_size
+    assert inputs["action_embeds"].shape == (2, cfg.chunk_size, width)
+    assert inputs["timestep_embeds"].shape == (2, width)
+    assert inputs["pixel_values"].dim() == 5  # (batch, cameras, c, h, w)
+    assert inputs["pixel_attention_mask"].shape == (2, 1)
+    vis = cfg.vlm_config.vision_config
+    marks = (inputs["input_ids"] == cfg.vlm_config.image_token_id).sum(dim=1)
+    assert marks.tolist() == [(vis.image_size // vis.patch_size) ** 2] * 2
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    assert out.shape == (2, cfg.chunk_size, width) and torch.isfinite(out).all()

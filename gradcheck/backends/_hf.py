@@ -679,6 +679,42 @@ def _with_required(
         out["input_features_mask"] = torch.ones(
             feats.shape[0], frames, dtype=torch.long
         )
+    if "action_embeds" in sig and ids is not None and pixels is not None:
+        out.update(_action_expert_inputs(out, cfg, gen))
+    return out
+
+
+def _action_expert_inputs(cand: dict[str, Any], cfg: Any, gen: Any) -> dict[str, Any]:
+    """A vision-language-action policy's bare model (PI0.5): its action
+    expert takes the embedded noisy action chunk, (batch, chunk_size, the
+    expert's width), and the embedded flow-matching time, (batch, width),
+    that the policy (PI05ForConditionalGeneration) computes from actions and
+    a timestep; the vision-language prefix takes images per camera, (batch,
+    cameras, channels, height, width) with a camera mask, each camera's image
+    tokens in front of the text (one per patch). One camera."""
+    torch = _torch()
+    dit = _sub(cfg, "dit_config")
+    vlm = _sub(cfg, "vlm_config")
+    vis = _sub(vlm, "vision_config")
+    width, chunk = getattr(dit, "hidden_size", None), getattr(cfg, "chunk_size", None)
+    size, patch = getattr(vis, "image_size", None), getattr(vis, "patch_size", None)
+    image = getattr(vlm, "image_token_id", None)
+    if not all(_int(x) for x in (width, chunk, size, patch, image)):
+        return {}
+    ids, pixels = cand[TEXT], cand["pixel_values"]
+    b = ids.shape[0]
+    text = torch.where(ids == image, (image + 1) % _vocab(vlm)[0], ids)
+    marks = torch.full((b, (size // patch) ** 2), image, dtype=ids.dtype)
+    ids = torch.cat([marks, text], dim=1)
+    out = {
+        TEXT: ids,
+        "pixel_values": pixels.unsqueeze(1) if pixels.dim() == 4 else pixels,
+        "pixel_attention_mask": torch.ones(b, 1, dtype=torch.bool),
+        "action_embeds": torch.randn(b, chunk, width, generator=gen),
+        "timestep_embeds": torch.randn(b, width, generator=gen),
+    }
+    if "attention_mask" in cand:
+        out["attention_mask"] = torch.ones(ids.shape, dtype=torch.long)
     return out
 
 
