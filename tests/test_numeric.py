@@ -7,6 +7,7 @@ import ast
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -114,6 +115,17 @@ def test_cotangents_are_one_for_scalars_and_unit_norm_otherwise():
     cot = dirs.cotangents([(), (1,), (10, 10)], np.random.default_rng(0))
     assert cot[0] == 1.0 and cot[1] == 1.0
     assert np.linalg.norm(cot[2]) == pytest.approx(1.0, rel=0.3)
+
+
+def test_noise_level_of_long_tables_no_longer_overflows():
+    # 1/C(2k, k) came from int64 factorial products, which overflow for k >= 11
+    # (tables of 12 or more values): a negative "gamma", sqrt of it, a NaN level and
+    # a RuntimeWarning. Python's integers stay exact.
+    v = 1.0 + 1e-6 * np.random.default_rng(1).standard_normal(13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        level = fd.noise_level(v)
+    assert level is not None and 2e-7 < level < 3e-6
 
 
 @pytest.mark.parametrize(

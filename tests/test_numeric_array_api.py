@@ -1,11 +1,12 @@
 """The numeric core on the array API: torch tensors in, torch tensors out, on their
-device, with NumPy's numbers (the static no-framework test is in test_numeric.py:
-it runs without torch)."""
+device, with NumPy's numbers; and on array_api_strict, the standard's reference
+implementation, whose arrays refuse anything outside the standard and whose
+"devices" refuse to mix (the static no-framework test is in test_numeric.py: it
+runs without torch)."""
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -15,16 +16,32 @@ from gradcheck.numeric import arrays
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 
+try:
+    import torch
+except ImportError:  # the torch tests skip; the array_api_strict ones still run
+    torch = None
+try:
+    import array_api_strict as xps
+except ImportError:  # pinned in requirements/ci.txt; the torch tests still run
+    xps = None
+
 EPS64 = float(np.finfo(np.float64).eps)
+
+
+def torch_test(f):
+    f = pytest.mark.skipif(torch is None, reason="needs PyTorch")(f)
+    return pytest.mark.torch(f)
+
+
+strict_test = pytest.mark.skipif(xps is None, reason="needs array-api-strict")
 
 
 # ---------------------------------------------------------------------------------
 # torch tensors (CPU here; CUDA too where one is present)
 
-torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.torch
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (
+    [] if torch is None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+)
 
 
 def _same(t, a) -> None:
@@ -80,6 +97,7 @@ SCALAR_FUNCTIONS = [
 ]
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("k", range(len(SCALAR_FUNCTIONS)))
 def test_richardson_on_torch_is_numpy_to_the_bit_and_stays_on_device(dev, k):
@@ -90,6 +108,7 @@ def test_richardson_on_torch_is_numpy_to_the_bit_and_stays_on_device(dev, k):
     _same_estimate(et, en, dev)
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_richardson_on_torch_vectors_with_a_numpy_budget(dev):
     a = np.random.default_rng(3).standard_normal((6, 3))
@@ -107,6 +126,7 @@ def test_richardson_on_torch_vectors_with_a_numpy_budget(dev):
     _same_estimate(fd.richardson(phi_torch, 1e-3, EPS64, tb, ulps=16), en, dev)
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_float32_tensors_are_promoted_on_their_device(dev):
     f = SCALAR_FUNCTIONS[0]
@@ -116,6 +136,7 @@ def test_float32_tensors_are_promoted_on_their_device(dev):
     _same_estimate(et, en, dev)  # float32 values, promoted exactly: the same bits
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_ladder_and_one_sided_on_torch(dev):
     a = np.random.default_rng(4).standard_normal((5, 2))
@@ -134,6 +155,7 @@ def test_ladder_and_one_sided_on_torch(dev):
     assert all(v[0].device.type == dev for v in values.values())
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_non_finite_tensor_values_raise(dev):
     def phi(t):
@@ -144,6 +166,7 @@ def test_non_finite_tensor_values_raise(dev):
         fd.richardson(phi, 1e-3, EPS64, 1e-9, ulps=16)
 
 
+@torch_test
 def test_a_phi_that_changes_library_is_refused():
     def phi(t):
         v = np.float64(math.sin(t))
@@ -155,6 +178,7 @@ def test_a_phi_that_changes_library_is_refused():
         arrays.namespace(np.ones(2), torch.ones(2))
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_noise_level_on_torch(dev):
     rng = np.random.default_rng(7)
@@ -169,17 +193,6 @@ def test_noise_level_on_torch(dev):
         fd.noise_level(torch.ones(3, device=dev))
 
 
-def test_noise_level_of_long_tables_no_longer_overflows():
-    # 1/C(2k, k) came from int64 factorial products, which overflow for k >= 11
-    # (tables of 12 or more values): a negative "gamma", sqrt of it, a NaN level and
-    # a RuntimeWarning. Python's integers stay exact.
-    v = 1.0 + 1e-6 * np.random.default_rng(1).standard_normal(13)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        level = fd.noise_level(v)
-    assert level is not None and 2e-7 < level < 3e-6
-
-
 def _grads(rng, dev=None):
     g = [
         rng.standard_normal((30, 20)) * 1e3,
@@ -191,6 +204,7 @@ def _grads(rng, dev=None):
     return g if dev is None else [torch.as_tensor(x, device=dev) for x in g]
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_probe_direction_on_torch_is_numpy_to_the_bit(dev):
     gn = _grads(np.random.default_rng(0))
@@ -224,6 +238,7 @@ def _torch_draw(seed: int):
     return draw
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_probe_direction_with_a_backend_draw_stays_on_device(dev):
     gt = _grads(np.random.default_rng(0), dev)
@@ -240,6 +255,7 @@ def test_probe_direction_with_a_backend_draw_stays_on_device(dev):
     assert norms[1] == pytest.approx(dirs.FLOOR * norms[0])
 
 
+@torch_test
 def test_a_bad_draw_is_refused_with_a_fix():
     g = [torch.ones(3, 2)]
     with pytest.raises(InvalidArgumentError, match="shape it is asked for"):
@@ -251,6 +267,7 @@ def test_a_bad_draw_is_refused_with_a_fix():
     assert d.dtype == torch.float64
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_cotangents_and_gaussian_follow_like(dev):
     shapes = [(), (1,), (10, 10), (0,)]
@@ -269,6 +286,7 @@ def test_cotangents_and_gaussian_follow_like(dev):
     assert float(torch.linalg.vector_norm(ck[2])) == pytest.approx(1.0, rel=0.3)
 
 
+@torch_test
 @pytest.mark.parametrize("dev", DEVICES)
 def test_norm_and_vdot(dev):
     rng = np.random.default_rng(2)
@@ -281,3 +299,92 @@ def test_norm_and_vdot(dev):
     assert arrays.vdot(ta, tb) == pytest.approx(arrays.vdot(a, b), rel=1e-12)
     assert arrays.abs_dot(ta, tb) == pytest.approx(arrays.abs_dot(a, b), rel=1e-14)
     assert arrays.device(ta).type == dev and arrays.device(a) == "cpu"
+
+
+# ---------------------------------------------------------------------------------
+# array_api_strict: nothing outside the standard, and devices that refuse to mix (a
+# result created on the default device, or a host value not moved, raises there)
+
+
+def _strict(a, dev: str):
+    return xps.asarray(np.asarray(a, dtype=np.float64), device=xps.Device(dev))
+
+
+def _same_strict(x, a, dev: str) -> None:
+    assert arrays.namespace(x) is xps and x.dtype == xps.float64
+    assert x.device == xps.Device(dev), (x.device, dev)
+    got = np.from_dlpack(x.to_device(xps.Device("CPU_DEVICE")))
+    want = np.asarray(a, dtype=np.float64)
+    assert got.shape == want.shape and got.tobytes() == want.tobytes(), (got, want)
+
+
+@strict_test
+@pytest.mark.parametrize("dev", ["device1", "device2"])
+def test_differences_on_array_api_strict(dev):
+    a = np.random.default_rng(5).standard_normal((4, 2))
+    sa = [_strict(a[:, 0], dev), _strict(a[:, 1], dev)]
+
+    def phi_np(t):
+        y = np.sin(a[:, 0] + t * a[:, 1])
+        return y, np.abs(y)
+
+    def phi_strict(t):
+        y = xps.sin(sa[0] + t * sa[1])
+        return y, xps.abs(y)
+
+    budget = np.geomspace(1e-13, 1e-8, 4)  # NumPy's: moved to the device
+    pairs = [
+        (
+            fd.richardson(phi_strict, 1e-3, EPS64, budget, ulps=16),
+            fd.richardson(phi_np, 1e-3, EPS64, budget, ulps=16),
+        ),
+        (fd.ladder(phi_strict, 1e-2), fd.ladder(phi_np, 1e-2)),
+    ]
+    for es, en in pairs:
+        for name in ("value", "error", "truncation", "rounding"):
+            _same_strict(getattr(es, name), getattr(en, name), dev)
+        assert (es.step, es.coarse) == (en.step, en.coarse)
+    fs, bs, _ = fd.one_sided(phi_strict, 1e-4)
+    fn, bn, _ = fd.one_sided(phi_np, 1e-4)
+    _same_strict(fs, fn, dev), _same_strict(bs, bn, dev)
+    v = np.sin(1 + np.arange(9) * 1e-4) + 1e-9 * np.random.default_rng(
+        0
+    ).standard_normal(9)
+    assert fd.noise_level(_strict(v, dev)) == pytest.approx(
+        fd.noise_level(v), rel=1e-12
+    )
+
+
+@strict_test
+def test_directions_on_array_api_strict_follow_each_gradient_device():
+    gn = [np.random.default_rng(1).standard_normal((5, 3)), np.zeros(4), np.ones(())]
+    devs = ["device1", "device2", "CPU_DEVICE"]  # a model split over devices
+    gs = [_strict(g, d) for g, d in zip(gn, devs, strict=True)]
+    given = [float(np.linalg.norm(g)) for g in gn]
+    ds, ns = dirs.probe_direction(gs, np.random.default_rng(8), given)
+    dn, nn = dirs.probe_direction(gn, np.random.default_rng(8), given)
+    assert ns == nn
+    for x, y, d in zip(ds, dn, devs, strict=True):
+        _same_strict(x, y, d)
+    _, ns = dirs.probe_direction(gs, np.random.default_rng(8))  # norms on the devices
+    assert ns == pytest.approx(nn, rel=1e-14)
+    like = _strict(0.0, "device2")
+    cs = dirs.cotangents([(), (6,)], np.random.default_rng(2), like=like)
+    cn = dirs.cotangents([(), (6,)], np.random.default_rng(2))
+    for x, y in zip(cs, cn, strict=True):
+        _same_strict(x, y, "device2")
+
+
+@strict_test
+def test_a_device_without_float64_is_refused_with_a_fix():
+    dev = xps.Device("no_float64")
+    a = xps.asarray([0.3, -1.2], dtype=xps.float32, device=dev)
+
+    def phi(t):
+        y = xps.sin(a + t)
+        return y, xps.abs(y)
+
+    with pytest.raises(InvalidArgumentError, match="float64.*no_float64"):
+        fd.richardson(phi, 1e-3, EPS64, 1e-9, ulps=16)
+    with pytest.raises(InvalidArgumentError, match="float64"):
+        dirs.probe_direction([a], np.random.default_rng(0))

@@ -36,6 +36,7 @@ __all__ = [
     "Array",
     "Namespace",
     "abs_dot",
+    "as_float64",
     "device",
     "is_numpy",
     "namespace",
@@ -77,15 +78,43 @@ def device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def as_float64(x: object, xp: Namespace, dev: Any = None) -> Array:
+    """``x`` (an array of ``xp`` or a host value) as a float64 array of ``xp`` on
+    ``dev`` (default: where ``x`` is). The numeric core computes in float64; a
+    device without it (Apple's MPS, array_api_strict's "no_float64") raises
+    InvalidArgumentError saying so, not the library's own error."""
+    try:
+        if dev is None:
+            return xp.asarray(x, dtype=xp.float64)
+        return xp.asarray(x, dtype=xp.float64, device=dev)
+    except Exception as err:
+        where = device(x) if dev is None else dev
+        if _lacks_float64(xp, where):
+            raise InvalidArgumentError(
+                f"the numeric core computes in float64, which {xp.__name__} does "
+                f"not support on device {where}: give it values on a device with "
+                "float64 (the CPU), e.g. float64 copies of the outputs and gradients"
+            ) from err
+        raise
+
+
+def _lacks_float64(xp: Namespace, dev: Any) -> bool:
+    try:
+        info = xp.__array_namespace_info__()
+        return "float64" not in info.dtypes(device=dev, kind="real floating")
+    except Exception:  # no inspection API: nothing to say beyond the error itself
+        return False
+
+
 def to_namespace(host: np.ndarray, like: Array | None) -> Array:
-    """A NumPy array moved into ``like``'s namespace and onto its device (``host``
-    itself where ``like`` is None or a NumPy array: no copy)."""
+    """A NumPy float64 array moved into ``like``'s namespace and onto its device
+    (``host`` itself where ``like`` is None or a NumPy array: no copy)."""
     if like is None:
         return host
     xp = namespace(like)
     if is_numpy(xp):
         return host
-    return xp.asarray(host, device=device(like))
+    return as_float64(host, xp, device(like))
 
 
 def norm(x: Array) -> float:

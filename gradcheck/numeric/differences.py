@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gradcheck.errors import InvalidArgumentError, NonFiniteError
-from gradcheck.numeric.arrays import Array, Namespace, device, namespace
+from gradcheck.numeric.arrays import Array, Namespace, as_float64, device, namespace
 
 #: One evaluation at x + t*d: (value, rounding scale S) as float64 arrays of the same
 #: shape (0-d for a projected scalar, 1-d for a Jacobian column), of any array-API
@@ -75,10 +75,7 @@ class _Memo:
                     f"{xp.__name__} arrays at t={t:.3g} but {self.xp.__name__} arrays "
                     "before: it must return arrays of one library throughout"
                 )
-            val, scale = (
-                xp.asarray(val, dtype=xp.float64),
-                xp.asarray(scale, dtype=xp.float64),
-            )
+            val, scale = as_float64(val, xp), as_float64(scale, xp)
             if not bool(xp.all(xp.isfinite(val))):
                 raise NonFiniteError(
                     f"the function is not finite at a finite-difference point x + {t:.3g}*d "
@@ -130,7 +127,7 @@ def richardson(
         nonlocal limit
         xp = memo.xp
         if limit is None:
-            limit = xp.asarray(budget, dtype=xp.float64, device=device(e.error))
+            limit = as_float64(budget, xp, device(e.error))
         return float(xp.max(e.error - limit))
 
     h_coarse, h_fine = h0, h0 / 2  # the first pair has ratio 2
@@ -236,7 +233,7 @@ def noise_level(values: Array) -> float | None:
     ``values``: an array of any array-API library (or a sequence of floats); the
     differences are taken in its namespace, on its device."""
     xp = namespace(values)
-    f = xp.reshape(xp.asarray(values, dtype=xp.float64), (-1,))
+    f = xp.reshape(as_float64(values, xp), (-1,))
     n = int(f.shape[0])
     if n < 4:
         raise ValueError("noise_level needs at least 4 values")

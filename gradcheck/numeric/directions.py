@@ -39,7 +39,14 @@ from typing import Any
 import numpy as np
 
 from gradcheck.errors import InvalidArgumentError
-from gradcheck.numeric.arrays import Array, device, namespace, norm, to_namespace
+from gradcheck.numeric.arrays import (
+    Array,
+    as_float64,
+    device,
+    namespace,
+    norm,
+    to_namespace,
+)
 
 #: Weight of the gradient-aligned component in units of the Gaussian part.
 ALIGNED = 3.0
@@ -98,7 +105,7 @@ def normal(rng: Random, shape: tuple[int, ...], *, like: Array | None = None) ->
             "it must return samples of the shape it is asked for"
         )
     xp = namespace(z)
-    return z if z.dtype == xp.float64 else xp.astype(z, xp.float64)
+    return z if z.dtype == xp.float64 else as_float64(z, xp)
 
 
 def cotangents(
@@ -114,7 +121,7 @@ def cotangents(
     for shape in shapes:
         n = math.prod(int(s) for s in shape)
         if n == 1:
-            out.append(xp.ones(shape, dtype=xp.float64, device=dev))
+            out.append(as_float64(np.ones(shape), xp, dev))
         else:
             # math.sqrt(n) is np.sqrt(n): both the correctly rounded root
             out.append(normal(rng, shape, like=like) / math.sqrt(n))
