@@ -790,19 +790,24 @@ class Checker:
         dropout and batch-norm module kept in eval mode (and every dropout of an
         ``hf:`` config 0), so it is deterministic, and says so in a note. Found
         once per model, then every check starts in train mode."""
+        report = None
         if self.framework == "torch" and self._train is None:
             try:
-                return self._run_in(prop, dtype, label, started, train=False)
+                report = self._run_in(prop, dtype, label, started, train=False)
             except GradcheckError as exc:
                 reason = _wants_train(exc)
                 if reason is None:
                     raise
                 self._train = reason
-        report = self._run_in(
-            prop, dtype, label, started, train=self._train is not None
-        )
+        if report is None:
+            report = self._run_in(
+                prop, dtype, label, started, train=self._train is not None
+            )
         if self._train is not None:
             report.notes.insert(0, _train_note(self._built[0], self._train))
+        built = getattr(self._built[0], "gradcheck_build_note", None)
+        if isinstance(built, str) and report.status not in NOT_RUN:
+            report.notes.append(built)
         return report
 
     def _run_in(

@@ -484,3 +484,15 @@ def test_an_action_expert_gets_its_action_chunk_and_cameras():
     with torch.no_grad():
         out = model(**inputs)[0]
     assert out.shape == (2, cfg.chunk_size, width) and torch.isfinite(out).all()
+
+
+def test_eager_attention_not_finite_in_float64_is_built_with_sdpa():
+    # BLT's eager softmax runs in float32: float64's finfo.min on a fully masked
+    # cross-attention row becomes -inf there, NaN; SDPA is finite in both dtypes
+    model, inputs, _ = _hf.build("blt", {}, "hf:blt", 0, 2_000_000)
+    assert model.config._attn_implementation == "sdpa"
+    assert "not finite in float64" in model.gradcheck_build_note
+    assert _hf._finite_in_float64(model, inputs)
+    bert, bert_inputs, _ = _hf.build("bert", {}, "hf:bert", 0, 2_000_000)
+    assert bert.config._attn_implementation == "eager"  # finite: left eager
+    assert not hasattr(bert, "gradcheck_build_note")

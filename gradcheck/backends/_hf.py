@@ -327,8 +327,19 @@ def build(
             _draw_zero_tensors(model)
         model.eval()
         inputs = _working_inputs(model, seed)
-    if not _finite_output(model, inputs):
-        model = _default_attention(cfg, seed, inputs) or model
+    finite32 = _finite_output(model, inputs)
+    if not finite32 or not _finite_in_float64(model, inputs):
+        sdpa = _default_attention(cfg, seed, inputs)
+        if sdpa is not None:
+            where = "float64" if finite32 else "float32"
+            # said in every check's notes (gradcheck.models reads it)
+            sdpa.gradcheck_build_note = (
+                f"built with {sdpa.config._attn_implementation} attention: with "
+                f"eager attention the model's output is not finite in {where} at "
+                "these weights and inputs (the model's own eager code, e.g. a "
+                "fully masked row's mask overflowing in a float32 softmax)"
+            )
+            model = sdpa
     _calibrate_batch_norm(model, inputs)
     return model, inputs, n
 
@@ -369,14 +380,35 @@ def _finite_output(model: Any, inputs: dict[str, Any]) -> bool:
     return True
 
 
+def _finite_in_float64(model: Any, inputs: dict[str, Any]) -> bool:
+    """Whether a float64 copy's first floating output is finite too (True
+    where the float64 forward raises: its check says why)."""
+    import torch
+
+    twin = copy.deepcopy(model).double()
+    wide = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+    try:
+        return _finite_output(twin, wide)
+    except Exception:
+        return True
+
+
 def _default_attention(cfg: Any, seed: int, inputs: dict[str, Any]) -> Any:
     """The model built again with its default attention when that one's output
     is finite where eager attention's is not, else None. NeMo's streaming
     Conformer (nemotron3_5_asr, nemotron_asr_streaming) masks with
     ``attention_mask.logical_not()``, right for the boolean mask SDPA gets and
     wrong for eager's additive float mask (0 where allowed): every score is
-    -inf, softmax 0/0, the output NaN at any weights. A model NaN with both
-    stays as built: its check reports the NaN."""
+    -inf, softmax 0/0, the output NaN at any weights. And where eager's output
+    is finite in float32 but not in float64 (BLT: its eager softmax runs in
+    float32, ``softmax(..., dtype=torch.float32)``, so a fully masked
+    cross-attention row, float64's finfo.min, becomes -inf and NaN; in float32
+    finfo.min stays finite and the row uniform): SDPA when it is finite in
+    both, so that both dtypes check one model. A model NaN with both stays as
+    built: its check reports the NaN."""
     import torch
 
     try:
@@ -387,7 +419,9 @@ def _default_attention(cfg: Any, seed: int, inputs: dict[str, Any]) -> Any:
         model.eval()
         if model.config._attn_implementation == "eager":
             return None
-        return model if _finite_output(model, inputs) else None
+        if _finite_output(model, inputs) and _finite_in_float64(model, inputs):
+            return model
+        return None
     except Exception:
         return None
 
