@@ -848,6 +848,10 @@ class Checker:
             mixed = _kept_dtypes(m, dtype, self.framework)
             if mixed:
                 report.notes.append(mixed)
+            if self.framework == "torch" and report.status == "mismatch":
+                side = _side_written(m, total)
+                if side:
+                    report.notes.insert(0, side)
             if self.shrink and report.status in SHRINK_STATUSES:
                 self._shrink(report, prop, m, heads, started)
             return report
@@ -1075,6 +1079,45 @@ def _wants_train(exc: BaseException) -> str | None:
     return None
 
 
+def _side_written(model: Any, total: Any) -> str | None:
+    """A note where some parameters get their gradient only as a side effect
+    of the backward: written to ``.grad`` (a ``.backward()`` call inside a
+    custom ``autograd.Function``: Reformer's reversible layers) and not
+    returned to ``torch.autograd.grad``, which the checks differentiate with;
+    None otherwise (or where the backward raises: the check said so). Each
+    parameter's ``.grad`` is put back as it was."""
+    import torch
+
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    held = [(p, p.grad) for _, p in named]
+    for p, _ in held:
+        p.grad = None
+    try:
+        grads = torch.autograd.grad(total(), [p for _, p in named], allow_unused=True)
+        side = [
+            k
+            for (k, p), g in zip(named, grads, strict=True)
+            if g is None and p.grad is not None and bool(p.grad.ne(0).any())
+        ]
+    except Exception:
+        return None
+    finally:
+        for p, g in held:
+            p.grad = g
+    if not side:
+        return None
+    shown = ", ".join(f"'{k}'" for k in side[:3])
+    more = f" and {len(side) - 3} more" if len(side) > 3 else ""
+    return (
+        f"{len(side)} parameters ({shown}{more}) get their gradient only as a side "
+        f"effect of {type(model).__name__}'s backward: it writes them to .grad (a "
+        ".backward() call inside a custom autograd.Function) and returns none to "
+        "torch.autograd.grad, which the checks differentiate with. loss.backward() "
+        "sees those gradients; torch.autograd.grad and torch.func do not: that is "
+        "this mismatch."
+    )
+
+
 def _train_note(model: Any, reason: str) -> str:
     return (
         f"checked in train mode: {type(model).__name__}'s own code refuses eval "
@@ -1157,6 +1200,12 @@ def _torch_prepared(
         model = _copy_as(model, want)
     inputs = _convert(inputs, lambda t: t.to(want) if t.is_floating_point() else t)
     modes = [(m, m.training) for m in model.modules()]
+    # the forwards run here outside a check (the first output, the locality
+    # reach, a mismatch's side-effect gradients) may draw or reseed torch's
+    # generator (Reformer in train mode reseeds it in every forward): put back
+    rng = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng_cuda = torch.cuda.get_rng_state_all() if cuda else None
     if train:
         _train_mode(model)
     else:
@@ -1246,6 +1295,9 @@ def _torch_prepared(
     finally:
         for m, training in modes:
             m.training = training
+        torch.set_rng_state(rng)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state_all(rng_cuda)
 
 
 def _keras_prepared(model: Any, x: Any, dtype: str, seed: int) -> tuple[Any, Any]:

@@ -286,11 +286,43 @@ class TrainModeBackward(torch.nn.Module):
         self.scale = scale
 
     def forward(self, x):
+        torch.seed()  # as Reformer's train-mode forward: reseeds torch's RNG
         h = torch.tanh(self.inp(x))
         lin = self.lin
         return self.drop(
             TrainAssertedBackward.apply(h, lin.weight, lin.bias, self, self.scale)
         )
+
+
+class WritesGradBackward(torch.autograd.Function):
+    """Reformer's reversible Function in small: its backward runs the layer's
+    backward with .backward(), so the layer's parameters get their gradient
+    in .grad and none is returned for them (torch.autograd.grad sees none)."""
+
+    @staticmethod
+    def forward(ctx, h, module):
+        ctx.module = module
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return module.lin(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            ctx.module.lin(h).backward(g)
+        return h.grad, None
+
+
+class WritesGrad(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 4)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return WritesGradBackward.apply(torch.tanh(self.inp(x)), self)
 
 
 def train_mode_backward():
@@ -939,3 +971,15 @@ def test_train_mode_is_asked_for_by_the_model_not_by_gradcheck_messages():
     own = BackwardError("see model.train()")  # gradcheck's own words: not read
     own.__cause__ = ValueError("shapes differ")
     assert models._wants_train(own) is None
+
+
+def test_gradients_written_to_grad_by_a_backward_are_named_in_the_mismatch():
+    torch.manual_seed(0)
+    model, x = WritesGrad(), torch.randn(2, 3)
+    (fd,) = models.check_model(model, inputs=x, properties="fd", dtype="float64")
+    assert fd.status == "mismatch", fd.message()
+    assert fd.notes[0].startswith(
+        "2 parameters ('lin.weight', 'lin.bias') get their gradient only as a side "
+        "effect of WritesGrad's backward: it writes them to .grad"
+    ), fd.notes[0]
+    assert all(p.grad is None for p in model.parameters())  # put back
