@@ -800,9 +800,17 @@ class Checker:
                     raise
                 self._train = reason
         if report is None:
-            report = self._run_in(
-                prop, dtype, label, started, train=self._train is not None
-            )
+            try:
+                report = self._run_in(
+                    prop, dtype, label, started, train=self._train is not None
+                )
+            except GradcheckError as exc:
+                if self._train is None:
+                    raise
+                raise GradcheckError(
+                    f"{exc} (checked in train mode, as the model's own error in "
+                    f"eval mode asked: {self._train})"
+                ) from exc
         if self._train is not None:
             report.notes.insert(0, _train_note(self._built[0], self._train))
         built = getattr(self._built[0], "gradcheck_build_note", None)

@@ -925,6 +925,8 @@ def test_locality_names_a_raising_backward_as_fd_does():
         "the backward pass through TrainOnlyBackward's first output raised "
         "AssertionError: call model.train() before backward"
     ), loc.notes[0]
+    # it asks for train mode: tried, and said so, as it raises there too
+    assert "(checked in train mode, as the model's own error" in fd.notes[0]
 
 
 def test_a_model_whose_backward_demands_train_mode_is_checked_in_train_mode():
