@@ -594,3 +594,40 @@ def test_python_randomness_is_not_frozen_by_the_trace(monkeypatch):
     report = gradcheck.check_gradients(fn, (x,), seed=0)
     assert report.status == "nondeterministic", report.message()
     assert len(calls) > 4  # every reference evaluation ran fn's Python
+
+
+@pytest.mark.parametrize("case", ["inputs", "keras-float32"])
+def test_traced_reference_of_the_order2_function_equals_eager(case, monkeypatch):
+    """The derived function g = grad <v, fn> reads its inputs' sources from its
+    arguments: traced, it follows the point (a source captured from the first
+    evaluation would freeze the inputs' part of g)."""
+    keras.utils.set_random_seed(5)
+    if case == "inputs":
+        w = tf.constant([[0.4, -0.3], [1.1, 0.2], [-0.5, 0.7]], dtype=tf.float32)
+        x = tf.constant([[0.3, -1.2, 2.0]], dtype=tf.float32)
+        inputs, params = (x,), None
+        fn = lambda x: tf.tanh(tf.matmul(x, w)) * x[:, :2]  # noqa: E731
+    else:
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2, activation="tanh")]
+        )
+        x = tf.constant([[0.3, -1.2, 2.0], [0.1, 0.5, -0.4]])
+        inputs, params = (x,), model
+        fn = lambda x: tf.reduce_sum(model(x) ** 3)  # noqa: E731
+        snap = _snapshot(model)
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(tfb, "COMPILED_REFERENCE", compiled)
+        s = tfb.second_order_session(fn, inputs, params, seed=0)
+        with s:
+            s.analytic()
+            rng = np.random.default_rng(1)
+            d = [rng.normal(size=sp.shape) for sp in s.specs]
+            results.append([s.outputs_at(s.prepare(d), t) for t in (0.0, 0.1, -0.3)])
+            if compiled:
+                assert any(v is not False for v in s._compiled.values())
+    for a, b in zip(*results, strict=True):
+        for ya, yb in zip(a, b, strict=True):
+            np.testing.assert_allclose(yb, ya, rtol=1e-12, atol=1e-14)
+    if params is not None:
+        _assert_same(params, snap)

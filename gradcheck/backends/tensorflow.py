@@ -987,9 +987,11 @@ class TensorflowSession(Session):
         and shapes). A fn that cannot be traced (``.numpy()``, Python branches on
         values, variables made on call), draws random numbers (a Dropout in
         training mode: the two runs differ), or whose inputs are not all tensors
-        or variables keeps the eager path for the whole session, as do the
-        derived order-2 sessions (their function reads the evaluation's sources
-        from Python state). From then on every reference evaluation at this
+        or variables keeps the eager path for the whole session. (The derived
+        order-2 function reads its inputs' sources from its arguments and its
+        variables' from the session, whose variables and float64 shadows are
+        the same objects at every evaluation.) From then on every reference
+        evaluation at this
         precision, including the base point, comes from the one graph, so the
         differences compare like with like."""
         compiled = self._compiled.get(key)
@@ -1019,11 +1021,8 @@ class TensorflowSession(Session):
         return got
 
     def _may_compile(self, inputs: list[Any]) -> bool:
-        return (
-            COMPILED_REFERENCE
-            and self._output_labels is None
-            and getattr(self, "derived_order", 1) == 1
-            and all(isinstance(x, (tf.Tensor, tf.Variable)) for x in inputs)
+        return COMPILED_REFERENCE and all(
+            isinstance(x, (tf.Tensor, tf.Variable)) for x in inputs
         )
 
     def _compile(self, inputs: list[Any]) -> tuple[list[str], Any]:
@@ -1159,8 +1158,12 @@ def second_order_session(
         session: TensorflowSession = holder["session"]
         xs = list(args[:n])
         vs = list(args[n:])
+        # an input's source is the tensor fn receives (the evaluation's own:
+        # the same object eagerly, the argument inside the traced reference,
+        # see _reference_forward); a variable's is the variable the evaluation
+        # reads (the user's, or its float64 shadow: one object per session)
         sources = [
-            src
+            args[ref] if kind == "input" else src
             for (kind, ref, _), src in zip(
                 session.diff, session._sources_now, strict=True
             )
