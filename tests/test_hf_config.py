@@ -474,3 +474,12 @@ def test_index_lists_are_remapped_not_cut_by_position():
     assert cfg.mlp_only_layers == [0, 1]
     assert cfg.hybrid_layer_ids == ()  # neither named layer kept
     assert cfg.full_attn_idxs == [1]
+
+
+def test_zamba2_keeps_a_hybrid_layer_with_its_wide_attention():
+    cfg = shrunk("zamba2")  # its first hybrid (shared attention) layer is 6 of 54
+    assert cfg.layers_block_type == ["linear_attention", "hybrid"]
+    assert list(cfg.hybrid_layer_ids) == [1]  # renumbered: layer 6 kept as 1
+    # the shared block reads [hidden, embeddings]: twice the width
+    assert cfg.attention_hidden_size == 2 * cfg.hidden_size
+    assert cfg.attention_head_dim * cfg.num_attention_heads == cfg.attention_hidden_size

@@ -122,6 +122,7 @@ def shrink_config(
     # its per-layer overrides off while shrinking, put the kept layers' back after
     hetero = cfg.__dict__.pop("_heterogeneity_spec", None)
     old_head = _head_size(cfg)  # before the caps: partial rotary keeps its share
+    wide = _wide_attention(cfg)  # likewise a width multiple (Zamba2)
     derived = _derived_widths(cfg)  # before the nested configs shrink
     attrs = dict(vars(cfg))
     for key, value in attrs.items():
@@ -197,6 +198,8 @@ def shrink_config(
     if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
         _set(cfg, "head_dim", max(hidden // heads, 4))
     _fit_mla(cfg)
+    if wide:
+        _fit_wide_attention(cfg, wide)
     _fit_rotary(cfg, old_head)
     _fit_mrope_section(cfg)
     _fit_expert_groups(cfg)
@@ -343,7 +346,12 @@ def _kept_layers(cfg: Any) -> list[int]:
 
 
 def _kept_by_type(cfg: Any) -> list[int]:
-    types = vars(cfg).get("layer_types")
+    v = vars(cfg)
+    # Zamba's layer kinds are layers_block_type (mamba and hybrid: the shared
+    # attention block first comes at layer 2 or 6; its first two layers have none)
+    types = v.get("layer_types")
+    if not isinstance(types, list) or not types:
+        types = v.get("layers_block_type")
     if not isinstance(types, list) or not types:
         return list(range(LAYERS))
     shared = vars(cfg).get("num_kv_shared_layers")
@@ -466,6 +474,31 @@ def _keep_a_moe_layer(cfg: Any, layers: int) -> None:
         dense = v.get(key)
         if isinstance(dense, (list, tuple)) and set(range(layers)) <= set(dense):
             _set(cfg, key, type(dense)(i for i in dense if i != layers - 1))
+
+
+def _wide_attention(cfg: Any) -> int | None:
+    """Zamba2's shared attention block reads the hidden state concatenated
+    with the input embeddings: ``attention_hidden_size`` is a multiple of the
+    width (2 x 2,560); that multiple, read before the caps, else None."""
+    v = vars(cfg)
+    attn, hidden = v.get("attention_hidden_size"), v.get("hidden_size")
+    if _int(attn) and _int(hidden) and hidden > 0 and attn > hidden:
+        if attn % hidden == 0:
+            return attn // hidden
+    return None
+
+
+def _fit_wide_attention(cfg: Any, multiple: int) -> None:
+    """The capped attention width back at its multiple of the width (the
+    name cap made it 32 of a 64-wide input: its norm refused the shape once
+    a hybrid layer was kept), and its head width to match."""
+    v = vars(cfg)
+    hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+    if not _int(hidden):
+        return
+    _set(cfg, "attention_hidden_size", multiple * hidden)
+    if _int(v.get("attention_head_dim")) and _int(heads) and heads > 0:
+        _set(cfg, "attention_head_dim", multiple * hidden // heads)
 
 
 def _grouped_query(cfg: Any) -> bool:
