@@ -372,3 +372,73 @@ def test_pass_detach_holds_only_byte_float_casts_of_tensors_that_require_grad():
     assert mode.held == 1 and mode.passed == 1
     assert not held.requires_grad and kept.requires_grad and through.requires_grad
     assert plain.dtype == torch.float8_e5m2 and not plain.requires_grad
+
+
+# ---------------------- selections by comparison, buffers filled in place (lightglue)
+class _Selected(torch.nn.Module):
+    """LightGlue / SuperPoint's patterns: scores kept where they pass a threshold
+    (a comparison decides; one score sits exactly on it, so the decision flips
+    within any step), each row's best match picked by ``max(dim)``'s index, and
+    the kept values written into a ``torch.zeros`` buffer made in torch's default
+    dtype (float32), as SuperPoint pads its keypoints. ``wrong``: a custom
+    backward scaling the score path's gradient by 1.01."""
+
+    def __init__(self, x, wrong=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 6)
+        self.wrong = wrong
+        with torch.no_grad():
+            self.threshold = float(self.lin(x)[0, 0])  # exactly on it at x
+
+    def forward(self, x):
+        s = self.lin(x)
+        if self.wrong:
+            s = _Scaled.apply(s)
+        kept = torch.where(s > self.threshold, s, torch.zeros_like(s))
+        best = s.max(-1)  # the index is the decision
+        out = torch.zeros(x.shape[0], 7)  # default dtype: float32
+        out[:, :6] = kept * 2.0
+        out[:, 6] = best.values * (best.indices + 1)
+        return out
+
+
+def test_selections_are_held_and_a_buffer_filled_in_place_reaches_the_reference():
+    """Before: the float64 reference wrote into a float64 copy of the float32
+    buffer (all zero: the finite differences saw nothing, a mismatch at 99%) and
+    the threshold flipped within the step (one-sided derivatives differ)."""
+    x = _f64(5, 4).float()
+    model = _Selected(x)
+    proj = _f64(5, 7, seed=1).float()
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0
+    )
+    assert report.passed, report.message()
+    text = report.message()
+    assert "decisions: fn selects with comparisons" in text
+    assert "Tensor.gt in _Selected.forward" in text
+
+
+def test_a_wrong_backward_on_a_held_selection_is_still_a_mismatch():
+    x = _f64(5, 4).float()
+    model = _Selected(x, wrong=True)
+    proj = _f64(5, 7, seed=1).float()
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0
+    )
+    assert report.status == "mismatch", report.message()
+
+
+def test_the_float64_reference_keeps_in_place_writes_into_float32_tensors():
+    from gradcheck.backends.torch import _PromoteToFloat64
+
+    src = _f64(3)
+    kept = torch.zeros(3, dtype=torch.float32)  # made before the mode
+    with _PromoteToFloat64():
+        fresh = torch.zeros(3)  # torch's default dtype: float64 here
+        fresh[:] = src
+        kept[:] = src
+        kept.add_(1.0)
+    assert fresh.dtype == torch.float64 and torch.equal(fresh, src)
+    assert kept.dtype == torch.float32
+    assert torch.equal(kept, (src.float() + 1.0))
