@@ -943,17 +943,20 @@ class TensorflowSession(Session):
                                 self._shadows.shadow(other.var, other.original_tensor),
                             )
                         )
-            scope = (
-                _keras64.float64(self._layers, swaps, self._tf_promotion)
-                if shadowed
-                else contextlib.nullcontext()
-            )
+
+            def scope() -> contextlib.AbstractContextManager[Any]:
+                return (
+                    _keras64.float64(self._layers, swaps, self._tf_promotion)
+                    if shadowed
+                    else contextlib.nullcontext()
+                )
+
             self._sources_now = sources
-            with scope:
-                if then is None:
-                    key = (promote, shadowed, shadowed and self._tf_promotion)
-                    outs = self._reference_forward(inputs, key)
-                else:
+            if then is None:
+                key = (promote, shadowed, shadowed and self._tf_promotion)
+                outs = self._reference_forward(inputs, key, scope)
+            else:
+                with scope():
                     with tf.GradientTape(persistent=persistent) as tape:
                         tape.watch(sources)
                         raw = self.fn(*inputs)
@@ -965,7 +968,10 @@ class TensorflowSession(Session):
 
     # ------------------------------------------------------------ compiled reference
     def _reference_forward(
-        self, inputs: list[Any], key: tuple[Any, ...]
+        self,
+        inputs: list[Any],
+        key: tuple[Any, ...],
+        scope: Callable[[], contextlib.AbstractContextManager[Any]],
     ) -> list[tuple[str, tf.Tensor]]:
         """fn's flattened outputs at one finite-difference point, for the
         reference side only (outputs_at: no tape; the analytical side and every
@@ -996,8 +1002,12 @@ class TensorflowSession(Session):
         differences compare like with like."""
         compiled = self._compiled.get(key)
         if compiled is False or not self._may_compile(inputs):
-            return self._flatten(self.fn(*inputs))
+            with scope():
+                return self._flatten(self.fn(*inputs))
         if compiled is not None:
+            # no float64 scope (``scope``: see _keras64): what it switches is
+            # Python state, read when the graph was traced; the shadows the
+            # graph reads hold this point's values
             try:
                 return self._run_compiled(compiled, inputs)
             except Exception:
@@ -1005,15 +1015,17 @@ class TensorflowSession(Session):
                 # fn runs eagerly from here on, so an error of fn's is raised
                 # from fn's own code, as the user would see it, not from ours
                 self._compiled[key] = False
-                return self._flatten(self.fn(*inputs))
-        eager = self._flatten(self.fn(*inputs))
-        try:
-            with _no_deprecation_notes():
-                compiled = self._compile(inputs)
-            got = self._run_compiled(compiled, inputs)
-        except Exception:  # not traceable: eager for the rest of the session
-            self._compiled[key] = False
-            return eager
+                with scope():
+                    return self._flatten(self.fn(*inputs))
+        with scope():
+            eager = self._flatten(self.fn(*inputs))
+            try:
+                with _no_deprecation_notes():
+                    compiled = self._compile(inputs)
+                got = self._run_compiled(compiled, inputs)
+            except Exception:  # not traceable: eager for the rest of the session
+                self._compiled[key] = False
+                return eager
         if not _same_outputs(eager, got):
             self._compiled[key] = False
             return eager
