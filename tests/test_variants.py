@@ -334,6 +334,37 @@ def test_terms_that_cancel_exactly_are_measured(monkeypatch):
     assert bare.status == "mismatch" and bare.location.tensor == "inner.bias"
 
 
+class _PositiveOnly(torch.autograd.Function):
+    """y = x^2 whose backward refuses a negative cotangent (as a custom kernel
+    may): the rewritten cotangents of the magnitude pass are refused."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        if (g < 0).any():
+            raise RuntimeError("negative cotangent")
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_a_backward_that_refuses_the_magnitude_pass_is_judged_without_it():
+    model = _mlp()
+    report = gradcheck.check_variants(
+        lambda m, b: _PositiveOnly.apply(m(b[0])).sum(),
+        model,
+        _batch(),
+        variants="autocast:bfloat16",
+    )
+    assert report.passed, report.message()
+    assert any(
+        "could not be measured" in n and "negative cotangent" in n for n in report.notes
+    ), report.notes
+
+
 def test_float16_underflow_passes_with_a_note():
     """An auxiliary loss weighted 1e-6: its layer's gradients (~1e-8) are below
     float16's range and come out flushed under autocast:float16, the same in
