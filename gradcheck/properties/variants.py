@@ -20,7 +20,9 @@ A variant is a ``+``-joined combination of at most one of each:
 
 e.g. ``"cuda+autocast:float16"``, ``"compile+autocast:bfloat16"``. A variant that
 cannot run on this machine (a GPU variant without a GPU, autocast a torch build
-lacks) is *skipped*, not failed: its reason is a note of the report, and a report
+lacks, a kernel the build lacks for it - oneDNN's float16 LSTM on a CPU raises a
+RuntimeError under autocast:float16 while the eager reference ran; the error is
+quoted) is *skipped*, not failed: its reason is a note of the report, and a report
 whose every variant was skipped has status ``"skipped"`` (``assert_variants`` does
 not raise on it; the pytest fixture skips the test). A GPU is hardware the
 machine has or not, not a property of the model: the same test suite runs on a
