@@ -783,9 +783,13 @@ def _shared_worker(job: Job) -> str | None:
 
 
 def _expected_seconds(job: Job) -> float:
-    """A job's rough seconds on 2 idle cores (per-job seconds of the audit at
-    da2f783, rounded; the MirroredStrategy and DDP jobs wait on processes of
-    their own). It only orders the side-by-side run (:func:`_schedule`)."""
+    """A job's rough relative cost, from the per-job seconds of the audit with
+    this ordering's commit on a 2-core AMD EPYC at load average 11-12 (about
+    twice the idle seconds): MirroredStrategy 39 and 51 s (waiting on its
+    worker), DDP 16 s for the pair, torch.compile 13-22 s, Keras training 13-23
+    s, TensorFlow engine jobs 1-27 s (the planted ones longer), cross-framework
+    4-9 s, torch engine jobs 0.2-10 s. It only orders the side-by-side run
+    (:func:`_schedule`); a wrong guess costs time, never a result."""
     if job.skip is not None:
         return 0.0
     if job.device.startswith("MirroredStrategy"):
