@@ -341,6 +341,16 @@ def build(
             )
             model = sdpa
     _calibrate_batch_norm(model, inputs)
+    spread = _spread_scalar_quantizers(model, inputs)
+    if spread:
+        note = (
+            f"{', '.join(repr(s) for s in spread)} (a finite scalar quantizer's "
+            "input projection) scaled so its output spreads over one level: at the "
+            "initialisation every code rounded alike (a point a trained codec "
+            "never sits on)"
+        )
+        prior = getattr(model, "gradcheck_build_note", None)
+        model.gradcheck_build_note = f"{prior}; {note}" if prior else note
     return model, inputs, n
 
 
@@ -485,6 +495,69 @@ def _calibrate_batch_norm(model: Any, inputs: dict[str, Any]) -> None:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.eval()
+
+
+def _scalar_quantizer_inputs(model: Any) -> list[Any]:
+    """The input projections of finite scalar quantizers (FSQ: a ``quantizer``
+    holding per-dimension ``levels``, fed by a ``project_in`` Linear; NeuCodec,
+    XCodec2), found by structure, not by model type."""
+    import torch
+
+    found = []
+    for m in model.modules():
+        proj = getattr(m, "project_in", None)
+        fsq = getattr(m, "quantizer", None)
+        if isinstance(proj, torch.nn.Linear) and hasattr(fsq, "levels"):
+            found.append(proj)
+    return found
+
+
+#: below this standard deviation a projection's output sits inside one FSQ level
+#: (levels are 1 apart): every code rounds alike
+_FSQ_SPREAD = 0.5
+
+
+def _spread_scalar_quantizers(model: Any, inputs: dict[str, Any]) -> list[str]:
+    """An FSQ's input projection scaled so that its output on the inputs has
+    standard deviation 1 (one level), where the initialisation leaves it
+    narrower than half a level. At the shrunk init NeuCodec's projection gives at
+    most 1e-3, every code rounds to 0, the decoder reads one latent at every frame
+    and its GroupNorms see zero variance (gradients 1e17, finite differences that
+    never converge): a point a trained codec, whose latents spread over the
+    levels, never sits on. Like the batch-norm calibration, the model is moved to
+    where training leaves it; the straight-through rounding stays what is
+    checked. Returns the names of the projections scaled."""
+    import torch
+
+    projections = _scalar_quantizer_inputs(model)
+    if not projections:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: dict[int, float] = {}
+
+    def record(mod: Any, _args: Any, out: Any) -> None:  # None: the output stays
+        seen.setdefault(id(mod), float(out.float().std()))
+
+    hooks = [p.register_forward_hook(record) for p in projections]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(**inputs)
+    except Exception:
+        return []  # the checks will report the model's own error
+    finally:
+        for h in hooks:
+            h.remove()
+    scaled = []
+    with torch.no_grad():
+        for p in projections:
+            std = seen.get(id(p))
+            if std is None or not 0 < std < _FSQ_SPREAD:
+                continue
+            p.weight.mul_(1.0 / std)
+            if p.bias is not None:
+                p.bias.mul_(1.0 / std)
+            scaled.append(names[id(p)])
+    return scaled
 
 
 _MROPE = re.compile(
