@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradcheck.backends import _torch_pool
 from gradcheck.backends._torch_routing import RoutingRecord
 from gradcheck.backends.base import (
     Session,
@@ -676,6 +677,8 @@ class TorchSession(Session):
         self.reference_dtype = "float64"
         self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch_buffers: dict[int, torch.Tensor] = {}
+        #: work buffers taken from _torch_pool, given back by restore()
+        self._pool_taken: list[torch.Tensor] = []
         #: (ids, arrays, tensors) of the direction projected_gradients_at last used
         self._projection_direction: tuple[list[int], list, list] | None = None
         self._promoted: bool | None = None  # decided at the first reference evaluation
@@ -863,6 +866,7 @@ class TorchSession(Session):
         self._graph = None
         self._clear_autocast_cache()
         self._state.restore()
+        self._release_pooled()
 
     def kink_census(self) -> list[tuple[str, int, int]]:
         """(module, units exactly on a kink, units) at x, from one forward pass in
@@ -1496,15 +1500,35 @@ class TorchSession(Session):
     def _as64(self, x: torch.Tensor) -> torch.Tensor:
         """A float64 copy of one of the user's tensors, made once per session.
         Reference evaluations hand these to fn; fn must not modify its parameters in
-        place (the user's own storage is protected either way)."""
+        place (the user's own storage is protected either way). The storage comes
+        from the host buffers kept across checks (_torch_pool); the values are
+        copied from ``x`` here, every session."""
         key = id(x)
         cached = self._f64.get(key)
         if cached is None or cached[0] is not x:
-            # copy=True: a float64 tensor would otherwise be aliased, and an fn that
-            # writes in place would reach the user's storage
-            cached = (x, x.detach().to(_wide(x.dtype), copy=True))
+            # a copy, never an alias: a float64 tensor would otherwise be handed
+            # to fn as is, and an fn that writes in place would reach its storage
+            buf = self._pooled(x.shape, _wide(x.dtype), x.device)
+            cached = (x, buf.copy_(x.detach()))
             self._f64[key] = cached
         return cached[1]
+
+    def _pooled(
+        self, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A work buffer from _torch_pool, given back when the session restores."""
+        buf = _torch_pool.take(tuple(shape), dtype, device)
+        self._pool_taken.append(buf)
+        return buf
+
+    def _release_pooled(self) -> None:
+        """Hand this session's work buffers back (restore): nothing of the
+        session may read them afterwards, so its caches of them go too."""
+        taken, self._pool_taken = self._pool_taken, []
+        self._f64.clear()
+        self._scratch_buffers.clear()
+        self._projection_direction = None
+        _torch_pool.give(taken)
 
     def _scratch(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
         """A float64 buffer per tensor, reused by every no-grad evaluation: no
@@ -1514,8 +1538,8 @@ class TorchSession(Session):
             return torch.empty(x.shape, dtype=_wide(x.dtype), device=x.device)
         buf = self._scratch_buffers.get(id(x))
         if buf is None:
-            buf = self._scratch_buffers[id(x)] = torch.empty(
-                x.shape, dtype=_wide(x.dtype), device=x.device
+            buf = self._scratch_buffers[id(x)] = self._pooled(
+                x.shape, _wide(x.dtype), x.device
             )
         return buf
 
