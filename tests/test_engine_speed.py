@@ -222,3 +222,68 @@ def test_kept_buffers_are_bounded_and_host_only():
     assert _torch_pool.take((3,), torch.float32, "cpu").dtype == torch.float32
     _torch_pool.clear()
     assert _torch_pool.held_bytes() == 0
+
+
+# ------------------------------------------------------------------ host arrays
+def _ptr(a) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def test_workspace_reuses_only_arrays_nothing_refers_to():
+    from gradcheck.numeric import workspace
+
+    torch = pytest.importorskip("torch")
+    workspace.clear()
+    shape = (512, 128)  # 512 KiB of float64: above MIN_BYTES
+    a = workspace.empty(shape)
+    where = _ptr(a)
+    b = workspace.empty(shape)
+    other = _ptr(b)
+    assert other != where  # a is still referenced
+    del a
+    c = workspace.empty(shape)
+    reused = _ptr(c)
+    assert reused == where  # nothing referred to it any more: reused
+    view = c[:3]
+    del c
+    fresh = _ptr(workspace.empty(shape))
+    assert fresh not in (where, other)  # a view keeps c, b is held
+    del view
+    shared = torch.from_numpy(workspace.empty(shape, np.float32))
+    again = _ptr(workspace.empty(shape, np.float32))
+    assert again != shared.data_ptr()  # a tensor sharing its memory keeps it
+    assert workspace.empty((3,)).shape == (3,)  # small: plain np.empty
+    assert workspace.held_bytes() <= workspace.LIMIT_BYTES
+    del b
+    workspace.clear()
+    assert workspace.held_bytes() == 0
+
+
+def test_reference_evaluations_copy_no_tensor_the_direction_moves():
+    """x + t d is formed from x itself (the add widens it exactly): a float64
+    copy is made only of the tensors a restricted direction leaves where they
+    are, and the values are the same as from a copy."""
+    torch = pytest.importorskip("torch")
+    from gradcheck.backends.torch import TorchSession
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
+    x = torch.randn(5, 8)
+    with TorchSession(lambda: model(x).sum(), [], model) as s:
+        s.analytic()
+        d = [
+            np.random.default_rng(i).standard_normal(sp.shape)
+            for i, sp in enumerate(s.specs)
+        ]
+        moved = s.outputs_at(s.prepare(d), 1e-3)
+        assert not s._f64  # every tensor moved: no copies
+        only = [d[0], None]  # the bias stays: its float64 copy is made
+        s.outputs_at(s.prepare(only), 1e-3)
+        assert len(s._f64) == 1
+    w, b = (p.detach().double() for p in model[0].parameters())
+    want = torch.tanh(
+        x.double() @ (w + 1e-3 * torch.as_tensor(d[0])).T
+        + b
+        + 1e-3 * torch.as_tensor(d[1])
+    ).sum()
+    assert abs(float(moved[0]) - float(want)) <= 1e-12 * abs(float(want))

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gradcheck.numeric import workspace
+
 #: Weight of the gradient-aligned component in units of the Gaussian part.
 ALIGNED = 3.0
 #: A tensor whose gradient norm is below FLOOR * (largest gradient norm) is
@@ -139,7 +141,7 @@ def probe_direction(
         # samples are added to the scaled gradient in place (the same roundings
         # as z64 += (ALIGNED / gn) * g, since the sum is commutative and z is
         # exact in float64), then scaled
-        d = np.empty(g.shape, dtype=np.float64)
+        d = workspace.empty(g.shape, np.float64)
         if gn > 0:
             np.multiply(g, ALIGNED / gn, out=d)
             d += z
