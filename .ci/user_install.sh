@@ -41,7 +41,7 @@ assert torch.version.cuda is None, f"a CUDA torch was installed: {torch.__versio
 cuda = sorted(d.metadata["Name"] for d in md.distributions()
               if d.metadata["Name"].lower().startswith("nvidia"))
 assert not cuda, f"CUDA wheels were installed: {cuda}"
-for name in ("hypothesis", "jinja2", "rich"):  # core dependencies, not extras
+for name in ("hypothesis", "jinja2", "rich", "array-api-compat"):  # core dependencies, not extras
     md.version(name)
 import importlib.util
 assert importlib.util.find_spec("tensorflow") is None  # the torch extra only

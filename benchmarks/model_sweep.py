@@ -340,10 +340,12 @@ def render(
             "",
             f"{len(excluded)} model types AutoModel knows that `hf:*` leaves out "
             "(gradcheck.backends._hf.excluded()): their main input is another kind, "
-            "or their forward needs an object no config describes. `hf:<type>` by "
+            "their forward needs an object no config describes, or it returns only "
+            "discrete tensors (codes: no gradient to check). `hf:<type>` by "
             "name reports the same reason as `unbuildable`; "
             "`gradcheck.check_model(model, inputs={...})` checks such a model with "
-            "your own inputs.",
+            "your own inputs (a codes-only model: a submodule with a floating "
+            "output).",
             "",
         ]
         for name, why in sorted(excluded.items()):

@@ -50,6 +50,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -630,6 +631,8 @@ class Checker:
         self._built: tuple[Any, Any] | None = None
         self._failure: str | None = None
         self._weights: dict[str, float] | None = _weights_arg(weights)
+        #: the model's own error asking for train mode, once a check met it
+        self._train: str | None = None
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:
@@ -780,6 +783,44 @@ class Checker:
         return cache[dtype]
 
     def _run(self, prop: str, dtype: str, label: str, started: float) -> CheckReport:
+        """One check in eval mode; in train mode where the model's own code
+        demands it (:func:`_wants_train`: Reformer's reversible layers assert
+        ``self.training`` in their backward). A user checking such a model
+        trains it in train mode: gradcheck checks that function, with every
+        dropout and batch-norm module kept in eval mode (and every dropout of an
+        ``hf:`` config 0), so it is deterministic, and says so in a note. Found
+        once per model, then every check starts in train mode."""
+        report = None
+        if self.framework == "torch" and self._train is None:
+            try:
+                report = self._run_in(prop, dtype, label, started, train=False)
+            except GradcheckError as exc:
+                reason = _wants_train(exc)
+                if reason is None:
+                    raise
+                self._train = reason
+        if report is None:
+            try:
+                report = self._run_in(
+                    prop, dtype, label, started, train=self._train is not None
+                )
+            except GradcheckError as exc:
+                if self._train is None:
+                    raise
+                raise GradcheckError(
+                    f"{exc} (checked in train mode, as the model's own error in "
+                    f"eval mode asked: {self._train})"
+                ) from exc
+        if self._train is not None:
+            report.notes.insert(0, _train_note(self._built[0], self._train))
+        built = getattr(self._built[0], "gradcheck_build_note", None)
+        if isinstance(built, str) and report.status not in NOT_RUN:
+            report.notes.append(built)
+        return report
+
+    def _run_in(
+        self, prop: str, dtype: str, label: str, started: float, train: bool
+    ) -> CheckReport:
         import gradcheck
 
         model, inputs = self._built  # type: ignore[misc]
@@ -789,7 +830,10 @@ class Checker:
             and dtype != "float32"
         ):
             model, inputs = self._keras_in(dtype)
-        with _prepared(model, inputs, dtype, self.framework, self.seed) as (m, heads):
+        with _prepared(model, inputs, dtype, self.framework, self.seed, train) as (
+            m,
+            heads,
+        ):
             total, losses, expected = heads(self.weights, prop == "locality")
             if prop == "fd":
                 report = gradcheck.check_gradients(
@@ -812,6 +856,10 @@ class Checker:
             mixed = _kept_dtypes(m, dtype, self.framework)
             if mixed:
                 report.notes.append(mixed)
+            if self.framework == "torch" and report.status == "mismatch":
+                side = _side_written(m, total)
+                if side:
+                    report.notes.insert(0, side)
             if self.shrink and report.status in SHRINK_STATUSES:
                 self._shrink(report, prop, m, heads, started)
             return report
@@ -1018,14 +1066,97 @@ def _infer_object_inputs(model: Any, seed: int) -> Any:
     )
 
 
+#: a model's own error asking for train mode (Reformer's reversible layers:
+#: "make sure to use `model.train()` to put the model into training mode")
+_WANTS_TRAIN = re.compile(r"model\.train\(\)|\btrain(?:ing)? mode\b", re.I)
+
+
+def _wants_train(exc: BaseException) -> str | None:
+    """``"<type>: <first line>"`` of the model's own error in ``exc``'s causes
+    when it asks for train mode, else None. gradcheck's own messages (a
+    GradcheckError's text) are not read: only what the model raised."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if not isinstance(cur, GradcheckError):
+            text = (str(cur).strip().splitlines() or [""])[0]
+            if _WANTS_TRAIN.search(text):
+                return f"{type(cur).__name__}: {text[:300]}"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _side_written(model: Any, total: Any) -> str | None:
+    """A note where some parameters get their gradient only as a side effect
+    of the backward: written to ``.grad`` (a ``.backward()`` call inside a
+    custom ``autograd.Function``: Reformer's reversible layers) and not
+    returned to ``torch.autograd.grad``, which the checks differentiate with;
+    None otherwise (or where the backward raises: the check said so). Each
+    parameter's ``.grad`` is put back as it was."""
+    import torch
+
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    held = [(p, p.grad) for _, p in named]
+    for p, _ in held:
+        p.grad = None
+    try:
+        grads = torch.autograd.grad(total(), [p for _, p in named], allow_unused=True)
+        side = [
+            k
+            for (k, p), g in zip(named, grads, strict=True)
+            if g is None and p.grad is not None and bool(p.grad.ne(0).any())
+        ]
+    except Exception:
+        return None
+    finally:
+        for p, g in held:
+            p.grad = g
+    if not side:
+        return None
+    shown = ", ".join(f"'{k}'" for k in side[:3])
+    more = f" and {len(side) - 3} more" if len(side) > 3 else ""
+    return (
+        f"{len(side)} parameters ({shown}{more}) get their gradient only as a side "
+        f"effect of {type(model).__name__}'s backward: it writes them to .grad (a "
+        ".backward() call inside a custom autograd.Function) and returns none to "
+        "torch.autograd.grad, which the checks differentiate with. loss.backward() "
+        "sees those gradients; torch.autograd.grad and torch.func do not: that is "
+        "this mismatch."
+    )
+
+
+def _train_note(model: Any, reason: str) -> str:
+    return (
+        f"checked in train mode: {type(model).__name__}'s own code refuses eval "
+        f"mode ({reason}); dropout and batch-norm modules kept in eval mode (so the "
+        "function is deterministic; an hf: config's dropouts are all 0), every "
+        "module's mode restored afterwards"
+    )
+
+
+def _train_mode(model: Any) -> None:
+    """``model.train()`` except the modules train mode makes random (dropout)
+    or stateful (normalisation with running statistics, updated in place by a
+    train-mode forward, on the user's buffers)."""
+    import torch
+
+    model.train()
+    keep = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
+    for m in model.modules():
+        if isinstance(m, keep):
+            m.training = False
+
+
 @contextlib.contextmanager
 def _prepared(
-    model: Any, inputs: Any, dtype: str, framework: str, seed: int
+    model: Any, inputs: Any, dtype: str, framework: str, seed: int, train: bool = False
 ) -> Iterator[tuple[Any, Any]]:
-    """The model in eval mode and ``dtype`` (a copy when it must be converted;
-    train flags restored afterwards) and a factory of the two-head losses."""
+    """The model in eval mode (``train``: :func:`_train_mode`) and ``dtype`` (a
+    copy when it must be converted; every module's mode restored afterwards) and
+    a factory of the two-head losses."""
     if framework == "torch":
-        with _torch_prepared(model, inputs, dtype, seed) as got:
+        with _torch_prepared(model, inputs, dtype, seed, train) as got:
             yield got
     else:
         yield _keras_prepared(model, inputs, dtype, seed)
@@ -1067,7 +1198,7 @@ def _origin(call: Any, dtype: Any) -> Any:
 
 @contextlib.contextmanager
 def _torch_prepared(
-    model: Any, inputs: Any, dtype: str, seed: int
+    model: Any, inputs: Any, dtype: str, seed: int, train: bool = False
 ) -> Iterator[tuple[Any, Any]]:
     import torch
 
@@ -1077,7 +1208,16 @@ def _torch_prepared(
         model = _copy_as(model, want)
     inputs = _convert(inputs, lambda t: t.to(want) if t.is_floating_point() else t)
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    # the forwards run here outside a check (the first output, the locality
+    # reach, a mismatch's side-effect gradients) may draw or reseed torch's
+    # generator (Reformer in train mode reseeds it in every forward): put back
+    rng = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng_cuda = torch.cuda.get_rng_state_all() if cuda else None
+    if train:
+        _train_mode(model)
+    else:
+        model.eval()
     try:
 
         def call() -> Any:
@@ -1128,9 +1268,19 @@ def _torch_prepared(
             if locality:
                 named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
                 out = call()
+                # a backward may write parameter gradients to .grad instead of
+                # returning them (Reformer's reversible layers call .backward()
+                # inside their autograd.Function): those count as reached too
+                held = [(p, p.grad) for _, p in named]
+                for p, _ in held:
+                    p.grad = None
                 try:
                     grads = torch.autograd.grad(
                         out.sum(), [p for _, p in named], allow_unused=True
+                    )
+                    grads = tuple(
+                        g if g is not None else p.grad
+                        for (_, p), g in zip(named, grads, strict=True)
                     )
                 except Exception as exc:  # as fd/linearity name a raising backward
                     first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -1140,6 +1290,9 @@ def _torch_prepared(
                         "which parameters the output reaches, the locality check's "
                         "expected flow)"
                     ) from exc
+                finally:
+                    for p, g in held:
+                        p.grad = g
                 expected = {
                     k: (list(HEADS) if g is not None else [])
                     for (k, _), g in zip(named, grads, strict=True)
@@ -1150,6 +1303,9 @@ def _torch_prepared(
     finally:
         for m, training in modes:
             m.training = training
+        torch.set_rng_state(rng)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state_all(rng_cuda)
 
 
 def _keras_prepared(model: Any, x: Any, dtype: str, seed: int) -> tuple[Any, Any]:

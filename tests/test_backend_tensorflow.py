@@ -489,3 +489,145 @@ def test_restore_when_init_fails():
         TensorflowSession(lambda: v, (), [v, object()])
     np.testing.assert_array_equal(np.random.get_state()[1], expected)
     np.testing.assert_array_equal(v.numpy(), [1.0])
+
+
+# ---------------------------------------------------------------- traced reference
+# outputs_at runs fn as a tf.function once the traced graph agreed with an eager
+# call (TensorflowSession._reference_forward): fn's Python runs three times (the
+# analytical call, the eager reference call, the trace), whatever the number of
+# reference evaluations, and every value is the eager one's.
+def _reference_values(fn, inputs, params, points, compiled, monkeypatch):
+    monkeypatch.setattr(tfb, "COMPILED_REFERENCE", compiled)
+    with TensorflowSession(fn, inputs, params) as s:
+        s.analytic()
+        out = [s.outputs_at(s.prepare(d), t) for d, t in points]
+        return out, s.reference_dtype, list(s.notes)
+
+
+@pytest.mark.parametrize("case", ["keras-float32", "keras-float64", "inputs"])
+def test_reference_forward_is_traced_once_and_equals_eager(case, monkeypatch):
+    keras.utils.set_random_seed(3)
+    if case == "inputs":
+        x = tf.constant([[0.3, -1.2, 2.0]], dtype=tf.float32)
+        params, inputs = None, (x,)
+        body = lambda x: {"y": tf.sin(x) * x, "s": tf.reduce_sum(tf.tanh(x))}  # noqa: E731
+        dirs = [np.array([[1.0, 0.5, -2.0]])]
+    else:
+        dtype = case.split("-")[1]
+        model = keras.Sequential(
+            [
+                keras.Input((3,), dtype=dtype),
+                keras.layers.Dense(4, activation="tanh", dtype=dtype),
+                keras.layers.BatchNormalization(dtype=dtype),
+                keras.layers.Dense(2, dtype=dtype),
+            ]
+        )
+        x = tf.constant(np.linspace(-1, 1, 6).reshape(2, 3), dtype=dtype)
+        params, inputs = model, ()
+        body = lambda: tf.reduce_mean(model(x, training=True) ** 2)  # noqa: E731
+        dirs = [
+            [
+                np.full(v.shape, 0.5 * (i + 1))
+                for i, v in enumerate(model.trainable_variables)
+            ]
+        ]
+        snap = _snapshot(model)
+    calls = []
+
+    def fn(*args):
+        calls.append(1)
+        return body(*args)
+
+    points = [([None] * len(dirs[0]), 0.0)] + [
+        (dirs[0], t) for t in (1e-3, -2e-3, 0.25)
+    ]
+    eager, dtype_e, notes_e = _reference_values(
+        fn, inputs, params, points, False, monkeypatch
+    )
+    n_eager = len(calls)
+    calls.clear()
+    traced, dtype_t, notes_t = _reference_values(
+        fn, inputs, params, points, True, monkeypatch
+    )
+    assert n_eager == 1 + len(points)
+    assert len(calls) == 3  # analytic, the eager reference call, the trace
+    assert dtype_t == dtype_e == "float64" and notes_t == notes_e
+    for a, b in zip(eager, traced, strict=True):
+        for ya, yb in zip(a, b, strict=True):
+            np.testing.assert_allclose(yb, ya, rtol=1e-13, atol=1e-15)
+    if params is not None:
+        _assert_same(params, snap)
+
+
+def test_untraceable_fn_keeps_the_eager_reference(monkeypatch):
+    monkeypatch.setattr(tfb, "COMPILED_REFERENCE", True)
+    x = tf.constant([0.5, 1.5])
+    calls = []
+
+    def fn(x):  # .numpy() cannot trace: the eager path, every evaluation
+        calls.append(1)
+        return x * float(tf.reduce_sum(x).numpy())
+
+    with TensorflowSession(fn, (x,), None) as s:
+        s.analytic()
+        ys = [s.outputs_at(s.prepare([np.ones(2)]), t)[0] for t in (0.1, 0.2, 0.3)]
+    assert len(calls) == 1 + 3 + 1  # analytic, three eager calls, the failed trace
+    for t, y in zip((0.1, 0.2, 0.3), ys, strict=True):
+        p = np.array([0.5, 1.5]) + t
+        np.testing.assert_allclose(y, p * p.sum(), rtol=1e-14)
+
+
+def test_python_randomness_is_not_frozen_by_the_trace(monkeypatch):
+    """A fn drawing NumPy noise on every call: traced, the draw would be a
+    constant; the eager and traced first calls differ, so the reference stays
+    eager and the check reports the nondeterminism it did before."""
+    import gradcheck
+
+    monkeypatch.setattr(tfb, "COMPILED_REFERENCE", True)
+    x = tf.constant([0.5, 1.5, -0.7], dtype=tf.float64)
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return tf.reduce_sum(x**2) + float(np.random.normal()) * 1e-3 * x[0]
+
+    report = gradcheck.check_gradients(fn, (x,), seed=0)
+    assert report.status == "nondeterministic", report.message()
+    assert len(calls) > 4  # every reference evaluation ran fn's Python
+
+
+@pytest.mark.parametrize("case", ["inputs", "keras-float32"])
+def test_traced_reference_of_the_order2_function_equals_eager(case, monkeypatch):
+    """The derived function g = grad <v, fn> reads its inputs' sources from its
+    arguments: traced, it follows the point (a source captured from the first
+    evaluation would freeze the inputs' part of g)."""
+    keras.utils.set_random_seed(5)
+    if case == "inputs":
+        w = tf.constant([[0.4, -0.3], [1.1, 0.2], [-0.5, 0.7]], dtype=tf.float32)
+        x = tf.constant([[0.3, -1.2, 2.0]], dtype=tf.float32)
+        inputs, params = (x,), None
+        fn = lambda x: tf.tanh(tf.matmul(x, w)) * x[:, :2]  # noqa: E731
+    else:
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2, activation="tanh")]
+        )
+        x = tf.constant([[0.3, -1.2, 2.0], [0.1, 0.5, -0.4]])
+        inputs, params = (x,), model
+        fn = lambda x: tf.reduce_sum(model(x) ** 3)  # noqa: E731
+        snap = _snapshot(model)
+    results = []
+    for compiled in (False, True):
+        monkeypatch.setattr(tfb, "COMPILED_REFERENCE", compiled)
+        s = tfb.second_order_session(fn, inputs, params, seed=0)
+        with s:
+            s.analytic()
+            rng = np.random.default_rng(1)
+            d = [rng.normal(size=sp.shape) for sp in s.specs]
+            results.append([s.outputs_at(s.prepare(d), t) for t in (0.0, 0.1, -0.3)])
+            if compiled:
+                assert any(v is not False for v in s._compiled.values())
+    for a, b in zip(*results, strict=True):
+        for ya, yb in zip(a, b, strict=True):
+            np.testing.assert_allclose(yb, ya, rtol=1e-12, atol=1e-14)
+    if params is not None:
+        _assert_same(params, snap)

@@ -260,6 +260,76 @@ def train_only_backward():
     return TrainOnlyBackward(), torch.ones(2, 3)
 
 
+class TrainAssertedBackward(torch.autograd.Function):
+    """Reformer's reversible layers in small: a linear layer whose backward
+    asserts train mode; ``scale`` != 1 plants a wrong weight gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, module, scale):
+        ctx.module, ctx.scale = module, scale
+        ctx.save_for_backward(h, weight)
+        return torch.nn.functional.linear(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        assert ctx.module.training, "make sure to use `model.train()` to train it"
+        h, weight = ctx.saved_tensors
+        return g @ weight, ctx.scale * g.T @ h, g.sum(0), None, None
+
+
+class TrainModeBackward(torch.nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 4)
+        self.lin = torch.nn.Linear(4, 4)
+        self.drop = torch.nn.Dropout(0.5)  # kept in eval mode: deterministic
+        self.scale = scale
+
+    def forward(self, x):
+        torch.seed()  # as Reformer's train-mode forward: reseeds torch's RNG
+        h = torch.tanh(self.inp(x))
+        lin = self.lin
+        return self.drop(
+            TrainAssertedBackward.apply(h, lin.weight, lin.bias, self, self.scale)
+        )
+
+
+class WritesGradBackward(torch.autograd.Function):
+    """Reformer's reversible Function in small: its backward runs the layer's
+    backward with .backward(), so the layer's parameters get their gradient
+    in .grad and none is returned for them (torch.autograd.grad sees none)."""
+
+    @staticmethod
+    def forward(ctx, h, module):
+        ctx.module = module
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return module.lin(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            h = h.detach().requires_grad_(True)
+            ctx.module.lin(h).backward(g)
+        return h.grad, None
+
+
+class WritesGrad(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 4)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return WritesGradBackward.apply(torch.tanh(self.inp(x)), self)
+
+
+def train_mode_backward():
+    torch.manual_seed(0)
+    return TrainModeBackward(), torch.randn(2, 3)
+
+
 # ---------------------------------------------------------------- library
 @pytest.mark.parametrize("spec", ["hf:bert", "hf:vit"])
 def test_hf_models_pass_fd_in_float32_and_float64(spec):
@@ -855,3 +925,63 @@ def test_locality_names_a_raising_backward_as_fd_does():
         "the backward pass through TrainOnlyBackward's first output raised "
         "AssertionError: call model.train() before backward"
     ), loc.notes[0]
+    # it asks for train mode: tried, and said so, as it raises there too
+    assert "(checked in train mode, as the model's own error" in fd.notes[0]
+
+
+def test_a_model_whose_backward_demands_train_mode_is_checked_in_train_mode():
+    from tests._state import assert_same_rng, rng_state
+
+    model, x = train_mode_backward()
+    model.eval()
+    model.lin.training = True  # mixed flags come back as they were
+    flags = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = rng_state()
+    reports = models.check_model(model, inputs=x, dtype="float32,float64")
+    assert [r.status for r in reports] == ["passed"] * 6, [r.message() for r in reports]
+    for r in reports:
+        assert r.notes[0].startswith(
+            "checked in train mode: TrainModeBackward's own code refuses eval mode "
+            "(AssertionError: make sure to use `model.train()`"
+        ), r.notes[0]
+    assert [m.training for m in model.modules()] == flags
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert_same_rng(rng)
+
+
+def test_a_wrong_backward_that_demands_train_mode_is_a_mismatch():
+    model, x = train_mode_backward()
+    model.scale = 1.5  # the layer's weight gradient 50% too large
+    fd, loc = models.check_model(model, inputs=x, properties="fd,locality")
+    assert fd.status == "mismatch", fd.message()
+    assert fd.notes[0].startswith("checked in train mode"), fd.notes
+    assert loc.status == "passed", loc.message()  # the reach is right
+
+
+def test_train_mode_is_asked_for_by_the_model_not_by_gradcheck_messages():
+    from gradcheck.errors import BackwardError
+
+    inner = AssertionError("put the model in training mode first")
+    outer = BackwardError("the backward pass through fn raised: model.train()")
+    outer.__cause__ = inner
+    assert models._wants_train(outer) == (
+        "AssertionError: put the model in training mode first"
+    )
+    own = BackwardError("see model.train()")  # gradcheck's own words: not read
+    own.__cause__ = ValueError("shapes differ")
+    assert models._wants_train(own) is None
+
+
+def test_gradients_written_to_grad_by_a_backward_are_named_in_the_mismatch():
+    torch.manual_seed(0)
+    model, x = WritesGrad(), torch.randn(2, 3)
+    (fd,) = models.check_model(model, inputs=x, properties="fd", dtype="float64")
+    assert fd.status == "mismatch", fd.message()
+    assert fd.notes[0].startswith(
+        "2 parameters ('lin.weight', 'lin.bias') get their gradient only as a side "
+        "effect of WritesGrad's backward: it writes them to .grad"
+    ), fd.notes[0]
+    assert all(p.grad is None for p in model.parameters())  # put back

@@ -214,3 +214,30 @@ def test_the_cpu_vs_gpu_job_runs_its_pipeline(monkeypatch):
     out = audit.run_job(job, 2, 0)
     assert out.verdict == "holds", out.report.message() if out.report else out.error
     assert out.report.property == "devices"
+
+
+# ------------------------------------------------------------------ schedule
+def _job(framework, prop, planted=None, device="cpu", skip=None):
+    return audit.Job(
+        framework, prop, "float32", planted, None, None, skip=skip, device=device
+    )
+
+
+def test_schedule_runs_shared_workers_together_and_the_longest_first():
+    """Side by side, the processes take groups of plan indices: the jobs sharing
+    a worker process run back to back in one process (both MirroredStrategy jobs
+    on one worker, the DDP pair on one pair of ranks), longest first, every job
+    exactly once."""
+    planned = [
+        _job("torch", "linearity"),
+        _job("torch", "distributed[ddp]"),
+        _job("tensorflow", "finite_difference", "bug"),
+        _job("torch", "distributed[ddp]", "bug"),
+        _job("tensorflow", "keras_training", device="MirroredStrategy:2"),
+        _job("torch", "devices", skip="no GPU"),
+        _job("tensorflow", "keras_training", "bug", device="MirroredStrategy:2"),
+        _job("torch", "locality"),
+    ]
+    schedule = audit._schedule(planned)
+    assert schedule == [[4, 6], [1, 3], [2], [0], [7], [5]]
+    assert sorted(i for group in schedule for i in group) == list(range(len(planned)))

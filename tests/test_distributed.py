@@ -439,3 +439,73 @@ def test_a_port_taken_before_the_ranks_bind_it_is_retried(monkeypatch):
     assert ports == []  # the taken port was tried first
     assert f"127.0.0.1:{busy};" not in " ".join(report.notes)
     assert "spawned on 127.0.0.1:" in " ".join(report.notes)
+
+
+# ---------------------------------------------------------------- wire format
+def _only_builtins_and_numpy(obj, path="batch"):
+    """Every object in ``obj`` is a builtin or a NumPy array/scalar: nothing
+    whose class pickle must find in a gradcheck module."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _only_builtins_and_numpy(k, f"{path} key")
+            _only_builtins_and_numpy(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _only_builtins_and_numpy(v, f"{path}[{i}]")
+    else:
+        module = type(obj).__module__
+        assert module in ("builtins", "numpy") or module.startswith("numpy."), (
+            path,
+            type(obj),
+        )
+
+
+def test_the_batch_crosses_as_builtins_and_numpy_and_comes_back_exactly():
+    from gradcheck.backends import torch_distributed as td
+
+    batch = {
+        "x": torch.randn(4, 3, dtype=torch.float64).requires_grad_(),
+        "pair": (torch.arange(4), torch.randn(4, 2).to(torch.bfloat16)),
+        "mask": torch.tensor([True, False, True, True]),
+    }
+    wire = td.portable(batch)
+    _only_builtins_and_numpy(wire)
+    assert wire["x"]["dtype"] == "float64" and wire["x"][td.TENSOR] == 1
+    back = td.unportable(td.shard(wire, 1, 2))
+    assert torch.equal(back["x"], batch["x"].detach()[2:])
+    assert back["x"].requires_grad and back["x"].dtype == torch.float64
+    assert torch.equal(back["pair"][0], batch["pair"][0][2:])
+    assert back["pair"][1].dtype == torch.bfloat16
+    assert torch.equal(back["pair"][1], batch["pair"][1][2:])
+    assert torch.equal(back["mask"], batch["mask"][2:])
+    assert td.batch_size(wire) == 4
+
+
+def test_a_second_import_of_the_backend_does_not_break_the_check():
+    """CI's failure: pytester dropped gradcheck.backends.torch_distributed from
+    sys.modules, a later import made a second module object, and the check -
+    holding the first - pickled a batch class the second did not own
+    (PicklingError ... not the same object as ...torch_distributed._Leaf).
+    IPython's autoreload does the same to users. Both module objects are live
+    here; a 2-rank check still runs and passes (module state restored after)."""
+    import importlib
+
+    import gradcheck.backends as backends
+
+    name = "gradcheck.backends.torch_distributed"
+    first = sys.modules[name]
+    try:
+        del sys.modules[name]
+        second = importlib.import_module(name)
+        assert second is not first
+        # what CI had: the check uses the first module (the package attribute)
+        # while pickle finds classes through sys.modules' second one; then the
+        # other way round
+        for used, found in ((first, second), (second, first)):
+            backends.torch_distributed = used
+            sys.modules[name] = found
+            report = gradcheck.check_distributed(m.build, m.step, m.batch(), timeout=60)
+            assert report.passed, report.message()
+    finally:
+        sys.modules[name] = first
+        backends.torch_distributed = first

@@ -71,7 +71,7 @@ def test_in_place_gaussian_draws_the_same_numbers(shape):
     for seed in range(3):
         ref = _gaussian_reference(np.random.default_rng(seed), shape)
         got = gaussian(np.random.default_rng(seed), shape)
-        low = gaussian(np.random.default_rng(seed), shape, np.float32)
+        low = gaussian(np.random.default_rng(seed), shape, dtype=np.float32)
         assert got.dtype == np.float64 and low.dtype == np.float32
         assert np.array_equal(got, ref)
         assert np.array_equal(low.astype(np.float64), ref)

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from gradcheck.backends import _hf  # noqa: E402
 from gradcheck.backends._hf_config import (  # noqa: E402
+    TOKENS,
     _head_size,
     load_config,
     shrink_config,
@@ -382,3 +383,103 @@ def test_shrunk_model_builds_and_runs_slow(model_type):
     with torch.no_grad():
         model(**inputs)
     assert n < 2_000_000
+
+
+def test_reformer_trains_on_the_drawn_tokens_with_a_fixed_hash():
+    cfg = shrunk("reformer")
+    # train mode (its reversible backward's demand) wants the axial shape to
+    # multiply to the sequence length and the sequence to be whole chunks
+    assert cfg.axial_pos_shape[0] * cfg.axial_pos_shape[1] == TOKENS
+    assert sum(cfg.axial_pos_embds_dim) == cfg.hidden_size
+    for chunk in (cfg.lsh_attn_chunk_length, cfg.local_attn_chunk_length):
+        assert TOKENS % chunk == 0 and chunk < TOKENS  # the LSH layer hashes
+    assert cfg.num_buckets == 2 * TOKENS // cfg.lsh_attn_chunk_length
+    assert cfg.hash_seed is not None  # the same rotations in every forward
+    # its per-layer attention kinds are a tuple: cut to the kept layers
+    assert cfg.attn_layers == ("local", "lsh")
+    assert cfg.num_hidden_layers == 2
+
+
+# --- grouped-query attention, MoE layers and layer index lists survive -------
+
+
+@pytest.mark.parametrize(
+    ("model_type", "path"),
+    [("mistral", ""), ("mixtral", ""), ("qwen3_moe", ""), ("gemma3", "text_config")],
+)
+def test_grouped_query_attention_stays_grouped(model_type, path):
+    cfg = shrunk(model_type)
+    cfg = getattr(cfg, path) if path else cfg
+    assert cfg.num_attention_heads == 2 and cfg.num_key_value_heads == 1
+
+
+def test_multi_head_attention_stays_multi_head():
+    cfg = shrunk("bert")  # no key/value heads of its own: nothing to group
+    assert cfg.num_attention_heads == 2 and not hasattr(cfg, "num_key_value_heads")
+    llama = shrunk("llama")  # its default kv heads = heads (None): not grouped
+    assert llama.num_key_value_heads in (None, llama.num_attention_heads)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_k25"])
+def test_dense_first_layers_leave_a_moe_layer(model_type):
+    cfg = shrunk(model_type)
+    cfg = getattr(cfg, "text_config", cfg)
+    assert cfg.num_hidden_layers == 2
+    assert cfg.first_k_dense_replace == 1  # layer 0 dense, layer 1 MoE (was 3)
+
+
+def test_every_nth_layer_moe_keeps_one():
+    cfg = shrunk("nllb-moe")  # every 4th layer sparse: none of 2
+    for side in ("encoder", "decoder"):
+        layers, step = (
+            getattr(cfg, f"{side}_layers"),
+            getattr(cfg, f"{side}_sparse_step"),
+        )
+        assert any((i + 1) % step == 0 for i in range(layers))
+
+
+@pytest.mark.parametrize(("model_type", "path"), [("step3p7", "text_config")])
+def test_mlp_layer_types_keep_a_sparse_layer(model_type, path):
+    cfg = getattr(shrunk(model_type), path)
+    assert len(cfg.mlp_layer_types) == cfg.num_hidden_layers
+    assert "sparse" in cfg.mlp_layer_types and "dense" in cfg.mlp_layer_types
+
+
+def test_mlp_only_layers_leave_a_moe_layer():
+    cfg = shrunk("flint")  # layers 0 and 1 dense of 49
+    n = cfg.num_hidden_layers
+    assert all(0 <= i < n for i in cfg.mlp_only_layers)
+    assert set(range(n)) - set(cfg.mlp_only_layers)  # a MoE layer
+    assert len(cfg.layer_types) == n
+
+
+def test_layer_index_lists_follow_the_kept_layers():
+    llama4 = shrunk("llama4_text")  # MoE layers 0..47, kept layers renumbered
+    n = llama4.num_hidden_layers
+    assert list(llama4.moe_layers) == list(range(n))
+    lfm2 = shrunk("lfm2")  # its default: full attention in all 32 layers
+    assert list(lfm2.full_attn_idxs) == list(range(lfm2.num_hidden_layers))
+    assert all(lfm2.layer_types[i] == "full_attention" for i in lfm2.full_attn_idxs)
+
+
+def test_index_lists_are_remapped_not_cut_by_position():
+    from types import SimpleNamespace
+
+    from gradcheck.backends._hf_config import _remap_layer_sets
+
+    cfg = SimpleNamespace(
+        mlp_only_layers=[0, 3, 7], hybrid_layer_ids=(2, 6), full_attn_idxs=[3]
+    )
+    _remap_layer_sets(cfg, [0, 3])  # old layers 0 and 3 kept as 0 and 1
+    assert cfg.mlp_only_layers == [0, 1]
+    assert cfg.hybrid_layer_ids == ()  # neither named layer kept
+    assert cfg.full_attn_idxs == [1]
+
+
+def test_zamba2_keeps_a_hybrid_layer_with_its_wide_attention():
+    cfg = shrunk("zamba2")  # its first hybrid (shared attention) layer is 6 of 54
+    assert cfg.layers_block_type == ["linear_attention", "hybrid"]
+    assert list(cfg.hybrid_layer_ids) == [1]  # renumbered: layer 6 kept as 1
+    # the shared block reads [hidden, embeddings]: twice the width
+    assert cfg.attention_hidden_size == 2 * cfg.hidden_size
+    assert cfg.attention_head_dim * cfg.num_attention_heads == cfg.attention_hidden_size

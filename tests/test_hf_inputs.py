@@ -9,6 +9,8 @@ types), so the file stays fast.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -274,6 +276,22 @@ def test_a_type_outside_hf_star_says_why_and_what_to_do(model_type, words):
     assert words in text and "gradcheck.check_model(model, inputs=" in text
 
 
+def test_a_model_with_only_discrete_outputs_is_outside_hf_star():
+    from gradcheck.models import UnbuildableError
+
+    with pytest.raises(UnbuildableError) as info:
+        _hf.build("wavtokenizer_encoder", {}, "hf:wavtokenizer_encoder", 0, 2_000_000)
+    text = str(info.value)
+    assert text.startswith(
+        "hf:wavtokenizer_encoder is not in hf:*: WavTokenizerEncoderModel's forward "
+        "returns only discrete tensors (audio_codes: torch.LongTensor"
+    ), text
+    assert "gradcheck.check_model(model.encoder, inputs=" in text
+    found, left_out = _hf._scope()
+    assert "wavtokenizer_encoder" in left_out and "wavtokenizer_encoder" not in found
+    assert "wavtokenizer" in found  # the full codec's output is audio: checked
+
+
 def test_excluded_types_are_listed_with_their_reason_and_not_expanded():
     found, left_out = _hf._scope()
     assert not set(found) & set(left_out)
@@ -282,6 +300,27 @@ def test_excluded_types_are_listed_with_their_reason_and_not_expanded():
     assert "inference_session" in left_out["sam2_video"]
     for t in ("bert", "vit", "whisper", "canine", "seggpt"):
         assert t in found
+
+
+@dataclasses.dataclass
+class Codes:  # a codec encoder's output (module level: annotations resolve)
+    codes: torch.LongTensor | None = None
+    codes_mask: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class CodesAndLatents(Codes):
+    latents: torch.FloatTensor | None = None
+
+
+class ReturnsCodes(torch.nn.Module):
+    def forward(self, input_values: torch.Tensor) -> tuple | Codes:
+        return Codes()
+
+
+class ReturnsLatents(torch.nn.Module):
+    def forward(self, input_values: torch.Tensor) -> tuple | CodesAndLatents:
+        return CodesAndLatents()
 
 
 def test_the_rules_that_leave_a_class_out():
@@ -299,6 +338,10 @@ def test_the_rules_that_leave_a_class_out():
     assert "no forward of its own" in _hf.not_checkable(NoForward)
     assert "requires 'session' (a dict" in _hf.not_checkable(NeedsSession)
     assert _hf.not_checkable(NeedsTensor) is None  # tensors are drawn
+
+    why = _hf.not_checkable(ReturnsCodes)
+    assert why is not None and "returns only discrete tensors (codes: " in why
+    assert _hf.not_checkable(ReturnsLatents) is None  # a floating field: checked
 
 
 def test_repairs_follow_the_models_own_error():
@@ -425,3 +468,31 @@ def test_extra_id_streams_come_from_their_own_vocabularies():
         ids = inputs[name]
         assert ids.shape == inputs["input_ids"].shape
         assert ids.max() < vocab and not (ids == cfg.pad_token_id).any()
+
+
+def test_an_action_expert_gets_its_action_chunk_and_cameras():
+    model, inputs, _ = _hf.build("pi05", {}, "hf:pi05", 0, 2_000_000)
+    cfg = model.config
+    width = cfg.dit_config.hidden_size
+    assert inputs["action_embeds"].shape == (2, cfg.chunk_size, width)
+    assert inputs["timestep_embeds"].shape == (2, width)
+    assert inputs["pixel_values"].dim() == 5  # (batch, cameras, c, h, w)
+    assert inputs["pixel_attention_mask"].shape == (2, 1)
+    vis = cfg.vlm_config.vision_config
+    marks = (inputs["input_ids"] == cfg.vlm_config.image_token_id).sum(dim=1)
+    assert marks.tolist() == [(vis.image_size // vis.patch_size) ** 2] * 2
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    assert out.shape == (2, cfg.chunk_size, width) and torch.isfinite(out).all()
+
+
+def test_eager_attention_not_finite_in_float64_is_built_with_sdpa():
+    # BLT's eager softmax runs in float32: float64's finfo.min on a fully masked
+    # cross-attention row becomes -inf there, NaN; SDPA is finite in both dtypes
+    model, inputs, _ = _hf.build("blt", {}, "hf:blt", 0, 2_000_000)
+    assert model.config._attn_implementation == "sdpa"
+    assert "not finite in float64" in model.gradcheck_build_note
+    assert _hf._finite_in_float64(model, inputs)
+    bert, bert_inputs, _ = _hf.build("bert", {}, "hf:bert", 0, 2_000_000)
+    assert bert.config._attn_implementation == "eager"  # finite: left eager
+    assert not hasattr(bert, "gradcheck_build_note")

@@ -1,18 +1,28 @@
-"""The NumPy numeric core: finite differences, directions, tolerance table."""
+"""The numeric core on NumPy arrays: finite differences, directions, tolerance table;
+and its imports (no framework). tests/test_numeric_array_api.py runs it on torch."""
 
 from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import gradcheck.numeric
 from gradcheck.errors import InvalidArgumentError, NonFiniteError
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 from gradcheck.numeric import tolerance as tl
 
 EPS64 = tl.EPS["float64"]
+NUMERIC = pathlib.Path(gradcheck.numeric.__file__).parent
+FRAMEWORKS = ("torch", "tensorflow", "keras", "jax")
 
 
 def phi_of(f):
@@ -107,6 +117,17 @@ def test_cotangents_are_one_for_scalars_and_unit_norm_otherwise():
     assert np.linalg.norm(cot[2]) == pytest.approx(1.0, rel=0.3)
 
 
+def test_noise_level_of_long_tables_no_longer_overflows():
+    # 1/C(2k, k) came from int64 factorial products, which overflow for k >= 11
+    # (tables of 12 or more values): a negative "gamma", sqrt of it, a NaN level and
+    # a RuntimeWarning. Python's integers stay exact.
+    v = 1.0 + 1e-6 * np.random.default_rng(1).standard_normal(13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        level = fd.noise_level(v)
+    assert level is not None and 2e-7 < level < 3e-6
+
+
 @pytest.mark.parametrize(
     ("spelled", "canonical"),
     [
@@ -132,3 +153,84 @@ def test_tolerance_table_is_ordered_by_precision_and_validates():
     with pytest.raises(InvalidArgumentError):
         tl.gradient_rounding("float32", override=-1.0)
     assert tl.gradient_rounding("float32", override=1e-3) == 1e-3
+
+
+# ---------------------------------------------------------------------------------
+# the numeric core is array-API code: no framework import in gradcheck/numeric
+
+
+def _imported_roots(path: pathlib.Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and (
+            getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+        ) in ("import_module", "__import__"):
+            roots |= {
+                a.value.split(".")[0]
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            }
+    return roots
+
+
+def test_numeric_core_imports_no_framework():
+    files = sorted(NUMERIC.glob("*.py"))
+    assert {f.name for f in files} >= {"differences.py", "directions.py", "arrays.py"}
+    found = {
+        f.name: sorted(_imported_roots(f) & set(FRAMEWORKS))
+        for f in files
+        if _imported_roots(f) & set(FRAMEWORKS)
+    }
+    assert not found, f"framework imports in gradcheck/numeric: {found}"
+    # what it does import: the standard library, NumPy, array-api-compat, itself
+    allowed = {"__future__", "array_api_compat", "numpy", "gradcheck"}
+    allowed |= set(sys.stdlib_module_names)
+    extra = {f.name: _imported_roots(f) - allowed for f in files}
+    assert not any(extra.values()), extra
+
+
+def test_import_scanner_sees_framework_imports(tmp_path):
+    # the static test above can fail: every spelling of a framework import is seen
+    src = tmp_path / "bad.py"
+    for line in (
+        "import torch",
+        "import torch.nn as nn",
+        "from tensorflow import keras",
+        "from jax.numpy import zeros",
+        "import importlib\nimportlib.import_module('keras')",
+        "__import__('torch')",
+    ):
+        src.write_text(line + "\n")
+        assert _imported_roots(src) & set(FRAMEWORKS), line
+
+
+def test_running_the_numeric_core_on_numpy_loads_no_framework():
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from gradcheck.numeric import arrays, differences as fd, directions as dirs\n"
+        "phi = lambda t: (np.sin(1 + t) * np.ones(3), np.ones(3))\n"
+        "fd.richardson(phi, 1e-3, 2.2e-16, 1e-9, ulps=16)\n"
+        "fd.ladder(phi, 1e-3); fd.noise_level(np.arange(9.0) ** 2)\n"
+        "rng = np.random.default_rng(0)\n"
+        "dirs.probe_direction([np.ones((3, 2)), np.zeros(4)], rng)\n"
+        "dirs.cotangents([(), (5,)], rng); arrays.vdot(np.ones(3), np.ones(3))\n"
+        f"bad = [m for m in {FRAMEWORKS!r} if m in sys.modules]\n"
+        # NumPy >= 2.1 is its own array-API namespace: array-api-compat's NumPy
+        # wrapper (0.4 s of numpy.f2py and numpy.testing imports) stays unloaded
+        "if np.lib.NumpyVersion(np.__version__) >= '2.1.0':\n"
+        "    bad += [m for m in ('array_api_compat.numpy', 'numpy.f2py')\n"
+        "            if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=NUMERIC.parent.parent,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -300,3 +300,185 @@ def test_forward_origin_blames_only_what_reaches_the_failing_op():
 
     watch = forward_origin(trips, torch.float64)
     assert watch.low is not None and watch.low.startswith("torch.zeros in"), watch.low
+
+
+# ------------------- a straight-through quantizer with an 8-bit float scale (kolibri)
+def _nvfp4_like(x):
+    """Kolibri 1.1's ``nvfp4_fake_quantize`` in small: blocks of 4 scaled by their
+    max / 6, the scale rounded through float8_e4m3fn (whose cast torch
+    differentiates as an identity), magnitudes rounded to the E2M1 grid."""
+    blocks = x.unflatten(-1, (-1, 4))
+    scale = (blocks.abs().amax(-1, keepdim=True) / 6).clamp(2**-9, 448)
+    scale = scale.to(torch.float8_e4m3fn).to(x.dtype)
+    scaled = blocks / scale
+    mag = scaled.abs().clamp(max=6)
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    return (torch.round(mag / step) * step).copysign(scaled).mul(scale).flatten(-2)
+
+
+class _StraightThroughKeys(torch.nn.Module):
+    """Kolibri 1.1's sparse layer: queries as computed, keys rounded with a
+    straight-through gradient (``k + (q(k) - k).detach()``, by design). The
+    function's derivative reaches the weights through the queries only (the
+    rounded keys are piecewise constant); torch's gradient also through the keys,
+    as if unrounded. ``wrong``: a custom backward scaling the query path's gradient
+    by 1.01 (a real bug beside the designed straight-through)."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = torch.nn.Linear(8, 8).double()
+        self.k = torch.nn.Linear(8, 8).double()
+        self.wrong = wrong
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        if self.wrong:
+            q = _Scaled.apply(q)
+        k = k + (_nvfp4_like(k) - k).detach()
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ x
+
+
+def test_a_straight_through_quantizer_with_a_float8_scale_is_confirmed():
+    """Without holding the float8 cast the counterfactual passes the scale's
+    gradient through it (torch's identity) and misses: 'do not explain' (the
+    kolibri1_1 sweep rows before this was settled)."""
+    model, x = _StraightThroughKeys(), _f64(6, 8)
+    report = _check(model, x)
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed: with fn's 1 detach of tensors that require grad" in text
+    assert "1 cast to an 8-bit float held constant" in text
+    assert "Tensor.detach in _StraightThroughKeys.forward" in text
+
+
+def test_a_wrong_backward_beside_a_straight_through_quantizer_is_not_explained():
+    report = _check(_StraightThroughKeys(wrong=True), _f64(6, 8))
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    assert "cause confirmed" not in text
+    assert "the detaches do not explain the whole mismatch" in text
+
+
+def test_pass_detach_holds_only_byte_float_casts_of_tensors_that_require_grad():
+    from gradcheck.backends._torch_kinks import PassDetach
+
+    x = _f64(4).requires_grad_(True)
+    with PassDetach() as mode:
+        held = x.to(torch.float8_e4m3fn)
+        kept = x.to(torch.float32)
+        plain = _f64(4).to(torch.float8_e5m2)  # no gradient to hold
+        through = x.detach()
+    assert mode.held == 1 and mode.passed == 1
+    assert not held.requires_grad and kept.requires_grad and through.requires_grad
+    assert plain.dtype == torch.float8_e5m2 and not plain.requires_grad
+
+
+# ---------------------- selections by comparison, buffers filled in place (lightglue)
+class _Selected(torch.nn.Module):
+    """LightGlue / SuperPoint's patterns: scores kept where they pass a threshold
+    (a comparison decides; one score sits exactly on it, so the decision flips
+    within any step), each row's best match picked by ``max(dim)``'s index, and
+    the kept values written into a ``torch.zeros`` buffer made in torch's default
+    dtype (float32), as SuperPoint pads its keypoints. ``wrong``: a custom
+    backward scaling the score path's gradient by 1.01."""
+
+    def __init__(self, x, wrong=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 6)
+        self.wrong = wrong
+        with torch.no_grad():
+            self.threshold = float(self.lin(x)[0, 0])  # exactly on it at x
+
+    def forward(self, x):
+        s = self.lin(x)
+        if self.wrong:
+            s = _Scaled.apply(s)
+        kept = torch.where(s > self.threshold, s, torch.zeros_like(s))
+        best = s.max(-1)  # the index is the decision
+        out = torch.zeros(x.shape[0], 7)  # default dtype: float32
+        out[:, :6] = kept * 2.0
+        out[:, 6] = best.values * (best.indices + 1)
+        return out
+
+
+def test_selections_are_held_and_a_buffer_filled_in_place_reaches_the_reference():
+    """Before: the float64 reference wrote into a float64 copy of the float32
+    buffer (all zero: the finite differences saw nothing, a mismatch at 99%) and
+    the threshold flipped within the step (one-sided derivatives differ)."""
+    x = _f64(5, 4).float()
+    model = _Selected(x)
+    proj = _f64(5, 7, seed=1).float()
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0
+    )
+    assert report.passed, report.message()
+    text = report.message()
+    assert "decisions: fn selects with comparisons" in text
+    assert "Tensor.gt in _Selected.forward" in text
+
+
+def test_a_wrong_backward_on_a_held_selection_is_still_a_mismatch():
+    x = _f64(5, 4).float()
+    model = _Selected(x, wrong=True)
+    proj = _f64(5, 7, seed=1).float()
+    report = gradcheck.check_gradients(
+        lambda: (model(x) * proj).sum(), params=model, seed=0
+    )
+    assert report.status == "mismatch", report.message()
+
+
+def test_the_float64_reference_keeps_in_place_writes_into_float32_tensors():
+    from gradcheck.backends.torch import _PromoteToFloat64
+
+    src = _f64(3)
+    kept = torch.zeros(3, dtype=torch.float32)  # made before the mode
+    with _PromoteToFloat64():
+        fresh = torch.zeros(3)  # torch's default dtype: float64 here
+        fresh[:] = src
+        kept[:] = src
+        kept.add_(1.0)
+    assert fresh.dtype == torch.float64 and torch.equal(fresh, src)
+    assert kept.dtype == torch.float32
+    assert torch.equal(kept, (src.float() + 1.0))
+
+
+# -------------------------- a detach in a model whose reference is noisy (grounding-dino)
+class _Rounded(torch.autograd.Function):
+    """Noise the float64 reference cannot lift: the value rounded to 12 decimals
+    in NumPy (Grounding DINO's reference scatters by ~1e-12 the same way, from
+    its depth); the backward is the identity, the unrounded derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import numpy as np
+
+        return torch.from_numpy(np.round(x.detach().numpy(), 12))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _NoisyDetachedReference(_DetachedReference):
+    def forward(self, x):
+        return _Rounded.apply(super().forward(x))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_the_detach_counterfactual_allows_the_differences_measured_noise(wrong):
+    """Without the measured noise the counterfactual missed by 2.3e-05 against a
+    Richardson error of 1.2e-05 ("do not explain ... a mismatch of its own", as
+    grounding-dino's 1.6x); a 1.01 wrong backward beside the detach stays
+    unexplained."""
+    model, x = _NoisyDetachedReference(wrong=wrong), _f64(5, 4)
+    report = _check(model, x)
+    assert report.status == "mismatch", report.message()
+    text = report.message()
+    if wrong:
+        assert "cause confirmed" not in text
+        assert "the detaches do not explain the whole mismatch" in text
+    else:
+        assert "cause confirmed: with fn's 2 detaches" in text
+        assert "with the differences' measured noise" in text

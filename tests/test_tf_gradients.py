@@ -436,8 +436,13 @@ def forward(model, x, *, dropout, bug=None):
     return tf.reduce_mean(head(h) ** 2)
 
 
-@pytest.mark.parametrize("case", ["mismatch", "dropout", "raises"])
-def test_model_and_optimizer_bit_identical_after_failure(case):
+@pytest.mark.parametrize("case", ["mismatch", "dropout", "raises", "raises-traced"])
+def test_model_and_optimizer_bit_identical_after_failure(case, monkeypatch):
+    from gradcheck.backends import tensorflow as tfb
+
+    # raises: fn's Python raises at its third call, every evaluation eager;
+    # raises-traced: the traced reference graph fails (see below)
+    monkeypatch.setattr(tfb, "COMPILED_REFERENCE", case != "raises")
     model, x = compiled_model()
     before = snapshot(model)
     assert any("_momentum" in path for path, _ in before)  # optimizer slots
@@ -456,6 +461,20 @@ def test_model_and_optimizer_bit_identical_after_failure(case):
 
         with pytest.raises(ValueError, match="third call"):
             gradcheck.check_gradients(fn, params=model)
+    elif case == "raises-traced":
+        # runs 1-2: the analytical and the eager reference call; 3: the traced
+        # graph's first run; 4: its second, which fails, and the same evaluation
+        # run eagerly (5) raises from fn's own code, as it would without a graph
+        runs = tf.Variable(0)  # not the model's: no check resets it
+
+        def fn():
+            runs.assign_add(1)
+            tf.debugging.assert_less(runs, 4, message="fourth run")
+            return forward(model, x, dropout=False)
+
+        with pytest.raises(gradcheck.errors.FunctionRaisedError, match="fourth run"):
+            gradcheck.check_gradients(fn, params=model)
+        assert int(runs.numpy()) == 5
     elif case == "mismatch":
         report = gradcheck.check_gradients(
             lambda: forward(model, x, dropout=False, bug=scaled(0.5)), params=model

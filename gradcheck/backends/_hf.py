@@ -19,6 +19,7 @@ from gradcheck.backends._hf_config import (  # noqa: F401 (re-exported)
     IMAGE_INPUT,
     INPUT_KINDS,
     TEXT,
+    TOKENS,
     _first_int,
     _int,
     _is_config,
@@ -154,7 +155,7 @@ def infer_inputs(model: Any, seed: int, extra: bool = False) -> dict[str, Any]:
     wanted = [main] + (
         [k for k in INPUT_KINDS if k in sig and k != main] if extra else []
     )
-    batch, seq = 2, 8
+    batch, seq = 2, TOKENS
     inputs: dict[str, Any] = {}
     for name in wanted:
         if name == TEXT:
@@ -326,8 +327,19 @@ def build(
             _draw_zero_tensors(model)
         model.eval()
         inputs = _working_inputs(model, seed)
-    if not _finite_output(model, inputs):
-        model = _default_attention(cfg, seed, inputs) or model
+    finite32 = _finite_output(model, inputs)
+    if not finite32 or not _finite_in_float64(model, inputs):
+        sdpa = _default_attention(cfg, seed, inputs)
+        if sdpa is not None:
+            where = "float64" if finite32 else "float32"
+            # said in every check's notes (gradcheck.models reads it)
+            sdpa.gradcheck_build_note = (
+                f"built with {sdpa.config._attn_implementation} attention: with "
+                f"eager attention the model's output is not finite in {where} at "
+                "these weights and inputs (the model's own eager code, e.g. a "
+                "fully masked row's mask overflowing in a float32 softmax)"
+            )
+            model = sdpa
     _calibrate_batch_norm(model, inputs)
     return model, inputs, n
 
@@ -368,14 +380,35 @@ def _finite_output(model: Any, inputs: dict[str, Any]) -> bool:
     return True
 
 
+def _finite_in_float64(model: Any, inputs: dict[str, Any]) -> bool:
+    """Whether a float64 copy's first floating output is finite too (True
+    where the float64 forward raises: its check says why)."""
+    import torch
+
+    twin = copy.deepcopy(model).double()
+    wide = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
+    try:
+        return _finite_output(twin, wide)
+    except Exception:
+        return True
+
+
 def _default_attention(cfg: Any, seed: int, inputs: dict[str, Any]) -> Any:
     """The model built again with its default attention when that one's output
     is finite where eager attention's is not, else None. NeMo's streaming
     Conformer (nemotron3_5_asr, nemotron_asr_streaming) masks with
     ``attention_mask.logical_not()``, right for the boolean mask SDPA gets and
     wrong for eager's additive float mask (0 where allowed): every score is
-    -inf, softmax 0/0, the output NaN at any weights. A model NaN with both
-    stays as built: its check reports the NaN."""
+    -inf, softmax 0/0, the output NaN at any weights. And where eager's output
+    is finite in float32 but not in float64 (BLT: its eager softmax runs in
+    float32, ``softmax(..., dtype=torch.float32)``, so a fully masked
+    cross-attention row, float64's finfo.min, becomes -inf and NaN; in float32
+    finfo.min stays finite and the row uniform): SDPA when it is finite in
+    both, so that both dtypes check one model. A model NaN with both stays as
+    built: its check reports the NaN."""
     import torch
 
     try:
@@ -386,7 +419,9 @@ def _default_attention(cfg: Any, seed: int, inputs: dict[str, Any]) -> Any:
         model.eval()
         if model.config._attn_implementation == "eager":
             return None
-        return model if _finite_output(model, inputs) else None
+        if _finite_output(model, inputs) and _finite_in_float64(model, inputs):
+            return model
+        return None
     except Exception:
         return None
 
@@ -678,6 +713,42 @@ def _with_required(
         out["input_features_mask"] = torch.ones(
             feats.shape[0], frames, dtype=torch.long
         )
+    if "action_embeds" in sig and ids is not None and pixels is not None:
+        out.update(_action_expert_inputs(out, cfg, gen))
+    return out
+
+
+def _action_expert_inputs(cand: dict[str, Any], cfg: Any, gen: Any) -> dict[str, Any]:
+    """A vision-language-action policy's bare model (PI0.5): its action
+    expert takes the embedded noisy action chunk, (batch, chunk_size, the
+    expert's width), and the embedded flow-matching time, (batch, width),
+    that the policy (PI05ForConditionalGeneration) computes from actions and
+    a timestep; the vision-language prefix takes images per camera, (batch,
+    cameras, channels, height, width) with a camera mask, each camera's image
+    tokens in front of the text (one per patch). One camera."""
+    torch = _torch()
+    dit = _sub(cfg, "dit_config")
+    vlm = _sub(cfg, "vlm_config")
+    vis = _sub(vlm, "vision_config")
+    width, chunk = getattr(dit, "hidden_size", None), getattr(cfg, "chunk_size", None)
+    size, patch = getattr(vis, "image_size", None), getattr(vis, "patch_size", None)
+    image = getattr(vlm, "image_token_id", None)
+    if not all(_int(x) for x in (width, chunk, size, patch, image)):
+        return {}
+    ids, pixels = cand[TEXT], cand["pixel_values"]
+    b = ids.shape[0]
+    text = torch.where(ids == image, (image + 1) % _vocab(vlm)[0], ids)
+    marks = torch.full((b, (size // patch) ** 2), image, dtype=ids.dtype)
+    ids = torch.cat([marks, text], dim=1)
+    out = {
+        TEXT: ids,
+        "pixel_values": pixels.unsqueeze(1) if pixels.dim() == 4 else pixels,
+        "pixel_attention_mask": torch.ones(b, 1, dtype=torch.bool),
+        "action_embeds": torch.randn(b, chunk, width, generator=gen),
+        "timestep_embeds": torch.randn(b, width, generator=gen),
+    }
+    if "attention_mask" in cand:
+        out["attention_mask"] = torch.ones(ids.shape, dtype=torch.long)
     return out
 
 
@@ -1211,11 +1282,15 @@ def _drawable(annotation: Any) -> bool:
 
 def not_checkable(cls: Any) -> str | None:
     """Why a model class is outside ``hf:*`` by its nature (not by a failure of
-    gradcheck's shrink or inputs), or None. Two rules, from the class alone:
+    gradcheck's shrink or inputs), or None. Three rules, from the class alone:
 
     - it has no forward of its own (torch's unimplemented placeholder): Bark and
       GLM-Image's VQ-VAE are driven through ``generate``/``encode``/``decode``,
       so there is no model function of the inputs to check;
+    - its forward returns only discrete tensors (:func:`_discrete_output`:
+      WavTokenizer's encoder returns its codes, ``LongTensor``, and their
+      mask): no floating output, so no gradient to check (the encoder's
+      continuous part is checked inside the full codec, ``hf:wavtokenizer``);
     - its forward requires an argument that is an object rather than a tensor
       (SAM-2/SAM-3/EdgeTAM video: an ``inference_session`` that the processor's
       tracking API fills frame by frame, with prompts and memory): not token
@@ -1230,6 +1305,13 @@ def not_checkable(cls: Any) -> str | None:
             f"{cls.__name__} has no forward of its own (transformers drives it "
             "through generate/encode/decode only): there is no function of token "
             "ids, pixel values or audio values to check"
+        )
+    discrete = _discrete_output(forward)
+    if discrete is not None:
+        return (
+            f"{cls.__name__}'s forward returns only discrete tensors ({discrete}): "
+            "no floating output to differentiate (codes pick the nearest codebook "
+            "entry: piecewise constant in the weights)"
         )
     try:
         params = inspect.signature(forward).parameters
@@ -1250,6 +1332,38 @@ def not_checkable(cls: Any) -> str | None:
     return None
 
 
+#: a field annotation that names an integer or boolean tensor
+_DISCRETE = re.compile(r"\b(Long|Int|Bool)Tensor\b")
+
+
+def _discrete_output(forward: Any) -> str | None:
+    """``"<field>: <annotation>, ..."`` where ``forward``'s return annotation is
+    an output class whose every field is an integer/boolean tensor or a mask
+    (WavTokenizer's encoder: ``audio_codes: torch.LongTensor``,
+    ``audio_codes_mask``), else None. From the annotations alone: nothing is
+    built (an unresolvable annotation: None, the model is tried)."""
+    import dataclasses
+    import typing
+
+    try:
+        ret = typing.get_type_hints(forward).get("return")
+    except Exception:
+        return None
+    for out in typing.get_args(ret) or (ret,):
+        if not (isinstance(out, type) and dataclasses.is_dataclass(out)):
+            continue
+        fields = [f.name for f in dataclasses.fields(out)]
+        notes: dict[str, Any] = {}
+        for base in reversed(out.__mro__):
+            notes.update(getattr(base, "__annotations__", {}))
+        kinds = {k: str(notes.get(k, "")).replace("typing.", "") for k in fields}
+        if fields and all(
+            _DISCRETE.search(v) or k.endswith("_mask") for k, v in kinds.items()
+        ):
+            return ", ".join(f"{k}: {v}" for k, v in kinds.items())
+    return None
+
+
 def not_checkable_reason(model_type: str, spec: str) -> str | None:
     """The unbuildable message of a type outside ``hf:*`` by its nature (see
     :func:`not_checkable`), with the way to check it anyway; else None."""
@@ -1257,6 +1371,12 @@ def not_checkable_reason(model_type: str, spec: str) -> str | None:
     why = not_checkable(cls) if cls is not None else None
     if why is None:
         return None
+    if "only discrete tensors" in why:  # own inputs would not give it one
+        return (
+            f"{spec} is not in hf:*: {why}. To check its continuous part, pass a "
+            "submodule with a floating output and that submodule's inputs: "
+            "gradcheck.check_model(model.encoder, inputs=(...))"
+        )
     return (
         f"{spec} is not in hf:*: {why}. To check it anyway, build the model and "
         "its inputs yourself and pass them: gradcheck.check_model(model, "

@@ -22,6 +22,8 @@ VOCAB = 1024
 IMAGE = 64
 EXPERTS = 4
 SOURCE_POSITIONS = 32
+#: the token count of drawn token ids (batch 2 x TOKENS)
+TOKENS = 8
 #: the first stage's width of a staged backbone that keeps all its stages (Swin)
 STAGED_WIDTH = 16
 TOP_K = 2
@@ -120,6 +122,7 @@ def shrink_config(
     # its per-layer overrides off while shrinking, put the kept layers' back after
     hetero = cfg.__dict__.pop("_heterogeneity_spec", None)
     old_head = _head_size(cfg)  # before the caps: partial rotary keeps its share
+    wide = _wide_attention(cfg)  # likewise a width multiple (Zamba2)
     derived = _derived_widths(cfg)  # before the nested configs shrink
     attrs = dict(vars(cfg))
     for key, value in attrs.items():
@@ -156,8 +159,11 @@ def shrink_config(
             _set(cfg, key, HIDDEN)
     if staged and _int(vars(cfg).get("embed_dim")) and cfg.embed_dim > STAGED_WIDTH:
         _set(cfg, "embed_dim", STAGED_WIDTH)
+    grouped = _grouped_query(cfg)  # before the caps make kv heads = heads
     cap(_HEAD_KEYS, HEADS)
     cap(_KV_KEYS, HEADS)
+    if grouped:
+        _fit_grouped_query(cfg)
     # per-stage lists (Swin, ConvNeXt, ResNet, wav2vec2's feature extractor)
     cap_list(cfg, _HEAD_KEYS, HEADS)
     cap_list(cfg, _STAGE_WIDTH_KEYS, HIDDEN)
@@ -192,6 +198,8 @@ def shrink_config(
     if _int(getattr(cfg, "head_dim", None)) and _int(heads) and _int(hidden):
         _set(cfg, "head_dim", max(hidden // heads, 4))
     _fit_mla(cfg)
+    if wide:
+        _fit_wide_attention(cfg, wide)
     _fit_rotary(cfg, old_head)
     _fit_mrope_section(cfg)
     _fit_expert_groups(cfg)
@@ -255,14 +263,23 @@ def shrink_config(
         ):
             _set(cfg, key, 0.0)
         elif (
-            isinstance(value, list)
+            (
+                isinstance(value, list)
+                or (isinstance(value, tuple) and all(isinstance(x, str) for x in value))
+            )
             and old_layers
             and len(value) in old_layers
             and key not in ("architectures",)
+            and key not in _LAYER_INDEX_SETS  # indexes, renumbered below
         ):
-            _set(cfg, key, [value[i] for i in chosen])  # per-layer: layer_types, ...
+            # per-layer: layer_types, ...; a tuple of layer kinds too (Reformer's
+            # attn_layers), not a tuple of numbers (CLAP's per-stage depths and
+            # heads: 4 stages, as many as its num_hidden_layers, all kept)
+            _set(cfg, key, type(value)(value[i] for i in chosen))
     if old_layers:
         _remap_layer_refs(cfg, chosen)
+        _remap_layer_sets(cfg, chosen)
+        _keep_a_moe_layer(cfg, len(chosen))
     vocab = getattr(cfg, "vocab_size", None)
     if _int(vocab):
         for key, value in list(vars(cfg).items()):
@@ -292,10 +309,49 @@ def _fit_mirrored_dicts(cfg: Any) -> None:
             _set(cfg, key, {**value, **mirrored})
 
 
+def _moe_layers(cfg: Any) -> set[int] | None:
+    """The layers a MoE config's lists make MoE: ``mlp_layer_types`` entries
+    other than "dense" (Step-3.x, GLM-5's DSA), ``moe_layers`` (Llama 4),
+    every layer not in ``mlp_only_layers`` (Qwen-MoE style, Flint: layers 0
+    and 1 dense); None where no list says (counts such as DeepSeek-V3's
+    ``first_k_dense_replace`` are fitted after the cut, _keep_a_moe_layer)."""
+    v = vars(cfg)
+    if not any(_int(v.get(k)) for k in _EXPERT_KEYS):
+        return None
+    n = next((v[k] for k in _LAYER_KEYS if _int(v.get(k))), None)
+    kinds = v.get("mlp_layer_types")
+    if isinstance(kinds, (list, tuple)) and kinds:
+        return {i for i, k in enumerate(kinds) if k != "dense"}
+    moe = v.get("moe_layers")
+    if isinstance(moe, (list, tuple)) and all(_int(i) for i in moe):
+        return set(moe)
+    dense = v.get("mlp_only_layers")
+    if isinstance(dense, (list, tuple)) and dense and _int(n):
+        return set(range(n)) - set(dense)
+    return None
+
+
 def _kept_layers(cfg: Any) -> list[int]:
     """Which of the layers to keep: the first LAYERS, but one of each kind where
-    ``layer_types`` names more (at most 4 kinds)."""
-    types = vars(cfg).get("layer_types")
+    ``layer_types`` names more (at most 4 kinds); and a MoE layer where the
+    config's lists make its first layers dense (:func:`_moe_layers`): in place
+    of the second of the first two, or added to the kinds."""
+    picked = _kept_by_type(cfg)
+    moe = _moe_layers(cfg)
+    if moe and not set(picked) & moe:
+        if picked == list(range(LAYERS)):
+            picked = picked[:-1]
+        picked = sorted([*picked, min(moe)])
+    return picked
+
+
+def _kept_by_type(cfg: Any) -> list[int]:
+    v = vars(cfg)
+    # Zamba's layer kinds are layers_block_type (mamba and hybrid: the shared
+    # attention block first comes at layer 2 or 6; its first two layers have none)
+    types = v.get("layer_types")
+    if not isinstance(types, list) or not types:
+        types = v.get("layers_block_type")
     if not isinstance(types, list) or not types:
         return list(range(LAYERS))
     shared = vars(cfg).get("num_kv_shared_layers")
@@ -344,6 +400,128 @@ def _remap_layer_refs(cfg: Any, chosen: list[int]) -> None:
             layers = v.get(other)
             if isinstance(layers, list) and all(_int(r) for r in layers):
                 _set(cfg, other, [new[r] for r in layers if r in new])
+
+
+#: lists of layer indexes (not one value per layer): renumbered to the kept
+#: layers, indexes of dropped layers left out (MoE layer sets, LFM2's
+#: full-attention layers, Zamba2's hybrid layers). Not the vision towers'
+#: block sets (SAM's global_attn_indexes, Qwen2.5-VL's fullatt_block_indexes):
+#: DeepSeek-VL-Hybrid reads SAM's by position (an empty set: IndexError), and
+#: they pass with the indexes past the kept layers, as _LAYER_POINTERS says
+_LAYER_INDEX_SETS = (
+    "mlp_only_layers",
+    "moe_layers",
+    "full_attn_idxs",
+    "hybrid_layer_ids",
+    "local_layer_ids",
+    "ple_layer_ids",
+    "attn_layer_indices",
+)
+
+
+def _remap_layer_sets(cfg: Any, chosen: list[int]) -> None:
+    """Layer index lists (:data:`_LAYER_INDEX_SETS`) renumbered to the kept
+    layers ``chosen`` (old indexes): an index of a dropped layer is left out
+    (LFM2's full-attention layer 2 kept as layer 1 is 1; its 12 others go)."""
+    new = {old: i for i, old in enumerate(chosen)}
+    v = vars(cfg)
+    for key in _LAYER_INDEX_SETS:
+        refs = v.get(key)
+        if not (isinstance(refs, (list, tuple)) and all(_int(r) for r in refs)):
+            continue
+        _set(cfg, key, type(refs)(new[r] for r in refs if r in new))
+
+
+#: counts of leading dense layers before the MoE ones (DeepSeek-V3, Kimi,
+#: GLM-4-MoE: first_k_dense_replace 3 of 61; AFMoE, LFM2-MoE: num_dense_layers)
+_DENSE_FIRST = ("first_k_dense_replace", "num_dense_layers", "num_dense_blocks")
+#: every n-th layer is MoE (NLLB-MoE, Switch: 4; Qwen2-MoE: 1; DeepSeek-V2's
+#: moe_layer_freq; Jamba's expert_layer_period)
+_MOE_STEPS = (
+    "decoder_sparse_step",
+    "encoder_sparse_step",
+    "moe_layer_freq",
+    "expert_layer_period",
+)
+
+
+def _keep_a_moe_layer(cfg: Any, layers: int) -> None:
+    """A MoE config shrunk to ``layers`` layers keeps a MoE layer (and a dense
+    one where it had both): its leading dense layers are 1 (layer 0 dense,
+    layer 1 MoE), every n-th layer becomes every layer up to the count (NLLB's
+    every 4th: layer 1 of 2), Ernie 4.5's MoE span ends inside the kept layers.
+    Left alone, DeepSeek-V3 (3 dense first) kept 2 dense layers: no expert,
+    no router checked."""
+    v = vars(cfg)
+    if not any(_int(v.get(k)) for k in _EXPERT_KEYS):
+        return
+    for key in _DENSE_FIRST:
+        if _int(v.get(key)) and v[key] >= layers:
+            _set(cfg, key, max(layers - 1, 0))
+    for key in _MOE_STEPS:
+        if _int(v.get(key)) and v[key] > layers:
+            _set(cfg, key, layers)
+    offset = v.get("expert_layer_offset")
+    if _int(offset) and offset >= layers:
+        _set(cfg, "expert_layer_offset", layers - 1)
+    end = v.get("moe_layer_end_index")
+    if _int(end) and end >= layers:
+        _set(cfg, "moe_layer_end_index", layers - 1)
+    start = v.get("moe_layer_start_index")
+    if _int(start) and start >= layers:
+        _set(cfg, "moe_layer_start_index", layers - 1)
+    for key in ("mlp_only_layers",):  # every kept layer dense: the last is MoE
+        dense = v.get(key)
+        if isinstance(dense, (list, tuple)) and set(range(layers)) <= set(dense):
+            _set(cfg, key, type(dense)(i for i in dense if i != layers - 1))
+
+
+def _wide_attention(cfg: Any) -> int | None:
+    """Zamba2's shared attention block reads the hidden state concatenated
+    with the input embeddings: ``attention_hidden_size`` is a multiple of the
+    width (2 x 2,560); that multiple, read before the caps, else None."""
+    v = vars(cfg)
+    attn, hidden = v.get("attention_hidden_size"), v.get("hidden_size")
+    if _int(attn) and _int(hidden) and hidden > 0 and attn > hidden:
+        if attn % hidden == 0:
+            return attn // hidden
+    return None
+
+
+def _fit_wide_attention(cfg: Any, multiple: int) -> None:
+    """The capped attention width back at its multiple of the width (the
+    name cap made it 32 of a 64-wide input: its norm refused the shape once
+    a hybrid layer was kept), and its head width to match."""
+    v = vars(cfg)
+    hidden, heads = v.get("hidden_size"), v.get("num_attention_heads")
+    if not _int(hidden):
+        return
+    _set(cfg, "attention_hidden_size", multiple * hidden)
+    if _int(v.get("attention_head_dim")) and _int(heads) and heads > 0:
+        _set(cfg, "attention_head_dim", multiple * hidden // heads)
+
+
+def _grouped_query(cfg: Any) -> bool:
+    """Whether ``cfg`` has fewer key/value heads than query heads (grouped
+    query attention), read before the caps."""
+    v = vars(cfg)
+    kv = next((v[k] for k in _KV_KEYS if _int(v.get(k))), None)
+    heads = next((v[k] for k in _HEAD_KEYS if _int(v.get(k))), None)
+    return kv is not None and heads is not None and 0 < kv < heads
+
+
+def _fit_grouped_query(cfg: Any) -> None:
+    """Grouped query attention stays grouped: the caps make 2 heads of 2
+    key/value heads (plain multi-head attention: the repeat of key/value
+    heads across query heads, the GQA code path, never ran). One key/value
+    head per 2 query heads."""
+    v = vars(cfg)
+    heads = next((v[k] for k in _HEAD_KEYS if _int(v.get(k))), None)
+    if not _int(heads) or heads < 2:
+        return
+    for key in _KV_KEYS:
+        if _int(v.get(key)) and v[key] >= heads:
+            _set(cfg, key, max(1, heads // 2))
 
 
 def _first_of_each(types: list[Any], span: range) -> list[int]:
@@ -1370,11 +1548,32 @@ def _fit_patch_grid(cfg: Any) -> None:
 
 
 def _fit_axial(cfg: Any) -> None:
-    """Reformer: the axial position embedding's parts must add up to the width."""
-    dims, hidden = vars(cfg).get("axial_pos_embds_dim"), vars(cfg).get("hidden_size")
+    """Reformer: the axial position embedding's parts must add up to the width,
+    and (in train mode, which its reversible backward requires) its shape must
+    multiply to the sequence length: TOKENS as (2, TOKENS / 2), not 64 x 64.
+    Chunks of TOKENS / 2 (not 64) so that the LSH layer hashes, sorts and
+    chunks the tokens (with one chunk it attends to all of them directly, and
+    its hashing code never runs), with the buckets the paper's rule gives
+    (2 x chunks), set here rather than by the first forward. A fixed
+    ``hash_seed``: every forward draws the same random rotations (left unset,
+    each call hashes with new ones: not one function)."""
+    v = vars(cfg)
+    dims, hidden = v.get("axial_pos_embds_dim"), v.get("hidden_size")
     if isinstance(dims, (list, tuple)) and len(dims) == 2 and _int(hidden):
         if sum(dims) != hidden:
             _set(cfg, "axial_pos_embds_dim", type(dims)((hidden // 2, hidden // 2)))
+    shape = v.get("axial_pos_shape")
+    if isinstance(shape, (list, tuple)) and len(shape) == 2:
+        _set(cfg, "axial_pos_shape", type(shape)((2, TOKENS // 2)))
+    chunk = TOKENS // 2
+    for key in ("lsh_attn_chunk_length", "local_attn_chunk_length"):
+        if _int(v.get(key)) and v[key] > chunk:
+            _set(cfg, key, chunk)
+    lsh = v.get("lsh_attn_chunk_length")
+    if "num_buckets" in v and v["num_buckets"] is None and _int(lsh):
+        _set(cfg, "num_buckets", max(2 * (TOKENS // lsh), 2))
+    if "hash_seed" in v and v["hash_seed"] is None:
+        _set(cfg, "hash_seed", 0)
 
 
 def _fit_window(cfg: Any) -> None:

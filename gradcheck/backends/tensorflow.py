@@ -174,6 +174,87 @@ def _to_numpy(t: Any) -> np.ndarray:
     return np.array(value, dtype=np.float64, copy=True)
 
 
+#: reference evaluations (outputs_at) run fn as a tf.function once the traced
+#: graph agreed with an eager call (see TensorflowSession._reference_forward);
+#: False: always eager
+COMPILED_REFERENCE = True
+
+#: how far a traced reference output may sit from the eager one, in ulps of the
+#: output's largest element (grappler may reassociate a sum; a real difference,
+#: a random draw or a stale value, is far larger)
+_COMPILED_ULPS = 16
+
+
+def _same_outputs(
+    eager: list[tuple[str, tf.Tensor]], traced: list[tuple[str, tf.Tensor]]
+) -> bool:
+    """The traced function's outputs are the eager ones (see _reference_forward)."""
+    if len(eager) != len(traced):
+        return False
+    for (n1, a), (n2, b) in zip(eager, traced, strict=True):
+        if n1 != n2 or a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        x, y = a.numpy(), b.numpy()
+        if not np.array_equal(np.isfinite(x), np.isfinite(y)):
+            return False
+        finite = np.isfinite(x)
+        if not np.array_equal(x[~finite], y[~finite], equal_nan=True):
+            return False
+        if not finite.any():
+            continue
+        x, y = x[finite], y[finite]
+        scale = float(np.max(np.abs(x)))
+        eps = float(np.finfo(x.dtype).eps) if np.issubdtype(x.dtype, np.inexact) else 0
+        if float(np.max(np.abs(x - y))) > _COMPILED_ULPS * eps * scale:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _no_deprecation_notes() -> Any:
+    """TensorFlow's one-time deprecation notes off while gradcheck traces fn (a
+    Keras loss calls squeeze(squeeze_dims=...) in graph mode): gradcheck's noise,
+    not the user's code's. (tf's own deprecation.silence does not restore the
+    flag when the block raises.)"""
+    try:
+        from tensorflow.python.util import deprecation
+    except ImportError:  # pragma: no cover - private module moved
+        yield
+        return
+    before = deprecation._PRINT_DEPRECATION_WARNINGS
+    deprecation._PRINT_DEPRECATION_WARNINGS = False
+    try:
+        yield
+    finally:
+        deprecation._PRINT_DEPRECATION_WARNINGS = before
+
+
+def _unfused_call_options() -> Any:
+    """This thread's function-call options with grappler's remapper off, for the
+    traced reference forward (None where TensorFlow's private API moved: the
+    defaults then). The remapper fuses ops (MatMul + BiasAdd + activation) into
+    kernels eager mode never runs, and on a CPU with oneDNN it logs "Not
+    handling type DT_DOUBLE" for every float64 candidate: off, the graph runs the
+    ops eager mode runs, quietly."""
+    try:
+        import copy
+
+        from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+        from tensorflow.python.eager import context as tf_context
+
+        current = tf_context.context().function_call_options
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(current.config_proto_serialized)
+        config.graph_options.rewrite_options.remapping = (
+            rewriter_config_pb2.RewriterConfig.OFF
+        )
+        options = copy.copy(current)
+        options.config_proto_serialized = config
+        return options
+    except Exception:  # pragma: no cover - private API moved
+        return None
+
+
 def _device(raw: str) -> str:
     """'/job:localhost/replica:0/task:0/device:GPU:0' -> 'gpu:0'; CPU -> 'cpu'."""
     if not raw:
@@ -512,6 +593,9 @@ class TensorflowSession(Session):
         #: sources of the evaluation in progress (what fn's variables are then)
         self._output_labels: list[str] | None = None
         self._sources_now: list[Any] = []
+        #: the traced reference forward per precision (see _reference_forward);
+        #: False where fn keeps the eager path
+        self._compiled: dict[tuple[Any, ...], Any] = {}
         self._home = self._home_device()
         self._note_tf32()
 
@@ -570,6 +654,7 @@ class TensorflowSession(Session):
 
     def restore(self) -> None:
         self._graph = None
+        self._compiled.clear()
         self._state.restore()
 
     # ------------------------------------------------------------------ calls
@@ -858,17 +943,20 @@ class TensorflowSession(Session):
                                 self._shadows.shadow(other.var, other.original_tensor),
                             )
                         )
-            scope = (
-                _keras64.float64(self._layers, swaps, self._tf_promotion)
-                if shadowed
-                else contextlib.nullcontext()
-            )
+
+            def scope() -> contextlib.AbstractContextManager[Any]:
+                return (
+                    _keras64.float64(self._layers, swaps, self._tf_promotion)
+                    if shadowed
+                    else contextlib.nullcontext()
+                )
+
             self._sources_now = sources
-            with scope:
-                if then is None:
-                    raw = self.fn(*inputs)
-                    outs = self._flatten(raw)
-                else:
+            if then is None:
+                key = (promote, shadowed, shadowed and self._tf_promotion)
+                outs = self._reference_forward(inputs, key, scope)
+            else:
+                with scope():
                     with tf.GradientTape(persistent=persistent) as tape:
                         tape.watch(sources)
                         raw = self.fn(*inputs)
@@ -877,6 +965,114 @@ class TensorflowSession(Session):
             return outs if then is None else then(tape, outs, sources)
         finally:
             self._state.reset_variables()
+
+    # ------------------------------------------------------------ compiled reference
+    def _reference_forward(
+        self,
+        inputs: list[Any],
+        key: tuple[Any, ...],
+        scope: Callable[[], contextlib.AbstractContextManager[Any]],
+    ) -> list[tuple[str, tf.Tensor]]:
+        """fn's flattened outputs at one finite-difference point, for the
+        reference side only (outputs_at: no tape; the analytical side and every
+        gradient stay eager, as the user runs fn).
+
+        A finite-difference check evaluates fn tens to hundreds of times at
+        nearby points, and an eager Keras call of a small model spends nearly all
+        its time in Python (layer and op dispatch, TF's dtype promotion; measured
+        with cProfile in the audit's TensorFlow finite-difference jobs: 90% of
+        their time, ~0.07 s per call on 2 loaded cores). So fn is traced once per
+        session and precision (``key``) as a ``tf.function`` and the traced graph
+        runs every later evaluation: the variables it reads (the user's,
+        assigned per point, or the float64 shadows, likewise) are read when it
+        runs; the input tensors are its arguments.
+
+        The graph is used only where it is the same function: the first
+        evaluation runs fn eagerly *and* traced, and the graph is kept only if
+        every output agrees with the eager one to a few ulps (same names, dtypes
+        and shapes). A fn that cannot be traced (``.numpy()``, Python branches on
+        values, variables made on call), draws random numbers (a Dropout in
+        training mode: the two runs differ), or whose inputs are not all tensors
+        or variables keeps the eager path for the whole session. (The derived
+        order-2 function reads its inputs' sources from its arguments and its
+        variables' from the session, whose variables and float64 shadows are
+        the same objects at every evaluation.) From then on every reference
+        evaluation at this
+        precision, including the base point, comes from the one graph, so the
+        differences compare like with like."""
+        compiled = self._compiled.get(key)
+        if compiled is False or not self._may_compile(inputs):
+            with scope():
+                return self._flatten(self.fn(*inputs))
+        if compiled is not None:
+            # no float64 scope (``scope``: see _keras64): what it switches is
+            # Python state, read when the graph was traced; the shadows the
+            # graph reads hold this point's values
+            try:
+                return self._run_compiled(compiled, inputs)
+            except Exception:
+                # the graph failed at this point (an assertion, check_numerics):
+                # fn runs eagerly from here on, so an error of fn's is raised
+                # from fn's own code, as the user would see it, not from ours
+                self._compiled[key] = False
+                with scope():
+                    return self._flatten(self.fn(*inputs))
+        with scope():
+            eager = self._flatten(self.fn(*inputs))
+            try:
+                with _no_deprecation_notes():
+                    compiled = self._compile(inputs)
+                got = self._run_compiled(compiled, inputs)
+            except Exception:  # not traceable: eager for the rest of the session
+                self._compiled[key] = False
+                return eager
+        if not _same_outputs(eager, got):
+            self._compiled[key] = False
+            return eager
+        self._compiled[key] = compiled
+        return got
+
+    def _may_compile(self, inputs: list[Any]) -> bool:
+        return COMPILED_REFERENCE and all(
+            isinstance(x, (tf.Tensor, tf.Variable)) for x in inputs
+        )
+
+    def _compile(self, inputs: list[Any]) -> tuple[list[str], Any]:
+        """(output names, the concrete function traced at these inputs' dtypes
+        and shapes, which a key's evaluations keep)."""
+        fn, flatten = self.fn, self._flatten
+        names: list[str] = []
+
+        def body(*args: Any) -> list[tf.Tensor]:
+            outs = flatten(fn(*args))
+            names[:] = [n for n, _ in outs]
+            return [o for _, o in outs]
+
+        # autograph off: fn's Python runs as written (a value-dependent branch
+        # fails to trace and keeps the eager path); no XLA (its fusions round
+        # differently). The concrete function skips tf.function's per-call
+        # signature matching (a third of a call's time on these small graphs).
+        traced = tf.function(body, autograph=False, jit_compile=False)
+        return names, traced.get_concrete_function(*inputs), _unfused_call_options()
+
+    @staticmethod
+    def _run_compiled(
+        compiled: tuple[list[str], Any, Any], inputs: list[Any]
+    ) -> list[tuple[str, tf.Tensor]]:
+        names, concrete, options = compiled
+        if options is None:
+            outs = concrete(*inputs)
+        else:
+            from tensorflow.python.eager import context as tf_context
+
+            ctx = tf_context.context()
+            before = ctx.function_call_options
+            ctx.function_call_options = options
+            try:
+                outs = concrete(*inputs)
+            finally:
+                ctx.function_call_options = before
+        return list(zip(names, outs, strict=True))
 
     def unconnected_refusal(self) -> tuple[str, str] | None:
         if self._output_labels is None:  # not a derived (order 2) session
@@ -974,8 +1170,12 @@ def second_order_session(
         session: TensorflowSession = holder["session"]
         xs = list(args[:n])
         vs = list(args[n:])
+        # an input's source is the tensor fn receives (the evaluation's own:
+        # the same object eagerly, the argument inside the traced reference,
+        # see _reference_forward); a variable's is the variable the evaluation
+        # reads (the user's, or its float64 shadow: one object per session)
         sources = [
-            src
+            args[ref] if kind == "input" else src
             for (kind, ref, _), src in zip(
                 session.diff, session._sources_now, strict=True
             )

@@ -24,7 +24,7 @@ import tensorflow as tf
 from gradcheck import devices as dv
 from gradcheck.backends import tensorflow as tfb
 from gradcheck.backends import tensorflow_devices as tfd
-from gradcheck.backends.variants_base import Driver, change, same
+from gradcheck.backends.variants_base import Driver, Evaluation, assemble, same
 from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
 from gradcheck.numeric import tolerance as tl
 
@@ -169,34 +169,23 @@ class TensorflowVariantDriver(Driver):
         known = [d for d in self.dtypes.values() if d in order]
         return max(known, key=order.index) if known else "float32"
 
-    def gradients(
-        self,
-        *,
-        device: str | None = None,
-        autocast: str | None = None,
-        compiled: bool = False,
-        xla: bool = False,
-        perturb: tuple[int, float] | None = None,
-        float64: bool = False,
-        seed: int = 0,
-        repeat: bool = False,
-        tf32: bool = True,
-    ) -> dict[str, Any]:
+    def evaluate(self, how: Evaluation) -> dict[str, Any]:
         """See :meth:`Driver.gradients`; ``xla``: the loss and its gradient in one
         ``tf.function(jit_compile=True)``, called twice (the first call's extra
         time is the compile time). ``seed`` is unused: TensorFlow's random states
         are put back to the check's start before each call instead."""
-        if float64 or autocast or compiled:
+        if how.float64 or how.autocast or how.compiled or how.magnitude:
             raise UnsupportedInputError(
-                "float64 references, autocast and torch.compile have no TensorFlow "
-                "form in check_variants."
+                "float64 references, autocast, torch.compile and the backward's "
+                "magnitude have no TensorFlow form in check_variants."
             )
-        where = dv.canonical("tensorflow", device or self.home)
+        where = dv.canonical("tensorflow", how.device or self.home)
+        xla, scale = how.xla, how.loss_scale
         watched = [v.tf_var for v in self._sources]
         batch = self.batch
         moved: list[Any] | None = None
-        if perturb is not None:
-            move = _mover(perturb)
+        if how.perturb is not None:
+            move = _mover(how.perturb)
             moved = [move(v) for v in watched]
             batch = _floating(batch, move)
 
@@ -204,20 +193,21 @@ class TensorflowVariantDriver(Driver):
             with tf.GradientTape() as tape:
                 tape.watch(watched)
                 loss = self.loss_fn(self.model, b)
+                target = loss if scale == 1.0 else loss * tf.cast(scale, loss.dtype)
             grads = tape.gradient(
-                loss, watched, unconnected_gradients=tf.UnconnectedGradients.NONE
+                target, watched, unconnected_gradients=tf.UnconnectedGradients.NONE
             )
             return loss, grads
 
         fn = tf.function(step, jit_compile=True) if xla else step
         runs: list[dict[str, Any]] = []
-        for _ in range(2 if (xla or repeat) else 1):
+        for _ in range(2 if (xla or how.repeat) else 1):
             self._reset_rng()
             started = time.perf_counter()
             try:
                 for v, value in zip(watched, moved or (), strict=False):
                     v.assign(value)
-                with self._tf32(tf32), placement(where), tfd.op_logging() as log:
+                with self._tf32(how.tf32), placement(where), tfd.op_logging() as log:
                     try:
                         loss, grads = fn(batch)
                     except (tf.errors.OpError, TypeError, ValueError) as exc:
@@ -231,7 +221,7 @@ class TensorflowVariantDriver(Driver):
                     _check_loss(loss)
                     value = float(np.asarray(loss.numpy(), np.float64).reshape(()))
                     arrays = {
-                        n: None if g is None else tfb._to_numpy(g)
+                        n: None if g is None else tfb._to_numpy(g) / scale
                         for n, g in zip(self.names, grads, strict=True)
                     }
             finally:  # what loss_fn (BatchNorm statistics) or the move wrote
@@ -245,16 +235,7 @@ class TensorflowVariantDriver(Driver):
                     "log": log,
                 }
             )
-        out = dict(runs[-1])
-        out["log"] = runs[0]["log"]
-        out["compile_seconds"] = (
-            max(0.0, runs[0]["seconds"] - runs[-1]["seconds"]) if xla else 0.0
-        )
-        if len(runs) == 2:
-            differs = not same(runs[0], runs[1])
-            out["repeat_differs"] = differs
-            out["repeat_change"] = change(runs[0], runs[1]) if differs else 0.0
-        return out
+        return assemble(runs, compiled=xla)
 
     def _tf32(self, on: bool) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if on else tfd.tf32_off()

@@ -105,6 +105,22 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("dtype") is None:
+            # a new tensor in torch's default dtype (float32): float64 here, as
+            # every op's result is (SuperPoint fills torch.zeros(...) buffers with
+            # its keypoints and descriptors)
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.dtype in _LOW:
+                return out.to(torch.float64)
+            return out
+        if _writes_low(func, args):
+            # an in-place write into a low-precision tensor (a buffer made before
+            # the mode, or with an explicit dtype): promoting it would write into a
+            # float64 copy and lose the write (SuperPoint's keypoints were all zero
+            # in LightGlue's reference: a false mismatch); it lands, rounded
+            target = args[0]
+            rest = torch.utils._pytree.tree_map(_up, args[1:])
+            return func(target, *rest, **{k: _up(v) for k, v in kwargs.items()})
         if func in _TO_LOW:
             # x.float() on a float64 reference tensor stays float64 (rounding
             # through float32 would cost the reference its precision); a copy, as
@@ -129,6 +145,31 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
             if asked_low:  # x.to(float32) copies a float64 x: so does this
                 kwargs["copy"] = True
         return func(*args, **kwargs)
+
+
+#: factories whose result, given no dtype, is torch's default float dtype
+_FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.tensor,
+    torch.as_tensor,
+    torch.arange,
+    torch.linspace,
+}
+
+
+def _writes_low(func: Any, args: tuple) -> bool:
+    """``func`` writes into its first argument in place (``x[i] = v``,
+    ``x.copy_(v)``, ``x.add_(v)``), a low-precision floating tensor."""
+    target = args[0] if args else None
+    if not (isinstance(target, torch.Tensor) and target.dtype in _LOW):
+        return False
+    name = getattr(func, "__name__", "")
+    return name == "__setitem__" or (
+        name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+    )
 
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)

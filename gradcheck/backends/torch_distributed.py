@@ -4,13 +4,20 @@
 bounded by a timeout.
 
 What crosses a process boundary is pickled data of NumPy arrays in files of a
-private temporary folder (tensors become :class:`_Leaf`: array, dtype name,
-requires_grad): a multiprocessing queue of tensors shares their storage through
-file descriptors, which failed between spawned processes, and files outlive a
-rank that dies. The workers are ``python -m
-gradcheck.backends._torch_distributed_worker`` subprocesses (not
-``multiprocessing``: they can be started from a daemonic process, such as an
-audit helper, and killed one by one). A worker reads task numbers on its stdin
+private temporary folder: a multiprocessing queue of tensors shares their
+storage through file descriptors, which failed between spawned processes, and
+files outlive a rank that dies. Only builtins and NumPy travel - a tensor
+becomes a plain dict (:func:`portable`: the array, its dtype's name,
+requires_grad, under the key ``TENSOR``), results are dicts of arrays - never
+an instance of a gradcheck class: pickle finds a class by its module's current
+object, and a gradcheck module imported a second time (pytester dropping it
+from ``sys.modules``, IPython's autoreload, importlib.reload) made its classes
+other objects than the ones the data was built with ("PicklingError: ... not
+the same object as gradcheck.backends.torch_distributed._Leaf", as CI saw).
+
+The workers are ``python -m gradcheck.backends._torch_distributed_worker``
+subprocesses (not ``multiprocessing``: they can be started from a daemonic
+process, such as an audit helper, and killed one by one). A worker reads task numbers on its stdin
 and exits when it closes, so a parent that dies takes its workers with it.
 
 See :mod:`gradcheck.properties.distributed` for what is compared and why.
@@ -75,66 +82,85 @@ UNFINISHED_REDUCTION = "Expected to have finished reduction"
 
 
 # ====================================================================== batches
-@dataclass
-class _Leaf:
-    """A tensor as NumPy, for another process."""
-
-    array: np.ndarray
-    dtype: str
-    requires_grad: bool
+#: The key that marks a dict as one tensor in transit (:func:`portable`); its
+#: value is the format's version.
+TENSOR = "__gradcheck_tensor__"
 
 
-def _map(obj: Any, fn: Callable[[Any], Any], kind: type | tuple[type, ...]) -> Any:
-    if isinstance(obj, kind):
+def _is_leaf(obj: Any) -> bool:
+    """A tensor in transit: ``{TENSOR: 1, "array", "dtype", "requires_grad"}``."""
+    return isinstance(obj, dict) and obj.get(TENSOR) == 1
+
+
+def _map(obj: Any, fn: Callable[[Any], Any], match: Callable[[Any], bool]) -> Any:
+    """``obj`` with ``fn`` applied to every leaf ``match`` accepts, inside dicts,
+    lists, tuples and namedtuples (checked before a dict is entered: a tensor in
+    transit is a dict)."""
+    if match(obj):
         return fn(obj)
     if isinstance(obj, dict):
-        items = [(k, _map(v, fn, kind)) for k, v in obj.items()]
+        items = [(k, _map(v, fn, match)) for k, v in obj.items()]
         try:
             return type(obj)(items)
         except TypeError:
             return dict(items)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map(v, fn, kind) for v in obj))
+        return type(obj)(*(_map(v, fn, match) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(v, fn, kind) for v in obj)
+        return type(obj)(_map(v, fn, match) for v in obj)
     return obj
 
 
-def _leaves(obj: Any, kind: type | tuple[type, ...]) -> list[Any]:
+def _tensor(obj: Any) -> bool:
+    return isinstance(obj, torch.Tensor)
+
+
+def _any_leaf(obj: Any) -> bool:
+    return isinstance(obj, (torch.Tensor, np.ndarray)) or _is_leaf(obj)
+
+
+def _leaves(obj: Any, match: Callable[[Any], bool]) -> list[Any]:
     out: list[Any] = []
-    _map(obj, lambda x: out.append(x) or x, kind)
+    _map(obj, lambda x: out.append(x) or x, match)
     return out
 
 
 def portable(batch: Any) -> Any:
-    """``batch`` with every tensor as a :class:`_Leaf` (NumPy; bfloat16 and other
-    dtypes NumPy lacks travel as float32 and are cast back)."""
+    """``batch`` with every tensor as a plain dict ``{TENSOR: 1, "array":
+    ndarray, "dtype": "float32", "requires_grad": bool}`` (builtins and NumPy
+    only: see the module docstring; bfloat16 and other dtypes NumPy lacks
+    travel as float32 and are cast back)."""
 
-    def leaf(t: torch.Tensor) -> _Leaf:
+    def leaf(t: torch.Tensor) -> dict[str, Any]:
         data = t.detach().to("cpu")
         if data.dtype in (torch.bfloat16,) or str(data.dtype).startswith(
             "torch.float8"
         ):
             data = data.float()
-        return _Leaf(np.array(data.numpy(), copy=True), str(t.dtype), t.requires_grad)
+        return {
+            TENSOR: 1,
+            "array": np.array(data.numpy(), copy=True),
+            "dtype": str(t.dtype).replace("torch.", ""),
+            "requires_grad": bool(t.requires_grad),
+        }
 
-    return _map(batch, leaf, torch.Tensor)
+    return _map(batch, leaf, _tensor)
 
 
 def unportable(batch: Any, device: str = "cpu") -> Any:
     """The inverse of :func:`portable`: fresh tensors on ``device``."""
 
-    def tensor(leaf: _Leaf) -> torch.Tensor:
-        dtype = getattr(torch, leaf.dtype.replace("torch.", ""))
-        t = torch.from_numpy(np.array(leaf.array, copy=True)).to(device, dtype)
-        return t.requires_grad_(leaf.requires_grad) if t.is_floating_point() else t
+    def tensor(leaf: dict[str, Any]) -> torch.Tensor:
+        dtype = getattr(torch, leaf["dtype"])
+        t = torch.from_numpy(np.array(leaf["array"], copy=True)).to(device, dtype)
+        return t.requires_grad_(leaf["requires_grad"]) if t.is_floating_point() else t
 
-    return _map(batch, tensor, _Leaf)
+    return _map(batch, tensor, _is_leaf)
 
 
 def batch_size(batch: Any) -> int:
     """The common size of dim 0 of every tensor in ``batch``."""
-    found = _leaves(batch, (torch.Tensor, _Leaf, np.ndarray))
+    found = _leaves(batch, _any_leaf)
     if not found:
         raise UnsupportedInputError(
             "batch holds no tensor: pass a tensor, or a tuple/list/dict of tensors "
@@ -143,7 +169,7 @@ def batch_size(batch: Any) -> int:
         )
     sizes = set()
     for t in found:
-        shape = t.array.shape if isinstance(t, _Leaf) else tuple(t.shape)
+        shape = t["array"].shape if _is_leaf(t) else tuple(t.shape)
         if len(shape) == 0:
             raise UnsupportedInputError(
                 "batch holds a 0-dim tensor: every tensor in batch must have the "
@@ -165,13 +191,13 @@ def shard(batch: Any, rank: int, world_size: int) -> Any:
     lo, hi = rank * n, (rank + 1) * n
 
     def cut(t: Any) -> Any:
-        if isinstance(t, _Leaf):
-            return _Leaf(t.array[lo:hi], t.dtype, t.requires_grad)
+        if _is_leaf(t):
+            return dict(t, array=t["array"][lo:hi])
         if isinstance(t, torch.Tensor):
             return t.detach()[lo:hi].clone().requires_grad_(t.requires_grad)
         return t[lo:hi]
 
-    return _map(batch, cut, (torch.Tensor, _Leaf, np.ndarray))
+    return _map(batch, cut, _any_leaf)
 
 
 def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
@@ -183,7 +209,7 @@ def _cast(batch: Any, dtype: torch.dtype | None) -> Any:
             out = out.to(dtype)
         return out.requires_grad_(t.requires_grad) if out.is_floating_point() else out
 
-    return _map(batch, cast, torch.Tensor)
+    return _map(batch, cast, _tensor)
 
 
 # ====================================================================== models

@@ -19,7 +19,7 @@ import torch
 
 from gradcheck import devices as dv
 from gradcheck.backends import torch_devices as td
-from gradcheck.backends.variants_base import Driver, change, same
+from gradcheck.backends.variants_base import Driver, Evaluation, assemble, same
 from gradcheck.errors import NothingToDifferentiateError, UnsupportedInputError
 from gradcheck.numeric import tolerance as tl
 
@@ -197,78 +197,61 @@ class TorchVariantDriver(Driver):
         random.setstate(self._py)
 
     # -- evaluation --------------------------------------------------------------------
-    def gradients(
-        self,
-        *,
-        device: str | None = None,
-        autocast: str | None = None,
-        compiled: bool = False,
-        xla: bool = False,
-        perturb: tuple[int, float] | None = None,
-        float64: bool = False,
-        seed: int = 0,
-        repeat: bool = False,
-        tf32: bool = True,
-    ) -> dict[str, Any]:
+    def evaluate(self, how: Evaluation) -> dict[str, Any]:
         """See :meth:`Driver.gradients`. ``compiled``: ``torch.compile(loss_fn)``
         (default backend), called twice; the compile time is the first call's
         extra time plus the compiler's import and resets. ``float64``: model and
         batch in float64 (the reference)."""
-        name = dv.canonical("torch", device or self.home)
-        switches = contextlib.nullcontext() if tf32 else self.tf32_off()
+        name = dv.canonical("torch", how.device or self.home)
+        switches = contextlib.nullcontext() if how.tf32 else self.tf32_off()
         with placement(name) as target, switches:
-            return self._gradients(
-                name, target, autocast, compiled, perturb, float64, seed, repeat
-            )
+            return self._gradients(name, target, how)
 
-    def _gradients(
-        self,
-        name: str,
-        target: str,
-        autocast: str | None,
-        compiled: bool,
-        perturb: tuple[int, float] | None,
-        float64: bool,
-        seed: int,
-        repeat: bool,
-    ) -> dict[str, Any]:
+    def _gradients(self, name: str, target: str, how: Evaluation) -> dict[str, Any]:
         model = td.copy_model(self.model, target)
         batch = td.move(self.batch, target)
-        if float64:
+        if how.float64:
             model = model.double()
             batch = _floating(batch, lambda t: t.double())
-        if perturb is not None:
-            _perturb(model, perturb)
-            batch = _floating(batch, _mover(perturb))
+        if how.perturb is not None:
+            _perturb(model, how.perturb)
+            batch = _floating(batch, _mover(how.perturb))
         params = dict(model.named_parameters())
         sources = [params[n] for n in self.names]
         fn = self.loss_fn
         setup = time.perf_counter()
-        if compiled:  # the compiler's import and reset count as compile time
+        if how.compiled:  # the compiler's import and reset count as compile time
             _dynamo_reset()
             fn = torch.compile(self.loss_fn)
         overhead = time.perf_counter() - setup
         runs: list[dict[str, Any]] = []
-        for _ in range(2 if (compiled or repeat) else 1):
-            self._seed(target, seed)
+        for _ in range(2 if (how.compiled or how.repeat) else 1):
+            self._seed(target, how.seed)
             started = time.perf_counter()
-            logging = contextlib.nullcontext() if compiled else td.op_logging()
+            logging = contextlib.nullcontext() if how.compiled else td.op_logging()
             try:
                 with (
                     torch.inference_mode(False),
                     torch.enable_grad(),
-                    self._autocast(target, autocast),
-                    _fallback_random(compiled),
+                    self._autocast(target, how.autocast),
+                    _fallback_random(how.compiled),
                     logging as log,
                 ):
                     loss = fn(model, batch)
                     td.check_loss(loss)
+                    hooks = _magnitude_hooks(loss, how.seed) if how.magnitude else []
                     if loss.requires_grad:
                         grads = torch.autograd.grad(
-                            loss.reshape(()), sources, allow_unused=True
+                            loss.reshape(()) * how.loss_scale
+                            if how.loss_scale != 1.0
+                            else loss.reshape(()),
+                            sources,
+                            allow_unused=True,
                         )
                     else:
                         grads = (None,) * len(sources)
+                    for h in hooks:
+                        h.remove()
             except RuntimeError as exc:
                 clear = td.device_error(exc, name)
                 if clear is not None:
@@ -286,6 +269,7 @@ class TorchVariantDriver(Driver):
                         else np.array(
                             g.detach().to("cpu", torch.float64).numpy(), copy=True
                         )
+                        / how.loss_scale
                         for n, g in zip(self.names, grads, strict=True)
                     },
                     "seconds": time.perf_counter() - started,
@@ -293,21 +277,10 @@ class TorchVariantDriver(Driver):
                 }
             )
         teardown = time.perf_counter()
-        if compiled:
+        if how.compiled:
             _dynamo_reset()
         overhead += time.perf_counter() - teardown
-        out = dict(runs[-1])
-        out["log"] = runs[0]["log"]
-        out["compile_seconds"] = (
-            overhead + max(0.0, runs[0]["seconds"] - runs[-1]["seconds"])
-            if compiled
-            else 0.0
-        )
-        if len(runs) == 2:
-            differs = not same(runs[0], runs[1])
-            out["repeat_differs"] = differs
-            out["repeat_change"] = change(runs[0], runs[1]) if differs else 0.0
-        return out
+        return assemble(runs, compiled=how.compiled, setup=overhead)
 
     @contextlib.contextmanager
     def _autocast(self, device: str, dtype: str | None) -> Iterator[None]:
@@ -371,6 +344,40 @@ def _perturb(model: Any, perturb: tuple[int, float]) -> None:
         for p in model.parameters():
             if p.is_floating_point():
                 p.copy_(move(p))
+
+
+def _magnitude_hooks(loss: Any, seed: int) -> list[Any]:
+    """Pre-hooks on every node of ``loss``'s backward graph that replace each
+    incoming cotangent ``g`` by ``|g| * xi``, xi random signs (a generator of
+    its own, seeded: no global RNG drawn). What reaches a parameter is then
+    J^T(|g| xi) at every step: the size of the terms its gradient sums, none of
+    their cancellation - the scale at which a low precision rounds them
+    (an L1 penalty's +-c cotangents that cancel, a small head's share absorbed
+    into them). Returns the handles (removed after the backward)."""
+    if loss.grad_fn is None:
+        return []
+    gen = torch.Generator(device=loss.device).manual_seed(seed + 7919)
+
+    def hook(grad_outputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = []
+        for g in grad_outputs:
+            if g is None or not g.is_floating_point():
+                out.append(g)
+                continue
+            signs = torch.randint(0, 2, g.shape, generator=gen, device=g.device)
+            out.append(g.abs() * (2 * signs - 1).to(g.dtype))
+        return tuple(out)
+
+    handles, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ != "AccumulateGrad":
+            handles.append(node.register_prehook(hook))
+        todo.extend(n for n, _ in node.next_functions)
+    return handles
 
 
 def _dynamo_reset() -> None:

@@ -16,13 +16,14 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gradcheck import devices as dv
 
-__all__ = ["Driver", "OpLog", "change", "same"]
+__all__ = ["Driver", "Evaluation", "OpLog", "assemble", "change", "same"]
 
 
 def same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -55,6 +56,58 @@ def change(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
         if scale > 0 and math.isfinite(diff):
             worst = max(worst, diff / scale)
     return worst
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What one :meth:`Driver.gradients` call evaluates, for every driver.
+
+    ``device``: where (None: the model's own); ``autocast``: torch autocast
+    dtype; ``compiled``: ``torch.compile(loss_fn)``; ``xla``: TensorFlow's
+    ``jit_compile``; ``perturb=(seed, relative)``: at a point moved by
+    ``relative`` x u, u uniform in [-1, 1], at least one ulp of each tensor's own
+    dtype; ``float64``: model and batch cast to float64 (the reference);
+    ``seed``: torch's generators are seeded with it; ``repeat``: evaluated twice
+    (does a second call agree bitwise?); ``tf32=False``: TF32 switched off during
+    the call (and back after); ``loss_scale``: the gradient of ``loss_scale x
+    loss``, divided back by ``loss_scale`` (a power of two: exact unless a value
+    leaves the precision's range - what float16's underflow measurement needs);
+    ``magnitude``: every cotangent of the backward replaced, node by node, by
+    its absolute value with a random sign (seeded by ``seed``), so each
+    parameter's "gradient" is the size of the terms its true gradient sums,
+    with none of their cancellation (torch, with ``float64``)."""
+
+    device: str | None = None
+    autocast: str | None = None
+    compiled: bool = False
+    xla: bool = False
+    perturb: tuple[int, float] | None = None
+    float64: bool = False
+    seed: int = 0
+    repeat: bool = False
+    tf32: bool = True
+    loss_scale: float = 1.0
+    magnitude: bool = False
+
+
+def assemble(
+    runs: list[dict[str, Any]], *, compiled: bool, setup: float = 0.0
+) -> dict[str, Any]:
+    """One :meth:`Driver.gradients` result from its calls at the point (one, or
+    two when compiled or repeated): the last call's loss and gradients, the first
+    call's op log, the compile time of a compiled call (``setup``, the
+    compiler's own, plus the first call's extra time) and whether the two calls
+    differed bitwise."""
+    out = dict(runs[-1])
+    out["log"] = runs[0]["log"]
+    out["compile_seconds"] = (
+        setup + max(0.0, runs[0]["seconds"] - runs[-1]["seconds"]) if compiled else 0.0
+    )
+    if len(runs) == 2:
+        differs = not same(runs[0], runs[1])
+        out["repeat_differs"] = differs
+        out["repeat_change"] = change(runs[0], runs[1]) if differs else 0.0
+    return out
 
 
 class OpLog:
@@ -107,29 +160,20 @@ class Driver(ABC):
     def unavailable(self, variant: Any) -> str | None:
         """Why ``variant`` cannot run on this machine (None: it can)."""
 
-    @abstractmethod
-    def gradients(
-        self,
-        *,
-        device: str | None = None,
-        autocast: str | None = None,
-        compiled: bool = False,
-        xla: bool = False,
-        perturb: tuple[int, float] | None = None,
-        float64: bool = False,
-        seed: int = 0,
-        repeat: bool = False,
-        tf32: bool = True,
-    ) -> dict[str, Any]:
-        """One evaluation at the point (``perturb=(seed, relative)``: at a point
-        moved by ``relative`` x u, u uniform in [-1, 1], at least one ulp of each
-        tensor's own dtype). Every random-number generator gradcheck can reach is
+    def gradients(self, **options: Any) -> dict[str, Any]:
+        """One evaluation at the point, as :class:`Evaluation` ``options`` say
+        (the one definition of what a call can ask; every driver implements
+        :meth:`evaluate`). Every random-number generator gradcheck can reach is
         reset (seeded with ``seed``) before each call. Returns ``loss``,
         ``grads`` (float64 NumPy, None: not connected), ``seconds``,
         ``compile_seconds``, ``log`` (the OpLog of an eager call) and, when
         ``repeat`` or compiled, ``repeat_differs``/``repeat_change`` (a second
-        call at the same point differed bitwise, by how much). ``tf32=False``:
-        TF32 switched off during the call (switched back after)."""
+        call at the same point differed bitwise, by how much)."""
+        return self.evaluate(Evaluation(**options))
+
+    @abstractmethod
+    def evaluate(self, how: Evaluation) -> dict[str, Any]:
+        """One evaluation (see :meth:`gradients`)."""
 
     def tf32_state(self, device: str) -> dict[str, Any]:
         """devices.tf32_state of ``device`` (CPU: never in play)."""

@@ -13,50 +13,70 @@ the backend), so a central difference carries ~ULPS*eps*S/h.
 The step is refined (h/4) while truncation dominates and the estimate is above the
 budget, or coarsened (4h) while rounding dominates: numdifftools' idea at 2-4
 evaluations instead of ~30.
+
+Array API: ``phi`` may return NumPy arrays, torch tensors or any array-API arrays (of
+one library); every difference, extrapolation and error estimate is computed in
+their namespace and stays on their device (``DerivativeEstimate.value`` of a CUDA
+``phi`` is a CUDA tensor). Only the decisions (which step next, which estimate is
+best) come to the host, as Python floats: a few syncs per estimate.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from gradcheck.errors import NonFiniteError
+from gradcheck.errors import InvalidArgumentError, NonFiniteError
+from gradcheck.numeric.arrays import Array, Namespace, as_float64, device, namespace
 
 #: One evaluation at x + t*d: (value, rounding scale S) as float64 arrays of the same
-#: shape (0-d for a projected scalar, 1-d for a Jacobian column).
-Evaluation = tuple[np.ndarray, np.ndarray]
+#: shape (0-d for a projected scalar, 1-d for a Jacobian column), of any array-API
+#: library (Python or NumPy scalars are NumPy's).
+Evaluation = tuple[Array, Array]
 Phi = Callable[[float], Evaluation]
 
 
 @dataclass
 class DerivativeEstimate:
-    value: np.ndarray  # best estimate (Richardson-extrapolated)
-    error: np.ndarray  # estimated absolute error of ``value`` (truncation + rounding)
-    truncation: np.ndarray
-    rounding: np.ndarray
+    value: Array  # best estimate (Richardson-extrapolated)
+    error: Array  # estimated absolute error of ``value`` (truncation + rounding)
+    truncation: Array
+    rounding: Array
     step: float  # the finer step of the pair used
     coarse: float = 0.0  # the coarser step of the pair used
     #: (h, D(h)) for every central difference taken: the error-vs-step curve.
-    curve: list[tuple[float, np.ndarray]] = field(default_factory=list)
+    curve: list[tuple[float, Array]] = field(default_factory=list)
     #: phi at every t evaluated, for one-sided differences and nondeterminism tests.
     values: dict[float, Evaluation] = field(default_factory=dict)
 
 
 class _Memo:
+    """phi's values by t, as float64 arrays of phi's namespace (``xp``: known from
+    the first value, and the same for every later one)."""
+
     def __init__(self, phi: Phi, values: dict[float, Evaluation] | None = None):
         self.phi = phi
         self.values: dict[float, Evaluation] = dict(values or {})
+        self.xp: Namespace | None = None
+        for val, scale in self.values.values():
+            self.xp = namespace(val, scale)
+            break
 
     def __call__(self, t: float) -> Evaluation:
         if t not in self.values:
             val, scale = self.phi(t)
-            val, scale = (
-                np.asarray(val, dtype=np.float64),
-                np.asarray(scale, dtype=np.float64),
-            )
-            if not np.isfinite(val).all():
+            xp = namespace(val, scale)
+            if self.xp is None:
+                self.xp = xp
+            elif xp is not self.xp:
+                raise InvalidArgumentError(
+                    f"the function evaluated for finite differences returned "
+                    f"{xp.__name__} arrays at t={t:.3g} but {self.xp.__name__} arrays "
+                    "before: it must return arrays of one library throughout"
+                )
+            val, scale = as_float64(val, xp), as_float64(scale, xp)
+            if not bool(xp.all(xp.isfinite(val))):
                 raise NonFiniteError(
                     f"the function is not finite at a finite-difference point x + {t:.3g}*d "
                     "though it is finite at x: the step leaves the function's domain "
@@ -66,16 +86,17 @@ class _Memo:
             self.values[t] = (val, scale)
         return self.values[t]
 
-    def central(self, h: float) -> tuple[np.ndarray, np.ndarray]:
+    def central(self, h: float) -> tuple[Array, Array]:
         (fp, sp), (fm, sm) = self(h), self(-h)
-        return (fp - fm) / (2 * h), np.maximum(sp, sm)
+        assert self.xp is not None  # set by the evaluations above
+        return (fp - fm) / (2 * h), self.xp.maximum(sp, sm)
 
 
 def richardson(
     phi: Phi,
     h0: float,
     eps: float,
-    budget: float | np.ndarray,
+    budget: float | Array,
     *,
     ulps: float,
     max_refinements: int = 3,
@@ -84,30 +105,38 @@ def richardson(
 ) -> DerivativeEstimate:
     """Estimate phi'(0) to within ``budget`` (elementwise) if possible: 4 evaluations
     when the first step is good, 2 more per refinement (at most ``max_refinements``).
-    """
+
+    ``budget`` (a float, or an array of phi's shape: NumPy's or phi's namespace) is
+    moved to phi's namespace and device once phi has been evaluated."""
     memo = _Memo(phi, values)
-    budget = np.asarray(budget, dtype=np.float64)
+    limit: Array | None = None  # the budget in phi's namespace, once known
 
     def estimate(h_coarse: float, h_fine: float) -> DerivativeEstimate:
         dc, _ = memo.central(h_coarse)
         df, s = memo.central(h_fine)
+        xp = memo.xp
         r2 = (h_coarse / h_fine) ** 2
         value = (r2 * df - dc) / (r2 - 1)
-        trunc = np.abs(df - dc) / (r2 - 1)
+        trunc = xp.abs(df - dc) / (r2 - 1)
         rnd = ulps * eps * s / h_fine
         est = DerivativeEstimate(value, trunc + rnd, trunc, rnd, h_fine)
         est.coarse = h_coarse
         return est
 
     def excess(e: DerivativeEstimate) -> float:
-        return float(np.max(e.error - budget))
+        nonlocal limit
+        xp = memo.xp
+        if limit is None:
+            limit = as_float64(budget, xp, device(e.error))
+        return float(xp.max(e.error - limit))
 
     h_coarse, h_fine = h0, h0 / 2  # the first pair has ratio 2
     best = estimate(h_coarse, h_fine)
     for _ in range(max_refinements):
         if excess(best) <= 0:
             break
-        refine = float(np.sum(best.truncation)) >= float(np.sum(best.rounding))
+        xp = memo.xp
+        refine = float(xp.sum(best.truncation)) >= float(xp.sum(best.rounding))
         if refine:
             h_coarse, h_fine = h_fine, h_fine / ratio
         else:
@@ -123,8 +152,8 @@ def richardson(
             # model holds (they agree to O(h^4)), and where the coarser estimate
             # already said it was poor (a jump crossed), so a clean finer step is
             # not blamed for it.
-            gap = np.abs(cand.value - best.value) - best.error
-            cand.truncation = np.maximum(cand.truncation, gap)
+            gap = xp.abs(cand.value - best.value) - best.error
+            cand.truncation = xp.maximum(cand.truncation, gap)
             cand.error = cand.truncation + cand.rounding
         if excess(cand) < excess(best):
             best = cand
@@ -153,16 +182,17 @@ def ladder(
     memo = _Memo(phi, values)
     hs = [h0 * ratio**k for k in range(-below, above + 1)]
     ds = [memo.central(h)[0] for h in hs]
+    xp = memo.xp
     r2 = ratio**2
     rs = [(r2 * ds[i] - ds[i + 1]) / (r2 - 1) for i in range(len(hs) - 1)]
     best: DerivativeEstimate | None = None
     for i, r in enumerate(rs):
         neighbours = [rs[j] for j in (i - 1, i + 1) if 0 <= j < len(rs)]
-        err = np.max([np.abs(r - n) for n in neighbours], axis=0)
+        err = xp.max(xp.stack([xp.abs(r - n) for n in neighbours]), axis=0)
         cand = DerivativeEstimate(
-            r, err, err, np.zeros_like(err), hs[i], coarse=hs[i + 1]
+            r, err, err, xp.zeros_like(err), hs[i], coarse=hs[i + 1]
         )
-        if best is None or float(np.max(cand.error)) < float(np.max(best.error)):
+        if best is None or float(xp.max(cand.error)) < float(xp.max(best.error)):
             best = cand
     assert best is not None
     best.curve = [(h, d) for h, d in zip(hs, ds, strict=True)]
@@ -172,7 +202,7 @@ def ladder(
 
 def one_sided(
     phi: Phi, h: float, values: dict[float, Evaluation] | None = None
-) -> tuple[np.ndarray, np.ndarray, dict[float, Evaluation]]:
+) -> tuple[Array, Array, dict[float, Evaluation]]:
     """Second-order one-sided derivatives (forward, backward) at t=0.
 
     D+ = (-3 phi(0) + 4 phi(h) - phi(2h)) / 2h,  D- = (3 phi(0) - 4 phi(-h) + phi(-2h)) / 2h.
@@ -184,7 +214,7 @@ def one_sided(
     return fwd, bwd, memo.values
 
 
-def noise_level(values: np.ndarray) -> float | None:
+def noise_level(values: Array) -> float | None:
     """The noise of a function from its values at equally spaced points (Moré and
     Wild, "Estimating computational noise", SIAM J. Sci. Comput. 33(3), 2011).
 
@@ -198,21 +228,27 @@ def noise_level(values: np.ndarray) -> float | None:
     values of pure noise, 3,000 tables: below 0.26 sigma in 1% of them, 0.16 in
     0.1%, above 2.2 sigma in 1%). None when no order qualifies: the
     spacing is too large (the smooth part dominates) and no estimate is possible.
-    0.0 when every value is the same (no noise visible at this spacing)."""
-    f = np.asarray(values, dtype=np.float64).reshape(-1)
-    if f.size < 4:
+    0.0 when every value is the same (no noise visible at this spacing).
+
+    ``values``: an array of any array-API library (or a sequence of floats); the
+    differences are taken in its namespace, on its device."""
+    xp = namespace(values)
+    f = xp.reshape(as_float64(values, xp), (-1,))
+    n = int(f.shape[0])
+    if n < 4:
         raise ValueError("noise_level needs at least 4 values")
-    if np.all(f == f[0]):
+    if bool(xp.all(f == f[0])):
         return 0.0
     levels, signs = [], []
     diff = f
-    for k in range(1, f.size):
-        diff = np.diff(diff)
-        gamma = float(
-            np.prod(np.arange(1, k + 1)) ** 2 / np.prod(np.arange(1, 2 * k + 1))
-        )
-        levels.append(float(np.sqrt(gamma * np.mean(diff * diff))))
-        signs.append(bool(np.any(diff > 0) and np.any(diff < 0)))
+    for k in range(1, n):
+        diff = diff[1:] - diff[:-1]  # what np.diff computes
+        # 1 / C(2k, k) = (k!)^2 / (2k)!: the same float division as the int64
+        # products of the NumPy-only version up to k = 10 (so the same bits); for
+        # longer tables, where those overflowed int64, Python's integers stay exact
+        gamma = float(math.factorial(k) ** 2) / float(math.factorial(2 * k))
+        levels.append(float(xp.sqrt(gamma * xp.mean(diff * diff))))
+        signs.append(bool(xp.any(diff > 0)) and bool(xp.any(diff < 0)))
     for k in range(len(levels) - 2):  # orders k+1 and the two above it
         lo, hi = min(levels[k : k + 3]), max(levels[k : k + 3])
         if hi <= 4 * lo and signs[k]:

@@ -16,15 +16,38 @@ blind spots that this module closes:
 
 A single wrong element k still moves D by e_k * z_k / |g_t| (Gaussian z_k), which is
 why the engine's tolerance is tight and blame bisects down to the element.
+
+Array API: the gradients may be NumPy arrays or tensors of any array-API library
+(torch through array-api-compat), each on its own device (a model split over two
+GPUs); each direction is built in its gradient's namespace, on its device. The
+randomness is the exception: the array API standard defines no random number
+generation (no generator, no seeding: every library's RNG differs in algorithm and
+state), so the draw is a parameter. A ``numpy.random.Generator`` draws on the host
+(Box-Muller, ``gaussian``) and the samples are copied once to the gradient's device:
+the same seed gives the same direction bit for bit whatever the library and device,
+so a check replays anywhere. A backend that wants no host draw and no copy (a large
+model on an accelerator) passes a ``Draw`` instead, e.g. ``torch.randn`` with a
+``torch.Generator`` on the device, whose numbers are its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from gradcheck.errors import InvalidArgumentError
 from gradcheck.numeric import workspace
+from gradcheck.numeric.arrays import (
+    Array,
+    as_float64,
+    device,
+    namespace,
+    norm,
+    to_namespace,
+)
 
 #: Weight of the gradient-aligned component in units of the Gaussian part.
 ALIGNED = 3.0
@@ -33,46 +56,64 @@ ALIGNED = 3.0
 #: norm is rounding noise that must not be amplified.
 FLOOR = 1e-2
 
+#: A backend's own source of standard normal samples: ``draw(shape, like)`` returns
+#: float64 N(0, 1) samples of ``shape`` in ``like``'s namespace and on its device
+#: (``like`` is None where there is no array to follow: return NumPy's then).
+Draw = Callable[[tuple[int, ...], Any], Array]
+#: What the functions below draw from: a NumPy Generator (on the host, then copied
+#: to the device) or a backend's Draw.
+Random = np.random.Generator | Draw
+
 
 def gaussian(
-    rng: np.random.Generator, shape: tuple[int, ...], dtype: type = np.float64
-) -> np.ndarray:
-    """Seeded standard normal samples (array of ``shape``, float64 by default).
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    *,
+    like: Array | None = None,
+    dtype: type = np.float64,
+) -> Array:
+    """Seeded standard normal samples (float64 array of ``shape``).
 
     Box-Muller on float32 uniforms: an exact Gaussian transform, ~3x faster than
     NumPy's ziggurat here (2.5 ms vs 7.5 ms per million), which matters when a
-    check of a 1M-parameter model should cost a few training steps. The samples
-    are computed in float32, so ``dtype=np.float32`` gives the same values
-    without the float64 array; the transform runs in place on the uniforms (no
-    further full-size temporaries, whose fresh pages cost as much as the math)."""
+    check of a 1M-parameter model should cost a few training steps. The transform
+    runs in place on the uniforms (no further full-size temporaries, whose fresh
+    pages cost as much as the math). The samples are float32 values, so
+    ``dtype=np.float32`` (NumPy only) gives the same numbers without a float64
+    array.
+
+    Drawn on the host with NumPy (the array API has no RNG); with ``like`` (an array
+    of any array-API library) the samples are returned in its namespace, on its
+    device: the same numbers, one host-to-device copy."""
     n = int(np.prod(shape, dtype=np.int64))
     half = (n + 1) // 2
     u = rng.random((2, half), dtype=np.float32)
     radius, angle = u[0], u[1]
     # radius = sqrt(-2 log(1 - u0)), angle = 2 pi u1: the same float32 operations
-    # as the expressions, written into the uniforms' own storage
+    # as those expressions, written into the uniforms' own storage
     np.negative(radius, out=radius)
     np.log1p(radius, out=radius)  # 1 - u in (0, 1]: log is finite
     np.multiply(radius, np.float32(-2.0), out=radius)
     np.sqrt(radius, out=radius)
     np.multiply(angle, np.float32(2 * np.pi), out=angle)
-    out = np.empty(2 * half, dtype=dtype)
     if dtype == np.float32:
-        np.cos(angle, out=out[:half])
-        np.sin(angle, out=out[half:])
-        out[:half] *= radius
-        out[half:] *= radius
-    else:  # float32 products stored in float64, as before
-        trig = np.empty(half, dtype=np.float32)
-        np.multiply(radius, np.cos(angle, out=trig), out=out[:half])
-        np.multiply(radius, np.sin(angle, out=trig), out=out[half:])
-    return out[:n].reshape(shape)
+        low = np.empty(2 * half, dtype=np.float32)
+        np.cos(angle, out=low[:half])
+        np.sin(angle, out=low[half:])
+        low[:half] *= radius
+        low[half:] *= radius
+        return low[:n].reshape(shape)
+    out = np.empty(2 * half, dtype=np.float64)
+    trig = np.empty(half, dtype=np.float32)  # float32 products stored in float64
+    np.multiply(radius, np.cos(angle, out=trig), out=out[:half])
+    np.multiply(radius, np.sin(angle, out=trig), out=out[half:])
+    return to_namespace(out[:n].reshape(shape), like)
 
 
-#: The Gaussian part of the last probe direction drawn, kept for the next check
-#: that starts from the same generator state with the same shapes (a check run
-#: again with its seed on the same model: a test suite, an audit, a training loop
-#: checking every N steps): (generator state, shapes, samples, state after).
+#: The Gaussian part of the last host probe direction drawn, kept for the next
+#: check that starts from the same generator state with the same shapes (a check
+#: run again with its seed on the same model: a test suite, an audit, a training
+#: loop checking every N steps): (generator state, shapes, samples, state after).
 #: Only for at least MEMO_MIN_ELEMENTS and at most MEMO_MAX_ELEMENTS elements
 #: (float32: 64 MB), so a large model holds nothing between checks.
 MEMO_MIN_ELEMENTS = 1 << 16
@@ -83,72 +124,123 @@ _memo: tuple[str, tuple, list[np.ndarray], dict] | None = None
 def _gaussian_samples(
     rng: np.random.Generator, shapes: Sequence[tuple[int, ...]]
 ) -> list[np.ndarray]:
-    """gaussian(rng, shape, np.float32) for each shape in turn; where the same
-    draws were made last time from the same generator state, their (read-only)
-    samples, with ``rng`` moved to the state the draws leave it in: the result and
-    the generator's later draws are the same either way."""
+    """gaussian(rng, shape, dtype=np.float32) for each shape in turn; where the
+    same draws were made last time from the same generator state, their
+    (read-only) samples, with ``rng`` moved to the state the draws leave it in:
+    the result and the generator's later draws are the same either way."""
     global _memo
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
     total = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
     if not MEMO_MIN_ELEMENTS <= total <= MEMO_MAX_ELEMENTS:
-        return [gaussian(rng, s, np.float32) for s in shapes]
+        return [gaussian(rng, s, dtype=np.float32) for s in shapes]
     key = repr(rng.bit_generator.state)
     memo = _memo
     if memo is not None and memo[0] == key and memo[1] == shapes:
         rng.bit_generator.state = memo[3]
         return memo[2]
-    samples = [gaussian(rng, s, np.float32) for s in shapes]
+    samples = [gaussian(rng, s, dtype=np.float32) for s in shapes]
     for z in samples:
         z.setflags(write=False)
     _memo = (key, shapes, samples, rng.bit_generator.state)
     return samples
 
 
+def normal(rng: Random, shape: tuple[int, ...], *, like: Array | None = None) -> Array:
+    """float64 N(0, 1) samples of ``shape`` from a NumPy Generator (``gaussian``) or
+    a backend's Draw, in ``like``'s namespace and on its device."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(rng, np.random.Generator):
+        return gaussian(rng, shape, like=like)
+    if not callable(rng):
+        raise InvalidArgumentError(
+            f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)) "
+            f"or a draw(shape, like) function, got {type(rng).__name__}"
+        )
+    z = rng(shape, like)
+    if tuple(z.shape) != shape:
+        raise InvalidArgumentError(
+            f"the draw function returned shape {tuple(z.shape)} for shape {shape}; "
+            "it must return samples of the shape it is asked for"
+        )
+    xp = namespace(z)
+    return z if z.dtype == xp.float64 else as_float64(z, xp)
+
+
 def cotangents(
-    shapes: Sequence[tuple[int, ...]], rng: np.random.Generator
-) -> list[np.ndarray]:
+    shapes: Sequence[tuple[int, ...]], rng: Random, *, like: Array | None = None
+) -> list[Array]:
     """Seeded output cotangents v_o: 1 for a scalar, else N(0,1)/sqrt(n_o).
 
-    Unit norm per output keeps outputs of different sizes on the same footing."""
+    Unit norm per output keeps outputs of different sizes on the same footing.
+    float64 arrays of ``like``'s namespace, on its device (NumPy's without it)."""
+    xp = namespace(like)
+    dev = None if like is None else device(like)
     out = []
     for shape in shapes:
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(int(s) for s in shape)
         if n == 1:
-            out.append(np.ones(shape, dtype=np.float64))
+            out.append(as_float64(np.ones(shape), xp, dev))
         else:
-            out.append(gaussian(rng, shape) / np.sqrt(n))
+            # math.sqrt(n) is np.sqrt(n): both the correctly rounded root
+            out.append(normal(rng, shape, like=like) / math.sqrt(n))
     return out
 
 
 def probe_direction(
-    grads: Sequence[np.ndarray],
-    rng: np.random.Generator,
+    grads: Sequence[Array],
+    rng: Random,
     gnorms: Sequence[float] | None = None,
-) -> tuple[list[np.ndarray], list[float]]:
+) -> tuple[list[Array], list[float]]:
     """Direction d_t per tensor (same shapes as ``grads``) and the normaliser used.
 
-    ``grads`` are the analytical gradients (float64 copies), ``gnorms`` their L2
-    norms if the caller has them (else computed here). Returns ``(d, norms)``
-    where ``norms[t]`` is what d_t was divided by."""
+    ``grads`` are the analytical gradients (float64 copies; NumPy arrays or
+    array-API tensors, each on its own device), ``gnorms`` their L2 norms if the
+    caller has them (else computed here, a device sync each). Returns ``(d,
+    norms)`` where ``norms[t]`` is what d_t was divided by; d_t is float64 in g_t's
+    namespace, on g_t's device."""
     if gnorms is None:
-        gnorms = [float(np.linalg.norm(g)) for g in grads]
+        gnorms = [norm(g) for g in grads]
     gmax = max(gnorms, default=0.0)
     floor = FLOOR * gmax if gmax > 0 else 1.0
+    if isinstance(rng, np.random.Generator) and all(
+        type(g) is np.ndarray and g.dtype == np.float64 for g in grads
+    ):
+        return _host_directions(grads, rng, gnorms, floor)
     directions, norms = [], []
-    samples = _gaussian_samples(rng, [g.shape for g in grads])
+    for g, gn in zip(grads, gnorms, strict=True):
+        z = normal(rng, tuple(g.shape), like=g)
+        if gn > 0:
+            z += (ALIGNED / gn) * g
+        normaliser = max(gn, floor)
+        z *= 1.0 / normaliser
+        directions.append(z)
+        norms.append(normaliser)
+    return directions, norms
+
+
+def _host_directions(
+    grads: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    gnorms: Sequence[float],
+    floor: float,
+) -> tuple[list[np.ndarray], list[float]]:
+    """probe_direction for float64 NumPy gradients and a NumPy Generator, bit for
+    bit the general path's numbers with less memory traffic: the float32 samples
+    (kept for a repeated check, see _gaussian_samples) are added to the scaled
+    gradient in one float64 array from numeric.workspace (the same roundings as
+    z64 += (ALIGNED / gn) * g: the sum is commutative and z is exact in float64),
+    then scaled."""
+    directions, norms = [], []
+    samples = _gaussian_samples(rng, [tuple(g.shape) for g in grads])
     for g, gn, z in zip(grads, gnorms, samples, strict=True):
-        # (z + (ALIGNED / gn) g) / norm with one float64 array: the float32
-        # samples are added to the scaled gradient in place (the same roundings
-        # as z64 += (ALIGNED / gn) * g, since the sum is commutative and z is
-        # exact in float64), then scaled
         d = workspace.empty(g.shape, np.float64)
         if gn > 0:
             np.multiply(g, ALIGNED / gn, out=d)
             d += z
         else:
             d[...] = z
-        norm = max(gn, floor)
-        d *= 1.0 / norm
+        normaliser = max(gn, floor)
+        d *= 1.0 / normaliser
         directions.append(d)
-        norms.append(norm)
+        norms.append(normaliser)
     return directions, norms

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradcheck import devices as dv
-from gradcheck.errors import DeviceUnavailableError, GradientMismatchError
+from gradcheck.errors import DeviceUnavailableError
 from gradcheck.properties import variants as pv
 from gradcheck.result import CheckReport
 
@@ -79,23 +79,18 @@ def check_devices(
     ``repro_dir``: a failing check writes a repro bundle there (the request as
     given: a replay without the GPU says "not reproduced: skipped (no GPU
     here: ...)"). Default: the pytest plugin's ``--gradcheck-repro-dir``."""
-    from gradcheck import api, repro
-
-    s = api._seed(seed)
-    report = run(loss_fn, model, batch, devices=devices, seed=s, rtol=rtol)
-    report.label = label
-    repro.write_variants_bundle(
-        repro_dir,
-        report,
+    return pv.front_door(
         "check_devices",
+        lambda s: run(loss_fn, model, batch, devices=devices, seed=s, rtol=rtol),
         loss_fn,
         model,
         batch,
         request=devices,
-        seed=s,
+        seed=seed,
         rtol=rtol,
+        label=label,
+        repro_dir=repro_dir,
     )
-    return api._publish(report, label)
 
 
 def assert_devices(
@@ -103,10 +98,7 @@ def assert_devices(
 ) -> CheckReport:
     """Like :func:`check_devices`; raises :class:`GradientMismatchError` on failure
     (not when it was skipped: no second device here)."""
-    report = check_devices(loss_fn, model, batch, **kwargs)
-    if report.status not in ("passed", "skipped"):
-        raise GradientMismatchError(report)
-    return report
+    return pv.raise_on_failure(check_devices(loss_fn, model, batch, **kwargs))
 
 
 def run(

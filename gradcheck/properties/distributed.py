@@ -814,34 +814,19 @@ def check_distributed(
     ``--gradcheck-repro-dir``, else none."""
     from gradcheck import api, repro
 
-    s = api._seed(seed)
-    report = run(
-        build,
-        step,
-        batch,
+    # one set of options: what runs is what the bundle records
+    options: dict[str, Any] = dict(
         world_size=world_size,
         backend=backend,
         wrap=wrap,
         wrap_kwargs=wrap_kwargs,
-        seed=s,
+        seed=api._seed(seed),
         rtol=rtol,
         timeout=timeout,
     )
+    report = run(build, step, batch, **options)
     report.label = label
-    repro.write_distributed_bundle(
-        repro_dir,
-        report,
-        build,
-        step,
-        batch,
-        world_size=world_size,
-        backend=backend,
-        wrap=wrap,
-        wrap_kwargs=wrap_kwargs,
-        seed=s,
-        rtol=rtol,
-        timeout=timeout,
-    )
+    repro.write_distributed_bundle(repro_dir, report, build, step, batch, **options)
     return api._publish(report, label)
 
 

@@ -1461,7 +1461,7 @@ def _detach_counterfactual(
     got = _passing_derivative(ctx, probe, report)
     if got is None:
         return
-    alt_dir, passed, alt_size, low = got
+    alt_dir, passed, alt_size, low, held = got
     err = abs(float(est.value) - alt_dir)
     tol = report.tolerance
     if low:
@@ -1470,15 +1470,25 @@ def _detach_counterfactual(
             + tl.ROUNDING_SIGMAS * tl.gradient_rounding("float64") * math.sqrt(alt_size)
             + probe.input_rounding(est.step)
         )
+    noise = 0.0
+    if err > tol:
+        # the differences' own noise, measured (the Richardson error of two
+        # steps that agree by chance can be 5x below it: Grounding DINO's
+        # reference phi scatters by ~1e-12 at steps of 1e-9, 4e-5 at the check's
+        # step, and the counterfactual missed by 1.6e-5 > 9.8e-6 on that alone)
+        noise = _counterfactual_noise(probe, est)
+        tol += noise
     n = f"{passed} detach{'es' if passed != 1 else ''}"
+    noted = f", with the differences' measured noise {noise:.3e}" if noise > 0 else ""
     if err <= tol:
         report.notes.insert(
             0,
             f"cause confirmed: with fn's {n} of tensors that require grad passing the "
-            f"gradient (an identity in place of each .detach(), one more backward), "
-            f"torch's directional derivative is {alt_dir:.6e} against the finite "
+            f"gradient (an identity in place of each .detach(), one more backward"
+            f"{_held_casts(held)}), torch's directional derivative is {alt_dir:.6e} against the finite "
             f"differences' {float(est.value):.6e} (error {err:.3e} <= tolerance "
-            f"{tol:.3e}), where with them it is {probe.analytical:.6e}: the detaches "
+            f"{tol:.3e}{noted}), where with them it is {probe.analytical:.6e}: the "
+            "detaches "
             "are the whole mismatch, not a wrong backward. By design where the model "
             "stops the gradient on purpose (see the note naming them).",
         )
@@ -1487,7 +1497,8 @@ def _detach_counterfactual(
         report.notes.append(
             f"with fn's {n} passing the gradient, torch's directional derivative is "
             f"{alt_dir:.6e}, still not the finite differences' {float(est.value):.6e} "
-            f"(error {err:.3e} > tolerance {tol:.3e}): the detaches do not explain "
+            f"(error {err:.3e} > tolerance {tol:.3e}{noted}): the detaches do not "
+            "explain "
             "the whole mismatch"
             + (
                 f", though nearly all of it (the error drops from {before:.3e} to "
@@ -1499,9 +1510,42 @@ def _detach_counterfactual(
         )
 
 
+def _counterfactual_noise(probe: _Probe, est: fd.DerivativeEstimate) -> float:
+    """FD_NOISE_SIGMAS deviations of the central difference at the estimate's step
+    caused by phi's noise, measured as _measure_fd_noise does (Moré-Wild on
+    FD_NOISE_POINTS values FD_NOISE_SPACING x the step apart); 0 when no estimate
+    is possible (the smooth part dominates) or phi fails."""
+    h = float(est.step)
+    if not h > 0:
+        return 0.0
+    dt = FD_NOISE_SPACING * h
+    half = FD_NOISE_POINTS // 2
+    try:
+        values = [float(probe.phi((i - half) * dt)[0]) for i in range(FD_NOISE_POINTS)]
+    except Exception:  # a diagnosis only
+        return 0.0
+    sigma = fd.noise_level(np.array(values))
+    if not sigma:
+        return 0.0
+    return FD_NOISE_SIGMAS * sigma / (math.sqrt(2.0) * h)
+
+
+def _held_casts(held: int) -> str:
+    """The counterfactual's words for the 8-bit float casts it held constant (a
+    straight-through quantizer's own rounding steps, see the torch backend's
+    PassDetach)."""
+    if not held:
+        return ""
+    return (
+        f"; {held} cast{'s' if held != 1 else ''} to an 8-bit float held constant, "
+        "their derivative between rounding steps, where torch passes the gradient "
+        "through as an identity"
+    )
+
+
 def _passing_derivative(
     ctx: _Context, probe: _Probe, report: CheckReport
-) -> tuple[float, int, int, bool] | None:
+) -> tuple[float, int, int, bool, int] | None:
     """torch's directional derivative along the probe with fn's detaches passing
     the gradient (see _detach_counterfactual): (value, detaches passed, gradient
     count, taken on float64 copies), or None when the backend has no such hook or
@@ -1529,7 +1573,8 @@ def _passing_derivative(
         for g, d in zip(alt, probe.direction, strict=True)
         if g is not None and d is not None
     )
-    return alt_dir, int(getattr(mode, "passed", 0)), len(alt), low
+    held = int(getattr(mode, "held", 0))
+    return alt_dir, int(getattr(mode, "passed", 0)), len(alt), low, held
 
 
 def _outside_by_detach(
@@ -1544,7 +1589,7 @@ def _outside_by_detach(
     got = _passing_derivative(ctx, probe, report)
     if got is None:
         return False
-    alt_dir, passed, _, _ = got
+    alt_dir, passed, _, _, held = got
     tol = report.tolerance
     if max(lo - alt_dir, alt_dir - hi, 0.0) > tol:
         return False
@@ -1557,8 +1602,8 @@ def _outside_by_detach(
         f"cause confirmed: torch's directional derivative {probe.analytical:.6e} lies "
         f"outside the one-sided derivatives at this point ({lo:.6e} .. {hi:.6e}: "
         f"kinks); with fn's {n} of tensors that require grad passing the gradient "
-        f"(an identity in place of each .detach(), one more backward) it is "
-        f"{alt_dir:.6e}, between them (tolerance {tol:.3e}): the detaches are the "
+        f"(an identity in place of each .detach(), one more backward"
+        f"{_held_casts(held)}) it is {alt_dir:.6e}, between them (tolerance {tol:.3e}): the detaches are the "
         "mismatch, not the kinks and not a wrong backward. By design where the "
         "model stops the gradient on purpose (see the note naming them).",
     )

@@ -20,7 +20,9 @@ A variant is a ``+``-joined combination of at most one of each:
 
 e.g. ``"cuda+autocast:float16"``, ``"compile+autocast:bfloat16"``. A variant that
 cannot run on this machine (a GPU variant without a GPU, autocast a torch build
-lacks) is *skipped*, not failed: its reason is a note of the report, and a report
+lacks, a kernel the build lacks for it - oneDNN's float16 LSTM on a CPU raises a
+RuntimeError under autocast:float16 while the eager reference ran; the error is
+quoted) is *skipped*, not failed: its reason is a note of the report, and a report
 whose every variant was skipped has status ``"skipped"`` (``assert_variants`` does
 not raise on it; the pytest fixture skips the test). A GPU is hardware the
 machine has or not, not a property of the model: the same test suite runs on a
@@ -68,26 +70,58 @@ this tensor, as the model's conditioning amplifies it (the part of the move the
 true gradient makes, Hessian x eps_d, only adds to it: conservative). A bias
 that a variant adds consistently (a wrong backward under autocast, a kernel wrong
 on one device) is the same in ``e_k`` and ``e_0`` and cancels: the spread does not
-grow with the bug it is to catch. Per tensor::
+grow with the bug it is to catch.
+
+Three roundings the moved points share are measured per tensor as well:
+
+* the rounding of the computation itself, at a finer precision: the spread
+  ``omega_t`` of eager evaluations in the model's own precision (float32,
+  beside the float64 reference; no autocast) at the point and at
+  ``SPREAD_POINTS`` points moved by an ulp of that precision, scaled by
+  ``rho = eps_d / eps_own`` (at least 1): what the same operations' rounding
+  does to this tensor, also where an ulp of ``d`` moves every evaluation alike
+  (on a generated model a bias whose true gradient is 0 came out 2e-6 under a
+  correct bfloat16 autocast in every evaluation, moved or not: spread 0; a
+  tensor far smaller than the intermediates it is rounded through). A spread,
+  so a bug the model's own precision shares (a float32 kernel wrong) cancels
+  out of it too. check_distributed scales its float32 spread by eps_d / eps_32
+  the same way. Earlier versions had one ulp of ``d`` at the scale of the
+  *whole* gradient instead, which hid a 30% error in a layer holding 0.3% of
+  the gradient's norm, under bfloat16 and float16 alike; this term follows
+  each tensor's own rounding;
+* the rounding of sums whose terms cancel (torch, beside the float64
+  reference): ``m``, the float64 backward with every cotangent replaced, node
+  by node, by its absolute value times a random sign, is the size of the terms
+  each gradient sums with none of their cancellation; one ulp of ``d`` of it,
+  ``eps_t ||m_t||``, is what rounding those terms in ``d`` can leave. A
+  generated model's L1 activity penalty sent +-c cotangents into a bias that
+  cancel exactly, beside a head weighted 1e-6 whose share bfloat16 absorbed
+  into the c's: the bias came out 0 instead of -1.4e-6 in every evaluation
+  (32x the tolerance without this term). For a tensor whose terms do not
+  cancel, ``||m_t||`` is about ``||r_t||``: no allowance beyond its own ulp;
+* float16's range (float16 variants only): values below 6.1e-5 lose bits and
+  flush to zero, the same in every evaluation. The eager variant is evaluated
+  once more with the loss scaled by ``RANGE_SCALE`` = 2^16 (GradScaler's
+  scale; divided by 16 while that overflows), which rounds every other value
+  exactly as at the point: ``range_t = ||e_scaled - e_0||`` is what the range
+  lost. A tensor that passes only thanks to it gets a note (its gradient
+  underflows: train with GradScaler or bfloat16).
+
+Per tensor::
 
     sigma_t     = sqrt(mean_k ||e_k - e_0||^2 / 2)
     tolerance_t = ROUNDING_SIGMAS * sqrt(sigma_t^2 + (eps_t ||r_t||)^2
-                                         + (eps_d ||r||)^2)
+                                         + (rho omega_t)^2 + (eps_t ||m_t||)^2
+                                         + range_t^2)
 
-(eps_t = max(eps_d, eps of the tensor's dtype); the second term, one ulp of the
-tensor, keeps a tensor whose rounding happened
-to cancel from getting a zero tolerance; the third, one ulp of d at the scale of
-the whole gradient ``r``, is the rounding a small tensor's gradient inherits from
-the full-size gradients it is computed from, which two moved points can miss:
-the audit found an attention query bias whose gradient, 1e-4 of the model's,
-came out 30% off under a correct bfloat16 autocast, 8x its measured spread, and
-a key bias whose true gradient is 0 - softmax ignores a shift common to a row -
-at 7e-18 in the float64 reference and exactly 0 under the variant. A bug must
-move a tensor's gradient by more than that ulp of the whole gradient to be seen:
-bfloat16 cannot tell less from its own rounding). A tensor fails when its error exceeds
-its tolerance, or when it is NaN/Inf under the variant and finite in the
-reference (float16 overflow: a note says so), or connected to the loss in one and
-not the other. The verdict names the variant (notes) and the tensor
+(eps_t = max(eps_d, eps of the tensor's dtype): one ulp of the tensor, so that
+a tensor whose rounding happened to cancel does not get a zero tolerance). With
+a 10% (bfloat16) or 1% (float16) error planted in a layer holding 0.3% of the
+gradient's norm, the check fails at 1.7-2.0x and 1.4-1.6x the tolerance (a 30%
+error passed at 0.02x and 0.2x with the whole-gradient ulp;
+tests/test_variants.py). A tensor fails when its error exceeds its tolerance,
+or when it is NaN/Inf under the variant and finite in the reference (float16
+overflow: a note says so), or connected to the loss in one and not the other. The verdict names the variant (notes) and the tensor
 (``location``); ``report.tensors`` holds one entry per (variant, tensor), named
 ``"<variant>/<tensor>"``, whose ``device`` is where the variant ran.
 
@@ -137,8 +171,10 @@ __all__ = [
     "assert_variants",
     "check_variants",
     "evaluate",
+    "front_door",
     "judge_tensor",
     "parse_variant",
+    "raise_on_failure",
     "run",
 ]
 
@@ -261,6 +297,15 @@ class TensorVerdict:
     variant_value: float | None
     connected: bool
     nonfinite: int = 0
+    #: the tensor's rounding spread in the model's own precision, scaled to the
+    #: variant's: rho x omega_t (module docstring)
+    inherited: float = 0.0
+    #: one ulp of d of the size of the terms the tensor's gradient sums
+    terms: float = 0.0
+    #: what the precision's range lost (float16 underflow): ||e_scaled - e_0||
+    range_loss: float = 0.0
+    #: within tolerance only thanks to range_loss: the gradient underflows
+    underflow: bool = False
 
     @property
     def ratio(self) -> float:
@@ -280,23 +325,38 @@ def judge_tensor(
     eps: float,
     *,
     reference_rounds: bool = False,
-    whole_floor: float = 0.0,
+    own_base: np.ndarray | None = None,
+    own_moved: Sequence[np.ndarray | None] = (),
+    own_ratio: float = 0.0,
+    rescaled: Sequence[np.ndarray | None] = (),
+    magnitude: np.ndarray | None = None,
 ) -> TensorVerdict:
     """One tensor (pure NumPy; None = not connected to the loss, compared as
     zeros): the variant's error against the reference and the tolerance from the
-    spread of the eager evaluations ``moved`` around ``base`` (module docstring).
-    ``reference_rounds``: the reference is in the variant's precision (no float64
-    reference), so the difference carries two evaluations' rounding.
-    ``whole_floor``: one ulp of the variant's precision at the scale of the
-    whole gradient (eps_d x ||r|| over every tensor), the rounding a tensor's
-    gradient inherits from the full-size gradients it is computed from."""
-    arrays = [a for a in (reference, variant, base, *moved) if a is not None]
+    variant's rounding measured on this tensor (module docstring).
+
+    ``moved``: the eager variant at points moved by an ulp, around ``base`` (the
+    eager variant at the point): their spread. ``reference_rounds``: the
+    reference is in the variant's precision (no float64 reference), so the
+    difference carries two evaluations' rounding. ``own``: the point evaluated
+    eagerly in the model's own precision; ``own_ratio`` (eps_d / eps_own, 0: not
+    measured) scales its error against the float64 reference to the variant's
+    precision. ``rescaled``: none, or the eager variant with the loss scaled by
+    a power of two (divided back): its difference from ``base`` is what the
+    precision's range lost (float16 underflow). ``magnitude``: the size of the
+    terms this tensor's gradient sums (the float64 backward with every
+    cotangent made |g| x random sign): one ulp ``eps`` of it is the rounding
+    of that sum in the variant's precision, whatever cancels in it."""
+    arrays = [a for a in (reference, variant, base, *moved, *rescaled) if a is not None]
     if not arrays:  # reached by the loss in no execution: they agree
         return TensorVerdict(name, (), 0.0, 0.0, 0.0, 0.0, 0.0, None, None, None, True)
     shape = arrays[0].shape
 
     def full(a: np.ndarray | None) -> np.ndarray:
         return np.zeros(shape) if a is None else np.asarray(a, dtype=np.float64)
+
+    def finite_part(a: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(a), a, 0.0)
 
     r, g, b = full(reference), full(variant), full(base)
     if r.shape != g.shape:
@@ -307,31 +367,42 @@ def judge_tensor(
     finite = np.isfinite(g)
     nonfinite = int(np.sum(~finite & np.isfinite(r)))
     diff = np.where(finite, g - r, 0.0)
-    samples = [full(m) - b for m in moved]
-    samples = [np.where(np.isfinite(s), s, 0.0) for s in samples]
-    sigma = (
-        math.sqrt(sum(float(np.sum(s * s)) for s in samples) / (2 * len(samples)))
-        if samples
+    el_sigma = _spread([finite_part(full(m) - b) for m in moved], shape)
+    # the same computation's rounding in the model's own precision, scaled to
+    # the variant's: where an ulp of d moves nothing (a sum that cancels, a
+    # tensor far smaller than the intermediates it is rounded through), an ulp
+    # of the finer precision still does. A spread, like sigma: a bug the model's
+    # own precision shares (a float32 kernel wrong) cancels out of it
+    el_own = (
+        own_ratio * _spread([finite_part(full(m) - full(own_base)) for m in own_moved])
+        if own_ratio and own_moved
         else 0.0
     )
-    r_norm = float(np.linalg.norm(np.where(np.isfinite(r), r, 0.0)))
+    # float16's range: a scaled loss rounds every value the same way but keeps
+    # the small ones above the underflow threshold (GradScaler's trick)
+    el_range = (
+        np.sqrt(sum(finite_part(full(m) - b) ** 2 for m in rescaled) / len(rescaled))
+        if rescaled
+        else 0.0
+    )
+    el_terms = eps * np.abs(finite_part(full(magnitude)))
+    sigma = float(np.linalg.norm(el_sigma))
+    terms = float(np.linalg.norm(el_terms))
+    inherited = float(np.linalg.norm(el_own))
+    range_loss = float(np.linalg.norm(el_range))
+    r_norm = float(np.linalg.norm(finite_part(r)))
     # a reference in the variant's own precision carries a rounding of its own
     both = 2.0 if reference_rounds else 1.0
-    tol = tl.ROUNDING_SIGMAS * math.sqrt(
-        both * sigma**2 + (eps * r_norm) ** 2 + whole_floor**2
-    )
+    rounding = both * sigma**2 + (eps * r_norm) ** 2 + inherited**2 + terms**2
+    tol = tl.ROUNDING_SIGMAS * math.sqrt(rounding + range_loss**2)
     error = float(np.linalg.norm(diff))
     connected = (reference is not None) == (variant is not None)
     if not connected and error == 0.0:
         error = 0.0  # both zero-valued: one side just did not build the edge
         connected = True
-    # the element that stands out most against its own spread
-    el_sigma = (
-        np.sqrt(sum(s * s for s in samples) / (2 * len(samples)))
-        if samples
-        else np.zeros(shape)
-    )
-    el_tol = el_sigma + eps * np.abs(r) + 1e-300
+    underflow = tl.ROUNDING_SIGMAS * math.sqrt(rounding) < error <= tol
+    # the element that stands out most against its own rounding
+    el_tol = el_sigma + eps * np.abs(r) + el_own + el_range + el_terms + 1e-300
     score = np.where(finite, np.abs(diff) / el_tol, np.inf)
     index = None
     rv = gv = None
@@ -352,7 +423,19 @@ def judge_tensor(
         variant_value=gv,
         connected=connected,
         nonfinite=nonfinite,
+        inherited=inherited,
+        terms=terms,
+        range_loss=range_loss,
+        underflow=underflow,
     )
+
+
+def _spread(samples: Sequence[np.ndarray], shape: Any = ()) -> np.ndarray:
+    """Per element, sqrt(mean_k s_k^2 / 2): one evaluation's rounding from the
+    differences ``s_k`` between two evaluations (zeros when there are none)."""
+    if not samples:
+        return np.zeros(shape)
+    return np.sqrt(sum(s * s for s in samples) / (2 * len(samples)))
 
 
 @dataclass
@@ -428,6 +511,18 @@ class _Reference:
     dtype: str
     device: str
     note: str | None
+    #: beside a float64 reference: the point and SPREAD_POINTS points moved by
+    #: an ulp of the model's own precision (``own_dtype``; None: the reference
+    #: is in the model's precision itself), evaluated eagerly in it, whose
+    #: spread is that precision's rounding of each tensor (:func:`_own`: on the
+    #: first variant that runs, so a check whose every variant is skipped
+    #: spends only the reference)
+    own: dict[str, Any] | None = None
+    own_moved: list[dict[str, Any]] = field(default_factory=list)
+    own_dtype: str | None = None
+    #: the float64 backward with every cotangent made |g| x random sign: the
+    #: size of the terms each gradient sums (torch; None: not measured)
+    magnitude: dict[str, Any] | None = None
 
 
 # ====================================================================== front doors
@@ -458,23 +553,18 @@ def check_variants(
     ``repro_dir``: a failing check writes a repro bundle there
     (:func:`gradcheck.repro.write_variants_bundle`; ``gradcheck replay`` reruns
     it). Default: the pytest plugin's ``--gradcheck-repro-dir``, else none."""
-    from gradcheck import api, repro
-
-    s = api._seed(seed)
-    report = run(loss_fn, model, batch, variants=variants, seed=s, rtol=rtol)
-    report.label = label
-    repro.write_variants_bundle(
-        repro_dir,
-        report,
+    return front_door(
         "check_variants",
+        lambda s: run(loss_fn, model, batch, variants=variants, seed=s, rtol=rtol),
         loss_fn,
         model,
         batch,
         request=variants,
-        seed=s,
+        seed=seed,
         rtol=rtol,
+        label=label,
+        repro_dir=repro_dir,
     )
-    return api._publish(report, label)
 
 
 def assert_variants(
@@ -482,7 +572,48 @@ def assert_variants(
 ) -> CheckReport:
     """Like :func:`check_variants`; raises :class:`GradientMismatchError` on failure
     (not when every variant was skipped: status ``"skipped"``)."""
-    report = check_variants(loss_fn, model, batch, **kwargs)
+    return raise_on_failure(check_variants(loss_fn, model, batch, **kwargs))
+
+
+def front_door(
+    entry: str,
+    engine: Callable[[int], CheckReport],
+    loss_fn: Callable[[Any, Any], Any],
+    model: Any,
+    batch: Any,
+    *,
+    request: Any,
+    seed: int | None,
+    rtol: float | None,
+    label: str | None,
+    repro_dir: Any,
+) -> CheckReport:
+    """What check_variants and check_devices (``entry``) do around their engine
+    (``engine(seed) -> report``): resolve the seed, label the report, write a
+    repro bundle when it failed (``request``: the variants or devices as
+    given), publish it to the listeners."""
+    from gradcheck import api, repro
+
+    s = api._seed(seed)
+    report = engine(s)
+    report.label = label
+    repro.write_variants_bundle(
+        repro_dir,
+        report,
+        entry,
+        loss_fn,
+        model,
+        batch,
+        request=request,
+        seed=s,
+        rtol=rtol,
+    )
+    return api._publish(report, label)
+
+
+def raise_on_failure(report: CheckReport) -> CheckReport:
+    """assert_variants / assert_devices: GradientMismatchError unless the report
+    passed or was skipped (nothing could run here)."""
     if report.status not in ("passed", "skipped"):
         raise GradientMismatchError(report)
     return report
@@ -556,7 +687,20 @@ def evaluate(
             if why is not None:
                 skipped.append(f"{noun} '{v.name}' skipped: {why}")
                 continue
-            runs.append(_measure(driver, v, ref, precision, seed, rtol))
+            try:
+                runs.append(_measure(driver, v, ref, precision, seed, rtol))
+            except RuntimeError as exc:
+                # the eager reference ran: the framework has no kernel for this
+                # way of running the model here (oneDNN's LSTM under float16
+                # autocast on a CPU; a compiler that cannot build): a variant
+                # this machine cannot run, skipped like a missing GPU, its
+                # error quoted (a GradcheckError is no RuntimeError: raised)
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                skipped.append(
+                    f"{noun} '{v.name}' skipped: loss_fn raised under it although "
+                    f"the eager reference ran ({type(exc).__name__}: {first}); "
+                    "this framework build cannot run the model that way here."
+                )
         compile_total = sum(r.compile_seconds for r in runs)
         cost = {
             "forward": float(driver.evaluations),
@@ -593,7 +737,7 @@ def _reference(driver: Any, device: str, seed: int) -> _Reference:
         try:
             ev = driver.gradients(device=device, float64=True, seed=seed)
             _validate(ev, "float64")
-            return _Reference(ev["grads"], "float64", device, None)
+            return _Reference(ev["grads"], "float64", device, None, own_dtype=precision)
         except (NonFiniteError, UnsupportedInputError):
             raise
         except Exception as exc:  # the model does not run in float64
@@ -713,14 +857,11 @@ def _judge(
         driver.gradients(perturb=(seed * 1000 + k + 1, eps), **kw)["grads"]
         for k in range(SPREAD_POINTS)
     ]
-    # one ulp of the variant's precision at the scale of the whole gradient
-    floor = eps * math.sqrt(
-        sum(
-            float(np.sum(np.square(np.nan_to_num(np.asarray(r, np.float64)))))
-            for r in (ref.grads[n] for n in driver.names)
-            if r is not None
-        )
-    )
+    # the reference point's rounding in the model's own precision, scaled to d:
+    # eps_d / eps_own (check_distributed scales its float32 spread the same way)
+    _own(driver, ref, seed)
+    own_ratio = max(1.0, eps / tl.eps(ref.own_dtype)) if ref.own_dtype else 0.0
+    rescaled = _rescaled(driver, kw, dtype, base)
     tensors = []
     for name in driver.names:
         t = judge_tensor(
@@ -731,12 +872,77 @@ def _judge(
             [m[name] for m in moved],
             max(eps, tl.eps(driver.dtypes[name])),
             reference_rounds=ref.dtype == dtype,
-            whole_floor=floor,
+            own_base=ref.own[name] if ref.own is not None else None,
+            own_moved=[m[name] for m in ref.own_moved],
+            own_ratio=own_ratio,
+            rescaled=[rescaled[name]] if rescaled is not None else [],
+            magnitude=ref.magnitude[name] if ref.magnitude is not None else None,
         )
         if rtol is not None:
             t.tolerance = rtol * t.reference_norm
         tensors.append(t)
     return tensors
+
+
+def _own(driver: Any, ref: _Reference, seed: int) -> None:
+    """Fill ``ref.own``/``ref.own_moved`` (once; nothing without a float64
+    reference): the eager point and SPREAD_POINTS points moved by an ulp of the
+    model's precision, evaluated in it on the reference device."""
+    if ref.own_dtype is None or ref.own is not None:
+        return
+    kw = {"device": ref.device, "seed": seed}
+    ref.own = driver.gradients(**kw)["grads"]
+    eps = tl.eps(ref.own_dtype)
+    ref.own_moved = [
+        driver.gradients(perturb=(seed * 1000 + 500 + k, eps), **kw)["grads"]
+        for k in range(SPREAD_POINTS)
+    ]
+    # (a float64 reference is torch's: so is this measurement). A backward that
+    # cannot take the rewritten cotangents (a custom Function checking their
+    # sign) only loses this term: the check still runs, with less allowance
+    try:
+        ref.magnitude = driver.gradients(float64=True, magnitude=True, **kw)["grads"]
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        ref.note = (ref.note + " " if ref.note else "") + (
+            "the size of the terms each gradient sums could not be measured (the "
+            f"backward refused |g| x random-sign cotangents: {type(exc).__name__}: "
+            f"{first}); tensors are judged without that term."
+        )
+
+
+#: The loss scale of float16's range measurement: GradScaler's initial scale.
+RANGE_SCALE = 2.0**16
+
+
+def _rescaled(
+    driver: Any, kw: Mapping[str, Any], dtype: str, base: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """float16 only: the eager variant's gradients with the loss scaled by a
+    power of two (and divided back). Scaling by 2^k is exact, so every value
+    rounds as at the point, except those float16's range flushes to zero or
+    rounds to its coarse subnormals (below 6.1e-5): the difference from
+    ``base`` is what the range lost, a bias the moved points share (an ulp's
+    move leaves a flushed value flushed). bfloat16, TF32 and float32 have
+    float32's range (no evaluation spent). The scale starts at GradScaler's and
+    is divided by 2^4 while some tensor overflows where the point did not; each
+    tensor keeps the largest scale at which it stayed finite (an overflow on
+    its own backward path would have made it NaN/Inf), so a trunk whose
+    gradients overflow at 2^16 does not cost a small head its measurement."""
+    if dtype != "float16":
+        return None
+    out: dict[str, Any] = {}
+    left = {n for n, g in base["grads"].items() if g is not None}
+    scale = RANGE_SCALE
+    while left and scale >= 2.0:
+        grads = driver.gradients(loss_scale=scale, **kw)["grads"]
+        for n in list(left):
+            g, g0 = grads[n], base["grads"][n]
+            if g is not None and np.isfinite(g)[np.isfinite(g0)].all():
+                out[n] = g
+                left.discard(n)
+        scale /= 16.0
+    return {n: out.get(n, base["grads"][n]) for n in base["grads"]}
 
 
 # ====================================================================== the report
@@ -855,12 +1061,31 @@ def _report(
 def _source(runs: list[VariantRun], ref: _Reference, rtol: float | None) -> str:
     if rtol is not None:
         return f"rtol {rtol:g} x ||r_t||"
+    own = ref.own is not None
+    fp16 = any(r.precision == "float16" for r in runs)
     text = (
-        f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_t ||r_t||)^2 + "
-        "(eps_d ||r||)^2), sigma_t the measured rounding spread of the eager "
-        f"variant at {SPREAD_POINTS} points moved by ~1 ulp of its precision d, "
-        "eps_d ||r|| one ulp of d at the scale of the whole gradient"
+        f"{tl.ROUNDING_SIGMAS:g} x sqrt(sigma_t^2 + (eps_t ||r_t||)^2"
+        + (" + (rho omega_t)^2" if own else "")
+        + (" + (eps_t ||m_t||)^2" if ref.magnitude is not None else "")
+        + (" + range_t^2" if fp16 else "")
+        + "), sigma_t the measured rounding spread of the eager variant at "
+        f"{SPREAD_POINTS} points moved by ~1 ulp of its precision d"
     )
+    if own:
+        text += (
+            f", omega_t the same for eager {ref.own_dtype} (moved by ~1 ulp of "
+            f"{ref.own_dtype}), rho = eps_d / eps_{ref.own_dtype} (at least 1)"
+        )
+    if ref.magnitude is not None:
+        text += (
+            ", m_t the size of the terms r_t sums (the float64 backward with every "
+            "cotangent made |g| x a random sign)"
+        )
+    if fp16:
+        text += (
+            ", range_t what float16's range lost (the eager variant against the "
+            "same with the loss scaled by a power of two)"
+        )
     if any(r.precision == ref.dtype for r in runs):
         text += (
             f" (sigma_t^2 doubled where the reference, eager {ref.dtype}, rounds "
@@ -934,6 +1159,19 @@ def _notes(r: VariantRun, ref: _Reference, noun: str) -> list[str]:
                 + "."
             )
         out.append(text)
+    under = [t for t in shown.tensors if t.underflow and t.connected]
+    if under:
+        u = max(under, key=lambda t: t.error / max(t.reference_norm, 1e-300))
+        out.append(
+            f"{head}: "
+            + ", ".join(f"'{t.name}'" for t in under[:6])
+            + (f" and {len(under) - 6} more" if len(under) > 6 else "")
+            + f" pass only because {shown.precision}'s range is counted: their "
+            "gradients underflow (values below 6.1e-5 lose bits or flush to "
+            f"zero) and differ from eager by up to {_rel(u)} relative ('{u.name}'); "
+            "with the loss scaled they agree. Train with "
+            "torch.amp.GradScaler (or bfloat16) so that they do not vanish."
+        )
     out.extend(_tf32_notes(r))
     if r.repeat_differs:
         out.append(_nondeterminism_note(r))
