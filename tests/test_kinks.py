@@ -150,3 +150,50 @@ def test_a_wrong_backward_near_kinks_is_a_mismatch():
     model, loss = _near_case(torch.float64, planted=True)
     report = gradcheck.check_gradients(loss, params=model)
     assert report.status == "mismatch", report.message()
+
+
+# ------------------------------------- normalisations over a flat input (neucodec)
+def test_flat_norms_counts_groups_with_zero_input_variance():
+    """NeuCodec's decoder at a fresh init: every frame the same latent, so its
+    one-channel GroupNorm groups see variance 0 (slope 1/sqrt(eps), gradients
+    1e17 downstream). The LayerNorm after it normalises those rows again (the
+    GroupNorm made them 0: flat too); the other rows have a spread."""
+    from gradcheck.backends._torch_kinks import FlatNorms, module_names
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.GroupNorm(4, 4, eps=1e-6), torch.nn.LayerNorm(6)
+    ).double()
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    x[0, :2] = 1.5  # two channels of sample 0 constant over time
+    with FlatNorms(module_names([model])) as census:
+        model(x)
+    assert census.rows() == [("0", 2, 8), ("1", 2, 8)]
+
+
+def test_a_mismatch_at_flat_norms_names_them():
+    """A wrong backward (x1.1) in a model whose GroupNorm reads a constant (its
+    bias broadcast over time): the mismatch stays, and the note names the flat
+    normalisation as what makes gradients there huge."""
+    wrong = scaled_backward(0.1).apply
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp = torch.nn.Linear(3, 4).double()
+            self.norm = torch.nn.GroupNorm(4, 4, eps=1e-6).double()
+
+        def forward(self, x):
+            flat = self.inp.bias[None, :, None].expand(1, 4, 5)
+            return self.norm(flat).sum() + wrong(self.inp(x)).pow(2).sum()
+
+    model, x = Flat(), torch.randn(5, 3, dtype=torch.float64)
+    report = gradcheck.check_gradients(
+        lambda: model(x), params=model, seed=0, mode="directional"
+    )
+    assert report.status == "mismatch", report.message()
+    assert "4 normalisation groups see an input of (near) zero variance" in (
+        report.message()
+    ), report.message()
+    assert "'norm' (4 of 4)" in report.message()

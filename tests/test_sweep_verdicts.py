@@ -410,9 +410,14 @@ def test_selections_are_held_and_a_buffer_filled_in_place_reaches_the_reference(
     x = _f64(5, 4).float()
     model = _Selected(x)
     proj = _f64(5, 7, seed=1).float()
+    before = rng_state()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = gradcheck.check_gradients(
         lambda: (model(x) * proj).sum(), params=model, seed=0
     )
+    assert_same_rng(before)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]) and p.grad is None, n
     assert report.passed, report.message()
     text = report.message()
     assert "decisions: fn selects with comparisons" in text

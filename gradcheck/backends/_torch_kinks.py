@@ -127,6 +127,64 @@ class KinkCensus(_ModuleStack):
         return [(w, n, size) for w, (n, size) in self.counts.items()]
 
 
+class FlatNorms(_ModuleStack):
+    """Counts normalisation groups whose input has (near) zero variance, keyed by
+    the innermost module: GroupNorm / LayerNorm / RMSNorm / InstanceNorm over an
+    input of variance <= FLAT_VARIANCE x eps. There the normalisation's slope is
+    1/sqrt(eps) (1e3 for eps = 1e-6) and it is linear only within ~sqrt(eps) of
+    the input: NeuCodec's and XCodec2's decoders at a fresh init read the same
+    latent at every frame (every quantizer code 0), their one-channel GroupNorm
+    groups see variance exactly 0, and four of them in a row make gradients of
+    1e17 around an output at rounding level, which no finite difference follows."""
+
+    FLAT_VARIANCE = 1e-6
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__(names)
+        self.counts: dict[str, list[int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+            groups = self._groups(func, x, args, kwargs)
+            if groups is not None:
+                flat, eps = groups
+                with torch.no_grad():
+                    var = flat.double().var(-1, unbiased=False)
+                    n = int((var <= self.FLAT_VARIANCE * eps).sum())
+                if n:
+                    row = self.counts.setdefault(self.where, [0, 0])
+                    row[0] += n
+                    row[1] += var.numel()
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _groups(
+        func: Any, x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, float] | None:
+        """The input as (groups, values per group) and the op's eps, or None."""
+        if func is F.group_norm:
+            g = int(_arg(args, kwargs, 1, "num_groups", 1))
+            eps = float(_arg(args, kwargs, 4, "eps", 1e-5))
+            return x.reshape(x.shape[0], g, -1).reshape(-1, x[0].numel() // g), eps
+        if func in (F.layer_norm, getattr(F, "rms_norm", None)):
+            shape = _arg(args, kwargs, 1, "normalized_shape", None)
+            if shape is None:
+                return None
+            k = len(shape) if isinstance(shape, (tuple, list)) else 1
+            eps = _arg(args, kwargs, 4 if func is F.layer_norm else 3, "eps", None)
+            eps = 1e-5 if eps is None else float(eps)
+            return x.reshape(-1, int(torch.tensor(x.shape[-k:]).prod())), eps
+        if func is F.instance_norm and x.dim() > 2:
+            eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
+            return x.reshape(x.shape[0] * x.shape[1], -1), eps
+        return None
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        return [(w, n, size) for w, (n, size) in self.counts.items()]
+
+
 def module_names(roots: Iterable[torch.nn.Module]) -> dict[int, str]:
     names: dict[int, str] = {}
     for root in roots:

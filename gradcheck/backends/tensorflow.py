@@ -38,6 +38,12 @@ all floating inputs (Chainer's trick); if ``fn`` cannot run that way (a float32
 tensor or model captured in a closure, an explicit cast), the backend falls back to
 the native precision and says so in the report's notes. When variables are
 differentiated, the numerical side runs in their dtype and a note says so.
+
+Reference evaluations run traced: the finite-difference side (``outputs_at``)
+calls fn tens to hundreds of times, so fn is traced once per check and precision
+as a ``tf.function`` and the graph is kept where its first run equals an eager
+call at the same point (see ``TensorflowSession._reference_forward``). The
+analytical side and every gradient stay eager.
 """
 
 from __future__ import annotations

@@ -935,6 +935,20 @@ class TorchSession(Session):
             )
         return census.rows()
 
+    def flat_norms(self) -> list[tuple[str, int, int]]:
+        """(module, normalisation groups with (near) zero input variance, groups)
+        at x, from one forward pass in the user's precision (see FlatNorms)."""
+        from gradcheck.backends._torch_kinks import FlatNorms, module_names
+
+        with FlatNorms(module_names(self.modules)) as census:
+            self._evaluate(
+                [None] * len(self.diff),
+                0.0,
+                promote=False,
+                record=bool(self._ref_grad),
+            )
+        return census.rows()
+
     def _clear_autocast_cache(self) -> None:
         """Autocast caches its low-precision copies of parameters per parameter
         object, not per value: after a .data swap it would hand back the copy of
@@ -1342,6 +1356,23 @@ class TorchSession(Session):
         derivative)."""
         self._nodes: list[Any] = []
         notes = self._known_causes(location)
+        try:
+            flat = self.flat_norms()
+        except Exception:  # a diagnosis only
+            flat = []
+        if flat:
+            total = sum(n for _, n, _ in flat)
+            where = ", ".join(f"'{w}' ({n} of {size})" for w, n, size in flat[:3])
+            more = f" and {len(flat) - 3} more modules" if len(flat) > 3 else ""
+            notes.append(
+                f"{total} normalisation groups see an input of (near) zero variance "
+                f"at this point ({where}{more}): each multiplies the gradient by up "
+                "to 1/sqrt(eps) and is linear only within ~sqrt(eps) of its input, so "
+                "gradients there are huge and finite differences cannot follow the "
+                "function (an input constant over what is normalised: a degenerate "
+                "point of a fresh init, e.g. every quantizer code equal); judge the "
+                "model at a point where they see a spread."
+            )
         if location is None or location.tensor not in [s.name for s in self.specs]:
             return notes
         custom = {}
