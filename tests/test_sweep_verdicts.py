@@ -377,8 +377,8 @@ def test_pass_detach_holds_only_byte_float_casts_of_tensors_that_require_grad():
 # ---------------------- selections by comparison, buffers filled in place (lightglue)
 class _Selected(torch.nn.Module):
     """LightGlue / SuperPoint's patterns: scores kept where they pass a threshold
-    (a comparison decides; one score sits exactly on it, so the decision flips
-    within any step), each row's best match picked by ``max(dim)``'s index, and
+    (a comparison decides; one score sits 1e-6 from it, so the decision flips
+    within the step), each row's best match picked by ``max(dim)``'s index, and
     the kept values written into a ``torch.zeros`` buffer made in torch's default
     dtype (float32), as SuperPoint pads its keypoints. ``wrong``: a custom
     backward scaling the score path's gradient by 1.01."""
@@ -388,8 +388,9 @@ class _Selected(torch.nn.Module):
         torch.manual_seed(0)
         self.lin = torch.nn.Linear(4, 6)
         self.wrong = wrong
-        with torch.no_grad():
-            self.threshold = float(self.lin(x)[0, 0])  # exactly on it at x
+        with torch.no_grad():  # within any step of it (exactly on it: a kink)
+            self.threshold = float(self.lin.double()(x.double())[0, 0]) * (1 + 1e-6)
+            self.lin.float()
 
     def forward(self, x):
         s = self.lin(x)

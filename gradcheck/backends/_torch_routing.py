@@ -102,6 +102,10 @@ class RoutingRecord:
         #: in one evaluation
         self.sizes: list[int] = []
         self.flips: dict[int, int] = {}
+        #: per recorded call: True where the point sits exactly on the decision
+        #: (an ordering comparison with equal sides, a max/min tie): a kink to
+        #: report, so that call is never held
+        self.ties: list[bool] = []
 
     @property
     def active(self) -> bool:
@@ -167,6 +171,7 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         self.seen: list[torch.Tensor] = []
         self.sizes: list[int] = []
         self.routing: list[bool] = []
+        self.ties: list[bool] = []
         self.flipped: dict[int, int] = {}
         self.failed: str | None = None
 
@@ -178,6 +183,7 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         if self.recording:
             rec.indices = self.seen
             rec.sizes = self.sizes
+            rec.ties = self.ties
             rec.decisions = sum(
                 n for n, r in zip(self.sizes, self.routing, strict=True) if r
             )
@@ -195,9 +201,14 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         for i, n in self.flipped.items():
             rec.flips[i] = max(rec.flips.get(i, 0), n)
 
-    def _held(self, out: torch.Tensor, op: str, size: int) -> torch.Tensor | None:
+    def _held(
+        self, out: torch.Tensor, op: str, size: int, tie: Any = False
+    ) -> torch.Tensor | None:
         """Record ``out`` (a decision tensor) or return the recorded one (None:
-        not held, run with fn's own)."""
+        not held, run with fn's own). ``tie``: a callable telling, at the point
+        (recording), whether it sits exactly on this decision: such a call is
+        a kink gradcheck reports, and is never held (``|x|`` written as
+        ``where(x >= 0, x, -x)`` at 0, a max over equal values)."""
         i = len(self.seen)
         self.seen.append(out.detach().clone())
         self.sizes.append(size)
@@ -205,12 +216,15 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         if self.recording:
             self.record.where.append(_caller())
             self.record.ops.append(op)
+            self.ties.append(bool(tie()) if callable(tie) else False)
             return None
         held = self.record.indices or []
         if self.failed is not None:
             return None
         if i >= len(held) or held[i].shape != out.shape or self.record.ops[i] != op:
             self.failed = f"{op} call {i + 1} has another shape or count"
+            return None
+        if i < len(self.record.ties) and self.record.ties[i]:
             return None
         return held[i].to(out.device)
 
@@ -271,7 +285,19 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         ):
             return out
         name = _name(func).strip("_")
-        want = self._held(out, f"Tensor.{name}", out.numel())
+
+        def tie() -> bool:  # an ordering comparison with equal sides at the point
+            if name in ("eq", "ne", "not_equal"):
+                return False  # equality is the decision itself (NMS's maxima)
+            a = args[0]
+            b = args[1] if len(args) > 1 else kwargs.get("other")
+            try:
+                with torch.no_grad():
+                    return bool(torch.eq(a, b).any())
+            except (TypeError, RuntimeError):  # operands torch.eq does not take
+                return False
+
+        want = self._held(out, f"Tensor.{name}", out.numel(), tie)
         if want is None:
             return out
         self._flip(int((want != out).sum()))
@@ -286,14 +312,20 @@ class RoutingReplay(torch.overrides.TorchFunctionMode):
         if not (_floating(x) and isinstance(dim, int) and isinstance(out, tuple)):
             return out
         values, indices = out
-        want = self._held(indices, f"torch.{_name(func)}(dim)", indices.numel())
+        keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+
+        def tie() -> bool:  # the extreme value twice along dim at the point
+            with torch.no_grad():
+                v = values if keep else values.unsqueeze(dim)
+                return bool(((x == v).sum(dim) > 1).any())
+
+        want = self._held(indices, f"torch.{_name(func)}(dim)", indices.numel(), tie)
         if want is None:
             return out
         flipped = int((want != indices).sum())
         if not flipped:  # fn's own output (its backward saves no input values)
             return out
         self._flip(flipped)
-        keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
         at = want if keep else want.unsqueeze(dim)
         # gathered from a copy: gather's backward keeps its input, which fn may
         # change in place later (Grounding DINO masks its class scores so)
