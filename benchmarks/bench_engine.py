@@ -103,17 +103,22 @@ def as_dtype(model: torch.nn.Module, data: dict, dtype: torch.dtype):
     return copy.deepcopy(model).to(dtype), cast
 
 
-def time_call(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
-    """One warm-up call, then ``repeats`` timed calls: (median s, samples, last).
-    Garbage is collected before each call, outside the timed region."""
+def time_call(
+    fn: Callable[[], Any], repeats: int
+) -> tuple[float, list[float], Any, float]:
+    """One warm-up call, then ``repeats`` timed calls: (median s, samples, last,
+    median CPU s of this process). Garbage is collected before each call, outside
+    the timed region. The CPU time (time.process_time, every thread of the
+    process) moves less than the wall clock when other processes share the cores."""
     result = fn()
-    samples = []
+    samples, cpu = [], []
     for _ in range(repeats):
         gc.collect()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples), samples, result
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(samples), samples, result, statistics.median(cpu)
 
 
 def train_step_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
@@ -208,6 +213,7 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
     )
     t["torch64"] = time_call(torch_gradcheck_fn(loss64, params64, calls), repeats)
     med = {k: v[0] for k, v in t.items()}
+    cpu = {k: v[3] for k, v in t.items()}
     n_in, hidden, trunk_out, batch = SIZES["quick" if quick else "full"]
     return {
         "env": {
@@ -239,13 +245,18 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
                 "rtol": TORCH_RTOL,
             },
         },
-        "timings": {k: timing(v[0], v[1]) for k, v in t.items()},
+        "timings": {
+            k: {**timing(v[0], v[1]), "cpu_median_s": v[3]} for k, v in t.items()
+        },
         "ratios": {
             "A_check32_over_train32": med["check32"] / med["train32"],
             "B_check64_over_torch_gradcheck64": med["check64_fn"] / med["torch64"],
             "check64_over_train64": med["check64"] / med["train64"],
             "check64_params_over_torch_gradcheck64": med["check64"] / med["torch64"],
+            "A_cpu": cpu["check32"] / cpu["train32"],
+            "B_cpu": cpu["check64_fn"] / cpu["torch64"],
         },
+        "load_average": os.getloadavg(),
         "goals": {
             "A_check32_over_train32": GOAL_A,
             "B_check64_over_torch_gradcheck64": GOAL_B,
@@ -292,6 +303,7 @@ def scaling(repeats: int, keras: bool = True) -> list[dict]:
                     "check_s": check[0],
                     "step_s": step[0],
                     "ratio": check[0] / step[0],
+                    "cpu_ratio": check[3] / step[3],
                     "status": check[2].status,
                 }
             )
@@ -343,6 +355,7 @@ def _keras_rows(repeats: int) -> list[dict]:
             "check_s": check[0],
             "step_s": step_t[0],
             "ratio": check[0] / step_t[0],
+            "cpu_ratio": check[3] / step_t[3],
             "status": check[2].status,
         }
     ]
@@ -351,13 +364,15 @@ def _keras_rows(repeats: int) -> list[dict]:
 def print_scaling(rows: list[dict]) -> None:
     print(
         f"\n{'model':<40} {'params':>11} {'dtype':<8} {'check s':>9} "
-        f"{'step s':>9} {'check/step':>10}  status"
+        f"{'step s':>9} {'check/step':>10} {'cpu ratio':>9}  status"
     )
     for r in rows:
         print(
             f"{r['model']:<40} {r['parameters']:>11,} {r['dtype']:<8} "
-            f"{r['check_s']:>9.3f} {r['step_s']:>9.4f} {r['ratio']:>10.1f}  {r['status']}"
+            f"{r['check_s']:>9.3f} {r['step_s']:>9.4f} {r['ratio']:>10.1f} "
+            f"{r['cpu_ratio']:>9.1f}  {r['status']}"
         )
+    print(f"load average after the table: {os.getloadavg()}")
 
 
 # ------------------------------------------------------------------------- output
@@ -374,6 +389,8 @@ RATIO_LABELS = {
     "B_check64_over_torch_gradcheck64": "B: check f64 / torch gradcheck f64 (same fn)",
     "check64_over_train64": "check f64 / train step f64",
     "check64_params_over_torch_gradcheck64": "check f64 (params=model) / torch gc f64",
+    "A_cpu": "A in CPU time (process_time)",
+    "B_cpu": "B in CPU time (process_time)",
 }
 
 
@@ -399,6 +416,8 @@ def _header(res: dict) -> list[str]:
         f"seed {m['seed']}{' (quick)' if m['quick'] else ''}",
         f"median of {res['method']['repeats']} after 1 warm-up, time.perf_counter; "
         f"train step = {res['method']['train_step']} with {OPTIMIZER}",
+        "load average (1, 5, 15 min) at the end: "
+        + ", ".join(f"{v:.2f}" for v in res["load_average"]),
     ]
 
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
 from typing import Any
 
+from gradcheck import _blas
 from gradcheck.backends import Session, open_session
 from gradcheck.errors import (
     FrameworkError,
@@ -294,6 +295,21 @@ def _check(
     """One engine run per automatic-differentiation mode: "both" judges reverse
     mode first and, where it passes, forward mode against finite differences and
     against reverse mode (finite_difference.Options.ad)."""
+    # one host BLAS thread for the check's NumPy arithmetic: the framework's
+    # own thread pool keeps the cores (see gradcheck._blas)
+    with _blas.single_threaded():
+        return _check_modes(fn, inputs, params, opts, order, ad, rtol)
+
+
+def _check_modes(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    params: Any,
+    opts: finite_difference.Options,
+    order: int,
+    ad: str,
+    rtol: float | None,
+) -> CheckReport:
     runs = ["reverse", "both"] if ad == "both" else [ad]
     report: CheckReport | None = None
     for mode in runs:

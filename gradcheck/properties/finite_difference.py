@@ -86,9 +86,10 @@ CENSUS_BLAME_BUDGET = 60
 #: constant rounded to float32) and never above the table prior.
 #: A float64 check that passes only on the a-priori rounding bounds of its finite
 #: differences (FORWARD_ROUNDING_ULPS, the input-rounding Cauchy-Schwarz bound)
-#: measures that noise instead (see _measure_fd_noise): phi on 7 points
-#: FD_NOISE_SPACING x the step apart, Moré-Wild's estimate, and FD_NOISE_SIGMAS
-#: deviations of the central difference it causes replace the two bounds.
+#: measures that noise instead (see _measure_fd_noise): phi on FD_NOISE_POINTS
+#: points FD_NOISE_SPACING x the step apart, centred on the step h (phi(h) is
+#: reused), Moré-Wild's estimate, and FD_NOISE_SIGMAS deviations of the
+#: central difference it causes replace the two bounds.
 FD_NOISE_SPACING = 1e-2
 FD_NOISE_POINTS = 9
 FD_NOISE_SIGMAS = 8.0
@@ -1084,8 +1085,13 @@ def _measure_fd_noise(
     dt = FD_NOISE_SPACING * h
     half = FD_NOISE_POINTS // 2
     shift = 0.5 if again else 0.0
+    # The table is centred on t = h, not 0: phi(h) is already known from the
+    # differences (one forward fewer; the noise of phi is the same there, every
+    # point's rounding of x + t d and of the forward pass still its own).
+    known = probe.memo or {}
     values = [
-        float(probe.phi((i - half + shift) * dt)[0]) for i in range(FD_NOISE_POINTS)
+        float((known[t] if t in known else probe.phi(t))[0])
+        for t in (h + (i - half + shift) * dt for i in range(FD_NOISE_POINTS))
     ]
     sigma = fd.noise_level(np.array(values))
     if sigma is None:

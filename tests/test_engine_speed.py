@@ -1,0 +1,289 @@
+"""Speed paths of the engine (issues 12 and 17): one host BLAS thread during a
+check, float64 shadows of a model kept across checks until its parameters change,
+and the probe direction built with fewer full-size temporaries. Each must leave
+verdicts, determinism per seed and the user's state exactly as they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradcheck
+from gradcheck import _blas
+
+
+def test_blas_single_threaded_inside_and_restored_after():
+    before = _blas.threads()
+    if before is None:
+        pytest.skip("NumPy loaded no OpenBLAS here")
+    with _blas.single_threaded():
+        assert _blas.threads() == 1
+        with _blas.single_threaded():  # nested: the outer block's count survives
+            assert _blas.threads() == 1
+        assert _blas.threads() == 1
+    assert _blas.threads() == before
+
+
+def test_blas_count_restored_when_the_block_raises():
+    before = _blas.threads()
+    if before is None:
+        pytest.skip("NumPy loaded no OpenBLAS here")
+    with pytest.raises(RuntimeError), _blas.single_threaded():
+        raise RuntimeError("boom")
+    assert _blas.threads() == before
+
+
+def test_a_check_runs_with_one_blas_thread_and_restores_the_count():
+    torch = pytest.importorskip("torch")
+    before = _blas.threads()
+    if before is None:
+        pytest.skip("NumPy loaded no OpenBLAS here")
+    seen = []
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+
+    def fn():
+        seen.append(_blas.threads())
+        return (w.sin() ** 2).sum()
+
+    assert gradcheck.check_gradients(fn, params=[w]).passed
+    assert seen and set(seen) == {1}
+    assert _blas.threads() == before
+    np.dot(np.ones(3), np.ones(3))  # NumPy still works after the restore
+
+
+def _gaussian_reference(rng, shape):
+    """The Box-Muller draw as written before the in-place version."""
+    n = int(np.prod(shape, dtype=np.int64))
+    half = (n + 1) // 2
+    u = rng.random((2, half), dtype=np.float32)
+    radius = np.sqrt(-2.0 * np.log1p(-u[0]))
+    angle = np.float32(2 * np.pi) * u[1]
+    out = np.empty(2 * half, dtype=np.float64)
+    np.multiply(radius, np.cos(angle), out=out[:half])
+    np.multiply(radius, np.sin(angle), out=out[half:])
+    return out[:n].reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (2,), (7,), (3, 5), (257, 129)])
+def test_in_place_gaussian_draws_the_same_numbers(shape):
+    from gradcheck.numeric.directions import gaussian
+
+    for seed in range(3):
+        ref = _gaussian_reference(np.random.default_rng(seed), shape)
+        got = gaussian(np.random.default_rng(seed), shape)
+        low = gaussian(np.random.default_rng(seed), shape, dtype=np.float32)
+        assert got.dtype == np.float64 and low.dtype == np.float32
+        assert np.array_equal(got, ref)
+        assert np.array_equal(low.astype(np.float64), ref)
+
+
+def test_probe_direction_is_the_formula_bit_for_bit():
+    from gradcheck.numeric.directions import ALIGNED, FLOOR, probe_direction
+
+    rng = np.random.default_rng(1)
+    grads = [
+        rng.standard_normal((300, 7)),
+        np.zeros(5),  # no gradient: Gaussian part only, divided by the floor
+        rng.standard_normal(11) * 1e-9,
+        rng.standard_normal(4),
+    ]
+    got, norms = probe_direction(grads, np.random.default_rng(4))
+    again, _ = probe_direction(grads, np.random.default_rng(4))
+    ref_rng = np.random.default_rng(4)
+    gnorms = [float(np.linalg.norm(g)) for g in grads]
+    floor = FLOOR * max(gnorms)
+    for g, gn, d, d2, norm in zip(grads, gnorms, got, again, norms, strict=True):
+        z = _gaussian_reference(ref_rng, g.shape)
+        if gn > 0:
+            z += (ALIGNED / gn) * g
+        assert norm == max(gn, floor)
+        z *= 1.0 / norm
+        assert np.array_equal(d, z) and np.array_equal(d, d2)
+
+
+def test_kept_gaussian_part_gives_the_same_direction_and_generator_state():
+    from gradcheck.numeric import directions as dirs
+
+    rng = np.random.default_rng(7)
+    grads = [rng.standard_normal((300, 300)), rng.standard_normal(300)]
+    dirs._memo = None
+    first_rng = np.random.default_rng(3)
+    first, _ = dirs.probe_direction(grads, first_rng)
+    assert dirs._memo is not None  # 90,300 elements: kept
+    again_rng = np.random.default_rng(3)
+    again, _ = dirs.probe_direction(grads, again_rng)  # from the kept samples
+    dirs._memo = None
+    fresh_rng = np.random.default_rng(3)
+    fresh, _ = dirs.probe_direction(grads, fresh_rng)
+    for a, b, c in zip(first, again, fresh, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    # the generator continues exactly as after a real draw
+    later = [r.random(4) for r in (first_rng, again_rng, fresh_rng)]
+    assert np.array_equal(later[0], later[1]) and np.array_equal(later[0], later[2])
+    # another seed or other shapes draw anew
+    other, _ = dirs.probe_direction(grads, np.random.default_rng(4))
+    assert not np.array_equal(other[0], first[0])
+    # same shapes, another gradient: the same Gaussian part, the direction
+    # built from the new gradient ((z + 3 g/|g|) / |g| halves when g doubles)
+    twice, _ = dirs.probe_direction([g * 2 for g in grads], np.random.default_rng(3))
+    np.testing.assert_allclose(twice[0] * 2, first[0], rtol=1e-12)
+    assert not np.array_equal(
+        dirs.probe_direction([grads[0] + 1, grads[1]], np.random.default_rng(3))[0][0],
+        first[0],
+    )
+
+
+# ------------------------------------------------------------------ torch buffers
+def _mlp(torch, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 3)
+    ).to(dtype)
+    x = torch.randn(16, 64, dtype=dtype)
+    return model, x
+
+
+def _verdict(report):
+    return (
+        report.status,
+        report.error,
+        report.tolerance,
+        [t.analytical for t in report.tensors],
+        [(s.step, s.estimate) for s in report.steps],
+    )
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_kept_buffers_never_carry_old_values(dtype_name):
+    """A parameter changed in place between two checks (through .data, which
+    bumps no version counter, and through an optimizer step) is checked at its
+    new values: the second check is bit-identical to one on a fresh copy of the
+    changed model with nothing kept, and the user's state is untouched."""
+    torch = pytest.importorskip("torch")
+    from gradcheck.backends import _torch_pool
+    from tests._state import assert_same_rng, rng_state
+
+    dtype = getattr(torch, dtype_name)
+    model, x = _mlp(torch, dtype)
+    _torch_pool.clear()
+    assert gradcheck.check_gradients(
+        lambda: (model(x) ** 2).mean(), params=model
+    ).passed
+    assert _torch_pool.held_bytes() > 0  # the float64 buffers were kept
+    kept = {id(b) for b in _torch_pool._free.values()}
+    with torch.no_grad():
+        model[0].weight.data.mul_(1.5)  # no version bump
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (model(x) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    before = rng_state()
+    second = gradcheck.check_gradients(lambda: (model(x) ** 2).mean(), params=model)
+    assert_same_rng(before)
+    for k, v in model.state_dict().items():  # the user's values, bit for bit
+        assert torch.equal(v, snapshot[k])
+    assert all(p.grad is None for p in model.parameters())
+    assert kept & {id(b) for b in _torch_pool._free.values()}  # reused, given back
+
+    fresh_model, _ = _mlp(torch, dtype)
+    fresh_model.load_state_dict(snapshot)
+    _torch_pool.clear()
+    fresh = gradcheck.check_gradients(
+        lambda: (fresh_model(x) ** 2).mean(), params=fresh_model
+    )
+    assert _verdict(second) == _verdict(fresh)
+    # and not the verdict of the model before the change
+    old_model, _ = _mlp(torch, dtype)
+    old = gradcheck.check_gradients(
+        lambda: (old_model(x) ** 2).mean(), params=old_model
+    )
+    assert _verdict(second) != _verdict(old)
+
+
+def test_kept_buffers_are_bounded_and_host_only():
+    torch = pytest.importorskip("torch")
+    from gradcheck.backends import _torch_pool
+
+    _torch_pool.clear()
+    big = torch.empty(_torch_pool.LIMIT_BYTES // 8 + 1, dtype=torch.float64)
+    _torch_pool.give([big])  # larger than the bound: not kept
+    assert _torch_pool.held_bytes() == 0
+    half = _torch_pool.LIMIT_BYTES // 8 // 2
+    a, b, c = (torch.empty(half, dtype=torch.float64) for _ in range(3))
+    _torch_pool.give([a, b])
+    assert _torch_pool.held_bytes() == _torch_pool.LIMIT_BYTES
+    _torch_pool.give([c])  # the oldest goes
+    assert _torch_pool.held_bytes() == _torch_pool.LIMIT_BYTES
+    assert _torch_pool.take((half,), torch.float64, torch.device("cpu")) is b
+    assert _torch_pool.take((half,), torch.float64, torch.device("cpu")) is c
+    other = _torch_pool.take((half,), torch.float64, torch.device("cpu"))
+    assert other is not a and other.shape == (half,)
+    assert _torch_pool.take((3,), torch.float32, "cpu").dtype == torch.float32
+    _torch_pool.clear()
+    assert _torch_pool.held_bytes() == 0
+
+
+# ------------------------------------------------------------------ host arrays
+def _ptr(a) -> int:
+    return int(a.__array_interface__["data"][0])
+
+
+def test_workspace_reuses_only_arrays_nothing_refers_to():
+    from gradcheck.numeric import workspace
+
+    torch = pytest.importorskip("torch")
+    workspace.clear()
+    shape = (512, 128)  # 512 KiB of float64: above MIN_BYTES
+    a = workspace.empty(shape)
+    where = _ptr(a)
+    b = workspace.empty(shape)
+    other = _ptr(b)
+    assert other != where  # a is still referenced
+    del a
+    c = workspace.empty(shape)
+    reused = _ptr(c)
+    assert reused == where  # nothing referred to it any more: reused
+    view = c[:3]
+    del c
+    fresh = _ptr(workspace.empty(shape))
+    assert fresh not in (where, other)  # a view keeps c, b is held
+    del view
+    shared = torch.from_numpy(workspace.empty(shape, np.float32))
+    again = _ptr(workspace.empty(shape, np.float32))
+    assert again != shared.data_ptr()  # a tensor sharing its memory keeps it
+    assert workspace.empty((3,)).shape == (3,)  # small: plain np.empty
+    assert workspace.held_bytes() <= workspace.LIMIT_BYTES
+    del b
+    workspace.clear()
+    assert workspace.held_bytes() == 0
+
+
+def test_reference_evaluations_copy_no_tensor_the_direction_moves():
+    """x + t d is formed from x itself (the add widens it exactly): a float64
+    copy is made only of the tensors a restricted direction leaves where they
+    are, and the values are the same as from a copy."""
+    torch = pytest.importorskip("torch")
+    from gradcheck.backends.torch import TorchSession
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
+    x = torch.randn(5, 8)
+    with TorchSession(lambda: model(x).sum(), [], model) as s:
+        s.analytic()
+        d = [
+            np.random.default_rng(i).standard_normal(sp.shape)
+            for i, sp in enumerate(s.specs)
+        ]
+        moved = s.outputs_at(s.prepare(d), 1e-3)
+        assert not s._f64  # every tensor moved: no copies
+        only = [d[0], None]  # the bias stays: its float64 copy is made
+        s.outputs_at(s.prepare(only), 1e-3)
+        assert len(s._f64) == 1
+    w, b = (p.detach().double() for p in model[0].parameters())
+    want = torch.tanh(
+        x.double() @ (w + 1e-3 * torch.as_tensor(d[0])).T
+        + b
+        + 1e-3 * torch.as_tensor(d[1])
+    ).sum()
+    assert abs(float(moved[0]) - float(want)) <= 1e-12 * abs(float(want))
