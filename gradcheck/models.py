@@ -856,7 +856,11 @@ class Checker:
             mixed = _kept_dtypes(m, dtype, self.framework)
             if mixed:
                 report.notes.append(mixed)
-            if self.framework == "torch" and report.status == "mismatch":
+            # one more backward: on every fd check (a pass says it too: the user's
+            # torch.func / autograd.grad code would not see those gradients)
+            if self.framework == "torch" and (
+                report.status == "mismatch" or prop == "fd"
+            ):
                 side = _side_written(m, total)
                 if side:
                     report.notes.insert(0, side)
@@ -1120,9 +1124,9 @@ def _side_written(model: Any, total: Any) -> str | None:
         f"{len(side)} parameters ({shown}{more}) get their gradient only as a side "
         f"effect of {type(model).__name__}'s backward: it writes them to .grad (a "
         ".backward() call inside a custom autograd.Function) and returns none to "
-        "torch.autograd.grad, which the checks differentiate with. loss.backward() "
-        "sees those gradients; torch.autograd.grad and torch.func do not: that is "
-        "this mismatch."
+        "torch.autograd.grad. The checks count those writes, as loss.backward() "
+        "(a training step) does; code that differentiates with torch.autograd.grad "
+        "or torch.func gets no gradient for them."
     )
 
 

@@ -237,6 +237,48 @@ def _up(x: Any) -> Any:
     return x
 
 
+def _hold_grads(sources: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, Any]]:
+    """Each leaf source's ``.grad`` taken aside (``None`` while a backward runs),
+    so what the backward itself writes there can be read: see
+    :func:`_with_side_grads`."""
+    held = [(s, s.grad) for s in sources if s.is_leaf]
+    for s, _ in held:
+        s.grad = None
+    return held
+
+
+def _with_side_grads(
+    grads: Sequence[torch.Tensor | None],
+    sources: Sequence[torch.Tensor],
+    held: list[tuple[torch.Tensor, Any]],
+) -> tuple[torch.Tensor | None, ...]:
+    """``grads`` plus what the backward wrote to the sources' ``.grad`` as a side
+    effect; every ``.grad`` put back as it was (``held``), also on raise.
+
+    A custom ``autograd.Function.backward`` may call ``.backward()`` itself
+    (Reformer's reversible layers recompute their activations and backpropagate
+    through them inside their backward): the parameters' gradients then go to
+    ``.grad`` and ``torch.autograd.grad`` gets ``None`` for them, while
+    ``loss.backward()`` - what a training step runs - sees them. The checks judge
+    the gradient a training step sees, so those writes count."""
+    try:
+        out = []
+        for g, s in zip(grads, sources, strict=True):
+            w = s.grad if s.is_leaf else None
+            if w is not None:
+                g = w if g is None else g + w.to(g.dtype)
+            out.append(g)
+        return tuple(out)
+    finally:
+        for s, g in held:
+            s.grad = g
+
+
+def _restore_grads(held: list[tuple[torch.Tensor, Any]]) -> None:
+    for s, g in held:
+        s.grad = g
+
+
 def _autograd_grad(
     outputs: Sequence[torch.Tensor],
     sources: Sequence[torch.Tensor],
@@ -255,27 +297,34 @@ def _autograd_grad(
     the mode: it hands itself to the active mode, which runs it with the mode
     popped, so the engine is called directly, with the mode on the stack (the
     engine runs Python backward functions with the caller's mode stack)."""
-    if not promote:
-        return torch.autograd.grad(
-            list(outputs),
-            list(sources),
-            list(grad_outputs),
-            retain_graph=retain,
-            allow_unused=True,
-        )
-    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
-    if run is None:  # pragma: no cover - torch < 2.3
-        run = torch.autograd.Variable._execution_engine.run_backward
-    with _PromoteToFloat64():
-        return run(
-            tuple(outputs),
-            tuple(grad_outputs),
-            retain,
-            False,
-            tuple(sources),
-            True,
-            accumulate_grad=False,
-        )
+    held = _hold_grads(sources)
+    try:
+        if not promote:
+            grads = torch.autograd.grad(
+                list(outputs),
+                list(sources),
+                list(grad_outputs),
+                retain_graph=retain,
+                allow_unused=True,
+            )
+        else:
+            run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+            if run is None:  # pragma: no cover - torch < 2.3
+                run = torch.autograd.Variable._execution_engine.run_backward
+            with _PromoteToFloat64():
+                grads = run(
+                    tuple(outputs),
+                    tuple(grad_outputs),
+                    retain,
+                    False,
+                    tuple(sources),
+                    True,
+                    accumulate_grad=False,
+                )
+    except BaseException:
+        _restore_grads(held)
+        raise
+    return _with_side_grads(grads, sources, held)
 
 
 def _active_autocast(devices: Sequence[str]) -> tuple[str, torch.dtype] | None:
@@ -1332,15 +1381,18 @@ class TorchSession(Session):
             )
         sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
         if raw.requires_grad:
+            held = _hold_grads(sources)
             try:
                 grads = torch.autograd.grad(raw.reshape(()), sources, allow_unused=True)
             except Exception as exc:
+                _restore_grads(held)
                 raise _fn_raised(
                     exc,
                     f"the backward pass through {label}",
                     "at the point you gave; the forward ran",
                     BackwardError,
                 ) from exc
+            grads = _with_side_grads(grads, sources, held)
             self.backward_count += 1
         else:
             grads = (None,) * len(sources)
