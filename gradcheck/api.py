@@ -294,35 +294,23 @@ def _check(
 ) -> CheckReport:
     """One engine run per automatic-differentiation mode: "both" judges reverse
     mode first and, where it passes, forward mode against finite differences and
-    against reverse mode (finite_difference.Options.ad)."""
-    # one host BLAS thread for the check's NumPy arithmetic: the framework's
-    # own thread pool keeps the cores (see gradcheck._blas)
-    with _blas.single_threaded():
-        return _check_modes(fn, inputs, params, opts, order, ad, rtol)
-
-
-def _check_modes(
-    fn: Callable[..., Any],
-    inputs: Sequence[Any],
-    params: Any,
-    opts: finite_difference.Options,
-    order: int,
-    ad: str,
-    rtol: float | None,
-) -> CheckReport:
+    against reverse mode (finite_difference.Options.ad). One host BLAS thread for
+    the check's NumPy arithmetic: the framework's own thread pool keeps the cores
+    (see gradcheck._blas)."""
     runs = ["reverse", "both"] if ad == "both" else [ad]
     report: CheckReport | None = None
-    for mode in runs:
-        with _open_for(fn, inputs, params, order, opts.seed) as session:
-            o = dataclasses.replace(opts, rtol=_rtol(session, rtol), ad=mode)
-            report = finite_difference.run(session, o)
-        if not report.passed:
-            if ad == "both" and mode == "reverse":
-                report.notes.append(
-                    "ad='both': reverse mode failed against finite differences, so "
-                    "forward mode was not run."
-                )
-            return report
+    with _blas.single_threaded():
+        for mode in runs:
+            with _open_for(fn, inputs, params, order, opts.seed) as session:
+                o = dataclasses.replace(opts, rtol=_rtol(session, rtol), ad=mode)
+                report = finite_difference.run(session, o)
+            if not report.passed:
+                if ad == "both" and mode == "reverse":
+                    report.notes.append(
+                        "ad='both': reverse mode failed against finite differences, "
+                        "so forward mode was not run."
+                    )
+                return report
     assert report is not None
     return report
 
