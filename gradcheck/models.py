@@ -1100,10 +1100,10 @@ def _side_written(model: Any, total: Any) -> str | None:
     parameter's ``.grad`` is put back as it was."""
     import torch
 
+    from gradcheck.backends.torch import _hold_grads, _restore_grads
+
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    held = [(p, p.grad) for _, p in named]
-    for p, _ in held:
-        p.grad = None
+    held = _hold_grads([p for _, p in named])
     try:
         grads = torch.autograd.grad(total(), [p for _, p in named], allow_unused=True)
         side = [
@@ -1114,8 +1114,7 @@ def _side_written(model: Any, total: Any) -> str | None:
     except Exception:
         return None
     finally:
-        for p, g in held:
-            p.grad = g
+        _restore_grads(held)
     if not side:
         return None
     shown = ", ".join(f"'{k}'" for k in side[:3])

@@ -270,11 +270,11 @@ def _with_side_grads(
             out.append(g)
         return tuple(out)
     finally:
-        for s, g in held:
-            s.grad = g
+        _restore_grads(held)
 
 
 def _restore_grads(held: list[tuple[torch.Tensor, Any]]) -> None:
+    """Every ``.grad`` :func:`_hold_grads` took aside, put back as it was."""
     for s, g in held:
         s.grad = g
 
