@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ from gradcheck.errors import (
     UnsupportedInputError,
     wrap_exception,
 )
+from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import workspace
 from gradcheck.numeric.tolerance import canonical_dtype, gradient_rounding
 
@@ -474,6 +475,23 @@ def _to_host64(t: torch.Tensor) -> np.ndarray:
     return out
 
 
+def _to_host_narrow(t: torch.Tensor) -> np.ndarray:
+    """A gradient for a compact caller (Session.vjp(compact=True)): a float32 or
+    narrower floating gradient as a float32 host array holding its exact value
+    (the tensor's own storage where it is a contiguous float32 CPU tensor: no
+    copy), anything else as _to_host64 reads it."""
+    if (
+        t._is_zerotensor()
+        or t.layout != torch.strided
+        or t.is_complex()
+        or not t.is_floating_point()
+        or t.dtype == torch.float64
+    ):
+        return _to_host64(t)
+    out = t.detach().to("cpu", torch.float32)
+    return out.numpy() if out.is_contiguous() else out.contiguous().numpy()
+
+
 def _cotangent(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A cotangent (float64 NumPy) as a fresh contiguous tensor of ``like``'s
     dtype and device: an empty NumPy array's strides can be odd, and
@@ -504,7 +522,9 @@ def _project(
             g = g.to_dense()
         if g.is_complex():
             g, d = torch.view_as_real(g.resolve_conj()), torch.view_as_real(d)
-        total += float(torch.dot(g.reshape(-1).to(torch.float64), d.reshape(-1)))
+        total += float(
+            torch.dot(g.reshape(-1).to(torch.float64), d.reshape(-1).to(torch.float64))
+        )
     return total
 
 
@@ -765,12 +785,13 @@ class TorchSession(Session):
         #: (gradient penalties); decided by the first reference evaluation
         self._ref_grad: bool | None = None
         # Work on clones: the user's storage is never written, even by an fn that
-        # mutates its tensors in place; buffers (BatchNorm statistics) are cloned too.
+        # mutates its tensors in place. Every evaluation hands fn fresh values of the
+        # differentiated tensors (x + t d, or a clone of x: _evaluate, jvp,
+        # _on_clones), which live only as long as the evaluation and its graph: no
+        # session-long copy of the model (on BERT-base, 0.44 GB less at the peak).
+        # Buffers (BatchNorm statistics) are cloned once, and again per evaluation.
         self._original = {id(p): data for p, data, _, _ in self._state.params}
         self._native = dict(self._original)
-        for kind, p in self.diff:
-            if kind == "param":
-                self._native[id(p)] = p.data = p.data.clone()
         self._native_buffers = [
             (m, name, b.clone() if b is not None else None)
             for m, name, b in self._state.buffers
@@ -1100,6 +1121,22 @@ class TorchSession(Session):
                 inputs[ref] = self.inputs[ref].detach().clone().requires_grad_(True)
         return inputs
 
+    @contextlib.contextmanager
+    def _on_clones(self) -> Iterator[None]:
+        """fn called at x in its own precision, with a graph (analytic,
+        value_and_grads): each differentiated parameter holds a fresh clone of its
+        value for the call, so an fn that writes its parameters in place writes
+        the clone. The graph keeps what it saved of the clones until the backward
+        frees it; the parameters point at their own storage again afterwards."""
+        params = [p for kind, p in self.diff if kind == "param"]
+        try:
+            for p in params:
+                p.data = self._native[id(p)].clone()
+            yield
+        finally:
+            for p in params:
+                p.data = self._native[id(p)]
+
     def analytic(self) -> list[np.ndarray]:
         inputs = self._diff_inputs_native()
         where = (
@@ -1119,6 +1156,7 @@ class TorchSession(Session):
             torch.enable_grad(),
             watch or contextlib.nullcontext(),
             self._watch_first_call(),
+            self._on_clones(),
         ):
             outs = self._call(inputs, where, at_point=True)
         if watch is not None and watch.lowest is not None:
@@ -1231,7 +1269,11 @@ class TorchSession(Session):
         return watch.origin
 
     def vjp(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[np.ndarray | None]:
         assert self._graph is not None, "analytic() first"
         self._last_cotangents = list(cotangents)
@@ -1268,9 +1310,10 @@ class TorchSession(Session):
         # them twice), into host arrays reused across checks (numeric.workspace)
         grads = list(grads)
         out: list[np.ndarray | None] = []
+        read = _to_host_narrow if compact else _to_host64
         for i, g in enumerate(grads):
             grads[i] = None
-            out.append(None if g is None else _to_host64(g))
+            out.append(None if g is None else read(g))
             del g
         return out
 
@@ -1352,7 +1395,12 @@ class TorchSession(Session):
         inputs = self._diff_inputs_native()
         self._clear_autocast_cache()
         try:
-            with torch.enable_grad(), self._watch_first_call(), self._routing(True):
+            with (
+                torch.enable_grad(),
+                self._watch_first_call(),
+                self._routing(True),
+                self._on_clones(),
+            ):
                 raw = fn(*inputs)
         except GradcheckError:
             raise
@@ -1574,10 +1622,17 @@ class TorchSession(Session):
 
     # ------------------------------------------------------------------ reference evaluations
     def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
+        # a compact direction (numeric.compact.Widened) is used as stored: its
+        # float32 arrays become float32 tensors (no copy on the CPU), and every
+        # evaluation forms x + t d from them in float64 (_evaluate)
+        arrays = cpt.narrow(direction)
         handles = []
-        for (kind, ref), d in zip(self.diff, direction, strict=True):
+        for (kind, ref), d in zip(self.diff, arrays, strict=True):
             base = self.inputs[ref] if kind == "input" else self._state_data(ref)
-            handles.append(None if d is None else _direction_tensor(d, base))
+            if d is not None and d.dtype == np.float32 and not base.is_complex():
+                handles.append(torch.from_numpy(d).to(base.device))
+            else:
+                handles.append(None if d is None else _direction_tensor(d, base))
         return handles
 
     def _state_data(self, p: torch.Tensor) -> torch.Tensor:
@@ -1737,11 +1792,13 @@ class TorchSession(Session):
         the dot products taken on the tensors' devices: no gradient is copied to
         the host (the measured rounding's draws take only these scalars)."""
         cached = self._projection_direction
-        ids = [id(d) for d in direction]
+        # the arrays' ids (a compact direction's stored ones: iterating it would
+        # make fresh float64 arrays whose ids mean nothing)
+        ids = [id(d) for d in cpt.narrow(direction)]
         if cached is None or cached[0] != ids:
             # the direction's tensors are made once per probe, not once per draw;
             # the arrays are kept so their ids stay theirs while cached
-            cached = (ids, list(direction), self.prepare(direction))
+            cached = (ids, cpt.narrow(direction), self.prepare(direction))
             self._projection_direction = cached
         dirs = cached[2]
         return self._gradients(
@@ -1906,15 +1963,25 @@ class TorchSession(Session):
                             if kind == "input"
                             else self._native[id(ref)]
                         )
-                        if d is not None:  # x + t d, formed in float64 in one pass
-                            # (from x itself: the add widens it exactly, as a
-                            # float64 copy of it would be)
+                        if d is not None and d.dtype in (
+                            torch.float64,
+                            torch.complex128,
+                        ):
+                            # x + t d, formed in float64 in one pass (from x
+                            # itself: the add widens it exactly, as a float64
+                            # copy of it would be)
                             value = torch.add(
                                 own.detach(),
                                 d,
                                 alpha=t,
                                 out=self._scratch(own, grad),
                             )
+                            if not promote:
+                                value = value.to(own.dtype)
+                        elif d is not None:  # a compact (float32) direction: the
+                            # same float64 numbers, widened in the add
+                            value = self._scratch(own, grad).copy_(own.detach())
+                            value.add_(d, alpha=t)
                             if not promote:
                                 value = value.to(own.dtype)
                         elif promote:
