@@ -219,3 +219,16 @@ def test_gradients_are_handed_over_without_a_copy_unless_the_storage_is_reused()
         for arr, t in zip(out[2:], (pooled, w.detach(), x), strict=True):
             assert not np.shares_memory(arr, t.numpy())
             assert np.array_equal(arr, t.numpy())
+
+
+def test_widened_dot_in_pieces_is_the_float64_dot(monkeypatch):
+    from gradcheck.backends import torch as tb
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(10_007, generator=gen)
+    b = torch.randn(10_007, generator=gen) * 1e3
+    exact = float(np.dot(a.numpy().astype(np.float64), b.numpy().astype(np.float64)))
+    monkeypatch.setattr(tb, "DOT_CHUNK", 1000)
+    assert tb._dot64(a, b) == pytest.approx(exact, rel=1e-13)
+    # a float32 dot product would be off by far more than that
+    assert abs(float(torch.dot(a, b)) - exact) > 1e-13 * abs(exact)

@@ -522,10 +522,27 @@ def _project(
             g = g.to_dense()
         if g.is_complex():
             g, d = torch.view_as_real(g.resolve_conj()), torch.view_as_real(d)
-        total += float(
-            torch.dot(g.reshape(-1).to(torch.float64), d.reshape(-1).to(torch.float64))
-        )
+        total += _dot64(g.reshape(-1), d.reshape(-1))
     return total
+
+
+#: Elements per piece of a widened dot product (8 MB per float64 operand).
+DOT_CHUNK = 1 << 20
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> of two flat tensors in float64. Operands that are not float64 are
+    widened a piece at a time (DOT_CHUNK elements), not whole: a float32
+    gradient and direction of BERT-base's embedding would need two 188 MB
+    float64 copies at once."""
+    wide = torch.float64
+    if (a.dtype == wide and b.dtype == wide) or a.numel() <= DOT_CHUNK:
+        return float(torch.dot(a.to(wide), b.to(wide)))
+    total = torch.zeros((), dtype=wide, device=a.device)  # one sync, at the end
+    for i in range(0, a.numel(), DOT_CHUNK):
+        j = i + DOT_CHUNK
+        total += torch.dot(a[i:j].to(wide), b[i:j].to(wide))
+    return float(total)
 
 
 def _spacing(a: torch.Tensor) -> torch.Tensor:
