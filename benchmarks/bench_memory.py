@@ -12,6 +12,9 @@ and runs one of:
 * ``adam``: one float32 training step: zero_grad, forward, backward,
   ``torch.optim.Adam`` step (its two moment buffers are allocated in it, as in a
   first training step);
+* ``adam64``: the same step on the model in float64 (converted before the
+  resident set is read: a float64 training run holds a float64 model), what the
+  float64 check is compared with;
 * ``check32`` / ``check64``: ``gradcheck.check_model(model, inputs=...,
   dtype=..., properties="fd")``, the finite-difference check as ``gradcheck
   check-model`` runs it (float64: on a float64 copy of the model it makes).
@@ -21,7 +24,7 @@ the resident set before the operation (the model, inputs and imports excluded).
 torch allocates outside Python's heap, so tracemalloc would see none of it.
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_memory.py [--what adam,check32,check64]
+    PYTHONPATH=. python benchmarks/bench_memory.py [--what adam,check32,adam64,check64]
         [--layers N] [--json PATH]
 """
 
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 
 BATCH, TOKENS, SEED = 2, 128, 0
-WHAT = ("adam", "check32", "check64")
+WHAT = ("adam", "check32", "adam64", "check64")
 
 
 def _status_kb(field: str) -> int | None:
@@ -84,9 +87,12 @@ def one(what: str, layers: int | None) -> dict:
     ids = torch.randint(1, config.vocab_size, (BATCH, TOKENS), generator=gen)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     n = sum(p.numel() for p in model.parameters())
-    if what == "adam":
+    if what in ("adam", "adam64"):
+        if what == "adam64":
+            model = model.double()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        proj = torch.randn(config.hidden_size, generator=gen)
+        dtype = next(model.parameters()).dtype
+        proj = torch.randn(config.hidden_size, generator=gen, dtype=dtype)
 
         def run() -> str:
             opt.zero_grad(set_to_none=True)
@@ -163,11 +169,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['seconds']:>7.1f} {r['cpu_seconds']:>7.1f}  {r['result']}"
         )
     by = {r["what"]: r for r in rows}
-    for what in ("check32", "check64"):
-        if what in by and "adam" in by:
+    for what, step in (("check32", "adam"), ("check64", "adam"), ("check64", "adam64")):
+        if what in by and step in by:
             print(
-                f"{what} / adam: peak {by[what]['peak_mb'] / by['adam']['peak_mb']:.2f}x, "
-                f"above the model {by[what]['peak_above_before_mb'] / by['adam']['peak_above_before_mb']:.2f}x"
+                f"{what} / {step}: peak {by[what]['peak_mb'] / by[step]['peak_mb']:.2f}x, "
+                f"above the model {by[what]['peak_above_before_mb'] / by[step]['peak_above_before_mb']:.2f}x"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,9 +1,7 @@
-"""Host work buffers kept from one check to the next.
+"""Host float64 work buffers kept from one check to the next.
 
 A float32 check evaluates fn twice more on float64 copies of the parameters
-(``TorchSession._as64``) at x + t d (``TorchSession._scratch``), and every check
-works on a copy of each differentiated parameter in its own dtype
-(``TorchSession._native_copy``). Each copy is a
+(``TorchSession._as64``) at x + t d (``TorchSession._scratch``). Each copy is a
 fresh parameter-sized allocation, and on the host a fresh allocation of a few MB
 comes from the kernel as untouched pages: writing them costs a page fault per
 4 KB, more than the conversion itself (1M parameters: ~1 ms of faults for a

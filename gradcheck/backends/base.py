@@ -79,9 +79,16 @@ class Session(ABC):
 
     @abstractmethod
     def vjp(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[np.ndarray | None]:
-        """Gradient of sum_o <v_o, y_o> per tensor (None: not connected)."""
+        """Gradient of sum_o <v_o, y_o> per tensor (None: not connected), as
+        float64 host arrays; with ``compact`` a gradient whose own dtype is float32
+        may come as a float32 array instead (its exact value: the caller reads it
+        as float64 through numeric.compact.Widened). A backend may ignore it."""
 
     @abstractmethod
     def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:

@@ -733,7 +733,11 @@ class TensorflowSession(Session):
         return [_to_numpy(o) for _, o in outs]
 
     def vjp(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[np.ndarray | None]:
         assert self._graph is not None, "analytic() first"
         tape, outs, sources = self._graph

@@ -48,6 +48,7 @@ from gradcheck.numeric.arrays import (
     norm,
     to_namespace,
 )
+from gradcheck.numeric.compact import Widened
 
 #: Weight of the gradient-aligned component in units of the Gaussian part.
 ALIGNED = 3.0
@@ -55,6 +56,11 @@ ALIGNED = 3.0
 #: normalised by FLOOR * largest instead: its gradient is (close to) zero and its own
 #: norm is rounding noise that must not be amplified.
 FLOOR = 1e-2
+
+#: Gradient norms between which a compact direction (1/norm in scale) is stored in
+#: float32: 1e30 leaves 8 decades to float32's smallest normal number and
+#: elements 1e3 below the scale still have full precision.
+COMPACT_SCALES = (1e-30, 1e30)
 
 #: A backend's own source of standard normal samples: ``draw(shape, like)`` returns
 #: float64 N(0, 1) samples of ``shape`` in ``like``'s namespace and on its device
@@ -202,6 +208,8 @@ def probe_direction(
         gnorms = [norm(g) for g in grads]
     gmax = max(gnorms, default=0.0)
     floor = FLOOR * gmax if gmax > 0 else 1.0
+    if isinstance(grads, Widened) and isinstance(rng, np.random.Generator):
+        return _compact_directions(grads, rng, gnorms, floor)
     if isinstance(rng, np.random.Generator) and all(
         type(g) is np.ndarray and g.dtype == np.float64 for g in grads
     ):
@@ -244,3 +252,39 @@ def _host_directions(
         directions.append(d)
         norms.append(normaliser)
     return directions, norms
+
+
+def _compact_directions(
+    grads: Widened,
+    rng: np.random.Generator,
+    gnorms: Sequence[float],
+    floor: float,
+) -> tuple[Widened, list[float]]:
+    """probe_direction for compact gradients (see numeric.compact): each tensor's
+    direction is formed in float64 as _host_directions forms it, from the same
+    samples, then rounded once to float32 and stored so; the result is a Widened
+    of those float32 arrays, and every later use of the direction reads the same
+    float64 values. The rounding changes the direction (by ~6e-8 relative per
+    element), not any property the check relies on: d_t is still the
+    Gaussian-plus-aligned vector scaled by ``normaliser`` to ~6e-8.
+
+    Memory: one tensor's samples and float64 direction at a time, besides the
+    float32 directions kept (no memo of the samples: a compact check is a large
+    one, see _gaussian_samples)."""
+    directions: list[np.ndarray | None] = []
+    norms = []
+    for g, gn, shape in zip(grads, gnorms, grads.shapes(), strict=True):
+        z = gaussian(rng, shape, dtype=np.float32)
+        d = np.multiply(g, ALIGNED / gn) if gn > 0 else np.zeros(shape)
+        del g
+        d += z
+        del z
+        normaliser = max(gn, floor)
+        d *= 1.0 / normaliser
+        # float32 keeps ~7 digits of d only while its scale 1/normaliser sits well
+        # inside float32's normal range; a gradient norm beyond it (a float64 model
+        # at 1e40) keeps its direction in float64
+        keep64 = not COMPACT_SCALES[0] <= normaliser <= COMPACT_SCALES[1]
+        directions.append(d if keep64 else d.astype(np.float32))
+        norms.append(normaliser)
+    return Widened(directions), norms

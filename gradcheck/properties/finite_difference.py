@@ -45,14 +45,22 @@ from gradcheck.errors import (
     NonFiniteError,
     ReferencePrecisionError,
 )
+from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 from gradcheck.numeric import tolerance as tl
+from gradcheck.numeric.compact import Widened
 from gradcheck.result import CheckReport, Location, StepEstimate, TensorResult
 
 #: "auto" mode uses the full Jacobian at or below these sizes.
 FULL_MAX_INPUTS = 64
 FULL_MAX_OUTPUTS = 64
+#: From this many differentiated elements on, a directional check holds its
+#: gradients and probe direction compactly (numeric.compact: float32 where they
+#: are float32, read as float64): 2**24 elements is 128 MB per float64 set, where
+#: the memory starts to matter next to the model and one float64 copy of a tensor
+#: per pass costs little next to its forward passes. Below it nothing changes.
+COMPACT_MIN_ELEMENTS = 1 << 24
 #: Rounding-spread test of low-precision gradients (see _precision_split): points
 #: moved by JITTER_ULPS ulps, deviation allowed up to JITTER_FACTOR x the spread.
 JITTER_ULPS = 4.0
@@ -461,7 +469,12 @@ def run(session: Session, options: Options) -> CheckReport:
         )
     # full mode takes a VJP per output row from the retained graph; forward mode
     # takes JVP columns instead (and "both" compares the two)
-    raw = session.vjp(cot, retain=(mode == "full" and options.ad != "forward"))
+    # a large model's gradients and directions are held in float32 where they are
+    # float32 (numeric.compact): the same float64 numbers, half the memory
+    compact = mode == "directional" and n_in >= COMPACT_MIN_ELEMENTS
+    raw = session.vjp(
+        cot, retain=(mode == "full" and options.ad != "forward"), compact=compact
+    )
     try:
         session.check_finite_grads(raw)
     except NonFiniteError as exc:
@@ -470,10 +483,12 @@ def run(session: Session, options: Options) -> CheckReport:
         ):
             raise  # an infinite gradient: a singular point (sqrt at 0), not a bug
         return session.finish(_nan_gradient(session, options, mode, exc), started)
-    grads = [
+    grads: Sequence[np.ndarray] = [
         np.zeros(s.shape) if g is None else g
         for s, g in zip(session.specs, raw, strict=True)
     ]
+    if compact:
+        grads = Widened(grads)
     if all(g is None for g in raw):
         refusal = session.unconnected_refusal()
         if refusal is not None:
@@ -659,7 +674,11 @@ class _CastFree(_Derived):
         return self.inner.analytic()
 
     def vjp(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[np.ndarray | None]:
         return self.gradients_at([cotangents], promote=True)[0]
 
@@ -965,9 +984,9 @@ def _run_directional(
     ctx.full_direction, ctx.norms = d, norms
     ctx.full_direction_norms = [float(np.linalg.norm(x)) for x in d]
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
-    active = [None if x.size == 0 else x for x in d]
+    active = cpt.subset(d, [t for t, sp in enumerate(ctx.session.specs) if sp.size])
     for _attempt in range(2):
-        probe = _Probe(ctx, list(active))
+        probe = _Probe(ctx, active)
         try:
             if ctx.measured is None:
                 ctx.measured = _Measured.start(ctx, probe)
@@ -1691,7 +1710,11 @@ class _Shifted(_Derived):
         return []  # vjp() below evaluates afresh at the shifted point
 
     def vjp(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[np.ndarray | None]:
         return self.gradients_at([cotangents], promote=False)[0]
 
@@ -2261,10 +2284,9 @@ def _restricted(
     lo: int = 0,
     hi: int = 0,
 ) -> _Probe:
-    d: list[np.ndarray | None] = [None] * len(ctx.full_direction)
-    for t in tensor_ids:
-        d[t] = ctx.full_direction[t]
+    d = cpt.subset(ctx.full_direction, tensor_ids)
     if t_elem is not None:
+        d = list(d)  # one element range of one tensor, in float64
         full = ctx.full_direction[t_elem]
         part = np.zeros(full.size)
         part[lo:hi] = full.reshape(-1)[lo:hi]
