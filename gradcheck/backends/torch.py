@@ -2088,7 +2088,9 @@ class TorchSession(Session):
                             else self._native[id(ref)]
                         )
                         if d is not None:  # x + t d, formed in float64
-                            value = self._moved(own, d, t, grad)
+                            # a native evaluation's graph keeps the rounded
+                            # copy, not the float64 sum: the shared buffer then
+                            value = self._moved(own, d, t, grad and promote)
                             if not promote:
                                 value = value.to(own.dtype)
                         elif promote:

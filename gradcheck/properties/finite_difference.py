@@ -188,13 +188,17 @@ class _Probe:
         # rounding of the analytical side: <dg_t, d_t> with |dg_t| = rho_t |g_t|_eff is
         # ~ N(0, (rho_t |g_t|_eff / norm_t)^2) for the Gaussian part of d_t
         # (the full direction's norms are known: no second pass over its arrays)
+        # (a compact direction's arrays as stored: which tensors it moves, and
+        # whether they are the full direction's, need no float64 copy)
+        self.moved = cpt.narrow(direction)
+        full = cpt.narrow(ctx.full_direction)
         self.d_norms = [
             None
             if d is None
             else ctx.full_direction_norms[t]
-            if t < len(ctx.full_direction) and d is ctx.full_direction[t]
-            else float(np.linalg.norm(d))
-            for t, d in enumerate(direction)
+            if t < len(full) and d is full[t]
+            else float(np.linalg.norm(direction[t]))
+            for t, d in enumerate(self.moved)
         ]
         #: per tensor, the rounding term per unit of relative gradient rounding
         self._unit_rounding = [
@@ -204,7 +208,7 @@ class _Probe:
             / ctx.norms[t]
             * self.d_norms[t]
             / max(ctx.full_direction_norms[t], 1e-300)
-            for t, d in enumerate(direction)
+            for t, d in enumerate(self.moved)
         ]
         self.scale = max(float(np.linalg.norm(self.contrib)), 1e-300)
         self.memo: dict[float, fd.Evaluation] | None = None
@@ -248,7 +252,7 @@ class _Probe:
             return 0.0
         total = sum(
             gn * xn
-            for gn, xn, d in zip(ctx.g_norms, ctx.x_norms, self.direction, strict=True)
+            for gn, xn, d in zip(ctx.g_norms, ctx.x_norms, self.moved, strict=True)
             if d is not None
         )
         return 0.5 * ctx.eps_ref * total / h * ctx.fd_round_factor
@@ -275,7 +279,7 @@ class _Probe:
         frac = ctx.options.step or tl.step_fraction(ctx.session.reference_dtype)
         frac *= ctx.step_scale
         hs = []
-        for t, d in enumerate(self.direction):
+        for t, d in enumerate(self.moved):
             if d is None or d.size == 0:
                 continue
             rms_d = self.d_norms[t] / math.sqrt(d.size)
@@ -2304,7 +2308,7 @@ def _locate(
     def spent() -> bool:
         return s.forward_count - start >= budget
 
-    tensors = [t for t, dd in enumerate(probe.direction) if dd is not None]
+    tensors = [t for t, dd in enumerate(probe.moved) if dd is not None]
     while len(tensors) > 1 and not spent():
         half = len(tensors) // 2
         a, b = tensors[:half], tensors[half:]
