@@ -199,3 +199,23 @@ def test_large_model_uses_the_compact_path_without_being_told():
         )
     assert report.status == "passed", report.headline()
     assert seen[0] == (True, [np.float32])
+
+
+def test_gradients_are_handed_over_without_a_copy_unless_the_storage_is_reused():
+    from gradcheck import backends
+
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    x = torch.randn(3, dtype=torch.float64)
+    with backends.open_session(lambda x: (w * x).sum(), (x,), [w]) as s:
+        s.analytic()
+        fresh = torch.randn(3, dtype=torch.float64)
+        pooled = s._pooled((3,), torch.float64, torch.device("cpu")).copy_(fresh)
+        grads = [fresh, None, pooled, w.detach(), x]
+        out = s._read_gradients(grads)
+        assert grads == [None] * 5  # each tensor dropped once read
+        assert np.shares_memory(out[0], fresh.numpy()) and out[1] is None
+        # the session's buffer, the user's parameter and input: copied (a custom
+        # backward may return a saved tensor, whose storage is written again)
+        for arr, t in zip(out[2:], (pooled, w.detach(), x), strict=True):
+            assert not np.shares_memory(arr, t.numpy())
+            assert np.array_equal(arr, t.numpy())
