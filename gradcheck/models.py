@@ -856,14 +856,9 @@ class Checker:
             mixed = _kept_dtypes(m, dtype, self.framework)
             if mixed:
                 report.notes.append(mixed)
-            # one more backward: on every fd check (a pass says it too: the user's
-            # torch.func / autograd.grad code would not see those gradients)
-            if self.framework == "torch" and (
-                report.status == "mismatch" or prop == "fd"
-            ):
-                side = _side_written(m, total)
-                if side:
-                    report.notes.insert(0, side)
+            # parameters whose gradient a backward writes to .grad itself (and
+            # not to torch.autograd.grad) are named by the torch backend from the
+            # check's own backward passes (TorchSession._side_note): no rerun
             if self.shrink and report.status in SHRINK_STATUSES:
                 self._shrink(report, prop, m, heads, started)
             return report
@@ -1089,44 +1084,6 @@ def _wants_train(exc: BaseException) -> str | None:
                 return f"{type(cur).__name__}: {text[:300]}"
         cur = cur.__cause__ or cur.__context__
     return None
-
-
-def _side_written(model: Any, total: Any) -> str | None:
-    """A note where some parameters get their gradient only as a side effect
-    of the backward: written to ``.grad`` (a ``.backward()`` call inside a
-    custom ``autograd.Function``: Reformer's reversible layers) and not
-    returned to ``torch.autograd.grad``, which the checks differentiate with;
-    None otherwise (or where the backward raises: the check said so). Each
-    parameter's ``.grad`` is put back as it was."""
-    import torch
-
-    from gradcheck.backends.torch import _hold_grads, _restore_grads
-
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    held = _hold_grads([p for _, p in named])
-    try:
-        grads = torch.autograd.grad(total(), [p for _, p in named], allow_unused=True)
-        side = [
-            k
-            for (k, p), g in zip(named, grads, strict=True)
-            if g is None and p.grad is not None and bool(p.grad.ne(0).any())
-        ]
-    except Exception:
-        return None
-    finally:
-        _restore_grads(held)
-    if not side:
-        return None
-    shown = ", ".join(f"'{k}'" for k in side[:3])
-    more = f" and {len(side) - 3} more" if len(side) > 3 else ""
-    return (
-        f"{len(side)} parameters ({shown}{more}) get their gradient only as a side "
-        f"effect of {type(model).__name__}'s backward: it writes them to .grad (a "
-        ".backward() call inside a custom autograd.Function) and returns none to "
-        "torch.autograd.grad. The checks count those writes, as loss.backward() "
-        "(a training step) does; code that differentiates with torch.autograd.grad "
-        "or torch.func gets no gradient for them."
-    )
 
 
 def _train_note(model: Any, reason: str) -> str:

@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradcheck  # noqa: E402
-from gradcheck import models  # noqa: E402
 
 
 class _Recompute(torch.autograd.Function):
@@ -80,4 +79,31 @@ def test_check_model_says_which_parameters_only_dot_grad_sees():
     assert report.passed, report.message()
     note = " ".join(report.notes)
     assert "'inner.weight'" in note and "torch.func" in note, note
-    assert models._side_written(torch.nn.Linear(2, 2), lambda: torch.zeros(())) is None
+    assert "_Reversible's backward" in note, note
+    assert "'head.weight'" not in note, note
+    [plain] = gradcheck.check_model(
+        torch.nn.Linear(4, 2).double(),
+        inputs={"input": _x().double()},
+        dtype="float64",
+        properties="fd",
+    )
+    assert plain.passed, plain.message()
+    assert not any("side effect" in n for n in plain.notes), plain.notes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_check_itself_names_the_parameters_only_dot_grad_sees(dtype):
+    """The note comes from the check's own backward passes (no rerun): a plain
+    check_gradients says it too, and a model whose backward writes nothing to
+    .grad gets none."""
+    model = _Reversible().to(getattr(torch, dtype))
+    x = _x().to(model.head.weight.dtype)
+    report = gradcheck.check_gradients(lambda: model(x).square().sum(), params=model)
+    assert report.passed, report.message()
+    side = [n for n in report.notes if "side effect" in n]
+    assert len(side) == 1 and side[0].startswith("1 parameter ('inner.weight') gets"), (
+        side
+    )
+    lin = torch.nn.Linear(4, 2).to(x.dtype)
+    plain = gradcheck.check_gradients(lambda: lin(x).square().sum(), params=lin)
+    assert not any("side effect" in n for n in plain.notes), plain.notes

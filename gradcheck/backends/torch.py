@@ -105,6 +105,11 @@ class _PromoteToFloat64(torch.overrides.TorchFunctionMode):
     whose outputs are then checked to be float64."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in _REWRITTEN and _nothing_to_widen(args, kwargs):
+            # the common case (a matmul, an activation on float64 tensors): the
+            # slow path below would change nothing; skipping its pytree walk
+            # over the arguments saves ~10 us per op of every reference forward
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         if func in _FACTORIES and kwargs.get("dtype") is None:
             # a new tensor in torch's default dtype (float32): float64 here, as
@@ -161,6 +166,30 @@ _FACTORIES = {
 }
 
 
+#: every dtype a reference evaluation widens
+_LOW_ANY = frozenset(_LOW + _LOW_COMPLEX)
+
+
+def _nothing_to_widen(args: tuple, kwargs: dict | None) -> bool:
+    """True when _PromoteToFloat64 would hand ``args``/``kwargs`` on unchanged:
+    no low-precision tensor among them, no container (whose tensors the pytree
+    walk would reach) among the positional ones, no ``dtype`` keyword. Together
+    with ``func`` outside _REWRITTEN, the op then runs as it is."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.dtype in _LOW_ANY:
+                return False
+        elif isinstance(a, (list, tuple, dict)):
+            return False
+    if kwargs:
+        if "dtype" in kwargs:
+            return False
+        for a in kwargs.values():
+            if isinstance(a, torch.Tensor) and a.dtype in _LOW_ANY:
+                return False
+    return True
+
+
 def _writes_low(func: Any, args: tuple) -> bool:
     """``func`` writes into its first argument in place (``x[i] = v``,
     ``x.copy_(v)``, ``x.add_(v)``), a low-precision floating tensor."""
@@ -175,6 +204,15 @@ def _writes_low(func: Any, args: tuple) -> bool:
 
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 _LOW_TYPES = ("FloatTensor", "HalfTensor", "BFloat16Tensor")
+#: the functions _PromoteToFloat64 treats beyond widening their tensor arguments
+#: (factories, casts to low precision, x.to/x.type, the grouped matmul): never
+#: on its fast path
+_REWRITTEN = frozenset(
+    _FACTORIES
+    | _TO_LOW
+    | {torch.Tensor.type, torch.Tensor.to}
+    | ({_GROUPED_MM} if _GROUPED_MM is not None else set())
+)
 
 
 def _type_to_low(args: tuple, kwargs: dict) -> bool:
@@ -252,6 +290,7 @@ def _with_side_grads(
     grads: Sequence[torch.Tensor | None],
     sources: Sequence[torch.Tensor],
     held: list[tuple[torch.Tensor, Any]],
+    side: set[int] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """``grads`` plus what the backward wrote to the sources' ``.grad`` as a side
     effect; every ``.grad`` put back as it was (``held``), also on raise.
@@ -261,12 +300,19 @@ def _with_side_grads(
     through them inside their backward): the parameters' gradients then go to
     ``.grad`` and ``torch.autograd.grad`` gets ``None`` for them, while
     ``loss.backward()`` - what a training step runs - sees them. The checks judge
-    the gradient a training step sees, so those writes count."""
+    the gradient a training step sees, so those writes count.
+
+    ``side`` (a session's record) gets the index of every source whose whole
+    gradient came that way: ``torch.autograd.grad`` gave None and the write is
+    not all zeros (the session's note names them, see TorchSession.finish)."""
     try:
         out = []
-        for g, s in zip(grads, sources, strict=True):
+        for i, (g, s) in enumerate(zip(grads, sources, strict=True)):
             w = s.grad if s.is_leaf else None
             if w is not None:
+                if side is not None and g is None and i not in side:
+                    if bool(w.ne(0).any()):
+                        side.add(i)
                 g = w if g is None else g + w.to(g.dtype)
             out.append(g)
         return tuple(out)
@@ -287,9 +333,12 @@ def _autograd_grad(
     *,
     retain: bool,
     promote: bool,
+    side: set[int] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """torch.autograd.grad(outputs, sources, grad_outputs, allow_unused=True); with
-    ``promote`` the backward runs under :class:`_PromoteToFloat64` too.
+    ``promote`` the backward runs under :class:`_PromoteToFloat64` too; gradients
+    the backward writes to ``.grad`` itself count (``side``: see
+    :func:`_with_side_grads`).
 
     A custom ``autograd.Function.backward`` (or a hook) may use float32 tensors it
     captured (``g @ X`` with a closure's X): on a float64 reference its gradient
@@ -325,7 +374,7 @@ def _autograd_grad(
     except BaseException:
         _restore_grads(held)
         raise
-    return _with_side_grads(grads, sources, held)
+    return _with_side_grads(grads, sources, held, side)
 
 
 def _active_autocast(devices: Sequence[str]) -> tuple[str, torch.dtype] | None:
@@ -837,6 +886,10 @@ class TorchSession(Session):
         self._detaches: dict[str, int] = {}
         #: no_grad regions inside fn that read tensors requiring grad (CallWatch)
         self._no_grads: dict[str, int] = {}
+        #: indices (in self.diff) of the tensors whose gradient a backward wrote
+        #: to .grad itself, torch.autograd.grad getting None (see
+        #: _with_side_grads): named in a note by finish()
+        self._side_grads: set[int] = set()
         #: set while passing_detaches() is active: fn's calls run under it
         self._pass_detach: Any = None
         self._last_cotangents: list[np.ndarray] | None = None
@@ -931,6 +984,9 @@ class TorchSession(Session):
         if note is not None:
             self.notes = [n for n in self.notes if not n.startswith("routing: ")]
             self.notes.append(note)
+        side = self._side_note()
+        if side is not None:
+            self.notes.insert(0, side)
         if report.status == "nondeterministic" and self._random_ops:
             ops = list(self._random_ops)
             report.notes.insert(
@@ -967,6 +1023,37 @@ class TorchSession(Session):
                 "dependence, torch's gradient does not."
             )
         return super().finish(report, started)
+
+    def _side_note(self) -> str | None:
+        """Where some parameters got their gradient only as a side effect of the
+        backward (written to ``.grad`` by a ``.backward()`` call inside a custom
+        ``autograd.Function``: Reformer's reversible layers) and none from
+        ``torch.autograd.grad``: a note naming them, read from the check's own
+        backward passes (said on a pass too: the user's torch.func /
+        autograd.grad code would not see those gradients)."""
+        side = [
+            spec.name
+            for i, ((kind, _), spec) in enumerate(
+                zip(self.diff, self.specs, strict=True)
+            )
+            if kind == "param" and i in self._side_grads
+        ]
+        if not side:
+            return None
+        shown = ", ".join(f"'{k}'" for k in side[:3])
+        more = f" and {len(side) - 3} more" if len(side) > 3 else ""
+        owner = (
+            f"{type(self.modules[0]).__name__}'s" if len(self.modules) == 1 else "fn's"
+        )
+        return (
+            f"{len(side)} parameter{'s' if len(side) != 1 else ''} ({shown}{more}) "
+            f"get{'s' if len(side) == 1 else ''} their gradient only as a "
+            f"side effect of {owner} backward: it writes them to .grad (a "
+            ".backward() call inside a custom autograd.Function) and returns none to "
+            "torch.autograd.grad. The checks count those writes, as loss.backward() "
+            "(a training step) does; code that differentiates with "
+            "torch.autograd.grad or torch.func gets no gradient for them."
+        )
 
     def _watch_first_call(self) -> Any:
         """On the first call of fn at the point: which ops draw random numbers
@@ -1309,6 +1396,7 @@ class TorchSession(Session):
                 [v for _, v in pairs],
                 retain=retain,
                 promote=False,
+                side=self._side_grads,
             )
         except GradcheckError:
             raise
@@ -1458,7 +1546,7 @@ class TorchSession(Session):
                     "at the point you gave; the forward ran",
                     BackwardError,
                 ) from exc
-            grads = _with_side_grads(grads, sources, held)
+            grads = _with_side_grads(grads, sources, held, self._side_grads)
             self.backward_count += 1
         else:
             grads = (None,) * len(sources)
@@ -1950,6 +2038,7 @@ class TorchSession(Session):
                         [v for _, v in pairs],
                         retain=i < len(cotangent_sets) - 1,
                         promote=promote,
+                        side=self._side_grads,
                     )
                 )
                 self.backward_count += 1
