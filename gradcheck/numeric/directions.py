@@ -242,16 +242,26 @@ def _host_directions(
     samples = _gaussian_samples(rng, [tuple(g.shape) for g in grads])
     for g, gn, z in zip(grads, gnorms, samples, strict=True):
         d = workspace.empty(g.shape, np.float64)
-        if gn > 0:
-            np.multiply(g, ALIGNED / gn, out=d)
-            d += z
-        else:
-            d[...] = z
-        normaliser = max(gn, floor)
-        d *= 1.0 / normaliser
         directions.append(d)
-        norms.append(normaliser)
+        norms.append(_aligned_into(d, g, gn, z, floor))
     return directions, norms
+
+
+def _aligned_into(
+    out: np.ndarray, g: np.ndarray, gn: float, z: np.ndarray, floor: float
+) -> float:
+    """One tensor's host direction written into ``out`` (float64):
+    (z + (ALIGNED / gn) g) / max(gn, floor), z alone where gn is 0; returns the
+    normaliser. The roundings of probe_direction's general path (z exact in
+    float64, the sum commutative)."""
+    if gn > 0:
+        np.multiply(g, ALIGNED / gn, out=out)
+        out += z
+    else:
+        out[...] = z
+    normaliser = max(gn, floor)
+    out *= 1.0 / normaliser
+    return normaliser
 
 
 def _compact_directions(
@@ -275,12 +285,9 @@ def _compact_directions(
     norms = []
     for g, gn, shape in zip(grads, gnorms, grads.shapes(), strict=True):
         z = gaussian(rng, shape, dtype=np.float32)
-        d = np.multiply(g, ALIGNED / gn) if gn > 0 else np.zeros(shape)
-        del g
-        d += z
-        del z
-        normaliser = max(gn, floor)
-        d *= 1.0 / normaliser
+        d = np.empty(shape)
+        normaliser = _aligned_into(d, g, gn, z, floor)
+        del g, z
         # float32 keeps ~7 digits of d only while its scale 1/normaliser sits well
         # inside float32's normal range; a gradient norm beyond it (a float64 model
         # at 1e40) keeps its direction in float64
