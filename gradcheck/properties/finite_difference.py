@@ -1105,22 +1105,18 @@ def _measure_fd_noise(
     if apriori <= 0:
         return False
     h = est.step
-    dt = FD_NOISE_SPACING * h
-    half = FD_NOISE_POINTS // 2
-    shift = 0.5 if again else 0.0
     # The table is centred on t = h, not 0: phi(h) is already known from the
     # differences (one forward fewer; the noise of phi is the same there, every
     # point's rounding of x + t d and of the forward pass still its own).
-    known = probe.memo or {}
-    values = [
-        float((known[t] if t in known else probe.phi(t))[0])
-        for t in (h + (i - half + shift) * dt for i in range(FD_NOISE_POINTS))
-    ]
-    sigma = fd.noise_level(np.array(values))
+    sigma, values = _noise_table(
+        probe, h, h, shift=0.5 if again else 0.0, known=probe.memo or {}
+    )
     if sigma is None:
         return False
-    sigma = max(sigma, ctx.eps_ref * abs(values[half]), ctx.fd_noise or 0.0)
-    measured = FD_NOISE_SIGMAS * sigma / (math.sqrt(2.0) * h)
+    sigma = max(
+        sigma, ctx.eps_ref * abs(values[FD_NOISE_POINTS // 2]), ctx.fd_noise or 0.0
+    )
+    measured = _difference_noise(sigma, h)
     if measured >= apriori:
         ctx.fd_round_factor = 1.0
         return again
@@ -1541,15 +1537,40 @@ def _counterfactual_noise(probe: _Probe, est: fd.DerivativeEstimate) -> float:
     h = float(est.step)
     if not h > 0:
         return 0.0
-    dt = FD_NOISE_SPACING * h
-    half = FD_NOISE_POINTS // 2
     try:
-        values = [float(probe.phi((i - half) * dt)[0]) for i in range(FD_NOISE_POINTS)]
+        sigma, _ = _noise_table(probe, 0.0, h)
     except Exception:  # a diagnosis only
         return 0.0
-    sigma = fd.noise_level(np.array(values))
     if not sigma:
         return 0.0
+    return _difference_noise(sigma, h)
+
+
+def _noise_table(
+    probe: _Probe,
+    centre: float,
+    h: float,
+    *,
+    shift: float = 0.0,
+    known: dict | None = None,
+) -> tuple[float | None, list[float]]:
+    """Moré-Wild's estimate of phi's noise along the probe (fd.noise_level, None
+    where the table is not noise-dominated) and the table: FD_NOISE_POINTS values
+    FD_NOISE_SPACING x h apart around ``centre`` (moved by ``shift`` spacings),
+    each read from ``known`` (evaluations already made) where it is there."""
+    dt = FD_NOISE_SPACING * h
+    half = FD_NOISE_POINTS // 2
+    known = known or {}
+    values = [
+        float((known[t] if t in known else probe.phi(t))[0])
+        for t in (centre + (i - half + shift) * dt for i in range(FD_NOISE_POINTS))
+    ]
+    return fd.noise_level(np.array(values)), values
+
+
+def _difference_noise(sigma: float, h: float) -> float:
+    """FD_NOISE_SIGMAS deviations of a central difference at step h whose two
+    evaluations each deviate by sigma."""
     return FD_NOISE_SIGMAS * sigma / (math.sqrt(2.0) * h)
 
 
