@@ -85,12 +85,27 @@ class _ModuleStack(torch.overrides.TorchFunctionMode):
         return self.stack[-1] if self.stack else "fn"
 
 
-class KinkCensus(_ModuleStack):
-    """Counts inputs exactly at a breakpoint, keyed by the innermost module."""
+class _Census(_ModuleStack):
+    """Counts of units found in some state, out of the units looked at, keyed by
+    the innermost module: (module, count, units) rows."""
 
     def __init__(self, names: dict[int, str]):
         super().__init__(names)
         self.counts: dict[str, list[int]] = {}
+
+    def _add(self, n: int, size: int) -> None:
+        if n == 0:
+            return
+        row = self.counts.setdefault(self.where, [0, 0])
+        row[0] += n
+        row[1] += size
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        return [(w, n, size) for w, (n, size) in self.counts.items()]
+
+
+class KinkCensus(_Census):
+    """Counts inputs exactly at a breakpoint, keyed by the innermost module."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -116,18 +131,8 @@ class KinkCensus(_ModuleStack):
                 on = on + (x == p).sum()
         self._add(int(on), x.numel())
 
-    def _add(self, n: int, size: int) -> None:
-        if n == 0:
-            return
-        row = self.counts.setdefault(self.where, [0, 0])
-        row[0] += n
-        row[1] += size
 
-    def rows(self) -> list[tuple[str, int, int]]:
-        return [(w, n, size) for w, (n, size) in self.counts.items()]
-
-
-class FlatNorms(_ModuleStack):
+class FlatNorms(_Census):
     """Counts normalisation groups whose input has (near) zero variance, keyed by
     the innermost module: GroupNorm / LayerNorm / RMSNorm / InstanceNorm over an
     input of variance <= FLAT_VARIANCE x eps. There the normalisation's slope is
@@ -139,10 +144,6 @@ class FlatNorms(_ModuleStack):
 
     FLAT_VARIANCE = 1e-6
 
-    def __init__(self, names: dict[int, str]):
-        super().__init__(names)
-        self.counts: dict[str, list[int]] = {}
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         x = args[0] if args else kwargs.get("input")
@@ -153,10 +154,7 @@ class FlatNorms(_ModuleStack):
                 with torch.no_grad():
                     var = flat.double().var(-1, unbiased=False)
                     n = int((var <= self.FLAT_VARIANCE * eps).sum())
-                if n:
-                    row = self.counts.setdefault(self.where, [0, 0])
-                    row[0] += n
-                    row[1] += var.numel()
+                self._add(n, var.numel())
         return func(*args, **kwargs)
 
     @staticmethod
@@ -180,9 +178,6 @@ class FlatNorms(_ModuleStack):
             eps = float(_arg(args, kwargs, 7, "eps", 1e-5))
             return x.reshape(x.shape[0] * x.shape[1], -1), eps
         return None
-
-    def rows(self) -> list[tuple[str, int, int]]:
-        return [(w, n, size) for w, (n, size) in self.counts.items()]
 
 
 def module_names(roots: Iterable[torch.nn.Module]) -> dict[int, str]:
