@@ -541,6 +541,19 @@ def _to_host_narrow(t: torch.Tensor) -> np.ndarray:
     return out.numpy() if out.is_contiguous() else out.contiguous().numpy()
 
 
+def _drain(
+    grads: list[torch.Tensor | None], read: Callable[[torch.Tensor], np.ndarray]
+) -> list[np.ndarray | None]:
+    """Each gradient read to the host and dropped from ``grads`` as it is read
+    (peak memory: never every gradient twice at once); None stays None."""
+    out: list[np.ndarray | None] = []
+    for i, g in enumerate(grads):
+        grads[i] = None
+        out.append(None if g is None else read(g))
+        del g
+    return out
+
+
 def _cotangent(v: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """A cotangent (float64 NumPy) as a fresh contiguous tensor of ``like``'s
     dtype and device: an empty NumPy array's strides can be odd, and
@@ -1099,28 +1112,28 @@ class TorchSession(Session):
     def kink_census(self) -> list[tuple[str, int, int]]:
         """(module, units exactly on a kink, units) at x, from one forward pass in
         the user's precision (see _torch_kinks)."""
-        from gradcheck.backends._torch_kinks import KinkCensus, module_names
+        from gradcheck.backends._torch_kinks import KinkCensus
 
-        with KinkCensus(module_names(self.modules)) as census:
+        return self._census(KinkCensus)
+
+    def flat_norms(self) -> list[tuple[str, int, int]]:
+        """(module, normalisation groups with (near) zero input variance, groups)
+        at x, from one forward pass in the user's precision (see FlatNorms)."""
+        from gradcheck.backends._torch_kinks import FlatNorms
+
+        return self._census(FlatNorms)
+
+    def _census(self, kind: Any) -> list[tuple[str, int, int]]:
+        """The rows of a census mode of _torch_kinks (KinkCensus, FlatNorms) over
+        one forward pass at x in the user's precision."""
+        from gradcheck.backends._torch_kinks import module_names
+
+        with kind(module_names(self.modules)) as census:
             self._evaluate(
                 [None] * len(self.diff),
                 0.0,
                 promote=False,
                 record=bool(self._ref_grad),  # fn differentiates inside
-            )
-        return census.rows()
-
-    def flat_norms(self) -> list[tuple[str, int, int]]:
-        """(module, normalisation groups with (near) zero input variance, groups)
-        at x, from one forward pass in the user's precision (see FlatNorms)."""
-        from gradcheck.backends._torch_kinks import FlatNorms, module_names
-
-        with FlatNorms(module_names(self.modules)) as census:
-            self._evaluate(
-                [None] * len(self.diff),
-                0.0,
-                promote=False,
-                record=bool(self._ref_grad),
             )
         return census.rows()
 
@@ -1412,16 +1425,8 @@ class TorchSession(Session):
         self.backward_count += 1
         if not retain:
             self._graph = None
-        # each framework gradient is dropped once read (peak memory: never all of
-        # them twice), into host arrays reused across checks (numeric.workspace)
-        grads = list(grads)
-        out: list[np.ndarray | None] = []
-        read = _to_host_narrow if compact else _to_host64
-        for i, g in enumerate(grads):
-            grads[i] = None
-            out.append(None if g is None else read(g))
-            del g
-        return out
+        # into host arrays reused across checks (numeric.workspace)
+        return _drain(list(grads), _to_host_narrow if compact else _to_host64)
 
     def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         """Forward mode at x, in the user's precision: fn's outputs' tangents along
@@ -1535,18 +1540,23 @@ class TorchSession(Session):
             )
         sources = [inputs[ref] if kind == "input" else ref for kind, ref in self.diff]
         if raw.requires_grad:
-            held = _hold_grads(sources)
+            loss = raw.reshape(())
             try:
-                grads = torch.autograd.grad(raw.reshape(()), sources, allow_unused=True)
+                grads = _autograd_grad(
+                    [loss],
+                    sources,
+                    [torch.ones_like(loss)],
+                    retain=False,
+                    promote=False,
+                    side=self._side_grads,
+                )
             except Exception as exc:
-                _restore_grads(held)
                 raise _fn_raised(
                     exc,
                     f"the backward pass through {label}",
                     "at the point you gave; the forward ran",
                     BackwardError,
                 ) from exc
-            grads = _with_side_grads(grads, sources, held, self._side_grads)
             self.backward_count += 1
         else:
             grads = (None,) * len(sources)
@@ -1928,12 +1938,9 @@ class TorchSession(Session):
             for x in self.inputs
             if isinstance(x, torch.Tensor) and x.layout == torch.strided
         )
-        out: list[Any] = []
-        for i, g in enumerate(grads):
-            grads[i] = None
-            if g is None:
-                out.append(None)
-            elif (
+
+        def read(g: torch.Tensor) -> np.ndarray:
+            if (
                 g.device.type == "cpu"
                 and g.dtype == torch.float64
                 and g.layout == torch.strided
@@ -1942,11 +1949,10 @@ class TorchSession(Session):
                 and not g.requires_grad
                 and g.untyped_storage().data_ptr() not in ours
             ):
-                out.append(g.detach().numpy())
-            else:
-                out.append(_to_numpy(g))
-            del g
-        return out
+                return g.detach().numpy()
+            return _to_numpy(g)
+
+        return _drain(grads, read)
 
     def projected_gradients_at(
         self,
