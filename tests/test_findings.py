@@ -61,16 +61,7 @@ def test_yoso_cumulation_backward_is_not_its_derivative():
 
 
 def test_a_correct_custom_function_passes_without_a_suspect_note():
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x * x
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 2 * x * g
+    from tests.torch_models import Square
 
     x = _f64(6).requires_grad_(True)
     report = gradcheck.check_gradients(lambda x: Square.apply(x).sum(), (x,))

@@ -29,6 +29,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from tests.torch_models import Square  # noqa: E402
+
 HAS_GPU = torch.cuda.is_available()
 HERE = "tests.test_repro_variants"
 
@@ -228,15 +230,10 @@ def test_a_lambda_loss_gives_a_bundle_that_says_why(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- devices
-class _WrongInFloat32(torch.autograd.Function):
+class _WrongInFloat32(Square):
     """Squares; its backward is 1% off in float32 only (the float64 reference
     is right): a CPU float32 kernel bug that check_devices(("cpu", "cpu"))
     names."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        return h * h
 
     @staticmethod
     def backward(ctx, g):

@@ -16,6 +16,9 @@ from gradcheck.properties.variants import Variant, judge_tensor, parse_variant
 from tests._state import assert_same_rng, rng_state
 
 torch = pytest.importorskip("torch")
+
+from tests.torch_models import Square  # noqa: E402
+
 nn = torch.nn
 F = torch.nn.functional
 
@@ -334,14 +337,9 @@ def test_terms_that_cancel_exactly_are_measured(monkeypatch):
     assert bare.status == "mismatch" and bare.location.tensor == "inner.bias"
 
 
-class _PositiveOnly(torch.autograd.Function):
+class _PositiveOnly(Square):
     """y = x^2 whose backward refuses a negative cotangent (as a custom kernel
     may): the rewritten cotangents of the magnitude pass are refused."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
 
     @staticmethod
     def backward(ctx, g):

@@ -113,6 +113,21 @@ class TransposedBackward(torch.autograd.Function):
         return g @ w, x.T @ g  # wrong: should be g @ w.T
 
 
+class Square(torch.autograd.Function):
+    """y = x**2 with its correct backward; planted bugs subclass it and replace
+    ``backward``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
 class OneWrongElement(torch.autograd.Function):
     """Elementwise y = x**2 whose backward is wrong at one flat index."""
 
