@@ -1248,6 +1248,7 @@ class TorchSession(Session):
         the clone. The graph keeps what it saved of the clones until the backward
         frees it; the parameters point at their own storage again afterwards."""
         params = [p for kind, p in self.diff if kind == "param"]
+        self._lean_native()
         try:
             for p in params:
                 p.data = self._native[id(p)].clone()
@@ -1899,8 +1900,7 @@ class TorchSession(Session):
         uses a tensor either unmoved (_as64: x copied in again where a moved
         point was written since, a copy into memory already touched) or moved
         (_scratch: x + t d written over it), never both. Not pooled: an
-        evaluation in the native precision drops them all (_evaluate), since
-        none of them is read there."""
+        evaluation in the native precision drops them all (_lean_native)."""
         key = id(x)
         cached = self._shadows.get(key)
         if cached is None or cached[0] is not x:
@@ -1908,6 +1908,14 @@ class TorchSession(Session):
             cached = (x, buf, False)
         self._shadows[key] = (x, cached[1], holds_x)
         return cached[1], cached[2]
+
+    def _lean_native(self) -> None:
+        """Before an evaluation in the native precision, which reads no float64
+        shadow: a lean session holds none through it (the measured rounding's
+        draws run several native forwards and backwards in a row; the
+        diagnosis takes the gradient at x again) and makes them again after."""
+        if self.lean:
+            self._shadows.clear()
 
     def _scratch(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
         """A float64 buffer per tensor, reused by every no-grad evaluation: no
@@ -2168,11 +2176,8 @@ class TorchSession(Session):
         autocast off, as the whole reference evaluation)."""
 
         self._graph = None  # a new graph may replace the leaves' grad accumulators
-        if self.lean and not promote:
-            # a native evaluation reads no float64 shadow: a lean session holds
-            # none through it (the measured rounding's draws run a few native
-            # forwards and backwards in a row), and makes them again after
-            self._shadows.clear()
+        if not promote:
+            self._lean_native()
         # tensors the direction moves get x + t d below, formed from their own
         # values: no float64 copy of them is made (on BERT-base, 0.9 GB less)
         moved = {
