@@ -1961,7 +1961,9 @@ def _jitter_handle(ctx: _Context) -> tuple[object, float]:
     """A direction that moves every element by a few ulps of its own magnitude."""
     rng = np.random.default_rng(ctx.options.seed + 1)
     d = [
-        rng.choice([-1.0, 1.0], size=a.shape) * np.maximum(a, 1e-30) for a in ctx.abs_x
+        # |x| one tensor at a time (ctx.abs_x would hold all of them at once)
+        rng.choice([-1.0, 1.0], size=x.shape) * np.maximum(np.abs(x), 1e-30)
+        for x in ctx.x
     ]
     eta = JITTER_ULPS * max(tl.eps(sp.dtype) for sp in ctx.session.specs)
     return ctx.session.prepare(d), eta
