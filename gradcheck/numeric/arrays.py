@@ -47,6 +47,8 @@ __all__ = [
     "namespace",
     "norm",
     "numpy_namespace",
+    "size",
+    "to_host",
     "to_namespace",
     "vdot",
 ]
@@ -134,6 +136,30 @@ def to_namespace(host: np.ndarray, like: Array | None) -> Array:
     if is_numpy(xp):
         return host
     return as_float64(host, xp, device(like))
+
+
+def to_host(x: Array | None) -> np.ndarray | None:
+    """``x`` as a float64 NumPy array on the host (None stays None): ``x`` itself
+    for a float64 NumPy array, one copy otherwise (a device-to-host copy for an
+    accelerator's array; a float64 CPU tensor may share its memory). For what is
+    not on the hot path: a failed check's diagnosis reads its gradients and
+    directions on the host."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == np.float64 else x.astype(np.float64)
+    if str(device(x)) != "cpu":
+        x = array_api_compat.to_device(x, "cpu")
+    return np.asarray(x, dtype=np.float64)
+
+
+def size(x: Array) -> int:
+    """The number of elements of ``x`` (the array API's ``size`` is None for
+    some lazy arrays, and torch's ``.size`` is a method)."""
+    n = 1
+    for s in x.shape:
+        n *= int(s)
+    return n
 
 
 def norm(x: Array) -> float:

@@ -49,6 +49,7 @@ from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 from gradcheck.numeric import tolerance as tl
+from gradcheck.numeric.arrays import norm, size, to_host, vdot
 from gradcheck.numeric.compact import Widened
 from gradcheck.result import CheckReport, Location, StepEstimate, TensorResult
 
@@ -168,7 +169,7 @@ class _Probe:
         #: <g_t, d_t>: reverse mode's contribution of each tensor
         self.reverse_contrib = np.array(
             [
-                0.0 if d is None else float(np.vdot(g, d))
+                0.0 if d is None else vdot(g, d)
                 for g, d in zip(ctx.grads, direction, strict=True)
             ]
         )
@@ -197,7 +198,7 @@ class _Probe:
             if d is None
             else ctx.full_direction_norms[t]
             if t < len(full) and d is full[t]
-            else float(np.linalg.norm(direction[t]))
+            else norm(direction[t])
             for t, d in enumerate(self.moved)
         ]
         #: per tensor, the rounding term per unit of relative gradient rounding
@@ -280,9 +281,10 @@ class _Probe:
         frac *= ctx.step_scale
         hs = []
         for t, d in enumerate(self.moved):
-            if d is None or d.size == 0:
+            n = 0 if d is None else size(d)
+            if n == 0:
                 continue
-            rms_d = self.d_norms[t] / math.sqrt(d.size)
+            rms_d = self.d_norms[t] / math.sqrt(n)
             if rms_d > 0:
                 hs.append(frac * ctx.x_scale[t] / rms_d)
         h = min(hs) if hs else frac
@@ -331,8 +333,16 @@ class _Context:
         self.options = options
         self.cot = cot
         self.grads = grads
+        #: the gradients (and so the probe directions) are the backend's arrays
+        #: on their devices (Session.vjp_on_device), not NumPy's: the hot path's
+        #: reductions run there, a failure's diagnosis copies them (_on_host)
+        self.on_device = not all(
+            g is None or isinstance(g, np.ndarray) for g in cpt.narrow(grads)
+        )
         self._x: list[np.ndarray] | None = None
-        gn = self.g_norms = [float(np.linalg.norm(g)) for g in grads]
+        # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
+        # for the tensors of Session.vjp_on_device: a scalar comes to the host)
+        gn = self.g_norms = [norm(g) for g in grads]
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
         inner = session.internal_dtype
@@ -437,7 +447,7 @@ class _Context:
         ):
             if d is None or spec.dtype == "float64":
                 continue
-            exact = x + t * d
+            exact = x + t * to_host(d)
             rounded = exact.astype(_numpy_dtype(spec.dtype)).astype(np.float64)
             total += float(np.vdot(g, rounded - exact))
         return total
@@ -476,14 +486,26 @@ def run(session: Session, options: Options) -> CheckReport:
     # a large model's gradients and directions are held in float32 where they are
     # float32 (numeric.compact): the same float64 numbers, half the memory
     compact = mode == "directional" and n_in >= COMPACT_MIN_ELEMENTS
-    raw = session.vjp(
-        cot, retain=(mode == "full" and options.ad != "forward"), compact=compact
-    )
+    cast_free = mode == "directional" and _cast_free_applies(session, options)
+    retain = mode == "full" and options.ad != "forward"
+    if (
+        mode == "directional"
+        and not compact
+        and not cast_free
+        and options.ad == "reverse"
+    ):
+        # a passing reverse-mode directional check reads its gradients only
+        # through dot products and norms (numeric.arrays): the backend may keep
+        # them on their devices. Full mode, forward mode, compact and cast-free
+        # checks read them on the host.
+        raw = session.vjp_on_device(cot, retain=retain)
+    else:
+        raw = session.vjp(cot, retain=retain, compact=compact)
     try:
         session.check_finite_grads(raw)
     except NonFiniteError as exc:
         if getattr(exc, "tensor", None) is None or not any(
-            g is not None and np.isnan(g).any() for g in raw
+            g is not None and np.isnan(to_host(g)).any() for g in raw
         ):
             raise  # an infinite gradient: a singular point (sqrt at 0), not a bug
         return session.finish(_nan_gradient(session, options, mode, exc), started)
@@ -507,7 +529,7 @@ def run(session: Session, options: Options) -> CheckReport:
     judged: Session = session
     own_grads: list[np.ndarray] | None = None
     fallback_note: str | None = None
-    if mode == "directional" and _cast_free_applies(session, options):
+    if cast_free:
         # a float64 model computing in float32 inside: judged on its cast-free
         # float64 gradient (see _CastFree), its own gradient against that one
         free = _CastFree(session)
@@ -984,9 +1006,12 @@ def _reason(terms: dict[str, float], ctx: _Context) -> str:
 def _run_directional(
     ctx: _Context, raw: Sequence[np.ndarray | None], rng: np.random.Generator
 ) -> CheckReport:
-    d, norms = dirs.probe_direction(ctx.grads, rng, ctx.g_norms)
+    # gradients on an accelerator (Session.vjp_on_device) get their direction
+    # drawn there; NumPy's host draw otherwise (the same numbers on every machine)
+    draw = ctx.session.direction_draw(rng) if ctx.on_device else None
+    d, norms = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
     ctx.full_direction, ctx.norms = d, norms
-    ctx.full_direction_norms = [float(np.linalg.norm(x)) for x in d]
+    ctx.full_direction_norms = [norm(x) for x in d]
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
     active = cpt.subset(d, [t for t, sp in enumerate(ctx.session.specs) if sp.size])
     for _attempt in range(2):
@@ -1051,8 +1076,28 @@ def _run_directional(
         report.notes.append(ctx.measured.note() + ".")
     if err <= tol and trustworthy:
         return report
+    _on_host(ctx, probe)
     _diagnose(ctx, probe, est, report, err, trustworthy)
     return report
+
+
+def _on_host(ctx: _Context, probe: _Probe) -> None:
+    """A failed check's gradients and directions as host float64 arrays: the
+    diagnosis (blame, the precision split, kinks) is NumPy code, and only a
+    failure pays for the copies. The probe keeps its prepared handle (the same
+    values) and which of the full direction's arrays it moves."""
+    if not ctx.on_device:
+        return
+    full = [to_host(d) for d in ctx.full_direction]
+    index = {id(d): h for d, h in zip(ctx.full_direction, full, strict=True)}
+    ctx.grads = [to_host(g) for g in ctx.grads]
+    ctx.full_direction = full
+    probe.direction = [
+        None if d is None else index[id(d)] if id(d) in index else to_host(d)
+        for d in probe.direction
+    ]
+    probe.moved = cpt.narrow(probe.direction)
+    ctx.on_device = False
 
 
 def _estimate(probe: _Probe) -> tuple[fd.DerivativeEstimate, bool]:
