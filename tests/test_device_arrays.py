@@ -103,7 +103,7 @@ def test_tensor_path_gives_the_numpy_verdict(monkeypatch, dtype, bug):
 
         monkeypatch.setattr(torch_backend, "_to_host64", no_host_copy)
         monkeypatch.setattr(torch_backend, "_to_host_narrow", no_host_copy)
-        monkeypatch.setattr(fd_engine, "to_host", no_host_copy)
+        monkeypatch.setattr(fd_engine.xa, "to_host", no_host_copy)
     dev = _check(monkeypatch, dtype, bug, on_device=True)
     assert seen and all(t is torch.Tensor for t in seen)
 

@@ -23,6 +23,7 @@ at import, which loads numpy.f2py and numpy.testing: 0.4-0.5 s added to
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -46,11 +47,13 @@ __all__ = [
     "is_numpy",
     "namespace",
     "norm",
+    "norms",
     "numpy_namespace",
     "size",
     "to_host",
     "to_namespace",
     "vdot",
+    "vdots",
 ]
 
 
@@ -177,6 +180,57 @@ def vdot(a: Array, b: Array) -> float:
     if is_numpy(xp):
         return float(np.vdot(a, b))
     return float(xp.vecdot(xp.reshape(a, (-1,)), xp.reshape(b, (-1,))))
+
+
+def norms(xs: Sequence[Array | None]) -> list[float]:
+    """``norm`` of each array (0.0 for None), the non-NumPy ones reduced on their
+    devices and read together: one transfer of a few scalars per device, not a
+    synchronisation per array (a model of hundreds of tensors on a GPU)."""
+    return _scalars(
+        xs, lambda x, xp: xp.linalg.vector_norm(x), lambda x: np.linalg.norm(x)
+    )
+
+
+def vdots(a: Sequence[Array | None], b: Sequence[Array | None]) -> list[float]:
+    """``vdot`` of each pair (0.0 where either is None), read as ``norms`` reads
+    its results."""
+    if len(a) != len(b):
+        raise InvalidArgumentError(f"vdots of {len(a)} and {len(b)} arrays")
+    pairs = [
+        None if x is None or y is None else (x, y) for x, y in zip(a, b, strict=True)
+    ]
+    return _scalars(
+        pairs,
+        lambda p, xp: xp.vecdot(xp.reshape(p[0], (-1,)), xp.reshape(p[1], (-1,))),
+        lambda p: np.vdot(p[0], p[1]),
+    )
+
+
+def _scalars(
+    items: Sequence[Any],
+    device_op: Callable[[Any, Namespace], Array],
+    numpy_op: Callable[[Any], Any],
+) -> list[float]:
+    out: list[Any] = [0.0] * len(items)
+    groups: dict[tuple[int, str], tuple[Namespace, list[int]]] = {}
+    for i, item in enumerate(items):
+        if item is None:
+            continue
+        arrays = item if isinstance(item, tuple) else (item,)
+        xp = namespace(*arrays)
+        if is_numpy(xp):
+            out[i] = float(numpy_op(item))  # NumPy's own routine: unchanged bits
+            continue
+        out[i] = device_op(item, xp)
+        key = (id(xp), str(device(arrays[0])))
+        groups.setdefault(key, (xp, []))[1].append(i)
+    for xp, where in groups.values():
+        stacked = xp.stack([out[i] for i in where])
+        if str(device(stacked)) != "cpu":
+            stacked = array_api_compat.to_device(stacked, "cpu")
+        for i, v in zip(where, np.asarray(stacked).tolist(), strict=True):
+            out[i] = float(v)
+    return out
 
 
 def abs_dot(a: Array, b: Array) -> float:

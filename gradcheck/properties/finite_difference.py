@@ -45,11 +45,11 @@ from gradcheck.errors import (
     NonFiniteError,
     ReferencePrecisionError,
 )
+from gradcheck.numeric import arrays as xa
 from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
 from gradcheck.numeric import tolerance as tl
-from gradcheck.numeric.arrays import norm, size, to_host, vdot
 from gradcheck.numeric.compact import Widened
 from gradcheck.result import CheckReport, Location, StepEstimate, TensorResult
 
@@ -167,12 +167,9 @@ class _Probe:
         s = ctx.session
         self.handle = s.prepare(direction)
         #: <g_t, d_t>: reverse mode's contribution of each tensor
-        self.reverse_contrib = np.array(
-            [
-                0.0 if d is None else vdot(g, d)
-                for g, d in zip(ctx.grads, direction, strict=True)
-            ]
-        )
+        # (numeric.arrays.vdots: NumPy's np.vdot per tensor for NumPy arrays,
+        # the tensors' devices' otherwise, the scalars read together)
+        self.reverse_contrib = np.array(xa.vdots(ctx.grads, direction))
         # ad="forward": <v, J d> from one JVP along the whole direction; the
         # per-tensor sizes that scale the finite-difference trust limit stay
         # reverse mode's (magnitudes only). ad="both": one JVP per tensor the
@@ -193,12 +190,17 @@ class _Probe:
         # whether they are the full direction's, need no float64 copy)
         self.moved = cpt.narrow(direction)
         full = cpt.narrow(ctx.full_direction)
+        own = [
+            d is not None and not (t < len(full) and d is full[t])
+            for t, d in enumerate(self.moved)
+        ]
+        measured = xa.norms([direction[t] if o else None for t, o in enumerate(own)])
         self.d_norms = [
             None
             if d is None
+            else measured[t]
+            if own[t]
             else ctx.full_direction_norms[t]
-            if t < len(full) and d is full[t]
-            else norm(direction[t])
             for t, d in enumerate(self.moved)
         ]
         #: per tensor, the rounding term per unit of relative gradient rounding
@@ -281,7 +283,7 @@ class _Probe:
         frac *= ctx.step_scale
         hs = []
         for t, d in enumerate(self.moved):
-            n = 0 if d is None else size(d)
+            n = 0 if d is None else xa.size(d)
             if n == 0:
                 continue
             rms_d = self.d_norms[t] / math.sqrt(n)
@@ -328,6 +330,7 @@ class _Context:
         options: Options,
         cot: list[np.ndarray],
         grads: list[np.ndarray],
+        g_norms: list[float] | None = None,
     ):
         self.session = session
         self.options = options
@@ -342,7 +345,7 @@ class _Context:
         self._x: list[np.ndarray] | None = None
         # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
         # for the tensors of Session.vjp_on_device: a scalar comes to the host)
-        gn = self.g_norms = [norm(g) for g in grads]
+        gn = self.g_norms = xa.norms(grads) if g_norms is None else list(g_norms)
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
         inner = session.internal_dtype
@@ -447,7 +450,7 @@ class _Context:
         ):
             if d is None or spec.dtype == "float64":
                 continue
-            exact = x + t * to_host(d)
+            exact = x + t * xa.to_host(d)
             rounded = exact.astype(_numpy_dtype(spec.dtype)).astype(np.float64)
             total += float(np.vdot(g, rounded - exact))
         return total
@@ -501,11 +504,18 @@ def run(session: Session, options: Options) -> CheckReport:
         raw = session.vjp_on_device(cot, retain=retain)
     else:
         raw = session.vjp(cot, retain=retain, compact=compact)
+    # the gradients' norms, which the probe direction needs anyway: a finite norm
+    # means finite elements, so the element-wise finiteness test (a pass over
+    # every gradient) runs only where a norm is not finite (NaN or Inf among the
+    # elements, or squares that overflow). A compact check's norms are those of
+    # the widened gradients, taken by _Context.
+    g_norms = None if compact else xa.norms(raw)
     try:
-        session.check_finite_grads(raw)
+        if g_norms is None or not all(math.isfinite(n) for n in g_norms):
+            session.check_finite_grads(raw)
     except NonFiniteError as exc:
         if getattr(exc, "tensor", None) is None or not any(
-            g is not None and np.isnan(to_host(g)).any() for g in raw
+            g is not None and np.isnan(xa.to_host(g)).any() for g in raw
         ):
             raise  # an infinite gradient: a singular point (sqrt at 0), not a bug
         return session.finish(_nan_gradient(session, options, mode, exc), started)
@@ -546,7 +556,7 @@ def run(session: Session, options: Options) -> CheckReport:
             own_raw, own_rng = raw, copy.deepcopy(rng)
             judged, own_grads, raw = free, grads, raw_free
             grads = _zeros_for_none_specs(session, raw_free)
-    ctx = _Context(judged, options, cot, grads)
+    ctx = _Context(judged, options, cot, grads, g_norms if judged is session else None)
     # phi's scale at x (sum |v * y|) for the step cap (_Probe.step), from the
     # outputs the analytical side already computed: no extra forward. Native
     # precision is plenty for a step bound.
@@ -1009,9 +1019,9 @@ def _run_directional(
     # gradients on an accelerator (Session.vjp_on_device) get their direction
     # drawn there; NumPy's host draw otherwise (the same numbers on every machine)
     draw = ctx.session.direction_draw(rng) if ctx.on_device else None
-    d, norms = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
-    ctx.full_direction, ctx.norms = d, norms
-    ctx.full_direction_norms = [norm(x) for x in d]
+    d, normalisers = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
+    ctx.full_direction, ctx.norms = d, normalisers
+    ctx.full_direction_norms = xa.norms(d)
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
     active = cpt.subset(d, [t for t, sp in enumerate(ctx.session.specs) if sp.size])
     for _attempt in range(2):
@@ -1088,12 +1098,12 @@ def _on_host(ctx: _Context, probe: _Probe) -> None:
     values) and which of the full direction's arrays it moves."""
     if not ctx.on_device:
         return
-    full = [to_host(d) for d in ctx.full_direction]
+    full = [xa.to_host(d) for d in ctx.full_direction]
     index = {id(d): h for d, h in zip(ctx.full_direction, full, strict=True)}
-    ctx.grads = [to_host(g) for g in ctx.grads]
+    ctx.grads = [xa.to_host(g) for g in ctx.grads]
     ctx.full_direction = full
     probe.direction = [
-        None if d is None else index[id(d)] if id(d) in index else to_host(d)
+        None if d is None else index[id(d)] if id(d) in index else xa.to_host(d)
         for d in probe.direction
     ]
     probe.moved = cpt.narrow(probe.direction)
