@@ -206,3 +206,51 @@ def test_nonfinite_gradient_on_the_tensor_path(monkeypatch):
     assert reports[0].status == host.status
     assert reports[0].location == host.location
     assert np.isfinite(b.detach().numpy()).all()
+
+
+@pytest.mark.parametrize("bug", [False, True], ids=["correct", "planted"])
+def test_float32_reference_on_the_tensor_path(monkeypatch, bug):
+    """fn that cannot run in float64 (a float32-only kernel): the
+    reference falls back to float32 and phi is corrected for rounding x + t d to
+    float32 from the host values; the tensor path's verdict is the host path's."""
+    wrong = scaled_backward(1e-1)
+
+    def make():
+        torch.manual_seed(3)
+        w = torch.nn.Parameter(torch.randn(6, 5))
+        b = torch.nn.Parameter(torch.randn(5))
+        const = torch.randn(5, 4)
+
+        def loss():
+            h = torch.tanh(w @ const)
+            if h.dtype != torch.float32:  # a float32-only kernel: the
+                raise TypeError("float32 only")  # reference runs in float32
+            h = torch.mm(h.T.contiguous(), torch.ones(6, 3))
+            out = h.sum() + (b**2).sum()
+            return wrong.apply(out) if bug else out
+
+        return [w, b], loss
+
+    reports = []
+    for flag in (False, True):
+        monkeypatch.setattr(TorchSession, "gradients_on_device", flag)
+        params, loss = make()
+        reports.append(
+            gradcheck.check_gradients(loss, params=params, mode="directional")
+        )
+    host, dev = reports
+    assert host.reference_dtype == dev.reference_dtype == "float32"
+    assert host.status == dev.status == ("mismatch" if bug else "passed")
+    scale = max(abs(t.analytical) for t in host.tensors)
+    for a, b in zip(host.tensors, dev.tensors, strict=True):
+        assert abs(a.analytical - b.analytical) <= 1e-12 * scale
+
+
+def test_device_draw_with_an_unconnected_tensor(monkeypatch):
+    """The device draw for a tensor without a gradient (its zeros are NumPy's):
+    host samples from the same torch generator; the check passes."""
+    report = _check(
+        monkeypatch, torch.float64, False, on_device=True, draw=True, unused=True
+    )
+    assert report.status == "passed"
+    assert not report.tensors[-1].connected

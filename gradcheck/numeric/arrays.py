@@ -153,7 +153,11 @@ def to_host(x: Array | None) -> np.ndarray | None:
         return x if x.dtype == np.float64 else x.astype(np.float64)
     if str(device(x)) != "cpu":
         x = array_api_compat.to_device(x, "cpu")
-    return np.asarray(x, dtype=np.float64)
+    try:  # the array API's exchange protocol: no copy of a CPU array
+        host = np.from_dlpack(x)
+    except (AttributeError, BufferError, RuntimeError, TypeError):
+        host = np.asarray(x)  # (a library without DLPack, or a layout it refuses)
+    return host if host.dtype == np.float64 else host.astype(np.float64)
 
 
 def size(x: Array) -> int:

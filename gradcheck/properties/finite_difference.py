@@ -343,6 +343,7 @@ class _Context:
             g is None or isinstance(g, np.ndarray) for g in cpt.narrow(grads)
         )
         self._x: list[np.ndarray] | None = None
+        self._host_grads: list[np.ndarray] | None = None
         # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
         # for the tensors of Session.vjp_on_device: a scalar comes to the host)
         gn = self.g_norms = xa.norms(grads) if g_norms is None else list(g_norms)
@@ -445,8 +446,13 @@ class _Context:
         """<g, fl(x + t d) - (x + t d)>: what rounding the perturbed point to the
         tensors' dtype adds to phi(t), to first order."""
         total = 0.0
+        # (a reference that fell back to a low precision: the rounding is
+        # computed on the host, the point x being there already; tensors of
+        # Session.vjp_on_device are read there once per check)
+        if self._host_grads is None:
+            self._host_grads = [xa.to_host(g) for g in self.grads]
         for spec, g, x, d in zip(
-            self.session.specs, self.grads, self.x, direction, strict=True
+            self.session.specs, self._host_grads, self.x, direction, strict=True
         ):
             if d is None or spec.dtype == "float64":
                 continue
@@ -1101,6 +1107,7 @@ def _on_host(ctx: _Context, probe: _Probe) -> None:
     full = [xa.to_host(d) for d in ctx.full_direction]
     index = {id(d): h for d, h in zip(ctx.full_direction, full, strict=True)}
     ctx.grads = [xa.to_host(g) for g in ctx.grads]
+    ctx._host_grads = None
     ctx.full_direction = full
     probe.direction = [
         None if d is None else index[id(d)] if id(d) in index else xa.to_host(d)
