@@ -152,7 +152,10 @@ def to_host(x: Array | None) -> np.ndarray | None:
     if isinstance(x, np.ndarray):
         return x if x.dtype == np.float64 else x.astype(np.float64)
     if str(device(x)) != "cpu":
-        x = array_api_compat.to_device(x, "cpu")
+        try:
+            x = array_api_compat.to_device(x, "cpu")
+        except (TypeError, ValueError, RuntimeError):  # no device named "cpu"
+            pass  # (DLPack or NumPy's conversion below may still read it)
     try:  # the array API's exchange protocol: no copy of a CPU array
         host = np.from_dlpack(x)
     except (AttributeError, BufferError, RuntimeError, TypeError):
@@ -169,29 +172,41 @@ def size(x: Array) -> int:
     return n
 
 
+def _host_view(x: Array) -> np.ndarray | None:
+    """A NumPy array sharing ``x``'s memory where ``x`` is on the CPU and
+    exchanges it through DLPack (a torch CPU tensor); None otherwise."""
+    if isinstance(x, np.ndarray):
+        return x
+    if str(device(x)) != "cpu":
+        return None
+    try:
+        return np.from_dlpack(x)
+    except (AttributeError, BufferError, RuntimeError, TypeError):
+        return None
+
+
 def norm(x: Array) -> float:
     """The L2 norm of all elements of ``x``, a Python float (a device sync where
-    ``x`` lives on an accelerator)."""
-    xp = namespace(x)
-    if is_numpy(xp):
-        return float(np.linalg.norm(x))  # BLAS dot: unchanged NumPy results
-    return float(xp.linalg.vector_norm(x))
+    ``x`` lives on an accelerator). Arrays in host memory, NumPy's or another
+    library's (read through DLPack, no copy), are reduced by NumPy's own routine:
+    a torch CPU tensor gives the bits its NumPy copy gives."""
+    return norms([x])[0]
 
 
 def vdot(a: Array, b: Array) -> float:
-    """sum(conj(a) * b) over all elements of two same-size arrays, a Python float."""
-    xp = namespace(a, b)
-    if is_numpy(xp):
-        return float(np.vdot(a, b))
-    return float(xp.vecdot(xp.reshape(a, (-1,)), xp.reshape(b, (-1,))))
+    """sum(conj(a) * b) over all elements of two same-size arrays, a Python float
+    (host arrays reduced by np.vdot, as ``norm`` says)."""
+    return vdots([a], [b])[0]
 
 
 def norms(xs: Sequence[Array | None]) -> list[float]:
-    """``norm`` of each array (0.0 for None), the non-NumPy ones reduced on their
-    devices and read together: one transfer of a few scalars per device, not a
-    synchronisation per array (a model of hundreds of tensors on a GPU)."""
+    """``norm`` of each array (0.0 for None); arrays off the host are reduced on
+    their devices and read together: one transfer of a few scalars per device,
+    not a synchronisation per array (a model of hundreds of tensors on a GPU)."""
     return _scalars(
-        xs, lambda x, xp: xp.linalg.vector_norm(x), lambda x: np.linalg.norm(x)
+        [None if x is None else (x,) for x in xs],
+        lambda x, xp: xp.linalg.vector_norm(x[0]),
+        lambda x: np.linalg.norm(x[0]),  # BLAS dot: unchanged NumPy results
     )
 
 
@@ -211,28 +226,30 @@ def vdots(a: Sequence[Array | None], b: Sequence[Array | None]) -> list[float]:
 
 
 def _scalars(
-    items: Sequence[Any],
-    device_op: Callable[[Any, Namespace], Array],
-    numpy_op: Callable[[Any], Any],
+    items: Sequence[tuple[Array, ...] | None],
+    device_op: Callable[[tuple[Array, ...], Namespace], Array],
+    numpy_op: Callable[[tuple[np.ndarray, ...]], Any],
 ) -> list[float]:
     out: list[Any] = [0.0] * len(items)
     groups: dict[tuple[int, str], tuple[Namespace, list[int]]] = {}
-    for i, item in enumerate(items):
-        if item is None:
+    for i, arrays in enumerate(items):
+        if arrays is None:
             continue
-        arrays = item if isinstance(item, tuple) else (item,)
         xp = namespace(*arrays)
-        if is_numpy(xp):
-            out[i] = float(numpy_op(item))  # NumPy's own routine: unchanged bits
+        views = [_host_view(x) for x in arrays]
+        if all(v is not None for v in views):
+            out[i] = float(numpy_op(tuple(views)))
             continue
-        out[i] = device_op(item, xp)
+        out[i] = device_op(arrays, xp)
         key = (id(xp), str(device(arrays[0])))
         groups.setdefault(key, (xp, []))[1].append(i)
     for xp, where in groups.values():
         stacked = xp.stack([out[i] for i in where])
-        if str(device(stacked)) != "cpu":
-            stacked = array_api_compat.to_device(stacked, "cpu")
-        for i, v in zip(where, np.asarray(stacked).tolist(), strict=True):
+        try:  # one transfer (torch: "cpu" is the host)
+            host = np.asarray(array_api_compat.to_device(stacked, "cpu")).tolist()
+        except (TypeError, ValueError, RuntimeError):  # no device named "cpu"
+            host = [float(stacked[j]) for j in range(len(where))]
+        for i, v in zip(where, host, strict=True):
             out[i] = float(v)
     return out
 
