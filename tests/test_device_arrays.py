@@ -285,3 +285,32 @@ def test_device_draw_with_an_unconnected_tensor(monkeypatch):
     )
     assert report.status == "passed"
     assert not report.tensors[-1].connected
+
+
+def test_batched_reductions(monkeypatch):
+    """numeric.arrays.norms / vdots: NumPy's routines for host arrays (a torch
+    CPU tensor gives its NumPy copy's bits), the tensors' own reductions
+    otherwise (forced here), None as 0; mismatched lists are refused."""
+    from gradcheck.errors import InvalidArgumentError
+    from gradcheck.numeric import arrays as xa
+
+    rng = np.random.default_rng(0)
+    a = [rng.standard_normal((30, 7)), None, rng.standard_normal(5)]
+    b = [rng.standard_normal((30, 7)), rng.standard_normal(3), rng.standard_normal(5)]
+    ta = [None if x is None else torch.from_numpy(x.copy()) for x in a]
+    tb = [torch.from_numpy(x.copy()) for x in b]
+    want_n = [float(np.linalg.norm(x)) if x is not None else 0.0 for x in a]
+    want_d = [
+        0.0 if x is None else float(np.vdot(x, y)) for x, y in zip(a, b, strict=True)
+    ]
+    assert xa.norms(a) == xa.norms(ta) == want_n
+    assert xa.vdots(a, b) == xa.vdots(ta, tb) == want_d
+    assert xa.norm(ta[0]) == want_n[0] and xa.vdot(ta[2], tb[2]) == want_d[2]
+    _device_reductions(monkeypatch)
+    assert np.allclose(xa.norms(ta), want_n, rtol=1e-14, atol=0)
+    assert np.allclose(xa.vdots(ta, tb), want_d, rtol=1e-12, atol=0)
+    with pytest.raises(InvalidArgumentError, match="vdots of 3 and 2"):
+        xa.vdots(a, b[:2])
+    host = xa.to_host(torch.arange(4, dtype=torch.float32))
+    assert type(host) is np.ndarray and host.dtype == np.float64
+    assert host.tolist() == [0.0, 1.0, 2.0, 3.0]
