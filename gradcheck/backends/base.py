@@ -1,7 +1,10 @@
 """The small interface every framework backend implements.
 
 A backend turns ``(fn, inputs, params)`` into a :class:`Session`: a named list of
-differentiated tensors and four operations, all exchanging NumPy float64 arrays:
+differentiated tensors and four operations, exchanging NumPy float64 arrays (except
+``vjp_on_device``, whose gradients may be the backend's own float64 arrays on their
+devices, and the directions drawn from them, which ``prepare`` then takes as they
+are):
 
 * ``analytic()``: run ``fn`` at the user's point in the user's precision, keep the
   graph, return the outputs;
