@@ -930,8 +930,6 @@ class TorchSession(Session):
         self._pool_taken: list[torch.Tensor] = []
         #: (ids, arrays, tensors) of the direction projected_gradients_at last used
         self._projection_direction: tuple[list[int], list, list] | None = None
-        #: whether _on_clones ran (its first call takes pooled buffers)
-        self._cloned = False
         self._promoted: bool | None = None  # decided at the first reference evaluation
         self._graph: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         #: Indices (in flatten_outputs' order) of the outputs compared, and how many
@@ -1295,22 +1293,9 @@ class TorchSession(Session):
         the clone. The graph keeps what it saved of the clones until the backward
         frees it; the parameters point at their own storage again afterwards."""
         params = [p for kind, p in self.diff if kind == "param"]
-        # The session's first call (analytic at the point: every check's hot
-        # path) clones into work buffers kept across checks (_torch_pool: no
-        # fresh pages to fault in, ~1 ms on the bench's 1M-parameter MLP); later
-        # calls (a diagnosis, linearity's value_and_grads) get fresh clones, so a
-        # buffer is written once per session and no graph of the session sees it
-        # change. A non-contiguous parameter keeps its strides (clone): a
-        # contiguous copy could send the forward through other kernels.
-        pooled, self._cloned = not self._cloned, True
         try:
             for p in params:
-                native = self._native[id(p)]
-                if pooled and native.is_contiguous() and native.layout == torch.strided:
-                    buf = self._pooled(native.shape, native.dtype, native.device)
-                    p.data = buf.copy_(native)
-                else:
-                    p.data = native.clone()
+                p.data = self._native[id(p)].clone()
             yield
         finally:
             for p in params:
