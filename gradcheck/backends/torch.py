@@ -2019,17 +2019,26 @@ class TorchSession(Session):
         return buf
 
     def norms(self) -> list[float]:
-        return [
-            # a scale for the step size: the native precision is plenty
-            float(
-                torch.linalg.vector_norm(
-                    (
-                        self.inputs[ref] if kind == "input" else self._state_data(ref)
-                    ).detach()
-                )
+        # a scale for the step size: the native precision is plenty. Computed on
+        # each tensor's device and read together, one transfer per device (not a
+        # synchronisation per tensor: hundreds on a GPU model)
+        values = [
+            torch.linalg.vector_norm(
+                (
+                    self.inputs[ref] if kind == "input" else self._state_data(ref)
+                ).detach()
             )
             for kind, ref in self.diff
         ]
+        out = [0.0] * len(values)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(values):
+            by_device.setdefault(v.device, []).append(i)
+        for where in by_device.values():
+            read = torch.stack([values[i].to(torch.float64) for i in where]).tolist()
+            for i, v in zip(where, read, strict=True):
+                out[i] = float(v)
+        return out
 
     @staticmethod
     def _buffer_copy(b: torch.Tensor, promote: bool) -> torch.Tensor:
