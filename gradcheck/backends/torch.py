@@ -1316,11 +1316,12 @@ class TorchSession(Session):
             from gradcheck.backends._torch_kinks import LowPrecisionWatch, module_names
 
             watch = LowPrecisionWatch(torch.float64, module_names(self.modules))
+        # the clones first: the watches see fn's ops, not gradcheck's own copies
         with (
+            self._on_clones(),
             torch.enable_grad(),
             watch or contextlib.nullcontext(),
             self._watch_first_call(),
-            self._on_clones(),
         ):
             outs = self._call(inputs, where, at_point=True)
         if watch is not None and watch.lowest is not None:
@@ -1631,10 +1632,10 @@ class TorchSession(Session):
         self._clear_autocast_cache()
         try:
             with (
+                self._on_clones(),  # (outside the watches, as in analytic)
                 torch.enable_grad(),
                 self._watch_first_call(),
                 self._routing(True),
-                self._on_clones(),
             ):
                 raw = fn(*inputs)
         except GradcheckError:

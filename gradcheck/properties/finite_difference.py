@@ -480,7 +480,7 @@ def run(session: Session, options: Options) -> CheckReport:
     rng = np.random.default_rng(options.seed)
     cot = dirs.cotangents(session.output_shapes, rng)
     n_in = sum(s.size for s in session.specs)
-    n_out = sum(int(np.prod(s, dtype=np.int64)) for s in session.output_shapes)
+    n_out = sum(math.prod(int(n) for n in s) for s in session.output_shapes)
     if n_in == 0 or n_out == 0:
         return session.finish(_nothing_to_compare(session, options, n_in), started)
     mode = options.mode
