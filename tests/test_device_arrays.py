@@ -314,3 +314,40 @@ def test_batched_reductions(monkeypatch):
     host = xa.to_host(torch.arange(4, dtype=torch.float32))
     assert type(host) is np.ndarray and host.dtype == np.float64
     assert host.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("float64_there", [True, False], ids=["cuda-like", "mps-like"])
+def test_default_follows_the_device(monkeypatch, float64_there):
+    """By default (no flag set) the tensor path and the device draw are taken
+    exactly when the tensors live off the CPU on a device that computes in
+    float64 (CUDA); a device without float64 (Apple's MPS) keeps the host path.
+    Simulated on the CPU: the session is told its tensors are elsewhere."""
+    monkeypatch.setattr(
+        TorchSession, "_accelerators", lambda self: {torch.device("cuda", 0)}
+    )
+    monkeypatch.setattr(torch_backend, "_holds_float64", lambda d: float64_there)
+    seen: list[type] = []
+    drawn: list[bool] = []
+    real_vjp, real_draw = TorchSession.vjp_on_device, TorchSession.direction_draw
+
+    def vjp_spy(self, *args, **kwargs):
+        grads = real_vjp(self, *args, **kwargs)
+        seen.extend(type(g) for g in grads)
+        return grads
+
+    def draw_spy(self, rng):
+        draw = real_draw(self, rng)
+        drawn.append(draw is not None)
+        return draw
+
+    monkeypatch.setattr(TorchSession, "vjp_on_device", vjp_spy)
+    monkeypatch.setattr(TorchSession, "direction_draw", draw_spy)
+    model, loss = _two_heads(torch.float32, False)
+    report = gradcheck.check_gradients(loss, params=model, mode="directional")
+    assert report.status == "passed"
+    if float64_there:
+        assert seen and all(t is torch.Tensor for t in seen)
+        assert drawn == [True]
+    else:
+        assert seen and all(t is np.ndarray for t in seen)
+        assert drawn == []  # the host path draws with NumPy, not asking

@@ -564,6 +564,23 @@ def _to_device64(t: torch.Tensor, ours: set[int]) -> torch.Tensor:
     return t
 
 
+_FLOAT64_ON: dict[str, bool] = {}
+
+
+def _holds_float64(device: torch.device) -> bool:
+    """Whether tensors of ``device``'s type can be float64 (not on Apple's MPS),
+    tried once per device type with a one-element tensor."""
+    known = _FLOAT64_ON.get(device.type)
+    if known is None:
+        try:
+            torch.zeros(1, dtype=torch.float64, device=device)
+            known = True
+        except (RuntimeError, TypeError):
+            known = False
+        _FLOAT64_ON[device.type] = known
+    return known
+
+
 def _all_finite(grads: Sequence[Any]) -> list[bool]:
     """Whether each array (None: True) holds only finite values; the tensors'
     flags are computed on their devices and read together (one transfer of a few
@@ -1456,12 +1473,22 @@ class TorchSession(Session):
     #: when the gradients are tensors off the CPU. True on the CPU: tests only.
     draw_on_device: bool | None = None
 
+    def _accelerators(self) -> set[torch.device]:
+        """The devices other than the CPU that differentiated tensors live on."""
+        devices = {torch.device(sp.device) for sp in self.specs}
+        return {d for d in devices if d.type != "cpu"}
+
     def _off_cpu(self) -> bool:
-        return any(torch.device(sp.device).type != "cpu" for sp in self.specs)
+        return bool(self._accelerators())
 
     def _tensor_gradients(self) -> bool:
         flag = self.gradients_on_device
-        return self._off_cpu() if flag is None else bool(flag)
+        if flag is not None:
+            return bool(flag)
+        # off the CPU, where every such device computes in float64 (Apple's MPS
+        # does not: its gradients go to the host, as before)
+        devices = self._accelerators()
+        return bool(devices) and all(_holds_float64(d) for d in devices)
 
     def vjp_on_device(
         self, cotangents: Sequence[np.ndarray], retain: bool = False
