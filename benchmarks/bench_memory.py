@@ -17,7 +17,10 @@ and runs one of:
   float64 check is compared with;
 * ``check32`` / ``check64``: ``gradcheck.check_model(model, inputs=...,
   dtype=..., properties="fd")``, the finite-difference check as ``gradcheck
-  check-model`` runs it (float64: on a float64 copy of the model it makes).
+  check-model`` runs it (float64: on a float64 copy of the model it makes);
+* ``bug32`` / ``bug32k`` / ``bug64``: the same check of the model with a planted
+  bug (see BUGS): a failing check, with its diagnosis (measured rounding's
+  draws, the precision split, blame by bisection).
 
 It reports the peak resident set (VmHWM, else ``ru_maxrss``) and the peak above
 the resident set before the operation (the model, inputs and imports excluded).
@@ -41,6 +44,12 @@ from pathlib import Path
 
 BATCH, TOKENS, SEED = 2, 128, 0
 WHAT = ("adam", "check32", "adam64", "check64")
+#: failing checks: a planted bug (an identity whose backward scales the gradient by
+#: 1 + DELTA) on the output of the first block's intermediate Linear, in every
+#: precision (``bug32``, ``bug64``) or in the float32 kernel alone (``bug32k``,
+#: the float64 path right: the precision split's path)
+BUGS = {"bug32": ("float32", False), "bug32k": ("float32", True), "bug64": ("float64", False)}
+DELTA = 1e-3
 
 
 def _status_kb(field: str) -> int | None:
@@ -102,7 +111,16 @@ def one(what: str, layers: int | None) -> dict:
             opt.step()
             return "step"
     else:
-        dtype = {"check32": "float32", "check64": "float64"}[what]
+        if what in BUGS:
+            from tests._planted import scaled_backward
+
+            dtype, only32 = BUGS[what]
+            plant = scaled_backward(DELTA, only_float32=only32)
+            model.encoder.layer[0].intermediate.dense.register_forward_hook(
+                lambda mod, args, out: plant.apply(out)
+            )
+        else:
+            dtype = {"check32": "float32", "check64": "float64"}[what]
 
         def run() -> str:
             reports = gradcheck.check_model(
@@ -169,7 +187,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['seconds']:>7.1f} {r['cpu_seconds']:>7.1f}  {r['result']}"
         )
     by = {r["what"]: r for r in rows}
-    for what, step in (("check32", "adam"), ("check64", "adam"), ("check64", "adam64")):
+    for what, step in (
+        ("check32", "adam"),
+        ("check64", "adam"),
+        ("check64", "adam64"),
+        ("bug32", "adam"),
+        ("bug32k", "adam"),
+        ("bug32k", "adam64"),
+        ("bug64", "adam64"),
+    ):
         if what in by and step in by:
             print(
                 f"{what} / {step}: peak {by[what]['peak_mb'] / by[step]['peak_mb']:.2f}x, "

@@ -232,3 +232,152 @@ def test_widened_dot_in_pieces_is_the_float64_dot(monkeypatch):
     assert tb._dot64(a, b) == pytest.approx(exact, rel=1e-13)
     # a float32 dot product would be off by far more than that
     assert abs(float(torch.dot(a, b)) - exact) > 1e-13 * abs(exact)
+
+
+# ----------------------------------------------------------------- a failing check's memory
+class _TwoHeadFloat32Bug(_TwoHead):
+    """The planted bug in the float32 kernel alone (the float64 path right): a
+    failing float32 check then runs the precision split and its rounding draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.bug = scaled_backward(1e-3, only_float32=True)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_float32_only_bug_is_caught_with_or_without_the_lean_path(
+    monkeypatch, compact
+):
+    if compact:
+        monkeypatch.setattr(fdp, "COMPACT_MIN_ELEMENTS", 0)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    bad = _check(_TwoHeadFloat32Bug(), x)
+    assert bad.status == "mismatch", bad.headline()
+    assert bad.location is not None and bad.location.tensor.startswith("trunk.")
+    assert any("float32 code path only" in n for n in bad.notes), bad.notes
+    assert _check(_TwoHead(), x).status == "passed"
+
+
+def test_a_lean_session_holds_no_float64_copy_through_a_native_evaluation(
+    monkeypatch,
+):
+    from gradcheck.backends import torch as tb
+
+    monkeypatch.setattr(fdp, "COMPACT_MIN_ELEMENTS", 0)
+    seen = []
+    original = tb.TorchSession._evaluate
+
+    def spy(self, handle, t, promote, then=None, **kw):
+        out = original(self, handle, t, promote, then, **kw)
+        seen.append(
+            (self.lean, promote, len(self._f64), len(self._scratch_buffers))
+            + ((len(self._shadows),) if not promote else ())
+        )
+        return out
+
+    monkeypatch.setattr(tb.TorchSession, "_evaluate", spy)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    assert _check(_TwoHeadFloat32Bug(), x).status == "mismatch"
+    assert {s[0] for s in seen} == {True} and {s[1] for s in seen} == {True, False}
+    # no cached float64 copy or per-tensor scratch: one shadow per tensor, and
+    # none once a native evaluation has run
+    assert all(s[2] == 0 and s[3] == 0 for s in seen)
+    assert all(s[4] == 0 for s in seen if not s[1])
+
+
+def test_native_ulp_moves_are_the_wide_sum_rounded():
+    from gradcheck import backends
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(
+        torch.randn(4096, generator=gen)
+        * 10.0 ** torch.randint(-30, 30, (4096,), generator=gen)
+    )
+    with backends.open_session(lambda: (w * w).sum(), (), [w]) as s:
+        s.analytic()
+        (move,) = s.ulp_moves("float32", 4, seed=3)
+        assert move.dtype == torch.float32 and bool((move != 0).any())
+        own = w.detach()
+        for t in (1.0, -1.0):
+            got = s._moved_native(own, move, t)
+            wide = (own.double() + t * move.double()).float()
+            assert torch.equal(got, wide)
+            assert got.data_ptr() != own.data_ptr()
+
+
+def test_rounding_draw_statistics_in_pieces_are_the_stacked_ones(monkeypatch):
+    monkeypatch.setattr(cpt, "PIECE", 7)
+    rng = np.random.default_rng(0)
+    specs = [type("S", (), {"size": n})() for n in (23, 5)]
+    g32 = [
+        [rng.standard_normal(n).astype(np.float32) for n in (23, 5)] for _ in range(6)
+    ]
+    g64 = [[rng.standard_normal(n) for n in (23, 5)] for _ in range(6)]
+    base = [rng.standard_normal(n) for n in (23, 5)]
+    scales = rng.uniform(0.5, 2.0, 6)
+    for elementwise in (False, True):
+        stats = fdp._Draws(1, specs, elementwise)
+        for k in range(6):
+            held = [list(g32[k])]
+            add = stats.adder(held, float(scales[k]), [base] if elementwise else None)
+            for t in range(2):
+                add(0, t, g64[k][t])
+            assert held == [[None, None]]  # each native gradient dropped once used
+        for t in range(2):
+            errs = np.stack([(g32[k][t] - g64[k][t]) / scales[k] for k in range(6)])
+            spread = np.std(errs, axis=0, ddof=1)
+            if elementwise:
+                moves = np.stack([g64[k][t] / scales[k] - base[t] for k in range(6)])
+                want = fdp.NOISE_SIGMAS * (spread + np.sqrt(np.mean(moves**2, axis=0)))
+                got = stats.elements()[0, :23] if t == 0 else stats.elements()[0, 23:]
+                np.testing.assert_allclose(got, want, rtol=1e-12)
+            else:
+                want = fdp.NOISE_SIGMAS * np.linalg.norm(spread)
+                assert stats.tensor_norms()[0][t] == pytest.approx(want, rel=1e-12)
+
+
+def test_the_float64_gradient_summary_in_pieces_is_the_whole_arrays_one(
+    monkeypatch,
+):
+    monkeypatch.setattr(cpt, "PIECE", 5)
+    rng = np.random.default_rng(1)
+    g = [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal(3)]
+    other = [rng.standard_normal((4, 6)), rng.standard_normal(3)]
+    d = [rng.standard_normal((4, 6)).astype(np.float32), None]
+    ctx = type("Ctx", (), {"grads": Widened(g)})()
+    reduce = fdp._Against.reducer(ctx, Widened(d))
+    summary = fdp._Against([reduce(0, t, o) for t, o in enumerate(other)])
+    wide = [a.astype(np.float64) for a in g]
+    assert summary.along == pytest.approx(
+        float(np.vdot(other[0], d[0].astype(np.float64))), rel=1e-13
+    )
+    for t in range(2):
+        assert summary.norms[t] == pytest.approx(np.linalg.norm(other[t]), rel=1e-13)
+        assert summary.devs[t] == pytest.approx(
+            np.linalg.norm(wide[t] - other[t]), rel=1e-13
+        )
+        diff = np.abs(wide[t] - other[t]).reshape(-1)
+        k = int(np.argmax(diff))
+        assert summary.worst[t] == (k, other[t].reshape(-1)[k], wide[t].reshape(-1)[k])
+
+
+def test_torch_gradient_reductions_read_what_gradients_at_gives():
+    from gradcheck import backends
+    from gradcheck.backends.base import Session
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3, generator=gen))
+    b = torch.nn.Parameter(torch.randn(3, generator=gen))
+    unused = torch.nn.Parameter(torch.randn(2, generator=gen))
+    x = torch.randn(4, 5, generator=gen)
+    with backends.open_session(lambda: torch.tanh(x @ w + b), (), [w, b, unused]) as s:
+        s.analytic()
+        cots = [[np.ones((4, 3))], [np.linspace(-1, 1, 12).reshape(4, 3)]]
+
+        def reduce(row, t, g):
+            return (row, t, g.dtype, g.shape, float(np.linalg.norm(g)))
+
+        for promote in (False, True):
+            got = s.gradient_reductions(cots, reduce, promote=promote)
+            want = Session.gradient_reductions(s, cots, reduce, promote=promote)
+            assert got == want and got[1][2][4] == 0.0  # the unused one: zeros

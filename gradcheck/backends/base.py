@@ -59,6 +59,13 @@ class Session(ABC):
     notes: list[str]
     #: 2 for a derived second-order session (its outputs are fn's gradients)
     derived_order: int = 1
+    #: Set by the engine for a check of a large model (the compact threshold of
+    #: properties.finite_difference): keep no model-sized copy (float64 shadows,
+    #: work buffers) from one evaluation to the next. Each evaluation makes the
+    #: copies it needs and drops them when it ends: a few page faults more per
+    #: evaluation, against several model-sized buffers held through a failing
+    #: check's diagnosis. A backend may ignore it.
+    lean: bool = False
 
     def __init__(self) -> None:
         self.notes = []
@@ -139,24 +146,55 @@ class Session(ABC):
     ) -> tuple[float, list[np.ndarray | None]]:
         """Value and per-tensor gradients of a scalar-valued callable of the inputs."""
 
-    def ulp_moves(self, dtype: str, ulps: int, seed: int) -> Any:
+    def ulp_moves(self, dtype: str | Sequence[str], ulps: int, seed: int) -> Any:
         """A handle (as ``prepare`` returns one) for a move of every nonzero element
         of the differentiated tensors by a random whole number of ulps, uniform in
-        [-ulps, ulps], of its value rounded to ``dtype`` (NumPy's ``np.spacing``);
-        zero elements stay. Drawn from ``seed``: the same seed, the same move.
+        [-ulps, ulps], of its value rounded to ``dtype`` (NumPy's ``np.spacing``;
+        one dtype for every tensor, or one per tensor); zero elements stay. Drawn
+        from ``seed``: the same seed, the same move.
 
         This default draws on the host from ``values()``; a backend overrides it to
         draw where its tensors live (no full-size host copy per draw)."""
-        low = _numpy_dtype(dtype)
+        dtypes = [dtype] * len(self.specs) if isinstance(dtype, str) else list(dtype)
         rng = np.random.default_rng(seed)
         return self.prepare(
             [
                 rng.integers(-ulps, ulps + 1, size=x.shape)
-                * np.spacing(np.abs(x).astype(low)).astype(np.float64)
+                * np.spacing(np.abs(x).astype(_numpy_dtype(low))).astype(np.float64)
                 * (x != 0)
-                for x in self.values()
+                for x, low in zip(self.values(), dtypes, strict=True)
             ]
         )
+
+    def gradient_reductions(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        reduce: Callable[[int, int, np.ndarray], Any],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[list[Any]]:
+        """``[[reduce(row, i, g_i) for each tensor i] for each cotangent set]`` for
+        the gradients ``gradients_at`` (same arguments) gives: each g_i a float64
+        host array (zeros where the tensor is not connected), handed over one at
+        a time, so a caller that needs numbers per tensor (norms, dot products,
+        running sums) never holds a whole set of them (a float32 model's float64
+        gradients are twice the model).
+
+        This default takes the whole sets from ``gradients_at``; a backend
+        overrides it to read each gradient and drop it as it goes."""
+        return [
+            [
+                reduce(row, i, np.zeros(sp.shape) if g is None else g)
+                for i, (sp, g) in enumerate(zip(self.specs, grads, strict=True))
+            ]
+            for row, grads in enumerate(
+                self.gradients_at(  # type: ignore[attr-defined]
+                    cotangent_sets, promote=promote, handle=handle, t=t
+                )
+            )
+        ]
 
     def projected_gradients_at(
         self,

@@ -674,7 +674,7 @@ def _spacing(a: torch.Tensor) -> torch.Tensor:
     """np.spacing of a non-negative tensor in its own dtype: nextafter(a, inf) - a,
     exact; where the device has no nextafter for that dtype, from frexp."""
     try:
-        return torch.nextafter(a, a.new_tensor(float("inf"))) - a
+        return torch.nextafter(a, a.new_tensor(float("inf"))).sub_(a)
     except (RuntimeError, NotImplementedError):  # pragma: no cover - device specific
         return _spacing_frexp(a)
 
@@ -942,6 +942,7 @@ class TorchSession(Session):
         self.reference_dtype = "float64"
         self._f64: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch_buffers: dict[int, torch.Tensor] = {}
+        self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         self._widen_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         #: work buffers taken from _torch_pool, given back by restore()
         self._pool_taken: list[torch.Tensor] = []
@@ -1310,6 +1311,7 @@ class TorchSession(Session):
         the clone. The graph keeps what it saved of the clones until the backward
         frees it; the parameters point at their own storage again afterwards."""
         params = [p for kind, p in self.diff if kind == "param"]
+        self._lean_native()
         try:
             for p in params:
                 p.data = self._native[id(p)].clone()
@@ -1977,6 +1979,9 @@ class TorchSession(Session):
         place (the user's own storage is protected either way). The storage comes
         from the host buffers kept across checks (_torch_pool); the values are
         copied from ``x`` here, every session."""
+        if self.lean:  # one float64 buffer per tensor (see _shadow)
+            buf, holds_x = self._shadow(x, holds_x=True)
+            return buf if holds_x else buf.copy_(x.detach())
         key = id(x)
         cached = self._f64.get(key)
         if cached is None or cached[0] is not x:
@@ -2001,6 +2006,7 @@ class TorchSession(Session):
         taken, self._pool_taken = self._pool_taken, []
         self._f64.clear()
         self._scratch_buffers.clear()
+        self._shadows.clear()
         self._widen_buffers.clear()
         self._projection_direction = None
         _torch_pool.give(taken)
@@ -2023,6 +2029,19 @@ class TorchSession(Session):
             base = self._widened(base, out.dtype)
         return torch.add(base, d, alpha=t, out=out)
 
+    def _moved_native(
+        self, own: torch.Tensor, d: torch.Tensor, t: float
+    ) -> torch.Tensor:
+        """x + t d rounded to x's own dtype: a native evaluation's point. Where d
+        has x's dtype and t is +-1 (the measured rounding's ulp moves) it is one
+        add in that dtype: IEEE rounds the exact sum once, so the value is the
+        correctly rounded x + t d, as the wide sum rounded back gives it where
+        that sum is exact (every ulp move), with no wide buffer at all. Otherwise
+        the wide sum (_moved), rounded."""
+        if d.dtype == own.dtype and t in (1.0, -1.0):
+            return torch.add(own.detach(), d, alpha=t)
+        return self._moved(own, d, t, False).to(own.dtype)
+
     def _widened(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x`` copied into a buffer of ``dtype`` shared by every tensor of the
         session (sized to the largest asked for): a moved point's exact widening
@@ -2033,12 +2052,38 @@ class TorchSession(Session):
             buf = self._widen_buffers[key] = self._pooled((x.numel(),), dtype, x.device)
         return buf[: x.numel()].view(x.shape).copy_(x)
 
+    def _shadow(self, x: torch.Tensor, holds_x: bool) -> tuple[torch.Tensor, bool]:
+        """A lean session's (Session.lean) one float64 buffer per tensor, in place
+        of _as64's copy and _scratch's buffer, each of which is the model's size
+        in float64 again: (buffer, whether it holds x already). An evaluation
+        uses a tensor either unmoved (_as64: x copied in again where a moved
+        point was written since, a copy into memory already touched) or moved
+        (_scratch: x + t d written over it), never both. Not pooled: an
+        evaluation in the native precision drops them all (_lean_native)."""
+        key = id(x)
+        cached = self._shadows.get(key)
+        if cached is None or cached[0] is not x:
+            buf = torch.empty(x.shape, dtype=_wide(x.dtype), device=x.device)
+            cached = (x, buf, False)
+        self._shadows[key] = (x, cached[1], holds_x)
+        return cached[1], cached[2]
+
+    def _lean_native(self) -> None:
+        """Before an evaluation in the native precision, which reads no float64
+        shadow: a lean session holds none through it (the measured rounding's
+        draws run several native forwards and backwards in a row; the
+        diagnosis takes the gradient at x again) and makes them again after."""
+        if self.lean:
+            self._shadows.clear()
+
     def _scratch(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
         """A float64 buffer per tensor, reused by every no-grad evaluation: no
         fresh pages to fault in per evaluation (a graph-recording evaluation gets
         its own, since its graph may keep it)."""
         if grad:
             return torch.empty(x.shape, dtype=_wide(x.dtype), device=x.device)
+        if self.lean:
+            return self._shadow(x, holds_x=False)[0]
         buf = self._scratch_buffers.get(id(x))
         if buf is None:
             buf = self._scratch_buffers[id(x)] = self._pooled(
@@ -2099,6 +2144,10 @@ class TorchSession(Session):
         copy: 0.88 GB less on BERT-base); one whose storage is the session's or
         the user's (a custom backward returning a saved tensor) is copied, since
         that storage is written again."""
+        return _drain(grads, self._host_reader())
+
+    def _host_reader(self) -> Callable[[torch.Tensor], np.ndarray]:
+        """How _read_gradients reads one gradient: see there."""
         ours = self._own_storages()
 
         def read(g: torch.Tensor) -> np.ndarray:
@@ -2114,7 +2163,7 @@ class TorchSession(Session):
                 return g.detach().numpy()
             return _to_numpy(g)
 
-        return _drain(grads, read)
+        return read
 
     def projected_gradients_at(
         self,
@@ -2142,14 +2191,15 @@ class TorchSession(Session):
             cotangent_sets, promote, handle, t, lambda grads: _project(grads, dirs)
         )
 
-    def ulp_moves(self, dtype: str, ulps: int, seed: int) -> Any:
+    def ulp_moves(self, dtype: str | Sequence[str], ulps: int, seed: int) -> Any:
         """The base class's move, drawn on each tensor's device (a torch.Generator
         per device seeded with ``seed``): the ulp of |x| rounded to ``dtype`` is
         nextafter(|x|, inf) - |x| in that dtype, exactly np.spacing's value."""
-        low = getattr(torch, dtype)
+        dtypes = [dtype] * len(self.diff) if isinstance(dtype, str) else list(dtype)
         generators: dict[torch.device, torch.Generator] = {}
         handles = []
-        for kind, ref in self.diff:
+        for (kind, ref), name in zip(self.diff, dtypes, strict=True):
+            low = getattr(torch, name)
             own = self.inputs[ref] if kind == "input" else self._state_data(ref)
             own = own.detach()
             x = torch.view_as_real(own.resolve_conj()) if own.is_complex() else own
@@ -2174,6 +2224,34 @@ class TorchSession(Session):
             move.mul_(ulp).masked_fill_(x == 0, 0.0)
             handles.append(torch.view_as_complex(move) if own.is_complex() else move)
         return handles
+
+    def gradient_reductions(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        reduce: Callable[[int, int, np.ndarray], Any],
+        *,
+        promote: bool,
+        handle: Any = None,
+        t: float = 0.0,
+    ) -> list[list[Any]]:
+        """The base class's reductions, each gradient read to the host (as
+        gradients_at reads it) and dropped before the next is read."""
+        rows = iter(range(len(cotangent_sets)))
+        specs = self.specs
+
+        def read(grads: list[torch.Tensor | None]) -> list[Any]:
+            row = next(rows)
+            host = self._host_reader()
+            out = []
+            for i in range(len(grads)):
+                g, grads[i] = grads[i], None
+                a = np.zeros(specs[i].shape) if g is None else host(g)
+                del g
+                out.append(reduce(row, i, a))
+                del a
+            return out
+
+        return self._gradients(cotangent_sets, promote, handle, t, read)
 
     def _gradients(
         self,
@@ -2260,6 +2338,8 @@ class TorchSession(Session):
         autocast off, as the whole reference evaluation)."""
 
         self._graph = None  # a new graph may replace the leaves' grad accumulators
+        if not promote:
+            self._lean_native()
         # tensors the direction moves get x + t d below, formed from their own
         # values: no float64 copy of them is made (on BERT-base, 0.9 GB less)
         moved = {
@@ -2312,9 +2392,11 @@ class TorchSession(Session):
                         if d is not None:  # x + t d, formed in float64
                             # a native evaluation's graph keeps the rounded
                             # copy, not the float64 sum: the shared buffer then
-                            value = self._moved(own, d, t, grad and promote)
-                            if not promote:
-                                value = value.to(own.dtype)
+                            value = (
+                                self._moved(own, d, t, grad)
+                                if promote
+                                else self._moved_native(own, d, t)
+                            )
                         elif promote:
                             value = self._as64(own)
                         else:

@@ -199,20 +199,31 @@ def vdot(a: Array, b: Array) -> float:
     return vdots([a], [b])[0]
 
 
-def norms(xs: Sequence[Array | None]) -> list[float]:
+def norms(
+    xs: Sequence[Array | None], *, host: Callable[[np.ndarray], Any] | None = None
+) -> list[float]:
     """``norm`` of each array (0.0 for None); arrays off the host are reduced on
     their devices and read together: one transfer of a few scalars per device,
-    not a synchronisation per array (a model of hundreds of tensors on a GPU)."""
+    not a synchronisation per array (a model of hundreds of tensors on a GPU).
+    ``host``: the routine for host arrays instead of ``np.linalg.norm`` (a caller
+    that reads large arrays a piece at a time)."""
+    host = host or np.linalg.norm  # BLAS dot: unchanged NumPy results
     return _scalars(
         [None if x is None else (x,) for x in xs],
         lambda x, xp: xp.linalg.vector_norm(x[0]),
-        lambda x: np.linalg.norm(x[0]),  # BLAS dot: unchanged NumPy results
+        lambda x: host(x[0]),
     )
 
 
-def vdots(a: Sequence[Array | None], b: Sequence[Array | None]) -> list[float]:
+def vdots(
+    a: Sequence[Array | None],
+    b: Sequence[Array | None],
+    *,
+    host: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+) -> list[float]:
     """``vdot`` of each pair (0.0 where either is None), read as ``norms`` reads
-    its results."""
+    its results; ``host``: the routine for host arrays instead of ``np.vdot``."""
+    host = host or np.vdot
     if len(a) != len(b):
         raise InvalidArgumentError(f"vdots of {len(a)} and {len(b)} arrays")
     pairs = [
@@ -221,7 +232,7 @@ def vdots(a: Sequence[Array | None], b: Sequence[Array | None]) -> list[float]:
     return _scalars(
         pairs,
         lambda p, xp: xp.vecdot(xp.reshape(p[0], (-1,)), xp.reshape(p[1], (-1,))),
-        lambda p: np.vdot(p[0], p[1]),
+        lambda p: host(p[0], p[1]),
     )
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from gradcheck.numeric.arrays import Array, as_float64, namespace
 
-__all__ = ["Widened", "narrow", "subset"]
+__all__ = ["PIECE", "Widened", "narrow", "piece_sum", "pieces", "subset"]
 
 
 class Widened(Sequence[Any]):
@@ -112,3 +112,30 @@ def subset(
     if isinstance(arrays, Widened):
         return Widened(a if t in keep else None for t, a in enumerate(arrays.narrow))
     return [a if t in keep else None for t, a in enumerate(arrays)]
+
+
+#: Elements per piece of a piecewise pass (8 MB per float64 operand).
+PIECE = 1 << 20
+
+
+def pieces(*arrays: Array | None) -> Iterator[tuple[int, list[Array | None]]]:
+    """Host arrays of the same number of elements (None stays None), read flat a
+    PIECE of elements at a time as float64: (offset, pieces). A pass over one
+    tensor's arrays then holds a few float64 pieces, not a float64 copy of each
+    whole operand and of every intermediate (BERT-base's 23M-element embedding:
+    188 MB per float64 operand)."""
+    flats = [None if a is None else np.reshape(np.asarray(a), -1) for a in arrays]
+    n = max((f.size for f in flats if f is not None), default=0)
+    for i in range(0, n, PIECE):
+        yield (
+            i,
+            [
+                None if f is None else f[i : i + PIECE].astype(np.float64, copy=False)
+                for f in flats
+            ],
+        )
+
+
+def piece_sum(fn: Any, *arrays: Array | None) -> float:
+    """sum of ``fn(*pieces)`` over :func:`pieces` of ``arrays``, in float64."""
+    return sum((float(fn(*p)) for _, p in pieces(*arrays)), 0.0)

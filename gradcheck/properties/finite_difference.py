@@ -33,8 +33,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -166,10 +167,17 @@ class _Probe:
         self.direction = direction
         s = ctx.session
         self.handle = s.prepare(direction)
-        #: <g_t, d_t>: reverse mode's contribution of each tensor
-        # (numeric.arrays.vdots: NumPy's np.vdot per tensor for NumPy arrays,
-        # the tensors' devices' otherwise, the scalars read together)
-        self.reverse_contrib = np.array(xa.vdots(ctx.grads, direction))
+        #: <g_t, d_t>: reverse mode's contribution of each tensor: host arrays a
+        #: piece at a time (a compact check's arrays are never widened whole),
+        #: arrays on an accelerator (Session.vjp_on_device) where they live, their
+        #: scalars read together (numeric.arrays.vdots)
+        self.reverse_contrib = np.array(
+            xa.vdots(
+                cpt.narrow(ctx.grads),
+                cpt.narrow(direction),
+                host=lambda g, d: cpt.piece_sum(np.dot, g, d),
+            )
+        )
         # ad="forward": <v, J d> from one JVP along the whole direction; the
         # per-tensor sizes that scale the finite-difference trust limit stay
         # reverse mode's (magnitudes only). ad="both": one JVP per tensor the
@@ -194,7 +202,10 @@ class _Probe:
             d is not None and not (t < len(full) and d is full[t])
             for t, d in enumerate(self.moved)
         ]
-        measured = xa.norms([direction[t] if o else None for t, o in enumerate(own)])
+        measured = xa.norms(
+            [d if o else None for d, o in zip(self.moved, own, strict=True)],
+            host=lambda d: math.sqrt(cpt.piece_sum(_sq, d)),
+        )
         self.d_norms = [
             None
             if d is None
@@ -497,6 +508,9 @@ def run(session: Session, options: Options) -> CheckReport:
     compact = mode == "directional" and n_in >= COMPACT_MIN_ELEMENTS
     cast_free = mode == "directional" and _cast_free_applies(session, options)
     retain = mode == "full" and options.ad != "forward"
+    # and the backend keeps no model-sized buffer between evaluations (a failing
+    # check's diagnosis holds several gradient sets of its own meanwhile)
+    session.lean = compact
     if (
         mode == "directional"
         and not compact
@@ -736,6 +750,19 @@ class _CastFree(_Derived):
             cotangent_sets, promote=True, handle=handle, t=t
         )
 
+    def gradient_reductions(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        reduce: Callable[[int, int, np.ndarray], Any],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[Any]]:
+        return self.inner.gradient_reductions(
+            cotangent_sets, reduce, promote=True, handle=handle, t=t
+        )
+
     def projected_gradients_at(
         self,
         cotangent_sets: Sequence[Sequence[np.ndarray]],
@@ -781,7 +808,8 @@ def _judge_own_gradient(
     own_ctx = _Context(session, ctx.options, ctx.cot, own)
     own_ctx._x = ctx._x
     own_ctx.measured = _Measured(np.dtype(_numpy_dtype(low)), tl.eps(low), 0.0, 0.0)
-    t, dev, allowed, measured = _split_judgement(own_ctx, ctx.grads)
+    cast_free = _Against.of(own_ctx, ctx.grads)
+    t, dev, allowed, measured = _split_judgement(own_ctx, cast_free)
     spec = session.specs[t]
     if dev <= allowed:
         report.tolerance_reason = (
@@ -798,11 +826,11 @@ def _judge_own_gradient(
             "gradient matches the finite differences at float64 precision."
         )
         return False
-    rel = dev / max(float(np.linalg.norm(ctx.grads[t])), 1e-300)
+    rel = dev / max(cast_free.norms[t], 1e-300)
     _native_path_mismatch(
         own_ctx,
         report,
-        ctx.grads,
+        cast_free,
         (t, dev, allowed),
         f"its measured {low} rounding",
         f"the cast-free float64 gradient (this model's {low} casts run in float64) "
@@ -1431,10 +1459,19 @@ def _diagnose(
         drift = abs(ctx.forward_total(probe.direction) - probe.analytical)
     else:
         s.analytic()
-        regrads = s.vjp(ctx.cot)
+        regrads = s.vjp(ctx.cot, compact=isinstance(ctx.grads, Widened))
         drift = sum(
-            abs(float(np.vdot((g2 if g2 is not None else 0) - g, dd)))
-            for g, g2, dd in zip(ctx.grads, regrads, probe.direction, strict=True)
+            abs(
+                cpt.piece_sum(lambda a, b, d: np.dot(a - b, d), g2, g, dd)
+                if g2 is not None
+                else cpt.piece_sum(np.dot, g, dd)
+            )
+            for g, g2, dd in zip(
+                cpt.narrow(ctx.grads),
+                regrads,
+                cpt.narrow(probe.direction),
+                strict=True,
+            )
             if dd is not None
         )
     if drift > 0 and drift >= 0.1 * err:
@@ -1817,6 +1854,23 @@ class _Shifted(_Derived):
             cotangent_sets, promote=promote, handle=self._moved(handle, t), t=1.0
         )
 
+    def gradient_reductions(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        reduce: Callable[[int, int, np.ndarray], Any],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[Any]]:
+        return self.inner.gradient_reductions(
+            cotangent_sets,
+            reduce,
+            promote=promote,
+            handle=self._moved(handle, t),
+            t=1.0,
+        )
+
     def prepare(self, direction: Sequence[np.ndarray | None]) -> object:
         return list(direction)
 
@@ -2004,7 +2058,8 @@ def _rounding_draws(
     *,
     stability: bool = True,
     low_name: str | None = None,
-) -> np.ndarray | None:
+    elementwise: bool = False,
+) -> _Draws | None:
     """Errors of the native gradient against the float64 one at NOISE_DRAWS nearby
     points: every element moved by a random whole number of its own ulps (<=
     NOISE_ULPS, so the point stays exactly representable in its dtype) and the
@@ -2015,9 +2070,14 @@ def _rounding_draws(
     gradients are taken at the same point with the same cotangent, so the true
     gradient's change cancels and what remains is the native backward's own
     rounding: cancelled terms, rounded intermediates, re-rounded at each draw.
-    Returns the per-element noise: NOISE_SIGMAS x (the draws' standard deviation +
-    the RMS change of the float64 gradient itself), shape (rows, n_in); None where a
-    dtype has no NumPy version. The second term is backward stability: a stable
+    Returns the per-element noise, NOISE_SIGMAS x (the draws' standard deviation +
+    the RMS change of the float64 gradient itself), as a _Draws (its L2 norm per
+    tensor, or per element for a small problem); None where a dtype has no NumPy
+    version. The draws are summed as they come (Welford's running mean and sum
+    of squared deviations), one tensor at a time: the native gradients of a
+    draw are held while its float64 ones are read one tensor at a time, and no
+    draw is kept (a BERT-base float32 check would otherwise hold 16 float64
+    copies of its gradient). The second term is backward stability: a stable
     backward returns the exact gradient of a point a few ulps away, so its error
     may reach the float64 gradient's sensitivity to such moves. (logcumsumexp at
     x = 1e4 is admitted by the first term: the rescaled cotangent re-rounds its
@@ -2032,24 +2092,24 @@ def _rounding_draws(
     bounds it from far above and would hide a 1e-5 bug); ``low_name`` moves the points by ulps of that dtype instead of each
     tensor's own (a float64 model computing in float32 inside)."""
     s = ctx.session
-    dts = [_numpy_dtype(low_name or sp.dtype) for sp in s.specs]
+    names = [low_name or sp.dtype for sp in s.specs]
+    dts = [_numpy_dtype(n) for n in names]
     # torch only for now: on TensorFlow this path (float64 evaluations at moved
     # points with rescaled cotangents) is not yet tested; a failed promoted
     # evaluation there would switch the session's reference precision mid-check
     if s.framework != "torch" or any(dt is None for dt in dts):
         return None
-    eps = max(tl.eps(low_name or sp.dtype) for sp in s.specs)
+    eps = max(tl.eps(n) for n in names)
     low = np.float32 if eps >= tl.eps("float32") else np.float64
     rng = np.random.default_rng(ctx.options.seed + 2)
-    base = _stack(ctx, s.gradients_at(cot_sets, promote=True))
-    errs, moves = [], []
+    stats = _Draws(len(cot_sets), s.specs, stability or elementwise)
+    base = None
+    if stability:  # the float64 gradient at x: what the moved ones change from
+        base = s.gradient_reductions(cot_sets, lambda row, t, g: g, promote=True)
     for _ in range(NOISE_DRAWS):
-        d = [
-            rng.integers(-NOISE_ULPS, NOISE_ULPS + 1, size=x.shape)
-            * np.spacing(np.abs(x).astype(dt)).astype(np.float64)
-            * (x != 0)
-            for x, dt in zip(ctx.x, dts, strict=True)
-        ]
+        handle = s.ulp_moves(
+            names, NOISE_ULPS, int(rng.integers(np.iinfo(np.int64).max))
+        )
         scale = rng.uniform(0.5, 2.0)
         cots = [
             [
@@ -2064,22 +2124,179 @@ def _rounding_draws(
             ]
             for cs in cot_sets
         ]
-        handle = s.prepare(d)
-        g32 = _stack(ctx, s.gradients_at(cots, promote=False, handle=handle, t=1.0))
-        g64 = _stack(ctx, s.gradients_at(cots, promote=True, handle=handle, t=1.0))
-        errs.append((g32 - g64) / scale)
-        moves.append(g64 / scale - base)
-    spread = np.std(np.stack(errs), axis=0, ddof=1)
-    if not stability:
-        return NOISE_SIGMAS * spread
-    move = np.sqrt(np.mean(np.square(np.stack(moves)), axis=0))
-    return NOISE_SIGMAS * (spread + move)
+        held = s.gradient_reductions(
+            cots,
+            lambda row, t, g: _exact_narrow(g),
+            promote=False,
+            handle=handle,
+            t=1.0,
+        )
+        s.gradient_reductions(
+            cots, stats.adder(held, scale, base), promote=True, handle=handle, t=1.0
+        )
+        del handle, held
+    return stats
+
+
+class _Draws:
+    """_rounding_draws' statistics, summed draw by draw per row and tensor:
+    Welford's running mean of the error (native minus float64 gradient, per
+    element) and its sum of squared deviations (per element where ``elementwise``
+    asks for the per-element noise, else summed over the tensor: its L2 norm
+    needs no more), and the sum of the squared moves of the float64 gradient."""
+
+    def __init__(self, rows: int, specs: Sequence[Any], elementwise: bool):
+        self.specs = specs
+        self.elementwise = elementwise
+        self.n = [[0] * len(specs) for _ in range(rows)]
+        self.mean: list[list[Any]] = [[None] * len(specs) for _ in range(rows)]
+        self.m2: list[list[Any]] = [[0.0] * len(specs) for _ in range(rows)]
+        self.moves: list[list[Any]] = [[None] * len(specs) for _ in range(rows)]
+
+    def adder(
+        self,
+        held: list[list[np.ndarray | None]],
+        scale: float,
+        base: list[list[np.ndarray]] | None,
+    ) -> Callable[[int, int, np.ndarray], None]:
+        """The reduction that adds one draw: its float64 gradient g64, one tensor
+        at a time (and that a piece at a time), against the native one held
+        (dropped once used), both divided by the draw's cotangent scale."""
+
+        def add(row: int, t: int, g64: np.ndarray) -> None:
+            g32, held[row][t] = held[row][t], None
+            b = None if base is None else base[row][t]
+            self.n[row][t] += 1
+            k = self.n[row][t]
+            if self.mean[row][t] is None:  # flat per-element sums
+                self.mean[row][t] = np.zeros(g64.size)
+                if self.elementwise:
+                    self.m2[row][t] = np.zeros(g64.size)
+                if b is not None:
+                    self.moves[row][t] = np.zeros(g64.size)
+            mean, m2, moves = self.mean[row][t], self.m2[row][t], self.moves[row][t]
+            for at, (native, wide, before) in cpt.pieces(g32, g64, b):
+                sl = slice(at, at + wide.size)
+                err = (native - wide) / scale
+                delta = err - mean[sl]
+                mean[sl] += delta / k
+                sq = delta * (err - mean[sl])
+                if self.elementwise:
+                    m2[sl] += sq
+                else:
+                    self.m2[row][t] += float(sq.sum())
+                if before is not None:
+                    moves[sl] += np.square(wide / scale - before)
+
+        return add
+
+    def _noise(self, row: int, t: int) -> np.ndarray | float:
+        """NOISE_SIGMAS x (standard deviation + RMS move): per element where
+        elementwise, else its L2 norm (no move term then)."""
+        n = self.n[row][t]
+        var = self.m2[row][t] / max(n - 1, 1)
+        if not self.elementwise:
+            return NOISE_SIGMAS * math.sqrt(max(float(var), 0.0))
+        out = np.sqrt(var)
+        if self.moves[row][t] is not None:
+            out = out + np.sqrt(self.moves[row][t] / n)
+        return NOISE_SIGMAS * out
+
+    def tensor_norms(self) -> list[list[float]]:
+        """Per row, per tensor: the L2 norm of the per-element noise."""
+        return [
+            [
+                float(v) if np.isscalar(v) else float(np.linalg.norm(v))
+                for v in (self._noise(r, t) for t in range(len(self.specs)))
+            ]
+            for r in range(len(self.n))
+        ]
+
+    def elements(self) -> np.ndarray:
+        """The per-element noise, shape (rows, n_in) (elementwise only)."""
+        assert self.elementwise
+        return np.stack(
+            [
+                np.concatenate(
+                    [np.reshape(self._noise(r, t), -1) for t in range(len(self.specs))]
+                )
+                for r in range(len(self.n))
+            ]
+        )
+
+
+class _Against:
+    """The checked gradient g against another gradient G of the same tensors (the
+    float64 one), as the numbers the precision split reads, per tensor: G is
+    never held whole. It comes one tensor at a time (Session.gradient_reductions;
+    a float32 model's float64 gradient is twice the model) and leaves
+    <G_t, d_t> along the probe direction, ||G_t||, ||g_t - G_t|| and the element
+    where |g_t - G_t| is largest, with G and g there."""
+
+    def __init__(self, rows: Sequence[tuple[float, float, float, tuple]]):
+        self.along = sum(r[0] for r in rows)
+        self.norms = [r[1] for r in rows]
+        self.devs = [r[2] for r in rows]
+        #: per tensor: (flat index, G there, g there), or None for no element
+        self.worst = [r[3] for r in rows]
+
+    @staticmethod
+    def reducer(
+        ctx: _Context, direction: Sequence[np.ndarray | None] | None
+    ) -> Callable[[int, int, np.ndarray], tuple[float, float, float, tuple]]:
+        """The reduction of G_t against ctx.grads[t] (``direction``: None for no
+        dot product)."""
+
+        grads = cpt.narrow(ctx.grads)
+        dirs = None if direction is None else cpt.narrow(direction)
+
+        def reduce(row: int, t: int, other: np.ndarray):
+            d = None if dirs is None else dirs[t]
+            along = sq_other = sq_dev = 0.0
+            worst, largest = None, -1.0
+            for at, (g, o, dd) in cpt.pieces(grads[t], other, d):
+                diff = g - o
+                if dd is not None:
+                    along += float(np.dot(o, dd))
+                sq_other += float(np.dot(o, o))
+                sq_dev += float(np.dot(diff, diff))
+                k = int(np.argmax(np.abs(diff)))
+                if abs(diff[k]) > largest:  # the first largest, as np.argmax's
+                    largest = abs(float(diff[k]))
+                    worst = (at + k, float(o[k]), float(g[k]))
+            return (along, math.sqrt(sq_other), math.sqrt(sq_dev), worst)
+
+        return reduce
+
+    @classmethod
+    def of(cls, ctx: _Context, others: Sequence[np.ndarray | None]) -> _Against:
+        """The summary of gradients already held (as a list)."""
+        reduce = cls.reducer(ctx, None)
+        return cls(
+            [
+                reduce(0, t, np.zeros(sp.shape) if o is None else o)
+                for t, (sp, o) in enumerate(zip(ctx.session.specs, others, strict=True))
+            ]
+        )
+
+    @classmethod
+    def taken(
+        cls,
+        ctx: _Context,
+        direction: Sequence[np.ndarray | None] | None,
+        **at: Any,
+    ) -> _Against:
+        """The summary of the gradient the session takes at ``at``
+        (gradient_reductions' keywords), read one tensor at a time."""
+        s = ctx.session
+        (rows,) = s.gradient_reductions([ctx.cot], cls.reducer(ctx, direction), **at)
+        return cls(rows)
 
 
 def _native_path_mismatch(
     ctx: _Context,
     report: CheckReport,
-    g64: list[np.ndarray],
+    g64: _Against,
     worst: tuple[int, float, float],
     versus: str,
     note: str,
@@ -2089,16 +2306,16 @@ def _native_path_mismatch(
     largest deviation from the float64 gradient, with ``note`` appended."""
     t, dev, allowed = worst
     spec = ctx.session.specs[t]
-    diff = np.abs(ctx.grads[t] - g64[t]).reshape(-1)
-    k = int(np.argmax(diff)) if diff.size else 0
+    at = g64.worst[t]
+    k = 0 if at is None else at[0]
     report.status = "mismatch"
     report.location = Location(
         tensor=spec.name,
         index=tuple(int(i) for i in np.unravel_index(k, spec.shape))
         if spec.shape
         else (),
-        numerical=float(g64[t].reshape(-1)[k]) if diff.size else None,
-        analytical=float(ctx.grads[t].reshape(-1)[k]) if diff.size else None,
+        numerical=None if at is None else at[1],
+        analytical=None if at is None else at[2],
         error=dev,
         tolerance=allowed,
         quantity=_quantity(ctx)
@@ -2129,16 +2346,12 @@ def _precision_split(
         # float64 side of the split is a reverse-mode gradient)
         return False
     s = ctx.session
-    g64 = _zeros_for_none(ctx, s.gradients_at([ctx.cot], promote=True)[0])
-    ana64 = sum(
-        float(np.vdot(g, d))
-        for g, d in zip(g64, probe.direction, strict=True)
-        if d is not None
-    )
+    g64 = _Against.taken(ctx, probe.direction, promote=True)
+    ana64 = g64.along
     rho64 = tl.gradient_rounding("float64")
     terms64 = {
         "finite_difference": tl.FD_SAFETY * float(est.error),
-        "analytical_rounding": tl.ROUNDING_SIGMAS * rho64 * math.sqrt(len(g64)),
+        "analytical_rounding": tl.ROUNDING_SIGMAS * rho64 * math.sqrt(len(s.specs)),
         "input_rounding": probe.input_rounding(est.step),
     }
     err64, tol64 = abs(float(est.value) - ana64), sum(terms64.values())
@@ -2151,21 +2364,23 @@ def _precision_split(
     if ctx.measured is not None and ctx.measured.factor < 1.0:
         return _measured_split(ctx, g64, report, (err64, tol64, terms64))
     handle, eta = _jitter_handle(ctx)
-    gj = _zeros_for_none(
-        ctx, s.gradients_at([ctx.cot], promote=False, handle=handle, t=eta)[0]
+    # ||gj_t - g_t|| per tensor, the jittered gradient read one tensor at a time
+    (jitter,) = s.gradient_reductions(
+        [ctx.cot],
+        lambda row, t, gjt: _distance(gjt, cpt.narrow(ctx.grads)[t]),
+        promote=False,
+        handle=handle,
+        t=eta,
     )
 
-    def judge(noise: np.ndarray | None) -> tuple[tuple[int, float, float], float]:
+    def judge(noise: list[float] | None) -> tuple[tuple[int, float, float], float]:
         worst, worst_ratio = (0, 0.0, 0.0), -1.0
-        offset = 0
-        for t, (g, g6, gjt) in enumerate(zip(ctx.grads, g64, gj, strict=True)):
-            dev = float(np.linalg.norm(g - g6))
-            allowed = JITTER_FACTOR * float(np.linalg.norm(gjt - g)) + (
+        for t, dev in enumerate(g64.devs):
+            allowed = JITTER_FACTOR * jitter[t] + (
                 tl.ROUNDING_SIGMAS * ctx.rho[t] * ctx.g_eff[t]
             )
             if noise is not None:
-                allowed += float(np.linalg.norm(noise[0, offset : offset + g.size]))
-            offset += g.size
+                allowed += noise[t]
             ratio = dev / allowed if allowed > 0 else (np.inf if dev > 0 else 0.0)
             if ratio > worst_ratio:
                 worst, worst_ratio = (t, dev, allowed), ratio
@@ -2174,9 +2389,9 @@ def _precision_split(
     (t, dev, allowed), worst_ratio = judge(None)
     measured = f"the spread of {s.specs[t].dtype} gradients at points {JITTER_ULPS:g} ulps away"
     if worst_ratio > 1:
-        noise = _rounding_draws(ctx, [ctx.cot])
-        if noise is not None:
-            (t, dev, allowed), worst_ratio = judge(noise)
+        draws = _rounding_draws(ctx, [ctx.cot])
+        if draws is not None:
+            (t, dev, allowed), worst_ratio = judge(draws.tensor_norms()[0])
             measured = _NOISE_NOTE
     spec = s.specs[t]
     if worst_ratio <= 1:
@@ -2215,7 +2430,7 @@ MEASURED_SPLIT_FACTOR = 4.0
 
 def _measured_split(
     ctx: _Context,
-    g64: list[np.ndarray],
+    g64: _Against,
     report: CheckReport,
     judged64: tuple[float, float, dict[str, float]],
 ) -> bool:
@@ -2252,7 +2467,7 @@ def _measured_split(
             "finite differences."
         )
         return True
-    rel = dev / max(float(np.linalg.norm(g64[t])), 1e-300)
+    rel = dev / max(g64.norms[t], 1e-300)
     _native_path_mismatch(
         ctx,
         report,
@@ -2268,31 +2483,50 @@ def _measured_split(
     return True
 
 
-def _split_judgement(
-    ctx: _Context, g64: list[np.ndarray]
-) -> tuple[int, float, float, str]:
+def _split_judgement(ctx: _Context, g64: _Against) -> tuple[int, float, float, str]:
     """The tensor that deviates most from ``g64`` relative to its measured rounding
-    (see _measured_split): (index, L2 deviation, allowance, how it was measured)."""
+    (see _measured_split): (index, L2 deviation, allowance, how it was measured).
+
+    The mean of the gradients at x + move and x - move is formed one tensor at a
+    time: the first side's gradients are held as they came (float32 where that
+    is their exact value), the second side's are read one tensor at a time and
+    combined with them. The move is the backend's ulp_moves (drawn where the
+    tensors live)."""
     m = ctx.measured
     assert m is not None
     s = ctx.session
     rng = np.random.default_rng([ctx.options.seed, 6])
-    move = [
-        rng.integers(-NOISE_ULPS, NOISE_ULPS + 1, size=x.shape)
-        * np.spacing(np.abs(x).astype(m.low)).astype(np.float64)
-        * (x != 0)
-        for x in ctx.x
-    ]
-    handle = s.prepare(move)
-    mean = [np.zeros(sp.shape) for sp in s.specs]
+    handle = s.ulp_moves(
+        np.dtype(m.low).name, NOISE_ULPS, int(rng.integers(np.iinfo(np.int64).max))
+    )
+    sides = []
     for sign in (1.0, -1.0):
         scale = float(rng.uniform(0.5, 2.0))
         cot = [(c * scale).astype(m.low).astype(np.float64) for c in ctx.cot]
-        (grads,) = s.gradients_at([cot], promote=False, handle=handle, t=sign)
-        for acc, g in zip(mean, _zeros_for_none(ctx, grads), strict=True):
-            acc += 0.5 * g / scale
-    noise = [np.linalg.norm(a - g) for a, g in zip(mean, ctx.grads, strict=True)]
-    devs = [float(np.linalg.norm(g - g6)) for g, g6 in zip(ctx.grads, g64, strict=True)]
+        sides.append((sign, scale, cot))
+    (sign, scale_a, cot), second = sides[0], sides[1]
+    (held,) = s.gradient_reductions(
+        [cot], lambda row, t, g: _exact_narrow(g), promote=False, handle=handle, t=sign
+    )
+
+    grads = cpt.narrow(ctx.grads)
+
+    def noise_of(row: int, t: int, b: np.ndarray) -> float:
+        a, held[t] = held[t], None  # dropped once used
+        return math.sqrt(
+            cpt.piece_sum(
+                lambda a, b, g: _sq(0.5 * a / scale_a + 0.5 * b / second[1] - g),
+                a,
+                b,
+                grads[t],
+            )
+        )
+
+    (noise,) = s.gradient_reductions(
+        [second[2]], noise_of, promote=False, handle=handle, t=second[0]
+    )
+    del handle
+    devs = g64.devs
 
     def judge(per_tensor: list[float]) -> tuple[int, float, float]:
         total = math.sqrt(sum(n * n for n in per_tensor))
@@ -2315,18 +2549,37 @@ def _split_judgement(
             ctx, [ctx.cot], stability=False, low_name=np.dtype(m.low).name
         )
         if draws is not None:
-            offsets = np.cumsum([0] + [sp.size for sp in s.specs])
             spread = [
-                float(np.linalg.norm(draws[0, offsets[i] : offsets[i + 1]]))
-                / NOISE_SIGMAS
-                * (MEASURED_SPLIT_FACTOR / NOISE_SIGMAS)
-                for i in range(len(s.specs))
+                n / NOISE_SIGMAS * (MEASURED_SPLIT_FACTOR / NOISE_SIGMAS)
+                for n in draws.tensor_norms()[0]
             ]
             t, dev, allowed = judge(
                 [max(a, b) for a, b in zip(noise, spread, strict=True)]
             )
             measured = _NOISE_NOTE.replace(", plus that gradient's change", "")
     return t, dev, allowed, measured
+
+
+def _exact_narrow(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32 where that holds its exact values (a float32 gradient read
+    as float64), else ``a`` itself: half the memory for a gradient held a while."""
+    if a.dtype != np.float64 or not a.size:
+        return a
+    narrow = a.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for _, (w, x) in cpt.pieces(narrow, a):
+            if not np.array_equal(w, x, equal_nan=True):
+                return a
+    return narrow
+
+
+def _sq(v: np.ndarray) -> float:
+    return float(np.dot(v, v))
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b||, piecewise (see numeric.compact.pieces)."""
+    return math.sqrt(cpt.piece_sum(lambda x, y: _sq(x - y), a, b))
 
 
 def _kink(
@@ -2373,11 +2626,14 @@ def _restricted(
 ) -> _Probe:
     d = cpt.subset(ctx.full_direction, tensor_ids)
     if t_elem is not None:
-        d = list(d)  # one element range of one tensor, in float64
-        full = ctx.full_direction[t_elem]
-        part = np.zeros(full.size)
+        # one element range of one tensor, in the dtype the direction is held in
+        # (a compact direction stays compact: no float64 copy of the tensor)
+        full = cpt.narrow(ctx.full_direction)[t_elem]
+        part = np.zeros(full.size, dtype=full.dtype)
         part[lo:hi] = full.reshape(-1)[lo:hi]
-        d[t_elem] = part.reshape(full.shape)
+        arrays = cpt.narrow(d)
+        arrays[t_elem] = part.reshape(full.shape)
+        d = Widened(arrays) if isinstance(d, Widened) else arrays
     return _Probe(ctx, d)
 
 
@@ -2427,7 +2683,7 @@ def _locate(
             else ()
         )
         p = _restricted(ctx, [], t, lo, hi)
-        dk = float(ctx.full_direction[t].reshape(-1)[lo])
+        dk = float(cpt.narrow(ctx.full_direction)[t].reshape(-1)[lo])
         est = p.estimate(
             budget=max(p.analytic_rounding, ctx.fd_limit(p.scale)) / tl.FD_SAFETY,
             refinements=1,
@@ -2440,7 +2696,7 @@ def _locate(
             analytical=(
                 p.analytical / dk
                 if ctx.forward
-                else float(ctx.grads[t].reshape(-1)[lo])
+                else float(cpt.narrow(ctx.grads)[t].reshape(-1)[lo])
             ),
             error=err / abs(dk),
             tolerance=tol / abs(dk),
@@ -2977,9 +3233,9 @@ def _full_precision_split(
 
     ratio = judge()
     if np.max(ratio, initial=0.0) > 1:
-        noise = _rounding_draws(ctx, cot_sets)
-        if noise is not None:
-            allowed += noise
+        draws = _rounding_draws(ctx, cot_sets, elementwise=True)
+        if draws is not None:
+            allowed += draws.elements()
             ratio = judge()
             report.notes.append(
                 _NOISE_NOTE[0].upper() + _NOISE_NOTE[1:] + " was measured."
