@@ -8,12 +8,18 @@ One run reports, on this machine's CPU:
   ``torch.autograd.gradcheck(..., fast_mode=True)`` on the same function of the
   same float64 parameters (passed as positional inputs through
   ``torch.func.functional_call``);
-* float64 check / float64 training step, and what every check did.
+* float64 check / float64 training step, and what every check did;
+* the floor of a float32 check: the work no float32 check against a float64
+  reference can skip, in plain torch (one float32 forward + backward at the point,
+  two float64 forwards of a float64 copy of the model), beside the check and the
+  step as check / floor and floor / step. ``--floor`` adds that table for the
+  bench's model and its tanh twin (issue 12: is check / step <= 3 reachable?).
 
 Every timing is the median of ``--repeats`` calls after one warm-up call. The script
 reports numbers; it asserts nothing about them. Usage::
 
     PYTHONPATH=. python benchmarks/bench_engine.py [--quick] [--repeats N] [--json P]
+        [--floor] [--scaling]
 """
 
 from __future__ import annotations
@@ -141,6 +147,27 @@ def check_fn(model: torch.nn.Module, data: dict) -> Callable[[], Any]:
     )
 
 
+def floor_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
+    """The irreducible work of a float32 check with a float64 reference, in plain
+    torch (no gradcheck): one float32 forward + backward at the point (the
+    gradient to check, as torch.autograd.grad of the loss with respect to the
+    parameters) and two float64 forwards, at x + h d and x - h d, of a float64
+    copy of the model on the same batch (a central difference). The float64
+    copy is made once, outside the timed calls, as gradcheck reuses its own
+    float64 shadows; forming x +- h d is not counted."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model64, data64 = as_dtype(model, data, torch.float64)
+
+    def floor() -> None:
+        torch.autograd.grad(total_loss(model(data["x"]), data), params)
+        with torch.no_grad():
+            for _ in range(2):
+                total_loss(model64(data64["x"]), data64)
+
+    return floor
+
+
 def functional(model: torch.nn.Module, data: dict):
     """The loss as a function of the parameters passed positionally, the parameters
     (float64 leaves that require grad) and a call counter."""
@@ -207,6 +234,7 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
     t["train32"] = time_call(train_step_fn(model32, data32), repeats)
     t["train64"] = time_call(train_step_fn(model64, data64), repeats)
     t["check32"] = time_call(check_fn(model32, data32), repeats)
+    t["floor32"] = time_call(floor_fn(model32, data32), repeats)
     t["check64"] = time_call(check_fn(model64, data64), repeats)
     t["check64_fn"] = time_call(
         lambda: gradcheck.check_gradients(loss64, params64), repeats
@@ -238,6 +266,7 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
             "clock": "time.perf_counter",
             "optimizer": OPTIMIZER,
             "train_step": "zero_grad + forward + backward + optimizer.step()",
+            "floor": "float32 forward + backward, 2 float64 forwards (plain torch)",
             "torch_gradcheck": {
                 "fast_mode": True,
                 "eps": TORCH_EPS,
@@ -250,6 +279,8 @@ def run(quick: bool = False, repeats: int = 7) -> dict:
         },
         "ratios": {
             "A_check32_over_train32": med["check32"] / med["train32"],
+            "check32_over_floor32": med["check32"] / med["floor32"],
+            "floor32_over_train32": med["floor32"] / med["train32"],
             "B_check64_over_torch_gradcheck64": med["check64_fn"] / med["torch64"],
             "check64_over_train64": med["check64"] / med["train64"],
             "check64_params_over_torch_gradcheck64": med["check64"] / med["torch64"],
@@ -312,6 +343,89 @@ def scaling(repeats: int, keras: bool = True) -> list[dict]:
     if keras:
         rows.extend(_keras_rows(repeats))
     return rows
+
+
+FLOOR_MODELS = ("relu", "tanh")  # the bench's model and its tanh twin
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, tuple[float, list[float], Any, float]]:
+    """time_call for several functions, called in turn in each round (one warm-up
+    round first), so that a change in the machine's load reaches all of them
+    alike: {name: (median s, samples, last result, median CPU s)}."""
+    results = {k: fn() for k, fn in fns.items()}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            results[k] = fn()
+            samples[k].append(time.perf_counter() - start)
+            cpu[k].append(time.process_time() - start_cpu)
+    return {
+        k: (
+            statistics.median(samples[k]),
+            samples[k],
+            results[k],
+            statistics.median(cpu[k]),
+        )
+        for k in fns
+    }
+
+
+def floor_table(repeats: int, quick: bool = False) -> list[dict]:
+    """The float32 check of the bench's model and of its tanh twin beside one
+    training step and the check's floor (floor_fn), timed in turn in one
+    process: check / step, check / floor and floor / step."""
+    rows = []
+    for act in FLOOR_MODELS:
+        model, data = build_model(quick, act=act)
+        t = time_interleaved(
+            {
+                "step": train_step_fn(model, data),
+                "floor": floor_fn(model, data),
+                "check": check_fn(model, data),
+            },
+            repeats,
+        )
+        med = {k: v[0] for k, v in t.items()}
+        rows.append(
+            {
+                "model": f"MLP {act}",
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "check_s": med["check"],
+                "step_s": med["step"],
+                "floor_s": med["floor"],
+                "check_over_step": med["check"] / med["step"],
+                "check_over_floor": med["check"] / med["floor"],
+                "floor_over_step": med["floor"] / med["step"],
+                "samples_s": {k: v[1] for k, v in t.items()},
+                "status": t["check"][2].status,
+                "load_average": os.getloadavg(),
+            }
+        )
+    return rows
+
+
+def print_floor(rows: list[dict]) -> None:
+    print(
+        f"\n{'float32':<10} {'params':>10} {'check ms':>9} {'step ms':>8} "
+        f"{'floor ms':>9} {'check/step':>10} {'check/floor':>11} "
+        f"{'floor/step':>10}  status"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<10} {r['parameters']:>10,} {r['check_s'] * 1e3:>9.2f} "
+            f"{r['step_s'] * 1e3:>8.2f} {r['floor_s'] * 1e3:>9.2f} "
+            f"{r['check_over_step']:>10.2f} {r['check_over_floor']:>11.2f} "
+            f"{r['floor_over_step']:>10.2f}  {r['status']}"
+        )
+    print(
+        "floor = float32 forward+backward + 2 float64 forwards (plain torch); "
+        f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()}"
+    )
 
 
 def _keras_rows(repeats: int) -> list[dict]:
@@ -379,6 +493,7 @@ def print_scaling(rows: list[dict]) -> None:
 ROWS = [  # (timing key, label)
     ("train32", "float32 training step"),
     ("check32", "gradcheck float32, params=model"),
+    ("floor32", "floor of a float32 check (plain torch)"),
     ("train64", "float64 training step"),
     ("check64", "gradcheck float64, params=model"),
     ("check64_fn", "gradcheck float64, functional_call"),
@@ -386,6 +501,8 @@ ROWS = [  # (timing key, label)
 ]
 RATIO_LABELS = {
     "A_check32_over_train32": "A: check f32 / train step f32",
+    "check32_over_floor32": "check f32 / its floor (f32 fwd+bwd, 2 f64 fwd)",
+    "floor32_over_train32": "floor f32 / train step f32 (A's lower bound)",
     "B_check64_over_torch_gradcheck64": "B: check f64 / torch gradcheck f64 (same fn)",
     "check64_over_train64": "check f64 / train step f64",
     "check64_params_over_torch_gradcheck64": "check f64 (params=model) / torch gc f64",
@@ -397,6 +514,8 @@ RATIO_LABELS = {
 def _what(res: dict, key: str) -> str:
     if key.startswith("train"):
         return OPTIMIZER
+    if key == "floor32":
+        return "torch.autograd.grad in float32, 2 no_grad forwards in float64"
     if key == "torch64":
         verdict = "passed" if res["torch_gradcheck"]["passed"] else "FAILED"
         return f"{verdict}; {res['torch_gradcheck']['fn_calls']} fn calls"
@@ -488,8 +607,27 @@ def main(argv: list[str] | None = None) -> None:
         help="also the scaling table: MLP relu/tanh at 1M and 10M parameters, "
         "float32 and float64, and a Keras MobileNetV3Small (issue 12)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="only the float32 floor table: check, training step and the check's "
+        "floor (float32 forward+backward, 2 float64 forwards) for the bench's MLP "
+        "and its tanh twin, timed in turn",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 7)
+    if args.floor:
+        threads = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        )
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        rows = floor_table(max(1, repeats), quick=args.quick)
+        print_floor(rows)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"floor": rows}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     res = run(quick=args.quick, repeats=max(1, repeats))
     if args.scaling:
         res["scaling"] = scaling(max(1, min(repeats, 3)))

@@ -1,7 +1,10 @@
 """The small interface every framework backend implements.
 
 A backend turns ``(fn, inputs, params)`` into a :class:`Session`: a named list of
-differentiated tensors and four operations, all exchanging NumPy float64 arrays:
+differentiated tensors and four operations, exchanging NumPy float64 arrays (except
+``vjp_on_device``, whose gradients may be the backend's own float64 arrays on their
+devices, and the directions drawn from them, which ``prepare`` then takes as they
+are):
 
 * ``analytic()``: run ``fn`` at the user's point in the user's precision, keep the
   graph, return the outputs;
@@ -17,6 +20,7 @@ states, variable values), also when the check failed or raised.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from abc import ABC, abstractmethod
@@ -37,9 +41,9 @@ class TensorSpec:
     device: str
     kind: str  # "input" | "parameter"
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    @functools.cached_property
+    def size(self) -> int:  # (asked ~40 times a check: computed once)
+        return math.prod(int(n) for n in self.shape)
 
 
 class Session(ABC):
@@ -97,9 +101,32 @@ class Session(ABC):
         may come as a float32 array instead (its exact value: the caller reads it
         as float64 through numeric.compact.Widened). A backend may ignore it."""
 
+    def vjp_on_device(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[Any]:
+        """``vjp``'s gradients for a caller that computes on array-API arrays
+        (numeric.arrays): a backend may hand them as its own float64 arrays, real
+        (a complex tensor as its real and imaginary parts), each on its tensor's
+        device, so that nothing full-size is copied to the host on the way to
+        the dot products and norms of a passing check. This default hands
+        ``vjp``'s host arrays; so do backends whose tensors are on the CPU,
+        where the NumPy arrays cost nothing more and keep the results
+        unchanged to the last bit."""
+        return self.vjp(cotangents, retain)
+
+    def direction_draw(self, rng: np.random.Generator) -> Any:
+        """The source of the probe direction's Gaussian samples
+        (numeric.directions.Draw) when the gradients live on an accelerator:
+        a seeded draw there, the seed taken from ``rng``. None (this default,
+        and any backend on the CPU): the NumPy host draw from ``rng`` itself,
+        the same direction on every machine."""
+        return None
+
     @abstractmethod
     def prepare(self, direction: Sequence[np.ndarray | None]) -> Any:
-        """Convert a direction (None = zero for that tensor) to framework tensors."""
+        """Convert a direction (None = zero for that tensor) to framework tensors
+        (the direction's arrays may be NumPy arrays or, after
+        ``vjp_on_device``, the backend's own)."""
 
     @abstractmethod
     def outputs_at(self, handle: Any, t: float) -> list[np.ndarray]:

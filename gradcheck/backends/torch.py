@@ -65,6 +65,7 @@ from gradcheck.errors import (
 )
 from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import workspace
+from gradcheck.numeric.arrays import to_host
 from gradcheck.numeric.tolerance import canonical_dtype, gradient_rounding
 
 FRAMEWORK = "torch"
@@ -541,9 +542,71 @@ def _to_host_narrow(t: torch.Tensor) -> np.ndarray:
     return out.numpy() if out.is_contiguous() else out.contiguous().numpy()
 
 
+def _to_device64(t: torch.Tensor, ours: set[int]) -> torch.Tensor:
+    """A gradient as a real float64 tensor on its own device, for
+    Session.vjp_on_device: the values _to_numpy reads (a ZeroTensor as zeros, a
+    sparse gradient as its dense value, a complex one as its real and imaginary
+    parts), without the copy to the host. A float64 gradient that autograd made
+    for this call is handed over as it is; one whose storage is in ``ours`` (the
+    session's or the user's: a custom backward returning a saved tensor) is
+    copied, since that storage is written again."""
+    if t._is_zerotensor():
+        return torch.zeros(tuple(t.shape), dtype=torch.float64, device=t.device)
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj())
+    if t.dtype != torch.float64:
+        return t.to(torch.float64)
+    if t.untyped_storage().data_ptr() in ours:
+        return t.clone()
+    return t
+
+
+_FLOAT64_ON: dict[str, bool] = {}
+
+
+def _holds_float64(device: torch.device) -> bool:
+    """Whether tensors of ``device``'s type can be float64 (not on Apple's MPS),
+    tried once per device type with a one-element tensor."""
+    known = _FLOAT64_ON.get(device.type)
+    if known is None:
+        try:
+            torch.zeros(1, dtype=torch.float64, device=device)
+            known = True
+        except (RuntimeError, TypeError):
+            known = False
+        _FLOAT64_ON[device.type] = known
+    return known
+
+
+def _all_finite(grads: Sequence[Any]) -> list[bool]:
+    """Whether each array (None: True) holds only finite values; the tensors'
+    flags are computed on their devices and read together (one transfer of a few
+    booleans per device, not one per tensor)."""
+    flags: list[Any] = []
+    for g in grads:
+        if g is None:
+            flags.append(True)
+        elif isinstance(g, torch.Tensor):
+            flags.append(torch.isfinite(g).all())
+        else:
+            flags.append(bool(np.isfinite(g).all()))
+    on: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        if isinstance(f, torch.Tensor):
+            on.setdefault(f.device, []).append(i)
+    for where in on.values():
+        read = torch.stack([flags[i] for i in where]).cpu().tolist()
+        for i, ok in zip(where, read, strict=True):
+            flags[i] = bool(ok)
+    return flags
+
+
 def _drain(
-    grads: list[torch.Tensor | None], read: Callable[[torch.Tensor], np.ndarray]
-) -> list[np.ndarray | None]:
+    grads: list[torch.Tensor | None], read: Callable[[torch.Tensor], Any]
+) -> list[Any]:
     """Each gradient read to the host and dropped from ``grads`` as it is read
     (peak memory: never every gradient twice at once); None stays None."""
     out: list[np.ndarray | None] = []
@@ -1272,11 +1335,12 @@ class TorchSession(Session):
             from gradcheck.backends._torch_kinks import LowPrecisionWatch, module_names
 
             watch = LowPrecisionWatch(torch.float64, module_names(self.modules))
+        # the clones first: the watches see fn's ops, not gradcheck's own copies
         with (
+            self._on_clones(),
             torch.enable_grad(),
             watch or contextlib.nullcontext(),
             self._watch_first_call(),
-            self._on_clones(),
         ):
             outs = self._call(inputs, where, at_point=True)
         if watch is not None and watch.lowest is not None:
@@ -1318,12 +1382,13 @@ class TorchSession(Session):
         (and module) whose backward turned a finite gradient non-finite."""
         bad = [
             (spec, g)
-            for spec, g in zip(self.specs, grads, strict=True)
-            if g is not None and not np.isfinite(g).all()
+            for spec, g, ok in zip(self.specs, grads, _all_finite(grads), strict=True)
+            if not ok
         ]
         if not bad:
             return
         spec, g = bad[0]
+        g = to_host(g)  # the gradients of vjp_on_device: read on the host here
         flags = ~np.isfinite(g)
         first = np.unravel_index(int(np.flatnonzero(flags)[0]), g.shape)
         index = tuple(int(i) for i in first)
@@ -1395,6 +1460,94 @@ class TorchSession(Session):
         *,
         compact: bool = False,
     ) -> list[np.ndarray | None]:
+        grads = self._vjp_tensors(cotangents, retain)
+        # into host arrays reused across checks (numeric.workspace)
+        return _drain(grads, _to_host_narrow if compact else _to_host64)
+
+    #: Whether vjp_on_device hands the gradients as float64 tensors on their
+    #: devices (True) or as vjp's host arrays (False); None: tensors exactly when
+    #: a differentiated tensor lives off the CPU. On the CPU the host arrays are
+    #: NumPy's (the reductions stay NumPy's BLAS ones, bit for bit the results
+    #: gradcheck always gave); True there is for tests of the tensor path.
+    gradients_on_device: bool | None = None
+    #: Whether direction_draw draws on the tensors' devices (torch.randn with a
+    #: seeded torch.Generator there) instead of NumPy's host draw; None: exactly
+    #: when the gradients are tensors off the CPU. True on the CPU: tests only.
+    draw_on_device: bool | None = None
+
+    def _accelerators(self) -> set[torch.device]:
+        """The devices other than the CPU that differentiated tensors live on."""
+        devices = {torch.device(sp.device) for sp in self.specs}
+        return {d for d in devices if d.type != "cpu"}
+
+    def _off_cpu(self) -> bool:
+        return bool(self._accelerators())
+
+    def _tensor_gradients(self) -> bool:
+        flag = self.gradients_on_device
+        if flag is not None:
+            return bool(flag)
+        # off the CPU, where every such device computes in float64 (Apple's MPS
+        # does not: its gradients go to the host, as before)
+        devices = self._accelerators()
+        return bool(devices) and all(_holds_float64(d) for d in devices)
+
+    def vjp_on_device(
+        self, cotangents: Sequence[np.ndarray], retain: bool = False
+    ) -> list[Any]:
+        """The base class's gradients as real float64 tensors on each tensor's
+        device (widened there: no host copy), where gradients_on_device says so;
+        vjp's host arrays otherwise."""
+        if not self._tensor_gradients():
+            return self.vjp(cotangents, retain)
+        grads = self._vjp_tensors(cotangents, retain)
+        ours = self._own_storages()
+        return _drain(grads, lambda g: _to_device64(g, ours))
+
+    def direction_draw(self, rng: np.random.Generator) -> Any:
+        """A Draw on the gradients' devices (see draw_on_device): one
+        torch.Generator per device, seeded from ``rng``, each tensor's samples
+        drawn in turn. Its numbers are torch's (per device type), not NumPy's:
+        a check on an accelerator replays on the same kind of device."""
+        flag = self.draw_on_device
+        if not (
+            (self._tensor_gradients() and self._off_cpu()) if flag is None else flag
+        ):
+            return None
+        seed = int(rng.integers(np.iinfo(np.int64).max))
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def draw(shape: tuple[int, ...], like: Any) -> Any:
+            where = (
+                like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+            )
+            gen = generators.get(where)
+            if gen is None:
+                gen = generators[where] = torch.Generator(device=where)
+                gen.manual_seed(seed)
+            z = torch.randn(shape, generator=gen, dtype=torch.float64, device=where)
+            # a host array (a tensor without a gradient: zeros on the host) gets
+            # host samples
+            return z if isinstance(like, torch.Tensor) else z.numpy()
+
+        return draw
+
+    def _own_storages(self) -> set[int]:
+        """Storages a backward may hand back that the session or the user writes
+        again: the session's work buffers, the parameters' values, the inputs."""
+        ours = {b.untyped_storage().data_ptr() for b in self._pool_taken}
+        ours.update(x.untyped_storage().data_ptr() for x in self._original.values())
+        ours.update(
+            x.untyped_storage().data_ptr()
+            for x in self.inputs
+            if isinstance(x, torch.Tensor) and x.layout == torch.strided
+        )
+        return ours
+
+    def _vjp_tensors(
+        self, cotangents: Sequence[np.ndarray], retain: bool
+    ) -> list[torch.Tensor | None]:
+        """The backward of vjp, its gradients as torch returns them."""
         assert self._graph is not None, "analytic() first"
         self._last_cotangents = list(cotangents)
         outs, sources = self._graph
@@ -1427,8 +1580,7 @@ class TorchSession(Session):
         self.backward_count += 1
         if not retain:
             self._graph = None
-        # into host arrays reused across checks (numeric.workspace)
-        return _drain(list(grads), _to_host_narrow if compact else _to_host64)
+        return list(grads)
 
     def jvp(self, direction: Sequence[np.ndarray | None]) -> list[np.ndarray]:
         """Forward mode at x, in the user's precision: fn's outputs' tangents along
@@ -1509,10 +1661,10 @@ class TorchSession(Session):
         self._clear_autocast_cache()
         try:
             with (
+                self._on_clones(),  # (outside the watches, as in analytic)
                 torch.enable_grad(),
                 self._watch_first_call(),
                 self._routing(True),
-                self._on_clones(),
             ):
                 raw = fn(*inputs)
         except GradcheckError:
@@ -1743,11 +1895,18 @@ class TorchSession(Session):
         # a compact direction (numeric.compact.Widened) is used as stored: its
         # float32 arrays become float32 tensors (no copy on the CPU), and every
         # evaluation forms x + t d from them in float64 (_evaluate)
+        # a direction of tensors (drawn after vjp_on_device) stays on its device:
+        # read as it is where it is float64 there already (it is never written)
         arrays = cpt.narrow(direction)
         handles = []
         for (kind, ref), d in zip(self.diff, arrays, strict=True):
             base = self.inputs[ref] if kind == "input" else self._state_data(ref)
-            if d is not None and d.dtype == np.float32 and not base.is_complex():
+            if isinstance(d, torch.Tensor):
+                d = d.detach().to(base.device, torch.float64)
+                handles.append(
+                    torch.view_as_complex(d.contiguous()) if base.is_complex() else d
+                )
+            elif d is not None and d.dtype == np.float32 and not base.is_complex():
                 handles.append(torch.from_numpy(d).to(base.device))
             else:
                 handles.append(None if d is None else _direction_tensor(d, base))
@@ -1933,17 +2092,26 @@ class TorchSession(Session):
         return buf
 
     def norms(self) -> list[float]:
-        return [
-            # a scale for the step size: the native precision is plenty
-            float(
-                torch.linalg.vector_norm(
-                    (
-                        self.inputs[ref] if kind == "input" else self._state_data(ref)
-                    ).detach()
-                )
+        # a scale for the step size: the native precision is plenty. Computed on
+        # each tensor's device and read together, one transfer per device (not a
+        # synchronisation per tensor: hundreds on a GPU model)
+        values = [
+            torch.linalg.vector_norm(
+                (
+                    self.inputs[ref] if kind == "input" else self._state_data(ref)
+                ).detach()
             )
             for kind, ref in self.diff
         ]
+        out = [0.0] * len(values)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(values):
+            by_device.setdefault(v.device, []).append(i)
+        for where in by_device.values():
+            read = torch.stack([values[i].to(torch.float64) for i in where]).tolist()
+            for i, v in zip(where, read, strict=True):
+                out[i] = float(v)
+        return out
 
     @staticmethod
     def _buffer_copy(b: torch.Tensor, promote: bool) -> torch.Tensor:
@@ -1980,13 +2148,7 @@ class TorchSession(Session):
 
     def _host_reader(self) -> Callable[[torch.Tensor], np.ndarray]:
         """How _read_gradients reads one gradient: see there."""
-        ours = {b.untyped_storage().data_ptr() for b in self._pool_taken}
-        ours.update(x.untyped_storage().data_ptr() for x in self._original.values())
-        ours.update(
-            x.untyped_storage().data_ptr()
-            for x in self.inputs
-            if isinstance(x, torch.Tensor) and x.layout == torch.strided
-        )
+        ours = self._own_storages()
 
         def read(g: torch.Tensor) -> np.ndarray:
             if (

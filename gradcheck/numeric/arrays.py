@@ -23,6 +23,7 @@ at import, which loads numpy.f2py and numpy.testing: 0.4-0.5 s added to
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -46,9 +47,13 @@ __all__ = [
     "is_numpy",
     "namespace",
     "norm",
+    "norms",
     "numpy_namespace",
+    "size",
+    "to_host",
     "to_namespace",
     "vdot",
+    "vdots",
 ]
 
 
@@ -136,21 +141,128 @@ def to_namespace(host: np.ndarray, like: Array | None) -> Array:
     return as_float64(host, xp, device(like))
 
 
+def to_host(x: Array | None) -> np.ndarray | None:
+    """``x`` as a float64 NumPy array on the host (None stays None): ``x`` itself
+    for a float64 NumPy array, one copy otherwise (a device-to-host copy for an
+    accelerator's array; a float64 CPU tensor may share its memory). For what is
+    not on the hot path: a failed check's diagnosis reads its gradients and
+    directions on the host."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x if x.dtype == np.float64 else x.astype(np.float64)
+    if str(device(x)) != "cpu":
+        try:
+            x = array_api_compat.to_device(x, "cpu")
+        except (TypeError, ValueError, RuntimeError):  # no device named "cpu"
+            pass  # (DLPack or NumPy's conversion below may still read it)
+    try:  # the array API's exchange protocol: no copy of a CPU array
+        host = np.from_dlpack(x)
+    except (AttributeError, BufferError, RuntimeError, TypeError):
+        host = np.asarray(x)  # (a library without DLPack, or a layout it refuses)
+    return host if host.dtype == np.float64 else host.astype(np.float64)
+
+
+def size(x: Array) -> int:
+    """The number of elements of ``x`` (the array API's ``size`` is None for
+    some lazy arrays, and torch's ``.size`` is a method)."""
+    n = 1
+    for s in x.shape:
+        n *= int(s)
+    return n
+
+
+def _host_view(x: Array) -> np.ndarray | None:
+    """A NumPy array sharing ``x``'s memory where ``x`` is on the CPU and
+    exchanges it through DLPack (a torch CPU tensor); None otherwise."""
+    if isinstance(x, np.ndarray):
+        return x
+    if str(device(x)) != "cpu":
+        return None
+    try:
+        return np.from_dlpack(x)
+    except (AttributeError, BufferError, RuntimeError, TypeError):
+        return None
+
+
 def norm(x: Array) -> float:
     """The L2 norm of all elements of ``x``, a Python float (a device sync where
-    ``x`` lives on an accelerator)."""
-    xp = namespace(x)
-    if is_numpy(xp):
-        return float(np.linalg.norm(x))  # BLAS dot: unchanged NumPy results
-    return float(xp.linalg.vector_norm(x))
+    ``x`` lives on an accelerator). Arrays in host memory, NumPy's or another
+    library's (read through DLPack, no copy), are reduced by NumPy's own routine:
+    a torch CPU tensor gives the bits its NumPy copy gives."""
+    return norms([x])[0]
 
 
 def vdot(a: Array, b: Array) -> float:
-    """sum(conj(a) * b) over all elements of two same-size arrays, a Python float."""
-    xp = namespace(a, b)
-    if is_numpy(xp):
-        return float(np.vdot(a, b))
-    return float(xp.vecdot(xp.reshape(a, (-1,)), xp.reshape(b, (-1,))))
+    """sum(conj(a) * b) over all elements of two same-size arrays, a Python float
+    (host arrays reduced by np.vdot, as ``norm`` says)."""
+    return vdots([a], [b])[0]
+
+
+def norms(
+    xs: Sequence[Array | None], *, host: Callable[[np.ndarray], Any] | None = None
+) -> list[float]:
+    """``norm`` of each array (0.0 for None); arrays off the host are reduced on
+    their devices and read together: one transfer of a few scalars per device,
+    not a synchronisation per array (a model of hundreds of tensors on a GPU).
+    ``host``: the routine for host arrays instead of ``np.linalg.norm`` (a caller
+    that reads large arrays a piece at a time)."""
+    host = host or np.linalg.norm  # BLAS dot: unchanged NumPy results
+    return _scalars(
+        [None if x is None else (x,) for x in xs],
+        lambda x, xp: xp.linalg.vector_norm(x[0]),
+        lambda x: host(x[0]),
+    )
+
+
+def vdots(
+    a: Sequence[Array | None],
+    b: Sequence[Array | None],
+    *,
+    host: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+) -> list[float]:
+    """``vdot`` of each pair (0.0 where either is None), read as ``norms`` reads
+    its results; ``host``: the routine for host arrays instead of ``np.vdot``."""
+    host = host or np.vdot
+    if len(a) != len(b):
+        raise InvalidArgumentError(f"vdots of {len(a)} and {len(b)} arrays")
+    pairs = [
+        None if x is None or y is None else (x, y) for x, y in zip(a, b, strict=True)
+    ]
+    return _scalars(
+        pairs,
+        lambda p, xp: xp.vecdot(xp.reshape(p[0], (-1,)), xp.reshape(p[1], (-1,))),
+        lambda p: host(p[0], p[1]),
+    )
+
+
+def _scalars(
+    items: Sequence[tuple[Array, ...] | None],
+    device_op: Callable[[tuple[Array, ...], Namespace], Array],
+    numpy_op: Callable[[tuple[np.ndarray, ...]], Any],
+) -> list[float]:
+    out: list[Any] = [0.0] * len(items)
+    groups: dict[tuple[int, str], tuple[Namespace, list[int]]] = {}
+    for i, arrays in enumerate(items):
+        if arrays is None:
+            continue
+        xp = namespace(*arrays)
+        views = [_host_view(x) for x in arrays]
+        if all(v is not None for v in views):
+            out[i] = float(numpy_op(tuple(views)))
+            continue
+        out[i] = device_op(arrays, xp)
+        key = (id(xp), str(device(arrays[0])))
+        groups.setdefault(key, (xp, []))[1].append(i)
+    for xp, where in groups.values():
+        stacked = xp.stack([out[i] for i in where])
+        try:  # one transfer (torch: "cpu" is the host)
+            host = np.asarray(array_api_compat.to_device(stacked, "cpu")).tolist()
+        except (TypeError, ValueError, RuntimeError):  # no device named "cpu"
+            host = [float(stacked[j]) for j in range(len(where))]
+        for i, v in zip(where, host, strict=True):
+            out[i] = float(v)
+    return out
 
 
 def abs_dot(a: Array, b: Array) -> float:

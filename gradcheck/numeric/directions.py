@@ -91,7 +91,7 @@ def gaussian(
     Drawn on the host with NumPy (the array API has no RNG); with ``like`` (an array
     of any array-API library) the samples are returned in its namespace, on its
     device: the same numbers, one host-to-device copy."""
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(int(s) for s in shape)
     half = (n + 1) // 2
     u = rng.random((2, half), dtype=np.float32)
     radius, angle = u[0], u[1]
@@ -136,7 +136,7 @@ def _gaussian_samples(
     the result and the generator's later draws are the same either way."""
     global _memo
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-    total = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+    total = sum(math.prod(s) for s in shapes)
     if not MEMO_MIN_ELEMENTS <= total <= MEMO_MAX_ELEMENTS:
         return [gaussian(rng, s, dtype=np.float32) for s in shapes]
     key = repr(rng.bit_generator.state)

@@ -75,12 +75,27 @@ def fd_safety(reference_dtype: object) -> float:
 FORWARD_ROUNDING_ULPS = 16.0
 
 
+#: canonical_dtype's answers by dtype object (a check asks ~40 times for the same
+#: few dtypes: the regular expression was most of its fixed Python cost's share)
+_CANONICAL: dict[object, str] = {}
+
+
 def canonical_dtype(dtype: object) -> str:
     """'torch.float32', tf.float32, np.float32 ... -> 'float32'."""
+    try:
+        return _CANONICAL[dtype]
+    except (KeyError, TypeError):  # (TypeError: an unhashable dtype-like object)
+        pass
     tokens = re.findall(r"[a-z]+[0-9]*", str(getattr(dtype, "name", dtype)).lower())
     name = tokens[-1] if tokens else str(dtype)
     aliases = {"double": "float64", "float": "float32", "half": "float16"}
-    return aliases.get(name, name)
+    name = aliases.get(name, name)
+    if len(_CANONICAL) < 256:
+        try:
+            _CANONICAL[dtype] = name
+        except TypeError:
+            pass
+    return name
 
 
 def eps(dtype: object) -> float:

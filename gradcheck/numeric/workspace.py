@@ -19,6 +19,7 @@ between checks.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -39,7 +40,7 @@ def empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float64) -> np.nda
     referenced where there is one of that shape and dtype."""
     shape = tuple(int(n) for n in shape)
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or nbytes > LIMIT_BYTES or _refcount is None:
         return np.empty(shape, dtype)
     with _lock:

@@ -46,6 +46,7 @@ from gradcheck.errors import (
     NonFiniteError,
     ReferencePrecisionError,
 )
+from gradcheck.numeric import arrays as xa
 from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
@@ -166,15 +167,16 @@ class _Probe:
         self.direction = direction
         s = ctx.session
         self.handle = s.prepare(direction)
-        #: <g_t, d_t>: reverse mode's contribution of each tensor (a piece at a
-        #: time: a compact check's arrays are never widened whole)
+        #: <g_t, d_t>: reverse mode's contribution of each tensor: host arrays a
+        #: piece at a time (a compact check's arrays are never widened whole),
+        #: arrays on an accelerator (Session.vjp_on_device) where they live, their
+        #: scalars read together (numeric.arrays.vdots)
         self.reverse_contrib = np.array(
-            [
-                0.0 if d is None else cpt.piece_sum(np.dot, g, d)
-                for g, d in zip(
-                    cpt.narrow(ctx.grads), cpt.narrow(direction), strict=True
-                )
-            ]
+            xa.vdots(
+                cpt.narrow(ctx.grads),
+                cpt.narrow(direction),
+                host=lambda g, d: cpt.piece_sum(np.dot, g, d),
+            )
         )
         # ad="forward": <v, J d> from one JVP along the whole direction; the
         # per-tensor sizes that scale the finite-difference trust limit stay
@@ -196,12 +198,20 @@ class _Probe:
         # whether they are the full direction's, need no float64 copy)
         self.moved = cpt.narrow(direction)
         full = cpt.narrow(ctx.full_direction)
+        own = [
+            d is not None and not (t < len(full) and d is full[t])
+            for t, d in enumerate(self.moved)
+        ]
+        measured = xa.norms(
+            [d if o else None for d, o in zip(self.moved, own, strict=True)],
+            host=lambda d: math.sqrt(cpt.piece_sum(_sq, d)),
+        )
         self.d_norms = [
             None
             if d is None
+            else measured[t]
+            if own[t]
             else ctx.full_direction_norms[t]
-            if t < len(full) and d is full[t]
-            else math.sqrt(cpt.piece_sum(_sq, d))
             for t, d in enumerate(self.moved)
         ]
         #: per tensor, the rounding term per unit of relative gradient rounding
@@ -284,9 +294,10 @@ class _Probe:
         frac *= ctx.step_scale
         hs = []
         for t, d in enumerate(self.moved):
-            if d is None or d.size == 0:
+            n = 0 if d is None else xa.size(d)
+            if n == 0:
                 continue
-            rms_d = self.d_norms[t] / math.sqrt(d.size)
+            rms_d = self.d_norms[t] / math.sqrt(n)
             if rms_d > 0:
                 hs.append(frac * ctx.x_scale[t] / rms_d)
         h = min(hs) if hs else frac
@@ -330,13 +341,23 @@ class _Context:
         options: Options,
         cot: list[np.ndarray],
         grads: list[np.ndarray],
+        g_norms: list[float] | None = None,
     ):
         self.session = session
         self.options = options
         self.cot = cot
         self.grads = grads
+        #: the gradients (and so the probe directions) are the backend's arrays
+        #: on their devices (Session.vjp_on_device), not NumPy's: the hot path's
+        #: reductions run there, a failure's diagnosis copies them (_on_host)
+        self.on_device = not all(
+            g is None or isinstance(g, np.ndarray) for g in cpt.narrow(grads)
+        )
         self._x: list[np.ndarray] | None = None
-        gn = self.g_norms = [float(np.linalg.norm(g)) for g in grads]
+        self._host_grads: list[np.ndarray] | None = None
+        # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
+        # for the tensors of Session.vjp_on_device: a scalar comes to the host)
+        gn = self.g_norms = xa.norms(grads) if g_norms is None else list(g_norms)
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
         inner = session.internal_dtype
@@ -436,12 +457,17 @@ class _Context:
         """<g, fl(x + t d) - (x + t d)>: what rounding the perturbed point to the
         tensors' dtype adds to phi(t), to first order."""
         total = 0.0
+        # (a reference that fell back to a low precision: the rounding is
+        # computed on the host, the point x being there already; tensors of
+        # Session.vjp_on_device are read there once per check)
+        if self._host_grads is None:
+            self._host_grads = [xa.to_host(g) for g in self.grads]
         for spec, g, x, d in zip(
-            self.session.specs, self.grads, self.x, direction, strict=True
+            self.session.specs, self._host_grads, self.x, direction, strict=True
         ):
             if d is None or spec.dtype == "float64":
                 continue
-            exact = x + t * d
+            exact = x + t * xa.to_host(d)
             rounded = exact.astype(_numpy_dtype(spec.dtype)).astype(np.float64)
             total += float(np.vdot(g, rounded - exact))
         return total
@@ -465,7 +491,7 @@ def run(session: Session, options: Options) -> CheckReport:
     rng = np.random.default_rng(options.seed)
     cot = dirs.cotangents(session.output_shapes, rng)
     n_in = sum(s.size for s in session.specs)
-    n_out = sum(int(np.prod(s, dtype=np.int64)) for s in session.output_shapes)
+    n_out = sum(math.prod(int(n) for n in s) for s in session.output_shapes)
     if n_in == 0 or n_out == 0:
         return session.finish(_nothing_to_compare(session, options, n_in), started)
     mode = options.mode
@@ -480,17 +506,36 @@ def run(session: Session, options: Options) -> CheckReport:
     # a large model's gradients and directions are held in float32 where they are
     # float32 (numeric.compact): the same float64 numbers, half the memory
     compact = mode == "directional" and n_in >= COMPACT_MIN_ELEMENTS
+    cast_free = mode == "directional" and _cast_free_applies(session, options)
+    retain = mode == "full" and options.ad != "forward"
     # and the backend keeps no model-sized buffer between evaluations (a failing
     # check's diagnosis holds several gradient sets of its own meanwhile)
     session.lean = compact
-    raw = session.vjp(
-        cot, retain=(mode == "full" and options.ad != "forward"), compact=compact
-    )
+    if (
+        mode == "directional"
+        and not compact
+        and not cast_free
+        and options.ad == "reverse"
+    ):
+        # a passing reverse-mode directional check reads its gradients only
+        # through dot products and norms (numeric.arrays): the backend may keep
+        # them on their devices. Full mode, forward mode, compact and cast-free
+        # checks read them on the host.
+        raw = session.vjp_on_device(cot, retain=retain)
+    else:
+        raw = session.vjp(cot, retain=retain, compact=compact)
+    # the gradients' norms, which the probe direction needs anyway: a finite norm
+    # means finite elements, so the element-wise finiteness test (a pass over
+    # every gradient) runs only where a norm is not finite (NaN or Inf among the
+    # elements, or squares that overflow). A compact check's norms are those of
+    # the widened gradients, taken by _Context.
+    g_norms = None if compact else xa.norms(raw)
     try:
-        session.check_finite_grads(raw)
+        if g_norms is None or not all(math.isfinite(n) for n in g_norms):
+            session.check_finite_grads(raw)
     except NonFiniteError as exc:
         if getattr(exc, "tensor", None) is None or not any(
-            g is not None and np.isnan(g).any() for g in raw
+            g is not None and np.isnan(xa.to_host(g)).any() for g in raw
         ):
             raise  # an infinite gradient: a singular point (sqrt at 0), not a bug
         return session.finish(_nan_gradient(session, options, mode, exc), started)
@@ -514,7 +559,7 @@ def run(session: Session, options: Options) -> CheckReport:
     judged: Session = session
     own_grads: list[np.ndarray] | None = None
     fallback_note: str | None = None
-    if mode == "directional" and _cast_free_applies(session, options):
+    if cast_free:
         # a float64 model computing in float32 inside: judged on its cast-free
         # float64 gradient (see _CastFree), its own gradient against that one
         free = _CastFree(session)
@@ -531,7 +576,7 @@ def run(session: Session, options: Options) -> CheckReport:
             own_raw, own_rng = raw, copy.deepcopy(rng)
             judged, own_grads, raw = free, grads, raw_free
             grads = _zeros_for_none_specs(session, raw_free)
-    ctx = _Context(judged, options, cot, grads)
+    ctx = _Context(judged, options, cot, grads, g_norms if judged is session else None)
     # phi's scale at x (sum |v * y|) for the step cap (_Probe.step), from the
     # outputs the analytical side already computed: no extra forward. Native
     # precision is plenty for a step bound.
@@ -1005,9 +1050,12 @@ def _reason(terms: dict[str, float], ctx: _Context) -> str:
 def _run_directional(
     ctx: _Context, raw: Sequence[np.ndarray | None], rng: np.random.Generator
 ) -> CheckReport:
-    d, norms = dirs.probe_direction(ctx.grads, rng, ctx.g_norms)
-    ctx.full_direction, ctx.norms = d, norms
-    ctx.full_direction_norms = [float(np.linalg.norm(x)) for x in d]
+    # gradients on an accelerator (Session.vjp_on_device) get their direction
+    # drawn there; NumPy's host draw otherwise (the same numbers on every machine)
+    draw = ctx.session.direction_draw(rng) if ctx.on_device else None
+    d, normalisers = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
+    ctx.full_direction, ctx.norms = d, normalisers
+    ctx.full_direction_norms = xa.norms(d)
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
     active = cpt.subset(d, [t for t, sp in enumerate(ctx.session.specs) if sp.size])
     for _attempt in range(2):
@@ -1072,8 +1120,29 @@ def _run_directional(
         report.notes.append(ctx.measured.note() + ".")
     if err <= tol and trustworthy:
         return report
+    _on_host(ctx, probe)
     _diagnose(ctx, probe, est, report, err, trustworthy)
     return report
+
+
+def _on_host(ctx: _Context, probe: _Probe) -> None:
+    """A failed check's gradients and directions as host float64 arrays: the
+    diagnosis (blame, the precision split, kinks) is NumPy code, and only a
+    failure pays for the copies. The probe keeps its prepared handle (the same
+    values) and which of the full direction's arrays it moves."""
+    if not ctx.on_device:
+        return
+    full = [xa.to_host(d) for d in ctx.full_direction]
+    index = {id(d): h for d, h in zip(ctx.full_direction, full, strict=True)}
+    ctx.grads = [xa.to_host(g) for g in ctx.grads]
+    ctx._host_grads = None
+    ctx.full_direction = full
+    probe.direction = [
+        None if d is None else index[id(d)] if id(d) in index else xa.to_host(d)
+        for d in probe.direction
+    ]
+    probe.moved = cpt.narrow(probe.direction)
+    ctx.on_device = False
 
 
 def _estimate(probe: _Probe) -> tuple[fd.DerivativeEstimate, bool]:
