@@ -48,7 +48,11 @@ WHAT = ("adam", "check32", "adam64", "check64")
 #: 1 + DELTA) on the output of the first block's intermediate Linear, in every
 #: precision (``bug32``, ``bug64``) or in the float32 kernel alone (``bug32k``,
 #: the float64 path right: the precision split's path)
-BUGS = {"bug32": ("float32", False), "bug32k": ("float32", True), "bug64": ("float64", False)}
+BUGS = {
+    "bug32": ("float32", False),
+    "bug32k": ("float32", True),
+    "bug64": ("float64", False),
+}
 DELTA = 1e-3
 
 
