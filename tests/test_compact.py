@@ -219,6 +219,13 @@ def test_gradients_are_handed_over_without_a_copy_unless_the_storage_is_reused()
         for arr, t in zip(out[2:], (pooled, w.detach(), x), strict=True):
             assert not np.shares_memory(arr, t.numpy())
             assert np.array_equal(arr, t.numpy())
+        # a lean session's float64 shadow of a parameter (written again by the
+        # next evaluation at a moved point): copied too
+        s.lean = True
+        shadow = s._as64(s._native[id(w)])
+        (arr,) = s._read_gradients([shadow])
+        assert not np.shares_memory(arr, shadow.numpy())
+        assert np.array_equal(arr, shadow.numpy())
 
 
 def test_widened_dot_in_pieces_is_the_float64_dot(monkeypatch):

@@ -1534,8 +1534,12 @@ class TorchSession(Session):
 
     def _own_storages(self) -> set[int]:
         """Storages a backward may hand back that the session or the user writes
-        again: the session's work buffers, the parameters' values, the inputs."""
+        again: the session's work buffers (pooled ones and a lean session's
+        float64 shadows), the parameters' values, the inputs."""
         ours = {b.untyped_storage().data_ptr() for b in self._pool_taken}
+        ours.update(
+            b.untyped_storage().data_ptr() for _, b, _ in self._shadows.values()
+        )
         ours.update(x.untyped_storage().data_ptr() for x in self._original.values())
         ours.update(
             x.untyped_storage().data_ptr()
