@@ -700,6 +700,40 @@ class _Derived(Session):
     def restore(self) -> None:  # the inner session owns the user's state
         pass
 
+    def _at(
+        self, promote: bool, handle: object, t: float
+    ) -> tuple[bool, object, float]:
+        """Where the inner session takes a gradient this session is asked for, as
+        (promote, handle, t): the same here; a subclass redefines it."""
+        return promote, handle, t
+
+    def gradients_at(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[np.ndarray | None]]:
+        promote, handle, t = self._at(promote, handle, t)
+        return self.inner.gradients_at(  # type: ignore[attr-defined]
+            cotangent_sets, promote=promote, handle=handle, t=t
+        )
+
+    def gradient_reductions(
+        self,
+        cotangent_sets: Sequence[Sequence[np.ndarray]],
+        reduce: Callable[[int, int, np.ndarray], Any],
+        *,
+        promote: bool,
+        handle: object = None,
+        t: float = 0.0,
+    ) -> list[list[Any]]:
+        promote, handle, t = self._at(promote, handle, t)
+        return self.inner.gradient_reductions(
+            cotangent_sets, reduce, promote=promote, handle=handle, t=t
+        )
+
     def values(self) -> list[np.ndarray]:
         return self.inner.values()
 
@@ -738,30 +772,10 @@ class _CastFree(_Derived):
     ) -> list[np.ndarray | None]:
         return self.gradients_at([cotangents], promote=True)[0]
 
-    def gradients_at(
-        self,
-        cotangent_sets: Sequence[Sequence[np.ndarray]],
-        *,
-        promote: bool,
-        handle: object = None,
-        t: float = 0.0,
-    ) -> list[list[np.ndarray | None]]:
-        return self.inner.gradients_at(  # type: ignore[attr-defined]
-            cotangent_sets, promote=True, handle=handle, t=t
-        )
-
-    def gradient_reductions(
-        self,
-        cotangent_sets: Sequence[Sequence[np.ndarray]],
-        reduce: Callable[[int, int, np.ndarray], Any],
-        *,
-        promote: bool,
-        handle: object = None,
-        t: float = 0.0,
-    ) -> list[list[Any]]:
-        return self.inner.gradient_reductions(
-            cotangent_sets, reduce, promote=True, handle=handle, t=t
-        )
+    def _at(
+        self, promote: bool, handle: object, t: float
+    ) -> tuple[bool, object, float]:
+        return True, handle, t  # every gradient as the reference evaluations take it
 
     def projected_gradients_at(
         self,
@@ -772,8 +786,9 @@ class _CastFree(_Derived):
         handle: object = None,
         t: float = 0.0,
     ) -> list[float]:
+        promote, handle, t = self._at(promote, handle, t)
         return self.inner.projected_gradients_at(
-            cotangent_sets, direction, promote=True, handle=handle, t=t
+            cotangent_sets, direction, promote=promote, handle=handle, t=t
         )
 
     def ulp_moves(self, dtype: str, ulps: int, seed: int) -> object:
@@ -1842,34 +1857,10 @@ class _Shifted(_Derived):
     ) -> list[np.ndarray | None]:
         return self.gradients_at([cotangents], promote=False)[0]
 
-    def gradients_at(
-        self,
-        cotangent_sets: Sequence[Sequence[np.ndarray]],
-        *,
-        promote: bool,
-        handle: object = None,
-        t: float = 0.0,
-    ) -> list[list[np.ndarray | None]]:
-        return self.inner.gradients_at(  # type: ignore[attr-defined]
-            cotangent_sets, promote=promote, handle=self._moved(handle, t), t=1.0
-        )
-
-    def gradient_reductions(
-        self,
-        cotangent_sets: Sequence[Sequence[np.ndarray]],
-        reduce: Callable[[int, int, np.ndarray], Any],
-        *,
-        promote: bool,
-        handle: object = None,
-        t: float = 0.0,
-    ) -> list[list[Any]]:
-        return self.inner.gradient_reductions(
-            cotangent_sets,
-            reduce,
-            promote=promote,
-            handle=self._moved(handle, t),
-            t=1.0,
-        )
+    def _at(
+        self, promote: bool, handle: object, t: float
+    ) -> tuple[bool, object, float]:
+        return promote, self._moved(handle, t), 1.0  # x + shift + t d
 
     def prepare(self, direction: Sequence[np.ndarray | None]) -> object:
         return list(direction)
