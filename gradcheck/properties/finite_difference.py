@@ -791,7 +791,7 @@ class _CastFree(_Derived):
             cotangent_sets, direction, promote=promote, handle=handle, t=t
         )
 
-    def ulp_moves(self, dtype: str, ulps: int, seed: int) -> object:
+    def ulp_moves(self, dtype: str | Sequence[str], ulps: int, seed: int) -> object:
         return self.inner.ulp_moves(dtype, ulps, seed)
 
     def prepare(self, direction: Sequence[np.ndarray | None]) -> object:
@@ -2117,13 +2117,7 @@ def _rounding_draws(
             ]
             for cs in cot_sets
         ]
-        held = s.gradient_reductions(
-            cots,
-            lambda row, t, g: _exact_narrow(g),
-            promote=False,
-            handle=handle,
-            t=1.0,
-        )
+        held = _held_native(s, cots, handle, 1.0)
         s.gradient_reductions(
             cots, stats.adder(held, scale, base), promote=True, handle=handle, t=1.0
         )
@@ -2492,23 +2486,20 @@ def _split_judgement(ctx: _Context, g64: _Against) -> tuple[int, float, float, s
     handle = s.ulp_moves(
         np.dtype(m.low).name, NOISE_ULPS, int(rng.integers(np.iinfo(np.int64).max))
     )
-    sides = []
-    for sign in (1.0, -1.0):
-        scale = float(rng.uniform(0.5, 2.0))
-        cot = [(c * scale).astype(m.low).astype(np.float64) for c in ctx.cot]
-        sides.append((sign, scale, cot))
-    (sign, scale_a, cot), second = sides[0], sides[1]
-    (held,) = s.gradient_reductions(
-        [cot], lambda row, t, g: _exact_narrow(g), promote=False, handle=handle, t=sign
+    # x + move and x - move, each with the cotangent rescaled by its own factor
+    scale_a, scale_b = (float(rng.uniform(0.5, 2.0)) for _ in range(2))
+    cot_a, cot_b = (
+        [(c * scale).astype(m.low).astype(np.float64) for c in ctx.cot]
+        for scale in (scale_a, scale_b)
     )
-
+    (held,) = _held_native(s, [cot_a], handle, 1.0)
     grads = cpt.narrow(ctx.grads)
 
     def noise_of(row: int, t: int, b: np.ndarray) -> float:
         a, held[t] = held[t], None  # dropped once used
         return math.sqrt(
             cpt.piece_sum(
-                lambda a, b, g: _sq(0.5 * a / scale_a + 0.5 * b / second[1] - g),
+                lambda a, b, g: _sq(0.5 * a / scale_a + 0.5 * b / scale_b - g),
                 a,
                 b,
                 grads[t],
@@ -2516,7 +2507,7 @@ def _split_judgement(ctx: _Context, g64: _Against) -> tuple[int, float, float, s
         )
 
     (noise,) = s.gradient_reductions(
-        [second[2]], noise_of, promote=False, handle=handle, t=second[0]
+        [cot_b], noise_of, promote=False, handle=handle, t=-1.0
     )
     del handle
     devs = g64.devs
@@ -2551,6 +2542,17 @@ def _split_judgement(ctx: _Context, g64: _Against) -> tuple[int, float, float, s
             )
             measured = _NOISE_NOTE.replace(", plus that gradient's change", "")
     return t, dev, allowed, measured
+
+
+def _held_native(
+    s: Session, cot_sets: Sequence[Sequence[np.ndarray]], handle: object, t: float
+) -> list[list[np.ndarray]]:
+    """The native gradients at x + t d, per cotangent set and tensor, held for a
+    second pass against other gradients (float32 where that is their exact
+    value: _exact_narrow)."""
+    return s.gradient_reductions(
+        cot_sets, lambda row, i, g: _exact_narrow(g), promote=False, handle=handle, t=t
+    )
 
 
 def _exact_narrow(a: np.ndarray) -> np.ndarray:
