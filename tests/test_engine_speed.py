@@ -5,6 +5,8 @@ verdicts, determinism per seed and the user's state exactly as they were."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,96 @@ def test_probe_direction_is_the_formula_bit_for_bit():
         assert norm == max(gn, floor)
         z *= 1.0 / norm
         assert np.array_equal(d, z) and np.array_equal(d, d2)
+
+
+@pytest.mark.parametrize("block", [7, 1 << 15])
+def test_streamed_direction_is_probe_direction_of_the_widened_gradients(
+    monkeypatch, block
+):
+    """A float32 gradient read as it came (no float64 copy): its norm, its
+    direction and <g, d>, |d|^2 summed block by block are those of the widened
+    copy, the direction bit for bit and the sums to float64 rounding; a float64
+    gradient keeps probe_direction's own path and sums (None). Blocks of 7
+    elements put many block boundaries inside every tensor."""
+    from gradcheck.numeric import directions as dirs
+
+    monkeypatch.setattr(dirs, "BLOCK", block)
+    monkeypatch.setattr(dirs, "_blocks", threading.local())
+    rng = np.random.default_rng(1)
+    grads = [
+        rng.standard_normal((300, 7)).astype(np.float32),
+        np.zeros(5, np.float32),  # no gradient: Gaussian part over the floor
+        (rng.standard_normal(11) * 1e-9).astype(np.float32),
+        rng.standard_normal(4),  # float64: probe_direction's own path
+        rng.standard_normal((40, 41)).astype(np.float32),
+    ]
+    wide = [g.astype(np.float64) for g in grads]
+    gnorms = [dirs.host_norm(g) for g in grads]
+    want_norms = [float(np.linalg.norm(g)) for g in wide]
+    np.testing.assert_allclose(gnorms, want_norms, rtol=1e-14)
+    assert gnorms[3] == want_norms[3]  # float64: NumPy's own routine
+    got, normalisers, sums = dirs.streamed_probe_direction(
+        grads, np.random.default_rng(4), gnorms
+    )
+    want, want_normalisers = dirs.probe_direction(
+        wide, np.random.default_rng(4), gnorms
+    )
+    assert normalisers == want_normalisers
+    for t, (g, d, w, sm) in enumerate(zip(wide, got, want, sums, strict=True)):
+        assert d.dtype == np.float64 and np.array_equal(d, w), t
+        if grads[t].dtype == np.float64:
+            assert sm is None
+            continue
+        gd, dd = sm
+        np.testing.assert_allclose(gd, np.dot(g.ravel(), w.ravel()), rtol=1e-13)
+        np.testing.assert_allclose(dd, np.dot(w.ravel(), w.ravel()), rtol=1e-13)
+    # a float64 sum over many blocks, not float32 accumulation (whose error
+    # is ~1e-7 relative, as large as the errors a float32 check looks for)
+    big = np.full(1 << 20, 0.1, np.float32)
+    exact = float(np.linalg.norm(big.astype(np.float64)))
+    assert dirs.host_norm(big) == pytest.approx(exact, rel=1e-11)
+    assert float(np.linalg.norm(big)) != pytest.approx(exact, rel=1e-9)
+
+
+def test_float32_check_reads_its_gradients_without_a_float64_copy(monkeypatch):
+    """A passing float32 directional check takes torch's float32 gradients as
+    NumPy views (no float64 copy, _to_host64 never called) and gives the
+    verdict of the float64 copies; a failing one widens them for its diagnosis
+    and names the planted tensor."""
+    torch = pytest.importorskip("torch")
+    import gradcheck
+    from gradcheck.backends import torch as torch_backend
+    from tests._planted import scaled_backward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    )
+    x = torch.randn(9, 6)
+    calls: list[tuple[int, ...]] = []
+    real = torch_backend._to_host64
+
+    def counted(t):
+        calls.append(tuple(t.shape))
+        return real(t)
+
+    monkeypatch.setattr(torch_backend, "_to_host64", counted)
+    report = gradcheck.check_gradients(
+        lambda: model(x).pow(2).mean(), params=model, mode="directional"
+    )
+    assert report.status == "passed", report.message
+    assert calls == []
+    bug = scaled_backward(1e-3)
+    hook = model[2].register_forward_hook(lambda _m, _a, out: bug.apply(out))
+    try:
+        failing = gradcheck.check_gradients(
+            lambda: model(x).pow(2).mean(), params=model, mode="directional"
+        )
+    finally:
+        hook.remove()
+    assert failing.status == "mismatch", failing.message
+    assert failing.location is not None
+    assert failing.location.tensor.startswith(("0.", "2.")), failing.location
 
 
 def test_kept_gaussian_part_gives_the_same_direction_and_generator_state():
@@ -259,31 +351,51 @@ def test_workspace_reuses_only_arrays_nothing_refers_to():
     assert workspace.held_bytes() == 0
 
 
-def test_reference_evaluations_copy_no_tensor_the_direction_moves():
-    """x + t d is formed from x itself (the add widens it exactly): a float64
-    copy is made only of the tensors a restricted direction leaves where they
-    are, and the values are the same as from a copy."""
+def test_reference_evaluations_widen_each_tensor_once():
+    """x + t d is formed from x's exact widening: a session makes it once per
+    tensor and both points of a central difference read it (the widening copy
+    was a third of forming the points); a lean session (Session.lean: a large
+    model) makes no float64 copy of a tensor the direction moves, only of those
+    a restricted direction leaves where they are (in its one float64 buffer
+    per tensor, see TorchSession._shadow). The values are those of
+    x + t d from a float64 copy either way."""
     torch = pytest.importorskip("torch")
     from gradcheck.backends.torch import TorchSession
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
     x = torch.randn(5, 8)
-    with TorchSession(lambda: model(x).sum(), [], model) as s:
-        s.analytic()
-        d = [
-            np.random.default_rng(i).standard_normal(sp.shape)
-            for i, sp in enumerate(s.specs)
-        ]
-        moved = s.outputs_at(s.prepare(d), 1e-3)
-        assert not s._f64  # every tensor moved: no copies
-        only = [d[0], None]  # the bias stays: its float64 copy is made
-        s.outputs_at(s.prepare(only), 1e-3)
-        assert len(s._f64) == 1
+    d = [
+        np.random.default_rng(i).standard_normal(sh)
+        for i, sh in enumerate([(4, 8), (4,)])
+    ]
     w, b = (p.detach().double() for p in model[0].parameters())
-    want = torch.tanh(
-        x.double() @ (w + 1e-3 * torch.as_tensor(d[0])).T
-        + b
-        + 1e-3 * torch.as_tensor(d[1])
-    ).sum()
-    assert abs(float(moved[0]) - float(want)) <= 1e-12 * abs(float(want))
+    want = {
+        t: float(
+            torch.tanh(
+                x.double() @ (w + t * torch.as_tensor(d[0])).T
+                + b
+                + t * torch.as_tensor(d[1])
+            ).sum()
+        )
+        for t in (1e-3, -1e-3)
+    }
+    for lean in (False, True):
+        with TorchSession(lambda: model(x).sum(), [], model) as s:
+            s.lean = lean
+            s.analytic()
+            handle = s.prepare(d)
+            moved = {t: float(s.outputs_at(handle, t)[0]) for t in want}
+            if lean:
+                assert not s._f64  # every tensor moved: no copies
+            else:
+                widened = {k: v[1].data_ptr() for k, v in s._f64.items()}
+                assert len(widened) == 2  # one per tensor, for both points
+                s.outputs_at(handle, 1e-3)
+                assert {k: v[1].data_ptr() for k, v in s._f64.items()} == widened
+            only = [d[0], None]  # the bias stays: its float64 copy is read
+            s.outputs_at(s.prepare(only), 1e-3)
+            # (a lean session's copy of it is its one float64 shadow)
+            assert len(s._f64) == (0 if lean else 2)
+        for t, v in moved.items():
+            assert abs(v - want[t]) <= 1e-12 * abs(want[t]), (lean, t)

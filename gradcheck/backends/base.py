@@ -102,7 +102,11 @@ class Session(ABC):
         as float64 through numeric.compact.Widened). A backend may ignore it."""
 
     def vjp_on_device(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[Any]:
         """``vjp``'s gradients for a caller that computes on array-API arrays
         (numeric.arrays): a backend may hand them as its own float64 arrays, real
@@ -111,8 +115,9 @@ class Session(ABC):
         the dot products and norms of a passing check. This default hands
         ``vjp``'s host arrays; so do backends whose tensors are on the CPU,
         where the NumPy arrays cost nothing more and keep the results
-        unchanged to the last bit."""
-        return self.vjp(cotangents, retain)
+        unchanged to the last bit. ``compact``: as ``vjp``'s, for the host
+        arrays (a caller that reads float32 ones as float64 itself)."""
+        return self.vjp(cotangents, retain, compact=compact)
 
     def direction_draw(self, rng: np.random.Generator) -> Any:
         """The source of the probe direction's Gaussian samples

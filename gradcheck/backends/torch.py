@@ -1493,13 +1493,18 @@ class TorchSession(Session):
         return bool(devices) and all(_holds_float64(d) for d in devices)
 
     def vjp_on_device(
-        self, cotangents: Sequence[np.ndarray], retain: bool = False
+        self,
+        cotangents: Sequence[np.ndarray],
+        retain: bool = False,
+        *,
+        compact: bool = False,
     ) -> list[Any]:
         """The base class's gradients as real float64 tensors on each tensor's
         device (widened there: no host copy), where gradients_on_device says so;
-        vjp's host arrays otherwise."""
+        vjp's host arrays otherwise (``compact``: a float32 CPU gradient as a
+        NumPy view of torch's own, no copy)."""
         if not self._tensor_gradients():
-            return self.vjp(cotangents, retain)
+            return self.vjp(cotangents, retain, compact=compact)
         grads = self._vjp_tensors(cotangents, retain)
         ours = self._own_storages()
         return _drain(grads, lambda g: _to_device64(g, ours))
@@ -2018,19 +2023,26 @@ class TorchSession(Session):
     def _moved(
         self, own: torch.Tensor, d: torch.Tensor, t: float, grad: bool
     ) -> torch.Tensor:
-        """x + t d in the wide dtype, in _scratch's buffer, from x itself (its
-        exact widening, as a float64 copy of it would give) and d as prepared
-        (float64, or a compact direction's float32). Both operands are widened
-        by copies first: torch's mixed-dtype add is 5-7x slower than a copy
-        and a same-dtype add together (23M elements on this project's 2-core
-        machine: 114-131 ms against 15 + 25 ms). The numbers are those of the
-        one-pass mixed add."""
+        """x + t d in the wide dtype, in _scratch's buffer, from x's exact
+        widening and d as prepared (float64, or a compact direction's float32).
+        Both operands are widened by copies first: torch's mixed-dtype add is
+        5-7x slower than a copy and a same-dtype add together (23M elements on
+        this project's 2-core machine: 114-131 ms against 15 + 25 ms). The
+        numbers are those of the one-pass mixed add."""
         out = self._scratch(own, grad)
         if d.dtype != out.dtype:
             d = out.copy_(d)
         base = own.detach()
         if base.dtype != out.dtype:
-            base = self._widened(base, out.dtype)
+            # x's widening made once per session (_as64) and read by every moved
+            # point (a central difference forms two); a lean session's one
+            # buffer per tensor is the moved point itself, and a graph-recording
+            # evaluation keeps its own: widened into the shared buffer instead
+            base = (
+                self._as64(own)
+                if not (self.lean or grad)
+                else self._widened(base, out.dtype)
+            )
         return torch.add(base, d, alpha=t, out=out)
 
     def _moved_native(
@@ -2344,8 +2356,9 @@ class TorchSession(Session):
         self._graph = None  # a new graph may replace the leaves' grad accumulators
         if not promote:
             self._lean_native()
-        # tensors the direction moves get x + t d below, formed from their own
-        # values: no float64 copy of them is made (on BERT-base, 0.9 GB less)
+        # tensors the direction moves get x + t d below (_moved: from x's
+        # widening made once per session; a lean session makes no float64 copy
+        # of them, on BERT-base 0.9 GB less)
         moved = {
             ("input", ref) if kind == "input" else ("param", id(ref))
             for (kind, ref), d in zip(self.diff, handle, strict=True)

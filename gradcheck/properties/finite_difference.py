@@ -171,12 +171,28 @@ class _Probe:
         #: piece at a time (a compact check's arrays are never widened whole),
         #: arrays on an accelerator (Session.vjp_on_device) where they live, their
         #: scalars read together (numeric.arrays.vdots)
+        # (a tensor of the full direction that dirs.streamed_probe_direction
+        # summed already: its <g_t, d_t> from there, no further pass)
+        moved = cpt.narrow(direction)
+        summed = [
+            None
+            if d is None
+            or t >= len(ctx.full_sums)
+            or ctx.full_sums[t] is None
+            or d is not ctx.full_direction[t]
+            else ctx.full_sums[t][0]
+            for t, d in enumerate(moved)
+        ]
+        dots = xa.vdots(
+            cpt.narrow(ctx.grads),
+            [
+                None if sm is not None else d
+                for d, sm in zip(moved, summed, strict=True)
+            ],
+            host=lambda g, d: cpt.piece_sum(np.dot, g, d),
+        )
         self.reverse_contrib = np.array(
-            xa.vdots(
-                cpt.narrow(ctx.grads),
-                cpt.narrow(direction),
-                host=lambda g, d: cpt.piece_sum(np.dot, g, d),
-            )
+            [v if sm is None else sm for v, sm in zip(dots, summed, strict=True)]
         )
         # ad="forward": <v, J d> from one JVP along the whole direction; the
         # per-tensor sizes that scale the finite-difference trust limit stay
@@ -353,11 +369,25 @@ class _Context:
         self.on_device = not all(
             g is None or isinstance(g, np.ndarray) for g in cpt.narrow(grads)
         )
+        #: host gradients of which some are float32 arrays as the framework
+        #: computed them (a plain list, not a compact Widened): the hot path reads
+        #: them in float64 block by block (dirs.streamed_probe_direction), a
+        #: failure's diagnosis widens them first (_on_host)
+        self.narrow_host = (
+            not self.on_device
+            and not isinstance(grads, Widened)
+            and any(isinstance(g, np.ndarray) and g.dtype != np.float64 for g in grads)
+        )
+        #: per tensor, (<g_t, d_t>, |d_t|^2) of the full direction where the
+        #: streamed pass summed them (None: the callers' reductions)
+        self.full_sums: list[tuple[float, float] | None] = []
         self._x: list[np.ndarray] | None = None
         self._host_grads: list[np.ndarray] | None = None
         # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
         # for the tensors of Session.vjp_on_device: a scalar comes to the host)
-        gn = self.g_norms = xa.norms(grads) if g_norms is None else list(g_norms)
+        gn = self.g_norms = (
+            xa.norms(grads, host=dirs.host_norm) if g_norms is None else list(g_norms)
+        )
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
         inner = session.internal_dtype
@@ -519,9 +549,12 @@ def run(session: Session, options: Options) -> CheckReport:
     ):
         # a passing reverse-mode directional check reads its gradients only
         # through dot products and norms (numeric.arrays): the backend may keep
-        # them on their devices. Full mode, forward mode, compact and cast-free
-        # checks read them on the host.
-        raw = session.vjp_on_device(cot, retain=retain)
+        # them on their devices, and on the host it may hand a float32 gradient
+        # as is (read in float64 by dirs.host_norm and
+        # dirs.streamed_probe_direction; a failure widens it, see _on_host).
+        # Full mode, forward mode, compact and cast-free checks read them on the
+        # host, in float64.
+        raw = session.vjp_on_device(cot, retain=retain, compact=True)
     else:
         raw = session.vjp(cot, retain=retain, compact=compact)
     # the gradients' norms, which the probe direction needs anyway: a finite norm
@@ -529,7 +562,7 @@ def run(session: Session, options: Options) -> CheckReport:
     # every gradient) runs only where a norm is not finite (NaN or Inf among the
     # elements, or squares that overflow). A compact check's norms are those of
     # the widened gradients, taken by _Context.
-    g_norms = None if compact else xa.norms(raw)
+    g_norms = None if compact else xa.norms(raw, host=dirs.host_norm)
     try:
         if g_norms is None or not all(math.isfinite(n) for n in g_norms):
             session.check_finite_grads(raw)
@@ -1068,9 +1101,21 @@ def _run_directional(
     # gradients on an accelerator (Session.vjp_on_device) get their direction
     # drawn there; NumPy's host draw otherwise (the same numbers on every machine)
     draw = ctx.session.direction_draw(rng) if ctx.on_device else None
-    d, normalisers = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
+    if ctx.narrow_host:
+        d, normalisers, ctx.full_sums = dirs.streamed_probe_direction(
+            ctx.grads, rng, ctx.g_norms
+        )
+    else:
+        d, normalisers = dirs.probe_direction(ctx.grads, draw or rng, ctx.g_norms)
     ctx.full_direction, ctx.norms = d, normalisers
-    ctx.full_direction_norms = xa.norms(d)
+    summed = ctx.full_sums or [None] * len(d)
+    norms = xa.norms(
+        [x if sm is None else None for x, sm in zip(d, summed, strict=True)]
+    )
+    ctx.full_direction_norms = [
+        n if sm is None else math.sqrt(sm[1])
+        for n, sm in zip(norms, summed, strict=True)
+    ]
     # an empty tensor has nothing to perturb: no direction (and no blame) for it
     active = cpt.subset(d, [t for t, sp in enumerate(ctx.session.specs) if sp.size])
     for _attempt in range(2):
@@ -1145,6 +1190,12 @@ def _on_host(ctx: _Context, probe: _Probe) -> None:
     diagnosis (blame, the precision split, kinks) is NumPy code, and only a
     failure pays for the copies. The probe keeps its prepared handle (the same
     values) and which of the full direction's arrays it moves."""
+    if ctx.narrow_host:  # float32 gradients read as they came: widened once
+        ctx.grads = [
+            g if g is None or g.dtype == np.float64 else g.astype(np.float64)
+            for g in ctx.grads
+        ]
+        ctx.narrow_host = False
     if not ctx.on_device:
         return
     full = [xa.to_host(d) for d in ctx.full_direction]
