@@ -5,8 +5,6 @@ verdicts, determinism per seed and the user's state exactly as they were."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -112,10 +110,10 @@ def test_streamed_direction_is_probe_direction_of_the_widened_gradients(
     copy, the direction bit for bit and the sums to float64 rounding; a float64
     gradient keeps probe_direction's own path and sums (None). Blocks of 7
     elements put many block boundaries inside every tensor."""
+    from gradcheck.numeric import blocks
     from gradcheck.numeric import directions as dirs
 
-    monkeypatch.setattr(dirs, "BLOCK", block)
-    monkeypatch.setattr(dirs, "_blocks", threading.local())
+    monkeypatch.setattr(blocks, "BLOCK", block)
     rng = np.random.default_rng(1)
     grads = [
         rng.standard_normal((300, 7)).astype(np.float32),
@@ -125,7 +123,7 @@ def test_streamed_direction_is_probe_direction_of_the_widened_gradients(
         rng.standard_normal((40, 41)).astype(np.float32),
     ]
     wide = [g.astype(np.float64) for g in grads]
-    gnorms = [dirs.host_norm(g) for g in grads]
+    gnorms = [blocks.host_norm(g) for g in grads]
     want_norms = [float(np.linalg.norm(g)) for g in wide]
     np.testing.assert_allclose(gnorms, want_norms, rtol=1e-14)
     assert gnorms[3] == want_norms[3]  # float64: NumPy's own routine
@@ -148,7 +146,7 @@ def test_streamed_direction_is_probe_direction_of_the_widened_gradients(
     # is ~1e-7 relative, as large as the errors a float32 check looks for)
     big = np.full(1 << 20, 0.1, np.float32)
     exact = float(np.linalg.norm(big.astype(np.float64)))
-    assert dirs.host_norm(big) == pytest.approx(exact, rel=1e-11)
+    assert blocks.host_norm(big) == pytest.approx(exact, rel=1e-11)
     assert float(np.linalg.norm(big)) != pytest.approx(exact, rel=1e-9)
 
 

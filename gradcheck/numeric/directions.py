@@ -33,14 +33,13 @@ model on an accelerator) passes a ``Draw`` instead, e.g. ``torch.randn`` with a
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from gradcheck.errors import InvalidArgumentError
-from gradcheck.numeric import workspace
+from gradcheck.numeric import blocks, workspace
 from gradcheck.numeric.arrays import (
     Array,
     as_float64,
@@ -265,40 +264,6 @@ def _aligned_into(
     return normaliser
 
 
-#: Elements per block of a streamed host pass over a narrow (float32) array:
-#: its float64 widening (256 KB) and the direction's block stay in a core's L2
-#: cache while the block is read for several sums at once.
-BLOCK = 1 << 15
-_blocks = threading.local()
-
-
-def _block_buffer() -> np.ndarray:
-    """This thread's float64 block buffer (one allocation per thread, not one per
-    pass: a fresh 256 KB array comes from the kernel as untouched pages)."""
-    buf = getattr(_blocks, "buf", None)
-    if buf is None:
-        buf = _blocks.buf = np.empty(BLOCK)
-    return buf
-
-
-def host_norm(x: np.ndarray) -> float:
-    """The L2 norm of a host array read as float64: NumPy's own routine for a
-    float64 array (bit for bit ``np.linalg.norm``), a float64 sum of squares over
-    cache-sized blocks of its exact widening for a narrower one (a float32
-    gradient: no float64 copy of it, and no float32 accumulation, whose rounding
-    is as large as the errors a check looks for)."""
-    if x.dtype == np.float64:
-        return float(np.linalg.norm(x))
-    flat = np.reshape(x, -1)
-    buf = _block_buffer()
-    total = 0.0
-    for i in range(0, flat.size, BLOCK):
-        w = buf[: min(BLOCK, flat.size - i)]
-        np.copyto(w, flat[i : i + BLOCK])
-        total += float(np.dot(w, w))
-    return math.sqrt(total)
-
-
 def streamed_probe_direction(
     grads: Sequence[np.ndarray],
     rng: np.random.Generator,
@@ -306,7 +271,7 @@ def streamed_probe_direction(
 ) -> tuple[list[np.ndarray], list[float], list[tuple[float, float] | None]]:
     """probe_direction for host gradients some of which are narrow (float32:
     Session.vjp_on_device(compact=True) hands a float32 gradient as the
-    framework's own array), with ``gnorms`` from :func:`host_norm`: the same
+    framework's own array), with ``gnorms`` from numeric.blocks.host_norm: the same
     float64 directions as probe_direction gives for their widened copies, bit for
     bit, without those copies. A narrow tensor is read once, in cache-sized
     blocks; each block is widened, its direction written, and <g_t, d_t> and
@@ -321,7 +286,7 @@ def streamed_probe_direction(
     gmax = max(gnorms, default=0.0)
     floor = FLOOR * gmax if gmax > 0 else 1.0
     samples = _gaussian_samples(rng, [tuple(g.shape) for g in grads])
-    buf = _block_buffer()
+    buf = blocks.buffer()
     directions, norms, sums = [], [], []
     for g, gn, z in zip(grads, gnorms, samples, strict=True):
         d = workspace.empty(g.shape, np.float64)
@@ -334,8 +299,8 @@ def streamed_probe_direction(
         inv = 1.0 / normaliser
         flat_g, flat_z, flat_d = np.reshape(g, -1), np.reshape(z, -1), d.reshape(-1)
         gd = dd = 0.0
-        for i in range(0, flat_g.size, BLOCK):
-            j = min(i + BLOCK, flat_g.size)
+        for i in range(0, flat_g.size, blocks.BLOCK):
+            j = min(i + blocks.BLOCK, flat_g.size)
             w, out = buf[: j - i], flat_d[i:j]
             np.copyto(w, flat_g[i:j])  # the exact widening
             # _aligned_into's operations in its order, on the block

@@ -47,6 +47,7 @@ from gradcheck.errors import (
     ReferencePrecisionError,
 )
 from gradcheck.numeric import arrays as xa
+from gradcheck.numeric import blocks
 from gradcheck.numeric import compact as cpt
 from gradcheck.numeric import differences as fd
 from gradcheck.numeric import directions as dirs
@@ -386,7 +387,7 @@ class _Context:
         # (arrays.norm: NumPy's own norm for NumPy arrays, the gradients' device's
         # for the tensors of Session.vjp_on_device: a scalar comes to the host)
         gn = self.g_norms = (
-            xa.norms(grads, host=dirs.host_norm) if g_norms is None else list(g_norms)
+            xa.norms(grads, host=blocks.host_norm) if g_norms is None else list(g_norms)
         )
         gmax = max(gn, default=0.0)
         self.g_eff = [max(g, tl.ROUNDING_FLOOR * gmax) if gmax > 0 else 1.0 for g in gn]
@@ -550,7 +551,7 @@ def run(session: Session, options: Options) -> CheckReport:
         # a passing reverse-mode directional check reads its gradients only
         # through dot products and norms (numeric.arrays): the backend may keep
         # them on their devices, and on the host it may hand a float32 gradient
-        # as is (read in float64 by dirs.host_norm and
+        # as is (read in float64 by numeric.blocks.host_norm and
         # dirs.streamed_probe_direction; a failure widens it, see _on_host).
         # Full mode, forward mode, compact and cast-free checks read them on the
         # host, in float64.
@@ -562,7 +563,7 @@ def run(session: Session, options: Options) -> CheckReport:
     # every gradient) runs only where a norm is not finite (NaN or Inf among the
     # elements, or squares that overflow). A compact check's norms are those of
     # the widened gradients, taken by _Context.
-    g_norms = None if compact else xa.norms(raw, host=dirs.host_norm)
+    g_norms = None if compact else xa.norms(raw, host=blocks.host_norm)
     try:
         if g_norms is None or not all(math.isfinite(n) for n in g_norms):
             session.check_finite_grads(raw)
