@@ -1188,8 +1188,10 @@ def _run_directional(
 
 def _on_host(ctx: _Context, probe: _Probe) -> None:
     """A failed check's gradients and directions as host float64 arrays: the
-    diagnosis (blame, the precision split, kinks) is NumPy code, and only a
-    failure pays for the copies. The probe keeps its prepared handle (the same
+    diagnosis (blame, the precision split, kinks) is NumPy code written for
+    float64 arrays, and only a failure pays for the copies (float32 host
+    gradients read as they came, ctx.narrow_host, are widened; arrays on an
+    accelerator are copied). The probe keeps its prepared handle (the same
     values) and which of the full direction's arrays it moves."""
     if ctx.narrow_host:  # float32 gradients read as they came: widened once
         ctx.grads = [
