@@ -28,6 +28,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -147,23 +148,30 @@ def check_fn(model: torch.nn.Module, data: dict) -> Callable[[], Any]:
     )
 
 
-def floor_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
+def floor_fn(
+    model: torch.nn.Module, data: dict, parts: list[tuple[float, float]] | None = None
+) -> Callable[[], None]:
     """The irreducible work of a float32 check with a float64 reference, in plain
     torch (no gradcheck): one float32 forward + backward at the point (the
     gradient to check, as torch.autograd.grad of the loss with respect to the
     parameters) and two float64 forwards, at x + h d and x - h d, of a float64
     copy of the model on the same batch (a central difference). The float64
     copy is made once, outside the timed calls, as gradcheck reuses its own
-    float64 shadows; forming x +- h d is not counted."""
+    float64 shadows; forming x +- h d is not counted. With ``parts``, each call
+    appends its two parts' seconds to it: (forward + backward, the forwards)."""
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     model64, data64 = as_dtype(model, data, torch.float64)
 
     def floor() -> None:
+        start = time.perf_counter()
         torch.autograd.grad(total_loss(model(data["x"]), data), params)
+        middle = time.perf_counter()
         with torch.no_grad():
             for _ in range(2):
                 total_loss(model64(data64["x"]), data64)
+        if parts is not None:
+            parts.append((middle - start, time.perf_counter() - middle))
 
     return floor
 
@@ -382,15 +390,21 @@ def floor_table(repeats: int, quick: bool = False) -> list[dict]:
     rows = []
     for act in FLOOR_MODELS:
         model, data = build_model(quick, act=act)
+        check, costs = recorded(check_fn(model, data))
+        floor_parts: list[tuple[float, float]] = []
         t = time_interleaved(
             {
                 "step": train_step_fn(model, data),
-                "floor": floor_fn(model, data),
-                "check": check_fn(model, data),
+                "floor": floor_fn(model, data, floor_parts),
+                "check": check,
             },
             repeats,
         )
         med = {k: v[0] for k, v in t.items()}
+        parts = check_parts(costs[1:])  # the timed calls, not the warm-up
+        if floor_parts[1:]:
+            parts["floor_gradient"] = statistics.median(p[0] for p in floor_parts[1:])
+            parts["floor_reference"] = statistics.median(p[1] for p in floor_parts[1:])
         rows.append(
             {
                 "model": f"MLP {act}",
@@ -401,12 +415,43 @@ def floor_table(repeats: int, quick: bool = False) -> list[dict]:
                 "check_over_step": med["check"] / med["step"],
                 "check_over_floor": med["check"] / med["floor"],
                 "floor_over_step": med["floor"] / med["step"],
+                "check_parts_s": parts,
                 "samples_s": {k: v[1] for k, v in t.items()},
                 "status": t["check"][2].status,
                 "load_average": os.getloadavg(),
             }
         )
     return rows
+
+
+def recorded(check: Callable[[], Any]) -> tuple[Callable[[], Any], list[dict]]:
+    """``check`` and the list its calls append their report's cost to."""
+    costs: list[dict] = []
+
+    def call() -> Any:
+        report = check()
+        costs.append(dict(report.cost))
+        return report
+
+    return call, costs
+
+
+def check_parts(costs: list[dict]) -> dict[str, float]:
+    """Where the checks' time went, from their reports (median of each part over
+    the calls): the framework's forward and backward at x (the gradient judged,
+    ``cost["gradient_seconds"]``), fn's finite-difference evaluations with x + t d
+    formed (``cost["reference_seconds"]``), and the rest of the check's own
+    ``cost["seconds"]``: gradcheck's own work (session, direction, reductions,
+    tolerance)."""
+    if not costs:
+        return {}
+    return {
+        "gradient": statistics.median(c["gradient_seconds"] for c in costs),
+        "reference": statistics.median(c["reference_seconds"] for c in costs),
+        "own": statistics.median(
+            c["seconds"] - c["gradient_seconds"] - c["reference_seconds"] for c in costs
+        ),
+    }
 
 
 def print_floor(rows: list[dict]) -> None:
@@ -425,6 +470,27 @@ def print_floor(rows: list[dict]) -> None:
     print(
         "floor = float32 forward+backward + 2 float64 forwards (plain torch); "
         f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()}"
+    )
+    print(
+        f"\n{'check ms':<10} {'gradient':>9} {'(floor)':>8} {'reference':>10} "
+        f"{'(floor)':>8} {'own':>7}   (medians over the timed calls)"
+    )
+    for r in rows:
+        p = r["check_parts_s"]
+        if p:
+            print(
+                f"{r['model']:<10} {p['gradient'] * 1e3:>9.2f} "
+                f"{p.get('floor_gradient', math.nan) * 1e3:>8.2f} "
+                f"{p['reference'] * 1e3:>10.2f} "
+                f"{p.get('floor_reference', math.nan) * 1e3:>8.2f} "
+                f"{p['own'] * 1e3:>7.2f}"
+            )
+    print(
+        "from each report's cost: gradient = the framework's float32 forward + "
+        "backward at x, with gradcheck's calls around them (floor: "
+        "torch.autograd.grad); reference = forming x +- h d and fn's float64 "
+        "forwards there (floor: the 2 forwards of a float64 copy); own = the rest "
+        "of the check: gradcheck's session, direction, reductions and tolerance"
     )
 
 

@@ -69,3 +69,22 @@ def test_script_writes_json(tmp_path):
     res = json.loads(out.read_text())
     _check_result(res)
     assert res["method"]["repeats"] == 2
+
+
+def test_floor_table_splits_the_check_from_its_reports(capsys):
+    """--floor's rows carry the check's parts read from its reports' cost
+    (gradient, reference, own) beside the plain-torch floor's two parts, and
+    print_floor prints them."""
+    bench = _load()
+    rows = bench.floor_table(repeats=2, quick=True)
+    assert [r["model"] for r in rows] == ["MLP relu", "MLP tanh"]
+    for r in rows:
+        parts = r["check_parts_s"]
+        keys = {"gradient", "reference", "own", "floor_gradient", "floor_reference"}
+        assert set(parts) == keys, parts
+        assert all(math.isfinite(v) and v >= 0 for v in parts.values()), parts
+        assert parts["gradient"] > 0 and parts["reference"] > 0
+    bench.print_floor(rows)
+    out = capsys.readouterr().out
+    assert "gradient" in out and "reference" in out and "own" in out
+    json.dumps(rows)

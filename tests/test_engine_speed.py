@@ -397,3 +397,65 @@ def test_reference_evaluations_widen_each_tensor_once():
             assert len(s._f64) == (0 if lean else 2)
         for t, v in moved.items():
             assert abs(v - want[t]) <= 1e-12 * abs(want[t]), (lean, t)
+
+
+@pytest.mark.parametrize("case", ["passing", "failing", "full"])
+def test_report_cost_says_where_the_time_went(monkeypatch, case):
+    """cost["reference_seconds"] holds every finite-difference evaluation the
+    check made (the passing check's central difference, a failure's diagnosis,
+    full mode's columns) and cost["gradient_seconds"] the framework's forward
+    and backward at x, each within cost["seconds"]: both sessions' calls are
+    slowed by a known sleep, and each part holds its own calls' sleeps and not
+    the other's."""
+    torch = pytest.importorskip("torch")
+    import time
+
+    from gradcheck.backends import torch as torch_backend
+    from tests._planted import scaled_backward
+
+    pause = 0.01
+    calls = {"outputs_at": 0, "analytic": 0}
+    session = torch_backend.TorchSession
+    for name in calls:
+        real = getattr(session, name)
+
+        def slowed(self, *args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            time.sleep(pause)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(session, name, slowed)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3 if case == "full" else 6, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 1 if case == "full" else 3),
+    )
+    x = torch.randn(5, model[0].in_features)
+    hook = None
+    if case == "failing":
+        bug = scaled_backward(1e-2)
+        hook = model[2].register_forward_hook(lambda _m, _a, out: bug.apply(out))
+    try:
+        report = gradcheck.check_gradients(
+            lambda: model(x).pow(2).mean(),
+            params=model,
+            mode="full" if case == "full" else "directional",
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert report.status == ("mismatch" if case == "failing" else "passed"), (
+        report.message
+    )
+    cost = report.cost
+    gradient, reference = cost["gradient_seconds"], cost["reference_seconds"]
+    assert calls["outputs_at"] >= 2 and calls["analytic"] >= 1
+    # every evaluation's sleep is in the reference part, and only those
+    assert reference >= calls["outputs_at"] * pause
+    assert reference < (calls["outputs_at"] + 1) * pause + cost["seconds"] - gradient
+    # run()'s analytic call is in the gradient part (a diagnosis takes more
+    # gradients of its own: those are the check's own work)
+    assert gradient >= pause
+    assert gradient < cost["seconds"] - calls["outputs_at"] * pause
+    assert gradient + reference <= cost["seconds"]

@@ -30,10 +30,12 @@ large).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,7 +262,7 @@ class _Probe:
         if t == 0.0 and ctx.phi0 is not None:  # the same point whatever the direction
             return ctx.phi0
         before = ctx.session.reference_dtype
-        outs = ctx.session.outputs_at(self.handle, t)
+        outs = _outputs_at(ctx.session, self.handle, t)
         if ctx.session.reference_dtype != before:
             raise _Restart
         val = sum(float(np.vdot(v, y)) for v, y in zip(ctx.cot, outs, strict=True))
@@ -512,9 +514,69 @@ class _Context:
 
 
 # ---------------------------------------------------------------------------------------
+# Where a check's time goes: report.cost["gradient_seconds"] and
+# cost["reference_seconds"] beside cost["seconds"].
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Clock:
+    #: the framework's forward and backward at x that give the gradient judged
+    #: (run()'s analytic call and its VJP; a cast-free check's float64 VJP too)
+    gradient: float = 0.0
+    #: fn's finite-difference evaluations, x + t d formed and fn run there
+    #: (Session.outputs_at), wherever the engine makes them: the passing check's
+    #: central difference, Richardson's further steps, the diagnosis's
+    reference: float = 0.0
+
+
+#: The clock of the check run() is making in this thread (None outside one).
+_clock: contextvars.ContextVar[_Clock | None] = contextvars.ContextVar(
+    "gradcheck_finite_difference_clock", default=None
+)
+
+
+@contextlib.contextmanager
+def _timed(part: str) -> Iterator[None]:
+    """Add the block's wall-clock time to ``part`` of the current check's clock."""
+    clock = _clock.get()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            setattr(clock, part, getattr(clock, part) + time.perf_counter() - start)
+
+
+def _outputs_at(s: Session, handle: object, t: float) -> list[np.ndarray]:
+    """Session.outputs_at, its time counted as the check's reference time."""
+    with _timed("reference"):
+        return s.outputs_at(handle, t)
+
+
 def run(session: Session, options: Options) -> CheckReport:
+    """The finite-difference check of ``session`` (module docstring). Besides the
+    session's count of forwards and backwards and the check's seconds, the
+    report's cost says where the time went: ``gradient_seconds`` in the
+    framework's forward and backward at x that give the gradient judged,
+    ``reference_seconds`` in fn's finite-difference evaluations (x + t d formed
+    and fn run there, in float64 where it runs in it; a failure's diagnosis
+    included). The rest of ``seconds`` is gradcheck's own work: the probe
+    direction, reductions and tolerance, and the further gradients that a
+    measured rounding or a failure's diagnosis takes."""
+    clock = _Clock()
+    token = _clock.set(clock)
+    try:
+        report = _run(session, options)
+    finally:
+        _clock.reset(token)
+    report.cost["gradient_seconds"] = clock.gradient
+    report.cost["reference_seconds"] = clock.reference
+    return report
+
+
+def _run(session: Session, options: Options) -> CheckReport:
     started = time.perf_counter()
-    outputs = session.analytic()
+    with _timed("gradient"):
+        outputs = session.analytic()
     session.check_finite_outputs(outputs)
     refusal = session.second_order_refusal()
     if refusal is not None:
@@ -555,9 +617,11 @@ def run(session: Session, options: Options) -> CheckReport:
         # dirs.streamed_probe_direction; a failure widens it, see _on_host).
         # Full mode, forward mode, compact and cast-free checks read them on the
         # host, in float64.
-        raw = session.vjp_on_device(cot, retain=retain, compact=True)
+        with _timed("gradient"):
+            raw = session.vjp_on_device(cot, retain=retain, compact=True)
     else:
-        raw = session.vjp(cot, retain=retain, compact=compact)
+        with _timed("gradient"):
+            raw = session.vjp(cot, retain=retain, compact=compact)
     # the gradients' norms, which the probe direction needs anyway: a finite norm
     # means finite elements, so the element-wise finiteness test (a pass over
     # every gradient) runs only where a norm is not finite (NaN or Inf among the
@@ -598,7 +662,8 @@ def run(session: Session, options: Options) -> CheckReport:
         # float64 gradient (see _CastFree), its own gradient against that one
         free = _CastFree(session)
         try:
-            raw_free = free.vjp(cot)
+            with _timed("gradient"):
+                raw_free = free.vjp(cot)
             session.check_finite_grads(raw_free, "cast-free float64 gradient")
         except (ReferencePrecisionError, NonFiniteError) as exc:
             fallback_note = (
@@ -2823,7 +2888,7 @@ def _run_full(
         ctx.both_full = (reverse, analytic, tol_an, col_of)
 
     zero = s.prepare([None] * len(s.specs))
-    base_outs = s.outputs_at(zero, 0.0)  # resolves the reference precision first
+    base_outs = _outputs_at(s, zero, 0.0)  # resolves the reference precision first
     f0 = _project(ctx, base_outs, full_jacobian and n_out > 1)
     phi_scale = float(np.max(np.abs(f0[1]), initial=0.0))
     if not math.isfinite(phi_scale):
@@ -2839,7 +2904,9 @@ def _run_full(
         handle = s.prepare(e)
 
         def phi(tt: float, handle=handle) -> fd.Evaluation:
-            return _project(ctx, s.outputs_at(handle, tt), full_jacobian and n_out > 1)
+            return _project(
+                ctx, _outputs_at(s, handle, tt), full_jacobian and n_out > 1
+            )
 
         frac = ctx.options.step or tl.step_fraction(s.reference_dtype)
         h0 = frac * max(abs_x[k], x_scale[k])
@@ -2941,7 +3008,7 @@ def _run_full(
     out_name = _output_element(s, i) if full_jacobian and n_out > 1 else None
     quantity = f"Jacobian element d {out_name}" if out_name else _quantity(ctx)
     if ratio[i, k] > 1 or kinks:
-        again = _project(ctx, s.outputs_at(zero, 0.0), full_jacobian and n_out > 1)
+        again = _project(ctx, _outputs_at(s, zero, 0.0), full_jacobian and n_out > 1)
         spread = float(np.max(np.abs(again[0] - f0[0])))
         if _gross(spread, float(np.max(f0[1])), ctx.eps_ref):
             report.status = "nondeterministic"
@@ -3040,7 +3107,7 @@ def _derived_noise(
             * np.spacing(np.abs(x))
             for x in ctx.x
         ]
-        outs = s.outputs_at(s.prepare(move), 1.0)
+        outs = _outputs_at(s, s.prepare(move), 1.0)
         devs.append(_project(ctx, outs, jacobian)[0] - f0[0])
     sigma = np.sqrt(np.mean(np.square(np.stack(devs)), axis=0))  # (rows,)
     noise = (
@@ -3066,7 +3133,7 @@ def _derived_noise(
         dt = steps[k]
         table = np.stack(
             [
-                _project(ctx, s.outputs_at(handle, (i - half) * dt), jacobian)[0]
+                _project(ctx, _outputs_at(s, handle, (i - half) * dt), jacobian)[0]
                 for i in range(FD_NOISE_POINTS)
             ]
         )
