@@ -399,14 +399,14 @@ def test_reference_evaluations_widen_each_tensor_once():
             assert abs(v - want[t]) <= 1e-12 * abs(want[t]), (lean, t)
 
 
-@pytest.mark.parametrize("case", ["passing", "failing", "full"])
+@pytest.mark.parametrize("case", ["passing", "failing", "full", "forward"])
 def test_report_cost_says_where_the_time_went(monkeypatch, case):
     """cost["reference_seconds"] holds every finite-difference evaluation the
     check made (the passing check's central difference, a failure's diagnosis,
-    full mode's columns) and cost["gradient_seconds"] the framework's forward
-    and backward at x, each within cost["seconds"]: both sessions' calls are
-    slowed by a known sleep, and each part holds its own calls' sleeps and not
-    the other's."""
+    full mode's columns) and cost["gradient_seconds"] the framework's derivative
+    judged (the forward and VJP at x, full mode's rows, forward mode's JVPs),
+    each within cost["seconds"]: the session's calls are slowed by a known
+    sleep, and each part holds its own calls' sleeps and not the other's."""
     torch = pytest.importorskip("torch")
     import time
 
@@ -414,7 +414,7 @@ def test_report_cost_says_where_the_time_went(monkeypatch, case):
     from tests._planted import scaled_backward
 
     pause = 0.01
-    calls = {"outputs_at": 0, "analytic": 0}
+    calls = {"outputs_at": 0, "analytic": 0, "vjp": 0, "jvp": 0}
     session = torch_backend.TorchSession
     for name in calls:
         real = getattr(session, name)
@@ -426,10 +426,11 @@ def test_report_cost_says_where_the_time_went(monkeypatch, case):
 
         monkeypatch.setattr(session, name, slowed)
     torch.manual_seed(0)
+    small = case == "full"
     model = torch.nn.Sequential(
-        torch.nn.Linear(3 if case == "full" else 6, 8),
+        torch.nn.Linear(3 if small else 6, 8),
         torch.nn.Tanh(),
-        torch.nn.Linear(8, 1 if case == "full" else 3),
+        torch.nn.Linear(8, 1 if small else 3),
     )
     x = torch.randn(5, model[0].in_features)
     hook = None
@@ -440,7 +441,8 @@ def test_report_cost_says_where_the_time_went(monkeypatch, case):
         report = gradcheck.check_gradients(
             lambda: model(x).pow(2).mean(),
             params=model,
-            mode="full" if case == "full" else "directional",
+            mode="full" if small else "directional",
+            ad="forward" if case == "forward" else "reverse",
         )
     finally:
         if hook is not None:
@@ -454,8 +456,16 @@ def test_report_cost_says_where_the_time_went(monkeypatch, case):
     # every evaluation's sleep is in the reference part, and only those
     assert reference >= calls["outputs_at"] * pause
     assert reference < (calls["outputs_at"] + 1) * pause + cost["seconds"] - gradient
-    # run()'s analytic call is in the gradient part (a diagnosis takes more
-    # gradients of its own: those are the check's own work)
-    assert gradient >= pause
+    # the derivative judged is the gradient part: every analytic call, VJP and
+    # JVP of a passing check (a failure's diagnosis takes more gradients of its
+    # own, the check's own work: there, run()'s forward and VJP)
+    judged = sum(calls[k] for k in ("analytic", "vjp", "jvp"))
+    if case == "failing":
+        judged = 2
+    elif case == "forward":
+        assert calls["jvp"] >= 1
+    elif case == "full":
+        assert calls["vjp"] >= 2  # run()'s VJP, then the retained graph's release
+    assert gradient >= judged * pause
     assert gradient < cost["seconds"] - calls["outputs_at"] * pause
     assert gradient + reference <= cost["seconds"]

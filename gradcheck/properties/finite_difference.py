@@ -437,7 +437,8 @@ class _Context:
 
     def forward_total(self, direction: Sequence[np.ndarray | None]) -> float:
         """<v, J d> from one JVP along the whole direction."""
-        tangents = self.session.jvp(direction)
+        with _timed("gradient"):
+            tangents = self.session.jvp(direction)
         moved = [
             sp.name
             for sp, d in zip(self.session.specs, direction, strict=True)
@@ -457,7 +458,8 @@ class _Context:
                 continue
             only: list[np.ndarray | None] = [None] * len(direction)
             only[t] = d
-            tangents = self.session.jvp(only)
+            with _timed("gradient"):
+                tangents = self.session.jvp(only)
             _check_finite_tangents(self.session, tangents, self.session.specs[t].name)
             out[t] = sum(
                 float(np.vdot(v, y)) for v, y in zip(self.cot, tangents, strict=True)
@@ -519,8 +521,9 @@ class _Context:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class _Clock:
-    #: the framework's forward and backward at x that give the gradient judged
-    #: (run()'s analytic call and its VJP; a cast-free check's float64 VJP too)
+    #: the framework's forward and backward at x that give the derivative judged:
+    #: run()'s analytic call and its VJP (a cast-free check's float64 VJP too),
+    #: full mode's VJP per output row, forward mode's JVPs
     gradient: float = 0.0
     #: fn's finite-difference evaluations, x + t d formed and fn run there
     #: (Session.outputs_at), wherever the engine makes them: the passing check's
@@ -556,7 +559,8 @@ def run(session: Session, options: Options) -> CheckReport:
     """The finite-difference check of ``session`` (module docstring). Besides the
     session's count of forwards and backwards and the check's seconds, the
     report's cost says where the time went: ``gradient_seconds`` in the
-    framework's forward and backward at x that give the gradient judged,
+    framework's forward and backward at x that give the derivative judged
+    (reverse mode's VJP, full mode's rows, forward mode's JVPs),
     ``reference_seconds`` in fn's finite-difference evaluations (x + t d formed
     and fn run there, in float64 where it runs in it; a failure's diagnosis
     included). The rest of ``seconds`` is gradcheck's own work: the probe
@@ -2856,12 +2860,14 @@ def _run_full(
     elif len(cot_sets) > 1:
         rows = []
         for i, cot in enumerate(cot_sets):
-            g = s.vjp(cot, retain=i < len(cot_sets) - 1)
+            with _timed("gradient"):
+                g = s.vjp(cot, retain=i < len(cot_sets) - 1)
             s.check_finite_grads(g)
             rows.append(g)
         analytic = _stack(ctx, rows)  # (n_out, n_in)
     else:
-        s.vjp(ctx.cot)  # release the retained graph
+        with _timed("gradient"):
+            s.vjp(ctx.cot)  # release the retained graph
         analytic = _stack(ctx, [ctx.grads])
     if ctx.options.ad == "both":  # judge forward mode; compare it with reverse after
         reverse = analytic
@@ -3177,7 +3183,8 @@ def _forward_columns(ctx: _Context, jacobian: bool) -> np.ndarray:
             unit = np.zeros(sp.size)
             unit[local] = 1.0
             e[t] = unit.reshape(sp.shape)
-            tangents = s.jvp(e)
+            with _timed("gradient"):
+                tangents = s.jvp(e)
             _check_finite_tangents(s, tangents, sp.name)
             if jacobian:
                 cols.append(np.concatenate([y.reshape(-1) for y in tangents]))
