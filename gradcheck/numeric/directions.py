@@ -192,6 +192,13 @@ def cotangents(
     return out
 
 
+def _normaliser_floor(gnorms: Sequence[float]) -> float:
+    """The least normaliser of a tensor's direction: FLOOR x the largest gradient
+    norm (1 where every gradient is 0)."""
+    gmax = max(gnorms, default=0.0)
+    return FLOOR * gmax if gmax > 0 else 1.0
+
+
 def probe_direction(
     grads: Sequence[Array],
     rng: Random,
@@ -206,8 +213,7 @@ def probe_direction(
     namespace, on g_t's device."""
     if gnorms is None:
         gnorms = [norm(g) for g in grads]
-    gmax = max(gnorms, default=0.0)
-    floor = FLOOR * gmax if gmax > 0 else 1.0
+    floor = _normaliser_floor(gnorms)
     if isinstance(grads, Widened) and isinstance(rng, np.random.Generator):
         return _compact_directions(grads, rng, gnorms, floor)
     if isinstance(rng, np.random.Generator) and all(
@@ -283,8 +289,7 @@ def streamed_probe_direction(
     whole-array reductions to rounding), None for a float64 one (its direction
     is _host_directions' and its sums are the callers' whole-array ones, so a
     float64 check's numbers are unchanged to the last bit)."""
-    gmax = max(gnorms, default=0.0)
-    floor = FLOOR * gmax if gmax > 0 else 1.0
+    floor = _normaliser_floor(gnorms)
     samples = _gaussian_samples(rng, [tuple(g.shape) for g in grads])
     buf = blocks.buffer()
     directions, norms, sums = [], [], []
@@ -295,21 +300,14 @@ def streamed_probe_direction(
             norms.append(_aligned_into(d, g, gn, z, floor))
             sums.append(None)
             continue
-        normaliser = max(gn, floor)
-        inv = 1.0 / normaliser
         flat_g, flat_z, flat_d = np.reshape(g, -1), np.reshape(z, -1), d.reshape(-1)
+        normaliser = max(gn, floor)
         gd = dd = 0.0
         for i in range(0, flat_g.size, blocks.BLOCK):
             j = min(i + blocks.BLOCK, flat_g.size)
             w, out = buf[: j - i], flat_d[i:j]
             np.copyto(w, flat_g[i:j])  # the exact widening
-            # _aligned_into's operations in its order, on the block
-            if gn > 0:
-                np.multiply(w, ALIGNED / gn, out=out)
-                out += flat_z[i:j]
-            else:
-                out[...] = flat_z[i:j]
-            out *= inv
+            _aligned_into(out, w, gn, flat_z[i:j], floor)  # elementwise: per block
             gd += float(np.dot(w, out))
             dd += float(np.dot(out, out))
         norms.append(normaliser)
